@@ -1,0 +1,399 @@
+//! Device I/O for the on-disk format: read and validate a member, write superblocks and
+//! bitmap slots, create a new array's members, zero a superblock.
+//!
+//! The only module of [`crate::format`] that touches files or block devices. Every error
+//! names the device.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::bitmap::{slot_offset, BitmapSuper, BITMAP_SB_BYTES};
+use super::create::{plan, CreateSpec, MemberImage};
+use super::superblock::{Superblock, SB_BLOCK_BYTES};
+use super::{FormatError, SB_OFFSET_BYTES, SECTOR};
+
+/// An error reading or writing a member, naming the device.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// Opening failed.
+    #[error("cannot open {}: {source}", path.display())]
+    Open {
+        /// The device.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Reading, writing or syncing failed.
+    #[error("cannot {op} {} at byte {offset}: {source}", path.display())]
+    Io {
+        /// The device.
+        path: PathBuf,
+        /// "read", "write" or "sync".
+        op: &'static str,
+        /// Byte offset of the operation.
+        offset: u64,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The metadata on the device is invalid.
+    #[error("{}: {source}", path.display())]
+    Format {
+        /// The device.
+        path: PathBuf,
+        /// What is wrong.
+        source: FormatError,
+    },
+    /// The device already belongs to an array and `force` was not given.
+    #[error("{} already holds a member of array {uuid} ({name}); run `mdctl zero-superblock {}` first if it is really unused", path.display(), path.display())]
+    InUse {
+        /// The device.
+        path: PathBuf,
+        /// UUID of the array found.
+        uuid: String,
+        /// Name of the array found.
+        name: String,
+    },
+}
+
+impl DeviceError {
+    /// The format error behind this error, if that is what it is.
+    pub fn format_error(&self) -> Option<&FormatError> {
+        match self {
+            DeviceError::Format { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// One bitmap slot as read from a member.
+#[derive(Debug, Clone)]
+pub struct BitmapSlot {
+    /// Absolute byte offset of the slot's bitmap superblock.
+    pub offset: u64,
+    /// The slot's bitmap superblock.
+    pub sb: BitmapSuper,
+    /// The slot's bits (`bits_bytes` long).
+    pub bits: Vec<u8>,
+}
+
+/// A member read from a device and validated.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// The device.
+    pub path: PathBuf,
+    /// Size of the device in bytes.
+    pub device_bytes: u64,
+    /// Its superblock.
+    pub sb: Superblock,
+    /// Its bitmap slots (one for internal, `nodes` for clustered; empty without bitmap).
+    pub bitmap: Vec<BitmapSlot>,
+}
+
+/// Size in bytes of a regular file or block device.
+pub fn device_size(file: &File) -> std::io::Result<u64> {
+    let mut f = file;
+    f.seek(SeekFrom::End(0))
+}
+
+fn open(path: &Path, write: bool) -> Result<File, DeviceError> {
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(path)
+        .map_err(|source| DeviceError::Open {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn read_at(file: &File, path: &Path, offset: u64, len: usize) -> Result<Vec<u8>, DeviceError> {
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, offset)
+        .map_err(|source| DeviceError::Io {
+            path: path.to_path_buf(),
+            op: "read",
+            offset,
+            source,
+        })?;
+    Ok(buf)
+}
+
+fn write_at(file: &File, path: &Path, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+    file.write_all_at(data, offset)
+        .map_err(|source| DeviceError::Io {
+            path: path.to_path_buf(),
+            op: "write",
+            offset,
+            source,
+        })
+}
+
+fn sync(file: &File, path: &Path) -> Result<(), DeviceError> {
+    file.sync_data().map_err(|source| DeviceError::Io {
+        path: path.to_path_buf(),
+        op: "sync",
+        offset: 0,
+        source,
+    })
+}
+
+fn format_err(path: &Path) -> impl FnOnce(FormatError) -> DeviceError + '_ {
+    move |source| DeviceError::Format {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Reads and validates the superblock and bitmap of the member at `path`.
+pub fn read_member(path: &Path) -> Result<Member, DeviceError> {
+    let file = open(path, false)?;
+    read_member_from(&file, path)
+}
+
+/// Like [`read_member`], on an already open device.
+pub fn read_member_from(file: &File, path: &Path) -> Result<Member, DeviceError> {
+    let device_bytes = device_size(file).map_err(|source| DeviceError::Io {
+        path: path.to_path_buf(),
+        op: "size",
+        offset: 0,
+        source,
+    })?;
+    let need = SB_OFFSET_BYTES + SB_BLOCK_BYTES as u64;
+    if device_bytes < need {
+        return Err(format_err(path)(FormatError::DeviceTooSmall {
+            device_bytes,
+            need_bytes: need,
+        }));
+    }
+    let block = read_at(file, path, SB_OFFSET_BYTES, SB_BLOCK_BYTES)?;
+    let sb = Superblock::parse(&block).map_err(format_err(path))?;
+    if sb.super_offset * SECTOR != SB_OFFSET_BYTES {
+        return Err(format_err(path)(FormatError::InvalidSpec(format!(
+            "super_offset {} does not match the v1.2 location (sector 8); not a 1.2 member",
+            sb.super_offset
+        ))));
+    }
+    sb.validate_device(device_bytes / SECTOR)
+        .map_err(format_err(path))?;
+    let bitmap = read_bitmap(file, path, &sb, device_bytes)?;
+    Ok(Member {
+        path: path.to_path_buf(),
+        device_bytes,
+        sb,
+        bitmap,
+    })
+}
+
+fn read_bitmap(
+    file: &File,
+    path: &Path,
+    sb: &Superblock,
+    device_bytes: u64,
+) -> Result<Vec<BitmapSlot>, DeviceError> {
+    let Some(start) = sb.bitmap_start_bytes() else {
+        return Ok(Vec::new());
+    };
+    let first = read_at(file, path, start, BITMAP_SB_BYTES)?;
+    let bm0 = BitmapSuper::parse_for(&first, &sb.set_uuid).map_err(format_err(path))?;
+    if bm0.is_clustered() != sb.is_clustered() {
+        return Err(format_err(path)(FormatError::InvalidSpec(format!(
+            "bitmap version {} does not match the superblock's clustered flag ({})",
+            bm0.version,
+            sb.is_clustered()
+        ))));
+    }
+    // All slots must lie before the data (or before the end of the device).
+    let limit = if sb.data_offset > sb.super_offset {
+        sb.data_offset * SECTOR
+    } else {
+        device_bytes
+    };
+    let end = start + u64::from(bm0.slots()) * bm0.slot_bytes();
+    if end > limit {
+        return Err(format_err(path)(FormatError::BitmapOffsetOutOfRange {
+            bitmap_offset: sb.bitmap_offset,
+            data_offset: sb.data_offset,
+        }));
+    }
+    let mut slots = Vec::with_capacity(bm0.slots() as usize);
+    for slot in 0..bm0.slots() {
+        let offset = slot_offset(sb, &bm0, slot).map_err(format_err(path))?;
+        let raw = read_at(
+            file,
+            path,
+            offset,
+            BITMAP_SB_BYTES + bm0.bits_bytes() as usize,
+        )?;
+        let bsb = BitmapSuper::parse_for(&raw, &sb.set_uuid).map_err(format_err(path))?;
+        slots.push(BitmapSlot {
+            offset,
+            sb: bsb,
+            bits: raw[BITMAP_SB_BYTES..].to_vec(),
+        });
+    }
+    Ok(slots)
+}
+
+/// Writes `sb` at the v1.2 superblock location and syncs.
+pub fn write_superblock(file: &File, path: &Path, sb: &Superblock) -> Result<(), DeviceError> {
+    write_at(file, path, sb.super_offset * SECTOR, &sb.encode())?;
+    sync(file, path)
+}
+
+/// Writes one bitmap slot (superblock and bits) and syncs.
+pub fn write_bitmap_slot(
+    file: &File,
+    path: &Path,
+    sb: &Superblock,
+    slot: u32,
+    bm: &BitmapSuper,
+    bits: &[u8],
+) -> Result<(), DeviceError> {
+    let offset = slot_offset(sb, bm, slot).map_err(format_err(path))?;
+    let mut block = Vec::with_capacity(BITMAP_SB_BYTES + bits.len());
+    block.extend_from_slice(&bm.encode().map_err(format_err(path))?);
+    block.extend_from_slice(bits);
+    write_at(file, path, offset, &block)?;
+    sync(file, path)
+}
+
+/// Writes a new array's members like `mdadm --create`: a superblock on each device and
+/// every bitmap slot. Refuses a device that already holds a member unless `force`.
+/// The devices are checked and sized before anything is written.
+pub fn create_members(
+    spec: &CreateSpec,
+    paths: &[PathBuf],
+    force: bool,
+) -> Result<Vec<MemberImage>, DeviceError> {
+    let mut files = Vec::with_capacity(paths.len());
+    let mut sizes = Vec::with_capacity(paths.len());
+    for path in paths {
+        let file = open(path, true)?;
+        let size = device_size(&file).map_err(|source| DeviceError::Io {
+            path: path.clone(),
+            op: "size",
+            offset: 0,
+            source,
+        })?;
+        if !force {
+            if let Ok(existing) = read_member_from(&file, path) {
+                return Err(DeviceError::InUse {
+                    path: path.clone(),
+                    uuid: super::fmt_uuid(&existing.sb.set_uuid),
+                    name: existing.sb.name(),
+                });
+            }
+        }
+        files.push(file);
+        sizes.push(size);
+    }
+    let first = paths
+        .first()
+        .map(PathBuf::as_path)
+        .unwrap_or(Path::new("(no device)"));
+    let images = plan(spec, &sizes).map_err(format_err(first))?;
+    for ((file, path), image) in files.iter().zip(paths).zip(&images) {
+        for (offset, data) in image.writes().map_err(format_err(path))? {
+            write_at(file, path, offset, &data)?;
+        }
+        sync(file, path)?;
+    }
+    Ok(images)
+}
+
+/// Erases the md superblock of `path` (the 4 KiB at the v1.2 location), like
+/// `mdadm --zero-superblock`. Fails if there is no valid superblock unless `force`.
+pub fn zero_superblock(path: &Path, force: bool) -> Result<(), DeviceError> {
+    let file = open(path, true)?;
+    if !force {
+        read_member_from(&file, path)?;
+    }
+    write_at(&file, path, SB_OFFSET_BYTES, &[0u8; SB_BLOCK_BYTES])?;
+    sync(&file, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::create::BitmapMode;
+    use crate::format::superblock::DevRole;
+
+    fn file_of(dir: &Path, name: &str, bytes: u64) -> PathBuf {
+        let p = dir.join(name);
+        let f = File::create(&p).unwrap();
+        f.set_len(bytes).unwrap();
+        p
+    }
+
+    #[test]
+    fn create_read_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = file_of(dir.path(), "a", 32 << 20);
+        let b = file_of(dir.path(), "b", 32 << 20);
+        let mut spec = CreateSpec::new("host:md0", 2, 0, BitmapMode::Clustered);
+        spec.cluster_name = "c1".into();
+        spec.nodes = Some(2);
+        create_members(&spec, &[a.clone(), b.clone()], false).unwrap();
+        let m = read_member(&b).unwrap();
+        assert_eq!(m.sb.role(), DevRole::Active(1));
+        assert_eq!(m.bitmap.len(), 2);
+        assert_eq!(m.bitmap[1].sb.cluster_name, "c1");
+        // A second create on the same devices is refused without force.
+        let err = create_members(&spec, &[a.clone(), b.clone()], false).unwrap_err();
+        assert!(matches!(err, DeviceError::InUse { .. }), "{err}");
+        zero_superblock(&a, false).unwrap();
+        let err = read_member(&a).unwrap_err();
+        assert_eq!(err.format_error(), Some(&FormatError::NoSuperblock));
+        assert!(zero_superblock(&a, false).is_err());
+    }
+
+    #[test]
+    fn bitmap_uuid_mismatch_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = file_of(dir.path(), "a", 16 << 20);
+        let spec = CreateSpec::new("h:x", 1, 0, BitmapMode::Internal);
+        create_members(&spec, std::slice::from_ref(&a), false).unwrap();
+        let f = OpenOptions::new().write(true).open(&a).unwrap();
+        f.write_all_at(&[0xaa; 16], 8192 + 8).unwrap();
+        let err = read_member(&a).unwrap_err();
+        assert!(
+            matches!(
+                err.format_error(),
+                Some(FormatError::BitmapUuidMismatch { .. })
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn truncated_device_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = file_of(dir.path(), "a", 16 << 20);
+        let spec = CreateSpec::new("h:x", 1, 0, BitmapMode::None);
+        create_members(&spec, std::slice::from_ref(&a), false).unwrap();
+        File::options()
+            .write(true)
+            .open(&a)
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
+        let err = read_member(&a).unwrap_err();
+        assert!(
+            matches!(err.format_error(), Some(FormatError::BeyondDevice { .. })),
+            "{err}"
+        );
+        File::options()
+            .write(true)
+            .open(&a)
+            .unwrap()
+            .set_len(6000)
+            .unwrap();
+        let err = read_member(&a).unwrap_err();
+        assert!(
+            matches!(err.format_error(), Some(FormatError::DeviceTooSmall { .. })),
+            "{err}"
+        );
+    }
+}

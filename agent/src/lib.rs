@@ -1,0 +1,9 @@
+//! The mdcluster agent library: everything a node needs to own its arrays.
+//!
+//! # Layout
+//! - [`format`]: the md v1.2 on-disk format (superblock, bitmap, member creation), pure
+//!   code over byte buffers, with the device I/O kept in [`format::io`].
+//! - [`blockdev`]: the [`blockdev::BlockDevice`] trait the NBD export serves.
+
+pub mod blockdev;
+pub mod format;
