@@ -1,0 +1,67 @@
+//! md-cluster on the lock service: the names of an array's locks and channel, and the
+//! messages and value blocks that travel through them.
+//!
+//! Per array (by UUID), as md-cluster has per lockspace (`reference/md-cluster.md`
+//! §1.2): an exclusive `token` lock (metadata updates and message sends), a `resync`
+//! lock (one resyncing node at a time), one `slot/N` lock per bitmap slot held by the
+//! slot's node for its whole membership (its value block is the node's [`ResyncInfo`]),
+//! and one message channel.
+//!
+//! # Layout
+//! - [`msg`]: [`ClusterMsg`] (md-cluster's `struct cluster_msg`) and [`ResyncInfo`].
+
+pub mod msg;
+
+pub use msg::{ClusterMsg, MsgType, ResyncInfo};
+
+/// The lock-service prefix of everything that belongs to array `uuid`: `md/` and the
+/// UUID as DLM's lockspace name prints it (lower-case 8-4-4-4-12).
+pub fn array_prefix(uuid: &[u8; 16]) -> String {
+    format!("md/{}", uuid::Uuid::from_bytes(*uuid).hyphenated())
+}
+
+/// The `token` lock of array `uuid`.
+pub fn token_lock(uuid: &[u8; 16]) -> String {
+    format!("{}/token", array_prefix(uuid))
+}
+
+/// The `resync` lock of array `uuid`.
+pub fn resync_lock(uuid: &[u8; 16]) -> String {
+    format!("{}/resync", array_prefix(uuid))
+}
+
+/// The lock of bitmap slot `slot` (0-based) of array `uuid`.
+pub fn slot_lock(uuid: &[u8; 16], slot: u32) -> String {
+    format!("{}/slot/{slot}", array_prefix(uuid))
+}
+
+/// The message channel of array `uuid`.
+pub fn channel(uuid: &[u8; 16]) -> String {
+    format!("{}/msg", array_prefix(uuid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        let u = [
+            0xe9, 0x49, 0xd4, 0x84, 0xe1, 0x47, 0xbe, 0xef, 0x6f, 0xf3, 0x27, 0xb4, 0x5d, 0x32,
+            0x5e, 0xb9,
+        ];
+        assert_eq!(
+            token_lock(&u),
+            "md/e949d484-e147-beef-6ff3-27b45d325eb9/token"
+        );
+        assert_eq!(
+            slot_lock(&u, 3),
+            "md/e949d484-e147-beef-6ff3-27b45d325eb9/slot/3"
+        );
+        assert_eq!(
+            resync_lock(&u),
+            "md/e949d484-e147-beef-6ff3-27b45d325eb9/resync"
+        );
+        assert_eq!(channel(&u), "md/e949d484-e147-beef-6ff3-27b45d325eb9/msg");
+    }
+}
