@@ -1,15 +1,17 @@
 //! `mdserver`: the only component of mdcluster that talks to etcd.
 //!
-//! It will host the lock service and the cluster API that `mdctl` uses; for now it only
-//! parses its arguments.
+//! It hosts the lock service (sessions, locks, notifications, messages, node registry).
+//! It keeps no state of its own: every fact lives in etcd, so any number of replicas run
+//! side by side. This file only parses arguments and calls [`mdcluster_server::serve`].
 
+use anyhow::Context;
 use clap::Parser;
 
-/// The mdcluster lock service and cluster API (the only component that talks to etcd).
+/// The mdcluster lock service (the only component that talks to etcd).
 #[derive(Debug, Parser)]
 #[command(name = "mdserver", version, about, long_about = None)]
 struct Args {
-    /// Address to serve gRPC on.
+    /// Address to serve gRPC on (port 0: pick a free one; the address is logged).
     #[arg(long, env = "MDSERVER_LISTEN", default_value = "127.0.0.1:7480")]
     listen: String,
     /// etcd endpoints, comma-separated (e.g. http://127.0.0.1:2379).
@@ -23,13 +25,88 @@ struct Args {
     /// Name of this cluster; every etcd key lives under /mdcluster/<cluster-name>/.
     #[arg(long, env = "MDSERVER_CLUSTER_NAME", default_value = "mdcluster")]
     cluster_name: String,
+    /// Lease TTL of a session that does not ask for one.
+    #[arg(long, env = "MDSERVER_SESSION_TTL", default_value = "10s")]
+    session_ttl: humantime::Duration,
+    /// Bound on each single etcd call.
+    #[arg(long, env = "MDSERVER_ETCD_TIMEOUT", default_value = "5s")]
+    etcd_timeout: humantime::Duration,
+    /// How long to keep trying to reach etcd at start.
+    #[arg(long, env = "MDSERVER_ETCD_CONNECT_TIMEOUT", default_value = "30s")]
+    etcd_connect_timeout: humantime::Duration,
+    /// Most session streams this replica serves at once (beyond: EBUSY, use another).
+    #[arg(long, env = "MDSERVER_MAX_SESSIONS", default_value_t = 10_000)]
+    max_sessions: usize,
+    /// Most calls waiting at once on this replica (queued locks, publishes).
+    #[arg(long, env = "MDSERVER_MAX_WAITS", default_value_t = 10_000)]
+    max_waits: usize,
+    /// On SIGTERM/SIGINT, how long to let calls in flight finish before exiting. Session
+    /// streams do not end by themselves: their agents resume on another replica.
+    #[arg(long, env = "MDSERVER_SHUTDOWN_GRACE", default_value = "5s")]
+    shutdown_grace: humantime::Duration,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
         .init();
-    tracing::info!(?args, "mdserver starting");
-    anyhow::bail!("mdserver: the lock service is not built yet")
+    let config = mdcluster_server::Config {
+        etcd: args.etcd,
+        cluster_name: args.cluster_name,
+        session_ttl: args.session_ttl.into(),
+        etcd_timeout: args.etcd_timeout.into(),
+        etcd_connect_timeout: args.etcd_connect_timeout.into(),
+        max_sessions: args.max_sessions,
+        max_waits: args.max_waits,
+    };
+    let rt = tokio::runtime::Runtime::new().context("start the tokio runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("bind gRPC listener on {}", args.listen))?;
+        let addr = listener.local_addr().context("read the listener address")?;
+        // Announced on stdout so that a harness that asked for port 0 learns the port.
+        println!("mdserver listening on {addr}");
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let serve = mdcluster_server::serve(listener, config, async {
+            let _ = stop_rx.await;
+        });
+        tokio::pin!(serve);
+        tokio::select! {
+            r = &mut serve => r.context("serve the lock service"),
+            () = shutdown_signal() => {
+                let _ = stop_tx.send(());
+                let grace: std::time::Duration = args.shutdown_grace.into();
+                match tokio::time::timeout(grace, serve).await {
+                    Ok(r) => r.context("serve the lock service"),
+                    Err(_) => {
+                        tracing::info!("calls still open after {grace:?}; exiting");
+                        Ok(())
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+    tracing::info!("shutting down");
 }

@@ -2,6 +2,10 @@
 //! runs real clients (`mdadm`, `qemu-io`, `nbdinfo`, ...) against them.
 //!
 //! # Layout
+//! - [`etcd`]: a real etcd process (free ports, readiness wait, kill -9, restart).
+//! - [`server`]: `mdserver` replicas and a one-etcd test [`server::Cluster`].
 //! - [`tools`]: locate the workspace binaries and run external tools with a timeout.
 
+pub mod etcd;
+pub mod server;
 pub mod tools;

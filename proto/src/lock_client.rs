@@ -1,0 +1,1116 @@
+//! The typed client of the lock service, for agents: nothing here knows about etcd.
+//!
+//! [`Session::open`] opens a session on one of a list of `mdserver` replicas and runs it
+//! on a task:
+//!
+//! ```text
+//!  Open ──▶ Connected ──(stream broken / no heartbeat ack)──▶ Reconnecting ──resumed──▶ Connected
+//!              │  heartbeat every interval; ack ⇒ fence deadline moves   │
+//!              │                                                         └─ TTL passed / session gone ─▶ Lost
+//!              ├─ server says expired ─▶ Lost
+//!              └─ close() ─▶ Closed
+//! ```
+//!
+//! **Self-fencing.** [`Session::fence_deadline`] is the send time of the last heartbeat
+//! that etcd acknowledged, plus the TTL, minus a margin, on the monotonic clock. etcd
+//! counts its expiry from a later instant (when it received that renewal), so an agent
+//! that stops member I/O at this deadline always stops before its lease can expire and
+//! before a survivor can take over its locks.
+//!
+//! **Resume.** When the stream to a replica breaks, the task reconnects to the next
+//! endpoint with the same session id, with bounded backoff, until the lease could have
+//! expired (last acknowledged heartbeat send time + TTL). Locks, subscriptions and
+//! undelivered messages survive a resume.
+//!
+//! Notifications (granted, blocking, holder expired, messages, reconnected, lost) arrive
+//! on a bounded channel; when the agent does not drain it they are dropped and counted
+//! ([`Session::dropped_notifications`]).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prost::Message as _;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status, Streaming};
+
+use crate::v1::lock_service_client::LockServiceClient;
+use crate::v1::{
+    session_event, session_request, AckRequest, AcquireRequest, CloseSession, ConvertRequest,
+    Errno, ErrorDetail, Heartbeat, ListNodesRequest, LockMode, OpenSession, PublishRequest,
+    ReadValueRequest, ReleaseRequest, SessionEvent, SessionRequest, SubscribeRequest,
+    UnsubscribeRequest, WriteValueRequest,
+};
+
+/// How a session is opened and kept.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// mdserver replicas, e.g. `http://10.0.0.1:7480`; tried in order, then round-robin.
+    pub endpoints: Vec<String>,
+    /// This node's name.
+    pub node: String,
+    /// Where this node's agent serves its API (published in the node registry).
+    pub agent_addr: String,
+    /// Requested lease TTL (the server rounds up to whole seconds).
+    pub ttl: Duration,
+    /// Heartbeat period; `None`: a quarter of the TTL.
+    pub heartbeat_interval: Option<Duration>,
+    /// Subtracted from the lease deadline to get the self-fencing deadline.
+    pub fence_margin: Duration,
+    /// Bound on connecting to one replica and opening the stream there.
+    pub connect_timeout: Duration,
+    /// Bound on a unary call beyond the wait it asks for.
+    pub rpc_timeout: Duration,
+    /// Capacity of the notification channel.
+    pub notification_capacity: usize,
+}
+
+impl SessionConfig {
+    /// A config with the defaults: TTL 10 s, margin 1 s, connect 2 s, rpc 10 s, 1024
+    /// queued notifications.
+    pub fn new(
+        endpoints: Vec<String>,
+        node: impl Into<String>,
+        agent_addr: impl Into<String>,
+    ) -> Self {
+        SessionConfig {
+            endpoints,
+            node: node.into(),
+            agent_addr: agent_addr.into(),
+            ttl: Duration::from_secs(10),
+            heartbeat_interval: None,
+            fence_margin: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(2),
+            rpc_timeout: Duration::from_secs(10),
+            notification_capacity: 1024,
+        }
+    }
+}
+
+/// A lock mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Compatible with other shared holders (DLM PR).
+    Shared,
+    /// Compatible with nothing (DLM EX); only this mode writes the value block.
+    Exclusive,
+}
+
+impl Mode {
+    fn to_wire(self) -> i32 {
+        match self {
+            Mode::Shared => LockMode::Shared as i32,
+            Mode::Exclusive => LockMode::Exclusive as i32,
+        }
+    }
+
+    fn from_wire(m: i32) -> Mode {
+        if m == LockMode::Shared as i32 {
+            Mode::Shared
+        } else {
+            Mode::Exclusive
+        }
+    }
+}
+
+/// Whether a request may queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Answer [`Errno::Ebusy`] at once if the lock cannot be granted now.
+    NoQueue,
+    /// Queue for at most this long (1 ms ..= 10 min), then [`Errno::Etimedout`].
+    Queue(Duration),
+}
+
+/// A granted lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The lock.
+    pub resource: String,
+    /// The granted mode.
+    pub mode: Mode,
+    /// The fencing token: pass it to release, convert and write_value; it only grows.
+    pub token: u64,
+    /// The value block at grant time.
+    pub value: Vec<u8>,
+    /// Nodes whose lease expired while this request waited behind them.
+    pub expired_holders: Vec<String>,
+}
+
+/// A message to acknowledge with [`Session::ack`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The channel.
+    pub channel: String,
+    /// Pass to [`Session::ack`].
+    pub message_id: String,
+    /// Who published it.
+    pub publisher_node: String,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+/// What the session tells the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notification {
+    /// A queued acquire or convert was granted.
+    Granted {
+        /// The lock.
+        resource: String,
+        /// The mode.
+        mode: Mode,
+        /// The fencing token.
+        token: u64,
+    },
+    /// Another node waits for a lock this session holds (blocking AST).
+    Blocking {
+        /// The lock.
+        resource: String,
+        /// The waiting node.
+        waiter_node: String,
+        /// The mode it wants.
+        waiter_mode: Mode,
+    },
+    /// A holder this session waited behind lost its lease (node failure).
+    HolderExpired {
+        /// The lock.
+        resource: String,
+        /// The failed node.
+        node: String,
+        /// Its session.
+        session_id: i64,
+    },
+    /// A message on a subscribed channel.
+    Message(Delivery),
+    /// The session moved to another replica (endpoint index into the config's list).
+    Reconnected {
+        /// The replica now serving the session.
+        endpoint: String,
+    },
+    /// The session is gone: every lock is lost. Open a new one (after fencing).
+    Lost {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One subscriber's answer to a publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckOutcome {
+    /// The subscriber's node.
+    pub node: String,
+    /// Its session.
+    pub session_id: i64,
+    /// False: it did not answer before the deadline.
+    pub answered: bool,
+    /// Positive ack.
+    pub ok: bool,
+    /// Why a negative ack refused (or why there is no answer).
+    pub reason: String,
+}
+
+/// The result of a publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishOutcome {
+    /// The message id.
+    pub message_id: String,
+    /// One entry per subscriber at publish time, in node order.
+    pub results: Vec<AckOutcome>,
+    /// Every subscriber acked positively.
+    pub all_ok: bool,
+}
+
+impl PublishOutcome {
+    /// Nodes that did not answer.
+    pub fn unanswered(&self) -> Vec<&str> {
+        self.results
+            .iter()
+            .filter(|r| !r.answered)
+            .map(|r| r.node.as_str())
+            .collect()
+    }
+}
+
+/// A live node in the registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeEntry {
+    /// The node.
+    pub node: String,
+    /// Its agent's address.
+    pub agent_addr: String,
+    /// Its session.
+    pub session_id: i64,
+}
+
+/// Errors of the lock client.
+#[derive(Debug, thiserror::Error)]
+pub enum LockClientError {
+    /// The service answered with an error (see `errno` and `resource`).
+    #[error("{message}")]
+    Service {
+        /// The gRPC code.
+        code: Code,
+        /// The errno-style reason.
+        errno: Errno,
+        /// What it is about, e.g. "lock md0/token".
+        resource: String,
+        /// The server's sentence.
+        message: String,
+    },
+    /// No replica answered.
+    #[error("no mdserver replica answered ({endpoints}): {last}")]
+    Unreachable {
+        /// The endpoints tried.
+        endpoints: String,
+        /// The last failure.
+        last: String,
+    },
+    /// An endpoint URL is malformed.
+    #[error("invalid mdserver endpoint {endpoint:?}: {reason}")]
+    Endpoint {
+        /// The endpoint.
+        endpoint: String,
+        /// Why.
+        reason: String,
+    },
+    /// The session is gone; open a new one.
+    #[error("session lost: {reason}")]
+    SessionLost {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl LockClientError {
+    /// The errno-style reason.
+    pub fn errno(&self) -> Errno {
+        match self {
+            LockClientError::Service { errno, .. } => *errno,
+            LockClientError::Unreachable { .. } => Errno::Eio,
+            LockClientError::Endpoint { .. } => Errno::Einval,
+            LockClientError::SessionLost { .. } => Errno::Enoent,
+        }
+    }
+
+    /// The gRPC code (Unavailable for unreachable replicas).
+    pub fn code(&self) -> Code {
+        match self {
+            LockClientError::Service { code, .. } => *code,
+            LockClientError::Unreachable { .. } => Code::Unavailable,
+            LockClientError::Endpoint { .. } => Code::InvalidArgument,
+            LockClientError::SessionLost { .. } => Code::FailedPrecondition,
+        }
+    }
+
+    /// Decodes a status from the lock service.
+    pub fn from_status(s: Status) -> Self {
+        let detail = ErrorDetail::decode(s.details()).ok();
+        LockClientError::Service {
+            code: s.code(),
+            errno: detail
+                .as_ref()
+                .and_then(|d| Errno::try_from(d.errno).ok())
+                .unwrap_or(Errno::Unspecified),
+            resource: detail.map(|d| d.resource).unwrap_or_default(),
+            message: s.message().to_string(),
+        }
+    }
+}
+
+/// Is this status a transport failure (no answer from the service itself)?
+fn is_transport(s: &Status) -> bool {
+    s.details().is_empty()
+        && matches!(
+            s.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled
+        )
+}
+
+/// Heartbeat send times kept to pair acks with.
+const SENT_CAPACITY: usize = 64;
+
+/// State shared by the session handle and its task.
+struct Inner {
+    cfg: SessionConfig,
+    /// One lazily connected channel per endpoint.
+    channels: Vec<Channel>,
+    /// Index of the endpoint currently serving the session.
+    current: AtomicUsize,
+    /// The session id (etcd lease id).
+    id: i64,
+    /// The lease TTL the server granted.
+    ttl: Duration,
+    /// Send time of the last acknowledged heartbeat (or of the open request).
+    last_acked_send: Mutex<Instant>,
+    /// Set once the session is lost.
+    lost: Mutex<Option<String>>,
+    /// Notifications dropped because the channel was full.
+    dropped: AtomicU64,
+}
+
+impl Inner {
+    fn heartbeat_interval(&self) -> Duration {
+        self.cfg
+            .heartbeat_interval
+            .unwrap_or(self.ttl / 4)
+            .max(Duration::from_millis(50))
+    }
+
+    fn lease_deadline(&self) -> Instant {
+        *self
+            .last_acked_send
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            + self.ttl
+    }
+
+    fn lost(&self) -> Option<String> {
+        self.lost.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_lost(&self, reason: &str) {
+        let mut l = self.lost.lock().unwrap_or_else(|e| e.into_inner());
+        if l.is_none() {
+            *l = Some(reason.to_string());
+        }
+    }
+}
+
+/// An open session. Dropping it without [`Session::close`] stops heartbeats: the lease
+/// then expires after its TTL and its locks are released (like a crash).
+pub struct Session {
+    inner: Arc<Inner>,
+    /// Asks the task to close the session.
+    close_tx: Mutex<Option<oneshot::Sender<oneshot::Sender<()>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &format_args!("{:x}", self.inner.id))
+            .field("node", &self.inner.cfg.node)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An open session stream on one replica.
+struct Conn {
+    out: mpsc::Sender<SessionRequest>,
+    inbound: Streaming<SessionEvent>,
+}
+
+fn channels(cfg: &SessionConfig) -> Result<Vec<Channel>, LockClientError> {
+    if cfg.endpoints.is_empty() {
+        return Err(LockClientError::Endpoint {
+            endpoint: String::new(),
+            reason: "no endpoints given".into(),
+        });
+    }
+    cfg.endpoints
+        .iter()
+        .map(|e| {
+            Endpoint::from_shared(e.clone())
+                .map(|ep| {
+                    ep.connect_timeout(cfg.connect_timeout)
+                        .tcp_nodelay(true)
+                        .http2_keep_alive_interval(Duration::from_secs(2))
+                        .keep_alive_timeout(Duration::from_secs(2))
+                        .connect_lazy()
+                })
+                .map_err(|err| LockClientError::Endpoint {
+                    endpoint: e.clone(),
+                    reason: err.to_string(),
+                })
+        })
+        .collect()
+}
+
+/// Opens a session stream on `channel`: returns the stream and the `SessionOpened` fields.
+async fn open_stream(
+    channel: Channel,
+    open: OpenSession,
+    bound: Duration,
+) -> Result<(Conn, i64, Duration), LockClientError> {
+    let go = async {
+        let (out, rx) = mpsc::channel(16);
+        let req = SessionRequest {
+            kind: Some(session_request::Kind::Open(open)),
+        };
+        // The channel is new and empty: room for the first message.
+        let _ = out.try_send(req);
+        let mut client = LockServiceClient::new(channel);
+        let mut inbound = client
+            .session(ReceiverStream::new(rx))
+            .await
+            .map_err(LockClientError::from_status)?
+            .into_inner();
+        match inbound
+            .message()
+            .await
+            .map_err(LockClientError::from_status)?
+        {
+            Some(SessionEvent {
+                kind: Some(session_event::Kind::Opened(o)),
+            }) => Ok((
+                Conn { out, inbound },
+                o.session_id,
+                Duration::from_millis(o.ttl_ms),
+            )),
+            other => Err(LockClientError::Unreachable {
+                endpoints: String::new(),
+                last: format!("unexpected first event {other:?}"),
+            }),
+        }
+    };
+    match tokio::time::timeout(bound, go).await {
+        Ok(r) => r,
+        Err(_) => Err(LockClientError::Unreachable {
+            endpoints: String::new(),
+            last: format!("opening the session stream took longer than {bound:?}"),
+        }),
+    }
+}
+
+/// Why a connected stream ended.
+enum End {
+    Closed,
+    Lost(String),
+    Broken(String),
+}
+
+impl Session {
+    /// Opens a new session on the first replica that answers; returns the session and
+    /// its notification channel.
+    pub async fn open(
+        cfg: SessionConfig,
+    ) -> Result<(Session, mpsc::Receiver<Notification>), LockClientError> {
+        let channels = channels(&cfg)?;
+        let mut last = None;
+        for (i, ch) in channels.iter().enumerate() {
+            let open = OpenSession {
+                node: cfg.node.clone(),
+                agent_addr: cfg.agent_addr.clone(),
+                ttl_ms: cfg.ttl.as_millis() as u64,
+                resume_session_id: 0,
+            };
+            let sent = Instant::now();
+            match open_stream(ch.clone(), open, cfg.connect_timeout).await {
+                Ok((conn, id, ttl)) => {
+                    let (ntx, nrx) = mpsc::channel(cfg.notification_capacity.max(1));
+                    let inner = Arc::new(Inner {
+                        cfg,
+                        channels,
+                        current: AtomicUsize::new(i),
+                        id,
+                        ttl,
+                        last_acked_send: Mutex::new(sent),
+                        lost: Mutex::new(None),
+                        dropped: AtomicU64::new(0),
+                    });
+                    let (close_tx, close_rx) = oneshot::channel();
+                    let task = tokio::spawn(run(inner.clone(), conn, ntx, close_rx));
+                    return Ok((
+                        Session {
+                            inner,
+                            close_tx: Mutex::new(Some(close_tx)),
+                            task,
+                        },
+                        nrx,
+                    ));
+                }
+                Err(e @ LockClientError::Service { .. })
+                    if !matches!(e.code(), Code::Unavailable | Code::ResourceExhausted) =>
+                {
+                    return Err(e)
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        // Every replica refused: the last refusal says why (EBUSY at its bound, or EIO).
+        Err(match last {
+            Some(e @ LockClientError::Service { .. }) => e,
+            other => LockClientError::Unreachable {
+                endpoints: cfg.endpoints.join(","),
+                last: other.map(|e| e.to_string()).unwrap_or_default(),
+            },
+        })
+    }
+
+    /// Like [`Session::open`], but while the node still has a live session (EBUSY with
+    /// AlreadyExists: a restarted agent whose previous lease has not expired yet) keeps
+    /// retrying with backoff for at most `max_wait` (one TTL is enough).
+    pub async fn open_waiting(
+        cfg: SessionConfig,
+        max_wait: Duration,
+    ) -> Result<(Session, mpsc::Receiver<Notification>), LockClientError> {
+        let deadline = Instant::now() + max_wait;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match Session::open(cfg.clone()).await {
+                Err(e) if e.code() == Code::AlreadyExists && Instant::now() < deadline => {
+                    let rest = deadline.saturating_duration_since(Instant::now());
+                    tokio::time::sleep(backoff.min(rest)).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// The session id (the etcd lease id).
+    pub fn id(&self) -> i64 {
+        self.inner.id
+    }
+
+    /// The node this session belongs to.
+    pub fn node(&self) -> &str {
+        &self.inner.cfg.node
+    }
+
+    /// The lease TTL the server granted.
+    pub fn ttl(&self) -> Duration {
+        self.inner.ttl
+    }
+
+    /// The self-fencing deadline: stop member I/O at this instant unless a later
+    /// heartbeat moved it. See the module doc.
+    pub fn fence_deadline(&self) -> Instant {
+        let d = self.inner.lease_deadline();
+        d.checked_sub(self.inner.cfg.fence_margin).unwrap_or(d)
+    }
+
+    /// True while the fence deadline is ahead and the session is not lost.
+    pub fn is_live(&self) -> bool {
+        self.inner.lost().is_none() && Instant::now() < self.fence_deadline()
+    }
+
+    /// The endpoint currently serving the session.
+    pub fn endpoint(&self) -> &str {
+        let i = self.inner.current.load(Ordering::Relaxed);
+        self.inner
+            .cfg
+            .endpoints
+            .get(i)
+            .map(String::as_str)
+            .unwrap_or("")
+    }
+
+    /// Notifications dropped because the channel was full.
+    pub fn dropped_notifications(&self) -> u64 {
+        self.inner.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Runs one unary call on the current replica, moving on to the next replica when
+    /// one does not answer at the transport level (at most once per replica).
+    async fn call<T, F, Fut>(&self, wait: Duration, f: F) -> Result<T, LockClientError>
+    where
+        F: Fn(LockServiceClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        if let Some(reason) = self.inner.lost() {
+            return Err(LockClientError::SessionLost { reason });
+        }
+        let n = self.inner.channels.len();
+        let start = self.inner.current.load(Ordering::Relaxed);
+        let bound = wait + self.inner.cfg.rpc_timeout;
+        let mut last = String::new();
+        for k in 0..n {
+            let i = (start + k) % n;
+            let client = LockServiceClient::new(self.inner.channels[i].clone());
+            match tokio::time::timeout(bound, f(client)).await {
+                Ok(Ok(r)) => return Ok(r.into_inner()),
+                // A replica that does not answer, or is at its bounds: try the next one.
+                Ok(Err(s)) if is_transport(&s) || s.code() == Code::ResourceExhausted => {
+                    last = s.to_string()
+                }
+                Ok(Err(s)) => return Err(LockClientError::from_status(s)),
+                Err(_) => last = format!("no answer within {bound:?}"),
+            }
+        }
+        Err(LockClientError::Unreachable {
+            endpoints: self.inner.cfg.endpoints.join(","),
+            last,
+        })
+    }
+
+    /// Acquires `resource` in `mode`.
+    pub async fn acquire(
+        &self,
+        resource: &str,
+        mode: Mode,
+        wait: Wait,
+    ) -> Result<Grant, LockClientError> {
+        let (no_queue, wait_d) = match wait {
+            Wait::NoQueue => (true, Duration::ZERO),
+            Wait::Queue(d) => (false, d),
+        };
+        let req = AcquireRequest {
+            session_id: self.inner.id,
+            resource: resource.to_string(),
+            mode: mode.to_wire(),
+            no_queue,
+            wait_ms: wait_d.as_millis() as u64,
+        };
+        let r = self
+            .call(wait_d, |mut c| {
+                let req = req.clone();
+                async move { c.acquire(req).await }
+            })
+            .await?;
+        Ok(Grant {
+            resource: resource.to_string(),
+            mode: Mode::from_wire(r.mode),
+            token: r.token,
+            value: r.value,
+            expired_holders: r.expired_holders,
+        })
+    }
+
+    /// Releases `resource` (token 0: whatever request this session has, also a wait).
+    pub async fn release(&self, resource: &str, token: u64) -> Result<(), LockClientError> {
+        let req = ReleaseRequest {
+            session_id: self.inner.id,
+            resource: resource.to_string(),
+            token,
+        };
+        self.call(Duration::ZERO, |mut c| {
+            let req = req.clone();
+            async move { c.release(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Converts a granted lock to `mode` (downgrade at once; upgrade when sole holder).
+    pub async fn convert(
+        &self,
+        resource: &str,
+        token: u64,
+        mode: Mode,
+        wait: Wait,
+    ) -> Result<Mode, LockClientError> {
+        let (no_queue, wait_d) = match wait {
+            Wait::NoQueue => (true, Duration::ZERO),
+            Wait::Queue(d) => (false, d),
+        };
+        let req = ConvertRequest {
+            session_id: self.inner.id,
+            resource: resource.to_string(),
+            token,
+            mode: mode.to_wire(),
+            no_queue,
+            wait_ms: wait_d.as_millis() as u64,
+        };
+        let r = self
+            .call(wait_d, |mut c| {
+                let req = req.clone();
+                async move { c.convert(req).await }
+            })
+            .await?;
+        Ok(Mode::from_wire(r.mode))
+    }
+
+    /// Writes the value block of a lock held exclusive (fenced by `token`).
+    pub async fn write_value(
+        &self,
+        resource: &str,
+        token: u64,
+        value: &[u8],
+    ) -> Result<(), LockClientError> {
+        let req = WriteValueRequest {
+            session_id: self.inner.id,
+            resource: resource.to_string(),
+            token,
+            value: value.to_vec(),
+        };
+        self.call(Duration::ZERO, |mut c| {
+            let req = req.clone();
+            async move { c.write_value(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Reads the value block and the current holders' node names.
+    pub async fn read_value(
+        &self,
+        resource: &str,
+    ) -> Result<(Vec<u8>, Vec<String>), LockClientError> {
+        let req = ReadValueRequest {
+            resource: resource.to_string(),
+        };
+        let r = self
+            .call(Duration::ZERO, |mut c| {
+                let req = req.clone();
+                async move { c.read_value(req).await }
+            })
+            .await?;
+        Ok((r.value, r.holders))
+    }
+
+    /// Subscribes to `channel`.
+    pub async fn subscribe(&self, channel: &str) -> Result<(), LockClientError> {
+        let req = SubscribeRequest {
+            session_id: self.inner.id,
+            channel: channel.to_string(),
+        };
+        self.call(Duration::ZERO, |mut c| {
+            let req = req.clone();
+            async move { c.subscribe(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Unsubscribes from `channel`.
+    pub async fn unsubscribe(&self, channel: &str) -> Result<(), LockClientError> {
+        let req = UnsubscribeRequest {
+            session_id: self.inner.id,
+            channel: channel.to_string(),
+        };
+        self.call(Duration::ZERO, |mut c| {
+            let req = req.clone();
+            async move { c.unsubscribe(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Publishes `payload` on `channel` and waits for every subscriber's ack (or
+    /// `timeout`).
+    pub async fn publish(
+        &self,
+        channel: &str,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Result<PublishOutcome, LockClientError> {
+        let req = PublishRequest {
+            session_id: self.inner.id,
+            channel: channel.to_string(),
+            payload: payload.to_vec(),
+            timeout_ms: timeout.as_millis() as u64,
+        };
+        let r = self
+            .call(timeout, |mut c| {
+                let req = req.clone();
+                async move { c.publish(req).await }
+            })
+            .await?;
+        Ok(PublishOutcome {
+            message_id: r.message_id,
+            all_ok: r.all_ok,
+            results: r
+                .results
+                .into_iter()
+                .map(|a| AckOutcome {
+                    node: a.node,
+                    session_id: a.session_id,
+                    answered: a.answered,
+                    ok: a.ok,
+                    reason: a.reason,
+                })
+                .collect(),
+        })
+    }
+
+    /// Acks a delivered message: `Ok(())` positive, `Err(reason)` negative.
+    pub async fn ack(
+        &self,
+        message_id: &str,
+        result: Result<(), String>,
+    ) -> Result<(), LockClientError> {
+        let (ok, reason) = match result {
+            Ok(()) => (true, String::new()),
+            Err(r) => (false, r),
+        };
+        let req = AckRequest {
+            session_id: self.inner.id,
+            message_id: message_id.to_string(),
+            ok,
+            reason,
+        };
+        self.call(Duration::ZERO, |mut c| {
+            let req = req.clone();
+            async move { c.ack(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// The nodes with a live session.
+    pub async fn nodes(&self) -> Result<Vec<NodeEntry>, LockClientError> {
+        let r = self
+            .call(Duration::ZERO, |mut c| async move {
+                c.list_nodes(ListNodesRequest {}).await
+            })
+            .await?;
+        Ok(r.nodes
+            .into_iter()
+            .map(|n| NodeEntry {
+                node: n.node,
+                agent_addr: n.agent_addr,
+                session_id: n.session_id,
+            })
+            .collect())
+    }
+
+    /// Closes the session on purpose: its locks are released at once (waiters are not
+    /// told of an expiry). Bounded by the connect timeout.
+    pub async fn close(self) -> Result<(), LockClientError> {
+        let tx = self
+            .close_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(tx) = tx {
+            let (done_tx, done_rx) = oneshot::channel();
+            if tx.send(done_tx).is_ok() {
+                let _ = tokio::time::timeout(self.inner.cfg.connect_timeout, done_rx).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The session task: connected ⇄ reconnecting, until closed or lost.
+async fn run(
+    inner: Arc<Inner>,
+    mut conn: Conn,
+    ntx: mpsc::Sender<Notification>,
+    mut close_rx: oneshot::Receiver<oneshot::Sender<()>>,
+) {
+    loop {
+        let end = connected(&inner, &mut conn, &ntx, &mut close_rx).await;
+        let reason = match end {
+            End::Closed => return,
+            End::Lost(r) => r,
+            End::Broken(why) => {
+                tracing::info!(
+                    session = format!("{:x}", inner.id),
+                    "session connected => reconnecting: {why}"
+                );
+                match reconnect(&inner).await {
+                    Ok(c) => {
+                        conn = c;
+                        let i = inner.current.load(Ordering::Relaxed);
+                        let endpoint = inner.cfg.endpoints.get(i).cloned().unwrap_or_default();
+                        tracing::info!(session = format!("{:x}", inner.id), %endpoint, "session reconnecting => connected");
+                        notify(&inner, &ntx, Notification::Reconnected { endpoint });
+                        continue;
+                    }
+                    Err(r) => r,
+                }
+            }
+        };
+        tracing::warn!(
+            session = format!("{:x}", inner.id),
+            "session => lost: {reason}"
+        );
+        inner.set_lost(&reason);
+        // The agent must learn this even when the channel is full: wait for room.
+        let _ = tokio::time::timeout(inner.ttl, ntx.send(Notification::Lost { reason })).await;
+        return;
+    }
+}
+
+fn notify(inner: &Inner, ntx: &mpsc::Sender<Notification>, n: Notification) {
+    if ntx.try_send(n).is_err() {
+        inner.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves one connected stream: heartbeats out, acks and notifications in.
+async fn connected(
+    inner: &Inner,
+    conn: &mut Conn,
+    ntx: &mpsc::Sender<Notification>,
+    close_rx: &mut oneshot::Receiver<oneshot::Sender<()>>,
+) -> End {
+    let interval = inner.heartbeat_interval();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sent: VecDeque<(u64, Instant)> = VecDeque::new();
+    let mut seq = 0u64;
+    let mut last_ack = Instant::now();
+    // A replica that stops acknowledging (hung, or cut off from etcd) is left for another.
+    let stall = (interval * 3).max(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if last_ack.elapsed() > stall && !sent.is_empty() {
+                    return End::Broken(format!("no heartbeat acknowledged for {:?}", last_ack.elapsed()));
+                }
+                seq += 1;
+                sent.push_back((seq, Instant::now()));
+                if sent.len() > SENT_CAPACITY {
+                    sent.pop_front();
+                }
+                let hb = SessionRequest { kind: Some(session_request::Kind::Heartbeat(Heartbeat { seq })) };
+                if conn.out.try_send(hb).is_err() {
+                    return End::Broken("session stream not draining".into());
+                }
+            }
+            m = conn.inbound.message() => match m {
+                Ok(Some(SessionEvent { kind: Some(kind) })) => match kind {
+                    session_event::Kind::HeartbeatAck(a) => {
+                        if let Some(&(_, at)) = sent.iter().find(|(s, _)| *s == a.seq) {
+                            let mut l = inner.last_acked_send.lock().unwrap_or_else(|e| e.into_inner());
+                            if at > *l {
+                                *l = at;
+                            }
+                            last_ack = Instant::now();
+                            sent.retain(|(s, _)| *s > a.seq);
+                        }
+                    }
+                    session_event::Kind::Expired(e) => return End::Lost(e.reason),
+                    session_event::Kind::Opened(_) => {}
+                    session_event::Kind::Granted(g) => notify(inner, ntx, Notification::Granted {
+                        resource: g.resource,
+                        mode: Mode::from_wire(g.mode),
+                        token: g.token,
+                    }),
+                    session_event::Kind::Blocking(b) => notify(inner, ntx, Notification::Blocking {
+                        resource: b.resource,
+                        waiter_node: b.waiter_node,
+                        waiter_mode: Mode::from_wire(b.waiter_mode),
+                    }),
+                    session_event::Kind::HolderExpired(h) => notify(inner, ntx, Notification::HolderExpired {
+                        resource: h.resource,
+                        node: h.node,
+                        session_id: h.session_id,
+                    }),
+                    session_event::Kind::Message(m) => notify(inner, ntx, Notification::Message(Delivery {
+                        channel: m.channel,
+                        message_id: m.message_id,
+                        publisher_node: m.publisher_node,
+                        payload: m.payload,
+                    })),
+                },
+                Ok(Some(_)) => {}
+                Ok(None) => return End::Broken("the replica ended the session stream".into()),
+                Err(s) => {
+                    let e = LockClientError::from_status(s);
+                    if e.errno() == Errno::Enoent && e.code() == Code::FailedPrecondition {
+                        return End::Lost(e.to_string());
+                    }
+                    return End::Broken(e.to_string());
+                }
+            },
+            done = &mut *close_rx => {
+                let close = SessionRequest { kind: Some(session_request::Kind::Close(CloseSession {})) };
+                if conn.out.try_send(close).is_ok() {
+                    // The replica ends the stream once the lease is revoked.
+                    let wait = async { while let Ok(Some(_)) = conn.inbound.message().await {} };
+                    let _ = tokio::time::timeout(inner.cfg.connect_timeout, wait).await;
+                }
+                inner.set_lost("closed");
+                if let Ok(done) = done {
+                    let _ = done.send(());
+                }
+                return End::Closed;
+            }
+        }
+    }
+}
+
+/// Resumes the session on the next replicas in turn, with bounded backoff, until the
+/// lease could have expired. `Err(reason)` means the session is lost.
+async fn reconnect(inner: &Inner) -> Result<Conn, String> {
+    let n = inner.channels.len();
+    let mut i = inner.current.load(Ordering::Relaxed) + 1;
+    let mut backoff = Duration::from_millis(50);
+    let mut last = String::new();
+    loop {
+        let deadline = inner.lease_deadline();
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(format!(
+                "could not resume the session within its TTL: {last}"
+            ));
+        }
+        let ep = i % n;
+        let open = OpenSession {
+            node: inner.cfg.node.clone(),
+            agent_addr: inner.cfg.agent_addr.clone(),
+            ttl_ms: 0,
+            resume_session_id: inner.id,
+        };
+        let bound = inner.cfg.connect_timeout.min(deadline - now);
+        match open_stream(inner.channels[ep].clone(), open, bound).await {
+            Ok((conn, _, _)) => {
+                inner.current.store(ep, Ordering::Relaxed);
+                return Ok(conn);
+            }
+            Err(e) if matches!(e.errno(), Errno::Enoent | Errno::Eperm) => {
+                return Err(e.to_string())
+            }
+            Err(e) => last = format!("{}: {e}", inner.cfg.endpoints[ep]),
+        }
+        i += 1;
+        let rest = inner
+            .lease_deadline()
+            .saturating_duration_since(Instant::now());
+        tokio::time::sleep(backoff.min(rest)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_errors_keep_errno_and_resource() {
+        let detail = ErrorDetail {
+            errno: Errno::Ebusy as i32,
+            resource: "lock md0/token".into(),
+        };
+        let s = Status::with_details(
+            Code::Aborted,
+            "lock md0/token is busy",
+            detail.encode_to_vec().into(),
+        );
+        assert!(!is_transport(&s));
+        let e = LockClientError::from_status(s);
+        assert_eq!(e.errno(), Errno::Ebusy);
+        assert_eq!(e.code(), Code::Aborted);
+        assert_eq!(e.to_string(), "lock md0/token is busy");
+        match e {
+            LockClientError::Service { resource, .. } => assert_eq!(resource, "lock md0/token"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn statuses_without_details_are_transport_failures() {
+        assert!(is_transport(&Status::unavailable("connection refused")));
+        let e = LockClientError::from_status(Status::unavailable("connection refused"));
+        assert_eq!(e.errno(), Errno::Unspecified);
+    }
+
+    #[test]
+    fn modes_round_trip() {
+        for m in [Mode::Shared, Mode::Exclusive] {
+            assert_eq!(Mode::from_wire(m.to_wire()), m);
+        }
+    }
+
+    #[test]
+    fn config_defaults_derive_the_heartbeat() {
+        let cfg = SessionConfig::new(vec!["http://127.0.0.1:1".into()], "n1", "a:1");
+        assert_eq!(cfg.ttl, Duration::from_secs(10));
+        assert!(cfg.fence_margin < cfg.ttl);
+        assert!(channels(&SessionConfig::new(vec![], "n1", "")).is_err());
+    }
+}

@@ -1,0 +1,171 @@
+//! A thin wrapper over the etcd client: every call is bounded by a timeout and every
+//! failure becomes a [`LockError`] naming the operation.
+
+use std::future::Future;
+use std::time::Duration;
+
+use etcd_client::{
+    Client, DeleteOptions, DeleteResponse, GetOptions, GetResponse, PutOptions, PutResponse,
+    SortOrder, SortTarget, Txn, TxnResponse, WatchOptions, WatchStream,
+};
+
+use crate::error::{is_lease_not_found, LockError};
+
+/// An etcd client whose calls all have a deadline.
+#[derive(Clone)]
+pub struct Etcd {
+    /// The connection (cheap to clone: a shared channel).
+    client: Client,
+    /// Bound on each single etcd call.
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Etcd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Etcd")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Etcd {
+    /// Wraps a connected client.
+    pub fn new(client: Client, timeout: Duration) -> Self {
+        Etcd { client, timeout }
+    }
+
+    /// The per-call bound.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// A clone of the raw client (for lease keep-alive streams).
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    async fn bounded<T>(
+        &self,
+        op: &'static str,
+        f: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, LockError> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(source)) => Err(LockError::Etcd { op, source }),
+            Err(_) => Err(LockError::EtcdTimeout {
+                op,
+                timeout: self.timeout,
+            }),
+        }
+    }
+
+    /// Runs a transaction. A write that names a lease that no longer exists becomes
+    /// [`LockError::SessionGone`] for `session`.
+    pub async fn txn(
+        &self,
+        op: &'static str,
+        session: i64,
+        txn: Txn,
+    ) -> Result<TxnResponse, LockError> {
+        let mut c = self.client.clone();
+        match self.bounded(op, c.txn(txn)).await {
+            Err(LockError::Etcd { source, .. }) if is_lease_not_found(&source) => {
+                Err(LockError::SessionGone {
+                    session_id: session,
+                })
+            }
+            r => r,
+        }
+    }
+
+    /// Reads one key or a prefix.
+    pub async fn get(
+        &self,
+        op: &'static str,
+        key: impl Into<Vec<u8>>,
+        opts: Option<GetOptions>,
+    ) -> Result<GetResponse, LockError> {
+        let mut c = self.client.clone();
+        self.bounded(op, c.get(key, opts)).await
+    }
+
+    /// Reads a prefix sorted by create revision (queue order).
+    pub async fn get_queue(
+        &self,
+        op: &'static str,
+        prefix: &str,
+    ) -> Result<GetResponse, LockError> {
+        let opts = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend);
+        self.get(op, prefix, Some(opts)).await
+    }
+
+    /// Writes one key.
+    pub async fn put(
+        &self,
+        op: &'static str,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+        opts: Option<PutOptions>,
+    ) -> Result<PutResponse, LockError> {
+        let mut c = self.client.clone();
+        self.bounded(op, c.put(key, value, opts)).await
+    }
+
+    /// Deletes one key or a prefix.
+    pub async fn delete(
+        &self,
+        op: &'static str,
+        key: impl Into<Vec<u8>>,
+        opts: Option<DeleteOptions>,
+    ) -> Result<DeleteResponse, LockError> {
+        let mut c = self.client.clone();
+        self.bounded(op, c.delete(key, opts)).await
+    }
+
+    /// The remaining TTL of lease `id` in seconds; `None` when it does not exist.
+    pub async fn lease_ttl(&self, id: i64) -> Result<Option<i64>, LockError> {
+        let mut c = self.client.clone();
+        let r = self
+            .bounded("lease time-to-live", c.lease_time_to_live(id, None))
+            .await?;
+        Ok((r.ttl() > 0).then_some(r.ttl()))
+    }
+
+    /// (remaining TTL, granted TTL) of lease `id` in seconds; `None` when it does not exist.
+    pub async fn lease_info(&self, id: i64) -> Result<Option<(i64, i64)>, LockError> {
+        let mut c = self.client.clone();
+        let r = self
+            .bounded("lease time-to-live", c.lease_time_to_live(id, None))
+            .await?;
+        Ok((r.ttl() > 0).then_some((r.ttl(), r.granted_ttl())))
+    }
+
+    /// Grants a lease of `ttl_s` seconds; returns (id, granted ttl).
+    pub async fn lease_grant(&self, ttl_s: i64) -> Result<(i64, i64), LockError> {
+        let mut c = self.client.clone();
+        let r = self
+            .bounded("lease grant", c.lease_grant(ttl_s, None))
+            .await?;
+        Ok((r.id(), r.ttl()))
+    }
+
+    /// Revokes lease `id` (its keys are deleted).
+    pub async fn lease_revoke(&self, id: i64) -> Result<(), LockError> {
+        let mut c = self.client.clone();
+        self.bounded("lease revoke", c.lease_revoke(id))
+            .await
+            .map(|_| ())
+    }
+
+    /// Opens a watch.
+    pub async fn watch(
+        &self,
+        key: impl Into<Vec<u8>>,
+        opts: WatchOptions,
+    ) -> Result<WatchStream, LockError> {
+        let mut c = self.client.clone();
+        self.bounded("watch", c.watch(key, Some(opts))).await
+    }
+}

@@ -1,0 +1,298 @@
+//! `mdserver`: the etcd-backed lock service of mdcluster (DLM semantics), stateless so
+//! that any number of replicas run side by side. The protocol is specified in
+//! `docs/LOCKS.md`.
+//!
+//! # Layout
+//! - [`keys`]: the etcd key layout (one place).
+//! - [`records`]: the JSON records stored as etcd values.
+//! - [`etcd`]: etcd calls, each bounded by a timeout.
+//! - [`session`]: session streams, lease renewal, resume, the inbox.
+//! - [`lock`]: acquire, release, convert, value block, fencing.
+//! - [`message`]: subscribe, publish, ack.
+//! - [`registry`]: the live nodes.
+//! - [`notify`]: delivery of notifications to a session's stream.
+//! - [`service`]: the tonic service; [`validate`]: request checks; [`error`]: errors.
+
+pub mod error;
+pub mod etcd;
+pub mod keys;
+pub mod lock;
+pub mod message;
+pub mod notify;
+pub mod records;
+pub mod registry;
+pub mod service;
+pub mod session;
+pub mod validate;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mdcluster_proto::v1::lock_service_server::LockServiceServer;
+use tokio::net::TcpListener;
+
+use crate::error::LockError;
+use crate::records::{decode, SessionRecord};
+
+/// Most session → node mappings cached per replica.
+const NODE_CACHE: usize = 65536;
+
+/// How mdserver runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// etcd endpoints.
+    pub etcd: Vec<String>,
+    /// Every key lives under `/mdcluster/<cluster_name>/`.
+    pub cluster_name: String,
+    /// Lease TTL of a session that does not ask for one.
+    pub session_ttl: Duration,
+    /// Bound on each single etcd call.
+    pub etcd_timeout: Duration,
+    /// How long to keep trying to reach etcd at start.
+    pub etcd_connect_timeout: Duration,
+    /// Most session streams this replica serves at once.
+    pub max_sessions: usize,
+    /// Most calls waiting at once on this replica (queued acquires and converts,
+    /// publishes waiting for acks).
+    pub max_waits: usize,
+}
+
+impl Config {
+    /// A config for `etcd` and `cluster_name` with the defaults: session TTL 10 s, etcd
+    /// calls 5 s, connecting at start 30 s, 10000 sessions, 10000 waits.
+    pub fn new(etcd: Vec<String>, cluster_name: impl Into<String>) -> Config {
+        Config {
+            etcd,
+            cluster_name: cluster_name.into(),
+            session_ttl: Duration::from_secs(10),
+            etcd_timeout: Duration::from_secs(5),
+            etcd_connect_timeout: Duration::from_secs(30),
+            max_sessions: 10_000,
+            max_waits: 10_000,
+        }
+    }
+}
+
+/// Errors that stop the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// etcd could not be reached at start.
+    #[error("failed to connect to etcd at {endpoints} within {timeout:?}: {source}")]
+    Connect {
+        /// The endpoints tried.
+        endpoints: String,
+        /// The bound.
+        timeout: Duration,
+        /// The last error.
+        source: etcd_client::Error,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// State shared by every handler of one replica.
+#[derive(Debug)]
+pub struct Ctx {
+    /// etcd, every call bounded.
+    pub etcd: etcd::Etcd,
+    /// The key layout.
+    pub keys: keys::Keys,
+    /// Default session TTL.
+    pub session_ttl: Duration,
+    /// Session streams served here.
+    pub notifier: notify::Notifier,
+    /// Session id → node name (a session's node never changes; liveness is checked by
+    /// etcd itself on every write tied to the lease).
+    nodes: Mutex<HashMap<i64, String>>,
+    /// Publishes waiting for acks on this replica: message id → (recipients, ack
+    /// channel). An ack handled by the same replica skips etcd (see [`message`]).
+    pub pending: Mutex<HashMap<String, message::Pending>>,
+    /// Deletes finished messages in batches.
+    pub sweeper: message::Sweeper,
+    /// Becomes true when the replica shuts down: session streams end at once so their
+    /// agents resume on another replica, while unary calls finish.
+    pub stopping: tokio::sync::watch::Sender<bool>,
+    /// Bounds the session streams served here.
+    pub sessions_limit: Limit,
+    /// Bounds the calls waiting here.
+    pub waits_limit: Limit,
+}
+
+/// A bound on something a replica holds many of; a permit is held while it lasts.
+#[derive(Debug)]
+pub struct Limit {
+    /// What is counted, for the error ("session streams").
+    what: &'static str,
+    /// The bound.
+    max: usize,
+    /// The permits.
+    sem: Arc<tokio::sync::Semaphore>,
+}
+
+impl Limit {
+    /// A bound of `max` on `what`.
+    pub fn new(what: &'static str, max: usize) -> Limit {
+        Limit {
+            what,
+            max,
+            sem: Arc::new(tokio::sync::Semaphore::new(max)),
+        }
+    }
+
+    /// Takes a permit, or fails with EBUSY at once when the replica is at its bound.
+    pub fn take(&self) -> Result<tokio::sync::OwnedSemaphorePermit, LockError> {
+        self.sem
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| LockError::Overloaded {
+                what: self.what,
+                limit: self.max,
+            })
+    }
+}
+
+impl Ctx {
+    /// The node of session `id`, from the cache or from etcd.
+    pub async fn session_node(&self, id: i64) -> Result<String, LockError> {
+        if let Some(n) = self.nodes.lock().ok().and_then(|m| m.get(&id).cloned()) {
+            return Ok(n);
+        }
+        let r = self
+            .etcd
+            .get("read session", self.keys.session(id), None)
+            .await?;
+        let Some(kv) = r.kvs().first() else {
+            return Err(LockError::SessionGone { session_id: id });
+        };
+        let rec: SessionRecord = decode(kv.key(), kv.value())?;
+        self.remember(id, &rec.node);
+        Ok(rec.node)
+    }
+
+    /// Caches the node of session `id`.
+    pub fn remember(&self, id: i64, node: &str) {
+        if let Ok(mut m) = self.nodes.lock() {
+            if m.len() >= NODE_CACHE {
+                m.clear();
+            }
+            m.insert(id, node.to_string());
+        }
+    }
+
+    /// Drops session `id` from the cache.
+    pub fn forget(&self, id: i64) {
+        if let Ok(mut m) = self.nodes.lock() {
+            m.remove(&id);
+        }
+    }
+}
+
+/// Connects to etcd, retrying with bounded backoff until `config.etcd_connect_timeout`.
+pub async fn connect(config: &Config) -> Result<Ctx, ServerError> {
+    let started = Instant::now();
+    let mut backoff = Duration::from_millis(100);
+    let opts = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(config.etcd_timeout)
+        .with_keep_alive(Duration::from_secs(5), config.etcd_timeout);
+    loop {
+        let attempt = async {
+            let mut c = etcd_client::Client::connect(&config.etcd, Some(opts.clone())).await?;
+            c.status().await?;
+            Ok::<_, etcd_client::Error>(c)
+        };
+        let err = match tokio::time::timeout(config.etcd_timeout, attempt).await {
+            Ok(Ok(client)) => {
+                let etcd = etcd::Etcd::new(client, config.etcd_timeout);
+                return Ok(Ctx {
+                    sweeper: message::Sweeper::start(etcd.clone()),
+                    stopping: tokio::sync::watch::Sender::new(false),
+                    sessions_limit: Limit::new("session streams", config.max_sessions),
+                    waits_limit: Limit::new("waiting calls", config.max_waits),
+                    etcd,
+                    keys: keys::Keys::new(&config.cluster_name),
+                    session_ttl: config.session_ttl,
+                    notifier: notify::Notifier::default(),
+                    nodes: Mutex::new(HashMap::new()),
+                    pending: Mutex::new(HashMap::new()),
+                });
+            }
+            Ok(Err(e)) => e,
+            Err(_) => etcd_client::Error::InvalidArgs("connect timed out".into()),
+        };
+        if started.elapsed() >= config.etcd_connect_timeout {
+            return Err(ServerError::Connect {
+                endpoints: config.etcd.join(","),
+                timeout: config.etcd_connect_timeout,
+                source: err,
+            });
+        }
+        tracing::warn!("etcd not reachable yet, retrying in {backoff:?}: {err}");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Serves the lock service and the gRPC health service on `listener` until `shutdown`
+/// completes. Health reports NOT_SERVING while etcd does not answer.
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let ctx = Arc::new(connect(&config).await?);
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<LockServiceServer<service::LockSvc>>()
+        .await;
+    let probe_ctx = ctx.clone();
+    let probe = tokio::spawn(async move {
+        let mut serving = true;
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let ok = probe_ctx
+                .etcd
+                .get("health probe", probe_ctx.keys.nodes_prefix(), None)
+                .await
+                .is_ok();
+            if ok != serving {
+                serving = ok;
+                if ok {
+                    reporter
+                        .set_serving::<LockServiceServer<service::LockSvc>>()
+                        .await;
+                } else {
+                    reporter
+                        .set_not_serving::<LockServiceServer<service::LockSvc>>()
+                        .await;
+                }
+                tracing::info!(
+                    serving,
+                    "health => {}",
+                    if ok { "SERVING" } else { "NOT_SERVING" }
+                );
+            }
+        }
+    });
+    let stopping = ctx.stopping.clone();
+    let shutdown = async move {
+        shutdown.await;
+        stopping.send_replace(true);
+    };
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    tracing::info!(?addr, cluster = %config.cluster_name, "mdserver serving");
+    // No Nagle: notifications and acks are small writes that must leave at once.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let r = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(5)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .add_service(health)
+        .add_service(LockServiceServer::new(service::LockSvc { ctx }))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    probe.abort();
+    Ok(r?)
+}

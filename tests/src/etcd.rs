@@ -1,0 +1,162 @@
+//! A real etcd process for tests: free loopback ports, a data directory in a tempdir,
+//! a readiness wait with a timeout, kill -9 and restart on the same ports and data.
+//! Dropping the guard kills the process.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// How long etcd may take to become healthy.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A free loopback port (bound then released; the caller binds it soon after).
+pub fn free_port() -> anyhow::Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("bind a free port")?;
+    Ok(l.local_addr().context("read the free port")?.port())
+}
+
+/// A running etcd.
+pub struct Etcd {
+    /// The process (None while killed).
+    child: Option<Child>,
+    /// Data directory and log.
+    dir: tempfile::TempDir,
+    /// Client port.
+    client_port: u16,
+    /// Peer port.
+    peer_port: u16,
+    /// Skip fsync (fast tests); false for benchmarks.
+    no_fsync: bool,
+}
+
+impl Etcd {
+    /// Starts etcd with fsync (as in production).
+    pub fn start() -> anyhow::Result<Etcd> {
+        Self::start_with(false)
+    }
+
+    /// Starts etcd; `no_fsync` trades durability for speed (tests on a loaded machine).
+    pub fn start_with(no_fsync: bool) -> anyhow::Result<Etcd> {
+        let dir = tempfile::Builder::new()
+            .prefix("mdcluster-etcd")
+            .tempdir()
+            .context("create etcd tempdir")?;
+        let mut e = Etcd {
+            child: None,
+            dir,
+            client_port: free_port()?,
+            peer_port: free_port()?,
+            no_fsync,
+        };
+        e.spawn()?;
+        Ok(e)
+    }
+
+    /// The client URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// The log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("etcd.log")
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .context("open etcd log")?;
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut cmd = Command::new("etcd");
+        cmd.arg("--name=t")
+            .arg(format!(
+                "--data-dir={}",
+                self.dir.path().join("data").display()
+            ))
+            .arg(format!("--listen-client-urls={}", self.url()))
+            .arg(format!("--advertise-client-urls={}", self.url()))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=t={peer}"))
+            .arg("--logger=zap")
+            .arg("--log-outputs=stderr")
+            .arg("--log-level=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("clone etcd log")?)
+            .stderr(log);
+        if self.no_fsync {
+            cmd.arg("--unsafe-no-fsync");
+        }
+        self.child = Some(
+            cmd.spawn()
+                .context("start etcd (is /usr/bin/etcd installed?)")?,
+        );
+        self.wait_ready()
+    }
+
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Some(status) = c.try_wait().context("wait for etcd")? {
+                    bail!(
+                        "etcd exited with {status} before it was ready; log: {}",
+                        self.log_path().display()
+                    );
+                }
+            }
+            if self.healthy() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "etcd not healthy within {READY_TIMEOUT:?}; log: {}",
+                    self.log_path().display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// One GET /health.
+    fn healthy(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.client_port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        if s.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .is_err()
+        {
+            return false;
+        }
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body);
+        body.contains("\"health\":\"true\"")
+    }
+
+    /// kill -9, and wait for the process to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts etcd again on the same ports and data directory.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
