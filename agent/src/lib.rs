@@ -7,9 +7,16 @@
 //! - [`cluster`]: md-cluster on the lock service: lock names, messages, resync windows.
 //! - [`blockdev`]: the [`blockdev::BlockDevice`] trait the NBD export serves.
 //! - [`nbd`]: the NBD export (fixed newstyle server on unix sockets and TCP).
+//! - [`raid`]: the RAID1 engine (members, fan-out, read balancing, failure,
+//!   resync/recovery worker).
+//! - [`bitmap`]: the in-memory write-intent bitmap of this node's slot.
+//! - [`array`]: this node's arrays: registry, lifecycle, assembly, NBD exports.
 
+pub mod array;
+pub mod bitmap;
 pub mod blockdev;
 pub mod cluster;
 pub mod format;
 pub mod mdstat;
 pub mod nbd;
+pub mod raid;

@@ -4,8 +4,11 @@
 //! # Layout
 //! - [`etcd`]: a real etcd process (free ports, readiness wait, kill -9, restart).
 //! - [`server`]: `mdserver` replicas and a one-etcd test [`server::Cluster`].
+//! - [`standalone`]: a standalone `mdagent` (no cluster) driven through its control
+//!   socket, member checks, a raw NBD open probe (the RAID tests, t40).
 //! - [`tools`]: locate the workspace binaries and run external tools with a timeout.
 
 pub mod etcd;
 pub mod server;
+pub mod standalone;
 pub mod tools;

@@ -1,0 +1,718 @@
+//! Turning member devices into a running [`Raid1`]: read and check every member's
+//! superblock (md v1.2), decide each member's state from the freshest superblock, load
+//! this node's bitmap slot, and wire the superblock and bitmap writers the engine uses.
+//!
+//! Decisions (md's, simplified):
+//! - the member with the highest `events` is the authority for roles;
+//! - a member whose role there is active is in sync, or recovering from its
+//!   `recovery_offset` when `RECOVERY_OFFSET` is set; spare → spare; faulty → faulty;
+//! - `resync_offset != MaxSector` means an unclean stop (or an unfinished first resync):
+//!   with a bitmap the set bits are resynced, without one everything from
+//!   `resync_offset`;
+//! - bits are loaded as needed also when the array is degraded (kept for a re-add).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use crate::bitmap::{BitmapStore, Geometry, WriteIntent};
+use crate::blockdev::IoFuture;
+use crate::format::bitmap::{slot_offset, BitmapSuper};
+use crate::format::io::{read_member, DeviceError, Member};
+use crate::format::superblock::{feature, DevRole, Superblock, MAX_SECTOR};
+use crate::format::{fmt_uuid, SB_OFFSET_BYTES, SECTOR};
+use crate::raid::member::{aligned_copy, MemberError, MemberIo};
+use crate::raid::{
+    MemberSpec, MemberState, MetaEvent, MetaStore, Raid1, Raid1Config, RaidError, SpeedLimits,
+};
+
+/// Errors assembling an array.
+#[derive(Debug, thiserror::Error)]
+pub enum AssembleError {
+    /// A member's metadata could not be read or is invalid.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// A member could not be opened for I/O.
+    #[error(transparent)]
+    Member(#[from] MemberError),
+    /// The members do not form one array.
+    #[error("array {array}: {reason}")]
+    Mismatch {
+        /// The array.
+        array: String,
+        /// What does not fit.
+        reason: String,
+    },
+    /// The engine refused to start.
+    #[error(transparent)]
+    Raid(#[from] RaidError),
+    /// A blocking task failed.
+    #[error("array {array}: assemble task failed: {reason}")]
+    Task {
+        /// The array.
+        array: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Options of an assemble.
+#[derive(Debug, Clone, Default)]
+pub struct AssembleOptions {
+    /// This node's bitmap slot (0 for an internal bitmap).
+    pub slot: u32,
+    /// Overrides the bitmap's `daemon_sleep` (tests).
+    pub daemon_sleep: Option<Duration>,
+    /// Initial resync/recovery speed limits.
+    pub speed: SpeedLimits,
+}
+
+/// What was assembled, for status.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ArrayIdentity {
+    /// Array UUID, mdadm style.
+    pub uuid: String,
+    /// `set_name` from the superblock.
+    pub md_name: String,
+    /// Member paths, in the order given.
+    pub members: Vec<PathBuf>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Writes superblock changes to the members.
+struct SbStore {
+    array: String,
+    /// Grows with added members, in the engine's member order.
+    ios: Mutex<Vec<Arc<MemberIo>>>,
+    sbs: Mutex<Vec<Superblock>>,
+    /// The bitmap and its slot superblock, whose `events` follow the superblock's.
+    bitmap: OnceLock<(Arc<WriteIntent>, Mutex<BitmapSuper>)>,
+}
+
+impl SbStore {
+    /// A copy of member `i`'s superblock.
+    fn superblock(&self, i: usize) -> Superblock {
+        self.sbs.lock().unwrap_or_else(|e| e.into_inner())[i].clone()
+    }
+
+    fn dev_numbers(&self) -> Vec<u32> {
+        self.sbs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|s| s.dev_number)
+            .collect()
+    }
+
+    /// Appends a member; returns its index.
+    fn push(&self, io: Arc<MemberIo>, sb: Superblock) -> usize {
+        let mut ios = self.ios.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sbs = self.sbs.lock().unwrap_or_else(|e| e.into_inner());
+        ios.push(io);
+        sbs.push(sb);
+        sbs.len() - 1
+    }
+
+    fn apply(&self, event: &MetaEvent) -> (Vec<Bytes>, u64) {
+        let mut sbs = self.sbs.lock().unwrap_or_else(|e| e.into_inner());
+        let events = sbs.iter().map(|s| s.events).max().unwrap_or(0) + 1;
+        let dev_of: Vec<u32> = sbs.iter().map(|s| s.dev_number).collect();
+        for (i, sb) in sbs.iter_mut().enumerate() {
+            match *event {
+                MetaEvent::ResyncOffset(v) => sb.resync_offset = v,
+                MetaEvent::Faulty { member } => {
+                    let _ = sb.set_role(dev_of[member], DevRole::Faulty);
+                }
+                MetaEvent::Added { member } if sb.role_of(dev_of[member]) != DevRole::Faulty => {
+                    let _ = sb.set_role(dev_of[member], DevRole::Spare);
+                }
+                MetaEvent::SpareActive { member, role } => {
+                    let _ = sb.set_role(dev_of[member], DevRole::Active(role));
+                    if i == member {
+                        sb.feature_map |= feature::RECOVERY_OFFSET;
+                        sb.recovery_offset = 0;
+                    }
+                }
+                MetaEvent::RecoveryCheckpoint { member, sectors } if i == member => {
+                    sb.feature_map |= feature::RECOVERY_OFFSET;
+                    sb.recovery_offset = sectors;
+                }
+                MetaEvent::RecoveryDone { member } if i == member => {
+                    sb.feature_map &= !feature::RECOVERY_OFFSET;
+                    sb.recovery_offset = 0;
+                }
+                _ => {}
+            }
+            sb.events = events;
+            sb.utime = now_secs();
+        }
+        (
+            sbs.iter()
+                .map(|sb| aligned_copy(&Bytes::from(sb.encode())))
+                .collect(),
+            events,
+        )
+    }
+}
+
+impl MetaStore for SbStore {
+    fn update(&self, event: MetaEvent, live: Vec<usize>) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            let (blocks, events) = self.apply(&event);
+            let ios = self.ios.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let ops = live.iter().map(|&i| {
+                let io = ios[i].clone();
+                let block = blocks[i].clone();
+                async move {
+                    io.write_at(SB_OFFSET_BYTES, block).await?;
+                    io.sync().await
+                }
+            });
+            let results = futures::future::join_all(ops).await;
+            let mut ok = 0;
+            let mut last = None;
+            for (&i, r) in live.iter().zip(results) {
+                match r {
+                    Ok(()) => ok += 1,
+                    Err(e) => {
+                        tracing::warn!(array = %self.array, member = %ios[i].path().display(),
+                            "failed to write the superblock: {e}");
+                        last = Some(e);
+                    }
+                }
+            }
+            if ok == 0 {
+                return Err(last.unwrap_or_else(|| std::io::Error::other("no live member")));
+            }
+            if let Some((wi, bsb)) = self.bitmap.get() {
+                let encoded = {
+                    let mut b = bsb.lock().unwrap_or_else(|e| e.into_inner());
+                    b.events = events;
+                    b.encode()
+                };
+                if let Ok(enc) = encoded {
+                    wi.set_super(&enc);
+                    wi.flush()
+                        .await
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Writes this node's bitmap slot pages to every live member.
+struct SlotStore {
+    array: String,
+    /// Per member: its device and the byte offset of our slot on it (grows with added
+    /// members, in the engine's member order).
+    members: Mutex<Vec<(Arc<MemberIo>, u64)>>,
+    raid: OnceLock<Weak<Raid1>>,
+}
+
+impl BitmapStore for SlotStore {
+    fn write_pages(&self, pages: Vec<(u64, Bytes)>) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            let members = self
+                .members
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let live: Vec<usize> = match self.raid.get().and_then(Weak::upgrade) {
+                Some(r) => r
+                    .live_members()
+                    .into_iter()
+                    .filter(|&i| i < members.len())
+                    .collect(),
+                None => (0..members.len()).collect(),
+            };
+            let ops = live.iter().map(|&i| {
+                let (io, slot) = members[i].clone();
+                let pages = pages.clone();
+                async move {
+                    for (p, b) in pages {
+                        io.write_at(slot + p * crate::bitmap::PAGE as u64, b)
+                            .await?;
+                    }
+                    io.sync().await
+                }
+            });
+            let results = futures::future::join_all(ops).await;
+            let mut ok = 0;
+            let mut last = None;
+            for (&i, r) in live.iter().zip(results) {
+                match r {
+                    Ok(()) => ok += 1,
+                    Err(e) => {
+                        tracing::warn!(array = %self.array, member = %members[i].0.path().display(),
+                            "failed to write bitmap pages: {e}");
+                        last = Some(e);
+                    }
+                }
+            }
+            if ok == 0 {
+                return Err(last.unwrap_or_else(|| std::io::Error::other("no live member")));
+            }
+            Ok(())
+        })
+    }
+}
+
+/// What adding a member to a running array needs: the superblock and bitmap writers
+/// the engine was built with.
+pub struct Attachment {
+    sb_store: Arc<SbStore>,
+    slot_store: Option<Arc<SlotStore>>,
+    slot: u32,
+    uuid: [u8; 16],
+    /// One add at a time (indexes of engine, superblock and bitmap writers agree).
+    add_lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Attachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attachment")
+            .field("uuid", &fmt_uuid(&self.uuid))
+            .finish()
+    }
+}
+
+/// What [`add_member`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct AddOutcome {
+    /// The member's index in the engine.
+    pub index: usize,
+    /// Re-added: it recovers only the chunks the bitmap marks needed.
+    pub readded: bool,
+}
+
+/// Adds the device at `path` to the running array: a device that was a member of this
+/// array comes back in its old role and recovers only the chunks the bitmap marks
+/// needed (a re-add; needs a bitmap and the role still free); any other device without
+/// an md superblock becomes a spare, which takes a free role at once and recovers fully.
+pub async fn add_member(
+    raid: &Arc<Raid1>,
+    att: &Attachment,
+    path: &std::path::Path,
+) -> Result<AddOutcome, AssembleError> {
+    let name = raid.name().to_owned();
+    let _one = att.add_lock.lock().await;
+    let p = path.to_owned();
+    let (existing, io) = tokio::task::spawn_blocking(move || -> Result<_, AssembleError> {
+        let existing = read_member(&p);
+        let io = Arc::new(MemberIo::open(&p)?);
+        Ok((existing, io))
+    })
+    .await
+    .map_err(|e| AssembleError::Task {
+        array: name.clone(),
+        reason: e.to_string(),
+    })??;
+    let live = raid.live_members();
+    if raid
+        .status()
+        .members
+        .iter()
+        .enumerate()
+        .any(|(i, m)| m.path == path.display().to_string() && live.contains(&i))
+    {
+        return Err(mismatch(
+            &name,
+            format!("{} is already a member", path.display()),
+        ));
+    }
+    let Some(&first) = live.first() else {
+        return Err(mismatch(
+            &name,
+            "no live member to copy the superblock from".into(),
+        ));
+    };
+    let template = att.sb_store.superblock(first);
+    let (mut sb, old_role) = match existing {
+        Ok(m) if m.sb.set_uuid == att.uuid => {
+            let mut sb = template.clone();
+            sb.dev_number = m.sb.dev_number;
+            sb.device_uuid = m.sb.device_uuid;
+            sb.data_offset = m.sb.data_offset;
+            sb.data_size = m.sb.data_size;
+            let role = match m.sb.role() {
+                DevRole::Active(r) => Some(r),
+                _ => None,
+            };
+            (sb, role)
+        }
+        Ok(m) => {
+            return Err(mismatch(
+                &name,
+                format!(
+                    "{} holds a member of another array ({})",
+                    path.display(),
+                    fmt_uuid(&m.sb.set_uuid)
+                ),
+            ))
+        }
+        Err(_) => {
+            let used = att.sb_store.dev_numbers();
+            let d = (0..crate::format::superblock::MAX_DEV_LIMIT)
+                .find(|d| !used.contains(d) && template.role_of(*d) == DevRole::Spare)
+                .ok_or_else(|| mismatch(&name, "no free device number".into()))?;
+            let mut sb = template.clone();
+            sb.dev_number = d;
+            sb.device_uuid = *uuid::Uuid::new_v4().as_bytes();
+            sb.data_size = (io.size() / SECTOR).saturating_sub(sb.data_offset);
+            (sb, None)
+        }
+    };
+    sb.feature_map &= !feature::RECOVERY_OFFSET;
+    sb.recovery_offset = 0;
+    if (sb.data_offset + sb.size) * SECTOR > io.size() || sb.data_size < sb.size {
+        return Err(mismatch(
+            &name,
+            format!("{} is too small for the array", path.display()),
+        ));
+    }
+    let write_err = |e: std::io::Error| {
+        AssembleError::Device(DeviceError::Io {
+            path: path.to_owned(),
+            op: "write",
+            offset: 0,
+            source: e,
+        })
+    };
+    io.write_at(SB_OFFSET_BYTES, aligned_copy(&Bytes::from(sb.encode())))
+        .await
+        .map_err(write_err)?;
+    let mut slot_off = None;
+    if raid.bitmap().is_some() && att.slot_store.is_some() {
+        let bsb = store_super(&att.sb_store)
+            .ok_or_else(|| mismatch(&name, "bitmap superblock missing".into()))?;
+        for s in 0..bsb.slots() {
+            let off = slot_offset(&sb, &bsb, s).map_err(|e| mismatch(&name, e.to_string()))?;
+            let mut block = vec![0u8; bsb.slot_bytes() as usize];
+            block[..crate::bitmap::SB_BYTES]
+                .copy_from_slice(&bsb.encode().map_err(|e| mismatch(&name, e.to_string()))?);
+            io.write_at(off, aligned_copy(&Bytes::from(block)))
+                .await
+                .map_err(write_err)?;
+            if s == att.slot {
+                slot_off = Some(off);
+            }
+        }
+    }
+    io.sync().await.map_err(write_err)?;
+    let dev_number = sb.dev_number;
+    let data_offset = sb.data_offset * SECTOR;
+    // The same index in the superblock writer, the bitmap writer and the engine.
+    let index = att.sb_store.push(io.clone(), sb);
+    if let (Some(store), Some(off)) = (&att.slot_store, slot_off) {
+        store
+            .members
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((io.clone(), off));
+    }
+    let readd = old_role.filter(|r| raid.bitmap().is_some() && !raid.role_in_use(*r));
+    let (state, role) = match readd {
+        Some(r) => (
+            MemberState::Recovering {
+                offset: 0,
+                bitmap_only: true,
+            },
+            Some(r),
+        ),
+        None => (MemberState::Spare, None),
+    };
+    let engine_index = raid.add_member(MemberSpec {
+        io,
+        data_offset,
+        dev_number,
+        role,
+        state,
+    });
+    if engine_index != index {
+        return Err(mismatch(
+            &name,
+            format!("member index mismatch ({engine_index} != {index})"),
+        ));
+    }
+    raid.record(MetaEvent::Added { member: index }).await?;
+    match readd {
+        Some(r) => {
+            raid.record(MetaEvent::SpareActive {
+                member: index,
+                role: r,
+            })
+            .await?
+        }
+        None => raid.use_spares().await,
+    }
+    if let Some(bm) = raid.bitmap() {
+        bm.mark_all_dirty();
+        if let Err(e) = bm.flush().await {
+            tracing::warn!(array = %name, "failed to write the bitmap to the added member: {e}");
+        }
+    }
+    tracing::info!(array = %name, member = %path.display(), index, readded = readd.is_some(), "member added");
+    Ok(AddOutcome {
+        index,
+        readded: readd.is_some(),
+    })
+}
+
+fn store_super(sb_store: &SbStore) -> Option<BitmapSuper> {
+    sb_store
+        .bitmap
+        .get()
+        .map(|(_, b)| b.lock().unwrap_or_else(|e| e.into_inner()).clone())
+}
+
+fn mismatch(array: &str, reason: String) -> AssembleError {
+    AssembleError::Mismatch {
+        array: array.to_owned(),
+        reason,
+    }
+}
+
+/// Reads every member (blocking I/O; call from a blocking context).
+pub fn read_members(array: &str, paths: &[PathBuf]) -> Result<Vec<Member>, AssembleError> {
+    if paths.is_empty() {
+        return Err(mismatch(array, "no member devices given".into()));
+    }
+    let members: Vec<Member> = paths
+        .iter()
+        .map(|p| read_member(p))
+        .collect::<Result<_, _>>()?;
+    let uuid = members[0].sb.set_uuid;
+    for m in &members {
+        if m.sb.set_uuid != uuid {
+            return Err(mismatch(
+                array,
+                format!(
+                    "{} belongs to array {}, {} to {}",
+                    m.path.display(),
+                    fmt_uuid(&m.sb.set_uuid),
+                    members[0].path.display(),
+                    fmt_uuid(&uuid)
+                ),
+            ));
+        }
+        if m.sb.level != 1 {
+            return Err(mismatch(
+                array,
+                format!(
+                    "{}: raid level {} is not supported (only 1)",
+                    m.path.display(),
+                    m.sb.level
+                ),
+            ));
+        }
+    }
+    let mut devs: Vec<u32> = members.iter().map(|m| m.sb.dev_number).collect();
+    devs.sort_unstable();
+    devs.dedup();
+    if devs.len() != members.len() {
+        return Err(mismatch(
+            array,
+            "two members have the same dev_number (the same device given twice?)".into(),
+        ));
+    }
+    Ok(members)
+}
+
+/// Assembles and starts the array `name` over `paths`.
+pub async fn assemble(
+    name: &str,
+    paths: &[PathBuf],
+    opts: &AssembleOptions,
+) -> Result<(Arc<Raid1>, ArrayIdentity, Attachment), AssembleError> {
+    let (members, ios) = {
+        let owned = name.to_owned();
+        let paths = paths.to_vec();
+        tokio::task::spawn_blocking(move || -> Result<_, AssembleError> {
+            let members = read_members(&owned, &paths)?;
+            let ios: Vec<Arc<MemberIo>> = paths
+                .iter()
+                .map(|p| MemberIo::open(p).map(Arc::new))
+                .collect::<Result<_, _>>()?;
+            Ok((members, ios))
+        })
+        .await
+        .map_err(|e| AssembleError::Task {
+            array: name.to_owned(),
+            reason: e.to_string(),
+        })??
+    };
+    let fresh = members
+        .iter()
+        .max_by_key(|m| m.sb.events)
+        .map(|m| m.sb.clone())
+        .ok_or_else(|| mismatch(name, "no members".into()))?;
+    let size = fresh.size * SECTOR;
+    // Member states from the freshest superblock.
+    let mut seen_roles = Vec::new();
+    let mut specs = Vec::new();
+    for (m, io) in members.iter().zip(&ios) {
+        let role = fresh.role_of(m.sb.dev_number);
+        let (state, role) = match role {
+            DevRole::Active(r) if r < fresh.raid_disks as u16 && !seen_roles.contains(&r) => {
+                seen_roles.push(r);
+                let recovering = m.sb.feature_map & feature::RECOVERY_OFFSET != 0
+                    && m.sb.recovery_offset < fresh.size;
+                if recovering {
+                    (
+                        MemberState::Recovering {
+                            offset: m.sb.recovery_offset * SECTOR,
+                            bitmap_only: false,
+                        },
+                        Some(r),
+                    )
+                } else {
+                    (MemberState::InSync, Some(r))
+                }
+            }
+            DevRole::Spare => (MemberState::Spare, None),
+            DevRole::Journal => {
+                return Err(mismatch(
+                    name,
+                    format!("{}: journal devices are not supported", m.path.display()),
+                ))
+            }
+            _ => (MemberState::Faulty, None),
+        };
+        specs.push(MemberSpec {
+            io: io.clone(),
+            data_offset: m.sb.data_offset * SECTOR,
+            dev_number: m.sb.dev_number,
+            role,
+            state,
+        });
+    }
+    let in_sync: Vec<usize> = (0..specs.len())
+        .filter(|&i| specs[i].state == MemberState::InSync)
+        .collect();
+    if in_sync.is_empty() {
+        return Err(mismatch(
+            name,
+            "no in-sync member among the given devices".into(),
+        ));
+    }
+    for s in &specs {
+        if s.data_offset + size > s.io.size() {
+            return Err(mismatch(
+                name,
+                format!("{} is smaller than the array", s.io.path().display()),
+            ));
+        }
+    }
+    let degraded = in_sync.len() < fresh.raid_disks as usize;
+    let unclean = fresh.resync_offset != MAX_SECTOR;
+    let mut sbs: Vec<Superblock> = members.iter().map(|m| m.sb.clone()).collect();
+    // Roles and array-wide fields follow the freshest superblock everywhere.
+    for sb in sbs.iter_mut() {
+        sb.dev_roles = fresh.dev_roles.clone();
+        sb.max_dev = fresh.max_dev;
+        sb.events = fresh.events;
+        sb.resync_offset = fresh.resync_offset;
+    }
+    let sb_store = Arc::new(SbStore {
+        array: name.to_owned(),
+        ios: Mutex::new(ios.clone()),
+        sbs: Mutex::new(sbs),
+        bitmap: OnceLock::new(),
+    });
+    // This node's bitmap slot.
+    let mut slot_store = None;
+    let bitmap = match members[in_sync[0]].bitmap.get(opts.slot as usize) {
+        Some(slot) if fresh.has_bitmap() => {
+            let bsb = slot.sb.clone();
+            let geom = Geometry {
+                chunk_bytes: u64::from(bsb.chunksize),
+                chunks: bsb.chunks(),
+                daemon_sleep: opts
+                    .daemon_sleep
+                    .unwrap_or(Duration::from_secs(u64::from(bsb.daemon_sleep.max(1)))),
+            };
+            let mut image = vec![0u8; crate::bitmap::SB_BYTES];
+            image.copy_from_slice(&bsb.encode().map_err(|e| mismatch(name, e.to_string()))?);
+            // The union of the in-sync members' bits.
+            let mut bits = slot.bits.clone();
+            for &i in &in_sync {
+                if let Some(s) = members[i].bitmap.get(opts.slot as usize) {
+                    for (b, o) in bits.iter_mut().zip(&s.bits) {
+                        *b |= *o;
+                    }
+                }
+            }
+            image.extend_from_slice(&bits);
+            let offsets: Vec<(Arc<MemberIo>, u64)> = members
+                .iter()
+                .zip(&ios)
+                .map(|(m, io)| {
+                    Ok((
+                        io.clone(),
+                        slot_offset(&m.sb, &bsb, opts.slot)
+                            .map_err(|e| mismatch(name, e.to_string()))?,
+                    ))
+                })
+                .collect::<Result<_, AssembleError>>()?;
+            let store = Arc::new(SlotStore {
+                array: name.to_owned(),
+                members: Mutex::new(offsets),
+                raid: OnceLock::new(),
+            });
+            let wi = Arc::new(
+                WriteIntent::new(name, geom, image, unclean || degraded, store.clone())
+                    .map_err(|e| mismatch(name, e.to_string()))?,
+            );
+            let _ = sb_store.bitmap.set((wi.clone(), Mutex::new(bsb)));
+            slot_store = Some(store);
+            Some(wi)
+        }
+        _ if fresh.has_bitmap() => {
+            return Err(mismatch(
+                name,
+                format!("bitmap slot {} does not exist", opts.slot),
+            ))
+        }
+        _ => None,
+    };
+    let resync_from = unclean.then(|| fresh.resync_offset.saturating_mul(SECTOR).min(size));
+    let raid = Raid1::start(Raid1Config {
+        name: name.to_owned(),
+        size,
+        raid_disks: fresh.raid_disks,
+        members: specs,
+        bitmap,
+        meta: sb_store.clone(),
+        resync_from,
+        speed: opts.speed,
+    })?;
+    if let Some(s) = &slot_store {
+        let _ = s.raid.set(Arc::downgrade(&raid));
+    }
+    let attachment = Attachment {
+        sb_store,
+        slot_store,
+        slot: opts.slot,
+        uuid: fresh.set_uuid,
+        add_lock: tokio::sync::Mutex::new(()),
+    };
+    tracing::info!(array = name, uuid = %fmt_uuid(&fresh.set_uuid), size, degraded, unclean, "assembled");
+    Ok((
+        raid,
+        ArrayIdentity {
+            uuid: fmt_uuid(&fresh.set_uuid),
+            md_name: fresh.name(),
+            members: paths.to_vec(),
+        },
+        attachment,
+    ))
+}

@@ -1,0 +1,584 @@
+//! The arrays of this node and their lifecycle (DESIGN.md "Lifecycle", the lesson of
+//! the md_open race, `reference/md-open-race.md`).
+//!
+//! Owns: the registry of arrays by name, each in one explicit state
+//! ([`ArrayState::Assembling`] → [`ArrayState::Active`] → [`ArrayState::Stopping`] →
+//! gone), changed only under the registry's one lock, and the [`Exports`] the NBD
+//! server opens arrays through.
+//!
+//! Rules:
+//! 1. lookup and allocation are different functions: [`Registry::lookup`],
+//!    [`Registry::open`] (and [`Exports::open`]) never create an entry; only
+//!    [`Registry::assemble`] and [`Registry::create`] do;
+//! 2. an open of an assembling or stopping array fails at once with EBUSY, of an
+//!    absent one with ENOENT; nothing retries inside;
+//! 3. [`Registry::stop`] marks the array stopping (new opens fail), waits a bounded
+//!    grace for connected clients to leave, and if some stay returns the array to
+//!    active and answers EBUSY naming them (with `force` disconnects them instead);
+//!    then drains I/O, flushes the bitmap, marks the superblocks clean, closes the
+//!    members and removes the entry;
+//! 4. every wait has a bound.
+//!
+//! # Layout
+//! - [`assemble`]: members → a running [`Raid1`] (superblocks, bitmap slot, writers).
+//! - [`service`]: the standalone service: registry + per-array NBD sockets + control
+//!   socket (what `mdagent` runs without a cluster).
+
+pub mod assemble;
+pub mod service;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+pub use assemble::{ArrayIdentity, AssembleError, AssembleOptions};
+
+use crate::format::create::CreateSpec;
+use crate::format::io::DeviceError;
+use crate::nbd::{ClientInfo, ClientSet, Exports, OpenError, OpenExport};
+use crate::raid::{Raid1, RaidError, RaidStatus, SpeedLimits};
+
+/// Errors of registry operations. [`ArrayError::errno`] gives the errno-style reason
+/// that crosses the wire.
+#[derive(Debug, thiserror::Error)]
+pub enum ArrayError {
+    /// No array of that name on this node.
+    #[error("ENOENT: no array named {name:?} on this node")]
+    NotFound {
+        /// The name.
+        name: String,
+    },
+    /// The array is assembling or stopping (or clients are still connected).
+    #[error("EBUSY: array {name:?} is {state}{}", fmt_clients(.clients))]
+    Busy {
+        /// The name.
+        name: String,
+        /// Its state, or why it is busy.
+        state: String,
+        /// Clients still connected.
+        clients: Vec<String>,
+    },
+    /// An array of that name already exists.
+    #[error("EEXIST: array {name:?} already exists on this node ({state})")]
+    Exists {
+        /// The name.
+        name: String,
+        /// Its state.
+        state: ArrayState,
+    },
+    /// The request is invalid.
+    #[error("EINVAL: {0}")]
+    Invalid(String),
+    /// A device is not under the allow-list.
+    #[error("EPERM: {path} is not under any --device-allow pattern")]
+    NotAllowed {
+        /// The path.
+        path: PathBuf,
+    },
+    /// Assembling failed.
+    #[error("EIO: assemble {name:?}: {source}")]
+    Assemble {
+        /// The name.
+        name: String,
+        /// The cause.
+        source: AssembleError,
+    },
+    /// Creating members failed.
+    #[error("EIO: create {name:?}: {source}")]
+    Create {
+        /// The name.
+        name: String,
+        /// The cause.
+        source: DeviceError,
+    },
+    /// The engine failed.
+    #[error("EIO: {0}")]
+    Raid(#[from] RaidError),
+}
+
+fn fmt_clients(c: &[String]) -> String {
+    if c.is_empty() {
+        String::new()
+    } else {
+        format!("; still connected: {}", c.join(", "))
+    }
+}
+
+impl ArrayError {
+    /// The errno-style reason: ENOENT, EBUSY, EEXIST, EINVAL, EPERM or EIO.
+    pub fn errno(&self) -> &'static str {
+        match self {
+            ArrayError::NotFound { .. } => "ENOENT",
+            ArrayError::Busy { .. } => "EBUSY",
+            ArrayError::Exists { .. } => "EEXIST",
+            ArrayError::Invalid(_) => "EINVAL",
+            ArrayError::NotAllowed { .. } => "EPERM",
+            ArrayError::Assemble { .. } | ArrayError::Create { .. } | ArrayError::Raid(_) => "EIO",
+        }
+    }
+}
+
+/// The one state of an array on this node. Absent from the registry = gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArrayState {
+    /// Being assembled: opens answer EBUSY.
+    Assembling,
+    /// Served.
+    Active,
+    /// Being stopped: opens answer EBUSY.
+    Stopping,
+}
+
+impl std::fmt::Display for ArrayState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ArrayState::Assembling => "assembling",
+            ArrayState::Active => "active",
+            ArrayState::Stopping => "stopping",
+        })
+    }
+}
+
+/// A lifecycle event, for event-driven monitoring.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ArrayEvent {
+    /// The array.
+    pub name: String,
+    /// Its new state; `None` = gone.
+    pub state: Option<ArrayState>,
+}
+
+/// What [`Registry::lookup`] answers.
+#[derive(Debug, Clone, Serialize)]
+pub struct ArrayInfo {
+    /// The name.
+    pub name: String,
+    /// The state.
+    pub state: ArrayState,
+    /// Identity (absent while assembling).
+    pub identity: Option<ArrayIdentity>,
+    /// Engine status (absent while assembling).
+    pub raid: Option<RaidStatus>,
+    /// Connected clients.
+    pub clients: Vec<String>,
+}
+
+/// Limits and defaults of a registry.
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// How long a stop waits for connected clients to leave.
+    pub stop_grace: Duration,
+    /// Bound of draining in-flight I/O and of forced disconnects at stop.
+    pub drain_timeout: Duration,
+    /// Assemble options (bitmap slot, speed limits, daemon_sleep override).
+    pub assemble: AssembleOptions,
+    /// Glob patterns of member paths that may be opened; empty = any.
+    pub device_allow: Vec<String>,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            stop_grace: Duration::from_secs(3),
+            drain_timeout: Duration::from_secs(30),
+            assemble: AssembleOptions::default(),
+            device_allow: Vec::new(),
+        }
+    }
+}
+
+struct Entry {
+    state: ArrayState,
+    raid: Option<Arc<Raid1>>,
+    /// How to add members (set with `raid`).
+    attachment: Option<Arc<assemble::Attachment>>,
+    identity: Option<ArrayIdentity>,
+    clients: ClientSet,
+}
+
+/// The arrays of this node. Cheap to share (`Arc`).
+pub struct Registry {
+    config: RegistryConfig,
+    arrays: Mutex<HashMap<String, Entry>>,
+    events: broadcast::Sender<ArrayEvent>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("arrays", &self.names())
+            .finish()
+    }
+}
+
+/// Array names: 1..=32 bytes of `[A-Za-z0-9_.-]`, not starting with `.` (they become
+/// socket file names).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
+/// Shell-style match of `path` against `pattern` (`*` any run of characters, `?` one).
+pub fn glob_match(pattern: &str, path: &str) -> bool {
+    fn go(p: &[u8], s: &[u8]) -> bool {
+        match (p.first(), s.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => go(&p[1..], s) || (!s.is_empty() && go(p, &s[1..])),
+            (Some(b'?'), Some(_)) => go(&p[1..], &s[1..]),
+            (Some(a), Some(b)) if a == b => go(&p[1..], &s[1..]),
+            _ => false,
+        }
+    }
+    go(pattern.as_bytes(), path.as_bytes())
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new(config: RegistryConfig) -> Arc<Registry> {
+        Arc::new(Registry {
+            config,
+            arrays: Mutex::new(HashMap::new()),
+            events: broadcast::channel(256).0,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+        // Every change under the lock is one insert, remove or field assignment.
+        self.arrays.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn emit(&self, name: &str, state: Option<ArrayState>) {
+        // No subscriber is fine.
+        let _ = self.events.send(ArrayEvent {
+            name: name.to_owned(),
+            state,
+        });
+    }
+
+    /// Lifecycle events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<ArrayEvent> {
+        self.events.subscribe()
+    }
+
+    /// Names of all arrays, in any state.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.lock().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Looks an array up (never creates one).
+    pub fn lookup(&self, name: &str) -> Result<ArrayInfo, ArrayError> {
+        let (state, raid, identity, clients) = {
+            let map = self.lock();
+            let e = map.get(name).ok_or_else(|| ArrayError::NotFound {
+                name: name.to_owned(),
+            })?;
+            (
+                e.state,
+                e.raid.clone(),
+                e.identity.clone(),
+                e.clients.list(),
+            )
+        };
+        Ok(ArrayInfo {
+            name: name.to_owned(),
+            state,
+            identity,
+            raid: raid.map(|r| r.status()),
+            clients: clients.iter().map(ToString::to_string).collect(),
+        })
+    }
+
+    /// The engine of an active array (for direct I/O by the agent itself).
+    pub fn device(&self, name: &str) -> Result<Arc<Raid1>, ArrayError> {
+        let map = self.lock();
+        match map.get(name) {
+            None => Err(ArrayError::NotFound {
+                name: name.to_owned(),
+            }),
+            Some(e) => match (&e.raid, e.state) {
+                (Some(r), ArrayState::Active) => Ok(r.clone()),
+                _ => Err(ArrayError::Busy {
+                    name: name.to_owned(),
+                    state: e.state.to_string(),
+                    clients: vec![],
+                }),
+            },
+        }
+    }
+
+    /// Opens an active array for one client (what [`Exports::open`] does).
+    pub fn open(&self, name: &str, client: &ClientInfo) -> Result<OpenExport, OpenError> {
+        let map = self.lock();
+        match map.get(name) {
+            None => Err(OpenError::NotFound {
+                name: name.to_owned(),
+            }),
+            Some(e) => match (&e.raid, e.state) {
+                (Some(r), ArrayState::Active) => Ok(e.clients.attach(r.clone(), client)),
+                _ => Err(OpenError::Busy {
+                    name: name.to_owned(),
+                    state: e.state.to_string(),
+                }),
+            },
+        }
+    }
+
+    fn check_allowed(&self, paths: &[PathBuf]) -> Result<(), ArrayError> {
+        if self.config.device_allow.is_empty() {
+            return Ok(());
+        }
+        for p in paths {
+            let s = p.to_string_lossy();
+            if !self.config.device_allow.iter().any(|g| glob_match(g, &s)) {
+                return Err(ArrayError::NotAllowed { path: p.clone() });
+            }
+        }
+        Ok(())
+    }
+
+    /// Reserves `name` in state assembling (the only place an entry is allocated).
+    fn reserve(&self, name: &str) -> Result<(), ArrayError> {
+        if !valid_name(name) {
+            return Err(ArrayError::Invalid(format!(
+                "invalid array name {name:?}: 1-32 of [A-Za-z0-9_.-]"
+            )));
+        }
+        let mut map = self.lock();
+        if let Some(e) = map.get(name) {
+            return Err(ArrayError::Exists {
+                name: name.to_owned(),
+                state: e.state,
+            });
+        }
+        map.insert(
+            name.to_owned(),
+            Entry {
+                state: ArrayState::Assembling,
+                raid: None,
+                attachment: None,
+                identity: None,
+                clients: ClientSet::new(),
+            },
+        );
+        drop(map);
+        self.emit(name, Some(ArrayState::Assembling));
+        Ok(())
+    }
+
+    fn unreserve(&self, name: &str) {
+        let removed = {
+            let mut map = self.lock();
+            match map.get(name) {
+                Some(e) if e.state == ArrayState::Assembling => map.remove(name).is_some(),
+                _ => false,
+            }
+        };
+        if removed {
+            self.emit(name, None);
+        }
+    }
+
+    /// Assembles `name` from `members` and makes it active.
+    pub async fn assemble(&self, name: &str, members: &[PathBuf]) -> Result<ArrayInfo, ArrayError> {
+        self.check_allowed(members)?;
+        self.reserve(name)?;
+        let result = assemble::assemble(name, members, &self.config.assemble).await;
+        match result {
+            Ok((raid, identity, attachment)) => {
+                {
+                    let mut map = self.lock();
+                    if let Some(e) = map.get_mut(name) {
+                        e.raid = Some(raid);
+                        e.attachment = Some(Arc::new(attachment));
+                        e.identity = Some(identity);
+                        e.state = ArrayState::Active;
+                    }
+                }
+                self.emit(name, Some(ArrayState::Active));
+                self.lookup(name)
+            }
+            Err(source) => {
+                self.unreserve(name);
+                Err(ArrayError::Assemble {
+                    name: name.to_owned(),
+                    source,
+                })
+            }
+        }
+    }
+
+    /// Writes a new array's members (like `mdadm --create`) and assembles it.
+    pub async fn create(
+        &self,
+        name: &str,
+        spec: CreateSpec,
+        members: &[PathBuf],
+        force: bool,
+    ) -> Result<ArrayInfo, ArrayError> {
+        self.check_allowed(members)?;
+        self.reserve(name)?;
+        let paths = members.to_vec();
+        let created = tokio::task::spawn_blocking(move || {
+            crate::format::io::create_members(&spec, &paths, force).map(|_| ())
+        })
+        .await;
+        let created = match created {
+            Ok(r) => r.map_err(|source| ArrayError::Create {
+                name: name.to_owned(),
+                source,
+            }),
+            Err(e) => Err(ArrayError::Invalid(format!("create task failed: {e}"))),
+        };
+        self.unreserve(name);
+        created?;
+        self.assemble(name, members).await
+    }
+
+    /// Stops `name` (see the module doc, rule 3).
+    pub async fn stop(&self, name: &str, force: bool) -> Result<(), ArrayError> {
+        let (clients, raid) = {
+            let mut map = self.lock();
+            let e = map.get_mut(name).ok_or_else(|| ArrayError::NotFound {
+                name: name.to_owned(),
+            })?;
+            if e.state != ArrayState::Active {
+                return Err(ArrayError::Busy {
+                    name: name.to_owned(),
+                    state: e.state.to_string(),
+                    clients: vec![],
+                });
+            }
+            e.state = ArrayState::Stopping;
+            (e.clients.clone(), e.raid.clone())
+        };
+        self.emit(name, Some(ArrayState::Stopping));
+        let back_to_active = |left: Vec<ClientInfo>, why: &str| {
+            if let Some(e) = self.lock().get_mut(name) {
+                e.state = ArrayState::Active;
+            }
+            self.emit(name, Some(ArrayState::Active));
+            ArrayError::Busy {
+                name: name.to_owned(),
+                state: why.to_owned(),
+                clients: left.iter().map(ToString::to_string).collect(),
+            }
+        };
+        if let Err(left) = clients.wait_empty(self.config.stop_grace).await {
+            if !force {
+                return Err(back_to_active(left, "in use"));
+            }
+            tracing::warn!(
+                array = name,
+                clients = left.len(),
+                "stop --force: disconnecting clients"
+            );
+            clients.disconnect_all();
+            if let Err(left) = clients.wait_empty(self.config.drain_timeout).await {
+                return Err(back_to_active(
+                    left,
+                    "in use (clients did not leave after disconnect)",
+                ));
+            }
+        }
+        let result = match &raid {
+            Some(r) => r.shutdown(self.config.drain_timeout).await,
+            None => Ok(()),
+        };
+        self.lock().remove(name);
+        self.emit(name, None);
+        drop(raid);
+        result.map_err(ArrayError::from)
+    }
+
+    /// Changes the resync/recovery speed limits of an array while it runs.
+    pub fn set_speed(&self, name: &str, limits: SpeedLimits) -> Result<(), ArrayError> {
+        if limits.min_kib_s == 0 || limits.min_kib_s > limits.max_kib_s {
+            return Err(ArrayError::Invalid(format!(
+                "speed limits min {} max {} KiB/s: need 0 < min <= max",
+                limits.min_kib_s, limits.max_kib_s
+            )));
+        }
+        self.device(name)?.set_speed(limits);
+        Ok(())
+    }
+
+    /// Marks a member faulty (like `mdadm --fail`).
+    pub async fn fail_member(&self, name: &str, path: &std::path::Path) -> Result<(), ArrayError> {
+        Ok(self.device(name)?.fail_by_path(path).await?)
+    }
+
+    /// Adds a device to an active array (like `mdadm --add` / `--re-add`): a former
+    /// member comes back in its role and recovers only the chunks the bitmap marks
+    /// needed; a blank device becomes a spare and recovers fully into a free role.
+    pub async fn add_member(
+        &self,
+        name: &str,
+        path: &std::path::Path,
+    ) -> Result<assemble::AddOutcome, ArrayError> {
+        self.check_allowed(&[path.to_owned()])?;
+        let (raid, att) = {
+            let map = self.lock();
+            let e = map.get(name).ok_or_else(|| ArrayError::NotFound {
+                name: name.to_owned(),
+            })?;
+            match (&e.raid, &e.attachment, e.state) {
+                (Some(r), Some(a), ArrayState::Active) => (r.clone(), a.clone()),
+                _ => {
+                    return Err(ArrayError::Busy {
+                        name: name.to_owned(),
+                        state: e.state.to_string(),
+                        clients: vec![],
+                    })
+                }
+            }
+        };
+        assemble::add_member(&raid, &att, path)
+            .await
+            .map_err(|source| ArrayError::Assemble {
+                name: name.to_owned(),
+                source,
+            })
+    }
+
+    /// Stops every array (agent shutdown), forcing clients off.
+    pub async fn stop_all(&self) -> Vec<(String, ArrayError)> {
+        let mut errors = Vec::new();
+        for name in self.names() {
+            if let Err(e) = self.stop(&name, true).await {
+                errors.push((name, e));
+            }
+        }
+        errors
+    }
+}
+
+impl Exports for Registry {
+    fn list(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .lock()
+            .iter()
+            .filter(|(_, e)| e.state == ArrayState::Active)
+            .map(|(n, _)| n.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn open(&self, name: &str, client: &ClientInfo) -> Result<OpenExport, OpenError> {
+        Registry::open(self, name, client)
+    }
+}
+
+#[cfg(test)]
+mod tests;

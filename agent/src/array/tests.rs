@@ -1,0 +1,513 @@
+//! Registry, lifecycle and engine tests over real temp files.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::*;
+use crate::blockdev::BlockDevice;
+use crate::format::create::BitmapMode;
+use crate::format::io::read_member;
+use crate::format::superblock::{DevRole, MAX_SECTOR};
+use crate::raid::{MemberState, WorkerState};
+
+const MIB: u64 = 1 << 20;
+
+fn files(dir: &Path, n: usize, bytes: u64) -> Vec<PathBuf> {
+    (0..n)
+        .map(|i| {
+            let p = dir.join(format!("m{i}"));
+            std::fs::File::create(&p).unwrap().set_len(bytes).unwrap();
+            p
+        })
+        .collect()
+}
+
+fn spec(raid: u32, spares: u32, bitmap: BitmapMode, clean: bool) -> CreateSpec {
+    let mut s = CreateSpec::new("test:md0", raid, spares, bitmap);
+    s.assume_clean = clean;
+    s.bitmap_chunk = Some(64 << 10);
+    s
+}
+
+fn registry() -> Arc<Registry> {
+    Registry::new(RegistryConfig {
+        stop_grace: Duration::from_millis(300),
+        drain_timeout: Duration::from_secs(5),
+        ..Default::default()
+    })
+}
+
+/// The data areas of the members, compared.
+fn assert_identical(paths: &[PathBuf]) {
+    let mut first: Option<Vec<u8>> = None;
+    for p in paths {
+        let m = read_member(p).unwrap();
+        let all = std::fs::read(p).unwrap();
+        let start = (m.sb.data_offset * 512) as usize;
+        let data = all[start..start + (m.sb.size * 512) as usize].to_vec();
+        match &first {
+            None => first = Some(data),
+            Some(f) => assert!(f == &data, "{} differs from the first member", p.display()),
+        }
+    }
+}
+
+async fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn pattern(seed: u8, len: usize) -> Bytes {
+    Bytes::from(
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect::<Vec<u8>>(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_read_stop_reassemble() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = files(dir.path(), 2, 40 * MIB);
+    let reg = registry();
+    reg.create("md0", spec(2, 0, BitmapMode::Internal, true), &paths, false)
+        .await
+        .unwrap();
+    let dev = reg.device("md0").unwrap();
+    assert!(dev.size() > 30 * MIB);
+    dev.write(4096, pattern(1, 65536), false).await.unwrap();
+    dev.write(100, Bytes::from_static(b"unaligned"), true)
+        .await
+        .unwrap();
+    dev.flush().await.unwrap();
+    for _ in 0..4 {
+        assert!(dev.read(4096, 65536).await.unwrap() == pattern(1, 65536));
+    }
+    assert_eq!(&dev.read(100, 9).await.unwrap()[..], b"unaligned");
+    dev.write(MIB, pattern(2, 8192), false).await.unwrap();
+    dev.write_zeroes(MIB, 4096, false).await.unwrap();
+    assert!(dev.read(MIB, 4096).await.unwrap().iter().all(|&b| b == 0));
+    assert!(dev.read(dev.size() - 10, 20).await.is_err());
+    drop(dev);
+    reg.stop("md0", false).await.unwrap();
+    assert!(matches!(
+        reg.lookup("md0"),
+        Err(ArrayError::NotFound { .. })
+    ));
+    assert_identical(&paths);
+    // Clean stop: superblock clean, no bits left.
+    let m = read_member(&paths[0]).unwrap();
+    assert_eq!(m.sb.resync_offset, MAX_SECTOR);
+    assert_eq!(
+        crate::format::bitmap::count_set(&m.bitmap[0].bits, m.bitmap[0].sb.chunks()),
+        0
+    );
+    // Reassemble: the data is there, nothing to resync.
+    let info = reg.assemble("md0", &paths).await.unwrap();
+    assert_eq!(info.state, ArrayState::Active);
+    let dev = reg.device("md0").unwrap();
+    assert!(dev.read(4096, 65536).await.unwrap() == pattern(1, 65536));
+    assert!(dev.status().sync.completed.is_empty());
+    drop(dev);
+    reg.stop("md0", false).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_open_and_stop_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = files(dir.path(), 2, 20 * MIB);
+    let reg = registry();
+    let c = ClientInfo::new("test-client");
+    // Lookup never allocates.
+    assert!(matches!(
+        Registry::open(&reg, "md0", &c),
+        Err(OpenError::NotFound { .. })
+    ));
+    assert!(reg.names().is_empty());
+    assert_eq!(reg.stop("md0", false).await.unwrap_err().errno(), "ENOENT");
+    reg.create("md0", spec(2, 0, BitmapMode::None, true), &paths, false)
+        .await
+        .unwrap();
+    // A second assemble of the same name: EEXIST at once.
+    assert_eq!(
+        reg.assemble("md0", &paths).await.unwrap_err().errno(),
+        "EEXIST"
+    );
+    let open = Registry::open(&reg, "md0", &c).unwrap();
+    // A client stays: stop answers EBUSY naming it, the array is active again.
+    let t = Instant::now();
+    let err = reg.stop("md0", false).await.unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert_eq!(err.errno(), "EBUSY");
+    assert!(err.to_string().contains("test-client"), "{err}");
+    assert_eq!(reg.lookup("md0").unwrap().state, ArrayState::Active);
+    // While stopping, opens answer EBUSY at once.
+    let reg2 = reg.clone();
+    let stopper = tokio::spawn(async move { reg2.stop("md0", true).await });
+    wait_for("stopping", Duration::from_secs(2), || {
+        reg.lookup("md0")
+            .map(|i| i.state == ArrayState::Stopping)
+            .unwrap_or(false)
+    })
+    .await;
+    let c2 = ClientInfo::new("late");
+    assert!(matches!(
+        Registry::open(&reg, "md0", &c2),
+        Err(OpenError::Busy { .. })
+    ));
+    // Forced: the client is told to go; it drops its guard.
+    wait_for("disconnect", Duration::from_secs(2), || {
+        open.disconnect.is_cancelled()
+    })
+    .await;
+    drop(open.guard);
+    stopper.await.unwrap().unwrap();
+    assert!(matches!(
+        Registry::open(&reg, "md0", &c2),
+        Err(OpenError::NotFound { .. })
+    ));
+    assert_eq!(Exports::list(&*reg), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unclean_stop_resyncs_exactly_the_dirty_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = files(dir.path(), 2, 40 * MIB);
+    let reg = registry();
+    reg.create("md0", spec(2, 0, BitmapMode::Internal, true), &paths, false)
+        .await
+        .unwrap();
+    let dev = reg.device("md0").unwrap();
+    // Chunks of 64 KiB: touch chunks 3, 10 (two writes), 11 and 12 (one spanning write).
+    dev.write(3 * 65536, pattern(3, 4096), false).await.unwrap();
+    dev.write(10 * 65536 + 4096, pattern(4, 4096), false)
+        .await
+        .unwrap();
+    dev.write(10 * 65536 + 8192, pattern(5, 4096), false)
+        .await
+        .unwrap();
+    dev.write(12 * 65536 - 4096, pattern(6, 8192), false)
+        .await
+        .unwrap();
+    // The "crash": the members as they are now, with this instance never stopped.
+    let m = read_member(&paths[1]).unwrap();
+    assert_eq!(m.sb.resync_offset, 0, "dirty while written");
+    assert_eq!(
+        crate::format::bitmap::count_set(&m.bitmap[0].bits, m.bitmap[0].sb.chunks()),
+        4
+    );
+    // Make member 1 differ inside a dirty chunk (a write that reached only member 0).
+    let data_off = m.sb.data_offset * 512;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&paths[1])
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0xee; 512], data_off + 10 * 65536).unwrap();
+    drop(f);
+    let copies: Vec<PathBuf> = paths
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let c = dir.path().join(format!("copy{i}"));
+            std::fs::copy(p, &c).unwrap();
+            c
+        })
+        .collect();
+    let reg2 = registry();
+    reg2.assemble("md1", &copies).await.unwrap();
+    let dev2 = reg2.device("md1").unwrap();
+    wait_for("resync", Duration::from_secs(10), || {
+        !dev2.status().sync.completed.is_empty()
+    })
+    .await;
+    let done = dev2.status().sync.completed[0].clone();
+    assert_eq!(done.kind, crate::raid::SyncKind::Resync);
+    assert!(done.bitmap && !done.interrupted);
+    assert_eq!(done.chunks, 4, "{done:?}");
+    assert_eq!(done.bytes, 4 * 65536);
+    drop(dev2);
+    reg2.stop("md1", false).await.unwrap();
+    assert_identical(&copies);
+    drop(dev);
+    reg.stop("md0", false).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_member_degrades_and_spare_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = files(dir.path(), 3, 20 * MIB);
+    let reg = registry();
+    reg.create("md0", spec(2, 1, BitmapMode::Internal, true), &paths, false)
+        .await
+        .unwrap();
+    let dev = reg.device("md0").unwrap();
+    dev.write(0, pattern(9, 1 << 20), false).await.unwrap();
+    reg.fail_member("md0", &paths[0]).await.unwrap();
+    // Recorded on the others before fail returns.
+    let m = read_member(&paths[1]).unwrap();
+    assert_eq!(m.sb.role_of(0), DevRole::Faulty);
+    assert_eq!(m.sb.role_of(2), DevRole::Active(0));
+    dev.write(2 << 20, pattern(7, 65536), false).await.unwrap();
+    let t = Instant::now();
+    while dev.status().members[2].state != MemberState::InSync {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "recovery: {:?}",
+            dev.status()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(dev.read(0, 1 << 20).await.unwrap() == pattern(9, 1 << 20));
+    // The last in-sync member is never failed.
+    reg.fail_member("md0", &paths[1]).await.unwrap();
+    reg.fail_member("md0", &paths[2]).await.unwrap();
+    assert_eq!(dev.status().members[2].state, MemberState::InSync);
+    drop(dev);
+    reg.stop("md0", false).await.unwrap();
+    assert_identical(&paths[2..]);
+    let m = read_member(&paths[2]).unwrap();
+    assert_eq!(m.sb.role(), DevRole::Active(0));
+    assert_eq!(
+        m.sb.feature_map & crate::format::superblock::feature::RECOVERY_OFFSET,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_resync_throttled_interrupted_and_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = files(dir.path(), 2, 24 * MIB);
+    // Different contents so the resync has something to do.
+    std::fs::write(&paths[0], vec![0x11u8; 24 * MIB as usize]).unwrap();
+    let reg = Registry::new(RegistryConfig {
+        stop_grace: Duration::from_millis(300),
+        drain_timeout: Duration::from_secs(5),
+        assemble: AssembleOptions {
+            speed: SpeedLimits {
+                min_kib_s: 1000,
+                max_kib_s: 2048,
+            },
+            ..Default::default()
+        },
+        ..Default::default()
+    });
+    reg.create("md0", spec(2, 0, BitmapMode::None, false), &paths, true)
+        .await
+        .unwrap();
+    let dev = reg.device("md0").unwrap();
+    wait_for("throttled", Duration::from_secs(5), || {
+        dev.status().sync.state == WorkerState::Throttled
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let p = dev.status().sync;
+    assert!(p.done_bytes > 0 && p.done_bytes < 6 * MIB, "{p:?}");
+    drop(dev);
+    reg.stop("md0", false).await.unwrap();
+    let m = read_member(&paths[0]).unwrap();
+    let ckpt = m.sb.resync_offset;
+    assert!(ckpt > 0 && ckpt != MAX_SECTOR, "checkpoint {ckpt}");
+    // Resume at full speed from the checkpoint.
+    reg.assemble("md0", &paths).await.unwrap();
+    let dev = reg.device("md0").unwrap();
+    reg.set_speed(
+        "md0",
+        SpeedLimits {
+            min_kib_s: 1000,
+            max_kib_s: 1 << 30,
+        },
+    )
+    .unwrap();
+    wait_for("resync end", Duration::from_secs(10), || {
+        !dev.status().sync.completed.is_empty()
+    })
+    .await;
+    let done = dev.status().sync.completed[0].clone();
+    assert_eq!(done.bytes, dev.size() - ckpt * 512, "{done:?}");
+    drop(dev);
+    reg.stop("md0", false).await.unwrap();
+    assert_identical(&paths);
+    assert_eq!(read_member(&paths[1]).unwrap().sb.resync_offset, MAX_SECTOR);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readded_member_recovers_only_chunks_written_while_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = files(dir.path(), 2, 40 * MIB);
+    let reg = registry();
+    reg.create("md0", spec(2, 0, BitmapMode::Internal, true), &paths, false)
+        .await
+        .unwrap();
+    let dev = reg.device("md0").unwrap();
+    dev.write(0, pattern(1, 65536), false).await.unwrap();
+    reg.fail_member("md0", &paths[1]).await.unwrap();
+    // Written while member 1 is away: chunks 5, 6 and 7.
+    dev.write(5 * 65536, pattern(2, 4096), false).await.unwrap();
+    dev.write(6 * 65536 + 8192, pattern(3, 65536), false)
+        .await
+        .unwrap();
+    assert_eq!(dev.bitmap().unwrap().needed_chunks(), vec![5, 6, 7]);
+    let out = reg.add_member("md0", &paths[1]).await.unwrap();
+    assert!(out.readded);
+    let t = Instant::now();
+    while dev.status().degraded {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "re-add recovery: {:?}",
+            dev.status()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let run = dev.status().sync.completed.last().cloned().unwrap();
+    assert_eq!(run.kind, crate::raid::SyncKind::Recovery);
+    assert!(run.bitmap);
+    assert_eq!(run.chunks, 3, "{run:?}");
+    drop(dev);
+    reg.stop("md0", false).await.unwrap();
+    assert_identical(&paths);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blank_member_added_becomes_spare_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = files(dir.path(), 3, 24 * MIB);
+    let reg = registry();
+    reg.create(
+        "md0",
+        spec(2, 0, BitmapMode::Internal, true),
+        &paths[..2],
+        false,
+    )
+    .await
+    .unwrap();
+    let dev = reg.device("md0").unwrap();
+    dev.write(MIB, pattern(4, 1 << 20), false).await.unwrap();
+    reg.fail_member("md0", &paths[0]).await.unwrap();
+    let out = reg.add_member("md0", &paths[2]).await.unwrap();
+    assert!(!out.readded);
+    let t = Instant::now();
+    while dev.status().degraded {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "recovery: {:?}",
+            dev.status()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(dev);
+    reg.stop("md0", false).await.unwrap();
+    assert_identical(&paths[1..]);
+    let m = read_member(&paths[2]).unwrap();
+    assert_eq!(m.sb.role(), DevRole::Active(0));
+    // The new member assembles with the survivor.
+    reg.assemble("md0", &paths[1..]).await.unwrap();
+    let dev = reg.device("md0").unwrap();
+    assert!(!dev.status().degraded);
+    assert!(dev.read(MIB, 1 << 20).await.unwrap() == pattern(4, 1 << 20));
+    drop(dev);
+    reg.stop("md0", false).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_error_fails_the_member_and_is_served_by_the_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = files(dir.path(), 2, 24 * MIB);
+    let reg = registry();
+    reg.create("md0", spec(2, 0, BitmapMode::Internal, true), &paths, false)
+        .await
+        .unwrap();
+    let dev = reg.device("md0").unwrap();
+    dev.write(8 * MIB, pattern(5, 1 << 20), false)
+        .await
+        .unwrap();
+    // Member 0 loses its data area under the running array: its reads hit EOF.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&paths[0])
+        .unwrap()
+        .set_len(4 * MIB)
+        .unwrap();
+    for _ in 0..8 {
+        assert!(dev.read(8 * MIB, 1 << 20).await.unwrap() == pattern(5, 1 << 20));
+    }
+    let st = dev.status();
+    assert_eq!(st.members[0].state, MemberState::Faulty, "{st:?}");
+    assert!(st.degraded);
+    assert_eq!(
+        read_member(&paths[1]).unwrap().sb.role_of(0),
+        DevRole::Faulty
+    );
+    // Writes go on, degraded, and keep their chunks needed for a later recovery.
+    dev.write(9 * MIB, pattern(6, 4096), false).await.unwrap();
+    assert!(dev
+        .bitmap()
+        .unwrap()
+        .needed_chunks()
+        .contains(&(9 * MIB / 65536)));
+    drop(dev);
+    reg.stop("md0", false).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requested_resync_copies_the_chunks_marked_needed() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = files(dir.path(), 2, 24 * MIB);
+    let reg = registry();
+    reg.create("md0", spec(2, 0, BitmapMode::Internal, true), &paths, false)
+        .await
+        .unwrap();
+    let dev = reg.device("md0").unwrap();
+    // What a survivor does with a dead node's dirty chunks 2 and 9.
+    let bm = dev.bitmap().unwrap().clone();
+    for c in [2u64, 9] {
+        bm.start_write(c * 65536, 65536).await.unwrap();
+        bm.end_write(c * 65536, 65536, true);
+    }
+    dev.request_resync();
+    let t = Instant::now();
+    while dev.status().sync.completed.is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", dev.status());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let run = dev.status().sync.completed[0].clone();
+    assert_eq!(
+        (run.kind, run.chunks),
+        (crate::raid::SyncKind::Resync, 2),
+        "{run:?}"
+    );
+    assert!(bm.needed_chunks().is_empty());
+    drop(dev);
+    reg.stop("md0", false).await.unwrap();
+    assert_eq!(read_member(&paths[0]).unwrap().sb.resync_offset, MAX_SECTOR);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_wait_for_a_remote_resync_window_to_move_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = files(dir.path(), 2, 24 * MIB);
+    let reg = registry();
+    reg.create("md0", spec(2, 0, BitmapMode::Internal, true), &paths, false)
+        .await
+        .unwrap();
+    let dev = reg.device("md0").unwrap();
+    dev.set_remote_resync_window(Some((0, MIB)));
+    // Outside the window: goes through.
+    dev.write(2 * MIB, pattern(1, 4096), false).await.unwrap();
+    // Inside: waits; reads there still work (from the first member).
+    let d2 = dev.clone();
+    let w = tokio::spawn(async move { d2.write(512 << 10, pattern(2, 4096), false).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!w.is_finished(), "write inside the window must wait");
+    dev.read(0, 4096).await.unwrap();
+    dev.set_remote_resync_window(Some((MIB, 2 * MIB)));
+    w.await.unwrap().unwrap();
+    dev.set_remote_resync_window(None);
+    assert!(dev.read(512 << 10, 4096).await.unwrap() == pattern(2, 4096));
+    drop(dev);
+    reg.stop("md0", false).await.unwrap();
+}

@@ -1,0 +1,922 @@
+//! The RAID1 engine: one array's members, write fan-out, read balancing, member
+//! failure, and the background resync/recovery worker ([`sync`]).
+//!
+//! Owns: which member is in sync, recovering, spare or faulty, and the I/O paths over
+//! them. It does not own the on-disk superblock: every metadata change (a member
+//! failed, a spare took a role, the array became dirty, a sync checkpoint) goes
+//! through the [`MetaStore`] the array gives it, and it is written before the I/O that
+//! caused it is acknowledged.
+//!
+//! Rules (DESIGN.md "The RAID engine"):
+//! - a write goes to every in-sync and recovering member in parallel; it fails only if
+//!   no in-sync member took it; a member that failed it is marked faulty first;
+//! - a read goes to the in-sync member with the fewest reads in flight (round-robin on
+//!   ties), to the first in-sync member while a resync runs here or inside the window
+//!   another node is resyncing (whose overlapping writes wait), and is retried on another
+//!   in-sync member after an error (the failing member is failed);
+//! - the last in-sync member is never failed: its errors go to the caller;
+//! - in-flight I/O is bounded ([`MAX_INFLIGHT`]) and drained at stop.
+//!
+//! # Layout
+//! - [`member`]: positional I/O on one member (O_DIRECT where allowed).
+//! - [`sync`]: the resync/recovery worker, speed limits, progress.
+
+pub mod member;
+pub mod sync;
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+use crate::bitmap::{BitmapStats, WriteIntent};
+use crate::blockdev::{BlockDevice, IoFuture};
+use member::MemberIo;
+pub use sync::{SpeedLimits, SyncKind, SyncProgress, WorkerState};
+
+/// At most this many array I/Os are in flight; more wait for a slot.
+pub const MAX_INFLIGHT: u32 = 4096;
+/// Longest a write waits for another node's resync window to move past it.
+pub const REMOTE_WAIT: Duration = Duration::from_secs(30);
+/// Largest piece of a write-zeroes request.
+const ZERO_PIECE: u32 = 1 << 20;
+
+/// Errors of the RAID engine.
+#[derive(Debug, thiserror::Error)]
+pub enum RaidError {
+    /// In-flight I/O did not finish within the drain bound.
+    #[error("array {array}: in-flight I/O did not drain within {timeout:?}")]
+    DrainTimeout {
+        /// The array.
+        array: String,
+        /// The bound.
+        timeout: Duration,
+    },
+    /// The bitmap could not be written at stop.
+    #[error("array {array}: {source}")]
+    Bitmap {
+        /// The array.
+        array: String,
+        /// The cause.
+        source: crate::bitmap::BitmapError,
+    },
+    /// A metadata update failed on every member.
+    #[error("array {array}: update superblocks ({what}): {source}")]
+    Meta {
+        /// The array.
+        array: String,
+        /// The update.
+        what: String,
+        /// The cause.
+        source: io::Error,
+    },
+    /// No member can serve the array.
+    #[error("array {array}: no in-sync member")]
+    NoMembers {
+        /// The array.
+        array: String,
+    },
+    /// A request names a member the array does not have.
+    #[error("array {array}: no member {member}")]
+    NoSuchMember {
+        /// The array.
+        array: String,
+        /// What was asked.
+        member: String,
+    },
+}
+
+/// What one member is to the array.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberState {
+    /// Holds a full copy; serves reads and takes writes.
+    InSync,
+    /// Takes writes; its data is copied by recovery, which has reached `offset` (array
+    /// bytes). With `bitmap_only` only the chunks the bitmap marks needed are copied (a
+    /// re-added member).
+    Recovering {
+        /// Recovery checkpoint, array bytes.
+        offset: u64,
+        /// Copy only the chunks marked needed.
+        bitmap_only: bool,
+    },
+    /// Waits to take a failed member's role.
+    Spare,
+    /// Failed: no I/O goes to it.
+    Faulty,
+}
+
+/// One metadata change, applied by the [`MetaStore`] to every member's superblock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaEvent {
+    /// Set `resync_offset` (sectors; `u64::MAX` = clean).
+    ResyncOffset(u64),
+    /// Member `member` failed: role 0xfffe.
+    Faulty {
+        /// Index of the member.
+        member: usize,
+    },
+    /// Member `member` was added (its superblock is written); it is a spare until
+    /// [`MetaEvent::SpareActive`].
+    Added {
+        /// Index of the member.
+        member: usize,
+    },
+    /// Spare `member` takes role `role` and starts recovery from 0.
+    SpareActive {
+        /// Index of the member.
+        member: usize,
+        /// The role it takes.
+        role: u16,
+    },
+    /// Recovery onto `member` reached `sectors`.
+    RecoveryCheckpoint {
+        /// Index of the member.
+        member: usize,
+        /// Checkpoint, sectors of the array.
+        sectors: u64,
+    },
+    /// Recovery onto `member` finished: it is in sync.
+    RecoveryDone {
+        /// Index of the member.
+        member: usize,
+    },
+}
+
+/// Writes metadata changes to the members' superblocks.
+pub trait MetaStore: Send + Sync {
+    /// Applies `event` to every member's superblock (events + 1) and writes it durably
+    /// to the members in `live`; succeeds if at least one of them took it.
+    fn update(&self, event: MetaEvent, live: Vec<usize>) -> IoFuture<'_, ()>;
+}
+
+/// How to build one member of a [`Raid1`].
+#[derive(Debug)]
+pub struct MemberSpec {
+    /// The opened device.
+    pub io: Arc<MemberIo>,
+    /// Byte offset of the array data on the member.
+    pub data_offset: u64,
+    /// The member's `dev_number` (index in `dev_roles`).
+    pub dev_number: u32,
+    /// Its role (slot) if it has one.
+    pub role: Option<u16>,
+    /// Its state at start.
+    pub state: MemberState,
+}
+
+/// How to build a [`Raid1`].
+pub struct Raid1Config {
+    /// Array name (for errors and logs).
+    pub name: String,
+    /// Array size in bytes.
+    pub size: u64,
+    /// Number of roles (`raid_disks`).
+    pub raid_disks: u32,
+    /// The members, spares included.
+    pub members: Vec<MemberSpec>,
+    /// This node's write-intent bitmap, if the array has one.
+    pub bitmap: Option<Arc<WriteIntent>>,
+    /// Where metadata changes go.
+    pub meta: Arc<dyn MetaStore>,
+    /// Resync to do at start: `Some(from)` (array bytes) after an unclean stop or for a
+    /// new array; with a bitmap only the needed chunks are resynced.
+    pub resync_from: Option<u64>,
+    /// Initial speed limits.
+    pub speed: SpeedLimits,
+}
+
+struct Member {
+    io: Arc<MemberIo>,
+    data_offset: u64,
+    dev_number: u32,
+    /// Reads in flight, for balancing.
+    reads: AtomicU32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    state: MemberState,
+    role: Option<u16>,
+}
+
+/// A member as shown in status.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberStatus {
+    /// Path of the device.
+    pub path: String,
+    /// Its `dev_number`.
+    pub dev_number: u32,
+    /// Its role, if any.
+    pub role: Option<u16>,
+    /// Its state.
+    pub state: MemberState,
+    /// Whether it is opened with O_DIRECT.
+    pub direct: bool,
+}
+
+/// The state of a [`Raid1`] as shown in status.
+#[derive(Debug, Clone, Serialize)]
+pub struct RaidStatus {
+    /// Array name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Number of roles.
+    pub raid_disks: u32,
+    /// Fewer in-sync members than roles.
+    pub degraded: bool,
+    /// The members.
+    pub members: Vec<MemberStatus>,
+    /// Resync / recovery.
+    pub sync: SyncProgress,
+    /// The bitmap, if any.
+    pub bitmap: Option<BitmapStats>,
+}
+
+/// A RAID1 array over N members. Implements [`BlockDevice`].
+pub struct Raid1 {
+    name: String,
+    size: u64,
+    raid_disks: u32,
+    /// Grows when a member is added; indexes never change.
+    members: std::sync::RwLock<Vec<Arc<Member>>>,
+    slots: Mutex<Vec<Slot>>,
+    bitmap: Option<Arc<WriteIntent>>,
+    meta: Arc<dyn MetaStore>,
+    /// Serialises metadata updates.
+    meta_lock: tokio::sync::Mutex<()>,
+    /// Whether the superblocks say "dirty" (written before the first write).
+    dirty: AtomicBool,
+    /// User writes hold it shared; a sync step holds it exclusive.
+    barrier: tokio::sync::RwLock<()>,
+    /// In-flight limit; closed (all permits taken) at stop.
+    gate: Semaphore,
+    rr: AtomicUsize,
+    epoch: Instant,
+    /// Milliseconds since `epoch` of the last user I/O (sync throttling).
+    last_io_ms: AtomicU64,
+    sync: sync::SyncShared,
+    /// The range (array bytes) another node is resyncing: reads there go to the first
+    /// in-sync member, writes there wait until the window moves on.
+    remote_window: Mutex<Option<(u64, u64)>>,
+    remote_changed: tokio::sync::Notify,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    stop_tx: tokio::sync::watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Raid1 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Raid1")
+            .field("name", &self.name)
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+fn eio(msg: String) -> io::Error {
+    io::Error::other(msg)
+}
+
+impl Raid1 {
+    /// Builds the array and starts its bitmap daemon and sync worker. Must be called
+    /// inside a tokio runtime.
+    pub fn start(cfg: Raid1Config) -> Result<Arc<Raid1>, RaidError> {
+        let slots: Vec<Slot> = cfg
+            .members
+            .iter()
+            .map(|m| Slot {
+                state: m.state,
+                role: m.role,
+            })
+            .collect();
+        if !slots.iter().any(|s| s.state == MemberState::InSync) {
+            return Err(RaidError::NoMembers { array: cfg.name });
+        }
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let members = cfg
+            .members
+            .into_iter()
+            .map(|m| {
+                Arc::new(Member {
+                    io: m.io,
+                    data_offset: m.data_offset,
+                    dev_number: m.dev_number,
+                    reads: AtomicU32::new(0),
+                })
+            })
+            .collect();
+        let raid = Arc::new(Raid1 {
+            name: cfg.name,
+            size: cfg.size,
+            raid_disks: cfg.raid_disks,
+            members: std::sync::RwLock::new(members),
+            slots: Mutex::new(slots),
+            bitmap: cfg.bitmap,
+            meta: cfg.meta,
+            meta_lock: tokio::sync::Mutex::new(()),
+            dirty: AtomicBool::new(false),
+            barrier: tokio::sync::RwLock::new(()),
+            gate: Semaphore::new(MAX_INFLIGHT as usize),
+            rr: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            last_io_ms: AtomicU64::new(0),
+            sync: sync::SyncShared::new(cfg.speed, cfg.resync_from),
+            remote_window: Mutex::new(None),
+            remote_changed: tokio::sync::Notify::new(),
+            tasks: Mutex::new(Vec::new()),
+            stop_tx,
+        });
+        let mut tasks = Vec::new();
+        if let Some(bm) = &raid.bitmap {
+            tasks.push(bm.spawn_daemon(stop_rx.clone()));
+        }
+        tasks.push(tokio::spawn(sync::run_worker(raid.clone(), stop_rx)));
+        *raid.tasks.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
+        raid.activate_spare_if_degraded_soon();
+        Ok(raid)
+    }
+
+    fn activate_spare_if_degraded_soon(self: &Arc<Self>) {
+        let me = self.clone();
+        let task = tokio::spawn(async move { me.activate_spares().await });
+        self.tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(task);
+    }
+
+    /// The array's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn slots(&self) -> MutexGuard<'_, Vec<Slot>> {
+        // Slot updates are single assignments: a panicking holder leaves them valid.
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn live(&self) -> Vec<usize> {
+        self.slots()
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.state != MemberState::Faulty)
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Member `i` (indexes are stable: members are only ever added).
+    fn member(&self, i: usize) -> Arc<Member> {
+        self.members.read().unwrap_or_else(|e| e.into_inner())[i].clone()
+    }
+
+    fn members_snapshot(&self) -> Vec<Arc<Member>> {
+        self.members
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Adds a member (a new spare, or a re-added member that recovers only the chunks
+    /// the bitmap marks needed). Returns its index. The caller has written its
+    /// superblock and registered it with the [`MetaStore`] under the same index.
+    pub fn add_member(&self, spec: MemberSpec) -> usize {
+        let index = {
+            let mut members = self.members.write().unwrap_or_else(|e| e.into_inner());
+            let mut slots = self.slots();
+            members.push(Arc::new(Member {
+                io: spec.io,
+                data_offset: spec.data_offset,
+                dev_number: spec.dev_number,
+                reads: AtomicU32::new(0),
+            }));
+            slots.push(Slot {
+                state: spec.state,
+                role: spec.role,
+            });
+            members.len() - 1
+        };
+        self.sync.wake();
+        index
+    }
+
+    /// Whether an in-sync or recovering member holds `role`.
+    pub fn role_in_use(&self, role: u16) -> bool {
+        self.slots().iter().any(|s| {
+            s.role == Some(role)
+                && matches!(
+                    s.state,
+                    MemberState::InSync | MemberState::Recovering { .. }
+                )
+        })
+    }
+
+    /// The number of members (the index the next added member gets).
+    pub fn member_count(&self) -> usize {
+        self.members.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Writes a metadata change to the members' superblocks (serialised with the
+    /// engine's own updates).
+    pub async fn record(&self, event: MetaEvent) -> Result<(), RaidError> {
+        self.meta_update(event).await
+    }
+
+    /// Gives free roles to spares (after a member was added).
+    pub async fn use_spares(&self) {
+        self.activate_spares().await;
+    }
+
+    /// Indexes of the members that are not faulty.
+    pub fn live_members(&self) -> Vec<usize> {
+        self.live()
+    }
+
+    fn in_sync_count(&self) -> usize {
+        self.slots()
+            .iter()
+            .filter(|s| s.state == MemberState::InSync)
+            .count()
+    }
+
+    fn note_io(&self) {
+        self.last_io_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Whether user I/O happened within the last `window`.
+    fn recently_busy(&self, window: Duration) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let last = self.last_io_ms.load(Ordering::Relaxed);
+        last != 0 && now.saturating_sub(last) < window.as_millis() as u64
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "array {}: range {offset}+{len} beyond size {}",
+                    self.name, self.size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn permit(&self) -> io::Result<tokio::sync::SemaphorePermit<'_>> {
+        self.gate
+            .acquire()
+            .await
+            .map_err(|_| eio(format!("array {} is stopping", self.name)))
+    }
+
+    async fn meta_update(&self, event: MetaEvent) -> Result<(), RaidError> {
+        let _one = self.meta_lock.lock().await;
+        let live = self.live();
+        self.meta
+            .update(event.clone(), live)
+            .await
+            .map_err(|source| RaidError::Meta {
+                array: self.name.clone(),
+                what: format!("{event:?}"),
+                source,
+            })
+    }
+
+    /// Marks the superblocks dirty before the first write.
+    async fn mark_dirty(&self) -> io::Result<()> {
+        if self.dirty.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _one = self.meta_lock.lock().await;
+        if self.dirty.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        // Dirty = a crash from now on needs a resync from the start (a write in flight
+        // below a resync checkpoint would otherwise be missed; with a bitmap the dirty
+        // bits decide anyway).
+        let offset = 0;
+        let live = self.live();
+        self.meta
+            .update(MetaEvent::ResyncOffset(offset), live)
+            .await
+            .map_err(|e| eio(format!("array {}: mark dirty: {e}", self.name)))?;
+        self.dirty.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Fails member `i` (superblocks updated on the others before this returns), unless
+    /// it is the last in-sync member. Returns whether it was failed now.
+    pub async fn fail_member(&self, i: usize, why: &str) -> bool {
+        {
+            let mut slots = self.slots();
+            let Some(s) = slots.get(i) else { return false };
+            if s.state == MemberState::Faulty {
+                return false;
+            }
+            let in_sync = slots
+                .iter()
+                .filter(|s| s.state == MemberState::InSync)
+                .count();
+            if s.state == MemberState::InSync && in_sync <= 1 {
+                tracing::error!(array = %self.name, member = %self.member(i).io.path().display(),
+                    "I/O error on the last in-sync member, not failing it: {why}");
+                return false;
+            }
+            slots[i].state = MemberState::Faulty;
+        }
+        tracing::warn!(array = %self.name, member = %self.member(i).io.path().display(),
+            "member failed: {why}");
+        if let Err(e) = self.meta_update(MetaEvent::Faulty { member: i }).await {
+            tracing::error!("failed to record the failed member: {e}");
+        }
+        self.activate_spares().await;
+        self.sync.wake();
+        true
+    }
+
+    /// Gives free roles (missing or failed members) to spares, which start recovery.
+    async fn activate_spares(&self) {
+        loop {
+            let pick = {
+                let mut slots = self.slots();
+                let taken: Vec<u16> = slots
+                    .iter()
+                    .filter(|s| s.state != MemberState::Faulty && s.state != MemberState::Spare)
+                    .filter_map(|s| s.role)
+                    .collect();
+                let free = (0..self.raid_disks as u16).find(|r| !taken.contains(r));
+                let spare = slots.iter().position(|s| s.state == MemberState::Spare);
+                match (free, spare) {
+                    (Some(role), Some(i)) => {
+                        slots[i] = Slot {
+                            state: MemberState::Recovering {
+                                offset: 0,
+                                bitmap_only: false,
+                            },
+                            role: Some(role),
+                        };
+                        Some((i, role))
+                    }
+                    _ => None,
+                }
+            };
+            let Some((member, role)) = pick else { return };
+            tracing::info!(array = %self.name, member = %self.member(member).io.path().display(),
+                role, "spare takes the role, recovery starts");
+            if let Err(e) = self
+                .meta_update(MetaEvent::SpareActive { member, role })
+                .await
+            {
+                tracing::error!("failed to record the spare's new role: {e}");
+            }
+            self.sync.wake();
+        }
+    }
+
+    /// Marks member `path` faulty (operator request, like `mdadm --fail`).
+    pub async fn fail_by_path(&self, path: &std::path::Path) -> Result<(), RaidError> {
+        let i = self
+            .members_snapshot()
+            .iter()
+            .position(|m| m.io.path() == path)
+            .ok_or_else(|| RaidError::NoSuchMember {
+                array: self.name.clone(),
+                member: path.display().to_string(),
+            })?;
+        self.fail_member(i, "failed by request").await;
+        Ok(())
+    }
+
+    fn pick_reader(&self, tried: &[usize], offset: u64, len: u64) -> Option<usize> {
+        let slots = self.slots();
+        let cands: Vec<usize> = slots
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| s.state == MemberState::InSync && !tried.contains(i))
+            .map(|(i, _)| i)
+            .collect();
+        if cands.is_empty() {
+            return None;
+        }
+        if self.sync.resync_running() || self.in_remote_window(offset, len) {
+            return cands.first().copied();
+        }
+        let start = self.rr.fetch_add(1, Ordering::Relaxed);
+        let n = cands.len();
+        (0..n)
+            .map(|k| cands[(start + k) % n])
+            .min_by_key(|&i| self.member(i).reads.load(Ordering::Relaxed))
+    }
+
+    async fn read_impl(&self, offset: u64, len: u32) -> io::Result<Bytes> {
+        self.check_range(offset, len as u64)?;
+        let _p = self.permit().await?;
+        self.note_io();
+        let mut tried = Vec::new();
+        loop {
+            let Some(i) = self.pick_reader(&tried, offset, len as u64) else {
+                return Err(eio(format!(
+                    "array {}: read at {offset}: no member could serve it",
+                    self.name
+                )));
+            };
+            let m = self.member(i);
+            m.reads.fetch_add(1, Ordering::Relaxed);
+            let r = m.io.read_at(m.data_offset + offset, len as usize).await;
+            m.reads.fetch_sub(1, Ordering::Relaxed);
+            match r {
+                Ok(b) => return Ok(b),
+                Err(e) => {
+                    tried.push(i);
+                    if !self.fail_member(i, &format!("read at {offset}: {e}")).await
+                        && self.pick_reader(&tried, offset, len as u64).is_none()
+                    {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes `data` to members `targets` (at array `offset`); fails those that fail.
+    /// Returns (in-sync members that took it, all members that took it).
+    async fn fan_out(
+        &self,
+        targets: &[(usize, MemberState)],
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> (usize, usize, Option<io::Error>) {
+        let ops = targets.iter().map(|&(i, _)| {
+            let m = self.member(i);
+            let data = data.clone();
+            async move {
+                m.io.write_at(m.data_offset + offset, data).await?;
+                if fua {
+                    m.io.sync().await?;
+                }
+                Ok::<(), io::Error>(())
+            }
+        });
+        let results = futures::future::join_all(ops).await;
+        let (mut in_sync_ok, mut ok, mut last_err) = (0, 0, None);
+        for (&(i, state), r) in targets.iter().zip(results) {
+            match r {
+                Ok(()) => {
+                    ok += 1;
+                    if state == MemberState::InSync {
+                        in_sync_ok += 1;
+                    }
+                }
+                Err(e) => {
+                    self.fail_member(i, &format!("write at {offset}: {e}"))
+                        .await;
+                    last_err = Some(e);
+                }
+            }
+        }
+        (in_sync_ok, ok, last_err)
+    }
+
+    fn write_targets(&self) -> Vec<(usize, MemberState)> {
+        self.slots()
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| {
+                matches!(
+                    s.state,
+                    MemberState::InSync | MemberState::Recovering { .. }
+                )
+            })
+            .map(|(i, s)| (i, s.state))
+            .collect()
+    }
+
+    async fn write_impl(&self, offset: u64, data: Bytes, fua: bool) -> io::Result<()> {
+        let len = data.len() as u64;
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let _p = self.permit().await?;
+        self.note_io();
+        self.mark_dirty().await?;
+        self.wait_remote_window(offset, len).await?;
+        let _b = self.barrier.read().await;
+        if let Some(bm) = &self.bitmap {
+            bm.start_write(offset, len)
+                .await
+                .map_err(|e| eio(e.to_string()))?;
+        }
+        let targets = self.write_targets();
+        let data = member::aligned_copy(&data);
+        let (in_sync_ok, ok, err) = self.fan_out(&targets, offset, data, fua).await;
+        let degraded = ok < self.raid_disks as usize;
+        if let Some(bm) = &self.bitmap {
+            bm.end_write(offset, len, degraded);
+        }
+        if in_sync_ok == 0 {
+            return Err(
+                err.unwrap_or_else(|| eio(format!("array {}: no in-sync member", self.name)))
+            );
+        }
+        Ok(())
+    }
+
+    async fn flush_impl(&self) -> io::Result<()> {
+        let _p = self.permit().await?;
+        let targets = self.write_targets();
+        let members: Vec<Arc<Member>> = targets.iter().map(|&(i, _)| self.member(i)).collect();
+        let ops = members.iter().map(|m| m.io.sync());
+        let results = futures::future::join_all(ops).await;
+        let mut in_sync_ok = 0;
+        let mut last_err = None;
+        for (&(i, state), r) in targets.iter().zip(results) {
+            match r {
+                Ok(()) if state == MemberState::InSync => in_sync_ok += 1,
+                Ok(()) => {}
+                Err(e) => {
+                    self.fail_member(i, &format!("flush: {e}")).await;
+                    last_err = Some(e);
+                }
+            }
+        }
+        if in_sync_ok == 0 {
+            return Err(
+                last_err.unwrap_or_else(|| eio(format!("array {}: no in-sync member", self.name)))
+            );
+        }
+        Ok(())
+    }
+
+    async fn write_zeroes_impl(&self, offset: u64, len: u32, fua: bool) -> io::Result<()> {
+        self.check_range(offset, len as u64)?;
+        let mut done = 0u32;
+        let zeroes = member::aligned_zeroes(ZERO_PIECE.min(len) as usize);
+        while done < len {
+            let n = (len - done).min(ZERO_PIECE);
+            self.write_impl(offset + done as u64, zeroes.slice(..n as usize), fua)
+                .await?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// The array's state now.
+    pub fn status(&self) -> RaidStatus {
+        let slots = self.slots().clone();
+        let in_sync = slots
+            .iter()
+            .filter(|s| s.state == MemberState::InSync)
+            .count();
+        RaidStatus {
+            name: self.name.clone(),
+            size: self.size,
+            raid_disks: self.raid_disks,
+            degraded: in_sync < self.raid_disks as usize,
+            members: self
+                .members_snapshot()
+                .iter()
+                .zip(slots)
+                .map(|(m, s)| MemberStatus {
+                    path: m.io.path().display().to_string(),
+                    dev_number: m.dev_number,
+                    role: s.role,
+                    state: s.state,
+                    direct: m.io.is_direct(),
+                })
+                .collect(),
+            sync: self.sync.progress(),
+            bitmap: self.bitmap.as_ref().map(|b| b.stats()),
+        }
+    }
+
+    /// The bitmap, if any.
+    pub fn bitmap(&self) -> Option<&Arc<WriteIntent>> {
+        self.bitmap.as_ref()
+    }
+
+    /// Asks for a resync: with a bitmap, of the chunks marked needed (e.g. a survivor
+    /// merged a dead node's dirty chunks into this node's bitmap with
+    /// `WriteIntent::start_write` + `end_write(.., degraded = true)`, as
+    /// `service/takeover.rs` does); without one, of everything. Runs in the background; a
+    /// resync already pending or running is not restarted (it picks up chunks marked
+    /// needed before it reaches them; later ones are taken by the next run, which this
+    /// call also queues).
+    pub fn request_resync(&self) {
+        self.sync.request_resync();
+    }
+
+    /// Sets (or clears with `None`) the range, in array bytes `[lo, hi)`, that another
+    /// node is resyncing (md-cluster RESYNCING): reads there go to the first in-sync
+    /// member; writes there wait (at most [`REMOTE_WAIT`], then ETIMEDOUT) until the
+    /// window moves past them.
+    pub fn set_remote_resync_window(&self, window: Option<(u64, u64)>) {
+        *self.remote_window.lock().unwrap_or_else(|e| e.into_inner()) =
+            window.filter(|(lo, hi)| lo < hi);
+        self.remote_changed.notify_waiters();
+    }
+
+    fn in_remote_window(&self, offset: u64, len: u64) -> bool {
+        match *self.remote_window.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some((lo, hi)) => offset < hi && offset + len.max(1) > lo,
+            None => false,
+        }
+    }
+
+    async fn wait_remote_window(&self, offset: u64, len: u64) -> io::Result<()> {
+        let deadline = tokio::time::Instant::now() + REMOTE_WAIT;
+        loop {
+            let changed = self.remote_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if !self.in_remote_window(offset, len) {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "array {}: write at {offset} waited {REMOTE_WAIT:?} for another node's resync window",
+                        self.name
+                    ),
+                ));
+            }
+        }
+    }
+
+    /// Changes the sync speed limits (KiB/s) while the array runs.
+    pub fn set_speed(&self, limits: SpeedLimits) {
+        self.sync.set_speed(limits);
+    }
+
+    /// Stops the array's work: the sync worker (its checkpoint written), then waits at
+    /// most `timeout` for in-flight I/O and closes the I/O gate, writes the bitmap
+    /// (idle bits cleared), syncs the members and marks the superblocks clean (or with
+    /// the resync checkpoint if a resync is unfinished).
+    pub async fn shutdown(&self, timeout: Duration) -> Result<(), RaidError> {
+        let _ = self.stop_tx.send(true);
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in tasks {
+            if tokio::time::timeout(timeout, t).await.is_err() {
+                tracing::warn!(array = %self.name, "a background task did not stop within {timeout:?}");
+            }
+        }
+        match tokio::time::timeout(timeout, self.gate.acquire_many(MAX_INFLIGHT)).await {
+            Ok(Ok(p)) => p.forget(),
+            Ok(Err(_)) => {}
+            Err(_) => {
+                return Err(RaidError::DrainTimeout {
+                    array: self.name.clone(),
+                    timeout,
+                });
+            }
+        }
+        self.gate.close();
+        if let Some(bm) = &self.bitmap {
+            bm.clear_idle_and_flush()
+                .await
+                .map_err(|source| RaidError::Bitmap {
+                    array: self.name.clone(),
+                    source,
+                })?;
+        }
+        for i in self.live() {
+            if let Err(e) = self.member(i).io.sync().await {
+                tracing::warn!(array = %self.name, member = %self.member(i).io.path().display(),
+                    "failed to sync at stop: {e}");
+            }
+        }
+        let resync = self.sync.resync_checkpoint_sectors().unwrap_or(u64::MAX);
+        self.meta_update(MetaEvent::ResyncOffset(resync)).await
+    }
+}
+
+impl BlockDevice for Raid1 {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read(&self, offset: u64, len: u32) -> IoFuture<'_, Bytes> {
+        Box::pin(self.read_impl(offset, len))
+    }
+    fn write(&self, offset: u64, data: Bytes, fua: bool) -> IoFuture<'_, ()> {
+        Box::pin(self.write_impl(offset, data, fua))
+    }
+    fn flush(&self) -> IoFuture<'_, ()> {
+        Box::pin(self.flush_impl())
+    }
+    fn trim(&self, offset: u64, len: u32) -> IoFuture<'_, ()> {
+        // A hint: RAID1 members keep their data, so they stay identical.
+        Box::pin(async move { self.check_range(offset, len as u64) })
+    }
+    fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> IoFuture<'_, ()> {
+        Box::pin(self.write_zeroes_impl(offset, len, fua))
+    }
+}

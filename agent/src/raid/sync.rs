@@ -1,0 +1,618 @@
+//! The resync/recovery worker of one array: one background task that copies data
+//! from the first in-sync member onto the others (resync) or onto recovering members
+//! (recovery), a step at a time, throttled and checkpointed.
+//!
+//! - **Resync** runs after an unclean stop or for a new array: with a bitmap only the
+//!   chunks marked needed, without one everything from the `resync_offset` checkpoint.
+//! - **Recovery** copies onto members in [`MemberState::Recovering`]: everything from
+//!   their `recovery_offset`, or only the needed chunks for a re-added member.
+//! - Each step (at most [`STEP`] bytes) holds the array's write barrier exclusively, so
+//!   no user write into the step's range is in flight while it is copied.
+//! - Speed: like md's `speed_limit_min/max` (KiB/s). The worker runs at `max` while the
+//!   array is idle and at `min` while user I/O happened within the last 500 ms. Both can
+//!   be changed at any time; the worker picks the change up at once.
+//! - Checkpoints go to the superblocks about every second and at stop
+//!   (`resync_offset`, or `recovery_offset` of the recovering member), so an
+//!   interrupted run continues where it stopped. Exception: once the array has been
+//!   written (dirty), `resync_offset` stays 0 until a clean stop writes the checkpoint,
+//!   since after a crash a write in flight below the checkpoint must be resynced too
+//!   (with a bitmap the dirty bits decide what is resynced anyway).
+//!
+//! Worker states follow garage's `Worker`: [`WorkerState::Busy`], `Throttled`, `Idle`,
+//! and `Done` once the worker has exited.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Notify};
+
+use super::{MemberState, MetaEvent, Raid1};
+
+/// Largest piece copied in one step.
+pub const STEP: u64 = 1 << 20;
+/// How often a checkpoint is written while a sync runs.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// User I/O within this window makes the worker run at the minimum speed.
+const BUSY_WINDOW: Duration = Duration::from_millis(500);
+/// Failed runs in a row after which the worker waits for a change instead of retrying.
+const MAX_FAILED_RUNS: u32 = 5;
+/// Completed runs kept for status.
+const HISTORY: usize = 8;
+
+/// Speed limits of resync and recovery, KiB/s (md's `speed_limit_min/max`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpeedLimits {
+    /// Guaranteed even while the array is busy.
+    pub min_kib_s: u64,
+    /// Never exceeded.
+    pub max_kib_s: u64,
+}
+
+impl Default for SpeedLimits {
+    fn default() -> Self {
+        // md's defaults.
+        SpeedLimits {
+            min_kib_s: 1_000,
+            max_kib_s: 200_000,
+        }
+    }
+}
+
+/// What a sync run does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncKind {
+    /// Makes the in-sync members identical.
+    Resync,
+    /// Copies onto a new or re-added member.
+    Recovery,
+}
+
+/// What the worker is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    /// Nothing to do.
+    #[default]
+    Idle,
+    /// Copying.
+    Busy,
+    /// Waiting for the speed limit.
+    Throttled,
+    /// Exited (the array is stopping).
+    Done,
+}
+
+/// A finished (or interrupted) run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CompletedSync {
+    /// Resync or recovery.
+    pub kind: SyncKind,
+    /// Bytes copied.
+    pub bytes: u64,
+    /// Bitmap chunks copied (0 when the run was not driven by the bitmap).
+    pub chunks: u64,
+    /// Whether the run was driven by the bitmap.
+    pub bitmap: bool,
+    /// Whether it was interrupted (stop) rather than finished.
+    pub interrupted: bool,
+    /// Duration in seconds.
+    pub secs: f64,
+}
+
+/// Progress of the current run, and the recent finished ones.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SyncProgress {
+    /// What runs now, if anything.
+    pub kind: Option<SyncKind>,
+    /// Worker state.
+    pub state: WorkerState,
+    /// Bytes copied in this run.
+    pub done_bytes: u64,
+    /// Bytes this run has to copy.
+    pub total_bytes: u64,
+    /// Bitmap chunks copied in this run.
+    pub chunks_done: u64,
+    /// Bitmap chunks this run has to copy.
+    pub chunks_total: u64,
+    /// Average speed of this run, KiB/s.
+    pub rate_kib_s: u64,
+    /// Current limits.
+    pub speed: SpeedLimits,
+    /// Runs that ended in an error (a member failed under them).
+    pub errors: u64,
+    /// Recent runs, oldest first.
+    pub completed: Vec<CompletedSync>,
+}
+
+/// State shared between the array and its worker.
+pub(crate) struct SyncShared {
+    speed: Mutex<SpeedLimits>,
+    speed_changed: Notify,
+    wake: Notify,
+    progress: Mutex<SyncProgress>,
+    /// A resync to do from this array byte offset.
+    resync: Mutex<Option<u64>>,
+    resync_running: AtomicBool,
+    /// A resync was requested while one ran: plan another once it ends.
+    pending_rerun: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Plain data: a panicking holder leaves it usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl SyncShared {
+    pub(crate) fn new(speed: SpeedLimits, resync_from: Option<u64>) -> SyncShared {
+        SyncShared {
+            speed: Mutex::new(speed),
+            speed_changed: Notify::new(),
+            wake: Notify::new(),
+            progress: Mutex::new(SyncProgress {
+                speed,
+                ..Default::default()
+            }),
+            resync: Mutex::new(resync_from),
+            resync_running: AtomicBool::new(false),
+            pending_rerun: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn set_speed(&self, limits: SpeedLimits) {
+        *lock(&self.speed) = limits;
+        lock(&self.progress).speed = limits;
+        self.speed_changed.notify_one();
+    }
+
+    pub(crate) fn request_resync(&self) {
+        let mut r = lock(&self.resync);
+        if r.is_none() {
+            *r = Some(0);
+        }
+        drop(r);
+        self.pending_rerun.store(true, Ordering::Release);
+        self.wake();
+    }
+
+    pub(crate) fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    pub(crate) fn progress(&self) -> SyncProgress {
+        lock(&self.progress).clone()
+    }
+
+    /// The resync checkpoint in sectors, if a resync is pending.
+    pub(crate) fn resync_checkpoint_sectors(&self) -> Option<u64> {
+        lock(&self.resync).map(|b| b / 512)
+    }
+
+    pub(crate) fn resync_running(&self) -> bool {
+        self.resync_running.load(Ordering::Acquire)
+    }
+
+    fn set_state(&self, s: WorkerState) {
+        lock(&self.progress).state = s;
+    }
+}
+
+/// One range to copy; `chunk` when it is a bitmap chunk.
+#[derive(Debug, Clone, Copy)]
+struct Range {
+    start: u64,
+    end: u64,
+    chunk: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Job {
+    kind: SyncKind,
+    source: usize,
+    targets: Vec<usize>,
+    ranges: Vec<Range>,
+    bitmap: bool,
+}
+
+enum Outcome {
+    Finished,
+    Interrupted,
+    Failed,
+}
+
+fn plan(raid: &Raid1) -> Option<Job> {
+    let slots = raid.slots().clone();
+    let in_sync: Vec<usize> = (0..slots.len())
+        .filter(|&i| slots[i].state == MemberState::InSync)
+        .collect();
+    let source = *in_sync.first()?;
+    let recovering: Vec<(usize, u64, bool)> = slots
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| match s.state {
+            MemberState::Recovering {
+                offset,
+                bitmap_only,
+            } => Some((i, offset, bitmap_only)),
+            _ => None,
+        })
+        .collect();
+    let size = raid.size;
+    let needed_ranges = |from: u64| -> Vec<Range> {
+        let Some(bm) = raid.bitmap.as_ref() else {
+            return Vec::new();
+        };
+        let cb = bm.geometry().chunk_bytes;
+        bm.needed_chunks()
+            .into_iter()
+            .map(|c| Range {
+                start: (c * cb).max(from),
+                end: ((c + 1) * cb).min(size),
+                chunk: Some(c),
+            })
+            .filter(|r| r.start < r.end)
+            .collect()
+    };
+    if !recovering.is_empty() {
+        let from = recovering.iter().map(|r| r.1).min().unwrap_or(0);
+        let bitmap_only = raid.bitmap.is_some() && recovering.iter().all(|r| r.2);
+        let ranges = if bitmap_only {
+            needed_ranges(0)
+        } else {
+            vec![Range {
+                start: from,
+                end: size,
+                chunk: None,
+            }]
+        };
+        return Some(Job {
+            kind: SyncKind::Recovery,
+            source,
+            targets: recovering.iter().map(|r| r.0).collect(),
+            ranges,
+            bitmap: bitmap_only,
+        });
+    }
+    let from = (*lock(&raid.sync.resync))?;
+    if in_sync.len() < 2 {
+        // Nothing to make identical; a degraded array's needed chunks stay for recovery.
+        *lock(&raid.sync.resync) = None;
+        return None;
+    }
+    // Requests from now on need another run (their chunks may be missed by this one).
+    raid.sync.pending_rerun.store(false, Ordering::Release);
+    let (ranges, bitmap) = match &raid.bitmap {
+        Some(_) => (needed_ranges(0), true),
+        None => (
+            vec![Range {
+                start: from,
+                end: size,
+                chunk: None,
+            }],
+            false,
+        ),
+    };
+    Some(Job {
+        kind: SyncKind::Resync,
+        source,
+        targets: in_sync[1..].to_vec(),
+        ranges,
+        bitmap,
+    })
+}
+
+/// Paces the copy at the current speed limit.
+struct Throttle {
+    next_at: Instant,
+}
+
+impl Throttle {
+    /// Waits for the turn of `n` bytes; false if the worker must stop.
+    async fn wait(&mut self, raid: &Raid1, n: u64, stop: &mut watch::Receiver<bool>) -> bool {
+        loop {
+            let now = Instant::now();
+            if self.next_at <= now {
+                break;
+            }
+            raid.sync.set_state(WorkerState::Throttled);
+            tokio::select! {
+                _ = tokio::time::sleep_until(self.next_at.into()) => {}
+                _ = raid.sync.speed_changed.notified() => { self.next_at = Instant::now(); }
+                _ = stop.changed() => return false,
+            }
+            if *stop.borrow() {
+                return false;
+            }
+        }
+        raid.sync.set_state(WorkerState::Busy);
+        let limits = *lock(&raid.sync.speed);
+        let rate = if raid.recently_busy(BUSY_WINDOW) {
+            limits.min_kib_s
+        } else {
+            limits.max_kib_s
+        };
+        let cost = Duration::from_secs_f64(n as f64 / (rate.max(1) as f64 * 1024.0));
+        self.next_at = self.next_at.max(Instant::now()) + cost;
+        true
+    }
+}
+
+/// The worker task: plans a job, runs it, repeats; idles until woken.
+pub(crate) async fn run_worker(raid: Arc<Raid1>, mut stop: watch::Receiver<bool>) {
+    let mut failures = 0u32;
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let job = if failures >= MAX_FAILED_RUNS {
+            None
+        } else {
+            plan(&raid)
+        };
+        let Some(job) = job else {
+            if failures >= MAX_FAILED_RUNS {
+                tracing::error!(array = %raid.name, failures,
+                    "sync failed {failures} times in a row; waiting for a change (member added or failed)");
+            }
+            raid.sync.set_state(WorkerState::Idle);
+            tokio::select! {
+                _ = raid.sync.wake.notified() => failures = 0,
+                _ = stop.changed() => {}
+            }
+            continue;
+        };
+        let outcome = run_job(&raid, &job, &mut stop).await;
+        match outcome {
+            Outcome::Finished => failures = 0,
+            Outcome::Interrupted => break,
+            Outcome::Failed => {
+                failures += 1;
+                lock(&raid.sync.progress).errors += 1;
+                // A member failed under the job: replan after a pause growing with the
+                // failures; after MAX_FAILED_RUNS in a row, wait for a change instead.
+                let pause = Duration::from_millis(100) * 2u32.pow(failures.min(5));
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        }
+    }
+    raid.sync.set_state(WorkerState::Done);
+}
+
+async fn run_job(raid: &Raid1, job: &Job, stop: &mut watch::Receiver<bool>) -> Outcome {
+    let total: u64 = job.ranges.iter().map(|r| r.end - r.start).sum();
+    let chunks_total = job.ranges.iter().filter(|r| r.chunk.is_some()).count() as u64;
+    let started = Instant::now();
+    {
+        let mut p = lock(&raid.sync.progress);
+        p.kind = Some(job.kind);
+        p.done_bytes = 0;
+        p.total_bytes = total;
+        p.chunks_done = 0;
+        p.chunks_total = chunks_total;
+        p.rate_kib_s = 0;
+    }
+    tracing::info!(array = %raid.name, kind = ?job.kind, bytes = total, chunks = chunks_total,
+        bitmap = job.bitmap, "sync starts");
+    if job.kind == SyncKind::Resync {
+        raid.sync.resync_running.store(true, Ordering::Release);
+    }
+    let mut throttle = Throttle {
+        next_at: Instant::now(),
+    };
+    let mut last_ckpt = Instant::now();
+    let mut done = 0u64;
+    let mut chunks_done = 0u64;
+    let mut outcome = Outcome::Finished;
+    'ranges: for r in &job.ranges {
+        if let (Some(c), Some(bm)) = (r.chunk, raid.bitmap.as_ref()) {
+            if !bm.start_sync(c) {
+                done += r.end - r.start;
+                chunks_done += 1;
+                continue;
+            }
+        }
+        let mut pos = r.start;
+        while pos < r.end {
+            let n = STEP.min(r.end - pos);
+            if *stop.borrow() || !throttle.wait(raid, n, stop).await {
+                outcome = Outcome::Interrupted;
+            } else {
+                if !copy_step(raid, job, pos, n).await {
+                    outcome = Outcome::Failed;
+                } else {
+                    pos += n;
+                    done += n;
+                }
+            }
+            if !matches!(outcome, Outcome::Finished) {
+                if let (Some(c), Some(bm)) = (r.chunk, raid.bitmap.as_ref()) {
+                    bm.end_sync(c, false);
+                }
+                if r.chunk.is_none() {
+                    checkpoint(raid, job, pos).await;
+                }
+                break 'ranges;
+            }
+            if r.chunk.is_none() {
+                note_position(raid, job, pos);
+                if last_ckpt.elapsed() >= CHECKPOINT_EVERY {
+                    checkpoint(raid, job, pos).await;
+                    last_ckpt = Instant::now();
+                }
+            }
+            let secs = started.elapsed().as_secs_f64().max(1e-3);
+            let mut p = lock(&raid.sync.progress);
+            p.done_bytes = done;
+            p.rate_kib_s = (done as f64 / 1024.0 / secs) as u64;
+        }
+        if let (Some(c), Some(bm)) = (r.chunk, raid.bitmap.as_ref()) {
+            bm.end_sync(c, true);
+            chunks_done += 1;
+            lock(&raid.sync.progress).chunks_done = chunks_done;
+        }
+    }
+    raid.sync.resync_running.store(false, Ordering::Release);
+    let finished = matches!(outcome, Outcome::Finished);
+    // File the run before `finish` marks the targets in sync, so that a status showing
+    // a recovered member always shows the run that recovered it.
+    {
+        let mut p = lock(&raid.sync.progress);
+        p.done_bytes = done;
+        p.chunks_done = chunks_done;
+        if !matches!(outcome, Outcome::Failed) {
+            if p.completed.len() >= HISTORY {
+                p.completed.remove(0);
+            }
+            p.completed.push(CompletedSync {
+                kind: job.kind,
+                bytes: done,
+                chunks: chunks_done,
+                bitmap: job.bitmap,
+                interrupted: !finished,
+                secs: started.elapsed().as_secs_f64(),
+            });
+        }
+    }
+    if finished {
+        finish(raid, job).await;
+    }
+    lock(&raid.sync.progress).kind = None;
+    tracing::info!(array = %raid.name, kind = ?job.kind, bytes = done, chunks = chunks_done,
+        finished, "sync ends");
+    outcome
+}
+
+/// Copies `n` bytes at `pos` from the source to the live targets under the barrier.
+/// False if the source or every target failed.
+async fn copy_step(raid: &Raid1, job: &Job, pos: u64, n: u64) -> bool {
+    let _w = raid.barrier.write().await;
+    let src = raid.member(job.source);
+    let data = match src.io.read_at(src.data_offset + pos, n as usize).await {
+        Ok(d) => d,
+        Err(e) => {
+            raid.fail_member(job.source, &format!("sync read at {pos}: {e}"))
+                .await;
+            return false;
+        }
+    };
+    let live: Vec<usize> = {
+        let slots = raid.slots();
+        job.targets
+            .iter()
+            .copied()
+            .filter(|&t| slots[t].state != MemberState::Faulty)
+            .collect()
+    };
+    let targets: Vec<_> = live.iter().map(|&t| raid.member(t)).collect();
+    let ops = targets
+        .iter()
+        .map(|m| m.io.write_at(m.data_offset + pos, data.clone()));
+    let results = futures::future::join_all(ops).await;
+    let mut ok = 0;
+    for (&t, r) in live.iter().zip(results) {
+        match r {
+            Ok(()) => ok += 1,
+            Err(e) => {
+                raid.fail_member(t, &format!("sync write at {pos}: {e}"))
+                    .await;
+            }
+        }
+    }
+    ok > 0
+}
+
+/// Records the position in memory (recovery offsets of the targets, resync point).
+fn note_position(raid: &Raid1, job: &Job, pos: u64) {
+    match job.kind {
+        SyncKind::Resync => *lock(&raid.sync.resync) = Some(pos),
+        SyncKind::Recovery => {
+            let mut slots = raid.slots();
+            for &t in &job.targets {
+                if let MemberState::Recovering {
+                    offset,
+                    bitmap_only,
+                } = &mut slots[t].state
+                {
+                    if !*bitmap_only {
+                        *offset = (*offset).max(pos);
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn checkpoint(raid: &Raid1, job: &Job, pos: u64) {
+    note_position(raid, job, pos);
+    let result = match job.kind {
+        // While the array is dirty the superblock keeps 0 (see `mark_dirty`): the
+        // checkpoint is kept in memory and written at a clean stop.
+        SyncKind::Resync if raid.dirty.load(Ordering::Acquire) => Ok(()),
+        SyncKind::Resync => raid.meta_update(MetaEvent::ResyncOffset(pos / 512)).await,
+        SyncKind::Recovery => {
+            let mut r = Ok(());
+            for &t in &job.targets {
+                r = r.and(
+                    raid.meta_update(MetaEvent::RecoveryCheckpoint {
+                        member: t,
+                        sectors: pos / 512,
+                    })
+                    .await,
+                );
+            }
+            r
+        }
+    };
+    if let Err(e) = result {
+        tracing::warn!("failed to write the sync checkpoint: {e}");
+    }
+}
+
+async fn finish(raid: &Raid1, job: &Job) {
+    match job.kind {
+        SyncKind::Resync => {
+            if raid.sync.pending_rerun.swap(false, Ordering::AcqRel) {
+                // Chunks were marked needed during this run: run again.
+                *lock(&raid.sync.resync) = Some(0);
+                return;
+            }
+            *lock(&raid.sync.resync) = None;
+            let offset = if raid.dirty.load(Ordering::Acquire) {
+                0
+            } else {
+                u64::MAX
+            };
+            if let Err(e) = raid.meta_update(MetaEvent::ResyncOffset(offset)).await {
+                tracing::warn!("failed to record the end of resync: {e}");
+            }
+        }
+        SyncKind::Recovery => {
+            for &t in &job.targets {
+                {
+                    let mut slots = raid.slots();
+                    if matches!(slots[t].state, MemberState::Recovering { .. }) {
+                        slots[t].state = MemberState::InSync;
+                    } else {
+                        continue;
+                    }
+                }
+                if let Err(e) = raid
+                    .meta_update(MetaEvent::RecoveryDone { member: t })
+                    .await
+                {
+                    tracing::warn!("failed to record the end of recovery: {e}");
+                }
+            }
+            if !job.bitmap && raid.in_sync_count() >= raid.raid_disks as usize {
+                if let Some(bm) = &raid.bitmap {
+                    bm.clear_all_needed();
+                }
+            }
+        }
+    }
+}
