@@ -1,8 +1,8 @@
 //! The mdcluster agent library: everything a node needs to own its arrays.
 //!
 //! # Layout
-//! - [`format`]: the md v1.2 on-disk format (superblock, bitmap, member creation), pure
-//!   code over byte buffers, with the device I/O kept in [`format::io`].
+//! - [`format`](mod@format): the md v1.2 on-disk format (superblock, bitmap, member
+//!   creation), pure code over byte buffers, with the device I/O kept in [`format::io`].
 //! - [`mdstat`]: `/proc/mdstat` rendered byte for byte from status data.
 //! - [`cluster`]: md-cluster on the lock service: lock names, messages, resync windows.
 //! - [`blockdev`]: the [`blockdev::BlockDevice`] trait the NBD export serves.
@@ -10,7 +10,9 @@
 //! - [`raid`]: the RAID1 engine (members, fan-out, read balancing, failure,
 //!   resync/recovery worker).
 //! - [`bitmap`]: the in-memory write-intent bitmap of this node's slot.
-//! - [`array`]: this node's arrays: registry, lifecycle, assembly, NBD exports.
+//! - [`array`](mod@array): this node's arrays: registry, lifecycle, assembly, NBD exports.
+//! - [`service`]: cluster mode: the gRPC agent service, the lock-service session,
+//!   clustered join/leave, node-failure takeover, self-fencing, the event stream.
 
 pub mod array;
 pub mod bitmap;
@@ -20,3 +22,4 @@ pub mod format;
 pub mod mdstat;
 pub mod nbd;
 pub mod raid;
+pub mod service;

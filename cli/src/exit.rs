@@ -13,6 +13,10 @@
 //! | 8 | EEXIST: the array or member already exists |
 //! | 9 | EPERM: not allowed (device outside the allow-list, not authorised) |
 //! | 10 | bad metadata: a superblock or bitmap is corrupt or of an unknown kind |
+//! | 11 | mdserver unreachable (nothing answered at --server / MDCTL_SERVER) |
+//!
+//! Cluster commands take the code from the errno that crossed the hops
+//! (agent → mdserver → mdctl, [`mdcluster_proto::status`]) and print its sentence.
 
 use mdcluster_agent::format::io::DeviceError;
 use mdcluster_agent::format::FormatError;
@@ -28,10 +32,18 @@ pub enum Exit {
     Invalid = 5,
     /// 6: EIO.
     Io = 6,
+    /// 7: ETIMEDOUT.
+    TimedOut = 7,
+    /// 8: EEXIST.
+    Exists = 8,
     /// 9: EPERM.
     Denied = 9,
     /// 10: corrupt or unknown metadata.
     BadMetadata = 10,
+    /// 11: mdserver unreachable.
+    Unreachable = 11,
+    /// 1: any other failure.
+    Other = 1,
 }
 
 impl Exit {
@@ -52,6 +64,21 @@ impl Exit {
                 FormatError::InvalidSpec(_) | FormatError::NameTooLong { .. } => Exit::Invalid,
                 _ => Exit::BadMetadata,
             },
+        }
+    }
+
+    /// The exit code for an errno that crossed the wire.
+    pub fn of_errno(e: mdcluster_proto::v1::Errno) -> Exit {
+        use mdcluster_proto::v1::Errno;
+        match e {
+            Errno::Enoent => Exit::NotFound,
+            Errno::Ebusy => Exit::Busy,
+            Errno::Einval => Exit::Invalid,
+            Errno::Eio => Exit::Io,
+            Errno::Etimedout => Exit::TimedOut,
+            Errno::Eexist => Exit::Exists,
+            Errno::Eperm => Exit::Denied,
+            Errno::Unspecified => Exit::Other,
         }
     }
 

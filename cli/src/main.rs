@@ -4,8 +4,10 @@
 //! `examine-bitmap`, `zero-superblock`) read and write devices on this machine directly,
 //! like mdadm's misc mode. Exit codes: see [`exit`].
 
+mod cluster;
 mod exit;
 mod local;
+mod render;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,7 +20,8 @@ use clap::{Parser, Subcommand};
 /// examine-bitmap and zero-superblock work on local devices without a server.
 ///
 /// Exit codes: 0 ok, 1 failure, 2 usage, 3 ENOENT (not found), 4 EBUSY, 5 EINVAL,
-/// 6 EIO, 7 ETIMEDOUT, 8 EEXIST, 9 EPERM, 10 corrupt or unknown metadata.
+/// 6 EIO, 7 ETIMEDOUT, 8 EEXIST, 9 EPERM, 10 corrupt or unknown metadata,
+/// 11 mdserver unreachable.
 #[derive(Debug, Parser)]
 #[command(name = "mdctl", version, about, long_about)]
 struct Cli {
@@ -37,6 +40,109 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Create an array (write md v1.2 members, like mdadm --create) and start it on the
+    /// chosen node.
+    Create {
+        /// Array name: md0 or /dev/md0.
+        array: String,
+        /// RAID level (only 1, mirror).
+        #[arg(long, short = 'l', default_value = "1", value_parser = parse_level)]
+        level: i32,
+        /// Active member devices.
+        #[arg(long = "raid-devices", short = 'n')]
+        raid_devices: u32,
+        /// Spare devices (the devices after the active ones).
+        #[arg(long = "spare-devices", short = 'x', default_value_t = 0)]
+        spare_devices: u32,
+        /// Write-intent bitmap: none, internal or clustered (one slot per node).
+        #[arg(long, short = 'b', value_parser = ["none", "internal", "clustered"])]
+        bitmap: String,
+        /// Node slots of a clustered bitmap (default 4).
+        #[arg(long)]
+        nodes: Option<u32>,
+        /// Cluster name recorded in a clustered bitmap.
+        #[arg(long = "cluster-name")]
+        cluster_name: Option<String>,
+        /// Name stored in the superblock (default: the array name).
+        #[arg(long = "name", short = 'N')]
+        md_name: Option<String>,
+        /// Used size per member in KiB, or "max" (the default).
+        #[arg(long, short = 'z', value_parser = parse_size)]
+        size: Option<Size>,
+        /// Declare the members identical: no initial resync.
+        #[arg(long = "assume-clean")]
+        assume_clean: bool,
+        /// Overwrite devices that already hold an md superblock.
+        #[arg(long)]
+        force: bool,
+        /// Bitmap chunk in KiB.
+        #[arg(long = "bitmap-chunk")]
+        bitmap_chunk: Option<u32>,
+        /// Wait for the initial resync, with a progress bar.
+        #[arg(long)]
+        wait: bool,
+        /// Member devices (raid-devices active, then spare-devices spares).
+        #[arg(required = true)]
+        devices: Vec<PathBuf>,
+    },
+    /// Assemble an array on the chosen node; without devices, from the members recorded
+    /// for it in the cluster.
+    Assemble {
+        /// Array name: md0 or /dev/md0.
+        array: String,
+        /// Wait for any resync or recovery, with a progress bar.
+        #[arg(long)]
+        wait: bool,
+        /// Member devices.
+        devices: Vec<PathBuf>,
+    },
+    /// Stop an array on the chosen node (EBUSY while clients stay connected), or with
+    /// --scan every array of the node.
+    Stop {
+        /// Array name: md0 or /dev/md0.
+        #[arg(required_unless_present = "scan", conflicts_with = "scan")]
+        array: Option<String>,
+        /// Stop every array of the node.
+        #[arg(long)]
+        scan: bool,
+        /// Disconnect NBD clients instead of answering EBUSY.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show an array across every node, in the shape of mdadm --detail, plus each node's
+    /// state and NBD address.
+    Detail {
+        /// Array name: md0 or /dev/md0.
+        array: String,
+    },
+    /// Print the chosen node's arrays in the exact /proc/mdstat format.
+    Mdstat,
+    /// List the live nodes, their agents and arrays.
+    Nodes,
+    /// Stream events (arrays assembled/stopped, member failed, degraded, resync/recovery,
+    /// nodes joined/left/failed) from every node, or only --node's.
+    Monitor {
+        /// Run PROGRAM EVENT DEVICE [COMPONENT] per event, like mdadm --monitor --program
+        /// (env MDCTL_EVENT_NODE, MDCTL_EVENT_DETAIL).
+        #[arg(long)]
+        program: Option<String>,
+        /// Exit after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+        /// When the event stream breaks, keep reconnecting this long before giving up.
+        #[arg(long = "reconnect-timeout", default_value = "60s")]
+        reconnect_timeout: humantime::Duration,
+    },
+    /// Set the resync/recovery speed limits (md's speed_limit_min/max) of every array on
+    /// the chosen node, or on every node without --node.
+    Tune {
+        /// Minimum speed, KiB/s.
+        #[arg(long = "sync-speed-min")]
+        sync_speed_min: u64,
+        /// Maximum speed, KiB/s.
+        #[arg(long = "sync-speed-max")]
+        sync_speed_max: u64,
+    },
     /// Print the md superblock of each DEVICE (the facts of `mdadm --examine`).
     #[command(alias = "-E")]
     Examine {
@@ -66,12 +172,137 @@ enum Command {
     },
 }
 
+/// `--size`: KiB, or max.
+#[derive(Debug, Clone, Copy)]
+enum Size {
+    Max,
+    Kib(u64),
+}
+
+fn parse_size(s: &str) -> Result<Size, String> {
+    if s == "max" {
+        return Ok(Size::Max);
+    }
+    let digits = s.trim_end_matches(['K', 'k']);
+    digits
+        .parse::<u64>()
+        .map(Size::Kib)
+        .map_err(|_| format!("{s:?}: give a size in KiB or \"max\""))
+}
+
+fn parse_level(s: &str) -> Result<i32, String> {
+    match s {
+        "1" | "raid1" | "mirror" => Ok(1),
+        _ => Err(format!("level {s:?}: only 1 (raid1, mirror) is supported")),
+    }
+}
+
+fn cluster_command(cli: &Cli) -> Result<String, cluster::Failure> {
+    let url = cli
+        .server
+        .clone()
+        .unwrap_or_else(|| cluster::DEFAULT_SERVER.to_owned());
+    let node = cli.node.clone().unwrap_or_default();
+    let json = cli.json;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| cluster::Failure {
+            exit: exit::Exit::Other,
+            message: format!("start the tokio runtime: {e}"),
+        })?;
+    rt.block_on(async {
+        let c = cluster::Client::new(&url)?;
+        match &cli.command {
+            Command::Create {
+                array,
+                level,
+                raid_devices,
+                spare_devices,
+                bitmap,
+                nodes,
+                cluster_name,
+                md_name,
+                size,
+                assume_clean,
+                force,
+                bitmap_chunk,
+                wait,
+                devices,
+            } => {
+                let args = cluster::CreateArgs {
+                    array: array.clone(),
+                    level: *level,
+                    raid_devices: *raid_devices,
+                    spare_devices: *spare_devices,
+                    bitmap: bitmap.clone(),
+                    nodes: *nodes,
+                    cluster_name: cluster_name.clone(),
+                    name: md_name.clone(),
+                    size_kib: match size {
+                        Some(Size::Kib(k)) => Some(*k),
+                        _ => None,
+                    },
+                    assume_clean: *assume_clean,
+                    force: *force,
+                    bitmap_chunk_kib: *bitmap_chunk,
+                    devices: devices.clone(),
+                };
+                cluster::create(&c, &node, args, json, *wait).await
+            }
+            Command::Assemble {
+                array,
+                wait,
+                devices,
+            } => cluster::assemble(&c, &node, array, devices, json, *wait).await,
+            Command::Stop { array, scan, force } => {
+                cluster::stop(&c, &node, array.as_deref(), *scan, *force, json).await
+            }
+            Command::Detail { array } => cluster::detail(&c, array, json).await,
+            Command::Mdstat => cluster::mdstat(&c, &node, json).await,
+            Command::Nodes => cluster::nodes(&c, json).await,
+            Command::Monitor {
+                program,
+                count,
+                reconnect_timeout,
+            } => {
+                cluster::monitor(
+                    &c,
+                    &node,
+                    program.as_deref(),
+                    *count,
+                    (*reconnect_timeout).into(),
+                    json,
+                )
+                .await
+            }
+            Command::Tune {
+                sync_speed_min,
+                sync_speed_max,
+            } => cluster::tune(&c, &node, *sync_speed_min, *sync_speed_max, json).await,
+            Command::Examine { .. }
+            | Command::ExamineBitmap { .. }
+            | Command::ZeroSuperblock { .. } => Ok(String::new()),
+        }
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match &cli.command {
         Command::Examine { devices } => local::examine(devices, cli.json),
         Command::ExamineBitmap { devices } => local::examine_bitmap(devices, cli.json),
         Command::ZeroSuperblock { force, devices } => local::zero(devices, *force, cli.json),
+        _ => match cluster_command(&cli) {
+            Ok(stdout) => local::Outcome { stdout, exit: None },
+            Err(f) => {
+                eprintln!("mdctl: {}", f.message);
+                local::Outcome {
+                    stdout: String::new(),
+                    exit: Some(f.exit),
+                }
+            }
+        },
     };
     print!("{}", outcome.stdout);
     match outcome.exit {

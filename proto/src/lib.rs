@@ -7,6 +7,8 @@
 //! - [`v1`]: the generated messages, clients and servers.
 //! - [`lock_client`]: the typed client of the lock service that agents use (sessions with
 //!   heartbeats, resume on another replica, self-fencing deadline, locks, messages).
+//! - [`status`]: the errno + resource + sentence error model and its `tonic::Status` form,
+//!   used on every hop.
 
 /// Generated code of package `mdcluster.v1`.
 #[allow(clippy::all, missing_docs)]
@@ -15,3 +17,4 @@ pub mod v1 {
 }
 
 pub mod lock_client;
+pub mod status;

@@ -11,8 +11,11 @@
 //! - [`message`]: subscribe, publish, ack.
 //! - [`registry`]: the live nodes.
 //! - [`notify`]: delivery of notifications to a session's stream.
+//! - [`cluster`]: the cluster service mdctl calls (nodes, array records, routing to
+//!   agents, merged detail and events).
 //! - [`service`]: the tonic service; [`validate`]: request checks; [`error`]: errors.
 
+pub mod cluster;
 pub mod error;
 pub mod etcd;
 pub mod keys;
@@ -290,6 +293,11 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(health)
+        .add_service(
+            mdcluster_proto::v1::cluster_service_server::ClusterServiceServer::new(
+                cluster::ClusterSvc::new(ctx.clone()),
+            ),
+        )
         .add_service(LockServiceServer::new(service::LockSvc { ctx }))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;

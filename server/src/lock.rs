@@ -244,7 +244,7 @@ async fn deleted_by_expiry(ctx: &Ctx, session: i64) -> Result<bool, LockError> {
     Ok(closed.kvs().is_empty())
 }
 
-/// The sessions to tell that request `p` expired (see [`tell_expired`]).
+/// The sessions to tell that request `p` expired (see `tell_expired`).
 pub fn expired_recipients(
     queue: &[Entry],
     p: &Entry,

@@ -2,12 +2,15 @@
 //! runs real clients (`mdadm`, `qemu-io`, `nbdinfo`, ...) against them.
 //!
 //! # Layout
+//! - [`cluster`]: a whole cluster (etcd, mdserver, N cluster-mode agents on 127.0.0.x)
+//!   and `mdctl` runs against it (the t50 tests, and by hand).
 //! - [`etcd`]: a real etcd process (free ports, readiness wait, kill -9, restart).
 //! - [`server`]: `mdserver` replicas and a one-etcd test [`server::Cluster`].
 //! - [`standalone`]: a standalone `mdagent` (no cluster) driven through its control
 //!   socket, member checks, a raw NBD open probe (the RAID tests, t40).
 //! - [`tools`]: locate the workspace binaries and run external tools with a timeout.
 
+pub mod cluster;
 pub mod etcd;
 pub mod server;
 pub mod standalone;

@@ -1,5 +1,9 @@
 //! `mdagent`: the per-node agent of mdcluster. It owns the arrays assembled on its node.
 //!
+//! With `--server URL[,URL]` (cluster mode) it opens this node's lock-service session,
+//! registers its `--listen` address there and serves the gRPC agent service that
+//! mdserver routes per-node operations to.
+//!
 //! Without `--server` it runs standalone: arrays are assembled from `--assemble` flags
 //! and through the local control socket, each served on `<run-dir>/<name>.nbd`.
 
@@ -17,7 +21,14 @@ use tokio_util::sync::CancellationToken;
 const LONG_ABOUT: &str = "\
 The per-node mdcluster agent: owns this node's arrays and their NBD exports.
 
-Cluster mode (--server) is not built yet.
+Cluster mode (--server URL[,URL] --node NAME --listen ADDR): opens this node's session
+with mdserver's lock service, registers ADDR there, and serves the gRPC agent service
+that mdserver routes mdctl's per-node operations to (create, assemble, stop, detail,
+mdstat, monitor, tune). A clustered array holds its bitmap slot lock while assembled; a
+node that dies is taken over by a survivor, which resyncs exactly its dirty chunks. If
+the session cannot be renewed before its fence deadline while clustered arrays are
+assembled, the agent ends itself at once with status 75 (self-fencing): restart it (the
+arrays in <run-dir>/arrays.json are assembled again). The control socket is not served.
 
 Standalone mode (no --server): arrays given with --assemble NAME=DEV,DEV are assembled
 at start; more are created, assembled, stopped and inspected through the control socket
@@ -92,6 +103,20 @@ struct Args {
     /// mode a clustered array's slot comes from its slot lock.
     #[arg(long, env = "MDAGENT_BITMAP_SLOT", default_value_t = 0)]
     bitmap_slot: u32,
+    /// Cluster mode: the address registered for mdserver to call (default: the bound
+    /// --listen address).
+    #[arg(long, env = "MDAGENT_ADVERTISE")]
+    advertise: Option<String>,
+    /// Cluster mode: lease TTL of this node's lock-service session.
+    #[arg(long, env = "MDAGENT_SESSION_TTL", default_value = "10s")]
+    session_ttl: humantime::Duration,
+    /// Cluster mode: self-fencing margin before the session's lease deadline.
+    #[arg(long, env = "MDAGENT_FENCE_MARGIN", default_value = "1s")]
+    fence_margin: humantime::Duration,
+    /// Cluster mode: how long to keep trying to open the session at start (covers a
+    /// previous session of this node that has to expire first).
+    #[arg(long, env = "MDAGENT_CONNECT_TIMEOUT", default_value = "60s")]
+    connect_timeout: humantime::Duration,
 }
 
 fn parse_assemble(s: &str) -> anyhow::Result<(String, Vec<PathBuf>)> {
@@ -174,11 +199,60 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Cluster mode (`--server`) is not built yet.
-async fn run_cluster(_args: Args, server: String) -> anyhow::Result<()> {
-    anyhow::bail!(
-        "cluster mode (--server {server}) is not built yet; run without --server (standalone)"
-    )
+/// Cluster mode (`--server`): the agent service, registered in this node's
+/// lock-service session (see `mdcluster_agent::service::runtime`).
+async fn run_cluster(args: Args, server: String) -> anyhow::Result<()> {
+    use mdcluster_agent::service::runtime::{run, RuntimeConfig};
+    use mdcluster_agent::service::NodeConfig;
+    let node = args
+        .node
+        .clone()
+        .context("cluster mode needs --node NAME (unique in the cluster)")?;
+    anyhow::ensure!(
+        args.assemble.is_empty(),
+        "--assemble is for standalone mode; in cluster mode use mdctl assemble"
+    );
+    let cfg = RuntimeConfig {
+        node: NodeConfig {
+            node: node.clone(),
+            run_dir: args.run_dir.clone(),
+            registry: RegistryConfig {
+                stop_grace: args.stop_grace.into(),
+                drain_timeout: args.drain_timeout.into(),
+                assemble: AssembleOptions {
+                    slot: 0,
+                    daemon_sleep: args.daemon_sleep.map(Into::into),
+                    speed: SpeedLimits {
+                        min_kib_s: args.speed_min,
+                        max_kib_s: args.speed_max,
+                    },
+                },
+                device_allow: args.device_allow.clone(),
+            },
+            nbd: ServerConfig::default(),
+            nbd_tcp: args.nbd_tcp.clone(),
+        },
+        servers: server.split(',').map(str::to_owned).collect(),
+        listen: args.listen.clone(),
+        advertise: args.advertise.clone(),
+        session_ttl: args.session_ttl.into(),
+        fence_margin: args.fence_margin.into(),
+        connect_timeout: args.connect_timeout.into(),
+    };
+    let shutdown = async {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => return std::future::pending::<()>().await,
+            };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping every array"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping every array"),
+        }
+    };
+    run(cfg, shutdown)
+        .await
+        .with_context(|| format!("mdagent node {node}"))
 }
 
 fn main() -> anyhow::Result<()> {

@@ -1,0 +1,999 @@
+//! The agent service of cluster mode: this node's arrays behind the gRPC
+//! `AgentService` that mdserver routes per-node operations to (DESIGN.md "Server ↔
+//! agent ↔ CLI").
+//!
+//! [`Node`] sits on top of the standalone [`Service`] (registry, lifecycle, per-array NBD
+//! sockets) and adds what the cluster needs:
+//! - **one operation per array at a time**: a create, assemble or stop of an array while
+//!   another of these runs on it answers EBUSY at once (the first request wins), so two
+//!   `mdctl` runs racing on one array never queue behind each other;
+//! - **lookups never allocate** ([`Node::get`], [`Node::list`], [`Node::mdstat`], the
+//!   NBD [`Exports`] of the node): they read what exists; only create and assemble
+//!   reserve a name;
+//! - **the bitmap slot of a clustered array** comes from its slot lock in the lock
+//!   service ([`join`]), held for the whole membership and released at stop;
+//! - **events** ([`events`]) for `mdctl monitor`, from the registries' lifecycle events
+//!   and the engines' status changes;
+//! - handlers run their critical section on a spawned task, so a client that cancels
+//!   its call never leaves an array half assembled or half stopped.
+//!
+//! The registry takes the bitmap slot per registry ([`AssembleOptions::slot`]), so the
+//! node keeps one [`Service`] per slot in use (created on first use) and keeps array
+//! names unique across them.
+//!
+//! # Layout
+//! - [`grpc`]: the tonic `AgentService` over a [`Node`].
+//! - [`join`]: clustered join/leave with slot locks (RFC 0001 "Join", "Leave").
+//! - [`events`]: the event stream.
+//! - [`runtime`]: cluster-mode `mdagent`: listener, lock-service session, serving.
+//! - [`takeover`]: a survivor recovers a failed node's bitmap slot (RFC 0001 "Node
+//!   failure and slot recovery").
+
+pub mod events;
+pub mod grpc;
+pub mod join;
+pub mod runtime;
+pub mod takeover;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use mdcluster_proto::lock_client::Session;
+use mdcluster_proto::status::{errno_from_name, WireError};
+use mdcluster_proto::v1 as pb;
+use mdcluster_proto::v1::Errno;
+use tokio::sync::broadcast;
+
+use crate::array::service::Service;
+use crate::array::{
+    glob_match, valid_name, ArrayInfo, ArrayState, AssembleOptions, Registry, RegistryConfig,
+};
+use crate::format::create::{BitmapMode, CreateSpec};
+use crate::format::io::{read_member, DeviceError, Member};
+use crate::mdstat::{self, ArrayStat, BitmapStat, MemberStat, RunState, SyncStat};
+use crate::nbd::{ClientInfo, Exports, OpenError, OpenExport, ServerConfig};
+use crate::raid::{MemberState, SpeedLimits, WorkerState};
+
+/// How long an array listed for rejoin keeps retrying a transient EBUSY at start.
+pub const REJOIN_RETRY: Duration = Duration::from_secs(15);
+
+/// Events kept for slow watchers before they see `EventsDropped`.
+pub const EVENT_CAPACITY: usize = 1024;
+
+/// How a node runs.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's name.
+    pub node: String,
+    /// Directory of the per-array NBD sockets.
+    pub run_dir: PathBuf,
+    /// The registry template (its `assemble.slot` is set per slot).
+    pub registry: RegistryConfig,
+    /// NBD server limits.
+    pub nbd: ServerConfig,
+    /// The NBD TCP address this node serves, if any (shown in status).
+    pub nbd_tcp: Option<String>,
+}
+
+/// What the superblock said when an array was assembled here.
+#[derive(Debug, Clone, Default)]
+struct Meta {
+    level: i32,
+    ctime: u64,
+    events: u64,
+    utime: u64,
+    /// "internal" or "clustered"; `None` without a bitmap.
+    bitmap_kind: Option<&'static str>,
+    slots: u32,
+    slot: u32,
+    chunk_bytes: u64,
+    chunks: u64,
+    cluster_name: String,
+}
+
+/// This node's arrays in cluster mode. Cheap to share (`Arc`).
+pub struct Node {
+    cfg: NodeConfig,
+    /// One standalone service per bitmap slot in use.
+    services: Mutex<HashMap<u32, Arc<Service>>>,
+    /// Arrays with a create/assemble/stop running, and which.
+    busy: Mutex<HashMap<String, &'static str>>,
+    meta: Mutex<HashMap<String, Meta>>,
+    /// Slot locks held by clustered arrays.
+    held: Mutex<HashMap<String, join::Membership>>,
+    /// What the engine watcher last saw per array ([`events`]).
+    seen: Mutex<HashMap<String, events::Seen>>,
+    speed: Mutex<SpeedLimits>,
+    events: broadcast::Sender<pb::ArrayEvent>,
+    /// The lock-service session (cluster mode); `None`: clustered arrays are refused.
+    session: Mutex<Option<Arc<Session>>>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("node", &self.cfg.node)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Marks an array busy with one operation; dropping it ends the operation.
+struct OpGuard {
+    node: Arc<Node>,
+    name: String,
+}
+
+impl Drop for OpGuard {
+    fn drop(&mut self) {
+        lock(&self.node.busy).remove(&self.name);
+    }
+}
+
+fn state_pb(s: ArrayState) -> pb::ArrayRunState {
+    match s {
+        ArrayState::Assembling => pb::ArrayRunState::Assembling,
+        ArrayState::Active => pb::ArrayRunState::Active,
+        ArrayState::Stopping => pb::ArrayRunState::Stopping,
+    }
+}
+
+/// The errno of a device error met while reading members.
+fn device_errno(e: &DeviceError) -> Errno {
+    match e {
+        DeviceError::Open { source, .. } => match source.kind() {
+            std::io::ErrorKind::NotFound => Errno::Enoent,
+            std::io::ErrorKind::PermissionDenied => Errno::Eperm,
+            _ => Errno::Eio,
+        },
+        DeviceError::InUse { .. } => Errno::Ebusy,
+        // No superblock, a corrupt one, or a spec the format refuses: the request does
+        // not fit the devices.
+        DeviceError::Format { .. } => Errno::Einval,
+        DeviceError::Io { .. } => Errno::Eio,
+    }
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Reads the `/dev/` prefix off an array name: `/dev/md0` → `md0`.
+pub fn short_name(name: &str) -> &str {
+    name.strip_prefix("/dev/").unwrap_or(name)
+}
+
+impl Node {
+    /// A node with no arrays.
+    pub fn new(cfg: NodeConfig) -> Arc<Node> {
+        let speed = cfg.registry.assemble.speed;
+        Arc::new(Node {
+            cfg,
+            services: Mutex::new(HashMap::new()),
+            busy: Mutex::new(HashMap::new()),
+            meta: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
+            seen: Mutex::new(HashMap::new()),
+            speed: Mutex::new(speed),
+            events: broadcast::channel(EVENT_CAPACITY).0,
+            session: Mutex::new(None),
+        })
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> &str {
+        &self.cfg.node
+    }
+
+    /// Sets the lock-service session clustered arrays join through.
+    pub fn set_session(&self, session: Option<Arc<Session>>) {
+        *lock(&self.session) = session;
+    }
+
+    /// Takes every clustered array's slot again on a new session (the old one was lost
+    /// with its locks). A slot another node took meanwhile is reported (event
+    /// `SlotLost`) and logged.
+    pub async fn rejoin(&self, session: &Session) {
+        let names: Vec<String> = lock(&self.held).keys().cloned().collect();
+        for name in names {
+            let Some(mut m) = lock(&self.held).get(&name).cloned() else {
+                continue;
+            };
+            match join::retake(session, &mut m).await {
+                Ok(()) => {
+                    lock(&self.held).insert(name, m);
+                }
+                Err(e) => {
+                    tracing::error!(array = %name, slot = m.slot, "rejoin failed: {e}");
+                    self.emit(
+                        "SlotLost",
+                        &name,
+                        "",
+                        format!(
+                            "node {} could not take bitmap slot {} of {name} again: {e}",
+                            self.cfg.node, m.slot
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    /// The clustered arrays joined here: name, membership, slot count.
+    pub fn memberships(&self) -> Vec<(String, join::Membership, u32)> {
+        let held = lock(&self.held).clone();
+        let meta = lock(&self.meta);
+        held.into_iter()
+            .map(|(n, m)| {
+                let slots = meta.get(&n).map_or(0, |x| x.slots);
+                (n, m, slots)
+            })
+            .collect()
+    }
+
+    /// The engine and member paths of an active array.
+    pub fn raid_of(&self, name: &str) -> Option<(Arc<crate::raid::Raid1>, Vec<PathBuf>)> {
+        let (info, service) = self.info(name)?;
+        let raid = service.registry().device(name).ok()?;
+        Some((raid, info.identity?.members))
+    }
+
+    /// Compares array `name`'s engine status with the last look and emits the changes
+    /// ([`events::diff`]).
+    pub fn observe(&self, name: &str) {
+        let Some(r) = self.info(name).and_then(|(i, _)| i.raid) else {
+            return;
+        };
+        let mut seen = lock(&self.seen);
+        let prev = seen.remove(name).unwrap_or_default();
+        let cur = events::diff(self, name, prev, &r);
+        seen.insert(name.to_owned(), cur);
+    }
+
+    /// [`Node::observe`] for every array; forgets arrays that are gone.
+    pub fn observe_all(&self) {
+        let names = self.names();
+        for n in &names {
+            self.observe(n);
+        }
+        lock(&self.seen).retain(|k, _| names.contains(k));
+    }
+
+    /// The file listing the arrays assembled here (`<run-dir>/arrays.json`), read at
+    /// start to assemble them again (rejoin after a crash or a self-fence).
+    pub fn state_path(&self) -> PathBuf {
+        self.cfg.run_dir.join("arrays.json")
+    }
+
+    /// Writes the assembled arrays and their members to [`Node::state_path`]
+    /// (atomically: temp file + rename).
+    fn save_state(&self) {
+        let mut arrays = serde_json::Map::new();
+        for name in self.names() {
+            if let Some((info, _)) = self.info(&name) {
+                if let Some(id) = info.identity {
+                    arrays.insert(name, serde_json::json!(id.members));
+                }
+            }
+        }
+        let path = self.state_path();
+        let tmp = path.with_extension("json.tmp");
+        let body = serde_json::Value::Object(arrays).to_string();
+        if let Err(e) = std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, &path)) {
+            tracing::warn!(path = %path.display(), "saving the assembled arrays: {e}");
+        }
+    }
+
+    /// Assembles again every array [`Node::state_path`] lists (agent start in cluster
+    /// mode). Failures are logged and reported as `RejoinFailed` events.
+    pub async fn reassemble_saved(self: &Arc<Self>) {
+        let path = self.state_path();
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return;
+        };
+        let saved: std::collections::BTreeMap<String, Vec<PathBuf>> =
+            match serde_json::from_str(&text) {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), "ignoring unreadable array list: {e}");
+                    return;
+                }
+            };
+        for (name, members) in saved {
+            // EBUSY can be transient: a survivor holds our old slot for a moment while
+            // it recovers it. Retry with backoff for a bounded time.
+            let deadline = tokio::time::Instant::now() + REJOIN_RETRY;
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                match self.assemble(&name, members.clone()).await {
+                    Ok(_) => {
+                        tracing::info!(array = %name, "assembled again at start (rejoined)");
+                        break;
+                    }
+                    Err(e)
+                        if e.errno == Errno::Ebusy
+                            && tokio::time::Instant::now() + backoff < deadline =>
+                    {
+                        tracing::info!(array = %name, "rejoin: {e}; retrying in {backoff:?}");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                    Err(e) => {
+                        tracing::error!(array = %name, "assembling again at start failed: {e}");
+                        self.emit("RejoinFailed", &name, "", e.message.clone());
+                        break;
+                    }
+                }
+            }
+        }
+        self.save_state();
+    }
+
+    fn session(&self) -> Option<Arc<Session>> {
+        lock(&self.session).clone()
+    }
+
+    /// Events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<pb::ArrayEvent> {
+        self.events.subscribe()
+    }
+
+    fn emit(&self, event: &str, array: &str, component: &str, detail: String) {
+        let _ = self.events.send(pb::ArrayEvent {
+            event: event.to_owned(),
+            node: self.cfg.node.clone(),
+            array: array.to_owned(),
+            component: component.to_owned(),
+            detail,
+            time_unix_ms: now_ms(),
+        });
+    }
+
+    fn resource(&self, name: &str) -> String {
+        format!("array {name} on node {}", self.cfg.node)
+    }
+
+    fn err(&self, errno: Errno, name: &str, message: impl std::fmt::Display) -> WireError {
+        WireError::new(
+            errno,
+            self.resource(name),
+            format!("node {}: {message}", self.cfg.node),
+        )
+    }
+
+    /// The service of slot `slot`, created on first use.
+    fn service(self: &Arc<Self>, slot: u32) -> Arc<Service> {
+        let mut map = lock(&self.services);
+        if let Some(s) = map.get(&slot) {
+            return s.clone();
+        }
+        let mut rc = self.cfg.registry.clone();
+        rc.assemble = AssembleOptions {
+            slot,
+            ..rc.assemble.clone()
+        };
+        rc.assemble.speed = *lock(&self.speed);
+        let registry = Registry::new(rc);
+        events::forward_lifecycle(self.clone(), registry.subscribe());
+        let s = Service::new(registry, &self.cfg.run_dir, self.cfg.nbd.clone());
+        map.insert(slot, s.clone());
+        s
+    }
+
+    fn all_services(&self) -> Vec<Arc<Service>> {
+        let map = lock(&self.services);
+        let mut v: Vec<(u32, Arc<Service>)> = map.iter().map(|(k, s)| (*k, s.clone())).collect();
+        v.sort_by_key(|(k, _)| *k);
+        v.into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// The service whose registry holds `name` (pure lookup).
+    fn find(&self, name: &str) -> Option<Arc<Service>> {
+        self.all_services()
+            .into_iter()
+            .find(|s| s.registry().lookup(name).is_ok())
+    }
+
+    fn begin(self: &Arc<Self>, name: &str, op: &'static str) -> Result<OpGuard, WireError> {
+        if !valid_name(name) {
+            return Err(self.err(
+                Errno::Einval,
+                name,
+                format!("invalid array name {name:?}: use 1-32 of [A-Za-z0-9_.-], like md0"),
+            ));
+        }
+        let mut busy = lock(&self.busy);
+        if let Some(other) = busy.get(name) {
+            return Err(self.err(
+                Errno::Ebusy,
+                name,
+                format!("array {name} is busy: a {other} of it is in progress; retry when it has finished"),
+            ));
+        }
+        busy.insert(name.to_owned(), op);
+        Ok(OpGuard {
+            node: self.clone(),
+            name: name.to_owned(),
+        })
+    }
+
+    fn check_allowed(&self, name: &str, paths: &[PathBuf]) -> Result<(), WireError> {
+        let allow = &self.cfg.registry.device_allow;
+        if allow.is_empty() {
+            return Ok(());
+        }
+        for p in paths {
+            let s = p.to_string_lossy();
+            if !allow.iter().any(|g| glob_match(g, &s)) {
+                return Err(self.err(
+                    Errno::Eperm,
+                    name,
+                    format!(
+                        "{} is not under any --device-allow pattern of this agent ({})",
+                        p.display(),
+                        allow.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the first member that has a valid superblock.
+    async fn read_any(&self, name: &str, paths: &[PathBuf]) -> Result<Member, WireError> {
+        let paths = paths.to_vec();
+        let r = tokio::task::spawn_blocking(move || {
+            let mut first_err = None;
+            for p in &paths {
+                match read_member(p) {
+                    Ok(m) => return Ok(m),
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+            Err(first_err)
+        })
+        .await
+        .map_err(|e| self.err(Errno::Eio, name, format!("reading members failed: {e}")))?;
+        r.map_err(|e| match e {
+            Some(e) => self.err(device_errno(&e), name, e),
+            None => self.err(Errno::Einval, name, "no member devices given"),
+        })
+    }
+
+    /// The run-the-critical-section-on-a-task wrapper: the work completes even when the
+    /// caller goes away.
+    async fn detached<T: Send + 'static>(
+        self: &Arc<Self>,
+        name: &str,
+        f: impl std::future::Future<Output = Result<T, WireError>> + Send + 'static,
+    ) -> Result<T, WireError> {
+        tokio::spawn(f)
+            .await
+            .map_err(|e| self.err(Errno::Eio, name, format!("operation task failed: {e}")))?
+    }
+
+    /// Writes a new array's members (like `mdadm --create`) and assembles it here.
+    pub async fn create(
+        self: &Arc<Self>,
+        req: pb::CreateArrayRequest,
+    ) -> Result<pb::ArrayStatus, WireError> {
+        let name = short_name(&req.name).to_owned();
+        let guard = self.begin(&name, "create")?;
+        let me = self.clone();
+        self.detached(&name.clone(), async move {
+            let _guard = guard;
+            me.create_locked(&name, req).await
+        })
+        .await
+    }
+
+    async fn create_locked(
+        self: &Arc<Self>,
+        name: &str,
+        req: pb::CreateArrayRequest,
+    ) -> Result<pb::ArrayStatus, WireError> {
+        if let Some(s) = self.find(name) {
+            let st = s
+                .registry()
+                .lookup(name)
+                .map(|i| i.state.to_string())
+                .unwrap_or_default();
+            return Err(self.err(
+                Errno::Eexist,
+                name,
+                format!("array {name} already exists here ({st}); stop it first"),
+            ));
+        }
+        let members: Vec<PathBuf> = req.members.iter().map(PathBuf::from).collect();
+        self.check_allowed(name, &members)?;
+        let bitmap = match req.bitmap.as_str() {
+            "none" => BitmapMode::None,
+            "internal" | "" => BitmapMode::Internal,
+            "clustered" => BitmapMode::Clustered,
+            other => {
+                return Err(self.err(
+                    Errno::Einval,
+                    name,
+                    format!("--bitmap {other:?}: use none, internal or clustered"),
+                ))
+            }
+        };
+        let mut spec = CreateSpec::new(
+            if req.md_name.is_empty() {
+                name
+            } else {
+                &req.md_name
+            },
+            req.raid_devices,
+            req.spare_devices,
+            bitmap,
+        );
+        if req.level != 0 {
+            spec.level = req.level;
+        }
+        if req.nodes != 0 {
+            spec.nodes = Some(req.nodes);
+        }
+        spec.cluster_name = req.cluster_name.clone();
+        spec.size_kib = req.size_kib;
+        spec.assume_clean = req.assume_clean;
+        if req.bitmap_chunk_kib != 0 {
+            spec.bitmap_chunk = Some(req.bitmap_chunk_kib.saturating_mul(1024));
+        }
+        if bitmap == BitmapMode::Clustered && self.session().is_none() {
+            return Err(self.err(Errno::Eio, name, "a clustered array needs a session with mdserver, and this agent has none (standalone or disconnected)"));
+        }
+        let paths = members.clone();
+        let force = req.force;
+        let written = tokio::task::spawn_blocking(move || {
+            crate::format::io::create_members(&spec, &paths, force).map(|_| ())
+        })
+        .await
+        .map_err(|e| self.err(Errno::Eio, name, format!("create task failed: {e}")))?;
+        if let Err(e) = written {
+            let hint = if matches!(e, DeviceError::InUse { .. }) {
+                "; zero it first (mdctl zero-superblock) if it is no longer used"
+            } else {
+                ""
+            };
+            return Err(self.err(device_errno(&e), name, format!("create {name}: {e}{hint}")));
+        }
+        self.assemble_locked(name, &members).await
+    }
+
+    /// Assembles `name` from `members` here.
+    pub async fn assemble(
+        self: &Arc<Self>,
+        name: &str,
+        members: Vec<PathBuf>,
+    ) -> Result<pb::ArrayStatus, WireError> {
+        let name = short_name(name).to_owned();
+        let guard = self.begin(&name, "assemble")?;
+        let me = self.clone();
+        self.detached(&name.clone(), async move {
+            let _guard = guard;
+            me.assemble_locked(&name, &members).await
+        })
+        .await
+    }
+
+    async fn assemble_locked(
+        self: &Arc<Self>,
+        name: &str,
+        members: &[PathBuf],
+    ) -> Result<pb::ArrayStatus, WireError> {
+        if let Some(s) = self.find(name) {
+            let st = s
+                .registry()
+                .lookup(name)
+                .map(|i| i.state.to_string())
+                .unwrap_or_default();
+            return Err(self.err(
+                Errno::Eexist,
+                name,
+                format!("array {name} is already assembled here ({st})"),
+            ));
+        }
+        if members.is_empty() {
+            return Err(self.err(Errno::Einval, name, "no member devices given"));
+        }
+        self.check_allowed(name, members)?;
+        let first = self.read_any(name, members).await?;
+        let sb = &first.sb;
+        let mut meta = Meta {
+            level: sb.level,
+            ctime: sb.ctime & 0xff_ffff_ffff,
+            events: sb.events,
+            utime: sb.utime & 0xff_ffff_ffff,
+            ..Meta::default()
+        };
+        if let Some(b) = first.bitmap.first() {
+            meta.bitmap_kind = Some(if b.sb.is_clustered() {
+                "clustered"
+            } else {
+                "internal"
+            });
+            meta.slots = b.sb.slots();
+            meta.chunk_bytes = u64::from(b.sb.chunksize);
+            meta.chunks = b.sb.chunks();
+            meta.cluster_name = b.sb.cluster_name.clone();
+        }
+        let clustered = meta.bitmap_kind == Some("clustered");
+        let membership = if clustered {
+            let Some(session) = self.session() else {
+                return Err(self.err(Errno::Eio, name, "a clustered array needs a session with mdserver, and this agent has none; check that mdserver is reachable"));
+            };
+            let m = join::join(&session, name, &self.cfg.node, members, &first)
+                .await
+                .map_err(|e| e.context(&format!("node {}: join {name}", self.cfg.node)))?;
+            Some(m)
+        } else {
+            None
+        };
+        meta.slot = membership.as_ref().map_or(0, |m| m.slot);
+        let service = self.service(meta.slot);
+        lock(&self.meta).insert(name.to_owned(), meta.clone());
+        match service.assemble(name, members).await {
+            Ok(_) => {
+                if let Some(m) = membership {
+                    lock(&self.held).insert(name.to_owned(), m);
+                }
+                let speed = *lock(&self.speed);
+                let _ = service.registry().set_speed(name, speed);
+                self.save_state();
+                self.get(name)
+            }
+            Err(e) => {
+                lock(&self.meta).remove(name);
+                if let (Some(m), Some(session)) = (membership, self.session()) {
+                    join::leave(&session, m, false).await;
+                }
+                Err(self.err(errno_from_name(e.errno()), name, e))
+            }
+        }
+    }
+
+    /// Stops `name` here (DESIGN.md "Lifecycle" 4), then leaves the cluster for it.
+    pub async fn stop(self: &Arc<Self>, name: &str, force: bool) -> Result<(), WireError> {
+        let name = short_name(name).to_owned();
+        let guard = self.begin(&name, "stop")?;
+        let me = self.clone();
+        self.detached(&name.clone(), async move {
+            let _guard = guard;
+            me.stop_locked(&name, force).await
+        })
+        .await
+    }
+
+    async fn stop_locked(self: &Arc<Self>, name: &str, force: bool) -> Result<(), WireError> {
+        let Some(service) = self.find(name) else {
+            return Err(self.err(
+                Errno::Enoent,
+                name,
+                format!("no array named {name} on this node"),
+            ));
+        };
+        let members: Vec<PathBuf> = service
+            .registry()
+            .lookup(name)
+            .ok()
+            .and_then(|i| i.identity)
+            .map(|id| id.members)
+            .unwrap_or_default();
+        // A last look, so a sync that ended just before the stop is still reported.
+        self.observe(name);
+        let r = service.stop(name, force).await;
+        if service.registry().lookup(name).is_err() {
+            lock(&self.meta).remove(name);
+            self.save_state();
+            let held = lock(&self.held).remove(name);
+            if let (Some(m), Some(session)) = (held, self.session()) {
+                // Whether our slot is still dirty on disk after the engine's stop.
+                let slot = m.slot;
+                let dirty = tokio::task::spawn_blocking(move || {
+                    members
+                        .iter()
+                        .filter_map(|p| read_member(p).ok())
+                        .any(|mm| {
+                            mm.bitmap.get(slot as usize).is_some_and(|s| {
+                                crate::format::bitmap::count_set(&s.bits, s.sb.chunks()) > 0
+                            })
+                        })
+                })
+                .await
+                .unwrap_or(true);
+                join::leave(&session, m, dirty).await;
+            }
+        }
+        r.map(|_| ())
+            .map_err(|e| self.err(errno_from_name(e.errno()), name, e))
+    }
+
+    /// Stops every array (agent shutdown), forcing clients off, and leaves the cluster
+    /// for each. The array list is kept: a restarted agent assembles them again.
+    pub async fn shutdown(self: &Arc<Self>) {
+        let saved = std::fs::read(self.state_path()).ok();
+        for name in self.names() {
+            if let Err(e) = self.stop(&name, true).await {
+                tracing::error!(array = %name, "failed to stop at shutdown: {e}");
+            }
+        }
+        for s in self.all_services() {
+            s.shutdown().await;
+        }
+        if let Some(saved) = saved {
+            if let Err(e) = std::fs::write(self.state_path(), saved) {
+                tracing::warn!("restoring the array list: {e}");
+            }
+        }
+    }
+
+    /// Every array name here, in any state.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .all_services()
+            .iter()
+            .flat_map(|s| s.registry().names())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn info(&self, name: &str) -> Option<(ArrayInfo, Arc<Service>)> {
+        self.all_services()
+            .into_iter()
+            .find_map(|s| s.registry().lookup(name).ok().map(|i| (i, s)))
+    }
+
+    /// The status of `name` here (pure lookup).
+    pub fn get(&self, name: &str) -> Result<pb::ArrayStatus, WireError> {
+        let name = short_name(name);
+        match self.info(name) {
+            Some((info, service)) => Ok(self.status_of(&info, &service.socket_path(name))),
+            None => Err(self.err(
+                Errno::Enoent,
+                name,
+                format!("no array named {name} on this node"),
+            )),
+        }
+    }
+
+    /// Every array here.
+    pub fn list(&self) -> Vec<pb::ArrayStatus> {
+        self.names()
+            .iter()
+            .filter_map(|n| self.get(n).ok())
+            .collect()
+    }
+
+    /// This node's `/proc/mdstat` (active and stopping arrays).
+    pub fn mdstat(&self) -> String {
+        let stats: Vec<ArrayStat> = self
+            .names()
+            .iter()
+            .filter_map(|n| self.info(n))
+            .filter_map(|(i, _)| self.stat_of(&i))
+            .collect();
+        mdstat::render(&stats)
+    }
+
+    /// Sets the speed limits of `name`, or of every array and the default when `name`
+    /// is empty.
+    pub fn set_speed(
+        self: &Arc<Self>,
+        name: &str,
+        limits: SpeedLimits,
+    ) -> Result<Vec<String>, WireError> {
+        let name = short_name(name);
+        if limits.min_kib_s == 0 || limits.min_kib_s > limits.max_kib_s {
+            return Err(self.err(
+                Errno::Einval,
+                name,
+                format!(
+                    "speed limits min {} max {} KiB/s: need 0 < min <= max",
+                    limits.min_kib_s, limits.max_kib_s
+                ),
+            ));
+        }
+        let names = if name.is_empty() {
+            *lock(&self.speed) = limits;
+            self.names()
+        } else {
+            vec![name.to_owned()]
+        };
+        let mut changed = Vec::new();
+        for n in names {
+            let Some((_, s)) = self.info(&n) else {
+                if !name.is_empty() {
+                    return Err(self.err(
+                        Errno::Enoent,
+                        &n,
+                        format!("no array named {n} on this node"),
+                    ));
+                }
+                continue;
+            };
+            match s.registry().set_speed(&n, limits) {
+                Ok(()) => changed.push(n),
+                Err(e) if name.is_empty() => tracing::debug!(array = %n, "speed not set: {e}"),
+                Err(e) => return Err(self.err(errno_from_name(e.errno()), &n, e)),
+            }
+        }
+        Ok(changed)
+    }
+
+    fn status_of(&self, info: &ArrayInfo, socket: &Path) -> pb::ArrayStatus {
+        let meta = lock(&self.meta)
+            .get(&info.name)
+            .cloned()
+            .unwrap_or_default();
+        let mut st = pb::ArrayStatus {
+            name: info.name.clone(),
+            node: self.cfg.node.clone(),
+            state: state_pb(info.state) as i32,
+            uuid: info
+                .identity
+                .as_ref()
+                .map(|i| i.uuid.clone())
+                .unwrap_or_default(),
+            md_name: info
+                .identity
+                .as_ref()
+                .map(|i| i.md_name.clone())
+                .unwrap_or_default(),
+            level: meta.level,
+            clients: info.clients.clone(),
+            nbd_socket: socket.display().to_string(),
+            nbd_tcp: self.cfg.nbd_tcp.clone().unwrap_or_default(),
+            ctime_secs: meta.ctime,
+            events: meta.events,
+            utime_secs: meta.utime,
+            cluster_name: meta.cluster_name.clone(),
+            ..Default::default()
+        };
+        if let Some(r) = &info.raid {
+            st.raid_disks = r.raid_disks;
+            st.size_bytes = r.size;
+            st.degraded = r.degraded;
+            st.members = r
+                .members
+                .iter()
+                .map(|m| {
+                    let (state, off) = match m.state {
+                        MemberState::InSync => ("in_sync", 0),
+                        MemberState::Recovering { offset, .. } => ("recovering", offset),
+                        MemberState::Spare => ("spare", 0),
+                        MemberState::Faulty => ("faulty", 0),
+                    };
+                    pb::MemberInfo {
+                        path: m.path.clone(),
+                        dev_number: m.dev_number,
+                        role: m.role.map(u32::from),
+                        state: state.to_owned(),
+                        recovery_offset: off,
+                    }
+                })
+                .collect();
+            let s = &r.sync;
+            st.sync = Some(pb::SyncInfo {
+                kind: s
+                    .kind
+                    .map(|k| format!("{k:?}").to_lowercase())
+                    .unwrap_or_default(),
+                state: format!("{:?}", s.state).to_lowercase(),
+                done_bytes: s.done_bytes,
+                total_bytes: s.total_bytes,
+                rate_kib_s: s.rate_kib_s,
+                chunks_done: s.chunks_done,
+                chunks_total: s.chunks_total,
+                speed_min_kib_s: s.speed.min_kib_s,
+                speed_max_kib_s: s.speed.max_kib_s,
+                errors: s.errors,
+                last_kind: s
+                    .completed
+                    .last()
+                    .map(|c| format!("{:?}", c.kind).to_lowercase())
+                    .unwrap_or_default(),
+                last_chunks: s.completed.last().map_or(0, |c| c.chunks),
+                last_interrupted: s.completed.last().is_some_and(|c| c.interrupted),
+                runs: s.completed.len() as u64,
+            });
+            if let (Some(b), Some(kind)) = (&r.bitmap, meta.bitmap_kind) {
+                st.bitmap = Some(pb::BitmapInfo {
+                    kind: kind.to_owned(),
+                    chunks: meta.chunks,
+                    chunk_bytes: meta.chunk_bytes,
+                    dirty_bits: b.dirty_bits,
+                    needed: b.needed,
+                    slot: meta.slot,
+                    slots: meta.slots,
+                });
+            }
+        }
+        st
+    }
+
+    fn stat_of(&self, info: &ArrayInfo) -> Option<ArrayStat> {
+        let r = info.raid.as_ref()?;
+        let meta = lock(&self.meta)
+            .get(&info.name)
+            .cloned()
+            .unwrap_or_default();
+        let members = r
+            .members
+            .iter()
+            .map(|m| MemberStat {
+                name: Path::new(&m.path)
+                    .file_name()
+                    .map_or_else(|| m.path.clone(), |f| f.to_string_lossy().into_owned()),
+                desc_nr: m.dev_number,
+                slot: match m.state {
+                    MemberState::Spare | MemberState::Faulty => None,
+                    _ => m.role.map(u32::from),
+                },
+                in_sync: matches!(m.state, MemberState::InSync),
+                faulty: matches!(m.state, MemberState::Faulty),
+            })
+            .collect();
+        let sync = match (r.sync.kind, r.sync.state) {
+            (Some(kind), WorkerState::Busy | WorkerState::Throttled) => Some(SyncStat::Running {
+                kind: match kind {
+                    crate::raid::SyncKind::Resync => mdstat::SyncKind::Resync,
+                    crate::raid::SyncKind::Recovery => mdstat::SyncKind::Recovery,
+                },
+                done_kib: r.sync.done_bytes / 1024,
+                total_kib: r.sync.total_bytes / 1024,
+                speed_kib: r.sync.rate_kib_s,
+            }),
+            _ => None,
+        };
+        Some(ArrayStat {
+            name: info.name.clone(),
+            run_state: RunState::Active,
+            level: if meta.level == 0 { 1 } else { meta.level },
+            members,
+            blocks_kib: r.size / 1024,
+            metadata: "1.2".to_owned(),
+            raid_disks: r.raid_disks,
+            sync,
+            bitmap: meta.bitmap_kind.map(|_| BitmapStat {
+                chunks: meta.chunks,
+                chunk_bytes: meta.chunk_bytes,
+            }),
+        })
+    }
+}
+
+impl Exports for Node {
+    fn list(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .all_services()
+            .iter()
+            .flat_map(|s| s.registry().list())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn open(&self, name: &str, client: &ClientInfo) -> Result<OpenExport, OpenError> {
+        match self.find(name) {
+            Some(s) => Exports::open(&**s.registry(), name, client),
+            None => Err(OpenError::NotFound {
+                name: name.to_owned(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,389 @@
+//! Cluster-mode `mdagent`: binds the agent service, opens this node's lock-service
+//! session with its address (so mdserver can route to it), and serves until shutdown.
+//!
+//! ```text
+//! bind --listen ──▶ open session (retry with backoff until --connect-timeout;
+//!                   a previous session of this node still alive: wait for its TTL)
+//!   ──▶ serve AgentService (+ NBD TCP) ──shutdown──▶ stop every array (leave the
+//!       cluster for each) ──▶ close the session
+//! ```
+//!
+//! Session notifications: messages on array channels are acknowledged (a payload that
+//! is not a cluster message gets a negative ack with the reason, never silence); a lost
+//! session drops the node's session (clustered assembles answer EIO) and a new one is
+//! opened with backoff, on which every clustered array takes its slot again.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mdcluster_proto::lock_client::{LockClientError, Notification, Session, SessionConfig};
+use mdcluster_proto::v1::agent_service_server::AgentServiceServer;
+use mdcluster_proto::v1::Errno;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::grpc::AgentSvc;
+use super::{events, Node, NodeConfig};
+use crate::cluster::{ClusterMsg, MsgType};
+use crate::nbd::Exports;
+
+/// How cluster mode runs.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// The node.
+    pub node: NodeConfig,
+    /// mdserver replicas.
+    pub servers: Vec<String>,
+    /// Address the agent service binds (port 0: any).
+    pub listen: String,
+    /// Address registered for mdserver to call (default: the bound address).
+    pub advertise: Option<String>,
+    /// Session lease TTL.
+    pub session_ttl: Duration,
+    /// Self-fencing margin before the lease deadline.
+    pub fence_margin: Duration,
+    /// How long to keep trying to open the session at start.
+    pub connect_timeout: Duration,
+}
+
+/// Errors that stop the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// Binding the listener failed.
+    #[error("bind the agent service on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// No session could be opened in time.
+    #[error(
+        "open a session with mdserver ({servers}) for node {node} within {timeout:?}: {source}"
+    )]
+    Session {
+        /// The servers.
+        servers: String,
+        /// The node.
+        node: String,
+        /// The bound.
+        timeout: Duration,
+        /// The last error.
+        source: LockClientError,
+    },
+    /// The gRPC server failed.
+    #[error("agent gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    /// Binding the NBD TCP listener failed.
+    #[error("bind the NBD TCP listener on {addr}: {source}")]
+    Nbd {
+        /// The address.
+        addr: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// Opens the session, retrying with backoff until `deadline`.
+async fn open_session(
+    cfg: &SessionConfig,
+    timeout: Duration,
+) -> Result<(Session, mpsc::Receiver<Notification>), LockClientError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match Session::open(cfg.clone()).await {
+            Ok(s) => return Ok(s),
+            Err(e) => {
+                if tokio::time::Instant::now() + backoff >= deadline {
+                    return Err(e);
+                }
+                let why = if e.errno() == Errno::Ebusy {
+                    " (a previous session of this node is still alive; waiting for its lease to expire)"
+                } else {
+                    ""
+                };
+                tracing::warn!("open session failed{why}, retrying in {backoff:?}: {e}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Handles session notifications until the channel closes or `stop`.
+async fn notifications(
+    node: Arc<Node>,
+    session: Arc<Session>,
+    mut rx: mpsc::Receiver<Notification>,
+    stop: CancellationToken,
+) -> Option<String> {
+    loop {
+        let n = tokio::select! {
+            n = rx.recv() => n,
+            _ = stop.cancelled() => return None,
+        };
+        match n {
+            None => return Some("notification channel closed".into()),
+            Some(Notification::Message(d)) => {
+                let result = match ClusterMsg::decode(&d.payload) {
+                    Ok(msg) => {
+                        tracing::info!(channel = %d.channel, from = %d.publisher_node, ?msg, "cluster message");
+                        if msg.kind == MsgType::BitmapNeedsSync {
+                            let joined = node
+                                .memberships()
+                                .into_iter()
+                                .find(|(_, m, _)| crate::cluster::channel(&m.uuid) == d.channel);
+                            if let Some((name, m, _)) = joined {
+                                tokio::spawn(super::takeover::needs_sync(
+                                    node.clone(),
+                                    session.clone(),
+                                    name,
+                                    m.uuid,
+                                    msg.slot,
+                                    d.publisher_node.clone(),
+                                ));
+                            }
+                        }
+                        Ok(())
+                    }
+                    Err(e) => Err(format!(
+                        "node {}: cannot decode cluster message: {e}",
+                        node.name()
+                    )),
+                };
+                if let Err(e) = session.ack(&d.message_id, result).await {
+                    tracing::warn!(message = %d.message_id, "ack: {e}");
+                }
+            }
+            Some(Notification::Lost { reason }) => return Some(reason),
+            Some(Notification::HolderExpired {
+                resource,
+                node: dead,
+                ..
+            }) => {
+                tracing::warn!(lock = %resource, node = %dead, "holder expired");
+            }
+            Some(other) => tracing::debug!(?other, "session notification"),
+        }
+    }
+}
+
+/// Exit status of a self-fenced agent (EX_TEMPFAIL): restart it to rejoin.
+pub const FENCE_EXIT_CODE: i32 = 75;
+
+/// Self-fencing (RFC 0001): once the session's fence deadline (send time of the last
+/// acknowledged heartbeat + TTL − margin) has passed while this node holds clustered
+/// slots, no member I/O may happen any more: the agent ends the process at once
+/// (`_exit`, no destructors, no flush, no superblock write), like sbd's self-reset. A
+/// write already inside the kernel completes before the process is gone, which is
+/// before the lease can expire; a survivor recovers the slot only after it expired. A
+/// restarted agent assembles its arrays again from `<run-dir>/arrays.json` (rejoin).
+/// Checked every quarter margin (at most 100 ms).
+fn spawn_fence_watchdog(
+    node: Arc<Node>,
+    margin: Duration,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let period = (margin / 4).clamp(Duration::from_millis(5), Duration::from_millis(100));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            let Some(session) = node.session() else {
+                continue;
+            };
+            if tokio::time::Instant::now() < session.fence_deadline() {
+                continue;
+            }
+            fence_if_joined(
+                &node,
+                "the session with mdserver could not be renewed before its fence deadline",
+            );
+        }
+    })
+}
+
+/// Ends the process at once when this node holds clustered slots (see
+/// [`spawn_fence_watchdog`]); does nothing otherwise.
+fn fence_if_joined(node: &Node, why: &str) {
+    let joined = node.memberships();
+    if joined.is_empty() {
+        return;
+    }
+    let arrays: Vec<String> = joined
+        .into_iter()
+        .map(|(n, m, _)| format!("{n} (slot {})", m.slot))
+        .collect();
+    let msg = format!(
+        "mdagent node {}: SELF-FENCING: {why}; stopping all member I/O of {} by exiting now \
+         (status {FENCE_EXIT_CODE}); restart the agent to rejoin",
+        node.name(),
+        arrays.join(", ")
+    );
+    tracing::error!("{msg}");
+    eprintln!("{msg}");
+    // SAFETY: _exit(2) ends the process immediately; it touches no Rust state.
+    unsafe { libc::_exit(FENCE_EXIT_CODE) };
+}
+
+/// Runs a cluster-mode agent until `shutdown` completes. Prints one line
+/// `mdagent ready: node NAME listening on ADDR` on stdout when serving.
+pub async fn run(
+    cfg: RuntimeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RuntimeError> {
+    std::fs::create_dir_all(&cfg.node.run_dir).map_err(|source| RuntimeError::Bind {
+        addr: cfg.node.run_dir.display().to_string(),
+        source,
+    })?;
+    let listener = TcpListener::bind(&cfg.listen)
+        .await
+        .map_err(|source| RuntimeError::Bind {
+            addr: cfg.listen.clone(),
+            source,
+        })?;
+    let bound = listener.local_addr().map_err(|source| RuntimeError::Bind {
+        addr: cfg.listen.clone(),
+        source,
+    })?;
+    let advertise = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
+    let stop = CancellationToken::new();
+    let mut node_cfg = cfg.node.clone();
+    let nbd_tcp = match &node_cfg.nbd_tcp {
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| RuntimeError::Nbd {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            node_cfg.nbd_tcp = l.local_addr().ok().map(|a| a.to_string());
+            Some(l)
+        }
+        None => None,
+    };
+    let node = Node::new(node_cfg);
+    let mut scfg = SessionConfig::new(cfg.servers.clone(), node.name(), advertise.clone());
+    scfg.ttl = cfg.session_ttl;
+    scfg.fence_margin = cfg.fence_margin;
+    let (session, rx) = open_session(&scfg, cfg.connect_timeout)
+        .await
+        .map_err(|source| RuntimeError::Session {
+            servers: cfg.servers.join(","),
+            node: node.name().to_owned(),
+            timeout: cfg.connect_timeout,
+            source,
+        })?;
+    let session = Arc::new(session);
+    node.set_session(Some(session.clone()));
+    tracing::info!(node = node.name(), addr = %advertise, session = format_args!("{:x}", session.id()), "session open");
+
+    // Notifications, and a new session when one is lost.
+    let keeper = {
+        let node = node.clone();
+        let stop = stop.clone();
+        let scfg = scfg.clone();
+        let mut session = session.clone();
+        let mut rx = rx;
+        tokio::spawn(async move {
+            loop {
+                let Some(reason) =
+                    notifications(node.clone(), session.clone(), rx, stop.clone()).await
+                else {
+                    return;
+                };
+                tracing::error!(
+                    node = node.name(),
+                    "session lost: {reason}; opening a new one"
+                );
+                fence_if_joined(
+                    &node,
+                    &format!("the session with mdserver was lost ({reason})"),
+                );
+                node.set_session(None);
+                loop {
+                    if stop.is_cancelled() {
+                        return;
+                    }
+                    match open_session(&scfg, Duration::from_secs(60)).await {
+                        Ok((s, r)) => {
+                            session = Arc::new(s);
+                            rx = r;
+                            node.rejoin(&session).await;
+                            node.set_session(Some(session.clone()));
+                            tracing::info!(node = node.name(), "session open again");
+                            break;
+                        }
+                        Err(e) => tracing::error!("reopening the session failed: {e}"),
+                    }
+                }
+            }
+        })
+    };
+    let fence = spawn_fence_watchdog(node.clone(), cfg.fence_margin, stop.clone());
+    let rejoin = {
+        let node = node.clone();
+        tokio::spawn(async move { node.reassemble_saved().await })
+    };
+    let watcher = events::spawn_engine_watcher(node.clone(), stop.clone());
+    let takeover = super::takeover::spawn(node.clone(), stop.clone());
+    let tcp = nbd_tcp.map(|l| {
+        let exports: Arc<dyn Exports> = node.clone();
+        tokio::spawn(crate::nbd::serve_tcp(
+            l,
+            exports,
+            cfg.node.nbd.clone(),
+            stop.clone(),
+        ))
+    });
+
+    println!(
+        "mdagent ready: node {} listening on {advertise}",
+        node.name()
+    );
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let streams_end = CancellationToken::new();
+    let shutdown = {
+        let streams_end = streams_end.clone();
+        async move {
+            shutdown.await;
+            // Graceful shutdown waits for open calls: end the event streams first.
+            streams_end.cancel();
+        }
+    };
+    let served = tonic::transport::Server::builder()
+        .add_service(AgentServiceServer::new(AgentSvc {
+            node: node.clone(),
+            streams_end,
+        }))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    tracing::info!(node = node.name(), "shutting down: stopping every array");
+    node.shutdown().await;
+    stop.cancel();
+    let _ = keeper.await;
+    let _ = rejoin.await;
+    let _ = fence.await;
+    let _ = watcher.await;
+    let _ = takeover.await;
+    if let Some(t) = tcp {
+        let _ = t.await;
+    }
+    node.set_session(None);
+    match Arc::try_unwrap(session) {
+        Ok(s) => {
+            if let Err(e) = s.close().await {
+                tracing::warn!("close session: {e}");
+            }
+        }
+        Err(_) => tracing::debug!("session still shared at exit; its lease expires by itself"),
+    }
+    Ok(served?)
+}

@@ -1,0 +1,304 @@
+//! Node failure and slot recovery (RFC 0001): a survivor takes over a dead node's
+//! bitmap slot and resyncs exactly the chunks that slot marks dirty.
+//!
+//! Every [`PERIOD`] the node reads the holders of every other slot lock of each
+//! clustered array it has joined (a lock-free read of the value block). When a slot
+//! that had a holder has none now and that holder has no live session any more (it is
+//! gone from the node registry: its lease expired), the node recovers the slot:
+//!
+//! 1. take `slot/N` no-queue (another survivor got it first: nothing to do);
+//! 2. read slot N's bits on every member (their union);
+//! 3. merge them into this node's running bitmap: each chunk's bit is made durable in
+//!    our slot (`start_write`) and marked needed (`end_write(.., degraded)`), then ask
+//!    the engine for a bitmap-driven resync (which holds the engine's barrier against
+//!    this node's own writes, chunk by chunk);
+//! 4. clear slot N's bits on disk (ours are durable first, so a crash in between
+//!    loses nothing);
+//! 5. release `slot/N`, and emit `SlotRecovered` with the chunk count.
+//!
+//! A holder that left cleanly (its stop released the slot while its session lives on)
+//! is not recovered: its slot is clean. A holder that left with dirty bits says so with
+//! BITMAP_NEEDS_SYNC; every receiver then recovers the slot the same way once it is
+//! released ([`needs_sync`]; the first wins, the others find it clean). Polling the holders instead of queueing on each
+//! slot lock keeps a rejoining node's join from meeting a survivor's queued request.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mdcluster_proto::lock_client::{Mode, Session, Wait};
+use tokio_util::sync::CancellationToken;
+
+use super::Node;
+use crate::cluster::slot_lock;
+use crate::format::bitmap::{count_set, test_bit};
+use crate::format::io::{read_member, write_bitmap_slot, DeviceError};
+use crate::raid::Raid1;
+
+/// How often the slot holders are read.
+pub const PERIOD: Duration = Duration::from_millis(500);
+
+/// Errors of one recovery.
+#[derive(Debug, thiserror::Error)]
+pub enum TakeoverError {
+    /// The array is not active here any more.
+    #[error("array {0} is not active on this node")]
+    Gone(String),
+    /// The array has no bitmap.
+    #[error("array {0} has no bitmap")]
+    NoBitmap(String),
+    /// Reading or clearing the dead slot failed.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// Marking our bits failed.
+    #[error("array {array}: {reason}")]
+    Bitmap {
+        /// The array.
+        array: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Watches every joined clustered array's other slots until `stop`.
+pub fn spawn(node: Arc<Node>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut last: HashMap<(String, u32), Vec<String>> = HashMap::new();
+        let mut tick = tokio::time::interval(PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            let Some(session) = node.session() else {
+                continue;
+            };
+            if !session.is_live() {
+                continue;
+            }
+            let joined = node.memberships();
+            last.retain(|(a, _), _| joined.iter().any(|(n, _, _)| n == a));
+            for (name, m, slots) in joined {
+                for other in (0..slots).filter(|&s| s != m.slot) {
+                    let res = slot_lock(&m.uuid, other);
+                    let Ok((_, holders)) = session.read_value(&res).await else {
+                        continue;
+                    };
+                    let prev = last
+                        .insert((name.clone(), other), holders.clone())
+                        .unwrap_or_default();
+                    if !holders.is_empty() || prev.is_empty() {
+                        continue;
+                    }
+                    let live: HashSet<String> = match session.nodes().await {
+                        Ok(n) => n.into_iter().map(|e| e.node).collect(),
+                        Err(e) => {
+                            tracing::warn!("takeover: list nodes: {e}");
+                            last.remove(&(name.clone(), other));
+                            continue;
+                        }
+                    };
+                    let dead: Vec<String> = prev
+                        .into_iter()
+                        .filter(|h| !live.contains(h) && h != node.name())
+                        .collect();
+                    if dead.is_empty() {
+                        continue; // a clean leave
+                    }
+                    recover(&node, &session, &name, &m.uuid, other, &dead).await;
+                }
+            }
+        }
+    })
+}
+
+/// How long a BITMAP_NEEDS_SYNC receiver waits for the sender to release its slot.
+pub const NEEDS_SYNC_WAIT: Duration = Duration::from_secs(10);
+
+/// BITMAP_NEEDS_SYNC from `from` (it left array `name` with slot `slot` dirty): once its
+/// leave has released the slot (read with backoff for at most [`NEEDS_SYNC_WAIT`]),
+/// recover the slot as for a failed node.
+pub async fn needs_sync(
+    node: Arc<Node>,
+    session: Arc<Session>,
+    name: String,
+    uuid: [u8; 16],
+    slot: u32,
+    from: String,
+) {
+    let res = slot_lock(&uuid, slot);
+    let deadline = tokio::time::Instant::now() + NEEDS_SYNC_WAIT;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        if let Ok((_, holders)) = session.read_value(&res).await {
+            if holders.is_empty() {
+                break;
+            }
+        }
+        if tokio::time::Instant::now() + backoff >= deadline {
+            tracing::warn!(array = %name, slot, "BITMAP_NEEDS_SYNC from {from}: slot still held after {NEEDS_SYNC_WAIT:?}; not recovered here");
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+    recover(&node, &session, &name, &uuid, slot, &[from]).await;
+}
+
+async fn recover(
+    node: &Arc<Node>,
+    session: &Session,
+    name: &str,
+    uuid: &[u8; 16],
+    slot: u32,
+    dead: &[String],
+) {
+    let res = slot_lock(uuid, slot);
+    let grant = match session.acquire(&res, Mode::Exclusive, Wait::NoQueue).await {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::info!(
+                array = name,
+                slot,
+                "slot of failed node {dead:?} taken by another survivor: {e}"
+            );
+            return;
+        }
+    };
+    tracing::warn!(array = name, slot, failed = ?dead, "recovering the bitmap slot of a failed node");
+    let result = match node.raid_of(name) {
+        Some((raid, members)) => recover_locked(name, &raid, &members, slot).await,
+        None => Err(TakeoverError::Gone(name.to_owned())),
+    };
+    if let Err(e) = session.release(&res, grant.token).await {
+        tracing::warn!(array = name, lock = %res, "release after recovery: {e}");
+    }
+    match result {
+        Ok(chunks) => {
+            tracing::info!(array = name, slot, chunks, "slot recovered");
+            node.emit(
+                "SlotRecovered",
+                name,
+                &format!("slot{slot}"),
+                format!(
+                    "node {} recovered bitmap slot {slot} of {name} (node {} failed or left it dirty): {chunks} dirty chunks resynced",
+                    node.name(),
+                    dead.join(", ")
+                ),
+            );
+        }
+        Err(e) => {
+            tracing::error!(array = name, slot, "slot recovery failed: {e}");
+            node.emit(
+                "SlotRecoveryFailed",
+                name,
+                &format!("slot{slot}"),
+                format!(
+                    "node {}: recovering slot {slot} of {name} failed: {e}",
+                    node.name()
+                ),
+            );
+        }
+    }
+}
+
+/// Steps 2–4 of the module doc; returns the chunk count.
+async fn recover_locked(
+    name: &str,
+    raid: &Arc<Raid1>,
+    members: &[PathBuf],
+    slot: u32,
+) -> Result<u64, TakeoverError> {
+    let bm = raid
+        .bitmap()
+        .cloned()
+        .ok_or_else(|| TakeoverError::NoBitmap(name.to_owned()))?;
+    let paths = members.to_vec();
+    let bits = tokio::task::spawn_blocking(move || read_slot_union(&paths, slot))
+        .await
+        .map_err(|e| TakeoverError::Bitmap {
+            array: name.to_owned(),
+            reason: format!("read task failed: {e}"),
+        })??;
+    let Some((bits, chunks)) = bits else {
+        return Ok(0);
+    };
+    let dirty: Vec<u64> = (0..chunks).filter(|&c| test_bit(&bits, c)).collect();
+    if dirty.is_empty() {
+        return Ok(0);
+    }
+    let cb = bm.geometry().chunk_bytes;
+    for &c in &dirty {
+        bm.start_write(c * cb, cb)
+            .await
+            .map_err(|e| TakeoverError::Bitmap {
+                array: name.to_owned(),
+                reason: e.to_string(),
+            })?;
+        bm.end_write(c * cb, cb, true);
+    }
+    raid.request_resync();
+    let paths = members.to_vec();
+    tokio::task::spawn_blocking(move || clear_slot(&paths, slot))
+        .await
+        .map_err(|e| TakeoverError::Bitmap {
+            array: name.to_owned(),
+            reason: format!("clear task failed: {e}"),
+        })??;
+    Ok(count_set(&bits, chunks))
+}
+
+/// The union of slot `slot`'s bits over the readable members, and the chunk count.
+fn read_slot_union(paths: &[PathBuf], slot: u32) -> Result<Option<(Vec<u8>, u64)>, DeviceError> {
+    let mut out: Option<(Vec<u8>, u64)> = None;
+    let mut first_err = None;
+    for p in paths {
+        match read_member(p) {
+            Ok(m) => {
+                let Some(s) = m.bitmap.get(slot as usize) else {
+                    continue;
+                };
+                match &mut out {
+                    None => out = Some((s.bits.clone(), s.sb.chunks())),
+                    Some((b, _)) => b.iter_mut().zip(&s.bits).for_each(|(a, o)| *a |= *o),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(member = %p.display(), "takeover: unreadable member: {e}");
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    match (out, first_err) {
+        (None, Some(e)) => Err(e),
+        (out, _) => Ok(out),
+    }
+}
+
+/// Clears slot `slot`'s bits on every readable member.
+fn clear_slot(paths: &[PathBuf], slot: u32) -> Result<(), DeviceError> {
+    for p in paths {
+        let m = match read_member(p) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(member = %p.display(), "takeover: not clearing an unreadable member: {e}");
+                continue;
+            }
+        };
+        let Some(s) = m.bitmap.get(slot as usize) else {
+            continue;
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p)
+            .map_err(|source| DeviceError::Open {
+                path: p.clone(),
+                source,
+            })?;
+        write_bitmap_slot(&file, p, &m.sb, slot, &s.sb, &vec![0u8; s.bits.len()])?;
+    }
+    Ok(())
+}

@@ -1,0 +1,470 @@
+//! The cluster commands: each is one or a few calls to mdserver's `ClusterService`.
+//! Errors come back with their errno ([`mdcluster_proto::status`]); the command prints
+//! the sentence and exits with the errno's code ([`crate::exit`]).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use mdcluster_proto::status::WireError;
+use mdcluster_proto::v1 as pb;
+use mdcluster_proto::v1::cluster_service_client::ClusterServiceClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Status;
+
+use crate::exit::Exit;
+use crate::render;
+
+/// Bound of connecting to mdserver.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bound of a read-only call.
+const READ_TIMEOUT: Duration = Duration::from_secs(15);
+/// Bound of a create, assemble or stop (the server bounds its own hop below this).
+const OP_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long one `--program` run may take.
+const PROGRAM_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default mdserver when neither --server nor MDCTL_SERVER is given.
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7480";
+
+/// A failed command: exit code and sentence.
+#[derive(Debug)]
+pub struct Failure {
+    /// The exit code.
+    pub exit: Exit,
+    /// What to print.
+    pub message: String,
+}
+
+impl Failure {
+    fn new(exit: Exit, message: impl Into<String>) -> Self {
+        Failure {
+            exit,
+            message: message.into(),
+        }
+    }
+}
+
+/// What `mdctl create` asks for.
+#[derive(Debug, Clone)]
+pub struct CreateArgs {
+    /// Array name.
+    pub array: String,
+    /// `--level`.
+    pub level: i32,
+    /// `--raid-devices`.
+    pub raid_devices: u32,
+    /// `--spare-devices`.
+    pub spare_devices: u32,
+    /// `--bitmap`.
+    pub bitmap: String,
+    /// `--nodes`.
+    pub nodes: Option<u32>,
+    /// `--cluster-name`.
+    pub cluster_name: Option<String>,
+    /// `--name`.
+    pub name: Option<String>,
+    /// `--size` in KiB (`None`: max).
+    pub size_kib: Option<u64>,
+    /// `--assume-clean`.
+    pub assume_clean: bool,
+    /// `--force`.
+    pub force: bool,
+    /// `--bitmap-chunk` in KiB.
+    pub bitmap_chunk_kib: Option<u32>,
+    /// Members.
+    pub devices: Vec<PathBuf>,
+}
+
+/// A connection to mdserver.
+pub struct Client {
+    url: String,
+    inner: ClusterServiceClient<Channel>,
+}
+
+impl Client {
+    /// A client of `url` (connected lazily; the first call reports an unreachable
+    /// server).
+    pub fn new(url: &str) -> Result<Client, Failure> {
+        let ep = Endpoint::from_shared(url.to_owned())
+            .map_err(|e| Failure::new(Exit::Invalid, format!("invalid mdserver URL {url:?}: {e}")))?
+            .connect_timeout(CONNECT_TIMEOUT);
+        Ok(Client {
+            url: url.to_owned(),
+            inner: ClusterServiceClient::new(ep.connect_lazy()),
+        })
+    }
+
+    fn fail(&self, s: Status) -> Failure {
+        if s.details().is_empty()
+            && matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
+        {
+            return Failure::new(
+                Exit::Unreachable,
+                format!("cannot reach mdserver at {}: {}; start it or point --server / MDCTL_SERVER at it", self.url, s.message()),
+            );
+        }
+        let e = WireError::from_status(&s);
+        Failure::new(Exit::of_errno(e.errno), e.message)
+    }
+
+    async fn run<T, F, Fut>(&self, timeout: Duration, f: F) -> Result<T, Failure>
+    where
+        F: FnOnce(ClusterServiceClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        match tokio::time::timeout(timeout, f(self.inner.clone())).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => Err(self.fail(s)),
+            Err(_) => Err(Failure::new(
+                Exit::TimedOut,
+                format!("mdserver at {} did not answer within {timeout:?}", self.url),
+            )),
+        }
+    }
+}
+
+fn dev(name: &str) -> String {
+    format!("/dev/{}", name.strip_prefix("/dev/").unwrap_or(name))
+}
+
+fn json_out(v: &serde_json::Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default() + "\n"
+}
+
+/// `mdctl create`.
+pub async fn create(
+    c: &Client,
+    node: &str,
+    a: CreateArgs,
+    json: bool,
+    wait: bool,
+) -> Result<String, Failure> {
+    let req = pb::ClusterCreateRequest {
+        node: node.to_owned(),
+        create: Some(pb::CreateArrayRequest {
+            name: a.array.clone(),
+            level: a.level,
+            raid_devices: a.raid_devices,
+            spare_devices: a.spare_devices,
+            bitmap: a.bitmap.clone(),
+            nodes: a.nodes.unwrap_or(0),
+            cluster_name: a.cluster_name.clone().unwrap_or_default(),
+            md_name: a.name.clone().unwrap_or_default(),
+            size_kib: a.size_kib,
+            assume_clean: a.assume_clean,
+            members: a.devices.iter().map(|d| d.display().to_string()).collect(),
+            force: a.force,
+            bitmap_chunk_kib: a.bitmap_chunk_kib.unwrap_or(0),
+        }),
+    };
+    let st = c
+        .run(OP_TIMEOUT, |mut x| async move { x.create(req).await })
+        .await?;
+    eprintln!(
+        "mdctl: array {} started on node {} ({} devices, uuid {}).",
+        dev(&st.name),
+        st.node,
+        st.members.len(),
+        st.uuid
+    );
+    let st = if wait {
+        wait_sync(c, &st.node, &st.name).await?
+    } else {
+        st
+    };
+    Ok(if json {
+        json_out(&render::status_json(&st))
+    } else {
+        String::new()
+    })
+}
+
+/// `mdctl assemble`.
+pub async fn assemble(
+    c: &Client,
+    node: &str,
+    array: &str,
+    devices: &[PathBuf],
+    json: bool,
+    wait: bool,
+) -> Result<String, Failure> {
+    let req = pb::ClusterAssembleRequest {
+        node: node.to_owned(),
+        name: array.to_owned(),
+        members: devices.iter().map(|d| d.display().to_string()).collect(),
+    };
+    let st = c
+        .run(OP_TIMEOUT, |mut x| async move { x.assemble(req).await })
+        .await?;
+    eprintln!(
+        "mdctl: {} has been started on node {} with {} drives.",
+        dev(&st.name),
+        st.node,
+        st.members.len()
+    );
+    let st = if wait {
+        wait_sync(c, &st.node, &st.name).await?
+    } else {
+        st
+    };
+    Ok(if json {
+        json_out(&render::status_json(&st))
+    } else {
+        String::new()
+    })
+}
+
+/// `mdctl stop`.
+pub async fn stop(
+    c: &Client,
+    node: &str,
+    array: Option<&str>,
+    scan: bool,
+    force: bool,
+    json: bool,
+) -> Result<String, Failure> {
+    let req = pb::ClusterStopRequest {
+        node: node.to_owned(),
+        name: array.unwrap_or_default().to_owned(),
+        scan,
+        force,
+    };
+    let r = c
+        .run(OP_TIMEOUT, |mut x| async move { x.stop(req).await })
+        .await?;
+    for a in &r.stopped {
+        eprintln!("mdctl: stopped {} on node {}", dev(a), r.node);
+    }
+    Ok(if json {
+        json_out(&serde_json::json!({"node": r.node, "stopped": r.stopped}))
+    } else {
+        String::new()
+    })
+}
+
+/// `mdctl detail`.
+pub async fn detail(c: &Client, array: &str, json: bool) -> Result<String, Failure> {
+    let name = array.strip_prefix("/dev/").unwrap_or(array).to_owned();
+    let req = pb::DetailRequest { name: name.clone() };
+    let d = c
+        .run(READ_TIMEOUT, |mut x| async move { x.detail(req).await })
+        .await?;
+    Ok(if json {
+        json_out(&render::detail_json(&d))
+    } else {
+        render::detail_text(&name, &d)
+    })
+}
+
+/// `mdctl mdstat`.
+pub async fn mdstat(c: &Client, node: &str, json: bool) -> Result<String, Failure> {
+    let req = pb::ClusterMdstatRequest {
+        node: node.to_owned(),
+    };
+    let r = c
+        .run(READ_TIMEOUT, |mut x| async move { x.mdstat(req).await })
+        .await?;
+    Ok(if json {
+        json_out(&serde_json::json!({"node": r.node, "mdstat": r.text}))
+    } else {
+        r.text
+    })
+}
+
+/// `mdctl nodes`.
+pub async fn nodes(c: &Client, json: bool) -> Result<String, Failure> {
+    let r = c
+        .run(READ_TIMEOUT, |mut x| async move {
+            x.nodes(pb::ClusterNodesRequest {}).await
+        })
+        .await?;
+    Ok(if json {
+        json_out(&render::nodes_json(&r))
+    } else {
+        render::nodes_text(&r)
+    })
+}
+
+/// `mdctl tune`.
+pub async fn tune(
+    c: &Client,
+    node: &str,
+    min: u64,
+    max: u64,
+    json: bool,
+) -> Result<String, Failure> {
+    let req = pb::TuneRequest {
+        node: node.to_owned(),
+        sync_speed_min_kib_s: min,
+        sync_speed_max_kib_s: max,
+    };
+    let r = c
+        .run(READ_TIMEOUT, |mut x| async move { x.tune(req).await })
+        .await?;
+    eprintln!(
+        "mdctl: sync speed {min}..{max} KiB/s on node(s) {} ({} arrays)",
+        r.nodes.join(", "),
+        r.arrays.len()
+    );
+    Ok(if json {
+        json_out(&serde_json::json!({"nodes": r.nodes, "arrays": r.arrays}))
+    } else {
+        String::new()
+    })
+}
+
+/// Runs `program EVENT DEVICE [COMPONENT]` like `mdadm --monitor --program`, bounded.
+async fn run_program(program: &str, e: &pb::ArrayEvent) {
+    let device = if e.array.is_empty() {
+        format!("node:{}", e.node)
+    } else {
+        dev(&e.array)
+    };
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.arg(&e.event).arg(&device);
+    if !e.component.is_empty() {
+        cmd.arg(&e.component);
+    }
+    cmd.env("MDCTL_EVENT_NODE", &e.node)
+        .env("MDCTL_EVENT_DETAIL", &e.detail)
+        .kill_on_drop(true)
+        .stdin(std::process::Stdio::null());
+    match cmd.spawn() {
+        Ok(mut child) => match tokio::time::timeout(PROGRAM_TIMEOUT, child.wait()).await {
+            Ok(Ok(s)) if !s.success() => {
+                eprintln!("mdctl: {program} {} {device}: exited with {s}", e.event)
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => eprintln!("mdctl: {program}: {err}"),
+            Err(_) => {
+                eprintln!(
+                    "mdctl: {program} {} {device}: killed after {PROGRAM_TIMEOUT:?}",
+                    e.event
+                );
+                let _ = child.kill().await;
+            }
+        },
+        Err(err) => eprintln!("mdctl: cannot run {program}: {err}"),
+    }
+}
+
+/// `mdctl monitor`: prints (and with `--program` handles) every event until `count`
+/// events were seen. When the stream breaks (mdserver restarted or unreachable) it
+/// reconnects with backoff for at most `reconnect` before giving up; events in the gap
+/// are lost, which it says.
+pub async fn monitor(
+    c: &Client,
+    node: &str,
+    program: Option<&str>,
+    count: Option<u64>,
+    reconnect: Duration,
+    json: bool,
+) -> Result<String, Failure> {
+    use std::io::Write as _;
+    let mut seen = 0u64;
+    let mut down_since: Option<std::time::Instant> = None;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let req = pb::ClusterWatchRequest {
+            node: node.to_owned(),
+        };
+        let mut stream = match c
+            .run(READ_TIMEOUT, |mut x| async move { x.watch(req).await })
+            .await
+        {
+            Ok(s) => s,
+            Err(f)
+                if f.exit == Exit::Unreachable
+                    || f.exit == Exit::TimedOut
+                    || f.exit == Exit::Io =>
+            {
+                let since = *down_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() >= reconnect {
+                    return Err(f);
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+            Err(f) => return Err(f),
+        };
+        if down_since.take().is_some() {
+            eprintln!("mdctl: event stream back; events in the gap were not seen");
+        }
+        backoff = Duration::from_millis(200);
+        let why = loop {
+            if count.is_some_and(|n| seen >= n) {
+                return Ok(String::new());
+            }
+            match stream.message().await {
+                Ok(Some(e)) => {
+                    seen += 1;
+                    let line = if json {
+                        render::event_json(&e).to_string()
+                    } else {
+                        render::event_line(&e)
+                    };
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "{line}");
+                    let _ = out.flush();
+                    drop(out);
+                    if let Some(p) = program {
+                        run_program(p, &e).await;
+                    }
+                }
+                Ok(None) => break "mdserver ended the event stream".to_owned(),
+                Err(s) => break c.fail(s).message,
+            }
+        };
+        eprintln!("mdctl: event stream lost ({why}); reconnecting for up to {reconnect:?}");
+        down_since = Some(std::time::Instant::now());
+    }
+}
+
+/// `--wait`: follows the array's resync/recovery on `node` with a progress bar until
+/// nothing is left to sync. Each poll is bounded; the array going away ends the wait
+/// with its error.
+async fn wait_sync(c: &Client, node: &str, name: &str) -> Result<pb::ArrayStatus, Failure> {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:40}] {percent:>3}% {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    loop {
+        let req = pb::DetailRequest {
+            name: name.to_owned(),
+        };
+        let d = c
+            .run(READ_TIMEOUT, |mut x| async move { x.detail(req).await })
+            .await?;
+        let Some(st) = d
+            .nodes
+            .into_iter()
+            .find(|n| n.node == node)
+            .and_then(|n| n.status)
+        else {
+            bar.abandon();
+            return Err(Failure::new(
+                Exit::NotFound,
+                format!("array {} is no longer on node {node}", dev(name)),
+            ));
+        };
+        let sync = st.sync.clone().unwrap_or_default();
+        let running = !sync.kind.is_empty() && (sync.state == "busy" || sync.state == "throttled");
+        let needed = st.bitmap.as_ref().map_or(0, |b| b.needed);
+        if !running && needed == 0 {
+            bar.finish_and_clear();
+            eprintln!("mdctl: {} on node {node} is in sync.", dev(name));
+            return Ok(st);
+        }
+        if running {
+            bar.set_message(format!("{} {}", dev(name), sync.kind));
+            bar.set_length(sync.total_bytes);
+            bar.set_position(sync.done_bytes);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

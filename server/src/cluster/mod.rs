@@ -1,0 +1,530 @@
+//! The cluster service: what `mdctl` calls (DESIGN.md "Server ↔ agent ↔ CLI").
+//!
+//! - **nodes**: the live sessions of the lock service's node registry, each with the
+//!   agent address it registered;
+//! - **arrays**: name → UUID, members, bitmap kind and creating node, stored in etcd
+//!   under `<root>arrays/<name>` (JSON, no lease: it outlives every node) — see
+//!   [`records`];
+//! - **routing**: every per-node operation goes to the named node's agent (empty node:
+//!   the first live node in name order), through one cached channel per agent address,
+//!   each call bounded ([`READ_TIMEOUT`], [`OP_TIMEOUT`]);
+//! - **detail** asks every live node and merges the answers;
+//! - **watch** merges every node's event stream with node joined/left/failed events
+//!   ([`watch`]).
+//!
+//! Errors keep their errno across the hop ([`mdcluster_proto::status`]); transport
+//! failures to an agent read as EIO ("node X at ADDR did not answer") or ETIMEDOUT.
+//!
+//! # Layout
+//! - [`records`]: the array records in etcd.
+//! - [`watch`]: the merged event stream.
+
+pub mod records;
+pub mod watch;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mdcluster_proto::status::WireError;
+use mdcluster_proto::v1 as pb;
+use mdcluster_proto::v1::agent_service_client::AgentServiceClient;
+use mdcluster_proto::v1::cluster_service_server::ClusterService;
+use mdcluster_proto::v1::{Errno, NodeInfo};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::Ctx;
+
+/// Bound of a read-only call to an agent.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound of a create, assemble or stop on an agent (stop grace, drain, join).
+pub const OP_TIMEOUT: Duration = Duration::from_secs(90);
+/// Bound of connecting to an agent.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most cached agent channels.
+const MAX_CHANNELS: usize = 4096;
+
+/// The cluster service of one replica.
+#[derive(Debug, Clone)]
+pub struct ClusterSvc {
+    ctx: Arc<Ctx>,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+/// `md0` for `/dev/md0`.
+pub fn short_name(name: &str) -> &str {
+    name.strip_prefix("/dev/").unwrap_or(name)
+}
+
+fn lock_err(e: crate::error::LockError) -> WireError {
+    WireError::from_status(&Status::from(e))
+}
+
+impl ClusterSvc {
+    /// The service over the replica's shared state.
+    pub fn new(ctx: Arc<Ctx>) -> Self {
+        ClusterSvc {
+            ctx,
+            channels: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// The replica's shared state.
+    pub fn ctx(&self) -> &Arc<Ctx> {
+        &self.ctx
+    }
+
+    /// The live nodes in name order.
+    pub async fn live_nodes(&self) -> Result<Vec<NodeInfo>, WireError> {
+        let mut nodes = crate::registry::list(&self.ctx)
+            .await
+            .map_err(lock_err)?
+            .nodes;
+        nodes.sort_by(|a, b| a.node.cmp(&b.node));
+        Ok(nodes)
+    }
+
+    /// The node an operation runs on: `node`, or the first live node when empty.
+    pub async fn resolve(&self, node: &str) -> Result<NodeInfo, WireError> {
+        let nodes = self.live_nodes().await?;
+        if nodes.is_empty() {
+            return Err(WireError::new(
+                Errno::Enoent,
+                "nodes",
+                "no node is connected to mdserver: start mdagent --server on the nodes",
+            ));
+        }
+        if node.is_empty() {
+            return Ok(nodes[0].clone());
+        }
+        nodes
+            .iter()
+            .find(|n| n.node == node)
+            .cloned()
+            .ok_or_else(|| {
+                let known: Vec<&str> = nodes.iter().map(|n| n.node.as_str()).collect();
+                WireError::new(
+                    Errno::Enoent,
+                    format!("node {node}"),
+                    format!(
+                        "node {node} is not connected to mdserver (live nodes: {})",
+                        known.join(", ")
+                    ),
+                )
+            })
+    }
+
+    /// A client of the agent at `addr`.
+    pub fn agent(&self, addr: &str) -> Result<AgentServiceClient<Channel>, WireError> {
+        let mut map = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = map.get(addr) {
+            return Ok(AgentServiceClient::new(c.clone()));
+        }
+        let url = if addr.contains("://") {
+            addr.to_owned()
+        } else {
+            format!("http://{addr}")
+        };
+        let ep = Endpoint::from_shared(url.clone())
+            .map_err(|e| {
+                WireError::new(
+                    Errno::Einval,
+                    format!("agent {addr}"),
+                    format!("invalid agent address {addr:?}: {e}"),
+                )
+            })?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true);
+        let ch = ep.connect_lazy();
+        if map.len() >= MAX_CHANNELS {
+            map.clear();
+        }
+        map.insert(addr.to_owned(), ch.clone());
+        Ok(AgentServiceClient::new(ch))
+    }
+
+    /// Runs one call on `node`'s agent with `timeout`; errors keep their errno and get
+    /// the node named.
+    pub async fn call<T, F, Fut>(
+        &self,
+        node: &NodeInfo,
+        timeout: Duration,
+        f: F,
+    ) -> Result<T, WireError>
+    where
+        F: FnOnce(AgentServiceClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<T>, Status>>,
+    {
+        let client = self.agent(&node.agent_addr)?;
+        match tokio::time::timeout(timeout, f(client)).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => {
+                let e = WireError::from_status(&s);
+                if s.details().is_empty() {
+                    // A transport failure: the agent itself did not answer.
+                    Err(WireError::new(
+                        e.errno,
+                        format!("node {}", node.node),
+                        format!(
+                            "node {} (agent at {}) did not answer: {}",
+                            node.node,
+                            node.agent_addr,
+                            s.message()
+                        ),
+                    ))
+                } else {
+                    Err(e)
+                }
+            }
+            Err(_) => Err(WireError::new(
+                Errno::Etimedout,
+                format!("node {}", node.node),
+                format!(
+                    "node {} (agent at {}) did not answer within {timeout:?}",
+                    node.node, node.agent_addr
+                ),
+            )),
+        }
+    }
+
+    async fn create_impl(&self, r: pb::ClusterCreateRequest) -> Result<pb::ArrayStatus, WireError> {
+        let mut create = r.create.ok_or_else(|| {
+            WireError::new(
+                Errno::Einval,
+                "request",
+                "create: the array description is missing",
+            )
+        })?;
+        create.name = short_name(&create.name).to_owned();
+        let node = self.resolve(&r.node).await?;
+        // A recorded array that runs somewhere is not re-created.
+        if let Some(rec) = records::get(&self.ctx, &create.name).await? {
+            for n in self.live_nodes().await? {
+                let name = create.name.clone();
+                if let Ok(st) = self
+                    .call(&n, READ_TIMEOUT, |mut c| async move {
+                        c.get(pb::GetArrayRequest { name }).await
+                    })
+                    .await
+                {
+                    return Err(WireError::new(
+                        Errno::Eexist,
+                        format!("array {}", create.name),
+                        format!("array {} (uuid {}) already exists and is {} on node {}; stop it on every node first", create.name, rec.uuid, state_word(st.state), n.node),
+                    ));
+                }
+            }
+        }
+        let req = create.clone();
+        let st = self
+            .call(
+                &node,
+                OP_TIMEOUT,
+                |mut c| async move { c.create(req).await },
+            )
+            .await?;
+        let rec = pb::ArrayRecord {
+            name: create.name.clone(),
+            uuid: st.uuid.clone(),
+            members: create.members.clone(),
+            bitmap: if create.bitmap.is_empty() {
+                "internal".into()
+            } else {
+                create.bitmap.clone()
+            },
+            created_on: node.node.clone(),
+        };
+        records::put(&self.ctx, &rec).await?;
+        Ok(st)
+    }
+
+    async fn assemble_impl(
+        &self,
+        r: pb::ClusterAssembleRequest,
+    ) -> Result<pb::ArrayStatus, WireError> {
+        let name = short_name(&r.name).to_owned();
+        let node = self.resolve(&r.node).await?;
+        let rec = records::get(&self.ctx, &name).await?;
+        let members = if r.members.is_empty() {
+            match &rec {
+                Some(rec) => rec.members.clone(),
+                None => {
+                    return Err(WireError::new(
+                        Errno::Enoent,
+                        format!("array {name}"),
+                        format!(
+                            "array {name} is not recorded in the cluster: give its member devices"
+                        ),
+                    ))
+                }
+            }
+        } else {
+            r.members.clone()
+        };
+        let req = pb::AssembleArrayRequest {
+            name: name.clone(),
+            members: members.clone(),
+        };
+        let st = self
+            .call(
+                &node,
+                OP_TIMEOUT,
+                |mut c| async move { c.assemble(req).await },
+            )
+            .await?;
+        if rec.is_none() {
+            let bitmap = st
+                .bitmap
+                .as_ref()
+                .map_or_else(|| "none".to_owned(), |b| b.kind.clone());
+            records::put(
+                &self.ctx,
+                &pb::ArrayRecord {
+                    name,
+                    uuid: st.uuid.clone(),
+                    members,
+                    bitmap,
+                    created_on: node.node.clone(),
+                },
+            )
+            .await?;
+        }
+        Ok(st)
+    }
+
+    async fn stop_impl(
+        &self,
+        r: pb::ClusterStopRequest,
+    ) -> Result<pb::ClusterStopResponse, WireError> {
+        let node = self.resolve(&r.node).await?;
+        let names = if r.scan {
+            let l = self
+                .call(&node, READ_TIMEOUT, |mut c| async move {
+                    c.list(pb::ListArraysRequest {}).await
+                })
+                .await?;
+            l.arrays.into_iter().map(|a| a.name).collect()
+        } else if r.name.is_empty() {
+            return Err(WireError::new(
+                Errno::Einval,
+                "request",
+                "stop: name an array or give --scan",
+            ));
+        } else {
+            vec![short_name(&r.name).to_owned()]
+        };
+        let mut stopped = Vec::new();
+        let mut first_err = None;
+        for name in names {
+            let req = pb::StopArrayRequest {
+                name: name.clone(),
+                force: r.force,
+            };
+            match self
+                .call(&node, OP_TIMEOUT, |mut c| async move { c.stop(req).await })
+                .await
+            {
+                Ok(_) => stopped.push(name),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) if !stopped.is_empty() => {
+                Err(e.context(&format!("stopped {} but", stopped.join(", "))))
+            }
+            Some(e) => Err(e),
+            None => Ok(pb::ClusterStopResponse {
+                node: node.node,
+                stopped,
+            }),
+        }
+    }
+
+    async fn detail_impl(&self, r: pb::DetailRequest) -> Result<pb::DetailResponse, WireError> {
+        let name = short_name(&r.name).to_owned();
+        let record = records::get(&self.ctx, &name).await?;
+        let nodes = self.live_nodes().await?;
+        let asks = nodes.iter().map(|n| {
+            let name = name.clone();
+            async move {
+                let r = self
+                    .call(n, READ_TIMEOUT, |mut c| async move {
+                        c.get(pb::GetArrayRequest { name }).await
+                    })
+                    .await;
+                let mut na = pb::NodeArray {
+                    node: n.node.clone(),
+                    agent_addr: n.agent_addr.clone(),
+                    ..Default::default()
+                };
+                match r {
+                    Ok(st) => {
+                        na.state = state_word(st.state).to_owned();
+                        na.status = Some(st);
+                    }
+                    Err(e) if e.errno == Errno::Enoent => na.state = "absent".into(),
+                    Err(e) => {
+                        na.state = "unreachable".into();
+                        na.error = e.message;
+                    }
+                }
+                na
+            }
+        });
+        let per_node = futures::future::join_all(asks).await;
+        if record.is_none() && per_node.iter().all(|n| n.status.is_none()) {
+            return Err(WireError::new(
+                Errno::Enoent,
+                format!("array {name}"),
+                format!("no array named {name}: it is not recorded and no live node has it"),
+            ));
+        }
+        Ok(pb::DetailResponse {
+            record,
+            nodes: per_node,
+        })
+    }
+
+    async fn nodes_impl(&self) -> Result<pb::ClusterNodesResponse, WireError> {
+        let nodes = self.live_nodes().await?;
+        let asks = nodes.iter().map(|n| async move {
+            let r = self
+                .call(n, READ_TIMEOUT, |mut c| async move {
+                    c.list(pb::ListArraysRequest {}).await
+                })
+                .await;
+            let mut cn = pb::ClusterNode {
+                node: n.node.clone(),
+                agent_addr: n.agent_addr.clone(),
+                session_id: n.session_id,
+                ..Default::default()
+            };
+            match r {
+                Ok(l) => {
+                    cn.reachable = true;
+                    cn.arrays = l
+                        .arrays
+                        .iter()
+                        .map(|a| format!("{}:{}", a.name, state_word(a.state)))
+                        .collect();
+                }
+                Err(e) => cn.error = e.message,
+            }
+            cn
+        });
+        Ok(pb::ClusterNodesResponse {
+            nodes: futures::future::join_all(asks).await,
+        })
+    }
+
+    async fn tune_impl(&self, r: pb::TuneRequest) -> Result<pb::TuneResponse, WireError> {
+        let nodes = if r.node.is_empty() {
+            self.live_nodes().await?
+        } else {
+            vec![self.resolve(&r.node).await?]
+        };
+        let mut out = pb::TuneResponse::default();
+        for n in &nodes {
+            let req = pb::SetSpeedRequest {
+                name: String::new(),
+                min_kib_s: r.sync_speed_min_kib_s,
+                max_kib_s: r.sync_speed_max_kib_s,
+            };
+            let resp = self
+                .call(
+                    n,
+                    READ_TIMEOUT,
+                    |mut c| async move { c.set_speed(req).await },
+                )
+                .await?;
+            out.nodes.push(n.node.clone());
+            out.arrays
+                .extend(resp.arrays.iter().map(|a| format!("{}/{a}", n.node)));
+        }
+        Ok(out)
+    }
+}
+
+/// The word for an array state.
+pub fn state_word(s: i32) -> &'static str {
+    match pb::ArrayRunState::try_from(s) {
+        Ok(pb::ArrayRunState::Assembling) => "assembling",
+        Ok(pb::ArrayRunState::Active) => "active",
+        Ok(pb::ArrayRunState::Stopping) => "stopping",
+        _ => "unknown",
+    }
+}
+
+#[tonic::async_trait]
+impl ClusterService for ClusterSvc {
+    async fn nodes(
+        &self,
+        _r: Request<pb::ClusterNodesRequest>,
+    ) -> Result<Response<pb::ClusterNodesResponse>, Status> {
+        Ok(Response::new(self.nodes_impl().await?))
+    }
+
+    async fn create(
+        &self,
+        r: Request<pb::ClusterCreateRequest>,
+    ) -> Result<Response<pb::ArrayStatus>, Status> {
+        Ok(Response::new(self.create_impl(r.into_inner()).await?))
+    }
+
+    async fn assemble(
+        &self,
+        r: Request<pb::ClusterAssembleRequest>,
+    ) -> Result<Response<pb::ArrayStatus>, Status> {
+        Ok(Response::new(self.assemble_impl(r.into_inner()).await?))
+    }
+
+    async fn stop(
+        &self,
+        r: Request<pb::ClusterStopRequest>,
+    ) -> Result<Response<pb::ClusterStopResponse>, Status> {
+        Ok(Response::new(self.stop_impl(r.into_inner()).await?))
+    }
+
+    async fn detail(
+        &self,
+        r: Request<pb::DetailRequest>,
+    ) -> Result<Response<pb::DetailResponse>, Status> {
+        Ok(Response::new(self.detail_impl(r.into_inner()).await?))
+    }
+
+    async fn mdstat(
+        &self,
+        r: Request<pb::ClusterMdstatRequest>,
+    ) -> Result<Response<pb::MdstatResponse>, Status> {
+        let node = self.resolve(&r.into_inner().node).await?;
+        Ok(Response::new(
+            self.call(&node, READ_TIMEOUT, |mut c| async move {
+                c.mdstat(pb::MdstatRequest {}).await
+            })
+            .await?,
+        ))
+    }
+
+    async fn tune(
+        &self,
+        r: Request<pb::TuneRequest>,
+    ) -> Result<Response<pb::TuneResponse>, Status> {
+        Ok(Response::new(self.tune_impl(r.into_inner()).await?))
+    }
+
+    type WatchStream = watch::EventStream;
+
+    async fn watch(
+        &self,
+        r: Request<pb::ClusterWatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let filter = r.into_inner().node;
+        if !filter.is_empty() {
+            self.resolve(&filter).await?;
+        }
+        Ok(Response::new(watch::merged(self.clone(), filter)))
+    }
+}

@@ -1,0 +1,582 @@
+//! A whole test cluster from real processes: one etcd, one `mdserver`, N `mdagent`s in
+//! cluster mode on 127.0.0.1, 127.0.0.2, ... (loopback addresses, one per node), plus
+//! `mdctl` runs against it. Usable from tests and by hand:
+//!
+//! ```no_run
+//! let c = mdcluster_tests::cluster::ClusterBuilder::new(2).start().unwrap();
+//! println!("MDCTL_SERVER={}", c.url());
+//! ```
+//!
+//! Every process is killed (-9) when the guard drops; every wait has a deadline.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::etcd::{free_port, Etcd};
+use crate::server::{MdServer, ServerOpts};
+use crate::tools::{bin, run_timeout};
+
+/// How long an agent may take to announce that it serves.
+pub const AGENT_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound of one `mdctl` run.
+pub const MDCTL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How to build a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterBuilder {
+    nodes: usize,
+    server: ServerOpts,
+    agent_ttl: Duration,
+    agent_args: Vec<String>,
+}
+
+impl ClusterBuilder {
+    /// `nodes` agents, mdserver with a 2 s default session TTL, agents asking for 4 s (fence
+    /// margin: a quarter of it).
+    pub fn new(nodes: usize) -> Self {
+        ClusterBuilder {
+            nodes,
+            server: ServerOpts::default(),
+            agent_ttl: Duration::from_secs(4),
+            agent_args: Vec::new(),
+        }
+    }
+
+    /// The agents' session TTL.
+    pub fn agent_ttl(mut self, ttl: Duration) -> Self {
+        self.agent_ttl = ttl;
+        self
+    }
+
+    /// Extra flags for every agent.
+    pub fn agent_args(mut self, args: &[&str]) -> Self {
+        self.agent_args.extend(args.iter().map(|s| s.to_string()));
+        self
+    }
+
+    /// Starts etcd, mdserver and the agents, and waits until every node is live.
+    pub fn start(self) -> anyhow::Result<TestCluster> {
+        let dir = tempfile::Builder::new()
+            .prefix("mdcluster-cluster")
+            .tempdir()
+            .context("create cluster tempdir")?;
+        let etcd = Etcd::start_with(true)?;
+        let server = MdServer::start(&etcd.url(), self.server.clone())?;
+        let mut c = TestCluster {
+            agents: Vec::new(),
+            server,
+            etcd,
+            dir,
+            opts: self.clone(),
+        };
+        for i in 0..self.nodes {
+            let a = AgentProc::start(
+                &c.server.url(),
+                &format!("node{}", i + 1),
+                &format!("127.0.0.{}", i + 1),
+                c.dir.path(),
+                self.agent_ttl,
+                &self.agent_args,
+            )?;
+            c.agents.push(a);
+        }
+        c.wait_nodes(self.nodes, Duration::from_secs(20))?;
+        Ok(c)
+    }
+}
+
+/// A running cluster. Drop order: agents, mdserver, etcd, tempdir.
+pub struct TestCluster {
+    /// The agents, node1 first.
+    pub agents: Vec<AgentProc>,
+    /// mdserver.
+    pub server: MdServer,
+    /// etcd.
+    pub etcd: Etcd,
+    /// Member files, run dirs and logs.
+    pub dir: tempfile::TempDir,
+    opts: ClusterBuilder,
+}
+
+impl TestCluster {
+    /// mdserver's URL (MDCTL_SERVER).
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+
+    /// The working directory (member files go here).
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The cluster name mdserver uses (its etcd keys are under `/mdcluster/<name>/`).
+    pub fn cluster_name(&self) -> &str {
+        &self.opts.server.cluster_name
+    }
+
+    /// Runs `mdctl --server URL args...` (bounded).
+    pub fn mdctl(&self, args: &[&str]) -> Output {
+        run_timeout(
+            Command::new(bin("mdctl"))
+                .arg("--server")
+                .arg(self.url())
+                .args(args),
+            MDCTL_TIMEOUT,
+        )
+    }
+
+    /// Runs mdctl; panics with its output unless it succeeded; returns stdout.
+    pub fn mdctl_ok(&self, args: &[&str]) -> String {
+        let o = self.mdctl(args);
+        assert!(
+            o.status.success(),
+            "mdctl {args:?} failed with {}:\nstdout: {}\nstderr: {}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Waits until `n` nodes are live (`mdctl --json nodes`).
+    pub fn wait_nodes(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let o = self.mdctl(&["--json", "nodes"]);
+            if o.status.success() {
+                let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+                if v.as_array().is_some_and(|a| a.len() == n) {
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{n} nodes not live within {timeout:?}: {}",
+                    String::from_utf8_lossy(&o.stdout)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Every etcd key under this cluster's root that starts with `sub` (e.g. "locks/").
+    pub fn etcd_keys(&self, sub: &str) -> Vec<String> {
+        let url = self.etcd.url();
+        let prefix = format!("/mdcluster/{}/{sub}", self.cluster_name());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let mut c = tokio::time::timeout(
+                Duration::from_secs(10),
+                etcd_client::Client::connect([url], None),
+            )
+            .await
+            .expect("etcd connect timed out")
+            .expect("etcd connect");
+            let r = tokio::time::timeout(
+                Duration::from_secs(10),
+                c.get(
+                    prefix,
+                    Some(
+                        etcd_client::GetOptions::new()
+                            .with_prefix()
+                            .with_keys_only(),
+                    ),
+                ),
+            )
+            .await
+            .expect("etcd get timed out")
+            .expect("etcd get");
+            r.kvs()
+                .iter()
+                .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+                .collect()
+        })
+    }
+}
+
+/// One `mdagent --server` process.
+pub struct AgentProc {
+    child: Option<Child>,
+    /// Node name.
+    pub node: String,
+    /// The agent service address.
+    pub addr: String,
+    /// Run dir (NBD sockets).
+    pub run_dir: PathBuf,
+    /// Log file (stderr).
+    pub log: PathBuf,
+    server: String,
+    ttl: Duration,
+    extra: Vec<String>,
+    /// Network namespace the agent runs in (`ip netns exec`), if any.
+    netns: Option<String>,
+}
+
+impl AgentProc {
+    /// Starts the agent of `node` on `ip` (free port) and waits for its ready line.
+    pub fn start(
+        server: &str,
+        node: &str,
+        ip: &str,
+        dir: &Path,
+        ttl: Duration,
+        extra: &[String],
+    ) -> anyhow::Result<AgentProc> {
+        let port = free_port()?;
+        let mut a = AgentProc {
+            child: None,
+            node: node.into(),
+            addr: format!("{ip}:{port}"),
+            run_dir: dir.join(format!("run-{node}")),
+            log: dir.join(format!("{node}.log")),
+            server: server.into(),
+            ttl,
+            extra: extra.to_vec(),
+            netns: None,
+        };
+        a.spawn()?;
+        Ok(a)
+    }
+
+    /// Like [`AgentProc::start`], inside network namespace `netns` (`ip netns exec`).
+    pub fn start_in_netns(
+        server: &str,
+        node: &str,
+        ip: &str,
+        dir: &Path,
+        ttl: Duration,
+        extra: &[String],
+        netns: &str,
+    ) -> anyhow::Result<AgentProc> {
+        let port = free_port()?;
+        let mut a = AgentProc {
+            child: None,
+            node: node.into(),
+            addr: format!("{ip}:{port}"),
+            run_dir: dir.join(format!("run-{node}")),
+            log: dir.join(format!("{node}.log")),
+            server: server.into(),
+            ttl,
+            extra: extra.to_vec(),
+            netns: Some(netns.into()),
+        };
+        a.spawn()?;
+        Ok(a)
+    }
+
+    /// Waits (bounded) for the process to end by itself; its exit code, or `None` when
+    /// it was still running at the deadline (or not running at all).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let c = self.child.as_mut()?;
+            if let Ok(Some(st)) = c.try_wait() {
+                self.child = None;
+                return Some(st.code().unwrap_or(-1));
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The NBD socket of array `name` on this node.
+    pub fn sock(&self, name: &str) -> PathBuf {
+        self.run_dir.join(format!("{name}.nbd"))
+    }
+
+    /// The process id (for `ip netns`/signals), if running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .context("agent log")?;
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("mdagent"));
+                c
+            }
+            None => Command::new(bin("mdagent")),
+        };
+        let mut child = cmd
+            .arg("--node")
+            .arg(&self.node)
+            .arg("--server")
+            .arg(&self.server)
+            .arg("--listen")
+            .arg(&self.addr)
+            .arg("--run-dir")
+            .arg(&self.run_dir)
+            .arg("--session-ttl")
+            .arg(humantime::format_duration(self.ttl).to_string())
+            .arg("--fence-margin")
+            .arg(humantime::format_duration(self.ttl / 4).to_string())
+            .args(&self.extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("MDAGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(logf)
+            .spawn()
+            .context("start mdagent")?;
+        let stdout = child.stdout.take().context("mdagent stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(l)) = lines.next() {
+                let _ = tx.send(l);
+            }
+            for _ in lines {}
+        });
+        self.child = Some(child);
+        match rx.recv_timeout(AGENT_START_TIMEOUT) {
+            Ok(l) if l.starts_with("mdagent ready") => Ok(()),
+            Ok(l) => {
+                self.kill9();
+                bail!(
+                    "unexpected first line from mdagent {}: {l:?}; log:\n{}",
+                    self.node,
+                    self.log_text()
+                )
+            }
+            Err(_) => {
+                self.kill9();
+                bail!(
+                    "mdagent {} did not get ready within {AGENT_START_TIMEOUT:?}; log:\n{}",
+                    self.node,
+                    self.log_text()
+                )
+            }
+        }
+    }
+
+    /// kill -9 and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait (≤ 60 s, then -9); true if it exited 0.
+    pub fn term(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return false;
+        };
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(s)) = c.try_wait() {
+                return s.success();
+            }
+            if Instant::now() >= deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the agent again (same node, address and run dir).
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill9();
+        self.spawn()
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A network namespace with a veth pair to the host (`/30`: host `.1`, namespace
+/// `.2`), for cutting one node off. Deleted (with its link) on drop.
+pub struct NetNs {
+    /// The namespace name.
+    pub name: String,
+    /// The host end of the veth pair.
+    pub host_if: String,
+    /// The namespace end.
+    pub ns_if: String,
+    /// The host's address on the link.
+    pub host_ip: String,
+    /// The namespace's address on the link.
+    pub ns_ip: String,
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let o = run_timeout(Command::new("ip").args(args), Duration::from_secs(20));
+    if !o.status.success() {
+        bail!("ip {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    Ok(())
+}
+
+impl NetNs {
+    /// Creates namespace `mdt-<tag>-<pid>` linked to the host by a veth pair.
+    pub fn create(tag: &str) -> anyhow::Result<NetNs> {
+        let pid = std::process::id();
+        let n = pid % 16000;
+        let ns = NetNs {
+            name: format!("mdt-{tag}-{pid}"),
+            host_if: format!("mdh{n}"),
+            ns_if: format!("mdn{n}"),
+            host_ip: format!("10.{}.{}.1", 200 + (n / 4096) % 50, (n / 16) % 256),
+            ns_ip: format!("10.{}.{}.2", 200 + (n / 4096) % 50, (n / 16) % 256),
+        };
+        let _ = ip(&["netns", "del", &ns.name]);
+        let _ = ip(&["link", "del", &ns.host_if]);
+        ip(&["netns", "add", &ns.name])?;
+        ip(&[
+            "link",
+            "add",
+            &ns.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &ns.ns_if,
+        ])?;
+        ip(&["link", "set", &ns.ns_if, "netns", &ns.name])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/30", ns.host_ip),
+            "dev",
+            &ns.host_if,
+        ])?;
+        ip(&["link", "set", &ns.host_if, "up"])?;
+        ip(&[
+            "netns",
+            "exec",
+            &ns.name,
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/30", ns.ns_ip),
+            "dev",
+            &ns.ns_if,
+        ])?;
+        ip(&[
+            "netns", "exec", &ns.name, "ip", "link", "set", &ns.ns_if, "up",
+        ])?;
+        ip(&["netns", "exec", &ns.name, "ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Sets the namespace's end of the link up or down (down: the node is cut off).
+    pub fn link(&self, up: bool) -> anyhow::Result<()> {
+        ip(&[
+            "netns",
+            "exec",
+            &self.name,
+            "ip",
+            "link",
+            "set",
+            &self.ns_if,
+            if up { "up" } else { "down" },
+        ])
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.host_if]);
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// An `mdserver` listening on `0.0.0.0` (reachable from a network namespace through
+/// its veth link), for the partition test. Killed on drop.
+pub struct AnyAddrServer {
+    child: Option<Child>,
+    /// Its port.
+    pub port: u16,
+}
+
+impl AnyAddrServer {
+    /// Starts mdserver against `etcd_url` on `0.0.0.0:<free port>`.
+    pub fn start(etcd_url: &str, cluster_name: &str) -> anyhow::Result<AnyAddrServer> {
+        let port = free_port()?;
+        let mut child = Command::new(bin("mdserver"))
+            .arg("--listen")
+            .arg(format!("0.0.0.0:{port}"))
+            .args([
+                "--etcd",
+                etcd_url,
+                "--cluster-name",
+                cluster_name,
+                "--session-ttl",
+                "2s",
+                "--etcd-timeout",
+                "1s",
+            ])
+            .env(
+                "RUST_LOG",
+                std::env::var("MDSERVER_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("start mdserver")?;
+        let stdout = child.stdout.take().context("mdserver stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(l)) = lines.next() {
+                let _ = tx.send(l);
+            }
+            for _ in lines {}
+        });
+        let s = AnyAddrServer {
+            child: Some(child),
+            port,
+        };
+        match rx.recv_timeout(AGENT_START_TIMEOUT) {
+            Ok(l) if l.contains("listening") => Ok(s),
+            other => bail!("mdserver did not start: {other:?}"),
+        }
+    }
+
+    /// The URL on `host` (an address of this machine).
+    pub fn url(&self, host: &str) -> String {
+        format!("http://{host}:{}", self.port)
+    }
+}
+
+impl Drop for AnyAddrServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! t50: a partitioned node fences itself. node2's agent runs in its own network
+//! namespace, reaching mdserver over a veth link; both nodes write to their own region
+//! of a clustered mirror; node2's link goes down. node2's agent must stop all member
+//! I/O (it ends itself, status 75) before its lease can expire, so before node1 starts
+//! recovering its slot: the fenced process is gone before node1's `SlotRecovered`. node1
+//! then resyncs exactly node2's dirty chunks; when the link is back, node2's agent is
+//! restarted (as a supervisor would), assembles md0 again by itself and the members end
+//! identical.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mdcluster_tests::cluster::{AgentProc, AnyAddrServer, NetNs, MDCTL_TIMEOUT};
+use mdcluster_tests::etcd::Etcd;
+use mdcluster_tests::standalone::{assert_members_identical, dirty_bits, member_files};
+use mdcluster_tests::tools::{bin, run_timeout};
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+const TTL: Duration = Duration::from_secs(4);
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn mdctl(url: &str, args: &[&str]) -> Output {
+    run_timeout(
+        Command::new(bin("mdctl"))
+            .arg("--server")
+            .arg(url)
+            .args(args),
+        MDCTL_TIMEOUT,
+    )
+}
+
+fn mdctl_ok(url: &str, args: &[&str]) -> String {
+    let o = mdctl(url, args);
+    assert!(
+        o.status.success(),
+        "mdctl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn writer(sock: &std::path::Path, off: u64, len: u64) -> Child {
+    let uri = format!("nbd+unix:///md0?socket={}", sock.display());
+    let mut args: Vec<String> = ["-k", "2", "120", "qemu-io", "-f", "raw"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for round in 0..300u64 {
+        args.push("-c".into());
+        args.push(format!(
+            "write -P {} {} 1M",
+            round % 250,
+            off + (round % (len / MIB)) * MIB
+        ));
+    }
+    args.push(uri);
+    Command::new("timeout")
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-io")
+}
+
+#[test]
+fn partitioned_node_fences_itself_before_its_slot_is_recovered() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start_with(true).expect("etcd");
+    let ns = NetNs::create("part").expect("network namespace");
+    let server = AnyAddrServer::start(&etcd.url(), "test").expect("mdserver");
+    let url = server.url("127.0.0.1");
+    let mut n1 = AgentProc::start(&url, "node1", "127.0.0.1", dir.path(), TTL, &[]).expect("node1");
+    let mut n2 = AgentProc::start_in_netns(
+        &server.url(&ns.host_ip),
+        "node2",
+        &ns.ns_ip,
+        dir.path(),
+        TTL,
+        &[],
+        &ns.name,
+    )
+    .expect("node2");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !mdctl_ok(&url, &["nodes"]).contains("node2") {
+        assert!(Instant::now() < deadline, "node2 not live");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let mut monitor = Command::new(bin("mdctl"))
+        .args(["--server", &url, "--json", "monitor"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("monitor");
+    let events = Arc::new(Mutex::new(Vec::<Value>::new()));
+    {
+        let out = monitor.stdout.take().unwrap();
+        let ev = events.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str(&l) {
+                    ev.lock().unwrap().push(v);
+                }
+            }
+        });
+    }
+    let wait_event = |name: &str, node: &str, timeout: Duration| -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(e) = events
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|e| e["event"] == name && e["node"] == node)
+            {
+                return e.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {name} of {node}: {:?}",
+                events.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    std::thread::sleep(Duration::from_millis(700)); // the monitor's first node round (not an assertion)
+
+    let m = member_files(dir.path(), "p", 2, 48 * MIB);
+    let ms: Vec<&str> = m.iter().map(|p| p.to_str().unwrap()).collect();
+    mdctl_ok(
+        &url,
+        &[
+            "--node",
+            "node1",
+            "create",
+            "md0",
+            "--raid-devices",
+            "2",
+            "--bitmap",
+            "clustered",
+            "--nodes",
+            "2",
+            "--bitmap-chunk",
+            "1024",
+            "--assume-clean",
+            ms[0],
+            ms[1],
+        ],
+    );
+    mdctl_ok(&url, &["--node", "node2", "assemble", "md0"]);
+
+    eprintln!("--- both write; node2's link goes down");
+    let mut w1 = writer(&n1.sock("md0"), 0, 8 * MIB);
+    let mut w2 = writer(&n2.sock("md0"), 24 * MIB, 3 * MIB);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while dirty_bits(&m[0], 1) == 0 {
+        assert!(Instant::now() < deadline, "node2 never dirtied its slot");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let cut = now_ms();
+    ns.link(false).expect("link down");
+
+    eprintln!("--- node2 fences itself before its lease can expire");
+    let code = n2.wait_exit(TTL + Duration::from_secs(2));
+    let fenced = now_ms();
+    assert_eq!(
+        code,
+        Some(75),
+        "node2's agent must end itself (status 75); log:\n{}",
+        n2.log_text()
+    );
+    assert!(
+        fenced - cut < TTL.as_millis() as i64,
+        "fenced {} ms after the cut (TTL {TTL:?})",
+        fenced - cut
+    );
+    assert!(n2.log_text().contains("SELF-FENCING"), "{}", n2.log_text());
+    let _ = w2.kill();
+    let _ = w2.wait();
+    let dirty = dirty_bits(&m[0], 1).max(dirty_bits(&m[1], 1));
+    assert!(dirty > 0 && dirty <= 3, "{dirty}");
+
+    eprintln!("--- node1 recovers node2's slot only after node2 is gone");
+    let ev = wait_event("SlotRecovered", "node1", Duration::from_secs(20));
+    let recovered = ev["time_unix_ms"].as_i64().unwrap();
+    eprintln!(
+        "cut at {cut}, node2 gone at {fenced} (+{} ms), slot recovered at {recovered} (+{} ms)",
+        fenced - cut,
+        recovered - cut
+    );
+    assert!(
+        fenced < recovered,
+        "node2 was still running when node1 started recovering its slot"
+    );
+    assert!(
+        ev["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!(": {dirty} dirty chunks")),
+        "{ev}"
+    );
+    wait_event("NodeFailed", "node2", Duration::from_secs(10));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let d: Value = serde_json::from_str(&mdctl_ok(&url, &["--json", "detail", "md0"])).unwrap();
+        let st = d["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node"] == "node1")
+            .unwrap()["status"]
+            .clone();
+        if st["sync"]["runs"].as_u64() >= Some(1) && st["bitmap"]["needed"] == 0 {
+            assert_eq!(st["sync"]["last_chunks"].as_u64(), Some(dirty), "{st}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "node1 did not resync: {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    eprintln!("--- link back; node2 restarted rejoins by itself");
+    ns.link(true).expect("link up");
+    n2.restart().expect("restart node2");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d: Value = serde_json::from_str(&mdctl_ok(&url, &["--json", "detail", "md0"])).unwrap();
+        if d["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["node"] == "node2" && n["state"] == "active")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node2 did not rejoin: {d}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = w1.wait();
+    mdctl_ok(&url, &["--node", "node2", "stop", "md0"]);
+    mdctl_ok(&url, &["--node", "node1", "stop", "md0"]);
+    assert_members_identical(&m);
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    n1.kill9();
+    n2.kill9();
+}
