@@ -4,6 +4,8 @@
 //! # Layout
 //! - [`cluster`]: a whole cluster (etcd, mdserver, N cluster-mode agents on 127.0.0.x)
 //!   and `mdctl` runs against it (the t50 tests, and by hand).
+//! - [`deploy`]: the `deploy/` Kubernetes manifests as processes (a container's command,
+//!   args and env from the Deployment/DaemonSet YAML, resolved as the kubelet would).
 //! - [`etcd`]: a real etcd process (free ports, readiness wait, kill -9, restart).
 //! - [`server`]: `mdserver` replicas and a one-etcd test [`server::Cluster`].
 //! - [`standalone`]: a standalone `mdagent` (no cluster) driven through its control
@@ -11,6 +13,7 @@
 //! - [`tools`]: locate the workspace binaries and run external tools with a timeout.
 
 pub mod cluster;
+pub mod deploy;
 pub mod etcd;
 pub mod server;
 pub mod standalone;

@@ -1,0 +1,384 @@
+//! t60: the deployment files against the real binaries.
+//!
+//! - The Kubernetes manifests validate offline, strictly, against the Kubernetes schemas
+//!   (`deploy/kubernetes/validate.sh`, PyPI `kubernetes-validate`), and the pods'
+//!   `checksum/config` matches the ConfigMap.
+//! - The mdserver Deployment and the mdagent DaemonSet, run as processes with exactly
+//!   their container's command, args and environment (downward API: node name and pod IP
+//!   substituted; only listen addresses, mdserver's and etcd's URLs, the run directory and
+//!   the device allow-list changed, each explicitly) form a cluster: two nodes register,
+//!   a clustered mirror is created on one and assembled on the other, and SIGTERM (the
+//!   kubelet's) stops every process with status 0 within the pod's grace period.
+//! - The systemd units pass `systemd-analyze verify`, restart on failure (the agent's
+//!   self-fencing exit 75 included), and every variable of their environment files,
+//!   like every key of the ConfigMap, is one the binaries read.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use mdcluster_tests::deploy::{deploy_dir, Manifests, Proc};
+use mdcluster_tests::etcd::{free_port, Etcd};
+use mdcluster_tests::tools::{bin, run_ok, run_timeout};
+use serde_json::Value;
+
+fn help(binary: &str) -> String {
+    // clap wraps lines, also inside "[env: NAME=]": join the words again.
+    run_ok(Command::new(bin(binary)).arg("--help"))
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn manifests_validate_offline_against_the_kubernetes_schemas() {
+    let script = deploy_dir().join("kubernetes/validate.sh");
+    let out = run_timeout(&mut Command::new(&script), Duration::from_secs(120));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "validate.sh failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(stdout.contains("validate: OK"), "{stdout}");
+    for kind in [
+        "statefulset/etcd",
+        "deployment/mdserver",
+        "daemonset/mdagent",
+    ] {
+        assert!(
+            stdout.contains(&format!("passed for resource {kind}")),
+            "{kind} not validated:\n{stdout}\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn config_keys_and_unit_env_files_are_real_flags() {
+    let server_help = help("mdserver");
+    let agent_help = help("mdagent");
+    let known = |k: &str| {
+        k == "RUST_LOG"
+            || server_help.contains(&format!("[env: {k}="))
+            || agent_help.contains(&format!("[env: {k}="))
+    };
+    let m = Manifests::load().unwrap();
+    for k in m.config_map("mdcluster-config").unwrap().keys() {
+        assert!(known(k), "ConfigMap key {k} is read by no binary");
+    }
+    for f in ["mdserver.env", "mdagent.env"] {
+        let text = std::fs::read_to_string(deploy_dir().join("systemd").join(f)).unwrap();
+        let keys: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#') && l.contains('='))
+            .map(|l| l.split('=').next().unwrap().trim())
+            .collect();
+        assert!(keys.len() >= 3, "{f}: {keys:?}");
+        for k in keys {
+            assert!(known(k), "{f}: {k} is read by no binary");
+        }
+    }
+}
+
+#[test]
+fn systemd_units_verify_and_restart_on_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let bindir = bin("mdagent").parent().unwrap().to_path_buf();
+    for unit in ["mdserver.service", "mdagent.service"] {
+        let text = std::fs::read_to_string(deploy_dir().join("systemd").join(unit)).unwrap();
+        let has = |line: &str| text.lines().any(|l| l.trim() == line);
+        assert!(has("Restart=on-failure"), "{unit}");
+        assert!(
+            text.lines().any(|l| l.starts_with("EnvironmentFile=")),
+            "{unit}"
+        );
+        assert!(has("KillSignal=SIGTERM"), "{unit}");
+        // Restart=on-failure restarts on any non-zero status; make sure 75 is not
+        // excluded from it.
+        assert!(!text.contains("RestartPreventExitStatus"), "{unit}");
+        assert!(!text.contains("SuccessExitStatus"), "{unit}");
+        // The units point at /usr/local/bin; verify them against the built binaries.
+        let local = text.replace("/usr/local/bin", bindir.to_str().unwrap());
+        std::fs::write(dir.path().join(unit), local).unwrap();
+    }
+    let agent = std::fs::read_to_string(deploy_dir().join("systemd/mdagent.service")).unwrap();
+    assert!(
+        agent.contains("DeviceAllow=block-* rw"),
+        "agent must reach block devices"
+    );
+    assert!(!agent.contains("PrivateDevices=yes"), "agent must see /dev");
+    let out = run_timeout(
+        Command::new("systemd-analyze")
+            .arg("verify")
+            .arg("--man=no")
+            .arg(dir.path().join("mdserver.service"))
+            .arg(dir.path().join("mdagent.service")),
+        Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !stderr.contains("deploy"),
+        "systemd-analyze verify: {}\n{stderr}",
+        out.status
+    );
+    assert!(
+        !stderr.contains("Unknown key") && !stderr.contains("Unknown section"),
+        "{stderr}"
+    );
+}
+
+fn mdctl(url: &str, args: &[&str]) -> std::process::Output {
+    run_timeout(
+        Command::new(bin("mdctl"))
+            .arg("--server")
+            .arg(url)
+            .args(args),
+        Duration::from_secs(120),
+    )
+}
+
+fn mdctl_ok(url: &str, args: &[&str]) -> String {
+    let o = mdctl(url, args);
+    assert!(
+        o.status.success(),
+        "mdctl {args:?}: {}\n{}\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn wait_nodes(url: &str, n: usize) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = mdctl(url, &["--json", "nodes"]);
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        if v.as_array().is_some_and(|a| a.len() == n) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{n} nodes not live: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn deployment_and_daemonset_as_written_form_a_cluster() {
+    let dir = tempfile::Builder::new()
+        .prefix("mdcluster-t60")
+        .tempdir()
+        .unwrap();
+    let etcd = Etcd::start_with(true).unwrap();
+    let m = Manifests::load().unwrap();
+
+    eprintln!("--- mdserver from the Deployment");
+    let mut srv = m
+        .container("Deployment", "mdserver", "mdserver", &[])
+        .unwrap();
+    assert_eq!(srv.command, ["mdserver"]);
+    assert_eq!(srv.env("MDSERVER_LISTEN"), Some("0.0.0.0:7480"));
+    assert!(srv
+        .env("MDSERVER_ETCD")
+        .unwrap()
+        .contains("etcd-0.etcd:2379"));
+    // Test-only changes: a free loopback port instead of the pod's 7480, the test etcd
+    // instead of the StatefulSet's members.
+    let sport = free_port().unwrap();
+    srv.override_env("MDSERVER_LISTEN", &format!("127.0.0.1:{sport}"))
+        .unwrap();
+    srv.override_env("MDSERVER_ETCD", &etcd.url()).unwrap();
+    let mut server: Proc = srv
+        .spawn(
+            &dir.path().join("mdserver.log"),
+            &[],
+            "mdserver listening on",
+        )
+        .unwrap();
+    let url = format!("http://127.0.0.1:{sport}");
+
+    eprintln!("--- two mdagents from the DaemonSet (downward API: node name, pod IP)");
+    let mut agents: Vec<Proc> = Vec::new();
+    let mut grace = Duration::ZERO;
+    let mut advertised = Vec::new();
+    for i in 1..=2 {
+        let node = format!("node{i}");
+        let ip = format!("127.0.0.{i}");
+        let mut a = m
+            .container(
+                "DaemonSet",
+                "mdagent",
+                "mdagent",
+                &[("spec.nodeName", &node), ("status.podIP", &ip)],
+            )
+            .unwrap();
+        assert_eq!(a.command, ["mdagent"]);
+        assert_eq!(a.env("MDAGENT_NODE"), Some(node.as_str()));
+        assert_eq!(a.env("MDAGENT_ADVERTISE"), Some(&*format!("{ip}:7481")));
+        assert_eq!(a.env("MDAGENT_SERVER"), Some("http://mdserver:7480"));
+        // Test-only changes: two agents share this host, so each listens on its own
+        // loopback address and a free port (still advertised through $(POD_IP)); the
+        // Service URL is the test mdserver; the run dir and the member glob are in the
+        // test directory instead of the host's /run/mdcluster and /dev.
+        let port = free_port().unwrap();
+        a.override_env("MDAGENT_LISTEN", &format!("$(POD_IP):{port}"))
+            .unwrap();
+        a.override_env("MDAGENT_ADVERTISE", &format!("$(POD_IP):{port}"))
+            .unwrap();
+        a.override_env("MDAGENT_SERVER", &url).unwrap();
+        let run = dir.path().join(format!("run-{node}"));
+        a.override_env("MDAGENT_RUN_DIR", run.to_str().unwrap())
+            .unwrap();
+        let allow = format!("{}/disk*", dir.path().display());
+        a.override_env("MDAGENT_DEVICE_ALLOW", &allow).unwrap();
+        grace = a.termination_grace;
+        advertised.push(format!("{ip}:{port}"));
+        agents.push(
+            a.spawn(
+                &dir.path().join(format!("{node}.log")),
+                &[],
+                "mdagent ready",
+            )
+            .unwrap(),
+        );
+    }
+    assert!(
+        grace >= Duration::from_secs(35),
+        "grace {grace:?} < drain timeout"
+    );
+
+    let nodes = wait_nodes(&url, 2);
+    eprintln!("{nodes}");
+    let text = nodes.to_string();
+    for (i, addr) in advertised.iter().enumerate() {
+        assert!(text.contains(&format!("node{}", i + 1)), "{text}");
+        assert!(
+            text.contains(addr.as_str()),
+            "{addr} not registered: {text}"
+        );
+    }
+
+    eprintln!("--- a clustered mirror created on node1, assembled on node2");
+    let d0 = dir.path().join("disk0");
+    let d1 = dir.path().join("disk1");
+    for d in [&d0, &d1] {
+        std::fs::File::create(d).unwrap().set_len(64 << 20).unwrap();
+    }
+    mdctl_ok(
+        &url,
+        &[
+            "--node",
+            "node1",
+            "create",
+            "md0",
+            "--level",
+            "1",
+            "--raid-devices",
+            "2",
+            "--bitmap",
+            "clustered",
+            "--nodes",
+            "4",
+            "--assume-clean",
+            d0.to_str().unwrap(),
+            d1.to_str().unwrap(),
+        ],
+    );
+    // Outside the allow-list from the ConfigMap-derived env: refused.
+    let outside = tempfile::NamedTempFile::new().unwrap();
+    outside.as_file().set_len(64 << 20).unwrap();
+    let o = mdctl(
+        &url,
+        &[
+            "--node",
+            "node1",
+            "create",
+            "md1",
+            "--level",
+            "1",
+            "--raid-devices",
+            "2",
+            "--bitmap",
+            "internal",
+            "--assume-clean",
+            outside.path().to_str().unwrap(),
+            d1.to_str().unwrap(),
+        ],
+    );
+    eprintln!(
+        "outside the allow-list: {}",
+        String::from_utf8_lossy(&o.stderr).trim()
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(9),
+        "a member outside MDAGENT_DEVICE_ALLOW: EPERM expected"
+    );
+    mdctl_ok(&url, &["--node", "node2", "assemble", "md0"]);
+    let d: Value = serde_json::from_str(&mdctl_ok(&url, &["--json", "detail", "md0"])).unwrap();
+    let states: Vec<(String, String)> = d["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["node"].as_str().unwrap_or_default().to_string(),
+                n["state"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(states.len(), 2, "{d}");
+    assert!(states.iter().all(|(_, s)| s == "active"), "{d}");
+    let mdstat = mdctl_ok(&url, &["--node", "node2", "mdstat"]);
+    assert!(mdstat.contains("md0 : active raid1"), "{mdstat}");
+    assert!(
+        Path::new(&dir.path().join("run-node2/md0.nbd")).exists(),
+        "NBD socket in the DaemonSet's run dir"
+    );
+
+    eprintln!("--- SIGTERM as the kubelet sends it: clean exits within the grace period");
+    for a in &mut agents {
+        let t = Instant::now();
+        let code = a.term(grace);
+        assert_eq!(code, Some(0), "{} exit after SIGTERM", a.name);
+        eprintln!("mdagent stopped in {:?}", t.elapsed());
+    }
+    // Stopped cleanly: the members' superblocks say clean.
+    let ex = run_ok(Command::new(bin("mdctl")).arg("examine").arg(&d0));
+    assert!(ex.contains("clean"), "{ex}");
+    let srv_grace = m
+        .container("Deployment", "mdserver", "mdserver", &[])
+        .unwrap()
+        .termination_grace;
+    assert_eq!(
+        server.term(srv_grace),
+        Some(0),
+        "mdserver exit after SIGTERM"
+    );
+    drop(etcd);
+}
+
+#[test]
+fn deploy_scripts_are_shellcheck_clean() {
+    let d = deploy_dir();
+    let scripts = [
+        d.join("local/up.sh"),
+        d.join("local/down.sh"),
+        d.join("image/build.sh"),
+        d.join("kubernetes/validate.sh"),
+    ];
+    for s in &scripts {
+        let text = std::fs::read_to_string(s).unwrap();
+        assert!(text.contains("set -euo pipefail"), "{}", s.display());
+    }
+    let out = run_timeout(
+        Command::new("shellcheck").args(&scripts),
+        Duration::from_secs(60),
+    );
+    assert!(
+        out.status.success(),
+        "shellcheck: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
