@@ -214,6 +214,88 @@ pub async fn assemble(
     })
 }
 
+/// `mdctl manage`: `ops` are (action, device) in command-line order.
+pub async fn manage(
+    c: &Client,
+    node: &str,
+    array: &str,
+    ops: Vec<(String, String)>,
+    json: bool,
+) -> Result<String, Failure> {
+    if ops.is_empty() {
+        return Err(Failure::new(
+            Exit::Invalid,
+            "manage: give at least one of --fail/--remove/--add/--add-spare/--re-add DEV",
+        ));
+    }
+    let req = pb::ClusterManageRequest {
+        node: node.to_owned(),
+        manage: Some(pb::ManageRequest {
+            name: array.to_owned(),
+            ops: ops
+                .iter()
+                .map(|(a, d)| pb::ManageOp {
+                    action: a.clone(),
+                    device: d.clone(),
+                })
+                .collect(),
+        }),
+    };
+    let st = c
+        .run(OP_TIMEOUT, |mut x| async move { x.manage(req).await })
+        .await?;
+    for (a, d) in &ops {
+        let what = match a.as_str() {
+            "fail" => "set faulty in",
+            "remove" => "hot removed from",
+            "re-add" => "re-added to",
+            _ => "added to",
+        };
+        eprintln!("mdctl: {what} {} {d} (via node {})", dev(&st.name), st.node);
+    }
+    Ok(if json {
+        json_out(&render::status_json(&st))
+    } else {
+        String::new()
+    })
+}
+
+/// `mdctl grow`.
+pub async fn grow(
+    c: &Client,
+    node: &str,
+    array: &str,
+    raid_devices: u32,
+    add: &[String],
+    json: bool,
+) -> Result<String, Failure> {
+    let req = pb::ClusterGrowRequest {
+        node: node.to_owned(),
+        grow: Some(pb::GrowRequest {
+            name: array.to_owned(),
+            raid_devices,
+            add: add.to_vec(),
+        }),
+    };
+    let st = c
+        .run(OP_TIMEOUT, |mut x| async move { x.grow(req).await })
+        .await?;
+    for d in add {
+        eprintln!("mdctl: added {d}");
+    }
+    eprintln!(
+        "mdctl: {} now has {} raid devices (via node {})",
+        dev(&st.name),
+        st.raid_disks,
+        st.node
+    );
+    Ok(if json {
+        json_out(&render::status_json(&st))
+    } else {
+        String::new()
+    })
+}
+
 /// `mdctl stop`.
 pub async fn stop(
     c: &Client,

@@ -143,6 +143,41 @@ enum Command {
         #[arg(long = "sync-speed-max")]
         sync_speed_max: u64,
     },
+    /// Change an array's members cluster-wide, like mdadm --manage: the operations run
+    /// in the order given, each agreed by every node that has the array (a new device
+    /// is accepted only when every node confirms it can open it).
+    Manage {
+        /// Array name: md0 or /dev/md0.
+        array: String,
+        /// Mark DEV faulty on every node.
+        #[arg(long, value_name = "DEV")]
+        fail: Vec<String>,
+        /// Remove a faulty or spare DEV.
+        #[arg(long, value_name = "DEV")]
+        remove: Vec<String>,
+        /// Add DEV (a former member is re-added, a new one recovers into a free role).
+        #[arg(long, value_name = "DEV")]
+        add: Vec<String>,
+        /// Add DEV as a spare.
+        #[arg(long = "add-spare", value_name = "DEV")]
+        add_spare: Vec<String>,
+        /// Re-add a former member DEV (recovers only what changed).
+        #[arg(long = "re-add", value_name = "DEV")]
+        re_add: Vec<String>,
+    },
+    /// Grow an array cluster-wide, like mdadm --grow (RAID1): add the --add devices,
+    /// then grow the number of active devices; spares take the new roles and one node
+    /// recovers them.
+    Grow {
+        /// Array name: md0 or /dev/md0.
+        array: String,
+        /// The new number of active devices (larger than now).
+        #[arg(long = "raid-devices", short = 'n')]
+        raid_devices: u32,
+        /// Devices to add first.
+        #[arg(long, value_name = "DEV")]
+        add: Vec<String>,
+    },
     /// Print the md superblock of each DEVICE (the facts of `mdadm --examine`).
     #[command(alias = "-E")]
     Examine {
@@ -195,6 +230,37 @@ fn parse_level(s: &str) -> Result<i32, String> {
         "1" | "raid1" | "mirror" => Ok(1),
         _ => Err(format!("level {s:?}: only 1 (raid1, mirror) is supported")),
     }
+}
+
+/// The `manage` operations in command-line order (clap keeps each flag's values apart,
+/// mdadm applies them in the order written): `--fail DEV` or `--fail=DEV`, ...
+fn manage_ops(args: impl Iterator<Item = String>) -> Vec<(String, String)> {
+    const ACTIONS: [&str; 5] = ["fail", "remove", "add", "add-spare", "re-add"];
+    let args: Vec<String> = args.collect();
+    let mut ops = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        if let Some(flag) = args[i].strip_prefix("--") {
+            let (name, inline) = match flag.split_once('=') {
+                Some((n, v)) => (n, Some(v.to_owned())),
+                None => (flag, None),
+            };
+            if ACTIONS.contains(&name) {
+                let value = match inline {
+                    Some(v) => Some(v),
+                    None => {
+                        i += 1;
+                        args.get(i).cloned()
+                    }
+                };
+                if let Some(v) = value {
+                    ops.push((name.to_owned(), v));
+                }
+            }
+        }
+        i += 1;
+    }
+    ops
 }
 
 fn cluster_command(cli: &Cli) -> Result<String, cluster::Failure> {
@@ -280,6 +346,14 @@ fn cluster_command(cli: &Cli) -> Result<String, cluster::Failure> {
                 sync_speed_min,
                 sync_speed_max,
             } => cluster::tune(&c, &node, *sync_speed_min, *sync_speed_max, json).await,
+            Command::Grow {
+                array,
+                raid_devices,
+                add,
+            } => cluster::grow(&c, &node, array, *raid_devices, add, json).await,
+            Command::Manage { array, .. } => {
+                cluster::manage(&c, &node, array, manage_ops(std::env::args()), json).await
+            }
             Command::Examine { .. }
             | Command::ExamineBitmap { .. }
             | Command::ZeroSuperblock { .. } => Ok(String::new()),
@@ -308,5 +382,34 @@ fn main() -> ExitCode {
     match outcome.exit {
         None => ExitCode::SUCCESS,
         Some(e) => ExitCode::from(e.code() as u8),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::manage_ops;
+
+    #[test]
+    fn manage_ops_keep_command_line_order() {
+        let args = [
+            "mdctl",
+            "manage",
+            "md0",
+            "--fail",
+            "/a",
+            "--remove=/a",
+            "--json",
+            "--add",
+            "/b",
+        ];
+        let ops = manage_ops(args.iter().map(|s| s.to_string()));
+        assert_eq!(
+            ops,
+            vec![
+                ("fail".to_owned(), "/a".to_owned()),
+                ("remove".to_owned(), "/a".to_owned()),
+                ("add".to_owned(), "/b".to_owned()),
+            ]
+        );
     }
 }

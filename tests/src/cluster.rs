@@ -33,6 +33,8 @@ pub struct ClusterBuilder {
     server: ServerOpts,
     agent_ttl: Duration,
     agent_args: Vec<String>,
+    /// Extra flags of single agents (index 0 = node1); `{dir}` = the cluster directory.
+    node_args: Vec<(usize, Vec<String>)>,
 }
 
 impl ClusterBuilder {
@@ -44,7 +46,18 @@ impl ClusterBuilder {
             server: ServerOpts::default(),
             agent_ttl: Duration::from_secs(4),
             agent_args: Vec::new(),
+            node_args: Vec::new(),
         }
+    }
+
+    /// Extra flags for agent `node` only (1-based: 2 = node2); `{dir}` in them is
+    /// replaced by the cluster's directory (e.g. `--device-allow {dir}/m*`).
+    pub fn node_args(mut self, node: usize, args: &[&str]) -> Self {
+        self.node_args.push((
+            node.saturating_sub(1),
+            args.iter().map(|s| s.to_string()).collect(),
+        ));
+        self
     }
 
     /// The agents' session TTL.
@@ -75,13 +88,20 @@ impl ClusterBuilder {
             opts: self.clone(),
         };
         for i in 0..self.nodes {
+            let mut args = self.agent_args.clone();
+            let dir = c.dir.path().display().to_string();
+            for (n, extra) in &self.node_args {
+                if *n == i {
+                    args.extend(extra.iter().map(|a| a.replace("{dir}", &dir)));
+                }
+            }
             let a = AgentProc::start(
                 &c.server.url(),
                 &format!("node{}", i + 1),
                 &format!("127.0.0.{}", i + 1),
                 c.dir.path(),
                 self.agent_ttl,
-                &self.agent_args,
+                &args,
             )?;
             c.agents.push(a);
         }

@@ -239,6 +239,24 @@ pub fn dirty_bits(path: &Path, slot: usize) -> u64 {
     mdcluster_agent::format::bitmap::count_set(&s.bits, s.sb.chunks())
 }
 
+/// Number of chunks dirty in slot `slot` of any of `paths` (the union of their bits):
+/// what an assemble resyncs. A kill -9 in the middle of a bitmap flush can leave the
+/// members' copies one flush apart.
+pub fn dirty_bits_union(paths: &[PathBuf], slot: usize) -> u64 {
+    let members: Vec<_> = paths
+        .iter()
+        .map(|p| mdcluster_agent::format::io::read_member(p).expect("read member"))
+        .collect();
+    let chunks = members[0].bitmap[slot].sb.chunks();
+    (0..chunks)
+        .filter(|&i| {
+            members
+                .iter()
+                .any(|m| mdcluster_agent::format::bitmap::test_bit(&m.bitmap[slot].bits, i))
+        })
+        .count() as u64
+}
+
 /// Outcome of one NBD open.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Probe {

@@ -12,7 +12,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use mdcluster_tests::standalone::{assert_members_identical, dirty_bits, member_files, sh, Agent};
+use mdcluster_tests::standalone::{
+    assert_members_identical, dirty_bits, dirty_bits_union, member_files, sh, Agent,
+};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
@@ -148,16 +150,20 @@ fn kill9_during_random_writes_resyncs_the_dirty_bits() {
     agent.kill9();
     let _ = fio.kill();
     let _ = fio.wait();
+    // Each member carries the bitmap; the kill may fall between the writes of one
+    // flush to the two members, so they can differ by that flush. Assembly resyncs the
+    // union of their bits.
     let dirty: Vec<u64> = members.iter().map(|m| dirty_bits(m, 0)).collect();
+    let union = dirty_bits_union(&members, 0);
     assert!(
-        dirty[0] > 0,
-        "writes were in progress, some bits must be set"
+        dirty[0] > 0 && dirty[1] > 0,
+        "writes were in progress, some bits must be set: {dirty:?}"
     );
-    assert_eq!(dirty[0], dirty[1], "both members carry the same bitmap");
+    assert!(union >= dirty[0].max(dirty[1]), "{dirty:?} union {union}");
     // The load stayed inside 8..40 MiB: at most 512 chunks of 64 KiB.
-    assert!(dirty[0] <= 512, "{dirty:?}");
+    assert!(union <= 512, "{dirty:?} union {union}");
     let (agent2, run) = reassemble_and_resync(d, &members);
-    assert_eq!(run["chunks"].as_u64(), Some(dirty[0]), "{run}");
+    assert_eq!(run["chunks"].as_u64(), Some(union), "{run}");
     agent2.ok(json!({"op": "stop", "name": "md0"}));
     assert_members_identical(&members);
 }

@@ -67,6 +67,9 @@ pub struct AssembleOptions {
     pub daemon_sleep: Option<Duration>,
     /// Initial resync/recovery speed limits.
     pub speed: SpeedLimits,
+    /// Every sync run waits for a cluster gate ([`crate::raid::Raid1::set_sync_gate`]);
+    /// set by cluster mode for clustered arrays only.
+    pub sync_gate: bool,
 }
 
 /// What was assembled, for status.
@@ -143,6 +146,10 @@ impl SbStore {
                 MetaEvent::RecoveryCheckpoint { member, sectors } if i == member => {
                     sb.feature_map |= feature::RECOVERY_OFFSET;
                     sb.recovery_offset = sectors;
+                }
+                MetaEvent::RaidDisks(n) => sb.raid_disks = n,
+                MetaEvent::Removed { member } => {
+                    let _ = sb.set_role(dev_of[member], DevRole::Spare);
                 }
                 MetaEvent::RecoveryDone { member } if i == member => {
                     sb.feature_map &= !feature::RECOVERY_OFFSET;
@@ -303,6 +310,17 @@ pub async fn add_member(
     att: &Attachment,
     path: &std::path::Path,
 ) -> Result<AddOutcome, AssembleError> {
+    add_member_opts(raid, att, path, false).await
+}
+
+/// [`add_member`]; with `spare_only` a new device stays a spare even when a role is
+/// free (`mdadm --add-spare`).
+pub async fn add_member_opts(
+    raid: &Arc<Raid1>,
+    att: &Attachment,
+    path: &std::path::Path,
+    spare_only: bool,
+) -> Result<AddOutcome, AssembleError> {
     let name = raid.name().to_owned();
     let _one = att.add_lock.lock().await;
     let p = path.to_owned();
@@ -452,6 +470,7 @@ pub async fn add_member(
             })
             .await?
         }
+        None if spare_only => {}
         None => raid.use_spares().await,
     }
     if let Some(bm) = raid.bitmap() {
@@ -464,6 +483,103 @@ pub async fn add_member(
     Ok(AddOutcome {
         index,
         readded: readd.is_some(),
+    })
+}
+
+/// Attaches a device another node has just added to this array (cluster mode,
+/// METADATA_UPDATED after NEWDISK): its superblock is read, not written, and it joins
+/// the engine in the state its superblock gives it — a recovering member stays
+/// `Recovering`, and the cluster gate decides which node copies it.
+pub async fn attach_member(
+    raid: &Arc<Raid1>,
+    att: &Attachment,
+    path: &std::path::Path,
+) -> Result<AddOutcome, AssembleError> {
+    let name = raid.name().to_owned();
+    let _one = att.add_lock.lock().await;
+    let p = path.to_owned();
+    let (m, io) = tokio::task::spawn_blocking(move || -> Result<_, AssembleError> {
+        let m = read_member(&p)?;
+        let io = Arc::new(MemberIo::open(&p)?);
+        Ok((m, io))
+    })
+    .await
+    .map_err(|e| AssembleError::Task {
+        array: name.clone(),
+        reason: e.to_string(),
+    })??;
+    if m.sb.set_uuid != att.uuid {
+        return Err(mismatch(
+            &name,
+            format!(
+                "{} holds a member of another array ({})",
+                path.display(),
+                fmt_uuid(&m.sb.set_uuid)
+            ),
+        ));
+    }
+    let status = raid.status();
+    if status.members.iter().any(|x| {
+        !x.removed
+            && x.state != MemberState::Faulty
+            && (x.path == path.display().to_string() || x.dev_number == m.sb.dev_number)
+    }) {
+        return Err(mismatch(
+            &name,
+            format!(
+                "{} (device {}) is already a member here",
+                path.display(),
+                m.sb.dev_number
+            ),
+        ));
+    }
+    let (state, role) = match m.sb.role() {
+        DevRole::Active(r) if m.sb.feature_map & feature::RECOVERY_OFFSET != 0 => (
+            MemberState::Recovering {
+                offset: m.sb.recovery_offset.saturating_mul(SECTOR),
+                bitmap_only: false,
+            },
+            Some(r),
+        ),
+        DevRole::Active(r) => (MemberState::InSync, Some(r)),
+        DevRole::Faulty => (MemberState::Faulty, None),
+        _ => (MemberState::Spare, None),
+    };
+    let mut slot_off = None;
+    if att.slot_store.is_some() {
+        if let Some(bsb) = store_super(&att.sb_store) {
+            slot_off = Some(
+                slot_offset(&m.sb, &bsb, att.slot).map_err(|e| mismatch(&name, e.to_string()))?,
+            );
+        }
+    }
+    let dev_number = m.sb.dev_number;
+    let data_offset = m.sb.data_offset * SECTOR;
+    let index = att.sb_store.push(io.clone(), m.sb.clone());
+    if let (Some(store), Some(off)) = (&att.slot_store, slot_off) {
+        store
+            .members
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((io.clone(), off));
+    }
+    let engine_index = raid.add_member(MemberSpec {
+        io,
+        data_offset,
+        dev_number,
+        role,
+        state,
+    });
+    if engine_index != index {
+        return Err(mismatch(
+            &name,
+            format!("member index mismatch ({engine_index} != {index})"),
+        ));
+    }
+    tracing::info!(array = %name, member = %path.display(), index, ?state, "member attached (added by another node)");
+    Ok(AddOutcome {
+        index,
+        readded: false,
     })
 }
 
@@ -685,6 +801,11 @@ pub async fn assemble(
         _ => None,
     };
     let resync_from = unclean.then(|| fresh.resync_offset.saturating_mul(SECTOR).min(size));
+    let clustered_bitmap = fresh.has_bitmap()
+        && members[in_sync[0]]
+            .bitmap
+            .first()
+            .is_some_and(|b| b.sb.is_clustered());
     let raid = Raid1::start(Raid1Config {
         name: name.to_owned(),
         size,
@@ -694,6 +815,7 @@ pub async fn assemble(
         meta: sb_store.clone(),
         resync_from,
         speed: opts.speed,
+        gated: opts.sync_gate && clustered_bitmap,
     })?;
     if let Some(s) = &slot_store {
         let _ = s.raid.set(Arc::downgrade(&raid));

@@ -168,6 +168,18 @@ pub struct ArrayInfo {
     pub clients: Vec<String>,
 }
 
+/// How [`Registry::add_member_with`] adds a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddHow {
+    /// `--add`: a former member is re-added, a new one becomes a spare and takes a
+    /// free role at once.
+    Add,
+    /// `--add-spare`: a new device stays a spare.
+    Spare,
+    /// Cluster mode: another node added it; read its superblock, write nothing.
+    Attach,
+}
+
 /// Limits and defaults of a registry.
 #[derive(Debug, Clone)]
 pub struct RegistryConfig {
@@ -518,6 +530,16 @@ impl Registry {
         Ok(self.device(name)?.fail_by_path(path).await?)
     }
 
+    /// Removes a faulty or spare member (like `mdadm --remove`); `Ok(false)`: it is
+    /// active, nothing done.
+    pub async fn remove_member(
+        &self,
+        name: &str,
+        path: &std::path::Path,
+    ) -> Result<bool, ArrayError> {
+        Ok(self.device(name)?.remove_by_path(path).await?)
+    }
+
     /// Adds a device to an active array (like `mdadm --add` / `--re-add`): a former
     /// member comes back in its role and recovers only the chunks the bitmap marks
     /// needed; a blank device becomes a spare and recovers fully into a free role.
@@ -525,6 +547,17 @@ impl Registry {
         &self,
         name: &str,
         path: &std::path::Path,
+    ) -> Result<assemble::AddOutcome, ArrayError> {
+        self.add_member_with(name, path, AddHow::Add).await
+    }
+
+    /// [`Registry::add_member`], or as a spare only (`--add-spare`), or attaching a
+    /// device another node added (cluster mode: its superblock is read, not written).
+    pub async fn add_member_with(
+        &self,
+        name: &str,
+        path: &std::path::Path,
+        how: AddHow,
     ) -> Result<assemble::AddOutcome, ArrayError> {
         self.check_allowed(&[path.to_owned()])?;
         let (raid, att) = {
@@ -543,12 +576,15 @@ impl Registry {
                 }
             }
         };
-        assemble::add_member(&raid, &att, path)
-            .await
-            .map_err(|source| ArrayError::Assemble {
-                name: name.to_owned(),
-                source,
-            })
+        let r = match how {
+            AddHow::Add => assemble::add_member_opts(&raid, &att, path, false).await,
+            AddHow::Spare => assemble::add_member_opts(&raid, &att, path, true).await,
+            AddHow::Attach => assemble::attach_member(&raid, &att, path).await,
+        };
+        r.map_err(|source| ArrayError::Assemble {
+            name: name.to_owned(),
+            source,
+        })
     }
 
     /// Stops every array (agent shutdown), forcing clients off.

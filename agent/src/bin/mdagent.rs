@@ -148,6 +148,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 min_kib_s: args.speed_min,
                 max_kib_s: args.speed_max,
             },
+            sync_gate: false,
         },
         device_allow: args.device_allow.clone(),
     });
@@ -226,6 +227,8 @@ async fn run_cluster(args: Args, server: String) -> anyhow::Result<()> {
                         min_kib_s: args.speed_min,
                         max_kib_s: args.speed_max,
                     },
+                    // Cluster mode: clustered arrays sync one node at a time.
+                    sync_gate: true,
                 },
                 device_allow: args.device_allow.clone(),
             },

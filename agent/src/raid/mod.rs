@@ -36,7 +36,10 @@ use tokio::sync::Semaphore;
 use crate::bitmap::{BitmapStats, WriteIntent};
 use crate::blockdev::{BlockDevice, IoFuture};
 use member::MemberIo;
-pub use sync::{SpeedLimits, SyncKind, SyncProgress, WorkerState};
+pub use sync::{
+    GateDecision, GateFuture, SpeedLimits, SyncGate, SyncKind, SyncProgress, WorkerState,
+    GATE_WINDOW,
+};
 
 /// At most this many array I/Os are in flight; more wait for a slot.
 pub const MAX_INFLIGHT: u32 = 4096;
@@ -146,6 +149,13 @@ pub enum MetaEvent {
         /// Index of the member.
         member: usize,
     },
+    /// The number of roles grew to this.
+    RaidDisks(u32),
+    /// Member `member` was removed: its role becomes unused (0xffff).
+    Removed {
+        /// Index of the member.
+        member: usize,
+    },
 }
 
 /// Writes metadata changes to the members' superblocks.
@@ -189,6 +199,9 @@ pub struct Raid1Config {
     pub resync_from: Option<u64>,
     /// Initial speed limits.
     pub speed: SpeedLimits,
+    /// Every resync/recovery run waits for a [`SyncGate`] ([`Raid1::set_sync_gate`]):
+    /// cluster mode, one node syncs at a time.
+    pub gated: bool,
 }
 
 struct Member {
@@ -218,6 +231,8 @@ pub struct MemberStatus {
     pub state: MemberState,
     /// Whether it is opened with O_DIRECT.
     pub direct: bool,
+    /// Removed (`mdadm --remove`): kept only as a tombstone, not shown.
+    pub removed: bool,
 }
 
 /// The state of a [`Raid1`] as shown in status.
@@ -243,7 +258,7 @@ pub struct RaidStatus {
 pub struct Raid1 {
     name: String,
     size: u64,
-    raid_disks: u32,
+    raid_disks: AtomicU32,
     /// Grows when a member is added; indexes never change.
     members: std::sync::RwLock<Vec<Arc<Member>>>,
     slots: Mutex<Vec<Slot>>,
@@ -265,6 +280,8 @@ pub struct Raid1 {
     /// The range (array bytes) another node is resyncing: reads there go to the first
     /// in-sync member, writes there wait until the window moves on.
     remote_window: Mutex<Option<(u64, u64)>>,
+    /// Indexes of removed members (tombstones: indexes stay stable).
+    removed: Mutex<std::collections::BTreeSet<usize>>,
     remote_changed: tokio::sync::Notify,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     stop_tx: tokio::sync::watch::Sender<bool>,
@@ -314,7 +331,7 @@ impl Raid1 {
         let raid = Arc::new(Raid1 {
             name: cfg.name,
             size: cfg.size,
-            raid_disks: cfg.raid_disks,
+            raid_disks: AtomicU32::new(cfg.raid_disks),
             members: std::sync::RwLock::new(members),
             slots: Mutex::new(slots),
             bitmap: cfg.bitmap,
@@ -326,8 +343,9 @@ impl Raid1 {
             rr: AtomicUsize::new(0),
             epoch: Instant::now(),
             last_io_ms: AtomicU64::new(0),
-            sync: sync::SyncShared::new(cfg.speed, cfg.resync_from),
+            sync: sync::SyncShared::new(cfg.speed, cfg.resync_from, cfg.gated),
             remote_window: Mutex::new(None),
+            removed: Mutex::new(std::collections::BTreeSet::new()),
             remote_changed: tokio::sync::Notify::new(),
             tasks: Mutex::new(Vec::new()),
             stop_tx,
@@ -551,7 +569,7 @@ impl Raid1 {
                     .filter(|s| s.state != MemberState::Faulty && s.state != MemberState::Spare)
                     .filter_map(|s| s.role)
                     .collect();
-                let free = (0..self.raid_disks as u16).find(|r| !taken.contains(r));
+                let free = (0..self.raid_disks() as u16).find(|r| !taken.contains(r));
                 let spare = slots.iter().position(|s| s.state == MemberState::Spare);
                 match (free, spare) {
                     (Some(role), Some(i)) => {
@@ -592,6 +610,94 @@ impl Raid1 {
             })?;
         self.fail_member(i, "failed by request").await;
         Ok(())
+    }
+
+    /// The number of roles (`raid_disks`).
+    pub fn raid_disks(&self) -> u32 {
+        self.raid_disks.load(Ordering::Acquire)
+    }
+
+    /// Grows the number of roles to `n` (like `mdadm --grow --raid-devices`, RAID1):
+    /// the superblocks record it, and spares take the new roles at once (recovery).
+    /// Shrinking is refused (`Ok(false)`), as is a change to the same count.
+    pub async fn grow_raid_disks(&self, n: u32) -> Result<bool, RaidError> {
+        let cur = self.raid_disks();
+        if n <= cur {
+            return Ok(false);
+        }
+        self.raid_disks.store(n, Ordering::Release);
+        tracing::info!(array = %self.name, from = cur, to = n, "raid disks grown");
+        self.meta_update(MetaEvent::RaidDisks(n)).await?;
+        self.activate_spares().await;
+        self.sync.wake();
+        Ok(true)
+    }
+
+    /// Marks the recovering member at `path` in sync without copying: another node
+    /// recovered it (its superblock says so); this node's superblock copies record it
+    /// too. Returns whether it changed.
+    pub async fn mark_recovered(&self, path: &std::path::Path) -> bool {
+        let changed = {
+            // Members before slots: the lock order of `add_member`.
+            let members = self.members_snapshot();
+            let mut slots = self.slots();
+            let mut changed = None;
+            for (i, s) in slots.iter_mut().enumerate() {
+                let here = members.get(i).is_some_and(|m| m.io.path() == path);
+                if here && matches!(s.state, MemberState::Recovering { .. }) {
+                    s.state = MemberState::InSync;
+                    changed = Some(i);
+                    break;
+                }
+            }
+            changed
+        };
+        let Some(i) = changed else {
+            return false;
+        };
+        tracing::info!(array = %self.name, member = %path.display(), "recovered by another node");
+        if let Err(e) = self
+            .meta_update(MetaEvent::RecoveryDone { member: i })
+            .await
+        {
+            tracing::warn!("failed to record the recovered member: {e}");
+        }
+        true
+    }
+
+    /// Removes a faulty or spare member (like `mdadm --remove`): no I/O goes to it,
+    /// its role in the other members' superblocks becomes unused (0xffff), and status
+    /// marks it removed. `Ok(false)`: the member is active (fail it first); nothing done.
+    pub async fn remove_by_path(&self, path: &std::path::Path) -> Result<bool, RaidError> {
+        let removed = self
+            .removed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let i = self
+            .members_snapshot()
+            .iter()
+            .enumerate()
+            .position(|(i, m)| m.io.path() == path && !removed.contains(&i))
+            .ok_or_else(|| RaidError::NoSuchMember {
+                array: self.name.clone(),
+                member: path.display().to_string(),
+            })?;
+        {
+            let mut slots = self.slots();
+            match slots[i].state {
+                MemberState::Faulty => {}
+                MemberState::Spare => slots[i].state = MemberState::Faulty,
+                _ => return Ok(false),
+            }
+        }
+        self.removed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(i);
+        tracing::info!(array = %self.name, member = %path.display(), "member removed");
+        self.meta_update(MetaEvent::Removed { member: i }).await?;
+        Ok(true)
     }
 
     fn pick_reader(&self, tried: &[usize], offset: u64, len: u64) -> Option<usize> {
@@ -718,7 +824,7 @@ impl Raid1 {
         let targets = self.write_targets();
         let data = member::aligned_copy(&data);
         let (in_sync_ok, ok, err) = self.fan_out(&targets, offset, data, fua).await;
-        let degraded = ok < self.raid_disks as usize;
+        let degraded = ok < self.raid_disks() as usize;
         if let Some(bm) = &self.bitmap {
             bm.end_write(offset, len, degraded);
         }
@@ -776,21 +882,28 @@ impl Raid1 {
             .iter()
             .filter(|s| s.state == MemberState::InSync)
             .count();
+        let removed = self
+            .removed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         RaidStatus {
             name: self.name.clone(),
             size: self.size,
-            raid_disks: self.raid_disks,
-            degraded: in_sync < self.raid_disks as usize,
+            raid_disks: self.raid_disks(),
+            degraded: in_sync < self.raid_disks() as usize,
             members: self
                 .members_snapshot()
                 .iter()
                 .zip(slots)
-                .map(|(m, s)| MemberStatus {
+                .enumerate()
+                .map(|(i, (m, s))| MemberStatus {
                     path: m.io.path().display().to_string(),
                     dev_number: m.dev_number,
                     role: s.role,
                     state: s.state,
                     direct: m.io.is_direct(),
+                    removed: removed.contains(&i),
                 })
                 .collect(),
             sync: self.sync.progress(),
@@ -812,6 +925,21 @@ impl Raid1 {
     /// call also queues).
     pub fn request_resync(&self) {
         self.sync.request_resync();
+    }
+
+    /// Installs (or removes) the cluster gate every sync run of a gated array waits for.
+    pub fn set_sync_gate(&self, gate: Option<Arc<dyn sync::SyncGate>>) {
+        self.sync.set_gate(gate);
+    }
+
+    /// Whether a sync run waits for its gate (mdstat `resync=PENDING`).
+    pub fn sync_pending(&self) -> bool {
+        self.sync.pending()
+    }
+
+    /// The range another node resyncs now, if any ([`Raid1::set_remote_resync_window`]).
+    pub fn remote_resync_window(&self) -> Option<(u64, u64)> {
+        *self.remote_window.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Sets (or clears with `None`) the range, in array bytes `[lo, hi)`, that another

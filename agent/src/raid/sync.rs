@@ -18,9 +18,17 @@
 //!   since after a crash a write in flight below the checkpoint must be resynced too
 //!   (with a bitmap the dirty bits decide what is resynced anyway).
 //!
+//! - **Cluster gate** ([`SyncGate`], md-cluster's `resync` lock and RESYNCING): when
+//!   the array is assembled with a gate required, every run first waits for the gate
+//!   (status `pending`, mdstat `resync=PENDING`), tells it each [`GATE_WINDOW`] it is
+//!   about to copy, and tells it when the run ends. The gate may answer that the work
+//!   was done elsewhere ([`GateDecision::Done`]): the pending resync is dropped.
+//!
 //! Worker states follow garage's `Worker`: [`WorkerState::Busy`], `Throttled`, `Idle`,
 //! and `Done` once the worker has exited.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -29,6 +37,36 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
 
 use super::{MemberState, MetaEvent, Raid1};
+
+/// The window a gated run announces before copying into it (md-cluster's
+/// `CLUSTER_RESYNC_WINDOW`, 32 MiB).
+pub const GATE_WINDOW: u64 = 32 << 20;
+
+/// A boxed future of a [`SyncGate`] call.
+pub type GateFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What a gate says before a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateDecision {
+    /// Run now (the gate is held until [`SyncGate::end`]).
+    Run,
+    /// The resync was finished elsewhere: drop the pending resync (needed chunks stay
+    /// needed; no `end` follows).
+    Done,
+    /// Not now: the worker tries again after a pause (no `end` follows).
+    Later,
+}
+
+/// Cluster-wide coordination of sync runs (implemented by the cluster agent).
+pub trait SyncGate: Send + Sync {
+    /// Waits until this node may run a `kind` run of `bytes` (0: a resync with no
+    /// chunk needed here); may take long (cancelled when the array stops).
+    fn begin(&self, kind: SyncKind, bytes: u64) -> GateFuture<'_, GateDecision>;
+    /// The run is about to copy inside `[lo, hi)` (array bytes).
+    fn window(&self, lo: u64, hi: u64) -> GateFuture<'_, ()>;
+    /// The run ended; `finished`: it completed.
+    fn end(&self, kind: SyncKind, finished: bool) -> GateFuture<'_, ()>;
+}
 
 /// Largest piece copied in one step.
 pub const STEP: u64 = 1 << 20;
@@ -138,6 +176,12 @@ pub(crate) struct SyncShared {
     resync_running: AtomicBool,
     /// A resync was requested while one ran: plan another once it ends.
     pending_rerun: AtomicBool,
+    /// Runs wait for a [`SyncGate`] (cluster mode).
+    gated: bool,
+    gate: Mutex<Option<Arc<dyn SyncGate>>>,
+    gate_set: Notify,
+    /// A run waits for its gate.
+    pending: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -146,7 +190,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl SyncShared {
-    pub(crate) fn new(speed: SpeedLimits, resync_from: Option<u64>) -> SyncShared {
+    pub(crate) fn new(speed: SpeedLimits, resync_from: Option<u64>, gated: bool) -> SyncShared {
         SyncShared {
             speed: Mutex::new(speed),
             speed_changed: Notify::new(),
@@ -158,7 +202,21 @@ impl SyncShared {
             resync: Mutex::new(resync_from),
             resync_running: AtomicBool::new(false),
             pending_rerun: AtomicBool::new(false),
+            gated,
+            gate: Mutex::new(None),
+            gate_set: Notify::new(),
+            pending: AtomicBool::new(false),
         }
+    }
+
+    pub(crate) fn set_gate(&self, gate: Option<Arc<dyn SyncGate>>) {
+        *lock(&self.gate) = gate;
+        self.gate_set.notify_waiters();
+        self.wake();
+    }
+
+    pub(crate) fn pending(&self) -> bool {
+        self.pending.load(Ordering::Acquire)
     }
 
     pub(crate) fn set_speed(&self, limits: SpeedLimits) {
@@ -363,7 +421,44 @@ pub(crate) async fn run_worker(raid: Arc<Raid1>, mut stop: watch::Receiver<bool>
             }
             continue;
         };
-        let outcome = run_job(&raid, &job, &mut stop).await;
+        // Gated: every run, also an empty one (a node without needed chunks must not
+        // mark the array or a member in sync while another node copies it).
+        let bytes: u64 = job.ranges.iter().map(|r| r.end - r.start).sum();
+        let gate = if raid.sync.gated {
+            match wait_gate(&raid, job.kind, bytes, &mut stop).await {
+                None => break,
+                Some((_, GateDecision::Done)) => {
+                    if job.kind == SyncKind::Resync {
+                        *lock(&raid.sync.resync) = None;
+                        tracing::info!(array = %raid.name, "resync was finished by another node");
+                    }
+                    continue;
+                }
+                Some((_, GateDecision::Later)) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = stop.changed() => {}
+                    }
+                    continue;
+                }
+                Some((g, GateDecision::Run)) => Some(g),
+            }
+        } else {
+            None
+        };
+        // The plan may be stale after a wait for the gate.
+        let job = match (&gate, plan(&raid)) {
+            (None, _) => job,
+            (Some(_), Some(j)) if j.kind == job.kind => j,
+            (Some(g), _) => {
+                g.end(job.kind, false).await;
+                continue;
+            }
+        };
+        let outcome = run_job(&raid, &job, &mut stop, gate.as_deref()).await;
+        if let Some(g) = &gate {
+            g.end(job.kind, matches!(outcome, Outcome::Finished)).await;
+        }
         match outcome {
             Outcome::Finished => failures = 0,
             Outcome::Interrupted => break,
@@ -383,7 +478,40 @@ pub(crate) async fn run_worker(raid: Arc<Raid1>, mut stop: watch::Receiver<bool>
     raid.sync.set_state(WorkerState::Done);
 }
 
-async fn run_job(raid: &Raid1, job: &Job, stop: &mut watch::Receiver<bool>) -> Outcome {
+/// Waits for the installed gate's decision (pending meanwhile); `None`: stop.
+async fn wait_gate(
+    raid: &Raid1,
+    kind: SyncKind,
+    bytes: u64,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<(Arc<dyn SyncGate>, GateDecision)> {
+    raid.sync.pending.store(true, Ordering::Release);
+    let r = loop {
+        let gate = lock(&raid.sync.gate).clone();
+        let Some(gate) = gate else {
+            let set = raid.sync.gate_set.notified();
+            tokio::select! {
+                _ = set => continue,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                _ = stop.changed() => break None,
+            }
+        };
+        tokio::select! {
+            d = gate.begin(kind, bytes) => break Some((gate.clone(), d)),
+            _ = stop.changed() => break None,
+        }
+    };
+    raid.sync.pending.store(false, Ordering::Release);
+    r
+}
+
+async fn run_job(
+    raid: &Raid1,
+    job: &Job,
+    stop: &mut watch::Receiver<bool>,
+    gate: Option<&dyn SyncGate>,
+) -> Outcome {
+    let mut window = u64::MAX;
     let total: u64 = job.ranges.iter().map(|r| r.end - r.start).sum();
     let chunks_total = job.ranges.iter().filter(|r| r.chunk.is_some()).count() as u64;
     let started = Instant::now();
@@ -419,6 +547,13 @@ async fn run_job(raid: &Raid1, job: &Job, stop: &mut watch::Receiver<bool>) -> O
         let mut pos = r.start;
         while pos < r.end {
             let n = STEP.min(r.end - pos);
+            if let Some(g) = gate {
+                if pos / GATE_WINDOW != window {
+                    window = pos / GATE_WINDOW;
+                    let lo = window * GATE_WINDOW;
+                    g.window(lo, (lo + GATE_WINDOW).min(raid.size)).await;
+                }
+            }
             if *stop.borrow() || !throttle.wait(raid, n, stop).await {
                 outcome = Outcome::Interrupted;
             } else {
@@ -608,7 +743,7 @@ async fn finish(raid: &Raid1, job: &Job) {
                     tracing::warn!("failed to record the end of recovery: {e}");
                 }
             }
-            if !job.bitmap && raid.in_sync_count() >= raid.raid_disks as usize {
+            if !job.bitmap && raid.in_sync_count() >= raid.raid_disks() as usize {
                 if let Some(bm) = &raid.bitmap {
                     bm.clear_all_needed();
                 }

@@ -97,6 +97,24 @@ impl AgentService for AgentSvc {
         Ok(Response::new(pb::SetSpeedResponse { arrays }))
     }
 
+    async fn manage(
+        &self,
+        req: Request<pb::ManageRequest>,
+    ) -> Result<Response<pb::ArrayStatus>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(self.node.manage(&r.name, r.ops).await?))
+    }
+
+    async fn grow(
+        &self,
+        req: Request<pb::GrowRequest>,
+    ) -> Result<Response<pb::ArrayStatus>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.node.grow(&r.name, r.raid_devices, r.add).await?,
+        ))
+    }
+
     type WatchStream = EventStream;
 
     async fn watch(

@@ -7,7 +7,8 @@
 //!    EBUSY naming the slot count); it is held for the whole membership;
 //! 3. subscribe to the array's message channel;
 //! 4. for every other slot M: try `slot/M` no-queue. Held (its node is alive): read its
-//!    value block (the node's resync window) and log it. Granted (the slot is unused):
+//!    value block (the node's resync window): an active one is installed in the engine
+//!    as the remote window once it runs. Granted (the slot is unused):
 //!    if slot M has dirty bits on disk, merge them into our slot on every member and
 //!    mark the superblocks unclean, so the engine resyncs exactly those chunks when it
 //!    starts; release `slot/M`. Our own slot's dirty bits (a previous crash of this
@@ -43,6 +44,9 @@ pub struct Membership {
     pub token: u64,
     /// Chunks merged from unused dirty slots at join.
     pub merged_chunks: u64,
+    /// A live node's resync window read at join (`ResyncInfo`, sectors), installed in
+    /// the engine once it runs.
+    pub remote_window: Option<(u64, u64)>,
 }
 
 fn wire(e: LockClientError, what: &str) -> WireError {
@@ -105,7 +109,17 @@ pub async fn join(
         slot,
         token,
         merged_chunks: 0,
+        remote_window: None,
     };
+    // A window left in our slot's value by an earlier holder that died mid-resync
+    // would hold other nodes' writes: start with none.
+    let res = slot_lock(&uuid, slot);
+    if let Err(e) = session
+        .write_value(&res, token, &ResyncInfo::default().encode())
+        .await
+    {
+        tracing::warn!(array = name, lock = %res, "clearing our resync window: {e}");
+    }
     // Step 3.
     if let Err(e) = session.subscribe(&channel(&uuid)).await {
         leave(session, m, false).await;
@@ -131,6 +145,9 @@ pub async fn join(
             Err(e) if e.errno() == Errno::Ebusy => match session.read_value(&res).await {
                 Ok((v, holders)) => {
                     let w = ResyncInfo::decode(&v);
+                    if w.active() {
+                        m.remote_window = Some((w.lo, w.hi));
+                    }
                     tracing::info!(
                         array = name,
                         slot = other,

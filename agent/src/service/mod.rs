@@ -24,7 +24,10 @@
 //! # Layout
 //! - [`grpc`]: the tonic `AgentService` over a [`Node`].
 //! - [`join`]: clustered join/leave with slot locks (RFC 0001 "Join", "Leave").
+//! - [`message`]: the token lock and the acknowledged message round (sender and
+//!   receiver; RFC 0001 "Messages").
 //! - [`events`]: the event stream.
+//! - [`resync`]: one node resyncs at a time (the `resync` lock and RESYNCING windows).
 //! - [`runtime`]: cluster-mode `mdagent`: listener, lock-service session, serving.
 //! - [`takeover`]: a survivor recovers a failed node's bitmap slot (RFC 0001 "Node
 //!   failure and slot recovery").
@@ -32,6 +35,8 @@
 pub mod events;
 pub mod grpc;
 pub mod join;
+pub mod message;
+pub mod resync;
 pub mod runtime;
 pub mod takeover;
 
@@ -109,6 +114,12 @@ pub struct Node {
     events: broadcast::Sender<pb::ArrayEvent>,
     /// The lock-service session (cluster mode); `None`: clustered arrays are refused.
     session: Mutex<Option<Arc<Session>>>,
+    /// Per array, a device another node announced with NEWDISK and this node
+    /// confirmed; attached at the METADATA_UPDATED that follows.
+    pending_disks: Mutex<HashMap<String, PathBuf>>,
+    /// Per array, the bitmap slot of the node that added a member attached here as
+    /// recovering: that node recovers it while it lives ([`resync`]).
+    remote_recovery: Mutex<HashMap<String, u32>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -185,6 +196,8 @@ impl Node {
             speed: Mutex::new(speed),
             events: broadcast::channel(EVENT_CAPACITY).0,
             session: Mutex::new(None),
+            pending_disks: Mutex::new(HashMap::new()),
+            remote_recovery: Mutex::new(HashMap::new()),
         })
     }
 
@@ -237,6 +250,11 @@ impl Node {
                 (n, m, slots)
             })
             .collect()
+    }
+
+    /// The membership of clustered array `name` here, if joined.
+    pub fn membership(&self, name: &str) -> Option<join::Membership> {
+        lock(&self.held).get(name).cloned()
     }
 
     /// The engine and member paths of an active array.
@@ -646,7 +664,17 @@ impl Node {
         match service.assemble(name, members).await {
             Ok(_) => {
                 if let Some(m) = membership {
+                    let uuid = m.uuid;
+                    let window = m.remote_window;
                     lock(&self.held).insert(name.to_owned(), m);
+                    if let Some((raid, paths)) = self.raid_of(name) {
+                        if let Some((lo, hi)) = window {
+                            raid.set_remote_resync_window(Some((lo * 512, hi * 512)));
+                        }
+                        raid.set_sync_gate(Some(Arc::new(resync::ClusterGate::new(
+                            self, name, uuid, paths,
+                        ))));
+                    }
                 }
                 let speed = *lock(&self.speed);
                 let _ = service.registry().set_speed(name, speed);
@@ -736,6 +764,401 @@ impl Node {
                 tracing::warn!("restoring the array list: {e}");
             }
         }
+    }
+
+    /// Member operations on `name`, in order (`mdctl manage`, like `mdadm --manage`).
+    /// On a clustered array each change goes through the token lock and an
+    /// acknowledged METADATA_UPDATED ([`message::round`]); the first failing operation
+    /// ends the request (the earlier ones stay applied) with an error naming it.
+    pub async fn manage(
+        self: &Arc<Self>,
+        name: &str,
+        ops: Vec<pb::ManageOp>,
+    ) -> Result<pb::ArrayStatus, WireError> {
+        let name = short_name(name).to_owned();
+        if ops.is_empty() {
+            return Err(self.err(
+                Errno::Einval,
+                &name,
+                "manage: give at least one of --fail/--remove/--add/--add-spare/--re-add",
+            ));
+        }
+        let guard = self.begin(&name, "manage")?;
+        let me = self.clone();
+        self.detached(&name.clone(), async move {
+            let _guard = guard;
+            for (i, op) in ops.iter().enumerate() {
+                me.manage_one(&name, op).await.map_err(|e| {
+                    if i > 0 {
+                        e.context(&format!(
+                            "operations before {} {} were applied",
+                            op.action, op.device
+                        ))
+                    } else {
+                        e
+                    }
+                })?;
+            }
+            me.get(&name)
+        })
+        .await
+    }
+
+    async fn manage_one(self: &Arc<Self>, name: &str, op: &pb::ManageOp) -> Result<(), WireError> {
+        let Some((info, service)) = self.info(name) else {
+            return Err(self.err(
+                Errno::Enoent,
+                name,
+                format!("no array named {name} on this node"),
+            ));
+        };
+        let dev = PathBuf::from(&op.device);
+        let kind = match op.action.as_str() {
+            "fail" => crate::cluster::MsgType::MetadataUpdated,
+            "remove" => crate::cluster::MsgType::Remove,
+            "add" | "add-spare" | "re-add" => return self.manage_add(name, op).await,
+            other => {
+                return Err(self.err(
+                    Errno::Einval,
+                    name,
+                    format!("manage: unknown operation {other:?}: use fail, remove, add, add-spare or re-add"),
+                ))
+            }
+        };
+        let Some(raid) = info.raid.as_ref() else {
+            return Err(self.err(
+                Errno::Ebusy,
+                name,
+                format!("array {name} is {}, not active", info.state),
+            ));
+        };
+        let Some(member) = raid
+            .members
+            .iter()
+            .find(|m| Path::new(&m.path) == dev && !m.removed)
+        else {
+            return Err(self.err(
+                Errno::Enoent,
+                name,
+                format!("{} is not a member of {name} here", op.device),
+            ));
+        };
+        let dev_number = member.dev_number;
+        let registry = service.registry().clone();
+        let clustered = lock(&self.meta)
+            .get(name)
+            .is_some_and(|m| m.bitmap_kind == Some("clustered"));
+        let membership = lock(&self.held).get(name).cloned();
+        let change = {
+            let name = name.to_owned();
+            let dev = dev.clone();
+            let me = self.clone();
+            async move {
+                // The re-check under the token.
+                let state = me.info(&name).and_then(|(i, _)| i.raid).and_then(|r| {
+                    r.members
+                        .iter()
+                        .find(|m| Path::new(&m.path) == dev && !m.removed)
+                        .map(|m| m.state)
+                });
+                let Some(state) = state else {
+                    return Ok(message::Change::Unchanged);
+                };
+                if kind == crate::cluster::MsgType::Remove {
+                    let done = registry
+                        .remove_member(&name, &dev)
+                        .await
+                        .map_err(|e| me.err(errno_from_name(e.errno()), &name, e))?;
+                    if !done {
+                        return Err(me.err(
+                            Errno::Ebusy,
+                            &name,
+                            format!("{} is active in {name} ({state:?}): fail it first (--fail {} --remove {})", dev.display(), dev.display(), dev.display()),
+                        ));
+                    }
+                    return Ok(message::Change::Applied);
+                }
+                if state == MemberState::Faulty {
+                    return Ok(message::Change::Unchanged);
+                }
+                registry
+                    .fail_member(&name, &dev)
+                    .await
+                    .map_err(|e| me.err(errno_from_name(e.errno()), &name, e))?;
+                let now_faulty = me.info(&name).and_then(|(i, _)| i.raid).is_some_and(|r| {
+                    r.members.iter().any(|m| {
+                        Path::new(&m.path) == dev && !m.removed && m.state == MemberState::Faulty
+                    })
+                });
+                if !now_faulty {
+                    return Err(me.err(
+                        Errno::Ebusy,
+                        &name,
+                        format!(
+                            "{} is the last in-sync member of {name}: not failing it",
+                            dev.display()
+                        ),
+                    ));
+                }
+                Ok(message::Change::Applied)
+            }
+        };
+        if !clustered {
+            change.await?;
+            return Ok(());
+        }
+        let (Some(m), Some(session)) = (membership, self.session()) else {
+            return Err(self.err(
+                Errno::Eio,
+                name,
+                "a clustered array needs a session with mdserver and a bitmap slot; this node has none",
+            ));
+        };
+        let mut msg = crate::cluster::ClusterMsg::new(kind, m.slot);
+        msg.raid_slot = dev_number;
+        let array = name.to_owned();
+        let device = op.device.clone();
+        let action = op.action.clone();
+        message::round(
+            message::Target {
+                session: &session,
+                node: &self.cfg.node,
+                array: name,
+                uuid: &m.uuid,
+            },
+            msg,
+            message::ROUND_DEADLINE,
+            change,
+            async move {
+                // A failed or removed member cannot be taken back without a recovery;
+                // the nodes that refused keep their view until their next message.
+                tracing::error!(array = %array, member = %device, action = %action, "not acknowledged by every node; it stays applied here");
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// `mdctl grow ARRAY --raid-devices N [--add DEV]...` (RAID1, like `mdadm --grow`):
+    /// the devices are added first (NEWDISK, as `manage --add`), then the number of
+    /// roles grows under the token with METADATA_UPDATED; spares take the new roles and
+    /// one node recovers them. Shrinking is refused.
+    pub async fn grow(
+        self: &Arc<Self>,
+        name: &str,
+        raid_devices: u32,
+        add: Vec<String>,
+    ) -> Result<pb::ArrayStatus, WireError> {
+        let name = short_name(name).to_owned();
+        let guard = self.begin(&name, "grow")?;
+        let me = self.clone();
+        self.detached(&name.clone(), async move {
+            let _guard = guard;
+            for d in &add {
+                let op = pb::ManageOp {
+                    action: "add".into(),
+                    device: d.clone(),
+                };
+                me.manage_add(&name, &op).await?;
+            }
+            if raid_devices != 0 {
+                me.grow_roles(&name, raid_devices).await.map_err(|e| {
+                    if add.is_empty() {
+                        e
+                    } else {
+                        e.context(&format!("{} added", add.join(", ")))
+                    }
+                })?;
+            }
+            me.get(&name)
+        })
+        .await
+    }
+
+    async fn grow_roles(self: &Arc<Self>, name: &str, n: u32) -> Result<(), WireError> {
+        let Some((raid, _)) = self.raid_of(name) else {
+            return Err(self.err(
+                Errno::Enoent,
+                name,
+                format!("no active array named {name} on this node"),
+            ));
+        };
+        let cur = raid.raid_disks();
+        if n < cur {
+            return Err(self.err(
+                Errno::Einval,
+                name,
+                format!("--raid-devices {n}: {name} has {cur}; shrinking is not supported"),
+            ));
+        }
+        let change = {
+            let raid = raid.clone();
+            let me = self.clone();
+            let name = name.to_owned();
+            async move {
+                match raid.grow_raid_disks(n).await {
+                    Ok(true) => Ok(message::Change::Applied),
+                    Ok(false) => Ok(message::Change::Unchanged),
+                    Err(e) => Err(me.err(Errno::Eio, &name, e)),
+                }
+            }
+        };
+        let clustered = lock(&self.meta)
+            .get(name)
+            .is_some_and(|m| m.bitmap_kind == Some("clustered"));
+        if !clustered {
+            change.await?;
+            return Ok(());
+        }
+        let (Some(m), Some(session)) = (lock(&self.held).get(name).cloned(), self.session()) else {
+            return Err(self.err(
+                Errno::Eio,
+                name,
+                "a clustered array needs a session with mdserver and a bitmap slot; this node has none",
+            ));
+        };
+        let msg = crate::cluster::ClusterMsg::new(crate::cluster::MsgType::MetadataUpdated, m.slot);
+        let array = name.to_owned();
+        message::round(
+            message::Target {
+                session: &session,
+                node: &self.cfg.node,
+                array: name,
+                uuid: &m.uuid,
+            },
+            msg,
+            message::ROUND_DEADLINE,
+            change,
+            async move {
+                tracing::error!(array = %array, raid_disks = n, "grow not acknowledged by every node; it stays applied here");
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// `--add`, `--add-spare`, `--re-add DEV` (md-cluster `add_new_disk`): under the
+    /// token, the device path goes into the token's value block and NEWDISK asks every
+    /// joined node to confirm it (one refusal rejects the disk, nothing written); then
+    /// the device is added here (superblock written; a free role starts a recovery,
+    /// which the `resync` lock gives to exactly one node) and METADATA_UPDATED makes
+    /// every node attach it.
+    async fn manage_add(self: &Arc<Self>, name: &str, op: &pb::ManageOp) -> Result<(), WireError> {
+        let Some((info, service)) = self.info(name) else {
+            return Err(self.err(
+                Errno::Enoent,
+                name,
+                format!("no array named {name} on this node"),
+            ));
+        };
+        let dev = PathBuf::from(&op.device);
+        self.check_allowed(name, std::slice::from_ref(&dev))?;
+        let Some(raid) = info.raid.as_ref() else {
+            return Err(self.err(
+                Errno::Ebusy,
+                name,
+                format!("array {name} is {}, not active", info.state),
+            ));
+        };
+        if raid
+            .members
+            .iter()
+            .any(|m| !m.removed && m.state != MemberState::Faulty && Path::new(&m.path) == dev)
+        {
+            return Err(self.err(
+                Errno::Ebusy,
+                name,
+                format!("{} is already a member of {name}", op.device),
+            ));
+        }
+        let uuid_here = info
+            .identity
+            .as_ref()
+            .map(|i| i.uuid.clone())
+            .unwrap_or_default();
+        if op.action == "re-add" {
+            let p = dev.clone();
+            let sb = tokio::task::spawn_blocking(move || read_member(&p).map(|m| m.sb))
+                .await
+                .map_err(|e| self.err(Errno::Eio, name, format!("read task failed: {e}")))?;
+            let former = sb.is_ok_and(|sb| crate::format::fmt_uuid(&sb.set_uuid) == uuid_here);
+            if !former {
+                return Err(self.err(
+                    Errno::Einval,
+                    name,
+                    format!(
+                        "--re-add {}: it is not a former member of {name}; use --add",
+                        op.device
+                    ),
+                ));
+            }
+        }
+        let how = if op.action == "add-spare" {
+            crate::array::AddHow::Spare
+        } else {
+            crate::array::AddHow::Add
+        };
+        let registry = service.registry().clone();
+        let clustered = lock(&self.meta)
+            .get(name)
+            .is_some_and(|m| m.bitmap_kind == Some("clustered"));
+        if !clustered {
+            registry
+                .add_member_with(name, &dev, how)
+                .await
+                .map_err(|e| self.err(errno_from_name(e.errno()), name, e))?;
+            return Ok(());
+        }
+        let (Some(m), Some(session)) = (lock(&self.held).get(name).cloned(), self.session()) else {
+            return Err(self.err(
+                Errno::Eio,
+                name,
+                "a clustered array needs a session with mdserver and a bitmap slot; this node has none",
+            ));
+        };
+        let to = message::Target {
+            session: &session,
+            node: &self.cfg.node,
+            array: name,
+            uuid: &m.uuid,
+        };
+        let end = tokio::time::Instant::now() + message::ROUND_DEADLINE;
+        let hold = message::take_token(to, message::ROUND_DEADLINE).await?;
+        let token = hold.token;
+        let out = async {
+            session
+                .write_value(&crate::cluster::token_lock(&m.uuid), token, op.device.as_bytes())
+                .await
+                .map_err(|e| self.err(Errno::Eio, name, format!("writing the new device's path into the token value: {e}")))?;
+            message::publish_acked(to, crate::cluster::ClusterMsg::new(crate::cluster::MsgType::Newdisk, m.slot), message::left(end))
+                .await
+                .map_err(|e| e.context(&format!("device {} rejected (nothing was written)", op.device)))?;
+            let added = registry
+                .add_member_with(name, &dev, how)
+                .await
+                .map_err(|e| self.err(errno_from_name(e.errno()), name, e))?;
+            let dev_number = self
+                .info(name)
+                .and_then(|(i, _)| i.raid)
+                .and_then(|r| r.members.get(added.index).map(|x| x.dev_number))
+                .unwrap_or(0);
+            let p = dev.clone();
+            let device_uuid = tokio::task::spawn_blocking(move || read_member(&p).map(|m| m.sb.device_uuid))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or([0xff; 16]);
+            let mut msg = crate::cluster::ClusterMsg::new(crate::cluster::MsgType::MetadataUpdated, m.slot);
+            msg.raid_slot = dev_number;
+            // Nonzero: this METADATA_UPDATED announces the device NEWDISK confirmed.
+            msg.uuid = device_uuid;
+            message::publish_acked(to, msg, message::left(end))
+                .await
+                .map_err(|e| e.context(&format!("{} was added on node {} but not attached on every node; stop and assemble the array there", op.device, self.cfg.node)))
+        }
+        .await;
+        message::release_token(to, hold).await;
+        out
     }
 
     /// Every array name here, in any state.
@@ -868,6 +1291,7 @@ impl Node {
             st.members = r
                 .members
                 .iter()
+                .filter(|m| !m.removed)
                 .map(|m| {
                     let (state, off) = match m.state {
                         MemberState::InSync => ("in_sync", 0),
@@ -932,6 +1356,7 @@ impl Node {
         let members = r
             .members
             .iter()
+            .filter(|m| !m.removed)
             .map(|m| MemberStat {
                 name: Path::new(&m.path)
                     .file_name()
@@ -956,6 +1381,14 @@ impl Node {
                 speed_kib: r.sync.rate_kib_s,
             }),
             _ => None,
+        };
+        // Cluster states: waiting for the resync lock, or another node's window.
+        let sync = match (sync, self.raid_of(&info.name).map(|(r, _)| r)) {
+            (None, Some(raid)) if raid.sync_pending() => Some(SyncStat::Pending),
+            (None, Some(raid)) if raid.remote_resync_window().is_some() => {
+                Some(SyncStat::Remote(mdstat::SyncKind::Resync))
+            }
+            (s, _) => s,
         };
         Some(ArrayStat {
             name: info.name.clone(),

@@ -8,8 +8,10 @@
 //!       cluster for each) ──▶ close the session
 //! ```
 //!
-//! Session notifications: messages on array channels are acknowledged (a payload that
-//! is not a cluster message gets a negative ack with the reason, never silence); a lost
+//! Session notifications: messages on array channels are applied to the array's engine
+//! ([`super::message::apply`]) and acknowledged with the result (a payload that is not a
+//! cluster message, or one this node cannot apply, gets a negative ack with the reason,
+//! never silence); a lost
 //! session drops the node's session (clustered assembles answer EIO) and a new one is
 //! opened with backoff, on which every clustered array takes its slot again.
 
@@ -131,11 +133,16 @@ async fn notifications(
                 let result = match ClusterMsg::decode(&d.payload) {
                     Ok(msg) => {
                         tracing::info!(channel = %d.channel, from = %d.publisher_node, ?msg, "cluster message");
+                        let joined = node
+                            .memberships()
+                            .into_iter()
+                            .find(|(_, m, _)| crate::cluster::channel(&m.uuid) == d.channel);
+                        let applied = match &joined {
+                            Some((name, _, _)) => super::message::apply_on(&node, name, &msg).await,
+                            // Not joined (any more): nothing of ours to change.
+                            None => Ok(()),
+                        };
                         if msg.kind == MsgType::BitmapNeedsSync {
-                            let joined = node
-                                .memberships()
-                                .into_iter()
-                                .find(|(_, m, _)| crate::cluster::channel(&m.uuid) == d.channel);
                             if let Some((name, m, _)) = joined {
                                 tokio::spawn(super::takeover::needs_sync(
                                     node.clone(),
@@ -147,7 +154,7 @@ async fn notifications(
                                 ));
                             }
                         }
-                        Ok(())
+                        applied
                     }
                     Err(e) => Err(format!(
                         "node {}: cannot decode cluster message: {e}",

@@ -222,6 +222,8 @@ async fn recover_locked(
             array: name.to_owned(),
             reason: format!("read task failed: {e}"),
         })??;
+    // The failed node's resync window (if it was resyncing) no longer holds writes.
+    raid.set_remote_resync_window(None);
     let Some((bits, chunks)) = bits else {
         return Ok(0);
     };

@@ -158,3 +158,52 @@ async fn the_array_list_survives_a_shutdown_for_rejoin() {
     assert_eq!(saved, "{}", "a stopped array is not assembled again");
     again.shutdown().await;
 }
+
+#[tokio::test]
+async fn resyncing_windows_show_remote_and_manage_fail_remove_works_locally() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("run")).unwrap();
+    let n = node(dir.path());
+    let m = members(dir.path());
+    n.create(create_req("md0", &m, "internal")).await.unwrap();
+    let (raid, paths) = n.raid_of("md0").unwrap();
+    assert!(!n.mdstat().contains("REMOTE"), "{}", n.mdstat());
+    // RESYNCING(lo, hi) in sectors installs the window; (0, 0) clears it.
+    let mut msg = crate::cluster::ClusterMsg::new(crate::cluster::MsgType::Resyncing, 1);
+    msg.low = 0;
+    msg.high = 2048;
+    message::apply("n1", "md0", &raid, &paths, &msg)
+        .await
+        .unwrap();
+    assert_eq!(raid.remote_resync_window(), Some((0, 2048 * 512)));
+    assert!(n.mdstat().contains("\tresync=REMOTE\n"), "{}", n.mdstat());
+    msg.high = 0;
+    message::apply("n1", "md0", &raid, &paths, &msg)
+        .await
+        .unwrap();
+    assert_eq!(raid.remote_resync_window(), None);
+    assert!(!n.mdstat().contains("REMOTE"), "{}", n.mdstat());
+    // Types without a receiver yet are refused with the reason.
+    let cap = crate::cluster::ClusterMsg::new(crate::cluster::MsgType::ChangeCapacity, 1);
+    let e = message::apply("n1", "md0", &raid, &paths, &cap)
+        .await
+        .unwrap_err();
+    assert!(e.contains("n1") && e.contains("ChangeCapacity"), "{e}");
+    // manage on a non-clustered array: fail, then remove, in order.
+    let dev = m[1].display().to_string();
+    let op = |a: &str| pb::ManageOp {
+        action: a.into(),
+        device: dev.clone(),
+    };
+    let e = n.manage("md0", vec![op("remove")]).await.unwrap_err();
+    assert_eq!(e.errno, Errno::Ebusy, "{e}");
+    let st = n
+        .manage("md0", vec![op("fail"), op("remove")])
+        .await
+        .unwrap();
+    assert!(st.members.iter().all(|x| x.path != dev), "{:?}", st.members);
+    assert!(!n.mdstat().contains("m1["), "{}", n.mdstat());
+    let e = n.manage("md0", vec![op("fail")]).await.unwrap_err();
+    assert_eq!(e.errno, Errno::Enoent, "{e}");
+    n.stop("md0", true).await.unwrap();
+}

@@ -420,6 +420,67 @@ impl ClusterSvc {
         })
     }
 
+    /// `node`, or the first live node that has array `name` active.
+    async fn node_with(&self, node: &str, name: &str) -> Result<NodeInfo, WireError> {
+        if !node.is_empty() {
+            return self.resolve(node).await;
+        }
+        for n in self.live_nodes().await? {
+            let req = pb::GetArrayRequest {
+                name: name.to_owned(),
+            };
+            if self
+                .call(&n, READ_TIMEOUT, |mut c| async move { c.get(req).await })
+                .await
+                .is_ok()
+            {
+                return Ok(n);
+            }
+        }
+        Err(WireError::new(
+            Errno::Enoent,
+            format!("array {name}"),
+            format!("no live node has array {name} assembled; assemble it first"),
+        ))
+    }
+
+    /// `mdctl manage`: to the named node, or to the first live node that has the array
+    /// active (the agent makes the change cluster-wide).
+    async fn manage_impl(&self, r: pb::ClusterManageRequest) -> Result<pb::ArrayStatus, WireError> {
+        let Some(m) = r.manage else {
+            return Err(WireError::new(
+                Errno::Einval,
+                "request",
+                "manage: no operations given",
+            ));
+        };
+        let name = short_name(&m.name).to_owned();
+        let node = self.node_with(&r.node, &name).await?;
+        let req = pb::ManageRequest { name, ops: m.ops };
+        self.call(
+            &node,
+            OP_TIMEOUT,
+            |mut c| async move { c.manage(req).await },
+        )
+        .await
+    }
+
+    /// `mdctl grow`: routed like manage.
+    async fn grow_impl(&self, r: pb::ClusterGrowRequest) -> Result<pb::ArrayStatus, WireError> {
+        let Some(g) = r.grow else {
+            return Err(WireError::new(
+                Errno::Einval,
+                "request",
+                "grow: nothing to change",
+            ));
+        };
+        let name = short_name(&g.name).to_owned();
+        let node = self.node_with(&r.node, &name).await?;
+        let req = pb::GrowRequest { name, ..g };
+        self.call(&node, OP_TIMEOUT, |mut c| async move { c.grow(req).await })
+            .await
+    }
+
     async fn tune_impl(&self, r: pb::TuneRequest) -> Result<pb::TuneResponse, WireError> {
         let nodes = if r.node.is_empty() {
             self.live_nodes().await?
@@ -513,6 +574,20 @@ impl ClusterService for ClusterSvc {
         r: Request<pb::TuneRequest>,
     ) -> Result<Response<pb::TuneResponse>, Status> {
         Ok(Response::new(self.tune_impl(r.into_inner()).await?))
+    }
+
+    async fn manage(
+        &self,
+        r: Request<pb::ClusterManageRequest>,
+    ) -> Result<Response<pb::ArrayStatus>, Status> {
+        Ok(Response::new(self.manage_impl(r.into_inner()).await?))
+    }
+
+    async fn grow(
+        &self,
+        r: Request<pb::ClusterGrowRequest>,
+    ) -> Result<Response<pb::ArrayStatus>, Status> {
+        Ok(Response::new(self.grow_impl(r.into_inner()).await?))
     }
 
     type WatchStream = watch::EventStream;

@@ -1,0 +1,420 @@
+//! The acknowledged message round of a clustered array (RFC 0001 "Messages"): the
+//! sender side under the `token` lock, and the receiver side that applies what a
+//! message says.
+//!
+//! Sender ([`round`]):
+//! 1. take `md/<uuid>/token` exclusive, queued for at most the deadline (ETIMEDOUT
+//!    names the holder): one sender per array at a time, as md-cluster's token;
+//! 2. run the caller's change (e.g. mark a member faulty and write the superblocks);
+//!    it may answer "nothing to do" (the re-check under the token);
+//! 3. publish the [`ClusterMsg`] on the array's channel with the time left of the
+//!    deadline;
+//! 4. every joined node acked positively: done. A negative ack or a missing ack: the
+//!    caller's rollback runs and the result is EIO naming every node and its reason;
+//! 5. release `token` (always, also on errors).
+//!
+//! Receiver ([`apply`]): a decoded message is applied to the running engine, and the
+//! result is the ack — `Err(reason)` is a negative ack. METADATA_UPDATED re-reads the
+//! superblock and applies role changes (a member faulty in the superblock is failed
+//! here too); RESYNCING installs the sender's window ([`Raid1::set_remote_resync_window`],
+//! sectors → bytes); REMOVE removes the member (`raid_slot` = its `dev_number`) here
+//! too; BITMAP_NEEDS_SYNC is handled by [`super::takeover::needs_sync`].
+//! NEWDISK ([`apply_on`]) reads the new device's path from the `token` lock's value
+//! block (written by the sender, who holds the token), and acks only when this node may
+//! (`--device-allow`) and can open it and it is not a member here; the
+//! METADATA_UPDATED that follows attaches it (its superblock read, not written).
+//! The types whose receiver is not built yet are answered with a negative ack naming
+//! the type, so a sender never believes a change was applied when it was not.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mdcluster_proto::lock_client::{Mode, Session, Wait};
+use mdcluster_proto::status::WireError;
+use mdcluster_proto::v1::Errno;
+use tokio::time::Instant;
+
+use super::{lock, Node};
+use crate::array::AddHow;
+use crate::cluster::{channel, token_lock, ClusterMsg, MsgType};
+use crate::format::io::read_member;
+use crate::format::superblock::ROLE_FAULTY;
+use crate::raid::{MemberState, Raid1};
+
+/// The default deadline of one message round (md-cluster's `WAIT_DLM_LOCK_TIMEOUT`).
+pub const ROUND_DEADLINE: Duration = Duration::from_secs(30);
+
+/// What the change under the token decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Applied locally: publish the message.
+    Applied,
+    /// Nothing to change (the re-check under the token): no message.
+    Unchanged,
+}
+
+fn lock_err(e: mdcluster_proto::lock_client::LockClientError, what: &str) -> WireError {
+    let errno = match e.errno() {
+        Errno::Unspecified => Errno::Eio,
+        x => x,
+    };
+    WireError::new(errno, what.to_owned(), format!("{what}: {e}"))
+}
+
+/// Who sends, for which array.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// This node's lock-service session.
+    pub session: &'a Session,
+    /// This node's name.
+    pub node: &'a str,
+    /// The array's name here.
+    pub array: &'a str,
+    /// The array's UUID.
+    pub uuid: &'a [u8; 16],
+}
+
+/// The `token` lock held by this node: the fencing token and this node's local turn.
+/// The lock service grants a second acquire of the same session at once (acquire is
+/// idempotent per session), so two tasks of one node are serialized here first.
+#[derive(Debug)]
+pub struct TokenHold {
+    /// The fencing token.
+    pub token: u64,
+    _local: tokio::sync::OwnedMutexGuard<()>,
+}
+
+/// Per array UUID, this node's turn on the token.
+type Turns = std::sync::Mutex<std::collections::HashMap<[u8; 16], Arc<tokio::sync::Mutex<()>>>>;
+
+/// This node's per-array turn on the token.
+fn local_turn(uuid: &[u8; 16]) -> Arc<tokio::sync::Mutex<()>> {
+    static TURNS: std::sync::OnceLock<Turns> = std::sync::OnceLock::new();
+    let map = TURNS.get_or_init(Default::default);
+    let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
+    m.entry(*uuid).or_default().clone()
+}
+
+/// Takes `to`'s array's `token` lock exclusive (this node's turn first), queued for at
+/// most `deadline` in all; ETIMEDOUT names the holder.
+pub async fn take_token(to: Target<'_>, deadline: Duration) -> Result<TokenHold, WireError> {
+    let end = Instant::now() + deadline;
+    let res = token_lock(to.uuid);
+    let local = tokio::time::timeout(deadline, local_turn(to.uuid).lock_owned())
+        .await
+        .map_err(|_| {
+            WireError::new(
+                Errno::Etimedout,
+                format!("array {}", to.array),
+                format!(
+                    "node {}: another operation of this node held the token lock {res} of array {} for {deadline:?}; retry",
+                    to.node, to.array
+                ),
+            )
+        })?;
+    let g = to
+        .session
+        .acquire(&res, Mode::Exclusive, Wait::Queue(left(end)))
+        .await
+        .map_err(|e| {
+            lock_err(
+                e,
+                &format!(
+                    "node {}: taking the token lock {res} of array {}",
+                    to.node, to.array
+                ),
+            )
+        })?;
+    Ok(TokenHold {
+        token: g.token,
+        _local: local,
+    })
+}
+
+/// Releases the token taken by [`take_token`] (failures are logged: the lock goes
+/// with the session at the latest).
+pub async fn release_token(to: Target<'_>, hold: TokenHold) {
+    let res = token_lock(to.uuid);
+    if let Err(e) = to.session.release(&res, hold.token).await {
+        tracing::warn!(array = to.array, lock = %res, "release token: {e}");
+    }
+}
+
+/// Publishes `msg` on `to`'s array channel and needs every joined node's positive ack
+/// within `timeout`; else EIO naming each node that refused (with its reason) or did
+/// not answer.
+pub async fn publish_acked(
+    to: Target<'_>,
+    msg: ClusterMsg,
+    timeout: Duration,
+) -> Result<(), WireError> {
+    let Target {
+        session,
+        node,
+        array,
+        uuid,
+    } = to;
+    let o = session
+        .publish(&channel(uuid), &msg.encode(), timeout)
+        .await
+        .map_err(|e| {
+            lock_err(
+                e,
+                &format!("node {node}: publishing {:?} for array {array}", msg.kind),
+            )
+        })?;
+    if o.all_ok {
+        tracing::info!(array, kind = ?msg.kind, acks = o.results.len(), "message acknowledged by every joined node");
+        return Ok(());
+    }
+    let refused: Vec<String> = o
+        .results
+        .iter()
+        .filter(|r| !r.ok)
+        .map(|r| {
+            if r.answered {
+                format!("node {} refused: {}", r.node, r.reason)
+            } else {
+                format!("node {} did not answer within {timeout:?}", r.node)
+            }
+        })
+        .collect();
+    Err(WireError::new(
+        Errno::Eio,
+        format!("array {array}"),
+        format!(
+            "node {node}: {:?} of array {array} was not acknowledged by every node ({})",
+            msg.kind,
+            refused.join("; ")
+        ),
+    ))
+}
+
+/// The time left until `end`, at least 100 ms.
+pub fn left(end: Instant) -> Duration {
+    end.saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(100))
+}
+
+/// One acknowledged round for `to`'s array: token → `change` → publish `msg` → all
+/// acked, or `rollback` and EIO. See the module doc.
+pub async fn round<C, R>(
+    to: Target<'_>,
+    msg: ClusterMsg,
+    deadline: Duration,
+    change: C,
+    rollback: R,
+) -> Result<Change, WireError>
+where
+    C: Future<Output = Result<Change, WireError>>,
+    R: Future<Output = ()>,
+{
+    let end = Instant::now() + deadline;
+    let token = take_token(to, deadline).await?;
+    let out = async {
+        if change.await? == Change::Unchanged {
+            return Ok(Change::Unchanged);
+        }
+        match publish_acked(to, msg, left(end)).await {
+            Ok(()) => Ok(Change::Applied),
+            Err(mut e) => {
+                rollback.await;
+                e.message = format!(
+                    "{}; the change was rolled back where possible — check those nodes and retry",
+                    e.message
+                );
+                Err(e)
+            }
+        }
+    }
+    .await;
+    release_token(to, token).await;
+    out
+}
+
+/// Applies a received message to clustered array `name` on `node`: NEWDISK is
+/// confirmed here ([`newdisk`]), a METADATA_UPDATED that follows a confirmed NEWDISK
+/// attaches the new device, everything else goes to [`apply`]. `Err` is the negative
+/// ack's reason.
+pub async fn apply_on(node: &Arc<Node>, name: &str, msg: &ClusterMsg) -> Result<(), String> {
+    let me = node.name();
+    if msg.kind == MsgType::Newdisk {
+        return newdisk(node, name).await;
+    }
+    let Some((raid, members)) = node.raid_of(name) else {
+        return Err(format!("node {me}: array {name} is not active here"));
+    };
+    apply(me, name, &raid, &members, msg).await?;
+    if msg.kind == MsgType::MetadataUpdated {
+        // Only the METADATA_UPDATED of an add names the new device (its device UUID);
+        // any other one drops a confirmation whose add did not happen.
+        let pending = lock(&node.pending_disks).remove(name);
+        if let Some(path) = pending.filter(|_| msg.uuid != [0u8; 16]) {
+            let Some((_, service)) = node.info(name) else {
+                return Err(format!("node {me}: array {name} is not active here"));
+            };
+            let added = service
+                .registry()
+                .add_member_with(name, &path, AddHow::Attach)
+                .await
+                .map_err(|e| {
+                    format!(
+                        "node {me}: array {name}: attaching the new device {}: {e}",
+                        path.display()
+                    )
+                })?;
+            let recovering = raid
+                .status()
+                .members
+                .get(added.index)
+                .is_some_and(|m| matches!(m.state, MemberState::Recovering { .. }));
+            if recovering {
+                // The sender recovers it; this node waits (PENDING) unless it dies.
+                lock(&node.remote_recovery).insert(name.to_owned(), msg.slot);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// NEWDISK: the sender wrote the new device's path into the `token` lock's value block.
+/// Confirm that this node may and can open it, and that it is not a member here; then
+/// remember it for the METADATA_UPDATED that follows.
+async fn newdisk(node: &Arc<Node>, name: &str) -> Result<(), String> {
+    let me = node.name();
+    let Some(m) = node.membership(name) else {
+        return Err(format!("node {me}: array {name} is not joined here"));
+    };
+    let Some(session) = node.session() else {
+        return Err(format!("node {me}: no session with mdserver"));
+    };
+    let (value, _) = session
+        .read_value(&token_lock(&m.uuid))
+        .await
+        .map_err(|e| format!("node {me}: reading the new device's path: {e}"))?;
+    let path = String::from_utf8(value)
+        .ok()
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .ok_or_else(|| format!("node {me}: NEWDISK without a device path in the token value"))?;
+    node.check_allowed(name, std::slice::from_ref(&path))
+        .map_err(|e| e.message)?;
+    let p = path.clone();
+    tokio::task::spawn_blocking(move || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)
+            .map(|_| ())
+    })
+    .await
+    .map_err(|e| format!("node {me}: open task failed: {e}"))?
+    .map_err(|e| format!("node {me} cannot open {}: {e}", path.display()))?;
+    if let Some((raid, _)) = node.raid_of(name) {
+        let here =
+            raid.status().members.iter().any(|x| {
+                !x.removed && x.state != MemberState::Faulty && Path::new(&x.path) == path
+            });
+        if here {
+            return Err(format!(
+                "node {me}: {} is already a member of {name} here",
+                path.display()
+            ));
+        }
+    }
+    lock(&node.pending_disks).insert(name.to_owned(), path);
+    Ok(())
+}
+
+/// Applies a received message to array `array`'s engine `raid` (members `members`);
+/// `Err` is the negative ack's reason.
+pub async fn apply(
+    node: &str,
+    array: &str,
+    raid: &Raid1,
+    members: &[PathBuf],
+    msg: &ClusterMsg,
+) -> Result<(), String> {
+    match msg.kind {
+        MsgType::MetadataUpdated => metadata_updated(node, array, raid, members).await,
+        MsgType::Resyncing => {
+            let window = (msg.high > 0).then(|| (msg.low * 512, msg.high * 512));
+            raid.set_remote_resync_window(window);
+            Ok(())
+        }
+        MsgType::BitmapNeedsSync | MsgType::ResyncingStart => Ok(()),
+        MsgType::Remove => remove(node, array, raid, msg.raid_slot).await,
+        other => Err(format!(
+            "node {node}: array {array}: {other:?} is not supported by this mdagent yet"
+        )),
+    }
+}
+
+/// REMOVE(dev_number): remove that member here too (it is faulty or a spare here, as
+/// on the sender, whose METADATA_UPDATED came first). Already gone: nothing to do.
+async fn remove(node: &str, array: &str, raid: &Raid1, dev_number: u32) -> Result<(), String> {
+    let status = raid.status();
+    let Some(m) = status
+        .members
+        .iter()
+        .find(|m| m.dev_number == dev_number && !m.removed)
+    else {
+        return Ok(());
+    };
+    match raid.remove_by_path(Path::new(&m.path)).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(format!(
+            "node {node}: array {array}: member {} (device {dev_number}) is active here ({:?}), not faulty; not removing it",
+            m.path, m.state
+        )),
+        Err(e) => Err(format!("node {node}: array {array}: removing {}: {e}", m.path)),
+    }
+}
+
+/// METADATA_UPDATED: read the newest superblock of the members, grow the number of
+/// roles to its `raid_disks`, and fail here every member that is faulty there.
+async fn metadata_updated(
+    node: &str,
+    array: &str,
+    raid: &Raid1,
+    members: &[PathBuf],
+) -> Result<(), String> {
+    let paths = members.to_vec();
+    let sb = tokio::task::spawn_blocking(move || {
+        // The newest superblock: a member just failed is not written any more.
+        let mut best: Option<crate::format::superblock::Superblock> = None;
+        let mut last = None;
+        for p in &paths {
+            match read_member(p) {
+                Ok(m) if best.as_ref().is_none_or(|b| m.sb.events > b.events) => best = Some(m.sb),
+                Ok(_) => {}
+                Err(e) => last = Some(e.to_string()),
+            }
+        }
+        best.ok_or_else(|| last.unwrap_or_else(|| "no members".to_owned()))
+    })
+    .await
+    .map_err(|e| format!("node {node}: array {array}: reading the superblock: {e}"))?
+    .map_err(|e| format!("node {node}: array {array}: reading the superblock: {e}"))?;
+    if sb.raid_disks > raid.raid_disks() {
+        raid.grow_raid_disks(sb.raid_disks).await.map_err(|e| {
+            format!(
+                "node {node}: array {array}: growing to {} raid disks: {e}",
+                sb.raid_disks
+            )
+        })?;
+    }
+    let status = raid.status();
+    for m in &status.members {
+        let faulty = sb.dev_roles.get(m.dev_number as usize).copied() == Some(ROLE_FAULTY);
+        if faulty && m.state != MemberState::Faulty {
+            tracing::warn!(array, member = %m.path, "faulty in the superblock: failing it here too");
+            raid.fail_by_path(Path::new(&m.path))
+                .await
+                .map_err(|e| format!("node {node}: array {array}: failing {}: {e}", m.path))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,320 @@
+//! t70: md-cluster operations through the token lock and acknowledged messages, on a
+//! real cluster (etcd, mdserver, two cluster-mode agents), modelled on mdadm's
+//! `clustermd_tests` (the manage part of `02r1_Manage_*`):
+//! - `mdctl manage md0 --fail DEV` on node1 is applied on node2 as well before the
+//!   command returns (METADATA_UPDATED, acknowledged by every joined node): both
+//!   nodes' `mdctl mdstat` show the member `(F)`, and the real `mdadm --examine` of the
+//!   surviving member shows it missing from the array state;
+//! - the sender takes the array's `token` lock: while another session holds it, the
+//!   manage call waits (and node2 sees nothing), and goes through once it is released;
+//! - a repeated fail is a no-op (the re-check under the token); failing the last
+//!   in-sync member is EBUSY, removing an active one too; `--fail DEV --remove DEV`
+//!   runs in order and the member is gone on both nodes (`02r1_Manage_*`'s first
+//!   steps); a refused operation (`--re-add` of a stranger) names what was applied;
+//! - `--re-add` of the removed member brings it back in its role on both nodes; one
+//!   node recovers it, and only the chunks its bitmap marks (`02r1_Manage_re-add`);
+//! - receivers answer every message: an unknown type and a type whose receiver is not
+//!   built get a negative ack naming the node and the reason (never silence), while
+//!   METADATA_UPDATED is acknowledged positively.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mdcluster_agent::cluster::{channel, token_lock, ClusterMsg, MsgType};
+use mdcluster_proto::lock_client::{Mode, Wait};
+use mdcluster_tests::cluster::{ClusterBuilder, TestCluster};
+use mdcluster_tests::standalone::member_files;
+use mdcluster_tests::tools::{key_values, run_ok, value_of};
+use serde_json::Value;
+
+/// Bound of every cluster wait here.
+const WAIT: Duration = Duration::from_secs(30);
+
+fn strs(p: &[PathBuf]) -> Vec<&str> {
+    p.iter().map(|p| p.to_str().unwrap()).collect()
+}
+
+fn mdstat(c: &TestCluster, node: &str) -> String {
+    c.mdctl_ok(&["--node", node, "mdstat"])
+}
+
+/// Waits until `node`'s mdstat satisfies `pred`; panics with the last text at `WAIT`.
+fn wait_mdstat(c: &TestCluster, node: &str, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let t = mdstat(c, node);
+        if pred(&t) {
+            return t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} on {node} not seen within {WAIT:?}:\n{t}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn status(c: &TestCluster, name: &str, node: &str) -> Value {
+    let d: Value = serde_json::from_str(&c.mdctl_ok(&["--json", "detail", name])).unwrap();
+    d["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == node)
+        .unwrap()["status"]
+        .clone()
+}
+
+fn code(c: &TestCluster, args: &[&str]) -> (i32, String) {
+    let o = c.mdctl(args);
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// Kills a spawned mdctl that is still running when the test ends early.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+#[test]
+fn manage_fail_is_agreed_by_every_node_through_the_token() {
+    let c = ClusterBuilder::new(2).start().expect("cluster");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = c.path().to_owned();
+    let m = member_files(&dir, "m", 2, 32 << 20);
+    let ms = strs(&m);
+    eprintln!("--- create a clustered mirror on node1 (--assume-clean), assemble on node2");
+    c.mdctl_ok(&[
+        "--node",
+        "node1",
+        "create",
+        "md0",
+        "--raid-devices",
+        "2",
+        "--bitmap",
+        "clustered",
+        "--nodes",
+        "2",
+        "--bitmap-chunk",
+        "1024",
+        "--assume-clean",
+        ms[0],
+        ms[1],
+    ]);
+    c.mdctl_ok(&["--node", "node2", "assemble", "md0"]);
+    for n in ["node1", "node2"] {
+        let t = mdstat(&c, n);
+        assert!(t.contains("[2/2] [UU]") && !t.contains("(F)"), "{n}:\n{t}");
+    }
+    let uuid = mdcluster_agent::format::io::read_member(&m[0])
+        .unwrap()
+        .sb
+        .set_uuid;
+
+    eprintln!("--- a tester session holds the token: manage --fail waits");
+    let urls = vec![c.url()];
+    let (session, _notes) = rt
+        .block_on(mdcluster_tests::server::session(
+            &urls,
+            "tester",
+            Duration::from_secs(10),
+        ))
+        .expect("tester session");
+    let token = token_lock(&uuid);
+    let g = rt
+        .block_on(session.acquire(&token, Mode::Exclusive, Wait::NoQueue))
+        .expect("token free");
+    let child = Command::new(mdcluster_tests::tools::bin("mdctl"))
+        .args(["--server", &c.url(), "--node", "node1", "manage", "md0"])
+        .args(["--fail", ms[1]])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mdctl");
+    let mut child = ChildGuard(child);
+    // The manage call must still be waiting for the token 1.5 s later.
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "manage --fail finished while another session held the token"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let t = mdstat(&c, "node2");
+    assert!(
+        !t.contains("(F)"),
+        "node2 failed the member before the token was granted:\n{t}"
+    );
+    rt.block_on(session.release(&token, g.token)).unwrap();
+    let deadline = Instant::now() + WAIT;
+    let exit = loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "manage --fail did not finish within {WAIT:?} after the token was released"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.0.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(exit.success(), "manage --fail failed: {err}");
+
+    eprintln!("--- both nodes show the member faulty at once (acked before returning)");
+    for n in ["node1", "node2"] {
+        let t = mdstat(&c, n);
+        assert!(
+            t.contains("m1[1](F)") && t.contains("[2/1] [U_]"),
+            "{n}:\n{t}"
+        );
+    }
+    let ex = run_ok(Command::new("mdadm").arg("--examine").arg(&m[0]));
+    let kv = key_values(&ex);
+    let state = value_of(&kv, "Array State").unwrap_or_default();
+    assert!(state.starts_with("A."), "mdadm --examine {}:\n{ex}", ms[0]);
+
+    eprintln!("--- a repeated fail is a no-op; the last in-sync member is refused (EBUSY)");
+    c.mdctl_ok(&["--node", "node2", "manage", "md0", "--fail", ms[1]]);
+    let (rc, err) = code(&c, &["--node", "node2", "manage", "md0", "--fail", ms[0]]);
+    assert_eq!(rc, 4, "{err}");
+    assert!(
+        err.contains("last in-sync") && err.contains("node2"),
+        "{err}"
+    );
+    let t = wait_mdstat(&c, "node1", "m0 still in sync", |t| {
+        t.contains("m0[0]") && !t.contains("m0[0](F)")
+    });
+    assert!(t.contains("[U_]"), "{t}");
+
+    eprintln!("--- an active member cannot be removed (EBUSY)");
+    let (rc, err) = code(&c, &["--node", "node1", "manage", "md0", "--remove", ms[0]]);
+    assert_eq!(rc, 4, "{err}");
+    assert!(err.contains("fail it first"), "{err}");
+
+    eprintln!("--- --fail, --remove run in order on every node; a refused --re-add names them");
+    let (rc, err) = code(
+        &c,
+        &[
+            "--node",
+            "node1",
+            "manage",
+            "md0",
+            "--fail",
+            ms[1],
+            "--remove",
+            ms[1],
+            "--re-add",
+            "/dev/null",
+        ],
+    );
+    assert_eq!(rc, 5, "{err}");
+    assert!(
+        err.contains("not a former member") && err.contains("before re-add"),
+        "{err}"
+    );
+    for n in ["node1", "node2"] {
+        let t = mdstat(&c, n);
+        assert!(
+            !t.contains("m1[") && t.contains("m0[0]") && t.contains("[2/1] [U_]"),
+            "{n}: m1 must be gone:\n{t}"
+        );
+    }
+    let (rc, err) = code(&c, &["--node", "node2", "manage", "md0", "--remove", ms[1]]);
+    assert_eq!(rc, 3, "a removed member is not a member any more: {err}");
+
+    eprintln!("--- --re-add m1 (02r1_Manage_re-add): back in its role on both nodes, only the bitmap's chunks recovered");
+    c.mdctl_ok(&["--node", "node2", "manage", "md0", "--re-add", ms[1]]);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let t1 = mdstat(&c, "node1");
+        let t2 = mdstat(&c, "node2");
+        if [&t1, &t2].iter().all(|t| {
+            t.contains("m1[1]")
+                && t.contains("[2/2] [UU]")
+                && !t.contains("recovery")
+                && !t.contains("PENDING")
+        }) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "m1 not back in sync on both nodes within {WAIT:?}:\n{t1}\n{t2}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let runs: Vec<Value> = ["node1", "node2"]
+        .iter()
+        .map(|n| status(&c, "md0", n))
+        .filter(|st| st["sync"]["last_kind"] == "recovery")
+        .collect();
+    assert_eq!(runs.len(), 1, "exactly one node recovers: {runs:?}");
+    let st = &runs[0];
+    let total = st["bitmap"]["chunks"].as_u64().unwrap();
+    let chunks = st["sync"]["last_chunks"].as_u64().unwrap();
+    assert!(
+        chunks < total,
+        "a re-add recovers only the bitmap's chunks, not all {total}: {st}"
+    );
+
+    eprintln!("--- receivers answer every message; unknown and unbuilt types are refused");
+    let ch = channel(&uuid);
+    let mut unknown = ClusterMsg::new(MsgType::MetadataUpdated, 1).encode();
+    unknown[0..4].copy_from_slice(&99u32.to_le_bytes());
+    let o = rt
+        .block_on(session.publish(&ch, &unknown, Duration::from_secs(10)))
+        .unwrap();
+    assert!(!o.all_ok, "{o:?}");
+    assert_eq!(o.results.len(), 2, "{o:?}");
+    for r in &o.results {
+        assert!(r.answered && !r.ok, "{o:?}");
+        assert!(
+            r.reason.contains("unknown cluster message type 99") && r.reason.contains(&r.node),
+            "{o:?}"
+        );
+    }
+    let capacity = ClusterMsg::new(MsgType::ChangeCapacity, 1).encode();
+    let o = rt
+        .block_on(session.publish(&ch, &capacity, Duration::from_secs(10)))
+        .unwrap();
+    assert!(
+        o.results.len() == 2
+            && o.results
+                .iter()
+                .all(|r| r.answered && !r.ok && r.reason.contains("ChangeCapacity")),
+        "{o:?}"
+    );
+    let meta = ClusterMsg::new(MsgType::MetadataUpdated, 1).encode();
+    let o = rt
+        .block_on(session.publish(&ch, &meta, Duration::from_secs(10)))
+        .unwrap();
+    assert!(o.all_ok && o.results.len() == 2, "{o:?}");
+    rt.block_on(session.close()).unwrap();
+
+    eprintln!("--- the token is free again: nothing was left held");
+    let locks = c.etcd_keys("locks/");
+    assert!(
+        !locks.iter().any(|k| k.contains("/token")),
+        "token left held: {locks:?}"
+    );
+    c.mdctl_ok(&["--node", "node2", "stop", "md0"]);
+    c.mdctl_ok(&["--node", "node1", "stop", "md0"]);
+}

@@ -1,0 +1,223 @@
+//! t70: adding members to a clustered mirror, cluster-wide, on a real cluster (etcd,
+//! mdserver, two cluster-mode agents; node2 may only open `m*` devices), modelled on
+//! mdadm's `clustermd_tests` `02r1_Manage_add`, `02r1_Manage_add-spare` and
+//! `03r1_switch-recovery`, checked through `mdctl mdstat` on each node:
+//! - NEWDISK: a device node2 may not open (`--device-allow`) is rejected by node2's
+//!   negative ack; the error names node2 and its reason, and nothing is written;
+//! - `--add-spare` adds a spare on both nodes;
+//! - `--fail` of an active member: the spare takes its role on both nodes and the
+//!   recovery runs on exactly one node (the `resync` lock) while the other shows
+//!   `resync=PENDING`; both end in sync, and only one node ran a recovery;
+//! - `--remove` then `--add` of the former member: it comes back as a spare on both
+//!   nodes (its role is taken); `--re-add` of a device that was never a member is
+//!   EINVAL;
+//! - `--fail` again: the spare takes the role, and when the recovering node stops
+//!   mid-recovery the other node takes the recovery over and finishes it.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use mdcluster_tests::cluster::{ClusterBuilder, TestCluster};
+use mdcluster_tests::standalone::member_files;
+use serde_json::Value;
+
+/// Bound of every cluster wait here.
+const WAIT: Duration = Duration::from_secs(30);
+
+fn strs(p: &[PathBuf]) -> Vec<&str> {
+    p.iter().map(|p| p.to_str().unwrap()).collect()
+}
+
+fn mdstat(c: &TestCluster, node: &str) -> String {
+    c.mdctl_ok(&["--node", node, "mdstat"])
+}
+
+fn wait_mdstat(c: &TestCluster, node: &str, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let t = mdstat(c, node);
+        if pred(&t) {
+            return t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not seen on {node} within {WAIT:?}:\n{t}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn code(c: &TestCluster, args: &[&str]) -> (i32, String) {
+    let o = c.mdctl(args);
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn status(c: &TestCluster, name: &str, node: &str) -> Value {
+    let d: Value = serde_json::from_str(&c.mdctl_ok(&["--json", "detail", name])).unwrap();
+    d["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == node)
+        .unwrap()["status"]
+        .clone()
+}
+
+fn tune(c: &TestCluster, kib: u64) {
+    let k = kib.to_string();
+    c.mdctl_ok(&["tune", "--sync-speed-min", &k, "--sync-speed-max", &k]);
+}
+
+#[test]
+fn add_spare_fail_recover_on_one_node_remove_add() {
+    let c = ClusterBuilder::new(2)
+        .node_args(2, &["--device-allow", "{dir}/m*"])
+        .start()
+        .expect("cluster");
+    let dir = c.path().to_owned();
+    let m = member_files(&dir, "m", 3, 32 << 20);
+    let x = member_files(&dir, "x", 1, 32 << 20);
+    let (ms, xs) = (strs(&m), strs(&x));
+    c.mdctl_ok(&[
+        "--node",
+        "node1",
+        "create",
+        "md0",
+        "--raid-devices",
+        "2",
+        "--bitmap",
+        "clustered",
+        "--nodes",
+        "2",
+        "--bitmap-chunk",
+        "1024",
+        "--assume-clean",
+        ms[0],
+        ms[1],
+    ]);
+    c.mdctl_ok(&["--node", "node2", "assemble", "md0"]);
+
+    eprintln!("--- NEWDISK: node2 may not open x0, so the disk is rejected");
+    let (rc, err) = code(
+        &c,
+        &["--node", "node1", "manage", "md0", "--add-spare", xs[0]],
+    );
+    assert_eq!(rc, 6, "{err}");
+    assert!(
+        err.contains("node node2 refused")
+            && err.contains("device-allow")
+            && err.contains("rejected"),
+        "{err}"
+    );
+    assert!(
+        mdcluster_agent::format::io::read_member(&x[0]).is_err(),
+        "a rejected disk must not be written"
+    );
+    for n in ["node1", "node2"] {
+        let t = mdstat(&c, n);
+        assert!(!t.contains("x0[") && t.contains("[2/2] [UU]"), "{n}:\n{t}");
+    }
+
+    eprintln!("--- --add-spare m2: a spare on both nodes");
+    c.mdctl_ok(&["--node", "node1", "manage", "md0", "--add-spare", ms[2]]);
+    for n in ["node1", "node2"] {
+        let t = mdstat(&c, n);
+        assert!(
+            t.contains("m2[") && t.contains("(S)") && t.contains("[2/2] [UU]"),
+            "{n}:\n{t}"
+        );
+    }
+
+    eprintln!("--- --fail m1: the spare takes its role; one node recovers, the other waits");
+    tune(&c, 2048);
+    c.mdctl_ok(&["--node", "node2", "manage", "md0", "--fail", ms[1]]);
+    let deadline = Instant::now() + WAIT;
+    let (recovering, waiting) = loop {
+        let t1 = mdstat(&c, "node1");
+        let t2 = mdstat(&c, "node2");
+        if t1.contains("recovery =") && t2.contains("resync=PENDING") {
+            break ("node1", "node2");
+        }
+        if t2.contains("recovery =") && t1.contains("resync=PENDING") {
+            break ("node2", "node1");
+        }
+        assert!(
+            !(t1.contains("recovery =") && t2.contains("recovery =")),
+            "both nodes recover:\n{t1}\n{t2}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no recovery on one node with the other pending within {WAIT:?}:\n{t1}\n{t2}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("--- {recovering} recovers, {waiting} is pending; finish");
+    tune(&c, 500_000);
+    for n in ["node1", "node2"] {
+        wait_mdstat(&c, n, "in sync with m2 active", |t| {
+            t.contains("[2/2] [UU]") && !t.contains("recovery") && !t.contains("PENDING")
+        });
+    }
+    let r = status(&c, "md0", recovering);
+    let w = status(&c, "md0", waiting);
+    assert_eq!(r["sync"]["last_kind"], "recovery", "{r}");
+    assert_eq!(w["sync"]["runs"], 0, "{waiting} ran a sync of its own: {w}");
+
+    eprintln!("--- --remove m1, --add m1: it comes back as a spare on both nodes");
+    c.mdctl_ok(&[
+        "--node", "node1", "manage", "md0", "--remove", ms[1], "--add", ms[1],
+    ]);
+    for n in ["node1", "node2"] {
+        let t = mdstat(&c, n);
+        assert!(
+            t.contains("m1[")
+                && t.contains("(S)")
+                && !t.contains("(F)")
+                && t.contains("[2/2] [UU]"),
+            "{n}:\n{t}"
+        );
+    }
+    let (rc, err) = code(&c, &["--node", "node1", "manage", "md0", "--re-add", xs[0]]);
+    assert_eq!(rc, 5, "{err}");
+    assert!(err.contains("not a former member"), "{err}");
+
+    eprintln!("--- --fail m2: spare m1 takes its role; the recovering node stops mid-recovery and the other takes over (03r1_switch-recovery)");
+    tune(&c, 2048);
+    c.mdctl_ok(&["--node", "node1", "manage", "md0", "--fail", ms[2]]);
+    let deadline = Instant::now() + WAIT;
+    let (recovering, waiting) = loop {
+        let t1 = mdstat(&c, "node1");
+        let t2 = mdstat(&c, "node2");
+        if t1.contains("recovery =") && t2.contains("resync=PENDING") {
+            break ("node1", "node2");
+        }
+        if t2.contains("recovery =") && t1.contains("resync=PENDING") {
+            break ("node2", "node1");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no recovery of m1 on one node within {WAIT:?}:\n{t1}\n{t2}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    c.mdctl_ok(&["--node", recovering, "stop", "md0"]);
+    let t = wait_mdstat(&c, waiting, "the other node takes the recovery over", |t| {
+        t.contains("recovery =")
+    });
+    assert!(!t.contains("PENDING"), "{t}");
+    tune(&c, 500_000);
+    wait_mdstat(&c, waiting, "m1 recovered by the survivor", |t| {
+        t.contains("[2/2] [UU]") && !t.contains("recovery")
+    });
+    let w = status(&c, "md0", waiting);
+    assert_eq!(w["sync"]["last_kind"], "recovery", "{w}");
+    assert!(
+        !c.etcd_keys("locks/").iter().any(|k| k.contains("/resync")),
+        "resync lock left held: {:?}",
+        c.etcd_keys("locks/")
+    );
+    c.mdctl_ok(&["--node", waiting, "stop", "md0"]);
+}
