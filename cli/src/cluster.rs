@@ -338,6 +338,46 @@ pub async fn detail(c: &Client, array: &str, json: bool) -> Result<String, Failu
     })
 }
 
+/// The nodes on which the array with `uuid` is assembled (active, assembling or
+/// stopping), looked up under each of `names` (the names it may have in the cluster):
+/// (node, array name) pairs. Names the cluster does not know are skipped.
+pub async fn assembled_on(
+    c: &Client,
+    uuid: &str,
+    names: &[String],
+) -> Result<Vec<(String, String)>, Failure> {
+    let norm = |s: &str| -> String {
+        s.chars()
+            .filter(char::is_ascii_hexdigit)
+            .map(|c| c.to_ascii_lowercase())
+            .collect()
+    };
+    let want = norm(uuid);
+    let mut out = Vec::new();
+    for name in names {
+        let req = pb::DetailRequest { name: name.clone() };
+        let d = match c
+            .run(READ_TIMEOUT, |mut x| async move { x.detail(req).await })
+            .await
+        {
+            Ok(d) => d,
+            Err(f) if f.exit == Exit::NotFound => continue,
+            Err(f) => return Err(f),
+        };
+        let recorded = d.record.as_ref().is_some_and(|r| norm(&r.uuid) == want);
+        for n in &d.nodes {
+            let same = match n.status.as_ref() {
+                Some(s) if !s.uuid.is_empty() => norm(&s.uuid) == want,
+                _ => recorded,
+            };
+            if same && matches!(n.state.as_str(), "active" | "assembling" | "stopping") {
+                out.push((n.node.clone(), name.clone()));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// `mdctl mdstat`.
 pub async fn mdstat(c: &Client, node: &str, json: bool) -> Result<String, Failure> {
     let req = pb::ClusterMdstatRequest {

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use mdcluster_agent::format::examine::{Examine, ExamineBitmap};
-use mdcluster_agent::format::io::{read_member, zero_superblock, DeviceError};
+use mdcluster_agent::format::io::{read_member, zero_superblock, DeviceError, Member};
 use mdcluster_agent::format::FormatError;
 use serde::Serialize;
 
@@ -29,10 +29,47 @@ enum JsonItem<T> {
     },
 }
 
+/// Why one device failed: a device error, or a refusal with its own exit code.
+pub enum LocalError {
+    /// Reading or writing the device failed.
+    Device(DeviceError),
+    /// The operation was refused (e.g. the array is assembled on some node).
+    Refused {
+        /// The exit code.
+        exit: Exit,
+        /// The sentence to print.
+        message: String,
+    },
+}
+
+impl From<DeviceError> for LocalError {
+    fn from(e: DeviceError) -> Self {
+        LocalError::Device(e)
+    }
+}
+
+impl LocalError {
+    fn exit(&self) -> Exit {
+        match self {
+            LocalError::Device(e) => Exit::of_device_error(e),
+            LocalError::Refused { exit, .. } => *exit,
+        }
+    }
+}
+
+impl std::fmt::Display for LocalError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LocalError::Device(e) => e.fmt(f),
+            LocalError::Refused { message, .. } => f.write_str(message),
+        }
+    }
+}
+
 fn run_each<T: Serialize>(
     devices: &[PathBuf],
     json: bool,
-    f: impl Fn(&PathBuf) -> Result<T, DeviceError>,
+    f: impl Fn(&PathBuf) -> Result<T, LocalError>,
     render: impl Fn(&T) -> String,
 ) -> Outcome {
     let mut exit = None;
@@ -47,7 +84,7 @@ fn run_each<T: Serialize>(
                 items.push(JsonItem::Ok(report));
             }
             Err(e) => {
-                let code = Exit::of_device_error(&e);
+                let code = e.exit();
                 eprintln!("mdctl: {e}");
                 exit.get_or_insert(code);
                 items.push(JsonItem::Err {
@@ -72,7 +109,7 @@ pub fn examine(devices: &[PathBuf], json: bool) -> Outcome {
     run_each(
         devices,
         json,
-        |d| read_member(d).map(|m| Examine::of(&m)),
+        |d| Ok(Examine::of(&read_member(d)?)),
         |r| r.render() + "\n",
     )
 }
@@ -84,10 +121,10 @@ pub fn examine_bitmap(devices: &[PathBuf], json: bool) -> Outcome {
         json,
         |d| {
             let m = read_member(d)?;
-            ExamineBitmap::of(&m).ok_or(DeviceError::Format {
+            ExamineBitmap::of(&m).ok_or(LocalError::Device(DeviceError::Format {
                 path: d.clone(),
                 source: FormatError::NoBitmap,
-            })
+            }))
         },
         |r| r.render() + "\n",
     )
@@ -99,12 +136,21 @@ struct Zeroed {
     zeroed: bool,
 }
 
-/// `mdctl zero-superblock DEVICE...`
-pub fn zero(devices: &[PathBuf], force: bool, json: bool) -> Outcome {
+/// `mdctl zero-superblock DEVICE...`. `in_use` is asked about every device that holds
+/// a valid member before it is erased (the cluster check); an error refuses that device.
+pub fn zero(
+    devices: &[PathBuf],
+    force: bool,
+    json: bool,
+    in_use: impl Fn(&PathBuf, &Member) -> Result<(), LocalError>,
+) -> Outcome {
     run_each(
         devices,
         json,
         |d| {
+            if !force {
+                in_use(d, &read_member(d)?)?;
+            }
             zero_superblock(d, force)?;
             Ok(Zeroed {
                 device: d.display().to_string(),

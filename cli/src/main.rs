@@ -195,10 +195,13 @@ enum Command {
     },
     /// Erase the md superblock of each DEVICE so it no longer belongs to an array.
     ///
-    /// Refuses a device without a valid superblock unless --force.
+    /// With a server (--server / MDCTL_SERVER) it first asks the cluster and refuses
+    /// (EBUSY) a member of an array assembled on any node, or when the server cannot be
+    /// reached. Refuses a device without a valid superblock. --force skips both checks.
     #[command(name = "zero-superblock")]
     ZeroSuperblock {
-        /// Erase even when the superblock is missing or invalid.
+        /// Erase without asking the cluster, even when the superblock is missing or
+        /// invalid.
         #[arg(long)]
         force: bool,
         /// Member devices or files.
@@ -261,6 +264,75 @@ fn manage_ops(args: impl Iterator<Item = String>) -> Vec<(String, String)> {
         i += 1;
     }
     ops
+}
+
+/// `mdctl zero-superblock`: with a server configured (--server / MDCTL_SERVER), a
+/// member of an array assembled on any node is refused (EBUSY) and an unreachable
+/// server refuses too; --force skips the check.
+fn zero_superblock(cli: &Cli, devices: &[PathBuf], force: bool) -> local::Outcome {
+    let Some(url) = cli.server.clone() else {
+        if !force {
+            eprintln!(
+                "mdctl: no mdserver given (--server / MDCTL_SERVER): not checking whether \
+                 the arrays are assembled on some node"
+            );
+        }
+        return local::zero(devices, force, cli.json, |_, _| Ok(()));
+    };
+    let refuse = |exit, message| local::LocalError::Refused { exit, message };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let message = format!("start the tokio runtime: {e}");
+            return local::zero(devices, force, cli.json, |_, _| {
+                Err(refuse(exit::Exit::Other, message.clone()))
+            });
+        }
+    };
+    // The lazy channel needs the runtime to exist around it.
+    let _entered = rt.enter();
+    let client = cluster::Client::new(&url);
+    local::zero(devices, force, cli.json, |dev, member| {
+        let client = client
+            .as_ref()
+            .map_err(|f| refuse(f.exit, f.message.clone()))?;
+        let uuid = mdcluster_agent::format::fmt_uuid(&member.sb.set_uuid);
+        // The cluster knows the array by its name: the superblock's name, or the part
+        // after "host:".
+        let full = member.sb.name();
+        let mut names = vec![full.clone()];
+        if let Some((_, short)) = full.split_once(':') {
+            names.push(short.to_owned());
+        }
+        let on = rt
+            .block_on(cluster::assembled_on(client, &uuid, &names))
+            .map_err(|f| {
+                refuse(
+                    f.exit,
+                    format!(
+                        "cannot check whether {} is in use: {}; use --force to erase it anyway",
+                        dev.display(),
+                        f.message
+                    ),
+                )
+            })?;
+        if let Some((node, name)) = on.first() {
+            let nodes: Vec<&str> = on.iter().map(|(n, _)| n.as_str()).collect();
+            return Err(refuse(
+                exit::Exit::Busy,
+                format!(
+                    "{} is a member of array {name} ({uuid}), assembled on {}; stop it there \
+                     first (mdctl --node {node} stop {name})",
+                    dev.display(),
+                    nodes.join(", ")
+                ),
+            ));
+        }
+        Ok(())
+    })
 }
 
 fn cluster_command(cli: &Cli) -> Result<String, cluster::Failure> {
@@ -366,7 +438,7 @@ fn main() -> ExitCode {
     let outcome = match &cli.command {
         Command::Examine { devices } => local::examine(devices, cli.json),
         Command::ExamineBitmap { devices } => local::examine_bitmap(devices, cli.json),
-        Command::ZeroSuperblock { force, devices } => local::zero(devices, *force, cli.json),
+        Command::ZeroSuperblock { force, devices } => zero_superblock(&cli, devices, *force),
         _ => match cluster_command(&cli) {
             Ok(stdout) => local::Outcome { stdout, exit: None },
             Err(f) => {
