@@ -163,6 +163,63 @@ impl TestCluster {
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
+    /// Runs mdctl; its exit code and stderr.
+    pub fn code(&self, args: &[&str]) -> (i32, String) {
+        let o = self.mdctl(args);
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    }
+
+    /// `mdctl --node NODE mdstat`.
+    pub fn mdstat(&self, node: &str) -> String {
+        self.mdctl_ok(&["--node", node, "mdstat"])
+    }
+
+    /// Waits until `node`'s mdstat satisfies `pred`; panics with the last text after
+    /// `timeout`.
+    pub fn wait_mdstat(
+        &self,
+        timeout: Duration,
+        node: &str,
+        what: &str,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let t = self.mdstat(node);
+            if pred(&t) {
+                return t;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not seen on {node} within {timeout:?}:\n{t}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The status of array `name` on `node`, from `mdctl --json detail` (null when
+    /// absent there).
+    pub fn node_status(&self, name: &str, node: &str) -> serde_json::Value {
+        let d: serde_json::Value =
+            serde_json::from_str(&self.mdctl_ok(&["--json", "detail", name])).expect("detail");
+        d["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .find(|n| n["node"] == node)
+            .unwrap_or_else(|| panic!("{node} missing from detail: {d}"))["status"]
+            .clone()
+    }
+
+    /// `mdctl tune` with min = max = `kib` KiB/s.
+    pub fn tune(&self, kib: u64) {
+        let k = kib.to_string();
+        self.mdctl_ok(&["tune", "--sync-speed-min", &k, "--sync-speed-max", &k]);
+    }
+
     /// Waits until `n` nodes are live (`mdctl --json nodes`).
     pub fn wait_nodes(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;

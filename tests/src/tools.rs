@@ -89,6 +89,11 @@ pub fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Paths as `&str`, for command lines.
+pub fn path_strs(p: &[PathBuf]) -> Vec<&str> {
+    p.iter().map(|p| p.to_str().expect("UTF-8 path")).collect()
+}
+
 /// A loop device attached to a file; detached on drop.
 pub struct LoopDevice {
     /// `/dev/loopN`.

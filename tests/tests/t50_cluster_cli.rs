@@ -11,26 +11,14 @@
 //!   bits are merged and resynced at join (exactly those chunks).
 
 use std::io::{Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use mdcluster_tests::cluster::{ClusterBuilder, TestCluster};
 use mdcluster_tests::standalone::{data_area, member_files, nbd_probe, noise, Probe};
-use mdcluster_tests::tools::{key_values, run_ok, run_timeout, value_of, CMD_TIMEOUT};
+use mdcluster_tests::tools::{key_values, path_strs, run_ok, run_timeout, value_of, CMD_TIMEOUT};
 use serde_json::Value;
-
-fn code(c: &TestCluster, args: &[&str]) -> (i32, String) {
-    let o = c.mdctl(args);
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
-fn strs(p: &[PathBuf]) -> Vec<&str> {
-    p.iter().map(|p| p.to_str().unwrap()).collect()
-}
 
 fn detail(c: &TestCluster, name: &str) -> Value {
     serde_json::from_str(&c.mdctl_ok(&["--json", "detail", name])).expect("detail json")
@@ -68,39 +56,33 @@ fn errors_keep_their_reason_and_exit_code() {
         .expect("cluster");
     let dir = c.path().to_owned();
     let m = member_files(&dir, "e", 2, 32 << 20);
-    let m = strs(&m);
+    let m = path_strs(&m);
     eprintln!("--- ENOENT (3): absent array, unrecorded array, unknown node");
-    let (rc, err) = code(&c, &["--node", "node2", "stop", "md0"]);
+    let (rc, err) = c.code(&["--node", "node2", "stop", "md0"]);
     assert_eq!(rc, 3, "{err}");
     assert!(err.contains("node2") && err.contains("md0"), "{err}");
-    assert_eq!(code(&c, &["assemble", "md7"]).0, 3);
-    assert_eq!(code(&c, &["--node", "node9", "mdstat"]).0, 3);
-    assert_eq!(code(&c, &["detail", "md7"]).0, 3);
+    assert_eq!(c.code(&["assemble", "md7"]).0, 3);
+    assert_eq!(c.code(&["--node", "node9", "mdstat"]).0, 3);
+    assert_eq!(c.code(&["detail", "md7"]).0, 3);
     eprintln!("--- EINVAL (5): bad name, bad limits, a file without superblock");
-    assert_eq!(code(&c, &["assemble", "bad/name", m[0]]).0, 5);
+    assert_eq!(c.code(&["assemble", "bad/name", m[0]]).0, 5);
     assert_eq!(
-        code(
-            &c,
-            &["tune", "--sync-speed-min", "10", "--sync-speed-max", "5"]
-        )
-        .0,
+        c.code(&["tune", "--sync-speed-min", "10", "--sync-speed-max", "5"])
+            .0,
         5
     );
-    assert_eq!(code(&c, &["assemble", "md5", m[0], m[1]]).0, 5);
+    assert_eq!(c.code(&["assemble", "md5", m[0], m[1]]).0, 5);
     eprintln!("--- EIO (6): a member that cannot be opened for writing");
-    let (rc, err) = code(
-        &c,
-        &[
-            "create",
-            "md6",
-            "--raid-devices",
-            "2",
-            "--bitmap",
-            "internal",
-            dir.to_str().unwrap(),
-            m[1],
-        ],
-    );
+    let (rc, err) = c.code(&[
+        "create",
+        "md6",
+        "--raid-devices",
+        "2",
+        "--bitmap",
+        "internal",
+        dir.to_str().unwrap(),
+        m[1],
+    ]);
     assert_eq!(rc, 6, "a directory as member: {err}");
     assert!(
         err.contains(dir.to_str().unwrap()),
@@ -110,7 +92,7 @@ fn errors_keep_their_reason_and_exit_code() {
     let pid = c.agents[1].pid().unwrap().to_string();
     run_ok(Command::new("kill").args(["-STOP", &pid]));
     let t = Instant::now();
-    let (rc, err) = code(&c, &["--node", "node2", "mdstat"]);
+    let (rc, err) = c.code(&["--node", "node2", "mdstat"]);
     run_ok(Command::new("kill").args(["-CONT", &pid]));
     assert_eq!(rc, 7, "{err}");
     assert!(
@@ -132,23 +114,20 @@ fn errors_keep_their_reason_and_exit_code() {
         m[0],
         m[1],
     ]);
-    let (rc, err) = code(&c, &["--node", "node1", "assemble", "md0"]);
+    let (rc, err) = c.code(&["--node", "node1", "assemble", "md0"]);
     assert_eq!(rc, 8, "{err}");
     assert_eq!(
-        code(
-            &c,
-            &[
-                "create",
-                "md0",
-                "--raid-devices",
-                "2",
-                "--bitmap",
-                "internal",
-                "--force",
-                m[0],
-                m[1]
-            ]
-        )
+        c.code(&[
+            "create",
+            "md0",
+            "--raid-devices",
+            "2",
+            "--bitmap",
+            "internal",
+            "--force",
+            m[0],
+            m[1]
+        ])
         .0,
         8
     );
@@ -180,7 +159,7 @@ fn errors_keep_their_reason_and_exit_code() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let t = Instant::now();
-    let (rc, err) = code(&c, &["stop", "md0"]);
+    let (rc, err) = c.code(&["stop", "md0"]);
     assert_eq!(rc, 4, "{err}");
     assert!(err.contains("still connected"), "{err}");
     assert!(
@@ -196,7 +175,7 @@ fn errors_keep_their_reason_and_exit_code() {
         .agent_args(&["--device-allow", "/nonexistent/*"])
         .start()
         .expect("cluster");
-    let (rc, err) = code(&c, &["assemble", "md0", m[0], m[1]]);
+    let (rc, err) = c.code(&["assemble", "md0", m[0], m[1]]);
     assert_eq!(rc, 9, "{err}");
     assert!(err.contains("--device-allow"), "{err}");
     eprintln!("--- 11: mdserver unreachable");
@@ -219,7 +198,7 @@ fn create_mdadm_mdstat_detail_monitor_tune() {
         .expect("cluster");
     let dir = c.path().to_owned();
     let m = member_files(&dir, "m", 2, 48 << 20);
-    let ms = strs(&m);
+    let ms = path_strs(&m);
     let hook_log = dir.join("hook.log");
     let hook = dir.join("hook.sh");
     std::fs::write(
@@ -389,7 +368,7 @@ fn create_mdadm_mdstat_detail_monitor_tune() {
 
     eprintln!("--- create --wait follows the initial resync to its end");
     let w = member_files(&dir, "w", 2, 24 << 20);
-    let ws = strs(&w);
+    let ws = path_strs(&w);
     c.mdctl_ok(&[
         "--node",
         "node1",
@@ -472,7 +451,7 @@ fn slots_are_taken_per_node_and_dirty_free_slots_are_resynced_at_join() {
     let c = ClusterBuilder::new(3).start().expect("cluster");
     let dir = c.path().to_owned();
     let m = member_files(&dir, "s", 2, 40 << 20);
-    let ms = strs(&m);
+    let ms = path_strs(&m);
     const CHUNK: u64 = 1 << 20;
     c.mdctl_ok(&[
         "--node",
@@ -494,7 +473,7 @@ fn slots_are_taken_per_node_and_dirty_free_slots_are_resynced_at_join() {
     c.mdctl_ok(&["--node", "node2", "assemble", "md1"]);
     eprintln!("--- a third node finds both slots held: EBUSY at once");
     let t = Instant::now();
-    let (rc, err) = code(&c, &["--node", "node3", "assemble", "md1"]);
+    let (rc, err) = c.code(&["--node", "node3", "assemble", "md1"]);
     assert_eq!(rc, 4, "{err}");
     assert!(err.contains("all 2 bitmap slots"), "{err}");
     assert!(t.elapsed() < Duration::from_secs(5));

@@ -8,63 +8,22 @@
 //!   `grow --raid-devices 4`, on both nodes; the superblock (`mdadm --examine`) says 4;
 //! - shrinking is refused (EINVAL).
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use mdcluster_tests::cluster::{ClusterBuilder, TestCluster};
+use mdcluster_tests::cluster::ClusterBuilder;
 use mdcluster_tests::standalone::member_files;
-use mdcluster_tests::tools::{key_values, run_ok, value_of};
-use serde_json::Value;
+use mdcluster_tests::tools::{key_values, path_strs, run_ok, value_of};
 
 /// Bound of every cluster wait here.
 const WAIT: Duration = Duration::from_secs(30);
-
-fn strs(p: &[PathBuf]) -> Vec<&str> {
-    p.iter().map(|p| p.to_str().unwrap()).collect()
-}
-
-fn mdstat(c: &TestCluster, node: &str) -> String {
-    c.mdctl_ok(&["--node", node, "mdstat"])
-}
-
-fn wait_mdstat(c: &TestCluster, node: &str, what: &str, pred: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let t = mdstat(c, node);
-        if pred(&t) {
-            return t;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not seen on {node} within {WAIT:?}:\n{t}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn status(c: &TestCluster, name: &str, node: &str) -> Value {
-    let d: Value = serde_json::from_str(&c.mdctl_ok(&["--json", "detail", name])).unwrap();
-    d["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node"] == node)
-        .unwrap()["status"]
-        .clone()
-}
-
-fn tune(c: &TestCluster, kib: u64) {
-    let k = kib.to_string();
-    c.mdctl_ok(&["tune", "--sync-speed-min", &k, "--sync-speed-max", &k]);
-}
 
 #[test]
 fn grow_with_add_and_from_a_spare_on_both_nodes() {
     let c = ClusterBuilder::new(2).start().expect("cluster");
     let dir = c.path().to_owned();
     let m = member_files(&dir, "m", 4, 32 << 20);
-    let ms = strs(&m);
+    let ms = path_strs(&m);
     c.mdctl_ok(&[
         "--node",
         "node1",
@@ -85,7 +44,7 @@ fn grow_with_add_and_from_a_spare_on_both_nodes() {
     c.mdctl_ok(&["--node", "node2", "assemble", "md0"]);
 
     eprintln!("--- grow --raid-devices 3 --add m2: one node recovers m2, the other waits");
-    tune(&c, 2048);
+    c.tune(2048);
     c.mdctl_ok(&[
         "--node",
         "node1",
@@ -98,8 +57,8 @@ fn grow_with_add_and_from_a_spare_on_both_nodes() {
     ]);
     let deadline = Instant::now() + WAIT;
     let (recovering, waiting) = loop {
-        let t1 = mdstat(&c, "node1");
-        let t2 = mdstat(&c, "node2");
+        let t1 = c.mdstat("node1");
+        let t2 = c.mdstat("node2");
         assert!(
             t1.contains("[3/") && t2.contains("[3/"),
             "both nodes must have 3 roles:\n{t1}\n{t2}"
@@ -117,23 +76,23 @@ fn grow_with_add_and_from_a_spare_on_both_nodes() {
         std::thread::sleep(Duration::from_millis(100));
     };
     eprintln!("--- {recovering} recovers, {waiting} waits; finish");
-    tune(&c, 500_000);
+    c.tune(500_000);
     for n in ["node1", "node2"] {
-        wait_mdstat(&c, n, "[3/3] [UUU]", |t| {
+        c.wait_mdstat(WAIT, n, "[3/3] [UUU]", |t| {
             t.contains("[3/3] [UUU]") && !t.contains("recovery") && !t.contains("PENDING")
         });
     }
     assert_eq!(
-        status(&c, "md0", recovering)["sync"]["last_kind"],
+        c.node_status("md0", recovering)["sync"]["last_kind"],
         "recovery"
     );
-    assert_eq!(status(&c, "md0", waiting)["sync"]["runs"], 0);
+    assert_eq!(c.node_status("md0", waiting)["sync"]["runs"], 0);
 
     eprintln!("--- --add-spare m3, grow --raid-devices 4: the spare takes the new role");
     c.mdctl_ok(&["--node", "node2", "manage", "md0", "--add-spare", ms[3]]);
     c.mdctl_ok(&["--node", "node2", "grow", "md0", "--raid-devices", "4"]);
     for n in ["node1", "node2"] {
-        wait_mdstat(&c, n, "[4/4] [UUUU]", |t| {
+        c.wait_mdstat(WAIT, n, "[4/4] [UUUU]", |t| {
             t.contains("[4/4] [UUUU]") && !t.contains("recovery") && !t.contains("PENDING")
         });
     }

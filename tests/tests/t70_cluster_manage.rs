@@ -17,62 +17,18 @@
 //!   built get a negative ack naming the node and the reason (never silence), while
 //!   METADATA_UPDATED is acknowledged positively.
 
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mdcluster_agent::cluster::{channel, token_lock, ClusterMsg, MsgType};
 use mdcluster_proto::lock_client::{Mode, Wait};
-use mdcluster_tests::cluster::{ClusterBuilder, TestCluster};
+use mdcluster_tests::cluster::ClusterBuilder;
 use mdcluster_tests::standalone::member_files;
-use mdcluster_tests::tools::{key_values, run_ok, value_of};
+use mdcluster_tests::tools::{key_values, path_strs, run_ok, value_of};
 use serde_json::Value;
 
 /// Bound of every cluster wait here.
 const WAIT: Duration = Duration::from_secs(30);
-
-fn strs(p: &[PathBuf]) -> Vec<&str> {
-    p.iter().map(|p| p.to_str().unwrap()).collect()
-}
-
-fn mdstat(c: &TestCluster, node: &str) -> String {
-    c.mdctl_ok(&["--node", node, "mdstat"])
-}
-
-/// Waits until `node`'s mdstat satisfies `pred`; panics with the last text at `WAIT`.
-fn wait_mdstat(c: &TestCluster, node: &str, what: &str, pred: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let t = mdstat(c, node);
-        if pred(&t) {
-            return t;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} on {node} not seen within {WAIT:?}:\n{t}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn status(c: &TestCluster, name: &str, node: &str) -> Value {
-    let d: Value = serde_json::from_str(&c.mdctl_ok(&["--json", "detail", name])).unwrap();
-    d["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node"] == node)
-        .unwrap()["status"]
-        .clone()
-}
-
-fn code(c: &TestCluster, args: &[&str]) -> (i32, String) {
-    let o = c.mdctl(args);
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
 
 /// Kills a spawned mdctl that is still running when the test ends early.
 struct ChildGuard(std::process::Child);
@@ -96,7 +52,7 @@ fn manage_fail_is_agreed_by_every_node_through_the_token() {
         .unwrap();
     let dir = c.path().to_owned();
     let m = member_files(&dir, "m", 2, 32 << 20);
-    let ms = strs(&m);
+    let ms = path_strs(&m);
     eprintln!("--- create a clustered mirror on node1 (--assume-clean), assemble on node2");
     c.mdctl_ok(&[
         "--node",
@@ -117,7 +73,7 @@ fn manage_fail_is_agreed_by_every_node_through_the_token() {
     ]);
     c.mdctl_ok(&["--node", "node2", "assemble", "md0"]);
     for n in ["node1", "node2"] {
-        let t = mdstat(&c, n);
+        let t = c.mdstat(n);
         assert!(t.contains("[2/2] [UU]") && !t.contains("(F)"), "{n}:\n{t}");
     }
     let uuid = mdcluster_agent::format::io::read_member(&m[0])
@@ -155,7 +111,7 @@ fn manage_fail_is_agreed_by_every_node_through_the_token() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let t = mdstat(&c, "node2");
+    let t = c.mdstat("node2");
     assert!(
         !t.contains("(F)"),
         "node2 failed the member before the token was granted:\n{t}"
@@ -181,7 +137,7 @@ fn manage_fail_is_agreed_by_every_node_through_the_token() {
 
     eprintln!("--- both nodes show the member faulty at once (acked before returning)");
     for n in ["node1", "node2"] {
-        let t = mdstat(&c, n);
+        let t = c.mdstat(n);
         assert!(
             t.contains("m1[1](F)") && t.contains("[2/1] [U_]"),
             "{n}:\n{t}"
@@ -194,59 +150,56 @@ fn manage_fail_is_agreed_by_every_node_through_the_token() {
 
     eprintln!("--- a repeated fail is a no-op; the last in-sync member is refused (EBUSY)");
     c.mdctl_ok(&["--node", "node2", "manage", "md0", "--fail", ms[1]]);
-    let (rc, err) = code(&c, &["--node", "node2", "manage", "md0", "--fail", ms[0]]);
+    let (rc, err) = c.code(&["--node", "node2", "manage", "md0", "--fail", ms[0]]);
     assert_eq!(rc, 4, "{err}");
     assert!(
         err.contains("last in-sync") && err.contains("node2"),
         "{err}"
     );
-    let t = wait_mdstat(&c, "node1", "m0 still in sync", |t| {
+    let t = c.wait_mdstat(WAIT, "node1", "m0 still in sync", |t| {
         t.contains("m0[0]") && !t.contains("m0[0](F)")
     });
     assert!(t.contains("[U_]"), "{t}");
 
     eprintln!("--- an active member cannot be removed (EBUSY)");
-    let (rc, err) = code(&c, &["--node", "node1", "manage", "md0", "--remove", ms[0]]);
+    let (rc, err) = c.code(&["--node", "node1", "manage", "md0", "--remove", ms[0]]);
     assert_eq!(rc, 4, "{err}");
     assert!(err.contains("fail it first"), "{err}");
 
     eprintln!("--- --fail, --remove run in order on every node; a refused --re-add names them");
-    let (rc, err) = code(
-        &c,
-        &[
-            "--node",
-            "node1",
-            "manage",
-            "md0",
-            "--fail",
-            ms[1],
-            "--remove",
-            ms[1],
-            "--re-add",
-            "/dev/null",
-        ],
-    );
+    let (rc, err) = c.code(&[
+        "--node",
+        "node1",
+        "manage",
+        "md0",
+        "--fail",
+        ms[1],
+        "--remove",
+        ms[1],
+        "--re-add",
+        "/dev/null",
+    ]);
     assert_eq!(rc, 5, "{err}");
     assert!(
         err.contains("not a former member") && err.contains("before re-add"),
         "{err}"
     );
     for n in ["node1", "node2"] {
-        let t = mdstat(&c, n);
+        let t = c.mdstat(n);
         assert!(
             !t.contains("m1[") && t.contains("m0[0]") && t.contains("[2/1] [U_]"),
             "{n}: m1 must be gone:\n{t}"
         );
     }
-    let (rc, err) = code(&c, &["--node", "node2", "manage", "md0", "--remove", ms[1]]);
+    let (rc, err) = c.code(&["--node", "node2", "manage", "md0", "--remove", ms[1]]);
     assert_eq!(rc, 3, "a removed member is not a member any more: {err}");
 
     eprintln!("--- --re-add m1 (02r1_Manage_re-add): back in its role on both nodes, only the bitmap's chunks recovered");
     c.mdctl_ok(&["--node", "node2", "manage", "md0", "--re-add", ms[1]]);
     let deadline = Instant::now() + WAIT;
     loop {
-        let t1 = mdstat(&c, "node1");
-        let t2 = mdstat(&c, "node2");
+        let t1 = c.mdstat("node1");
+        let t2 = c.mdstat("node2");
         if [&t1, &t2].iter().all(|t| {
             t.contains("m1[1]")
                 && t.contains("[2/2] [UU]")
@@ -263,7 +216,7 @@ fn manage_fail_is_agreed_by_every_node_through_the_token() {
     }
     let runs: Vec<Value> = ["node1", "node2"]
         .iter()
-        .map(|n| status(&c, "md0", n))
+        .map(|n| c.node_status("md0", n))
         .filter(|st| st["sync"]["last_kind"] == "recovery")
         .collect();
     assert_eq!(runs.len(), 1, "exactly one node recovers: {runs:?}");

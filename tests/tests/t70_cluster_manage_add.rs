@@ -14,62 +14,14 @@
 //! - `--fail` again: the spare takes the role, and when the recovering node stops
 //!   mid-recovery the other node takes the recovery over and finishes it.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use mdcluster_tests::cluster::{ClusterBuilder, TestCluster};
+use mdcluster_tests::cluster::ClusterBuilder;
 use mdcluster_tests::standalone::member_files;
-use serde_json::Value;
+use mdcluster_tests::tools::path_strs;
 
 /// Bound of every cluster wait here.
 const WAIT: Duration = Duration::from_secs(30);
-
-fn strs(p: &[PathBuf]) -> Vec<&str> {
-    p.iter().map(|p| p.to_str().unwrap()).collect()
-}
-
-fn mdstat(c: &TestCluster, node: &str) -> String {
-    c.mdctl_ok(&["--node", node, "mdstat"])
-}
-
-fn wait_mdstat(c: &TestCluster, node: &str, what: &str, pred: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let t = mdstat(c, node);
-        if pred(&t) {
-            return t;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not seen on {node} within {WAIT:?}:\n{t}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn code(c: &TestCluster, args: &[&str]) -> (i32, String) {
-    let o = c.mdctl(args);
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
-fn status(c: &TestCluster, name: &str, node: &str) -> Value {
-    let d: Value = serde_json::from_str(&c.mdctl_ok(&["--json", "detail", name])).unwrap();
-    d["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node"] == node)
-        .unwrap()["status"]
-        .clone()
-}
-
-fn tune(c: &TestCluster, kib: u64) {
-    let k = kib.to_string();
-    c.mdctl_ok(&["tune", "--sync-speed-min", &k, "--sync-speed-max", &k]);
-}
 
 #[test]
 fn add_spare_fail_recover_on_one_node_remove_add() {
@@ -80,7 +32,7 @@ fn add_spare_fail_recover_on_one_node_remove_add() {
     let dir = c.path().to_owned();
     let m = member_files(&dir, "m", 3, 32 << 20);
     let x = member_files(&dir, "x", 1, 32 << 20);
-    let (ms, xs) = (strs(&m), strs(&x));
+    let (ms, xs) = (path_strs(&m), path_strs(&x));
     c.mdctl_ok(&[
         "--node",
         "node1",
@@ -101,10 +53,7 @@ fn add_spare_fail_recover_on_one_node_remove_add() {
     c.mdctl_ok(&["--node", "node2", "assemble", "md0"]);
 
     eprintln!("--- NEWDISK: node2 may not open x0, so the disk is rejected");
-    let (rc, err) = code(
-        &c,
-        &["--node", "node1", "manage", "md0", "--add-spare", xs[0]],
-    );
+    let (rc, err) = c.code(&["--node", "node1", "manage", "md0", "--add-spare", xs[0]]);
     assert_eq!(rc, 6, "{err}");
     assert!(
         err.contains("node node2 refused")
@@ -117,14 +66,14 @@ fn add_spare_fail_recover_on_one_node_remove_add() {
         "a rejected disk must not be written"
     );
     for n in ["node1", "node2"] {
-        let t = mdstat(&c, n);
+        let t = c.mdstat(n);
         assert!(!t.contains("x0[") && t.contains("[2/2] [UU]"), "{n}:\n{t}");
     }
 
     eprintln!("--- --add-spare m2: a spare on both nodes");
     c.mdctl_ok(&["--node", "node1", "manage", "md0", "--add-spare", ms[2]]);
     for n in ["node1", "node2"] {
-        let t = mdstat(&c, n);
+        let t = c.mdstat(n);
         assert!(
             t.contains("m2[") && t.contains("(S)") && t.contains("[2/2] [UU]"),
             "{n}:\n{t}"
@@ -132,12 +81,12 @@ fn add_spare_fail_recover_on_one_node_remove_add() {
     }
 
     eprintln!("--- --fail m1: the spare takes its role; one node recovers, the other waits");
-    tune(&c, 2048);
+    c.tune(2048);
     c.mdctl_ok(&["--node", "node2", "manage", "md0", "--fail", ms[1]]);
     let deadline = Instant::now() + WAIT;
     let (recovering, waiting) = loop {
-        let t1 = mdstat(&c, "node1");
-        let t2 = mdstat(&c, "node2");
+        let t1 = c.mdstat("node1");
+        let t2 = c.mdstat("node2");
         if t1.contains("recovery =") && t2.contains("resync=PENDING") {
             break ("node1", "node2");
         }
@@ -155,14 +104,14 @@ fn add_spare_fail_recover_on_one_node_remove_add() {
         std::thread::sleep(Duration::from_millis(100));
     };
     eprintln!("--- {recovering} recovers, {waiting} is pending; finish");
-    tune(&c, 500_000);
+    c.tune(500_000);
     for n in ["node1", "node2"] {
-        wait_mdstat(&c, n, "in sync with m2 active", |t| {
+        c.wait_mdstat(WAIT, n, "in sync with m2 active", |t| {
             t.contains("[2/2] [UU]") && !t.contains("recovery") && !t.contains("PENDING")
         });
     }
-    let r = status(&c, "md0", recovering);
-    let w = status(&c, "md0", waiting);
+    let r = c.node_status("md0", recovering);
+    let w = c.node_status("md0", waiting);
     assert_eq!(r["sync"]["last_kind"], "recovery", "{r}");
     assert_eq!(w["sync"]["runs"], 0, "{waiting} ran a sync of its own: {w}");
 
@@ -171,7 +120,7 @@ fn add_spare_fail_recover_on_one_node_remove_add() {
         "--node", "node1", "manage", "md0", "--remove", ms[1], "--add", ms[1],
     ]);
     for n in ["node1", "node2"] {
-        let t = mdstat(&c, n);
+        let t = c.mdstat(n);
         assert!(
             t.contains("m1[")
                 && t.contains("(S)")
@@ -180,17 +129,17 @@ fn add_spare_fail_recover_on_one_node_remove_add() {
             "{n}:\n{t}"
         );
     }
-    let (rc, err) = code(&c, &["--node", "node1", "manage", "md0", "--re-add", xs[0]]);
+    let (rc, err) = c.code(&["--node", "node1", "manage", "md0", "--re-add", xs[0]]);
     assert_eq!(rc, 5, "{err}");
     assert!(err.contains("not a former member"), "{err}");
 
     eprintln!("--- --fail m2: spare m1 takes its role; the recovering node stops mid-recovery and the other takes over (03r1_switch-recovery)");
-    tune(&c, 2048);
+    c.tune(2048);
     c.mdctl_ok(&["--node", "node1", "manage", "md0", "--fail", ms[2]]);
     let deadline = Instant::now() + WAIT;
     let (recovering, waiting) = loop {
-        let t1 = mdstat(&c, "node1");
-        let t2 = mdstat(&c, "node2");
+        let t1 = c.mdstat("node1");
+        let t2 = c.mdstat("node2");
         if t1.contains("recovery =") && t2.contains("resync=PENDING") {
             break ("node1", "node2");
         }
@@ -204,15 +153,18 @@ fn add_spare_fail_recover_on_one_node_remove_add() {
         std::thread::sleep(Duration::from_millis(100));
     };
     c.mdctl_ok(&["--node", recovering, "stop", "md0"]);
-    let t = wait_mdstat(&c, waiting, "the other node takes the recovery over", |t| {
-        t.contains("recovery =")
-    });
+    let t = c.wait_mdstat(
+        WAIT,
+        waiting,
+        "the other node takes the recovery over",
+        |t| t.contains("recovery ="),
+    );
     assert!(!t.contains("PENDING"), "{t}");
-    tune(&c, 500_000);
-    wait_mdstat(&c, waiting, "m1 recovered by the survivor", |t| {
+    c.tune(500_000);
+    c.wait_mdstat(WAIT, waiting, "m1 recovered by the survivor", |t| {
         t.contains("[2/2] [UU]") && !t.contains("recovery")
     });
-    let w = status(&c, "md0", waiting);
+    let w = c.node_status("md0", waiting);
     assert_eq!(w["sync"]["last_kind"], "recovery", "{w}");
     assert!(
         !c.etcd_keys("locks/").iter().any(|k| k.contains("/resync")),

@@ -13,23 +13,14 @@
 //! Speeds are set low with `mdctl tune` so the states can be seen, then raised to
 //! finish.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use mdcluster_tests::cluster::{ClusterBuilder, TestCluster};
 use mdcluster_tests::standalone::member_files;
-use serde_json::Value;
+use mdcluster_tests::tools::path_strs;
 
 /// Bound of every cluster wait here.
 const WAIT: Duration = Duration::from_secs(30);
-
-fn strs(p: &[PathBuf]) -> Vec<&str> {
-    p.iter().map(|p| p.to_str().unwrap()).collect()
-}
-
-fn mdstat(c: &TestCluster, node: &str) -> String {
-    c.mdctl_ok(&["--node", node, "mdstat"])
-}
 
 /// The mdstat block of array `name` (from its line to the next blank line).
 fn block(text: &str, name: &str) -> String {
@@ -50,7 +41,7 @@ fn wait_block(
 ) -> String {
     let deadline = Instant::now() + WAIT;
     loop {
-        let t = mdstat(c, node);
+        let t = c.mdstat(node);
         if t.contains(&format!("{name} : ")) {
             let b = block(&t, name);
             if pred(&b) {
@@ -63,22 +54,6 @@ fn wait_block(
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn status(c: &TestCluster, name: &str, node: &str) -> Value {
-    let d: Value = serde_json::from_str(&c.mdctl_ok(&["--json", "detail", name])).unwrap();
-    d["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node"] == node)
-        .unwrap()["status"]
-        .clone()
-}
-
-fn tune(c: &TestCluster, kib: u64) {
-    let k = kib.to_string();
-    c.mdctl_ok(&["tune", "--sync-speed-min", &k, "--sync-speed-max", &k]);
 }
 
 fn create(c: &TestCluster, name: &str, m: &[&str]) {
@@ -106,10 +81,10 @@ fn one_node_resyncs_the_other_is_pending_and_takes_over() {
     let dir = c.path().to_owned();
     let a = member_files(&dir, "a", 2, 32 << 20);
     let b = member_files(&dir, "b", 2, 32 << 20);
-    let (a, b) = (strs(&a), strs(&b));
+    let (a, b) = (path_strs(&a), path_strs(&b));
 
     eprintln!("--- md0: resync on node1, PENDING on node2");
-    tune(&c, 1024);
+    c.tune(1024);
     create(&c, "md0", &a);
     c.mdctl_ok(&["--node", "node2", "assemble", "md0"]);
     wait_block(&c, "node1", "md0", "node1 resyncing", |t| {
@@ -118,28 +93,28 @@ fn one_node_resyncs_the_other_is_pending_and_takes_over() {
     wait_block(&c, "node2", "md0", "node2 pending", |t| {
         t.contains("resync=PENDING")
     });
-    let t = block(&mdstat(&c, "node1"), "md0");
+    let t = block(&c.mdstat("node1"), "md0");
     assert!(
         t.contains("resync =") && !t.contains("PENDING"),
         "node1 must be the one resyncing:\n{t}"
     );
 
     eprintln!("--- node1 finishes; node2 drops its resync without running it");
-    tune(&c, 500_000);
+    c.tune(500_000);
     wait_block(&c, "node1", "md0", "node1 in sync", |t| {
         t.contains("[UU]") && !t.contains("resync")
     });
     wait_block(&c, "node2", "md0", "node2 in sync", |t| {
         t.contains("[UU]") && !t.contains("resync")
     });
-    let st = status(&c, "md0", "node2");
+    let st = c.node_status("md0", "node2");
     assert_eq!(st["sync"]["runs"], 0, "node2 ran a resync of its own: {st}");
     assert_eq!(st["bitmap"]["needed"], 0, "{st}");
-    let st1 = status(&c, "md0", "node1");
+    let st1 = c.node_status("md0", "node1");
     assert!(st1["sync"]["runs"].as_u64() >= Some(1), "{st1}");
 
     eprintln!("--- md1: node1 resyncs, node2 pending; node1 stops mid-resync");
-    tune(&c, 1024);
+    c.tune(1024);
     create(&c, "md1", &b);
     c.mdctl_ok(&["--node", "node2", "assemble", "md1"]);
     wait_block(&c, "node1", "md1", "node1 resyncing md1", |t| {
@@ -153,11 +128,11 @@ fn one_node_resyncs_the_other_is_pending_and_takes_over() {
         t.contains("resync =")
     });
     assert!(!t.contains("PENDING"), "{t}");
-    tune(&c, 500_000);
+    c.tune(500_000);
     wait_block(&c, "node2", "md1", "md1 in sync on node2", |t| {
         t.contains("[UU]") && !t.contains("resync")
     });
-    let st = status(&c, "md1", "node2");
+    let st = c.node_status("md1", "node2");
     assert!(st["sync"]["runs"].as_u64() >= Some(1), "{st}");
     assert_eq!(st["bitmap"]["needed"], 0, "{st}");
     assert!(
@@ -175,7 +150,7 @@ fn create_with_a_spare_and_a_name_shows_on_both_nodes() {
     let c = ClusterBuilder::new(2).start().expect("cluster");
     let dir = c.path().to_owned();
     let m = member_files(&dir, "s", 3, 32 << 20);
-    let m = strs(&m);
+    let m = path_strs(&m);
     c.mdctl_ok(&[
         "--node",
         "node1",
@@ -198,12 +173,12 @@ fn create_with_a_spare_and_a_name_shows_on_both_nodes() {
     ]);
     c.mdctl_ok(&["--node", "node2", "assemble", "md0"]);
     for n in ["node1", "node2"] {
-        let t = block(&mdstat(&c, n), "md0");
+        let t = block(&c.mdstat(n), "md0");
         assert!(
             t.contains("s2[2](S)") && t.contains("[2/2] [UU]") && !t.contains("resync"),
             "{n}:\n{t}"
         );
-        assert_eq!(status(&c, "md0", n)["md_name"], "data");
+        assert_eq!(c.node_status("md0", n)["md_name"], "data");
     }
     for (n, a) in [("node2", "md0"), ("node1", "md0")] {
         c.mdctl_ok(&["--node", n, "stop", a]);
