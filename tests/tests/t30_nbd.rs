@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ use mdcluster_agent::nbd::{
     spawn_tcp, spawn_unix, ExportState, MapExports, NbdUnixListener, Scope, ServeError,
     ServerConfig, ServerHandle,
 };
+use mdcluster_tests::standalone::{noise, Cleanup, FuseMount};
 use tokio_util::sync::CancellationToken;
 
 const SIZE: u64 = 64 << 20;
@@ -165,20 +166,6 @@ fn md5(path: &Path) -> String {
         .next()
         .unwrap()
         .to_owned()
-}
-
-/// Deterministic pseudo-random bytes (xorshift64*).
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 // ---------------------------------------------------------------------------------------
@@ -536,46 +523,6 @@ fn nbdcopy_in_and_out_over_several_connections() {
     assert_eq!(md5(&out), md5(&src));
 }
 
-/// Runs a cleanup command on drop (best effort, bounded).
-struct Cleanup(Vec<String>);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let args: Vec<&str> = self.0.iter().map(String::as_str).collect();
-        let _ = Command::new("timeout")
-            .args(["-k", "5", "30"])
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-/// Kills and reaps the nbdfuse process on drop (after unmounting it).
-struct FuseMount {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Drop for FuseMount {
-    fn drop(&mut self) {
-        drop(Cleanup(vec![
-            "fusermount3".into(),
-            "-u".into(),
-            self.dir.display().to_string(),
-        ]));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn ext4_over_nbdfuse_and_loop_survives_fsck() {
     let srv = Server::start();
@@ -583,26 +530,8 @@ fn ext4_over_nbdfuse_and_loop_survives_fsck() {
     let mnt = srv.path("mnt");
     std::fs::create_dir(&fuse_dir).unwrap();
     std::fs::create_dir(&mnt).unwrap();
-    let pidfile = srv.path("nbdfuse.pid");
-    let child = Command::new("timeout")
-        .args(["-k", "5", "300", "nbdfuse", "-P"])
-        .arg(&pidfile)
-        .arg(fuse_dir.join("disk"))
-        .arg("--unix")
-        .arg(&srv.sock)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("start nbdfuse");
-    let fuse = FuseMount {
-        child,
-        dir: fuse_dir.clone(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !pidfile.exists() {
-        assert!(Instant::now() < deadline, "nbdfuse not ready in 20 s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let disk = fuse_dir.join("disk");
+    let fuse = FuseMount::mount(&srv.sock, &fuse_dir);
+    let disk = fuse.disk();
     assert_eq!(std::fs::metadata(&disk).unwrap().len(), SIZE);
 
     let lo = run_ok(&["losetup", "-f", "--show", disk.to_str().unwrap()])
