@@ -167,6 +167,17 @@ pub async fn create(
         st.members.len(),
         st.uuid
     );
+    started(c, st, json, wait).await
+}
+
+/// The end of create and assemble: with `--wait`, follow the first sync; the status as
+/// JSON with `--json`.
+async fn started(
+    c: &Client,
+    st: pb::ArrayStatus,
+    json: bool,
+    wait: bool,
+) -> Result<String, Failure> {
     let st = if wait {
         wait_sync(c, &st.node, &st.name).await?
     } else {
@@ -202,16 +213,7 @@ pub async fn assemble(
         st.node,
         st.members.len()
     );
-    let st = if wait {
-        wait_sync(c, &st.node, &st.name).await?
-    } else {
-        st
-    };
-    Ok(if json {
-        json_out(&render::status_json(&st))
-    } else {
-        String::new()
-    })
+    started(c, st, json, wait).await
 }
 
 /// `mdctl manage`: `ops` are (action, device) in command-line order.
