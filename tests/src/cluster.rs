@@ -214,6 +214,29 @@ impl TestCluster {
             .clone()
     }
 
+    /// Creates the clustered 2-disk mirror `name` on node1 (`--assume-clean`, 2 node
+    /// slots, 1 MiB bitmap chunks) over `a` and `b`, and assembles it on node2.
+    pub fn mirror_on_two_nodes(&self, name: &str, a: &str, b: &str) {
+        self.mdctl_ok(&[
+            "--node",
+            "node1",
+            "create",
+            name,
+            "--raid-devices",
+            "2",
+            "--bitmap",
+            "clustered",
+            "--nodes",
+            "2",
+            "--bitmap-chunk",
+            "1024",
+            "--assume-clean",
+            a,
+            b,
+        ]);
+        self.mdctl_ok(&["--node", "node2", "assemble", name]);
+    }
+
     /// `mdctl tune` with min = max = `kib` KiB/s.
     pub fn tune(&self, kib: u64) {
         let k = kib.to_string();

@@ -453,24 +453,7 @@ fn slots_are_taken_per_node_and_dirty_free_slots_are_resynced_at_join() {
     let m = member_files(&dir, "s", 2, 40 << 20);
     let ms = path_strs(&m);
     const CHUNK: u64 = 1 << 20;
-    c.mdctl_ok(&[
-        "--node",
-        "node1",
-        "create",
-        "md1",
-        "--raid-devices",
-        "2",
-        "--bitmap",
-        "clustered",
-        "--nodes",
-        "2",
-        "--bitmap-chunk",
-        "1024",
-        "--assume-clean",
-        ms[0],
-        ms[1],
-    ]);
-    c.mdctl_ok(&["--node", "node2", "assemble", "md1"]);
+    c.mirror_on_two_nodes("md1", ms[0], ms[1]);
     eprintln!("--- a third node finds both slots held: EBUSY at once");
     let t = Instant::now();
     let (rc, err) = c.code(&["--node", "node3", "assemble", "md1"]);

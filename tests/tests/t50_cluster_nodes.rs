@@ -122,24 +122,7 @@ fn crash_of_a_writing_node_survivor_recovers_its_slot_then_it_rejoins() {
     std::thread::sleep(Duration::from_millis(700)); // the monitor's first node round (not an assertion)
     let m = member_files(c.path(), "c", 2, 48 * MIB);
     let ms: Vec<&str> = m.iter().map(|p| p.to_str().unwrap()).collect();
-    c.mdctl_ok(&[
-        "--node",
-        "node1",
-        "create",
-        "md0",
-        "--raid-devices",
-        "2",
-        "--bitmap",
-        "clustered",
-        "--nodes",
-        "2",
-        "--bitmap-chunk",
-        "1024",
-        "--assume-clean",
-        ms[0],
-        ms[1],
-    ]);
-    c.mdctl_ok(&["--node", "node2", "assemble", "md0"]);
+    c.mirror_on_two_nodes("md0", ms[0], ms[1]);
 
     eprintln!("--- both nodes write to their own region; node2 is killed mid-write");
     let mut w1 = writer(&c.agents[0].sock("md0"), 0, 8 * MIB, 0x10);

@@ -24,24 +24,7 @@ fn grow_with_add_and_from_a_spare_on_both_nodes() {
     let dir = c.path().to_owned();
     let m = member_files(&dir, "m", 4, 32 << 20);
     let ms = path_strs(&m);
-    c.mdctl_ok(&[
-        "--node",
-        "node1",
-        "create",
-        "md0",
-        "--raid-devices",
-        "2",
-        "--bitmap",
-        "clustered",
-        "--nodes",
-        "2",
-        "--bitmap-chunk",
-        "1024",
-        "--assume-clean",
-        ms[0],
-        ms[1],
-    ]);
-    c.mdctl_ok(&["--node", "node2", "assemble", "md0"]);
+    c.mirror_on_two_nodes("md0", ms[0], ms[1]);
 
     eprintln!("--- grow --raid-devices 3 --add m2: one node recovers m2, the other waits");
     c.tune(2048);

@@ -54,24 +54,7 @@ fn manage_fail_is_agreed_by_every_node_through_the_token() {
     let m = member_files(&dir, "m", 2, 32 << 20);
     let ms = path_strs(&m);
     eprintln!("--- create a clustered mirror on node1 (--assume-clean), assemble on node2");
-    c.mdctl_ok(&[
-        "--node",
-        "node1",
-        "create",
-        "md0",
-        "--raid-devices",
-        "2",
-        "--bitmap",
-        "clustered",
-        "--nodes",
-        "2",
-        "--bitmap-chunk",
-        "1024",
-        "--assume-clean",
-        ms[0],
-        ms[1],
-    ]);
-    c.mdctl_ok(&["--node", "node2", "assemble", "md0"]);
+    c.mirror_on_two_nodes("md0", ms[0], ms[1]);
     for n in ["node1", "node2"] {
         let t = c.mdstat(n);
         assert!(t.contains("[2/2] [UU]") && !t.contains("(F)"), "{n}:\n{t}");

@@ -33,24 +33,7 @@ fn add_spare_fail_recover_on_one_node_remove_add() {
     let m = member_files(&dir, "m", 3, 32 << 20);
     let x = member_files(&dir, "x", 1, 32 << 20);
     let (ms, xs) = (path_strs(&m), path_strs(&x));
-    c.mdctl_ok(&[
-        "--node",
-        "node1",
-        "create",
-        "md0",
-        "--raid-devices",
-        "2",
-        "--bitmap",
-        "clustered",
-        "--nodes",
-        "2",
-        "--bitmap-chunk",
-        "1024",
-        "--assume-clean",
-        ms[0],
-        ms[1],
-    ]);
-    c.mdctl_ok(&["--node", "node2", "assemble", "md0"]);
+    c.mirror_on_two_nodes("md0", ms[0], ms[1]);
 
     eprintln!("--- NEWDISK: node2 may not open x0, so the disk is rejected");
     let (rc, err) = c.code(&["--node", "node1", "manage", "md0", "--add-spare", xs[0]]);
