@@ -266,31 +266,40 @@ pub async fn manage(
 pub async fn grow(
     c: &Client,
     node: &str,
-    array: &str,
-    raid_devices: u32,
-    add: &[String],
+    req: pb::GrowRequest,
     json: bool,
 ) -> Result<String, Failure> {
+    let what = req.clone();
     let req = pb::ClusterGrowRequest {
         node: node.to_owned(),
-        grow: Some(pb::GrowRequest {
-            name: array.to_owned(),
-            raid_devices,
-            add: add.to_vec(),
-        }),
+        grow: Some(req),
     };
     let st = c
         .run(OP_TIMEOUT, |mut x| async move { x.grow(req).await })
         .await?;
-    for d in add {
+    for d in &what.add {
         eprintln!("mdctl: added {d}");
     }
-    eprintln!(
-        "mdctl: {} now has {} raid devices (via node {})",
-        dev(&st.name),
-        st.raid_disks,
-        st.node
-    );
+    let md = dev(&st.name);
+    if what.raid_devices != 0 {
+        eprintln!(
+            "mdctl: {md} now has {} raid devices (via node {})",
+            st.raid_disks, st.node
+        );
+    }
+    if !what.size.is_empty() {
+        eprintln!(
+            "mdctl: {md} size is now {} KiB (via node {})",
+            st.size_bytes / 1024,
+            st.node
+        );
+    }
+    if !what.bitmap.is_empty() {
+        eprintln!(
+            "mdctl: {md} bitmap is now {} (via node {})",
+            what.bitmap, st.node
+        );
+    }
     Ok(if json {
         json_out(&render::status_json(&st))
     } else {

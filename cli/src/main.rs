@@ -165,18 +165,40 @@ enum Command {
         #[arg(long = "re-add", value_name = "DEV")]
         re_add: Vec<String>,
     },
-    /// Grow an array cluster-wide, like mdadm --grow (RAID1): add the --add devices,
-    /// then grow the number of active devices; spares take the new roles and one node
-    /// recovers them.
+    /// Grow an array cluster-wide, like mdadm --grow (RAID1), in this order: add the
+    /// --add devices; grow the number of active devices (spares take the new roles, one
+    /// node recovers them); change the size (a grown area is resynced by one node);
+    /// change the bitmap (internal and clustered switch through none; to none only
+    /// while no other node has the array assembled).
+    #[command(arg_required_else_help = true)]
     Grow {
         /// Array name: md0 or /dev/md0.
         array: String,
         /// The new number of active devices (larger than now).
-        #[arg(long = "raid-devices", short = 'n')]
+        #[arg(
+            long = "raid-devices",
+            short = 'n',
+            default_value_t = 0,
+            hide_default_value = true
+        )]
         raid_devices: u32,
         /// Devices to add first.
         #[arg(long, value_name = "DEV")]
         add: Vec<String>,
+        /// New size used on each device, in KiB (a multiple of 4), or max: the most
+        /// every member holds. Growing resyncs the new area on one node; shrinking cuts
+        /// off the end (move data away first).
+        #[arg(long, short = 'z', value_name = "KIB|max", value_parser = parse_size)]
+        size: Option<Size>,
+        /// New write-intent bitmap: none, internal or clustered.
+        #[arg(long, short = 'b', value_parser = ["none", "internal", "clustered"])]
+        bitmap: Option<String>,
+        /// Slots of a new clustered bitmap (nodes that may assemble the array; default 4).
+        #[arg(long, requires = "bitmap")]
+        nodes: Option<u32>,
+        /// Cluster name recorded in a new clustered bitmap.
+        #[arg(long = "cluster-name", requires = "bitmap")]
+        cluster_name: Option<String>,
     },
     /// Print the md superblock of each DEVICE (the facts of `mdadm --examine`).
     #[command(alias = "-E")]
@@ -422,7 +444,26 @@ fn cluster_command(cli: &Cli) -> Result<String, cluster::Failure> {
                 array,
                 raid_devices,
                 add,
-            } => cluster::grow(&c, &node, array, *raid_devices, add, json).await,
+                size,
+                bitmap,
+                nodes,
+                cluster_name,
+            } => {
+                let req = mdcluster_proto::v1::GrowRequest {
+                    name: array.clone(),
+                    raid_devices: *raid_devices,
+                    add: add.clone(),
+                    size: match size {
+                        None => String::new(),
+                        Some(Size::Max) => "max".into(),
+                        Some(Size::Kib(k)) => k.to_string(),
+                    },
+                    bitmap: bitmap.clone().unwrap_or_default(),
+                    nodes: nodes.unwrap_or(0),
+                    cluster_name: cluster_name.clone().unwrap_or_default(),
+                };
+                cluster::grow(&c, &node, req, json).await
+            }
             Command::Manage { array, .. } => {
                 cluster::manage(&c, &node, array, manage_ops(std::env::args()), json).await
             }

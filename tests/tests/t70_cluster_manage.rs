@@ -227,15 +227,15 @@ fn manage_fail_is_agreed_by_every_node_through_the_token() {
             "{o:?}"
         );
     }
-    let capacity = ClusterMsg::new(MsgType::ChangeCapacity, 1).encode();
+    let resize = ClusterMsg::new(MsgType::BitmapResize, 1).encode();
     let o = rt
-        .block_on(session.publish(&ch, &capacity, Duration::from_secs(10)))
+        .block_on(session.publish(&ch, &resize, Duration::from_secs(10)))
         .unwrap();
     assert!(
         o.results.len() == 2
             && o.results
                 .iter()
-                .all(|r| r.answered && !r.ok && r.reason.contains("ChangeCapacity")),
+                .all(|r| r.answered && !r.ok && r.reason.contains("BitmapResize")),
         "{o:?}"
     );
     let meta = ClusterMsg::new(MsgType::MetadataUpdated, 1).encode();

@@ -19,7 +19,7 @@ use bytes::Bytes;
 
 use crate::bitmap::{BitmapStore, Geometry, WriteIntent};
 use crate::blockdev::IoFuture;
-use crate::format::bitmap::{slot_offset, BitmapSuper};
+use crate::format::bitmap::{slot_bytes_for, slot_offset, BitmapSuper};
 use crate::format::io::{read_member, DeviceError, Member};
 use crate::format::superblock::{feature, DevRole, Superblock, MAX_SECTOR};
 use crate::format::{fmt_uuid, SB_OFFSET_BYTES, SECTOR};
@@ -95,8 +95,9 @@ struct SbStore {
     /// Grows with added members, in the engine's member order.
     ios: Mutex<Vec<Arc<MemberIo>>>,
     sbs: Mutex<Vec<Superblock>>,
-    /// The bitmap and its slot superblock, whose `events` follow the superblock's.
-    bitmap: OnceLock<(Arc<WriteIntent>, Mutex<BitmapSuper>)>,
+    /// The bitmap and its slot superblock, whose `events` follow the superblock's
+    /// (replaced by `grow --bitmap`).
+    bitmap: Mutex<Option<(Arc<WriteIntent>, BitmapSuper)>>,
 }
 
 impl SbStore {
@@ -148,6 +149,15 @@ impl SbStore {
                     sb.recovery_offset = sectors;
                 }
                 MetaEvent::RaidDisks(n) => sb.raid_disks = n,
+                MetaEvent::Size(sectors) => {
+                    if sectors > sb.size {
+                        // md's raid1_resize: the new area is resynced from the old end.
+                        sb.resync_offset = sb.resync_offset.min(sb.size);
+                    } else if sb.resync_offset != MAX_SECTOR {
+                        sb.resync_offset = sb.resync_offset.min(sectors);
+                    }
+                    sb.size = sectors;
+                }
                 MetaEvent::Removed { member } => {
                     let _ = sb.set_role(dev_of[member], DevRole::Spare);
                 }
@@ -198,18 +208,18 @@ impl MetaStore for SbStore {
             if ok == 0 {
                 return Err(last.unwrap_or_else(|| std::io::Error::other("no live member")));
             }
-            if let Some((wi, bsb)) = self.bitmap.get() {
-                let encoded = {
-                    let mut b = bsb.lock().unwrap_or_else(|e| e.into_inner());
+            let stamped = {
+                let mut bitmap = self.bitmap.lock().unwrap_or_else(|e| e.into_inner());
+                bitmap.as_mut().map(|(wi, b)| {
                     b.events = events;
-                    b.encode()
-                };
-                if let Ok(enc) = encoded {
-                    wi.set_super(&enc);
-                    wi.flush()
-                        .await
-                        .map_err(|e| std::io::Error::other(e.to_string()))?;
-                }
+                    (wi.clone(), b.encode())
+                })
+            };
+            if let Some((wi, Ok(enc))) = stamped {
+                wi.set_super(&enc);
+                wi.flush()
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
             }
             Ok(())
         })
@@ -282,6 +292,87 @@ pub struct Attachment {
     uuid: [u8; 16],
     /// One add at a time (indexes of engine, superblock and bitmap writers agree).
     add_lock: tokio::sync::Mutex<()>,
+}
+
+/// Bytes this node's bitmap slot may take for an array of `sectors`: a clustered
+/// slot keeps its stride (the other slots cannot move while nodes use them); the one
+/// slot of an internal bitmap may grow up to the data.
+fn slot_room(sb: &Superblock, bsb: &BitmapSuper, sectors: u64) -> Result<usize, String> {
+    let want = slot_bytes_for(sectors, bsb.chunksize);
+    if bsb.is_clustered() {
+        let stride = bsb.slot_bytes();
+        if want != stride {
+            return Err(format!(
+                "the clustered bitmap ({} KiB chunks) lays out its {} slots {stride} bytes apart for the current size and would need {want} for {} KiB; slots cannot move while nodes use them — pick a size that keeps the layout, or switch the bitmap to none and back to clustered first",
+                bsb.chunksize / 1024,
+                bsb.slots(),
+                sectors / 2
+            ));
+        }
+        return Ok(stride as usize);
+    }
+    let start = sb.bitmap_start_bytes().unwrap_or(0);
+    let end = if sb.data_offset > sb.super_offset {
+        sb.data_offset * SECTOR
+    } else {
+        start + bsb.slot_bytes()
+    };
+    let room = end.saturating_sub(start);
+    if want > room {
+        return Err(format!(
+            "the bitmap ({} KiB chunks) needs {want} bytes for {} KiB but has {room} before the data",
+            bsb.chunksize / 1024,
+            sectors / 2
+        ));
+    }
+    Ok(room as usize)
+}
+
+impl Attachment {
+    /// The used size per member (= array size) in the superblocks, sectors.
+    pub fn size_sectors(&self) -> u64 {
+        self.sb_store.superblock(0).size
+    }
+
+    /// Whether this node's bitmap slot can describe an array of `sectors`.
+    pub fn check_bitmap_size(&self, sectors: u64) -> Result<(), String> {
+        let sb = self.sb_store.superblock(0);
+        match store_super(&self.sb_store) {
+            Some(bsb) => slot_room(&sb, &bsb, sectors).map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    /// Resizes this node's bitmap to an array of `sectors` (`sync_size` in its slot
+    /// header, bits added clean or dropped); written with the next flush.
+    pub fn resize_bitmap(&self, sectors: u64) -> Result<(), String> {
+        let sb = self.sb_store.superblock(0);
+        let mut bitmap = self
+            .sb_store
+            .bitmap
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let Some((wi, bsb)) = bitmap.as_mut() else {
+            return Ok(());
+        };
+        let room = slot_room(&sb, bsb, sectors)?;
+        let mut next = bsb.clone();
+        next.sync_size = sectors;
+        let header = next.encode().map_err(|e| e.to_string())?;
+        wi.resize(next.chunks(), &header, room)
+            .map_err(|e| e.to_string())?;
+        *bsb = next;
+        Ok(())
+    }
+
+    /// Takes `sectors` as the size in this node's superblock copies without writing
+    /// them (another node wrote the superblocks).
+    pub fn adopt_size(&self, sectors: u64) {
+        let mut sbs = self.sb_store.sbs.lock().unwrap_or_else(|e| e.into_inner());
+        for sb in sbs.iter_mut() {
+            sb.size = sectors;
+        }
+    }
 }
 
 impl std::fmt::Debug for Attachment {
@@ -586,8 +677,10 @@ pub async fn attach_member(
 fn store_super(sb_store: &SbStore) -> Option<BitmapSuper> {
     sb_store
         .bitmap
-        .get()
-        .map(|(_, b)| b.lock().unwrap_or_else(|e| e.into_inner()).clone())
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map(|(_, b)| b.clone())
 }
 
 fn mismatch(array: &str, reason: String) -> AssembleError {
@@ -742,13 +835,17 @@ pub async fn assemble(
         array: name.to_owned(),
         ios: Mutex::new(ios.clone()),
         sbs: Mutex::new(sbs),
-        bitmap: OnceLock::new(),
+        bitmap: Mutex::new(None),
     });
     // This node's bitmap slot.
     let mut slot_store = None;
     let bitmap = match members[in_sync[0]].bitmap.get(opts.slot as usize) {
         Some(slot) if fresh.has_bitmap() => {
-            let bsb = slot.sb.clone();
+            let mut bsb = slot.sb.clone();
+            // The superblock's size is the truth: a slot written before a size change
+            // (unused, or a crash in between) is brought to it.
+            let stale_header = bsb.sync_size != fresh.size;
+            bsb.sync_size = fresh.size;
             let geom = Geometry {
                 chunk_bytes: u64::from(bsb.chunksize),
                 chunks: bsb.chunks(),
@@ -768,6 +865,7 @@ pub async fn assemble(
                 }
             }
             image.extend_from_slice(&bits);
+            image.resize(crate::bitmap::SB_BYTES + bsb.bits_bytes() as usize, 0);
             let offsets: Vec<(Arc<MemberIo>, u64)> = members
                 .iter()
                 .zip(&ios)
@@ -788,7 +886,11 @@ pub async fn assemble(
                 WriteIntent::new(name, geom, image, unclean || degraded, store.clone())
                     .map_err(|e| mismatch(name, e.to_string()))?,
             );
-            let _ = sb_store.bitmap.set((wi.clone(), Mutex::new(bsb)));
+            if stale_header {
+                let header = bsb.encode().map_err(|e| mismatch(name, e.to_string()))?;
+                wi.set_super(&header);
+            }
+            *sb_store.bitmap.lock().unwrap_or_else(|e| e.into_inner()) = Some((wi.clone(), bsb));
             slot_store = Some(store);
             Some(wi)
         }

@@ -21,10 +21,12 @@
 //!
 //! # Layout
 //! - [`assemble`]: members → a running [`Raid1`] (superblocks, bitmap slot, writers).
+//! - [`reshape`]: changing a running array's size (`grow --size`).
 //! - [`service`]: the standalone service: registry + per-array NBD sockets + control
 //!   socket (what `mdagent` runs without a cluster).
 
 pub mod assemble;
+pub mod reshape;
 pub mod service;
 
 use std::collections::HashMap;
@@ -560,22 +562,7 @@ impl Registry {
         how: AddHow,
     ) -> Result<assemble::AddOutcome, ArrayError> {
         self.check_allowed(&[path.to_owned()])?;
-        let (raid, att) = {
-            let map = self.lock();
-            let e = map.get(name).ok_or_else(|| ArrayError::NotFound {
-                name: name.to_owned(),
-            })?;
-            match (&e.raid, &e.attachment, e.state) {
-                (Some(r), Some(a), ArrayState::Active) => (r.clone(), a.clone()),
-                _ => {
-                    return Err(ArrayError::Busy {
-                        name: name.to_owned(),
-                        state: e.state.to_string(),
-                        clients: vec![],
-                    })
-                }
-            }
-        };
+        let (raid, att) = self.active_parts(name)?;
         let r = match how {
             AddHow::Add => assemble::add_member_opts(&raid, &att, path, false).await,
             AddHow::Spare => assemble::add_member_opts(&raid, &att, path, true).await,
@@ -585,6 +572,26 @@ impl Registry {
             name: name.to_owned(),
             source,
         })
+    }
+
+    /// The engine and its metadata writers of active array `name` (for changes of
+    /// its shape: [`reshape`]).
+    pub fn active_parts(
+        &self,
+        name: &str,
+    ) -> Result<(Arc<Raid1>, Arc<assemble::Attachment>), ArrayError> {
+        let map = self.lock();
+        let e = map.get(name).ok_or_else(|| ArrayError::NotFound {
+            name: name.to_owned(),
+        })?;
+        match (&e.raid, &e.attachment, e.state) {
+            (Some(r), Some(a), ArrayState::Active) => Ok((r.clone(), a.clone())),
+            _ => Err(ArrayError::Busy {
+                name: name.to_owned(),
+                state: e.state.to_string(),
+                clients: vec![],
+            }),
+        }
     }
 
     /// Stops every array (agent shutdown), forcing clients off.

@@ -59,6 +59,18 @@ pub enum BitmapError {
         /// Chunks.
         chunks: u64,
     },
+    /// The bitmap cannot grow to the new size inside its slot.
+    #[error("bitmap of array {array}: {chunks} chunks need {need} bytes but its slot has {room}; switch the bitmap to none and back to get a larger chunk")]
+    NoRoom {
+        /// The array.
+        array: String,
+        /// Chunks wanted.
+        chunks: u64,
+        /// Bytes they need.
+        need: usize,
+        /// Bytes of the slot.
+        room: usize,
+    },
     /// Too many writes pending in one chunk (bounded by the array's I/O limit).
     #[error("too many writes pending in chunk {chunk} of array {array}")]
     Overflow {
@@ -114,6 +126,8 @@ pub struct BitmapStats {
 }
 
 struct State {
+    /// The shape; `chunks` changes with [`WriteIntent::resize`].
+    geom: Geometry,
     counters: Vec<u16>,
     image: Vec<u8>,
     dirty_pages: BTreeSet<u64>,
@@ -124,7 +138,6 @@ struct State {
 /// The write-intent bitmap of this node's slot.
 pub struct WriteIntent {
     array: String,
-    geom: Geometry,
     state: Mutex<State>,
     /// Serialises flushes: one writes, the others find their change already flushed.
     flush_lock: tokio::sync::Mutex<()>,
@@ -138,7 +151,7 @@ impl std::fmt::Debug for WriteIntent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WriteIntent")
             .field("array", &self.array)
-            .field("geom", &self.geom)
+            .field("geom", &self.geometry())
             .finish()
     }
 }
@@ -182,8 +195,8 @@ impl WriteIntent {
         }
         Ok(WriteIntent {
             array: array.to_owned(),
-            geom,
             state: Mutex::new(State {
+                geom,
                 counters,
                 image,
                 dirty_pages: BTreeSet::new(),
@@ -198,7 +211,7 @@ impl WriteIntent {
 
     /// The bitmap's shape.
     pub fn geometry(&self) -> Geometry {
-        self.geom
+        self.lock().geom
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -212,7 +225,7 @@ impl WriteIntent {
         let target = {
             let mut st = self.lock();
             let mut changed = false;
-            for c in self.geom.chunk_range(offset, len) {
+            for c in st.geom.chunk_range(offset, len) {
                 let v = st.counters[c as usize];
                 let low = v & COUNTER_MASK;
                 if low >= COUNTER_MASK - 1 {
@@ -243,7 +256,7 @@ impl WriteIntent {
     /// reach every member, which keeps the chunks' bits for a later recovery.
     pub fn end_write(&self, offset: u64, len: u64, degraded: bool) {
         let mut st = self.lock();
-        for c in self.geom.chunk_range(offset, len) {
+        for c in st.geom.chunk_range(offset, len) {
             let v = st.counters[c as usize];
             let low = (v & COUNTER_MASK).saturating_sub(1).max(2);
             st.counters[c as usize] = (v & !COUNTER_MASK) | low | if degraded { NEEDED } else { 0 };
@@ -255,7 +268,7 @@ impl WriteIntent {
     pub fn daemon_pass(&self) -> bool {
         let mut st = self.lock();
         let mut changed = false;
-        for c in 0..self.geom.chunks {
+        for c in 0..st.geom.chunks {
             let v = st.counters[c as usize];
             if v == 2 {
                 st.counters[c as usize] = 1;
@@ -279,7 +292,7 @@ impl WriteIntent {
         {
             let mut st = self.lock();
             let mut changed = false;
-            for c in 0..self.geom.chunks {
+            for c in 0..st.geom.chunks {
                 let v = st.counters[c as usize];
                 if v & (NEEDED | RESYNC) == 0 && v & COUNTER_MASK <= 2 {
                     st.counters[c as usize] = 0;
@@ -342,7 +355,7 @@ impl WriteIntent {
     /// Chunks marked [`NEEDED`], in order.
     pub fn needed_chunks(&self) -> Vec<u64> {
         let st = self.lock();
-        (0..self.geom.chunks)
+        (0..st.geom.chunks)
             .filter(|&c| st.counters[c as usize] & NEEDED != 0)
             .collect()
     }
@@ -350,7 +363,7 @@ impl WriteIntent {
     /// Whether any chunk of the range is [`NEEDED`] or being resynced.
     pub fn is_needed(&self, offset: u64, len: u64) -> bool {
         let st = self.lock();
-        self.geom
+        st.geom
             .chunk_range(offset, len)
             .any(|c| st.counters[c as usize] & (NEEDED | RESYNC) != 0)
     }
@@ -359,7 +372,7 @@ impl WriteIntent {
     /// needs them).
     pub fn mark_set_bits_needed(&self) {
         let mut st = self.lock();
-        for c in 0..self.geom.chunks {
+        for c in 0..st.geom.chunks {
             let (byte, mask) = bit_pos(c);
             if st.image[byte] & mask != 0 {
                 let v = st.counters[c as usize];
@@ -399,7 +412,7 @@ impl WriteIntent {
     /// What the bitmap holds now.
     pub fn stats(&self) -> BitmapStats {
         let st = self.lock();
-        let dirty_bits = (0..self.geom.chunks)
+        let dirty_bits = (0..st.geom.chunks)
             .filter(|&c| {
                 let (byte, mask) = bit_pos(c);
                 st.image[byte] & mask != 0
@@ -427,6 +440,42 @@ impl WriteIntent {
         st.gen += 1;
     }
 
+    /// Resizes the bitmap to `chunks` bits because the array's size changed, with `sb`
+    /// (the slot's bitmap superblock carrying the new `sync_size`) as the image's first
+    /// 256 bytes. Chunks added start clean; the bits of chunks past a smaller end are
+    /// cleared. Refused, with nothing changed, when the image would not fit in `room`
+    /// bytes (the slot). Written with the next flush.
+    pub fn resize(&self, chunks: u64, sb: &[u8; SB_BYTES], room: usize) -> Result<(), BitmapError> {
+        let mut st = self.lock();
+        let geom = Geometry { chunks, ..st.geom };
+        let need = geom.image_bytes();
+        if need > room {
+            return Err(BitmapError::NoRoom {
+                array: self.array.clone(),
+                chunks,
+                need,
+                room,
+            });
+        }
+        let old = st.geom.chunks;
+        for c in chunks..old {
+            let (byte, mask) = bit_pos(c);
+            if st.image[byte] & mask != 0 {
+                st.image[byte] &= !mask;
+                st.dirty_pages.insert((byte / PAGE) as u64);
+            }
+        }
+        if st.image.len() < need {
+            st.image.resize(need, 0);
+        }
+        st.counters.resize(chunks as usize, 0);
+        st.geom = geom;
+        st.image[..SB_BYTES].copy_from_slice(sb);
+        st.dirty_pages.insert(0);
+        st.gen += 1;
+        Ok(())
+    }
+
     /// Marks every page dirty, so the next flush writes the whole slot (to a member
     /// that was just added).
     pub fn mark_all_dirty(&self) {
@@ -443,7 +492,7 @@ impl WriteIntent {
     ) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move {
-            let period = me.geom.daemon_sleep.max(Duration::from_millis(10));
+            let period = me.geometry().daemon_sleep.max(Duration::from_millis(10));
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(period) => {}

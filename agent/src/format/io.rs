@@ -97,7 +97,7 @@ pub fn device_size(file: &File) -> std::io::Result<u64> {
     f.seek(SeekFrom::End(0))
 }
 
-fn open(path: &Path, write: bool) -> Result<File, DeviceError> {
+pub(crate) fn open(path: &Path, write: bool) -> Result<File, DeviceError> {
     OpenOptions::new()
         .read(true)
         .write(write)

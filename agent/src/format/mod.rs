@@ -18,6 +18,7 @@ pub mod bitmap;
 pub mod create;
 pub mod examine;
 pub mod io;
+pub mod rebitmap;
 pub mod superblock;
 
 /// Bytes per sector: every size in the superblock counts 512-byte sectors.

@@ -151,6 +151,9 @@ pub enum MetaEvent {
     },
     /// The number of roles grew to this.
     RaidDisks(u32),
+    /// The used size per member (= the array size) became this many sectors; when it
+    /// grew, `resync_offset` drops to the old end (the new area is resynced).
+    Size(u64),
     /// Member `member` was removed: its role becomes unused (0xffff).
     Removed {
         /// Index of the member.
@@ -257,12 +260,15 @@ pub struct RaidStatus {
 /// A RAID1 array over N members. Implements [`BlockDevice`].
 pub struct Raid1 {
     name: String,
-    size: u64,
+    /// Array size in bytes (the capacity clients see); changes with [`Raid1::set_size`].
+    size: AtomicU64,
     raid_disks: AtomicU32,
     /// Grows when a member is added; indexes never change.
     members: std::sync::RwLock<Vec<Arc<Member>>>,
     slots: Mutex<Vec<Slot>>,
-    bitmap: Option<Arc<WriteIntent>>,
+    /// This node's write-intent bitmap; replaced by [`Raid1::set_bitmap`] (`grow
+    /// --bitmap`) while writes are held off.
+    bitmap: std::sync::RwLock<Option<Arc<WriteIntent>>>,
     meta: Arc<dyn MetaStore>,
     /// Serialises metadata updates.
     meta_lock: tokio::sync::Mutex<()>,
@@ -291,7 +297,7 @@ impl std::fmt::Debug for Raid1 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Raid1")
             .field("name", &self.name)
-            .field("size", &self.size)
+            .field("size", &self.size())
             .finish()
     }
 }
@@ -330,11 +336,11 @@ impl Raid1 {
             .collect();
         let raid = Arc::new(Raid1 {
             name: cfg.name,
-            size: cfg.size,
+            size: AtomicU64::new(cfg.size),
             raid_disks: AtomicU32::new(cfg.raid_disks),
             members: std::sync::RwLock::new(members),
             slots: Mutex::new(slots),
-            bitmap: cfg.bitmap,
+            bitmap: std::sync::RwLock::new(cfg.bitmap),
             meta: cfg.meta,
             meta_lock: tokio::sync::Mutex::new(()),
             dirty: AtomicBool::new(false),
@@ -351,7 +357,7 @@ impl Raid1 {
             stop_tx,
         });
         let mut tasks = Vec::new();
-        if let Some(bm) = &raid.bitmap {
+        if let Some(bm) = raid.bitmap() {
             tasks.push(bm.spawn_daemon(stop_rx.clone()));
         }
         tasks.push(tokio::spawn(sync::run_worker(raid.clone(), stop_rx)));
@@ -475,12 +481,13 @@ impl Raid1 {
     }
 
     fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+        let size = self.size();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
                     "array {}: range {offset}+{len} beyond size {}",
-                    self.name, self.size
+                    self.name, size
                 ),
             ));
         }
@@ -610,6 +617,34 @@ impl Raid1 {
             })?;
         self.fail_member(i, "failed by request").await;
         Ok(())
+    }
+
+    /// Per member that is not faulty or removed: its path and the bytes it holds after
+    /// its data offset.
+    pub fn member_room_bytes(&self) -> Vec<(String, u64)> {
+        let members = self.members_snapshot();
+        let slots = self.slots().clone();
+        let removed = self
+            .removed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        members
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| {
+                !removed.contains(i)
+                    && slots
+                        .get(*i)
+                        .is_some_and(|s| s.state != MemberState::Faulty)
+            })
+            .map(|(_, m)| {
+                (
+                    m.io.path().display().to_string(),
+                    m.io.size().saturating_sub(m.data_offset),
+                )
+            })
+            .collect()
     }
 
     /// The number of roles (`raid_disks`).
@@ -816,7 +851,9 @@ impl Raid1 {
         self.mark_dirty().await?;
         self.wait_remote_window(offset, len).await?;
         let _b = self.barrier.read().await;
-        if let Some(bm) = &self.bitmap {
+        // The bitmap is replaced only under the exclusive barrier: this one ends it too.
+        let bitmap = self.bitmap();
+        if let Some(bm) = &bitmap {
             bm.start_write(offset, len)
                 .await
                 .map_err(|e| eio(e.to_string()))?;
@@ -825,7 +862,7 @@ impl Raid1 {
         let data = member::aligned_copy(&data);
         let (in_sync_ok, ok, err) = self.fan_out(&targets, offset, data, fua).await;
         let degraded = ok < self.raid_disks() as usize;
-        if let Some(bm) = &self.bitmap {
+        if let Some(bm) = &bitmap {
             bm.end_write(offset, len, degraded);
         }
         if in_sync_ok == 0 {
@@ -889,7 +926,7 @@ impl Raid1 {
             .clone();
         RaidStatus {
             name: self.name.clone(),
-            size: self.size,
+            size: self.size(),
             raid_disks: self.raid_disks(),
             degraded: in_sync < self.raid_disks() as usize,
             members: self
@@ -907,13 +944,49 @@ impl Raid1 {
                 })
                 .collect(),
             sync: self.sync.progress(),
-            bitmap: self.bitmap.as_ref().map(|b| b.stats()),
+            bitmap: self.bitmap().map(|b| b.stats()),
         }
     }
 
     /// The bitmap, if any.
-    pub fn bitmap(&self) -> Option<&Arc<WriteIntent>> {
-        self.bitmap.as_ref()
+    pub fn bitmap(&self) -> Option<Arc<WriteIntent>> {
+        self.bitmap
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Array size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Sets the capacity clients see (`grow --size`, after the superblocks and the
+    /// bitmap cover it). Connected NBD clients keep the size they were given; I/O past
+    /// a smaller end is refused from now on.
+    pub fn set_size(&self, bytes: u64) {
+        let old = self.size.swap(bytes, Ordering::AcqRel);
+        if old != bytes {
+            tracing::info!(array = %self.name, from = old, to = bytes, "capacity changed");
+        }
+    }
+
+    /// Whether a resync or recovery is running, pending, or owed (a member
+    /// recovering): the array's shape must not change now.
+    pub fn sync_busy(&self) -> bool {
+        self.sync.resync_running()
+            || self.sync.pending()
+            || self.sync.resync_checkpoint_sectors().is_some()
+            || self
+                .slots()
+                .iter()
+                .any(|s| matches!(s.state, MemberState::Recovering { .. }))
+    }
+
+    /// Asks for a resync of everything from `from` (array bytes) on, as after growing
+    /// an array without a bitmap (with a bitmap the chunks marked needed decide).
+    pub fn request_resync_from(&self, from: u64) {
+        self.sync.request_resync_from(from);
     }
 
     /// Asks for a resync: with a bitmap, of the chunks marked needed (e.g. a survivor
@@ -1008,7 +1081,7 @@ impl Raid1 {
             }
         }
         self.gate.close();
-        if let Some(bm) = &self.bitmap {
+        if let Some(bm) = self.bitmap() {
             bm.clear_idle_and_flush()
                 .await
                 .map_err(|source| RaidError::Bitmap {
@@ -1029,7 +1102,7 @@ impl Raid1 {
 
 impl BlockDevice for Raid1 {
     fn size(&self) -> u64 {
-        self.size
+        Raid1::size(self)
     }
     fn read(&self, offset: u64, len: u32) -> IoFuture<'_, Bytes> {
         Box::pin(self.read_impl(offset, len))

@@ -235,6 +235,14 @@ impl SyncShared {
         self.wake();
     }
 
+    pub(crate) fn request_resync_from(&self, from: u64) {
+        let mut r = lock(&self.resync);
+        *r = Some(r.map_or(from, |x| x.min(from)));
+        drop(r);
+        self.pending_rerun.store(true, Ordering::Release);
+        self.wake();
+    }
+
     pub(crate) fn wake(&self) {
         self.wake.notify_one();
     }
@@ -297,9 +305,10 @@ fn plan(raid: &Raid1) -> Option<Job> {
             _ => None,
         })
         .collect();
-    let size = raid.size;
+    let size = raid.size();
+    let bitmap = raid.bitmap();
     let needed_ranges = |from: u64| -> Vec<Range> {
-        let Some(bm) = raid.bitmap.as_ref() else {
+        let Some(bm) = bitmap.as_ref() else {
             return Vec::new();
         };
         let cb = bm.geometry().chunk_bytes;
@@ -315,7 +324,7 @@ fn plan(raid: &Raid1) -> Option<Job> {
     };
     if !recovering.is_empty() {
         let from = recovering.iter().map(|r| r.1).min().unwrap_or(0);
-        let bitmap_only = raid.bitmap.is_some() && recovering.iter().all(|r| r.2);
+        let bitmap_only = bitmap.is_some() && recovering.iter().all(|r| r.2);
         let ranges = if bitmap_only {
             needed_ranges(0)
         } else {
@@ -341,7 +350,7 @@ fn plan(raid: &Raid1) -> Option<Job> {
     }
     // Requests from now on need another run (their chunks may be missed by this one).
     raid.sync.pending_rerun.store(false, Ordering::Release);
-    let (ranges, bitmap) = match &raid.bitmap {
+    let (ranges, bitmap) = match &bitmap {
         Some(_) => (needed_ranges(0), true),
         None => (
             vec![Range {
@@ -537,7 +546,7 @@ async fn run_job(
     let mut chunks_done = 0u64;
     let mut outcome = Outcome::Finished;
     'ranges: for r in &job.ranges {
-        if let (Some(c), Some(bm)) = (r.chunk, raid.bitmap.as_ref()) {
+        if let (Some(c), Some(bm)) = (r.chunk, raid.bitmap().as_ref()) {
             if !bm.start_sync(c) {
                 done += r.end - r.start;
                 chunks_done += 1;
@@ -551,7 +560,7 @@ async fn run_job(
                 if pos / GATE_WINDOW != window {
                     window = pos / GATE_WINDOW;
                     let lo = window * GATE_WINDOW;
-                    g.window(lo, (lo + GATE_WINDOW).min(raid.size)).await;
+                    g.window(lo, (lo + GATE_WINDOW).min(raid.size())).await;
                 }
             }
             if *stop.borrow() || !throttle.wait(raid, n, stop).await {
@@ -565,7 +574,7 @@ async fn run_job(
                 }
             }
             if !matches!(outcome, Outcome::Finished) {
-                if let (Some(c), Some(bm)) = (r.chunk, raid.bitmap.as_ref()) {
+                if let (Some(c), Some(bm)) = (r.chunk, raid.bitmap().as_ref()) {
                     bm.end_sync(c, false);
                 }
                 if r.chunk.is_none() {
@@ -585,7 +594,7 @@ async fn run_job(
             p.done_bytes = done;
             p.rate_kib_s = (done as f64 / 1024.0 / secs) as u64;
         }
-        if let (Some(c), Some(bm)) = (r.chunk, raid.bitmap.as_ref()) {
+        if let (Some(c), Some(bm)) = (r.chunk, raid.bitmap().as_ref()) {
             bm.end_sync(c, true);
             chunks_done += 1;
             lock(&raid.sync.progress).chunks_done = chunks_done;
@@ -744,7 +753,7 @@ async fn finish(raid: &Raid1, job: &Job) {
                 }
             }
             if !job.bitmap && raid.in_sync_count() >= raid.raid_disks() as usize {
-                if let Some(bm) = &raid.bitmap {
+                if let Some(bm) = raid.bitmap() {
                     bm.clear_all_needed();
                 }
             }

@@ -109,10 +109,7 @@ impl AgentService for AgentSvc {
         &self,
         req: Request<pb::GrowRequest>,
     ) -> Result<Response<pb::ArrayStatus>, Status> {
-        let r = req.into_inner();
-        Ok(Response::new(
-            self.node.grow(&r.name, r.raid_devices, r.add).await?,
-        ))
+        Ok(Response::new(self.node.grow(req.into_inner()).await?))
     }
 
     type WatchStream = EventStream;

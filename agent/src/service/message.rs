@@ -23,8 +23,13 @@
 //! block (written by the sender, who holds the token), and acks only when this node may
 //! (`--device-allow`) and can open it and it is not a member here; the
 //! METADATA_UPDATED that follows attaches it (its superblock read, not written).
-//! The types whose receiver is not built yet are answered with a negative ack naming
-//! the type, so a sender never believes a change was applied when it was not.
+//! A METADATA_UPDATED whose superblock has another size resizes this node's bitmap
+//! slot (and shrinks the capacity at once); CHANGE_CAPACITY shows a grown capacity
+//! ([`crate::array::reshape`]).
+//! The types whose receiver is not built (RE_ADD: a re-add travels as NEWDISK +
+//! METADATA_UPDATED here; BITMAP_RESIZE: RAID10 reshapes only) are answered with a
+//! negative ack naming the type, so a sender never believes a change was applied when
+//! it was not.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -37,7 +42,7 @@ use mdcluster_proto::v1::Errno;
 use tokio::time::Instant;
 
 use super::{lock, Node};
-use crate::array::AddHow;
+use crate::array::{reshape, AddHow};
 use crate::cluster::{channel, token_lock, ClusterMsg, MsgType};
 use crate::format::io::read_member;
 use crate::format::superblock::ROLE_FAULTY;
@@ -246,8 +251,12 @@ pub async fn apply_on(node: &Arc<Node>, name: &str, msg: &ClusterMsg) -> Result<
     let Some((raid, members)) = node.raid_of(name) else {
         return Err(format!("node {me}: array {name} is not active here"));
     };
+    if msg.kind == MsgType::ChangeCapacity {
+        return follow_size(node, name, &members, true).await;
+    }
     apply(me, name, &raid, &members, msg).await?;
     if msg.kind == MsgType::MetadataUpdated {
+        follow_size(node, name, &members, false).await?;
         // Only the METADATA_UPDATED of an add names the new device (its device UUID);
         // any other one drops a confirmation whose add did not happen.
         let pending = lock(&node.pending_disks).remove(name);
@@ -277,6 +286,55 @@ pub async fn apply_on(node: &Arc<Node>, name: &str, msg: &ClusterMsg) -> Result<
         }
     }
     Ok(())
+}
+
+/// The size in the newest superblock, followed here ([`reshape::follow`]): the bitmap
+/// slot resized, a smaller capacity at once, a larger one at CHANGE_CAPACITY
+/// (`expose`).
+async fn follow_size(
+    node: &Arc<Node>,
+    name: &str,
+    members: &[PathBuf],
+    expose: bool,
+) -> Result<(), String> {
+    let me = node.name();
+    let sb = newest_superblock(me, name, members).await?;
+    let Some((_, service)) = node.info(name) else {
+        return Err(format!("node {me}: array {name} is not active here"));
+    };
+    let (raid, att) = service
+        .registry()
+        .active_parts(name)
+        .map_err(|e| format!("node {me}: {e}"))?;
+    reshape::follow(&raid, &att, sb.size, expose)
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("node {me}: following the new size: {e}"))
+}
+
+/// The superblock with the highest `events` among `members` (a member just failed is
+/// not written any more).
+async fn newest_superblock(
+    node: &str,
+    array: &str,
+    members: &[PathBuf],
+) -> Result<crate::format::superblock::Superblock, String> {
+    let paths = members.to_vec();
+    tokio::task::spawn_blocking(move || {
+        let mut best: Option<crate::format::superblock::Superblock> = None;
+        let mut last = None;
+        for p in &paths {
+            match read_member(p) {
+                Ok(m) if best.as_ref().is_none_or(|b| m.sb.events > b.events) => best = Some(m.sb),
+                Ok(_) => {}
+                Err(e) => last = Some(e.to_string()),
+            }
+        }
+        best.ok_or_else(|| last.unwrap_or_else(|| "no members".to_owned()))
+    })
+    .await
+    .map_err(|e| format!("node {node}: array {array}: reading the superblock: {e}"))?
+    .map_err(|e| format!("node {node}: array {array}: reading the superblock: {e}"))
 }
 
 /// NEWDISK: the sender wrote the new device's path into the `token` lock's value block.
@@ -381,23 +439,7 @@ async fn metadata_updated(
     raid: &Raid1,
     members: &[PathBuf],
 ) -> Result<(), String> {
-    let paths = members.to_vec();
-    let sb = tokio::task::spawn_blocking(move || {
-        // The newest superblock: a member just failed is not written any more.
-        let mut best: Option<crate::format::superblock::Superblock> = None;
-        let mut last = None;
-        for p in &paths {
-            match read_member(p) {
-                Ok(m) if best.as_ref().is_none_or(|b| m.sb.events > b.events) => best = Some(m.sb),
-                Ok(_) => {}
-                Err(e) => last = Some(e.to_string()),
-            }
-        }
-        best.ok_or_else(|| last.unwrap_or_else(|| "no members".to_owned()))
-    })
-    .await
-    .map_err(|e| format!("node {node}: array {array}: reading the superblock: {e}"))?
-    .map_err(|e| format!("node {node}: array {array}: reading the superblock: {e}"))?;
+    let sb = newest_superblock(node, array, members).await?;
     if sb.raid_disks > raid.raid_disks() {
         raid.grow_raid_disks(sb.raid_disks).await.map_err(|e| {
             format!(

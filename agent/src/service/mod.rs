@@ -36,6 +36,7 @@ pub mod events;
 pub mod grpc;
 pub mod join;
 pub mod message;
+mod reshape;
 pub mod resync;
 pub mod runtime;
 pub mod takeover;
@@ -939,17 +940,33 @@ impl Node {
         Ok(())
     }
 
-    /// `mdctl grow ARRAY --raid-devices N [--add DEV]...` (RAID1, like `mdadm --grow`):
+    /// `mdctl grow ARRAY [--raid-devices N] [--add DEV]... [--size KIB|max]
+    /// [--bitmap none|internal|clustered]` (RAID1, like `mdadm --grow`), in that order:
     /// the devices are added first (NEWDISK, as `manage --add`), then the number of
-    /// roles grows under the token with METADATA_UPDATED; spares take the new roles and
-    /// one node recovers them. Shrinking is refused.
+    /// roles grows under the token with METADATA_UPDATED (spares take the new roles and
+    /// one node recovers them; shrinking is refused), then the size changes
+    /// ([`Node::grow_size`]), then the bitmap ([`Node::grow_bitmap`]).
     pub async fn grow(
         self: &Arc<Self>,
-        name: &str,
-        raid_devices: u32,
-        add: Vec<String>,
+        req: pb::GrowRequest,
     ) -> Result<pb::ArrayStatus, WireError> {
-        let name = short_name(name).to_owned();
+        let pb::GrowRequest {
+            name,
+            raid_devices,
+            add,
+            size,
+            bitmap,
+            nodes,
+            cluster_name,
+        } = req;
+        let name = short_name(&name).to_owned();
+        if raid_devices == 0 && add.is_empty() && size.is_empty() && bitmap.is_empty() {
+            return Err(self.err(
+                Errno::Einval,
+                &name,
+                "grow: nothing to change; give --raid-devices, --add, --size or --bitmap",
+            ));
+        }
         let guard = self.begin(&name, "grow")?;
         let me = self.clone();
         self.detached(&name.clone(), async move {
@@ -969,6 +986,12 @@ impl Node {
                         e.context(&format!("{} added", add.join(", ")))
                     }
                 })?;
+            }
+            if !size.is_empty() {
+                me.grow_size(&name, &size).await?;
+            }
+            if !bitmap.is_empty() {
+                me.grow_bitmap(&name, &bitmap, nodes, &cluster_name).await?;
             }
             me.get(&name)
         })

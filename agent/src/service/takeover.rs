@@ -213,7 +213,6 @@ async fn recover_locked(
 ) -> Result<u64, TakeoverError> {
     let bm = raid
         .bitmap()
-        .cloned()
         .ok_or_else(|| TakeoverError::NoBitmap(name.to_owned()))?;
     let paths = members.to_vec();
     let bits = tokio::task::spawn_blocking(move || read_slot_union(&paths, slot))

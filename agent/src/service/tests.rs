@@ -184,11 +184,11 @@ async fn resyncing_windows_show_remote_and_manage_fail_remove_works_locally() {
     assert_eq!(raid.remote_resync_window(), None);
     assert!(!n.mdstat().contains("REMOTE"), "{}", n.mdstat());
     // Types without a receiver yet are refused with the reason.
-    let cap = crate::cluster::ClusterMsg::new(crate::cluster::MsgType::ChangeCapacity, 1);
+    let cap = crate::cluster::ClusterMsg::new(crate::cluster::MsgType::BitmapResize, 1);
     let e = message::apply("n1", "md0", &raid, &paths, &cap)
         .await
         .unwrap_err();
-    assert!(e.contains("n1") && e.contains("ChangeCapacity"), "{e}");
+    assert!(e.contains("n1") && e.contains("BitmapResize"), "{e}");
     // manage on a non-clustered array: fail, then remove, in order.
     let dev = m[1].display().to_string();
     let op = |a: &str| pb::ManageOp {

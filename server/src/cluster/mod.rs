@@ -476,9 +476,25 @@ impl ClusterSvc {
         };
         let name = short_name(&g.name).to_owned();
         let node = self.node_with(&r.node, &name).await?;
-        let req = pb::GrowRequest { name, ..g };
-        self.call(&node, OP_TIMEOUT, |mut c| async move { c.grow(req).await })
-            .await
+        let bitmap_changed = !g.bitmap.is_empty();
+        let req = pb::GrowRequest {
+            name: name.clone(),
+            ..g
+        };
+        let st = self
+            .call(&node, OP_TIMEOUT, |mut c| async move { c.grow(req).await })
+            .await?;
+        if bitmap_changed {
+            // The record names the bitmap kind: keep it true.
+            if let Some(mut rec) = records::get(&self.ctx, &name).await? {
+                rec.bitmap = st
+                    .bitmap
+                    .as_ref()
+                    .map_or_else(|| "none".to_owned(), |b| b.kind.clone());
+                records::put(&self.ctx, &rec).await?;
+            }
+        }
+        Ok(st)
     }
 
     async fn tune_impl(&self, r: pb::TuneRequest) -> Result<pb::TuneResponse, WireError> {
