@@ -12,7 +12,8 @@
 //!   runs in order and the member is gone on both nodes (`02r1_Manage_*`'s first
 //!   steps); a refused operation (`--re-add` of a stranger) names what was applied;
 //! - `--re-add` of the removed member brings it back in its role on both nodes; one
-//!   node recovers it, and only the chunks its bitmap marks (`02r1_Manage_re-add`);
+//!   node recovers it, exactly the chunks both nodes wrote while it was out (RE_ADD,
+//!   then the sender gathers every slot's bits) (`02r1_Manage_re-add`);
 //! - receivers answer every message: an unknown type and a type whose receiver is not
 //!   built get a negative ack naming the node and the reason (never silence), while
 //!   METADATA_UPDATED is acknowledged positively.
@@ -177,6 +178,18 @@ fn manage_fail_is_agreed_by_every_node_through_the_token() {
     let (rc, err) = c.code(&["--node", "node2", "manage", "md0", "--remove", ms[1]]);
     assert_eq!(rc, 3, "a removed member is not a member any more: {err}");
 
+    eprintln!("--- while m1 is out both nodes write: node1 chunk 3, node2 chunk 9");
+    for (i, (at, pat)) in [("3M", "0x31"), ("9M", "0x32")].iter().enumerate() {
+        let sock = c.agents[i].sock("md0");
+        run_ok(Command::new("qemu-io").args([
+            "-f",
+            "raw",
+            "-c",
+            &format!("write -P {pat} {at} 64k"),
+            &format!("nbd+unix:///md0?socket={}", sock.display()),
+        ]));
+    }
+
     eprintln!("--- --re-add m1 (02r1_Manage_re-add): back in its role on both nodes, only the bitmap's chunks recovered");
     c.mdctl_ok(&["--node", "node2", "manage", "md0", "--re-add", ms[1]]);
     let deadline = Instant::now() + WAIT;
@@ -210,6 +223,31 @@ fn manage_fail_is_agreed_by_every_node_through_the_token() {
         chunks < total,
         "a re-add recovers only the bitmap's chunks, not all {total}: {st}"
     );
+    assert_eq!(
+        chunks, 2,
+        "the re-add recovers exactly the chunks both nodes wrote while m1 was out \
+         (RE_ADD gathers node1's bits too): {st}"
+    );
+    for n in ["node1", "node2"] {
+        let st = c.node_status("md0", n);
+        assert_eq!(
+            st["bitmap"]["needed"], 0,
+            "nothing owed on {n} after the re-add: {st}"
+        );
+    }
+    let data = mdcluster_agent::format::io::read_member(&m[1])
+        .unwrap()
+        .sb
+        .data_offset
+        * 512;
+    for (at, pat) in [(3u64 << 20, 0x31u8), (9 << 20, 0x32)] {
+        let f = std::fs::read(&m[1]).unwrap();
+        let got = &f[(data + at) as usize..(data + at + 65536) as usize];
+        assert!(
+            got.iter().all(|&b| b == pat),
+            "m1 holds what was written at {at} while it was out"
+        );
+    }
 
     eprintln!("--- receivers answer every message; unknown and unbuilt types are refused");
     let ch = channel(&uuid);

@@ -691,6 +691,13 @@ impl Raid1 {
             return false;
         };
         tracing::info!(array = %self.name, member = %path.display(), "recovered by another node");
+        if self.in_sync_count() >= self.raid_disks() as usize {
+            // The recovering node copied every chunk this node had marked (a re-add
+            // gathers every slot's bits): nothing is owed any more.
+            if let Some(bm) = self.bitmap() {
+                bm.clear_all_needed();
+            }
+        }
         if let Err(e) = self
             .meta_update(MetaEvent::RecoveryDone { member: i })
             .await

@@ -26,10 +26,11 @@
 //! A METADATA_UPDATED whose superblock has another size resizes this node's bitmap
 //! slot (and shrinks the capacity at once); CHANGE_CAPACITY shows a grown capacity
 //! ([`crate::array::reshape`]).
-//! The types whose receiver is not built (RE_ADD: a re-add travels as NEWDISK +
-//! METADATA_UPDATED here; BITMAP_RESIZE: RAID10 reshapes only) are answered with a
-//! negative ack naming the type, so a sender never believes a change was applied when
-//! it was not.
+//! RE_ADD (a re-add: NEWDISK, RE_ADD, the sender gathers every slot's bits, then
+//! METADATA_UPDATED attaches the member) is acked when the member is not active here.
+//! BITMAP_RESIZE (RAID10 reshapes only) and unknown types are answered with a negative
+//! ack naming the type, so a sender never believes a change was applied when it was
+//! not.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -404,9 +405,28 @@ pub async fn apply(
         }
         MsgType::BitmapNeedsSync | MsgType::ResyncingStart => Ok(()),
         MsgType::Remove => remove(node, array, raid, msg.raid_slot).await,
+        MsgType::ReAdd => readd(node, array, raid, msg.raid_slot),
         other => Err(format!(
             "node {node}: array {array}: {other:?} is not supported by this mdagent yet"
         )),
+    }
+}
+
+/// RE_ADD(dev_number): the sender brings a former member back (md's
+/// `process_readd_disk`); here it must not be an active member (it was failed and
+/// removed on every node), and the METADATA_UPDATED that follows attaches it.
+fn readd(node: &str, array: &str, raid: &Raid1, dev_number: u32) -> Result<(), String> {
+    let status = raid.status();
+    match status
+        .members
+        .iter()
+        .find(|m| m.dev_number == dev_number && !m.removed)
+    {
+        Some(m) if m.state != MemberState::Faulty => Err(format!(
+            "node {node}: array {array}: member {} (device {dev_number}) is active here ({:?}); it cannot be re-added",
+            m.path, m.state
+        )),
+        _ => Ok(()),
     }
 }
 

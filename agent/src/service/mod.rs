@@ -1099,13 +1099,17 @@ impl Node {
             .as_ref()
             .map(|i| i.uuid.clone())
             .unwrap_or_default();
+        let mut former_dev = None;
         if op.action == "re-add" {
             let p = dev.clone();
             let sb = tokio::task::spawn_blocking(move || read_member(&p).map(|m| m.sb))
                 .await
                 .map_err(|e| self.err(Errno::Eio, name, format!("read task failed: {e}")))?;
-            let former = sb.is_ok_and(|sb| crate::format::fmt_uuid(&sb.set_uuid) == uuid_here);
-            if !former {
+            former_dev = sb
+                .ok()
+                .filter(|sb| crate::format::fmt_uuid(&sb.set_uuid) == uuid_here)
+                .map(|sb| sb.dev_number);
+            if former_dev.is_none() {
                 return Err(self.err(
                     Errno::Einval,
                     name,
@@ -1156,6 +1160,23 @@ impl Node {
             message::publish_acked(to, crate::cluster::ClusterMsg::new(crate::cluster::MsgType::Newdisk, m.slot), message::left(end))
                 .await
                 .map_err(|e| e.context(&format!("device {} rejected (nothing was written)", op.device)))?;
+            if let Some(dev_number) = former_dev {
+                // md-cluster's re-add: RE_ADD, then gather every other node's bits (what
+                // they wrote while the member was out) so the recovery copies them too.
+                let mut readd = crate::cluster::ClusterMsg::new(crate::cluster::MsgType::ReAdd, m.slot);
+                readd.raid_slot = dev_number;
+                message::publish_acked(to, readd, message::left(end))
+                    .await
+                    .map_err(|e| e.context(&format!("re-add of {} refused (nothing was written)", op.device)))?;
+                let slots = lock(&self.meta).get(name).map_or(0, |x| x.slots);
+                let Some((engine, members)) = self.raid_of(name) else {
+                    return Err(self.err(Errno::Enoent, name, format!("array {name} is no longer active here")));
+                };
+                let marked = takeover::gather_slots(name, &engine, &members, m.slot, slots)
+                    .await
+                    .map_err(|e| self.err(Errno::Eio, name, format!("gathering the other nodes' bitmaps for the re-add: {e}")))?;
+                tracing::info!(array = %name, device = %op.device, chunks = marked, "re-add: other slots' chunks marked for recovery");
+            }
             let added = registry
                 .add_member_with(name, &dev, how)
                 .await

@@ -251,6 +251,48 @@ async fn recover_locked(
     Ok(count_set(&bits, chunks))
 }
 
+/// md-cluster's `gather_bitmaps` for a re-add: the bits of every slot but `mine` (the
+/// chunks other nodes wrote, also while the member was out; a degraded write keeps its
+/// bit) are marked needed in this node's bitmap, on disk first, without clearing them
+/// there. Returns how many chunks were marked.
+pub async fn gather_slots(
+    name: &str,
+    raid: &Arc<Raid1>,
+    members: &[PathBuf],
+    mine: u32,
+    slots: u32,
+) -> Result<u64, TakeoverError> {
+    let bm = raid
+        .bitmap()
+        .ok_or_else(|| TakeoverError::NoBitmap(name.to_owned()))?;
+    let cb = bm.geometry().chunk_bytes;
+    let mut marked = 0;
+    for slot in (0..slots).filter(|&s| s != mine) {
+        let paths = members.to_vec();
+        let bits = tokio::task::spawn_blocking(move || read_slot_union(&paths, slot))
+            .await
+            .map_err(|e| TakeoverError::Bitmap {
+                array: name.to_owned(),
+                reason: format!("read task failed: {e}"),
+            })??;
+        let Some((bits, chunks)) = bits else {
+            continue;
+        };
+        let chunks = chunks.min(bm.geometry().chunks);
+        for c in (0..chunks).filter(|&c| test_bit(&bits, c)) {
+            bm.start_write(c * cb, cb)
+                .await
+                .map_err(|e| TakeoverError::Bitmap {
+                    array: name.to_owned(),
+                    reason: e.to_string(),
+                })?;
+            bm.end_write(c * cb, cb, true);
+            marked += 1;
+        }
+    }
+    Ok(marked)
+}
+
 /// The union of slot `slot`'s bits over the readable members, and the chunk count.
 fn read_slot_union(paths: &[PathBuf], slot: u32) -> Result<Option<(Vec<u8>, u64)>, DeviceError> {
     let mut out: Option<(Vec<u8>, u64)> = None;
