@@ -292,3 +292,87 @@ fn manage_fail_is_agreed_by_every_node_through_the_token() {
     c.mdctl_ok(&["--node", "node2", "stop", "md0"]);
     c.mdctl_ok(&["--node", "node1", "stop", "md0"]);
 }
+
+/// The engine's own superblock writes go under the token too (md-cluster's
+/// `metadata_update_start`): the first write after assembly marks the array dirty, and
+/// while another session holds the token that write waits; once it is released the
+/// superblocks say dirty, with one more event, and the other node has re-read them.
+#[test]
+fn engine_superblock_writes_wait_for_the_token() {
+    let c = ClusterBuilder::new(2).start().expect("cluster");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = c.path().to_owned();
+    let m = member_files(&dir, "m", 2, 32 << 20);
+    let ms = path_strs(&m);
+    c.mirror_on_two_nodes("md0", ms[0], ms[1]);
+    let sb = |i: usize| mdcluster_agent::format::io::read_member(&m[i]).unwrap().sb;
+    let before = sb(0);
+    assert_eq!(
+        before.resync_offset,
+        u64::MAX,
+        "clean after create and assemble"
+    );
+    let urls = vec![c.url()];
+    let (session, _notes) = rt
+        .block_on(mdcluster_tests::server::session(
+            &urls,
+            "tester",
+            Duration::from_secs(10),
+        ))
+        .expect("tester session");
+    let token = token_lock(&before.set_uuid);
+    let g = rt
+        .block_on(session.acquire(&token, Mode::Exclusive, Wait::NoQueue))
+        .expect("token free");
+    let sock = c.agents[1].sock("md0");
+    let child = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x44 0 64k"])
+        .arg(format!("nbd+unix:///md0?socket={}", sock.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qemu-io");
+    let mut child = ChildGuard(child);
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "the first write finished while another session held the token"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        sb(0).events,
+        before.events,
+        "nothing written without the token"
+    );
+    rt.block_on(session.release(&token, g.token)).unwrap();
+    let deadline = Instant::now() + WAIT;
+    let exit = loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the write did not finish after the token was released"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success());
+    for (i, path) in ms.iter().enumerate() {
+        let now = sb(i);
+        assert_eq!(now.resync_offset, 0, "{path}: marked dirty");
+        assert_eq!(now.events, before.events + 1, "{path}: one more event");
+    }
+    // node1 re-read the superblocks (METADATA_UPDATED): its copy has the new events.
+    let st = c.node_status("md0", "node1");
+    assert_eq!(st["events"].as_u64(), Some(before.events + 1), "{st}");
+    for n in ["node2", "node1"] {
+        c.mdctl_ok(&["--node", n, "stop", "md0"]);
+    }
+    assert_eq!(sb(0).resync_offset, u64::MAX, "clean after both stopped");
+}

@@ -334,6 +334,19 @@ impl Attachment {
         self.sb_store.superblock(0).size
     }
 
+    /// `events` and `utime` of this node's newest superblock copy.
+    pub fn events(&self) -> (u64, u64) {
+        let sbs = self.sb_store.sbs.lock().unwrap_or_else(|e| e.into_inner());
+        sbs.iter()
+            .max_by_key(|s| s.events)
+            .map_or((0, 0), |s| (s.events, s.utime))
+    }
+
+    /// The size (sectors) this node's bitmap slot covers now, if the array has a bitmap.
+    pub fn bitmap_sectors(&self) -> Option<u64> {
+        store_super(&self.sb_store).map(|b| b.sync_size)
+    }
+
     /// Whether this node's bitmap slot can describe an array of `sectors`.
     pub fn check_bitmap_size(&self, sectors: u64) -> Result<(), String> {
         let sb = self.sb_store.superblock(0);
@@ -362,6 +375,36 @@ impl Attachment {
         wi.resize(next.chunks(), &header, room)
             .map_err(|e| e.to_string())?;
         *bsb = next;
+        Ok(())
+    }
+
+    /// Re-reads every member's superblock into this node's copies (another node wrote
+    /// them under the `token`); a member that cannot be read, or now holds another
+    /// array, keeps its copy. Blocking I/O.
+    pub fn reload(&self) -> Result<(), DeviceError> {
+        let ios = self
+            .sb_store
+            .ios
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let fresh: Vec<Option<Superblock>> = ios
+            .iter()
+            .map(|io| match read_member(io.path()) {
+                Ok(m) if m.sb.set_uuid == self.uuid => Some(m.sb),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::warn!(member = %io.path().display(), "reload: {e}");
+                    None
+                }
+            })
+            .collect();
+        let mut sbs = self.sb_store.sbs.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, sb) in fresh.into_iter().enumerate() {
+            if let (Some(sb), Some(slot)) = (sb, sbs.get_mut(i)) {
+                *slot = sb;
+            }
+        }
         Ok(())
     }
 

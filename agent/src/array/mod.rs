@@ -168,6 +168,8 @@ pub struct ArrayInfo {
     pub raid: Option<RaidStatus>,
     /// Connected clients.
     pub clients: Vec<String>,
+    /// `events` and `utime` of this node's superblock copies (absent while assembling).
+    pub sb_events: Option<(u64, u64)>,
 }
 
 /// How [`Registry::add_member_with`] adds a device.
@@ -292,7 +294,7 @@ impl Registry {
 
     /// Looks an array up (never creates one).
     pub fn lookup(&self, name: &str) -> Result<ArrayInfo, ArrayError> {
-        let (state, raid, identity, clients) = {
+        let (state, raid, identity, clients, att) = {
             let map = self.lock();
             let e = map.get(name).ok_or_else(|| ArrayError::NotFound {
                 name: name.to_owned(),
@@ -302,6 +304,7 @@ impl Registry {
                 e.raid.clone(),
                 e.identity.clone(),
                 e.clients.list(),
+                e.attachment.clone(),
             )
         };
         Ok(ArrayInfo {
@@ -310,6 +313,7 @@ impl Registry {
             identity,
             raid: raid.map(|r| r.status()),
             clients: clients.iter().map(ToString::to_string).collect(),
+            sb_events: att.map(|a| a.events()),
         })
     }
 

@@ -180,38 +180,42 @@ pub async fn shrink(raid: &Arc<Raid1>, att: &Attachment, sectors: u64) -> Result
 /// Receiver: the superblocks (written by the sender) say `sectors`. Adopt it: bitmap
 /// slot resized (and written), superblock copies updated in memory; a smaller size is
 /// shown at once, a larger one at CHANGE_CAPACITY (`expose_now`). Returns whether
-/// anything changed.
+/// anything changed. What this node had is read from its bitmap slot and its
+/// capacity, not from its superblock copies (which a reload may already have updated).
 pub async fn follow(
     raid: &Arc<Raid1>,
     att: &Attachment,
     sectors: u64,
     expose_now: bool,
 ) -> Result<bool, ArrayError> {
-    let old = att.size_sectors();
-    let grows = sectors > old;
-    if sectors != old {
+    let shown = raid.size() / SECTOR;
+    let covered = att.bitmap_sectors().unwrap_or(shown);
+    if sectors == shown && sectors == covered {
+        return Ok(false);
+    }
+    if sectors > shown && sectors > covered {
+        check_size(raid, sectors)?;
+    }
+    if sectors != covered {
         check_idle(raid)?;
-        if grows {
-            check_size(raid, sectors)?;
-        }
         att.check_bitmap_size(sectors)
             .map_err(|e| invalid(raid, e))?;
-        if !grows {
-            raid.set_size(sectors * SECTOR);
-        }
-        att.adopt_size(sectors);
+    }
+    if sectors < shown {
+        raid.set_size(sectors * SECTOR);
+    }
+    att.adopt_size(sectors);
+    if sectors != covered {
         att.resize_bitmap(sectors).map_err(|e| invalid(raid, e))?;
         if let Some(bm) = raid.bitmap() {
             bm.flush()
                 .await
                 .map_err(|e| ArrayError::Invalid(e.to_string()))?;
         }
-        tracing::info!(array = %raid.name(), from = old, to = sectors, "size followed");
+        tracing::info!(array = %raid.name(), from = covered, to = sectors, "bitmap follows the new size");
     }
-    let shown = raid.size() / SECTOR;
-    if expose_now && shown != sectors {
+    if expose_now && raid.size() / SECTOR != sectors {
         raid.set_size(sectors * SECTOR);
-        return Ok(true);
     }
-    Ok(sectors != old)
+    Ok(true)
 }

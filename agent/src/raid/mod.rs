@@ -17,6 +17,13 @@
 //! - the last in-sync member is never failed: its errors go to the caller;
 //! - in-flight I/O is bounded ([`MAX_INFLIGHT`]) and drained at stop.
 //!
+//! Clustered arrays (md-cluster's `metadata_update_start/finish` around
+//! `md_update_sb`): every superblock write this engine starts goes through the array's
+//! [`MetaGate`] — under the `token` lock, followed by METADATA_UPDATED to the other
+//! nodes. A task that already holds the token ([`under_token`], a sender's round)
+//! writes directly; a task applying what another node wrote ([`following`], a
+//! received message) changes the engine's state and writes nothing.
+//!
 //! # Layout
 //! - [`member`]: positional I/O on one member (O_DIRECT where allowed).
 //! - [`sync`]: the resync/recovery worker, speed limits, progress.
@@ -272,6 +279,8 @@ pub struct Raid1 {
     meta: Arc<dyn MetaStore>,
     /// Serialises metadata updates.
     meta_lock: tokio::sync::Mutex<()>,
+    /// Clustered arrays: every superblock write goes through it ([`MetaGate`]).
+    meta_gate: std::sync::RwLock<Option<Arc<dyn MetaGate>>>,
     /// Whether the superblocks say "dirty" (written before the first write).
     dirty: AtomicBool,
     /// User writes hold it shared; a sync step holds it exclusive.
@@ -304,6 +313,36 @@ impl std::fmt::Debug for Raid1 {
 
 fn eio(msg: String) -> io::Error {
     io::Error::other(msg)
+}
+
+tokio::task_local! {
+    static FOLLOWING: ();
+    static UNDER_TOKEN: ();
+}
+
+/// Runs `f` as the application of a change another node already wrote to the
+/// superblocks (a received message): engine state changes, no superblock is written.
+pub async fn following<F: std::future::Future>(f: F) -> F::Output {
+    FOLLOWING.scope((), f).await
+}
+
+/// Runs `f` while this task holds the array's `token` lock (a sender's round, which
+/// publishes its own METADATA_UPDATED): superblock writes skip the [`MetaGate`].
+pub async fn under_token<F: std::future::Future>(f: F) -> F::Output {
+    UNDER_TOKEN.scope((), f).await
+}
+
+fn is_following() -> bool {
+    FOLLOWING.try_with(|_| ()).is_ok()
+}
+
+/// The cluster's wrapper around a clustered array's superblock writes.
+pub trait MetaGate: Send + Sync {
+    /// Runs `write` (the superblock write of `what`) under the array's `token` lock,
+    /// then tells every other joined node (METADATA_UPDATED). If the token cannot be
+    /// had within its deadline the write still happens (as md's `md_update_sb` does)
+    /// and the failure is logged: the members must not lag behind the engine.
+    fn round<'a>(&'a self, what: String, write: IoFuture<'a, ()>) -> IoFuture<'a, ()>;
 }
 
 impl Raid1 {
@@ -343,6 +382,7 @@ impl Raid1 {
             bitmap: std::sync::RwLock::new(cfg.bitmap),
             meta: cfg.meta,
             meta_lock: tokio::sync::Mutex::new(()),
+            meta_gate: std::sync::RwLock::new(None),
             dirty: AtomicBool::new(false),
             barrier: tokio::sync::RwLock::new(()),
             gate: Semaphore::new(MAX_INFLIGHT as usize),
@@ -501,17 +541,41 @@ impl Raid1 {
             .map_err(|_| eio(format!("array {} is stopping", self.name)))
     }
 
+    /// Installs (or removes) the gate every superblock write of a clustered array
+    /// goes through.
+    pub fn set_meta_gate(&self, gate: Option<Arc<dyn MetaGate>>) {
+        *self.meta_gate.write().unwrap_or_else(|e| e.into_inner()) = gate;
+    }
+
+    /// The gate a superblock write of this task goes through, if any.
+    fn gate_for_write(&self) -> Option<Arc<dyn MetaGate>> {
+        if UNDER_TOKEN.try_with(|_| ()).is_ok() {
+            return None;
+        }
+        self.meta_gate
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     async fn meta_update(&self, event: MetaEvent) -> Result<(), RaidError> {
-        let _one = self.meta_lock.lock().await;
-        let live = self.live();
-        self.meta
-            .update(event.clone(), live)
-            .await
-            .map_err(|source| RaidError::Meta {
-                array: self.name.clone(),
-                what: format!("{event:?}"),
-                source,
-            })
+        if is_following() {
+            return Ok(());
+        }
+        let write: IoFuture<'_, ()> = Box::pin(async {
+            let _one = self.meta_lock.lock().await;
+            let live = self.live();
+            self.meta.update(event.clone(), live).await
+        });
+        let done = match self.gate_for_write() {
+            Some(g) => g.round(format!("{event:?}"), write).await,
+            None => write.await,
+        };
+        done.map_err(|source| RaidError::Meta {
+            array: self.name.clone(),
+            what: format!("{event:?}"),
+            source,
+        })
     }
 
     /// Marks the superblocks dirty before the first write.
@@ -519,21 +583,24 @@ impl Raid1 {
         if self.dirty.load(Ordering::Acquire) {
             return Ok(());
         }
-        let _one = self.meta_lock.lock().await;
-        if self.dirty.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        // Dirty = a crash from now on needs a resync from the start (a write in flight
-        // below a resync checkpoint would otherwise be missed; with a bitmap the dirty
-        // bits decide anyway).
-        let offset = 0;
-        let live = self.live();
-        self.meta
-            .update(MetaEvent::ResyncOffset(offset), live)
-            .await
-            .map_err(|e| eio(format!("array {}: mark dirty: {e}", self.name)))?;
-        self.dirty.store(true, Ordering::Release);
-        Ok(())
+        let write: IoFuture<'_, ()> = Box::pin(async {
+            let _one = self.meta_lock.lock().await;
+            if self.dirty.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            // Dirty = a crash from now on needs a resync from the start (a write in
+            // flight below a resync checkpoint would otherwise be missed; with a bitmap
+            // the dirty bits decide anyway).
+            let live = self.live();
+            self.meta.update(MetaEvent::ResyncOffset(0), live).await?;
+            self.dirty.store(true, Ordering::Release);
+            Ok(())
+        });
+        let done = match self.gate_for_write() {
+            Some(g) => g.round("mark dirty".into(), write).await,
+            None => write.await,
+        };
+        done.map_err(|e| eio(format!("array {}: mark dirty: {e}", self.name)))
     }
 
     /// Fails member `i` (superblocks updated on the others before this returns), unless

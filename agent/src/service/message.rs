@@ -220,7 +220,7 @@ where
     let end = Instant::now() + deadline;
     let token = take_token(to, deadline).await?;
     let out = async {
-        if change.await? == Change::Unchanged {
+        if crate::raid::under_token(change).await? == Change::Unchanged {
             return Ok(Change::Unchanged);
         }
         match publish_acked(to, msg, left(end)).await {
@@ -255,9 +255,25 @@ pub async fn apply_on(node: &Arc<Node>, name: &str, msg: &ClusterMsg) -> Result<
     if msg.kind == MsgType::ChangeCapacity {
         return follow_size(node, name, &members, true).await;
     }
-    apply(me, name, &raid, &members, msg).await?;
+    // The sender wrote the superblocks: take them as they are on disk, then change the
+    // engine without writing (md's `md_reload_sb` + `check_sb_changes`).
     if msg.kind == MsgType::MetadataUpdated {
-        follow_size(node, name, &members, false).await?;
+        reload(node, name).await?;
+    }
+    crate::raid::following(apply_following(node, name, &raid, &members, msg)).await
+}
+
+async fn apply_following(
+    node: &Arc<Node>,
+    name: &str,
+    raid: &Arc<Raid1>,
+    members: &[PathBuf],
+    msg: &ClusterMsg,
+) -> Result<(), String> {
+    let me = node.name();
+    apply(me, name, raid, members, msg).await?;
+    if msg.kind == MsgType::MetadataUpdated {
+        follow_size(node, name, members, false).await?;
         // Only the METADATA_UPDATED of an add names the new device (its device UUID);
         // any other one drops a confirmation whose add did not happen.
         let pending = lock(&node.pending_disks).remove(name);
@@ -287,6 +303,85 @@ pub async fn apply_on(node: &Arc<Node>, name: &str, msg: &ClusterMsg) -> Result<
         }
     }
     Ok(())
+}
+
+/// Re-reads the members' superblocks into this node's copies (another node wrote them).
+async fn reload(node: &Arc<Node>, name: &str) -> Result<(), String> {
+    let me = node.name();
+    let Some((_, service)) = node.info(name) else {
+        return Err(format!("node {me}: array {name} is not active here"));
+    };
+    let (_, att) = service
+        .registry()
+        .active_parts(name)
+        .map_err(|e| format!("node {me}: {e}"))?;
+    tokio::task::spawn_blocking(move || att.reload())
+        .await
+        .map_err(|e| format!("node {me}: array {name}: reload task failed: {e}"))?
+        .map_err(|e| format!("node {me}: array {name}: re-reading the superblocks: {e}"))
+}
+
+/// [`crate::raid::MetaGate`] of a clustered array: the engine's superblock writes go
+/// under the `token` lock and are announced with METADATA_UPDATED (md-cluster's
+/// `metadata_update_start/finish`).
+pub struct MetaRound {
+    node: std::sync::Weak<Node>,
+    array: String,
+}
+
+impl MetaRound {
+    /// The gate of array `array` on `node`.
+    pub fn new(node: &Arc<Node>, array: &str) -> MetaRound {
+        MetaRound {
+            node: Arc::downgrade(node),
+            array: array.to_owned(),
+        }
+    }
+}
+
+impl crate::raid::MetaGate for MetaRound {
+    fn round<'a>(
+        &'a self,
+        what: String,
+        write: crate::blockdev::IoFuture<'a, ()>,
+    ) -> crate::blockdev::IoFuture<'a, ()> {
+        Box::pin(async move {
+            let Some(node) = self.node.upgrade() else {
+                return write.await;
+            };
+            let (Some(session), Some(m)) =
+                (node.session(), lock(&node.held).get(&self.array).cloned())
+            else {
+                tracing::warn!(array = %self.array, what, "superblock write without the token: no session or slot");
+                return write.await;
+            };
+            let to = Target {
+                session: &session,
+                node: node.name(),
+                array: &self.array,
+                uuid: &m.uuid,
+            };
+            let end = Instant::now() + ROUND_DEADLINE;
+            let hold = match take_token(to, ROUND_DEADLINE).await {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    tracing::error!(array = %self.array, what, "superblock write without the token: {e}");
+                    None
+                }
+            };
+            let out = write.await;
+            if let Some(hold) = hold {
+                if out.is_ok() {
+                    let msg = ClusterMsg::new(MsgType::MetadataUpdated, m.slot);
+                    if let Err(e) = publish_acked(to, msg, left(end)).await {
+                        tracing::warn!(array = %self.array, what, "superblock written; {e}");
+                    }
+                }
+                release_token(to, hold).await;
+            }
+            out
+        })
+    }
 }
 
 /// The size in the newest superblock, followed here ([`reshape::follow`]): the bitmap

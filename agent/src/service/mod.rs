@@ -675,6 +675,7 @@ impl Node {
                         raid.set_sync_gate(Some(Arc::new(resync::ClusterGate::new(
                             self, name, uuid, paths,
                         ))));
+                        raid.set_meta_gate(Some(Arc::new(message::MetaRound::new(self, name))));
                     }
                 }
                 let speed = *lock(&self.speed);
@@ -1152,7 +1153,7 @@ impl Node {
         let end = tokio::time::Instant::now() + message::ROUND_DEADLINE;
         let hold = message::take_token(to, message::ROUND_DEADLINE).await?;
         let token = hold.token;
-        let out = async {
+        let out = crate::raid::under_token(async {
             session
                 .write_value(&crate::cluster::token_lock(&m.uuid), token, op.device.as_bytes())
                 .await
@@ -1199,7 +1200,7 @@ impl Node {
             message::publish_acked(to, msg, message::left(end))
                 .await
                 .map_err(|e| e.context(&format!("{} was added on node {} but not attached on every node; stop and assemble the array there", op.device, self.cfg.node)))
-        }
+        })
         .await;
         message::release_token(to, hold).await;
         out
@@ -1323,8 +1324,8 @@ impl Node {
             nbd_socket: socket.display().to_string(),
             nbd_tcp: self.cfg.nbd_tcp.clone().unwrap_or_default(),
             ctime_secs: meta.ctime,
-            events: meta.events,
-            utime_secs: meta.utime,
+            events: info.sb_events.map_or(meta.events, |e| e.0),
+            utime_secs: info.sb_events.map_or(meta.utime, |e| e.1 & 0xff_ffff_ffff),
             cluster_name: meta.cluster_name.clone(),
             ..Default::default()
         };

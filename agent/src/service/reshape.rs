@@ -100,7 +100,7 @@ impl Node {
         };
         let end = tokio::time::Instant::now() + message::ROUND_DEADLINE;
         let hold = message::take_token(to, message::ROUND_DEADLINE).await?;
-        let out = async {
+        let out = crate::raid::under_token(async {
             // Under the token: the size now (another node may have changed it).
             let old = att.size_sectors();
             if sectors == old {
@@ -149,7 +149,7 @@ impl Node {
                     sectors / 2
                 ))
             })
-        }
+        })
         .await;
         message::release_token(to, hold).await;
         tracing::info!(array = %name, size_kib = raid.size() / SECTOR / 2, ok = out.is_ok(), "grow --size");

@@ -183,7 +183,8 @@ impl ClusterGate {
         .unwrap_or_default();
         let mut any = false;
         for p in &done {
-            any |= raid.mark_recovered(p).await;
+            // The recovering node wrote it to the superblocks: follow, do not write.
+            any |= crate::raid::following(raid.mark_recovered(p)).await;
         }
         any
     }
