@@ -5,7 +5,8 @@
 //! and `-X`, `nbdinfo` and `qemu-io` on both nodes' exports:
 //! - created with `--size` half the members; the area past it holds different bytes
 //!   on the two members;
-//! - `grow --size max` via node2: both nodes show the new size, node2 resyncs the new
+//! - `grow --size max` via node2: both nodes show the new size (every bitmap slot,
+//!   the unused third one too, covers it), node2 resyncs the new
 //!   area while node1 shows `resync=REMOTE`, a grow during that resync is refused
 //!   (EBUSY), and afterwards the members' data areas are identical (the stale bytes
 //!   were resynced), `mdadm` reads the new size in the superblock and the bitmap;
@@ -73,7 +74,7 @@ fn grow_size_to_max_and_back_on_both_nodes() {
         "--bitmap",
         "clustered",
         "--nodes",
-        "2",
+        "3",
         "--bitmap-chunk",
         "1024",
         "--assume-clean",
@@ -179,6 +180,13 @@ fn grow_size_to_max_and_back_on_both_nodes() {
     assert!(
         x.contains(&format!("Sync Size : {max_kib}")),
         "mdadm -X reads the new sync size:\n{x}"
+    );
+    // Every slot — node1's, node2's and the unused third — covers the new size.
+    let bits = format!("Bitmap : {} bits", max_kib.div_ceil(1024));
+    assert_eq!(
+        x.matches(&bits).count(),
+        3,
+        "{bits} in all three slots:\n{x}"
     );
 
     eprintln!("--- written through node1 past the old end, read through node2");

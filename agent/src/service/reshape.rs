@@ -138,6 +138,9 @@ impl Node {
                     self.cfg.node
                 )));
             }
+            // Slots no node holds follow too (under their lock, no-queue): a node that
+            // joins later, or takes one over, reads them at the new size.
+            self.resize_free_slots(&session, name, &m, sectors).await;
             let mut capacity = ClusterMsg::new(MsgType::ChangeCapacity, m.slot);
             capacity.high = sectors;
             let shown = message::publish_acked(to, capacity, message::left(end)).await;
@@ -158,6 +161,36 @@ impl Node {
 }
 
 impl Node {
+    /// Rewrites the header of every bitmap slot no node holds to `sectors` (md-cluster's
+    /// `update_size` takes them PW no-queue); a held slot's node did it itself.
+    async fn resize_free_slots(
+        &self,
+        session: &mdcluster_proto::lock_client::Session,
+        name: &str,
+        m: &super::join::Membership,
+        sectors: u64,
+    ) {
+        let slots = lock(&self.meta).get(name).map_or(0, |x| x.slots);
+        let members = self.raid_of(name).map(|(_, p)| p).unwrap_or_default();
+        for s in (0..slots).filter(|&s| s != m.slot) {
+            let res = slot_lock(&m.uuid, s);
+            let Ok(g) = session.acquire(&res, Mode::Exclusive, Wait::NoQueue).await else {
+                continue;
+            };
+            let paths = members.clone();
+            let done = tokio::task::spawn_blocking(move || {
+                super::takeover::resize_slot(&paths, s, sectors)
+            })
+            .await;
+            if !matches!(done, Ok(Ok(()))) {
+                tracing::warn!(array = %name, slot = s, "resizing the unused slot: {done:?}");
+            }
+            if let Err(e) = session.release(&res, g.token).await {
+                tracing::warn!(lock = %res, "releasing: {e}");
+            }
+        }
+    }
+
     /// `grow --bitmap none|internal|clustered` (mdadm's `Grow_addbitmap`, md-cluster's
     /// "bitmap → none"): internal and clustered switch through none; to none from
     /// clustered only while no other node has the array (every other slot lock is

@@ -293,6 +293,42 @@ pub async fn gather_slots(
     Ok(marked)
 }
 
+/// Brings unused slot `slot`'s header to an array of `sectors` on every readable
+/// member (`sync_size`, bits kept up to the new chunk count), as md-cluster's
+/// `update_size` does for slots no node holds. The caller holds that slot's lock.
+pub fn resize_slot(paths: &[PathBuf], slot: u32, sectors: u64) -> Result<(), DeviceError> {
+    for p in paths {
+        let m = match read_member(p) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(member = %p.display(), "resize slot: not touching an unreadable member: {e}");
+                continue;
+            }
+        };
+        let Some(s) = m.bitmap.get(slot as usize) else {
+            continue;
+        };
+        let mut bsb = s.sb.clone();
+        bsb.sync_size = sectors;
+        let mut bits = s.bits.clone();
+        bits.resize(bsb.bits_bytes() as usize, 0);
+        let chunks = bsb.chunks();
+        for c in chunks..(bits.len() as u64 * 8) {
+            crate::format::bitmap::clear_bit(&mut bits, c);
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p)
+            .map_err(|source| DeviceError::Open {
+                path: p.clone(),
+                source,
+            })?;
+        write_bitmap_slot(&file, p, &m.sb, slot, &bsb, &bits)?;
+    }
+    Ok(())
+}
+
 /// The union of slot `slot`'s bits over the readable members, and the chunk count.
 fn read_slot_union(paths: &[PathBuf], slot: u32) -> Result<Option<(Vec<u8>, u64)>, DeviceError> {
     let mut out: Option<(Vec<u8>, u64)> = None;
