@@ -808,17 +808,41 @@ pub async fn assemble(
         .map(|m| m.sb.clone())
         .ok_or_else(|| mismatch(name, "no members".into()))?;
     let size = fresh.size * SECTOR;
+    // A member whose superblock is behind the freshest missed updates (it was away
+    // while the array ran, md's "non-fresh" member): it is recovered, never trusted. With
+    // a bitmap that has kept every chunk written since (its `events_cleared` is not
+    // past the member's events) only those chunks; else everything.
+    let cleared = members
+        .iter()
+        .filter(|m| m.sb.events == fresh.events)
+        .find_map(|m| m.bitmap.get(opts.slot as usize))
+        .map(|b| b.sb.events_cleared);
+    let mut stale = Vec::new();
     // Member states from the freshest superblock.
     let mut seen_roles = Vec::new();
     let mut specs = Vec::new();
-    for (m, io) in members.iter().zip(&ios) {
+    for (i, (m, io)) in members.iter().zip(&ios).enumerate() {
         let role = fresh.role_of(m.sb.dev_number);
         let (state, role) = match role {
             DevRole::Active(r) if r < fresh.raid_disks as u16 && !seen_roles.contains(&r) => {
                 seen_roles.push(r);
                 let recovering = m.sb.feature_map & feature::RECOVERY_OFFSET != 0
                     && m.sb.recovery_offset < fresh.size;
-                if recovering {
+                if m.sb.events < fresh.events {
+                    let bitmap_only = fresh.has_bitmap()
+                        && !recovering
+                        && cleared.is_some_and(|c| c <= m.sb.events);
+                    tracing::warn!(array = name, member = %m.path.display(), events = m.sb.events,
+                        freshest = fresh.events, bitmap_only, "member is behind the array: recovering it");
+                    stale.push(i);
+                    (
+                        MemberState::Recovering {
+                            offset: 0,
+                            bitmap_only,
+                        },
+                        Some(r),
+                    )
+                } else if recovering {
                     (
                         MemberState::Recovering {
                             offset: m.sb.recovery_offset * SECTOR,
@@ -873,6 +897,12 @@ pub async fn assemble(
         sb.max_dev = fresh.max_dev;
         sb.events = fresh.events;
         sb.resync_offset = fresh.resync_offset;
+    }
+    // A stale member's next superblock write must not make it look in sync before its
+    // recovery is done: it says "recovering from 0" until then.
+    for &i in &stale {
+        sbs[i].feature_map |= feature::RECOVERY_OFFSET;
+        sbs[i].recovery_offset = 0;
     }
     let sb_store = Arc::new(SbStore {
         array: name.to_owned(),
