@@ -184,3 +184,70 @@ fn create_with_a_spare_and_a_name_shows_on_both_nodes() {
         c.mdctl_ok(&["--node", n, "stop", a]);
     }
 }
+
+/// `03r1_switch-resync` with a crash instead of a stop: node1 is killed (-9) mid-resync;
+/// its lease expires, node2 gets the `resync` lock and takes node1's slot over (its
+/// bits, the chunks not yet resynced, merged into node2's), resyncs them; the members
+/// end identical.
+#[test]
+fn resyncing_node_killed_the_other_takes_over() {
+    let mut c = ClusterBuilder::new(2)
+        .agent_ttl(Duration::from_secs(3))
+        .start()
+        .expect("cluster");
+    let dir = c.path().to_owned();
+    let m = member_files(&dir, "k", 2, 32 << 20);
+    // Different contents: only a finished resync makes them identical.
+    std::fs::write(&m[0], mdcluster_tests::standalone::noise(32 << 20, 9)).unwrap();
+    let ms = path_strs(&m);
+    c.tune(1024);
+    create(&c, "md0", &ms);
+    c.mdctl_ok(&["--node", "node2", "assemble", "md0"]);
+    wait_block(&c, "node1", "md0", "node1 resyncing", |t| {
+        t.contains("resync =")
+    });
+    wait_block(&c, "node2", "md0", "node2 pending", |t| {
+        t.contains("resync=PENDING")
+    });
+    eprintln!("--- kill -9 node1 mid-resync");
+    c.agents[0].kill9();
+    c.mdctl_ok(&[
+        "--node",
+        "node2",
+        "tune",
+        "--sync-speed-min",
+        "500000",
+        "--sync-speed-max",
+        "500000",
+    ]);
+    // Done when node2 owes nothing: node1's slot merged into node2's and resynced (the
+    // mdstat line alone has gaps between runs).
+    let deadline = Instant::now() + WAIT;
+    let st = loop {
+        let st = c.node_status("md0", "node2");
+        // node1's slot on disk is cleared once node2 has merged it (takeover).
+        let slot0 = mdcluster_tests::standalone::dirty_bits_union(&m, 0);
+        if slot0 == 0
+            && st["bitmap"]["needed"] == 0
+            && st["sync"]["kind"] == ""
+            && st["sync"]["runs"].as_u64() >= Some(2)
+            && st["degraded"] == false
+        {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node2 did not finish node1's resync within {WAIT:?}: {st}\n{}",
+            c.agents[1].log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        st["sync"]["last_chunks"].as_u64() >= Some(20),
+        "node2 resynced what node1 had left (about 30 chunks): {st}"
+    );
+    let t = block(&c.mdstat("node2"), "md0");
+    assert!(t.contains("[UU]") && !t.contains("PENDING"), "{t}");
+    c.mdctl_ok(&["--node", "node2", "stop", "md0"]);
+    mdcluster_tests::standalone::assert_members_identical(&m);
+}
