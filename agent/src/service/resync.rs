@@ -21,6 +21,12 @@
 //!   waiting node (or a survivor after a failure: the lock service hands the lock on
 //!   when the holder's lease expires) runs next.
 //!
+//! The wait for `resync` has no overall deadline, by design: giving up would leave the
+//! array unsynced (md-cluster's PENDING waits too). Each attempt is bounded, the wait
+//! ends with the array (stop), and it is never silent: mdstat shows `resync=PENDING`
+//! and every [`PENDING_REPORT`] of waiting the monitor gets a `ResyncPending` event
+//! naming the holder.
+//!
 //! Message failures during a run are logged, never fatal to the run: a node that did
 //! not ack a window cannot write into it anyway once it applies it, and the window is
 //! also in the slot value for nodes that join later.
@@ -41,6 +47,9 @@ use crate::raid::{GateDecision, GateFuture, SyncGate, SyncKind};
 
 /// One queued attempt on the `resync` lock; attempts repeat until granted or stopped.
 pub const LOCK_ATTEMPT: Duration = Duration::from_secs(30);
+
+/// How often a node still waiting for `resync` says so (monitor event).
+pub const PENDING_REPORT: Duration = Duration::from_secs(300);
 /// Deadline of each RESYNCING round.
 pub const WINDOW_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -226,6 +235,8 @@ impl ClusterGate {
             }
         }
         let res = resync_lock(&self.uuid);
+        let waiting_since = tokio::time::Instant::now();
+        let mut last_report = waiting_since;
         let mut backoff = Duration::from_millis(200);
         let mut guard = WithdrawOnDrop {
             node: self.node.clone(),
@@ -251,6 +262,11 @@ impl ClusterGate {
                 Ok(g) => break g.token,
                 Err(e) if e.errno() == Errno::Etimedout => {
                     tracing::info!(array = %self.array, ?kind, "still waiting for the resync lock: {e}");
+                    if last_report.elapsed() >= PENDING_REPORT {
+                        last_report = tokio::time::Instant::now();
+                        self.report_pending(&session, &res, kind, waiting_since.elapsed())
+                            .await;
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(array = %self.array, ?kind, "resync lock: {e}; retrying in {backoff:?}");
@@ -274,6 +290,34 @@ impl ClusterGate {
         self.send(ClusterMsg::new(MsgType::ResyncingStart, self.slot()))
             .await;
         GateDecision::Run
+    }
+
+    /// A `ResyncPending` event: how long this node has waited and who holds `resync`.
+    async fn report_pending(
+        &self,
+        session: &mdcluster_proto::lock_client::Session,
+        res: &str,
+        kind: SyncKind,
+        waited: Duration,
+    ) {
+        let holders = match session.read_value(res).await {
+            Ok((_, h)) if !h.is_empty() => h.join(", "),
+            Ok(_) => "nobody (being handed on)".to_owned(),
+            Err(e) => format!("unknown ({e})"),
+        };
+        if let Some(node) = self.node.upgrade() {
+            node.emit(
+                "ResyncPending",
+                &self.array,
+                "",
+                format!(
+                    "node {} has waited {} s to {kind:?} {}: the resync lock is held by {holders}",
+                    node.name(),
+                    waited.as_secs(),
+                    self.array
+                ),
+            );
+        }
     }
 
     async fn release(&self) {
