@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
@@ -43,6 +43,7 @@ use tracing::{debug, info, warn, Instrument};
 use super::exports::{ClientInfo, Exports, OpenError, OpenExport};
 use super::proto::{self, Action, ProtoError};
 use crate::blockdev::BlockDevice;
+use crate::iobuf;
 
 /// Largest option data accepted in negotiation (export names are at most 4 KiB).
 const MAX_OPTION_DATA: u32 = 64 << 10;
@@ -837,8 +838,10 @@ where
             }
             Action::Write { offset, len, fua } => {
                 let bytes = limits.payload(len).await;
-                let mut buf = BytesMut::zeroed(len as usize);
-                rd.read_exact(&mut buf).await?;
+                // Straight into an aligned buffer: the engine writes it to every member
+                // with O_DIRECT, without another copy.
+                let mut buf = iobuf::aligned_buf(len as usize);
+                rd.read_exact(buf.as_mut()).await?;
                 let data = buf.freeze();
                 spawn_request(&ctx, cookie, (permit, Some(bytes)), move |dev| {
                     Box::pin(async move { dev.write(offset, data, fua).await.map(|()| None) })
