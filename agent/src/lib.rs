@@ -7,6 +7,7 @@
 //! - [`cluster`]: md-cluster on the lock service: lock names, messages, resync windows.
 //! - [`blockdev`]: the [`blockdev::BlockDevice`] trait the NBD export serves.
 //! - [`nbd`]: the NBD export (fixed newstyle server on unix sockets and TCP).
+//! - [`iobuf`]: pooled, aligned I/O buffers (huge pages for large ones).
 //! - [`raid`]: the RAID1 engine (members, fan-out, read balancing, failure,
 //!   resync/recovery worker).
 //! - [`bitmap`]: the in-memory write-intent bitmap of this node's slot.
@@ -19,6 +20,7 @@ pub mod bitmap;
 pub mod blockdev;
 pub mod cluster;
 pub mod format;
+pub mod iobuf;
 pub mod mdstat;
 pub mod nbd;
 pub mod raid;

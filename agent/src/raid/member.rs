@@ -16,10 +16,10 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
-/// Alignment of direct I/O: offset, length and memory address.
-pub const ALIGN: usize = 4096;
+use crate::iobuf::aligned_buf;
+pub use crate::iobuf::{aligned_copy, aligned_zeroes, ALIGN};
 
 /// Errors opening a member.
 #[derive(Debug, thiserror::Error)]
@@ -114,23 +114,14 @@ impl MemberIo {
         }
     }
 
-    /// Reads `len` bytes at byte `offset` of the member.
+    /// Reads `len` bytes at byte `offset` of the member (into an aligned buffer, pooled
+    /// for large reads: see [`crate::iobuf`]).
     pub async fn read_at(&self, offset: u64, len: usize) -> io::Result<Bytes> {
-        if len >= POOL_MIN {
-            let mut buf = PooledBuf::take(len);
-            let file = self.pick(offset, len, buf.as_ref().as_ptr() as usize);
-            return tokio::task::spawn_blocking(move || {
-                file.read_exact_at(buf.as_mut(), offset)?;
-                Ok(Bytes::from_owner(buf))
-            })
-            .await
-            .map_err(join_error)?;
-        }
-        let (mut buf, start) = aligned_buf(len);
-        let file = self.pick(offset, len, buf[start..].as_ptr() as usize);
+        let mut buf = aligned_buf(len);
+        let file = self.pick(offset, len, buf.as_ref().as_ptr() as usize);
         tokio::task::spawn_blocking(move || {
-            file.read_exact_at(&mut buf[start..start + len], offset)?;
-            Ok(buf.freeze().slice(start..start + len))
+            file.read_exact_at(buf.as_mut(), offset)?;
+            Ok(buf.freeze())
         })
         .await
         .map_err(join_error)?
@@ -153,62 +144,6 @@ impl MemberIo {
     }
 }
 
-/// Reads of at least this many bytes use pooled buffers: a large fresh allocation
-/// costs page faults (or a memset) on every read.
-const POOL_MIN: usize = 64 << 10;
-/// Bytes of free buffers kept per size class.
-const POOL_KEEP_BYTES: usize = 64 << 20;
-
-/// Free read buffers by size class (power of two, plus room for alignment).
-static POOL: std::sync::Mutex<Vec<Vec<Vec<u8>>>> = std::sync::Mutex::new(Vec::new());
-
-/// An aligned read buffer from [`POOL`], given back when the last `Bytes` over it drops.
-/// Its contents are not zeroed: a read fills all of it or fails.
-struct PooledBuf {
-    vec: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl PooledBuf {
-    fn take(len: usize) -> PooledBuf {
-        let class = len.next_power_of_two().trailing_zeros() as usize;
-        let reused = {
-            let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-            pool.get_mut(class).and_then(Vec::pop)
-        };
-        let vec = reused.unwrap_or_else(|| vec![0u8; (1usize << class) + ALIGN]);
-        let start = (ALIGN - vec.as_ptr() as usize % ALIGN) % ALIGN;
-        PooledBuf { vec, start, len }
-    }
-}
-
-impl AsRef<[u8]> for PooledBuf {
-    fn as_ref(&self) -> &[u8] {
-        &self.vec[self.start..self.start + self.len]
-    }
-}
-
-impl AsMut<[u8]> for PooledBuf {
-    fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.vec[self.start..self.start + self.len]
-    }
-}
-
-impl Drop for PooledBuf {
-    fn drop(&mut self) {
-        let vec = std::mem::take(&mut self.vec);
-        let class = (vec.len() - ALIGN).trailing_zeros() as usize;
-        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-        if pool.len() <= class {
-            pool.resize_with(class + 1, Vec::new);
-        }
-        if (pool[class].len() + 1) << class <= POOL_KEEP_BYTES {
-            pool[class].push(vec);
-        }
-    }
-}
-
 fn join_error(e: tokio::task::JoinError) -> io::Error {
     io::Error::other(format!("member I/O task failed: {e}"))
 }
@@ -216,32 +151,6 @@ fn join_error(e: tokio::task::JoinError) -> io::Error {
 /// Whether an I/O of `len` bytes at `offset` from memory at `addr` can go direct.
 pub fn is_aligned(offset: u64, len: usize, addr: usize) -> bool {
     offset.is_multiple_of(ALIGN as u64) && len.is_multiple_of(ALIGN) && addr.is_multiple_of(ALIGN)
-}
-
-/// A zeroed buffer with room for `len` bytes starting at an [`ALIGN`]-aligned address;
-/// returns the buffer and the index where the aligned area starts.
-fn aligned_buf(len: usize) -> (BytesMut, usize) {
-    let buf = BytesMut::zeroed(len + ALIGN);
-    let addr = buf.as_ptr() as usize;
-    let start = (ALIGN - addr % ALIGN) % ALIGN;
-    (buf, start)
-}
-
-/// `data` copied into an [`ALIGN`]-aligned buffer (or `data` itself if already aligned),
-/// so that one copy can go direct to every member.
-pub fn aligned_copy(data: &Bytes) -> Bytes {
-    if (data.as_ptr() as usize).is_multiple_of(ALIGN) {
-        return data.clone();
-    }
-    let (mut buf, start) = aligned_buf(data.len());
-    buf[start..start + data.len()].copy_from_slice(data);
-    buf.freeze().slice(start..start + data.len())
-}
-
-/// A zero-filled aligned buffer of `len` bytes.
-pub fn aligned_zeroes(len: usize) -> Bytes {
-    let (buf, start) = aligned_buf(len);
-    buf.freeze().slice(start..start + len)
 }
 
 #[cfg(test)]
