@@ -9,6 +9,12 @@
 //! deletes them in batched transactions (within ~20 ms), so delivered messages do not
 //! stay in etcd and cleanup does not compete with the next publish for etcd writes.
 //!
+//! A recipient whose subscription disappears while the publish waits (its session ended
+//! — lease expired or closed — or it unsubscribed) has left the channel: it is not
+//! waited for, and its result says so (`ok`, not `answered`). It no longer has what the
+//! channel is about; when it comes back it subscribes and reads the current state. A
+//! recipient that is silent but still subscribed is named at the deadline.
+//!
 //! Replica-local fast path: while a publish waits, this replica remembers it in
 //! [`Ctx::pending`]. An ack that reaches the same replica is handed to the waiting
 //! publish in memory, with no etcd write: the publish's own cleanup deletes the inbox
@@ -267,22 +273,50 @@ pub async fn publish(ctx: &Ctx, req: PublishRequest) -> Result<PublishResponse, 
     let wopts = WatchOptions::new()
         .with_prefix()
         .with_start_revision(rev + 1);
-    let (watch, put) = tokio::join!(
+    // Subscriptions that end while we wait: their recipients left the channel.
+    let sopts = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(rev + 1);
+    let (watch, subs_watch, put) = tokio::join!(
         ctx.etcd.watch(acks.clone(), wopts),
+        ctx.etcd.watch(ctx.keys.subs_prefix(&req.channel), sopts),
         ctx.etcd.txn("publish", sid, Txn::new().and_then(puts))
     );
     put?;
     let mut watch = watch?;
+    let mut subs_watch = subs_watch?;
     let mut answers: HashMap<i64, AckRecord> = HashMap::new();
-    let wanted =
-        |answers: &HashMap<i64, AckRecord>| recipients.iter().all(|(s, _)| answers.contains_key(s));
-    while !wanted(&answers) {
+    let mut left: std::collections::HashSet<i64> = std::collections::HashSet::new();
+    let wanted = |answers: &HashMap<i64, AckRecord>, left: &std::collections::HashSet<i64>| {
+        recipients
+            .iter()
+            .all(|(s, _)| answers.contains_key(s) || left.contains(s))
+    };
+    while !wanted(&answers, &left) {
         let until = tokio::time::Instant::from(deadline);
         let msg = tokio::select! {
             _ = tokio::time::sleep_until(until) => break,
             local = ack_rx.recv() => {
                 if let Some((s, rec)) = local {
                     answers.insert(s, rec);
+                }
+                continue;
+            }
+            gone = subs_watch.message() => {
+                let gone = gone.map_err(|source| LockError::Etcd { op: "watch subscribers", source })?;
+                let Some(gone) = gone else {
+                    return Err(LockError::Etcd {
+                        op: "watch subscribers",
+                        source: etcd_client::Error::WatchError("watch stream ended".into()),
+                    });
+                };
+                for ev in gone.events() {
+                    if ev.event_type() != EventType::Delete {
+                        continue;
+                    }
+                    if let Some(s) = ev.kv().and_then(|kv| parse_hex_id(last_component(kv.key()))) {
+                        left.insert(s);
+                    }
                 }
                 continue;
             }
@@ -313,6 +347,13 @@ pub async fn publish(ctx: &Ctx, req: PublishRequest) -> Result<PublishResponse, 
                 ok: a.ok,
                 reason: a.reason.clone(),
                 answered: true,
+            },
+            None if left.contains(s) => AckResult {
+                node: n.clone(),
+                session_id: *s,
+                ok: true,
+                reason: "left the channel before answering (its session ended or it unsubscribed); not waited for".into(),
+                answered: false,
             },
             None => AckResult {
                 node: n.clone(),

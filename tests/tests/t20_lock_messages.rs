@@ -138,3 +138,43 @@ async fn dead_subscriber_is_named_at_the_deadline_and_negative_acks_carry_reason
     assert!(out.results[2].reason.contains("no answer"), "{out:?}");
     assert!(out.results[0].ok);
 }
+
+/// A subscriber that dies while a publish waits for it is not waited for once its lease
+/// expires: the publish ends long before its deadline and reports that node as having
+/// left the channel (`ok`, not `answered`), the others as answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn subscriber_whose_lease_expires_mid_publish_is_not_waited_for() {
+    let c = Cluster::start(1, ServerOpts::default()).expect("cluster");
+    let urls = c.urls();
+    let (s1, r1) = session(&urls, "n1", TTL).await.expect("n1");
+    s1.subscribe("md0/events").await.expect("subscribe");
+    let _a1 = acker(s1, r1, None);
+    let mut dead =
+        Holder::start(&urls, "n2", Duration::from_secs(2), &["sub=md0/events"]).expect("n2");
+    let (p, _prx) = session(&urls, "pub", TTL).await.expect("publisher");
+    dead.kill();
+    let t = Instant::now();
+    let out = p
+        .publish("md0/events", b"METADATA_UPDATED", LONG)
+        .await
+        .expect("publish");
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(8),
+        "ended when n2's 2 s lease expired, not at the {LONG:?} deadline: {took:?}"
+    );
+    assert!(out.all_ok, "{out:?}");
+    let n2 = out
+        .results
+        .iter()
+        .find(|r| r.node == "n2")
+        .expect("n2 listed");
+    assert!(!n2.answered && n2.ok, "{out:?}");
+    assert!(n2.reason.contains("left the channel"), "{out:?}");
+    let n1 = out
+        .results
+        .iter()
+        .find(|r| r.node == "n1")
+        .expect("n1 listed");
+    assert!(n1.answered && n1.ok, "{out:?}");
+}
