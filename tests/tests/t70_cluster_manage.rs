@@ -299,7 +299,11 @@ fn manage_fail_is_agreed_by_every_node_through_the_token() {
 /// superblocks say dirty, with one more event, and the other node has re-read them.
 #[test]
 fn engine_superblock_writes_wait_for_the_token() {
-    let c = ClusterBuilder::new(2).start().expect("cluster");
+    // Safemode off: the dirty mark must still be there when it is checked.
+    let c = ClusterBuilder::new(2)
+        .agent_args(&["--safe-mode-delay", "0"])
+        .start()
+        .expect("cluster");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

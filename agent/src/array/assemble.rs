@@ -70,6 +70,8 @@ pub struct AssembleOptions {
     /// Every sync run waits for a cluster gate ([`crate::raid::Raid1::set_sync_gate`]);
     /// set by cluster mode for clustered arrays only.
     pub sync_gate: bool,
+    /// md's `safe_mode_delay` (`None`: superblocks marked clean only at stop).
+    pub safe_mode: Option<Duration>,
 }
 
 /// What was assembled, for status.
@@ -991,6 +993,7 @@ pub async fn assemble(
         resync_from,
         speed: opts.speed,
         gated: opts.sync_gate && clustered_bitmap,
+        safe_mode: opts.safe_mode,
     })?;
     if let Some(s) = &slot_store {
         let _ = s.raid.set(Arc::downgrade(&raid));

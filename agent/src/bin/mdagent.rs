@@ -99,6 +99,11 @@ struct Args {
     /// cleared), e.g. 500ms.
     #[arg(long, env = "MDAGENT_DAEMON_SLEEP")]
     daemon_sleep: Option<humantime::Duration>,
+    /// md's safe_mode_delay: an array's superblocks are marked clean again once no
+    /// write has been in flight for this long, so a crash while idle needs no resync
+    /// (0 = only at stop).
+    #[arg(long, env = "MDAGENT_SAFE_MODE_DELAY", default_value = "1s")]
+    safe_mode_delay: humantime::Duration,
     /// This node's bitmap slot (0 for internal bitmaps). Standalone mode only: in cluster
     /// mode a clustered array's slot comes from its slot lock.
     #[arg(long, env = "MDAGENT_BITMAP_SLOT", default_value_t = 0)]
@@ -144,6 +149,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         assemble: AssembleOptions {
             slot: args.bitmap_slot,
             daemon_sleep: args.daemon_sleep.map(Into::into),
+            safe_mode: Some(args.safe_mode_delay.into()),
             speed: SpeedLimits {
                 min_kib_s: args.speed_min,
                 max_kib_s: args.speed_max,
@@ -223,6 +229,7 @@ async fn run_cluster(args: Args, server: String) -> anyhow::Result<()> {
                 assemble: AssembleOptions {
                     slot: 0,
                     daemon_sleep: args.daemon_sleep.map(Into::into),
+                    safe_mode: Some(args.safe_mode_delay.into()),
                     speed: SpeedLimits {
                         min_kib_s: args.speed_min,
                         max_kib_s: args.speed_max,

@@ -212,6 +212,9 @@ pub struct Raid1Config {
     /// Every resync/recovery run waits for a [`SyncGate`] ([`Raid1::set_sync_gate`]):
     /// cluster mode, one node syncs at a time.
     pub gated: bool,
+    /// md's `safe_mode_delay`: the superblocks are marked clean again once no write
+    /// has been in flight for this long (`None`: only at stop).
+    pub safe_mode: Option<Duration>,
 }
 
 struct Member {
@@ -283,6 +286,13 @@ pub struct Raid1 {
     meta_gate: std::sync::RwLock<Option<Arc<dyn MetaGate>>>,
     /// Whether the superblocks say "dirty" (written before the first write).
     dirty: AtomicBool,
+    /// Writes past `mark_dirty` and not yet ended: safemode does not mark clean under
+    /// them.
+    writes: AtomicUsize,
+    /// Milliseconds since `epoch` of the last write's end.
+    last_write_ms: AtomicU64,
+    /// Times safemode marked the superblocks clean.
+    clean_marks: AtomicU64,
     /// User writes hold it shared; a sync step holds it exclusive.
     barrier: tokio::sync::RwLock<()>,
     /// In-flight limit; closed (all permits taken) at stop.
@@ -313,6 +323,24 @@ impl std::fmt::Debug for Raid1 {
 
 fn eio(msg: String) -> io::Error {
     io::Error::other(msg)
+}
+
+/// A write counted from before its dirty check to its end (safemode).
+struct WriteCount<'a>(&'a Raid1);
+
+impl<'a> WriteCount<'a> {
+    fn new(raid: &'a Raid1) -> Self {
+        raid.writes.fetch_add(1, Ordering::SeqCst);
+        WriteCount(raid)
+    }
+}
+
+impl Drop for WriteCount<'_> {
+    fn drop(&mut self) {
+        let now = self.0.epoch.elapsed().as_millis() as u64;
+        self.0.last_write_ms.store(now, Ordering::Release);
+        self.0.writes.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 tokio::task_local! {
@@ -384,6 +412,9 @@ impl Raid1 {
             meta_lock: tokio::sync::Mutex::new(()),
             meta_gate: std::sync::RwLock::new(None),
             dirty: AtomicBool::new(false),
+            writes: AtomicUsize::new(0),
+            last_write_ms: AtomicU64::new(0),
+            clean_marks: AtomicU64::new(0),
             barrier: tokio::sync::RwLock::new(()),
             gate: Semaphore::new(MAX_INFLIGHT as usize),
             rr: AtomicUsize::new(0),
@@ -399,6 +430,13 @@ impl Raid1 {
         let mut tasks = Vec::new();
         if let Some(bm) = raid.bitmap() {
             tasks.push(bm.spawn_daemon(stop_rx.clone()));
+        }
+        if let Some(delay) = cfg.safe_mode.filter(|d| !d.is_zero()) {
+            tasks.push(tokio::spawn(Raid1::safe_mode(
+                Arc::downgrade(&raid),
+                delay,
+                stop_rx.clone(),
+            )));
         }
         tasks.push(tokio::spawn(sync::run_worker(raid.clone(), stop_rx)));
         *raid.tasks.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
@@ -576,6 +614,87 @@ impl Raid1 {
             what: format!("{event:?}"),
             source,
         })
+    }
+
+    /// md's safemode: every half `delay`, once the array is dirty, no write is in
+    /// flight, none ended within `delay` and no resync owns `resync_offset`, the
+    /// members are flushed and the superblocks marked clean (through the cluster gate
+    /// for a clustered array); the next write marks them dirty again. A crash while
+    /// idle then needs no resync.
+    async fn safe_mode(
+        raid: std::sync::Weak<Raid1>,
+        delay: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let period = (delay / 2).max(Duration::from_millis(10));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = stop.changed() => return,
+            }
+            if *stop.borrow() {
+                return;
+            }
+            let Some(raid) = raid.upgrade() else { return };
+            if raid.idle_for(delay) {
+                if let Err(e) = raid.mark_clean(delay).await {
+                    tracing::warn!(array = %raid.name, "safemode: {e}");
+                }
+            }
+        }
+    }
+
+    /// Dirty, no write in flight, none ended within `delay`, no resync pending.
+    fn idle_for(&self, delay: Duration) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.dirty.load(Ordering::Acquire)
+            && self.writes.load(Ordering::SeqCst) == 0
+            && now.saturating_sub(self.last_write_ms.load(Ordering::Acquire))
+                >= delay.as_millis() as u64
+            && self.sync.resync_checkpoint_sectors().is_none()
+            && !self.sync.resync_running()
+    }
+
+    /// How often safemode marked the superblocks clean.
+    pub fn clean_marks(&self) -> u64 {
+        self.clean_marks.load(Ordering::Relaxed)
+    }
+
+    async fn mark_clean(&self, delay: Duration) -> io::Result<()> {
+        let write: IoFuture<'_, ()> = Box::pin(async {
+            let _one = self.meta_lock.lock().await;
+            if !self.idle_for(delay) {
+                return Ok(());
+            }
+            self.dirty.store(false, Ordering::SeqCst);
+            if self.writes.load(Ordering::SeqCst) > 0 {
+                // A write came in between: it saw "dirty" and goes on under it.
+                self.dirty.store(true, Ordering::SeqCst);
+                return Ok(());
+            }
+            // Every completed write durable before the superblock says clean.
+            let live = self.live();
+            for &i in &live {
+                if let Err(e) = self.member(i).io.sync().await {
+                    self.dirty.store(true, Ordering::SeqCst);
+                    return Err(e);
+                }
+            }
+            if let Err(e) = self
+                .meta
+                .update(MetaEvent::ResyncOffset(u64::MAX), live)
+                .await
+            {
+                self.dirty.store(true, Ordering::SeqCst);
+                return Err(e);
+            }
+            self.clean_marks.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        });
+        match self.gate_for_write() {
+            Some(g) => g.round("mark clean (safemode)".into(), write).await,
+            None => write.await,
+        }
     }
 
     /// Marks the superblocks dirty before the first write.
@@ -922,6 +1041,9 @@ impl Raid1 {
         }
         let _p = self.permit().await?;
         self.note_io();
+        // Counted before the dirty check: safemode re-checks this count after it
+        // cleared the flag, so a write never runs under a clean superblock.
+        let _w = WriteCount::new(self);
         self.mark_dirty().await?;
         self.wait_remote_window(offset, len).await?;
         let _b = self.barrier.read().await;
