@@ -338,6 +338,28 @@ pub async fn publish(ctx: &Ctx, req: PublishRequest) -> Result<PublishResponse, 
             }
         }
     }
+    while let Ok((s, rec)) = ack_rx.try_recv() {
+        answers.insert(s, rec);
+    }
+    if !left.is_empty() {
+        // An ack written just before its sender unsubscribed may come on the ack watch
+        // after the delete on the other: read what is there, answers win over "left".
+        if let Ok(r) = ctx
+            .etcd
+            .get(
+                "read acks",
+                acks.clone(),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await
+        {
+            for kv in r.kvs() {
+                if let Some(s) = parse_hex_id(last_component(kv.key())) {
+                    answers.insert(s, decode(kv.key(), kv.value())?);
+                }
+            }
+        }
+    }
     let results: Vec<AckResult> = recipients
         .iter()
         .map(|(s, n)| match answers.get(s) {

@@ -140,6 +140,16 @@ impl SbStore {
                     let _ = sb.set_role(dev_of[member], DevRole::Spare);
                 }
                 MetaEvent::SpareActive { member, role } => {
+                    // A member absent from this assembly that still claims the role
+                    // loses it (md's super_1_sync marks absent devices too).
+                    for d in 0..sb.dev_roles.len() as u32 {
+                        if d != dev_of[member]
+                            && sb.role_of(d) == DevRole::Active(role)
+                            && !dev_of.contains(&d)
+                        {
+                            let _ = sb.set_role(d, DevRole::Faulty);
+                        }
+                    }
                     let _ = sb.set_role(dev_of[member], DevRole::Active(role));
                     if i == member {
                         sb.feature_map |= feature::RECOVERY_OFFSET;
@@ -155,8 +165,9 @@ impl SbStore {
                     if sectors > sb.size {
                         // md's raid1_resize: the new area is resynced from the old end.
                         sb.resync_offset = sb.resync_offset.min(sb.size);
-                    } else if sb.resync_offset != MAX_SECTOR {
-                        sb.resync_offset = sb.resync_offset.min(sectors);
+                    } else if sb.resync_offset >= sectors {
+                        // Nothing left to resync inside the new end.
+                        sb.resync_offset = MAX_SECTOR;
                     }
                     sb.size = sectors;
                 }
@@ -811,36 +822,41 @@ pub async fn assemble(
         .ok_or_else(|| mismatch(name, "no members".into()))?;
     let size = fresh.size * SECTOR;
     // A member whose superblock is behind the freshest missed updates (it was away
-    // while the array ran, md's "non-fresh" member): it is recovered, never trusted. With
-    // a bitmap that has kept every chunk written since (its `events_cleared` is not
-    // past the member's events) only those chunks; else everything.
-    let cleared = members
-        .iter()
-        .filter(|m| m.sb.events == fresh.events)
-        .find_map(|m| m.bitmap.get(opts.slot as usize))
-        .map(|b| b.sb.events_cleared);
+    // while the array ran, md's "non-fresh" member): it is recovered in full, never
+    // trusted. (A bitmap-only recovery would need `events_cleared` kept the way md
+    // keeps it; `--re-add` is the way to a bitmap-based recovery.)
     let mut stale = Vec::new();
+    // Where two members claim one role, the fresher one gets it.
+    let mut order: Vec<usize> = (0..members.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(members[i].sb.events));
+    let mut winner = std::collections::HashMap::new();
+    for &i in &order {
+        if let DevRole::Active(r) = fresh.role_of(members[i].sb.dev_number) {
+            winner.entry(r).or_insert(i);
+        }
+    }
     // Member states from the freshest superblock.
     let mut seen_roles = Vec::new();
     let mut specs = Vec::new();
     for (i, (m, io)) in members.iter().zip(&ios).enumerate() {
         let role = fresh.role_of(m.sb.dev_number);
         let (state, role) = match role {
-            DevRole::Active(r) if r < fresh.raid_disks as u16 && !seen_roles.contains(&r) => {
+            DevRole::Active(r)
+                if r < fresh.raid_disks as u16
+                    && !seen_roles.contains(&r)
+                    && winner.get(&r) == Some(&i) =>
+            {
                 seen_roles.push(r);
                 let recovering = m.sb.feature_map & feature::RECOVERY_OFFSET != 0
                     && m.sb.recovery_offset < fresh.size;
                 if m.sb.events < fresh.events {
-                    let bitmap_only = fresh.has_bitmap()
-                        && !recovering
-                        && cleared.is_some_and(|c| c <= m.sb.events);
                     tracing::warn!(array = name, member = %m.path.display(), events = m.sb.events,
-                        freshest = fresh.events, bitmap_only, "member is behind the array: recovering it");
+                        freshest = fresh.events, "member is behind the array: recovering it in full");
                     stale.push(i);
                     (
                         MemberState::Recovering {
                             offset: 0,
-                            bitmap_only,
+                            bitmap_only: false,
                         },
                         Some(r),
                     )
@@ -993,8 +1009,23 @@ pub async fn assemble(
         resync_from,
         speed: opts.speed,
         gated: opts.sync_gate && clustered_bitmap,
-        safe_mode: opts.safe_mode,
+        // md disables safemode on clustered arrays: the clean flag is shared by every
+        // node, and each mark would be a token round in the write path.
+        safe_mode: if clustered_bitmap {
+            None
+        } else {
+            opts.safe_mode
+        },
     })?;
+    // A stale member's "recovering from 0" goes to disk now, before anything reads
+    // the superblocks again.
+    for &i in &stale {
+        raid.record(MetaEvent::RecoveryCheckpoint {
+            member: i,
+            sectors: 0,
+        })
+        .await?;
+    }
     if let Some(s) = &slot_store {
         let _ = s.raid.set(Arc::downgrade(&raid));
     }

@@ -110,16 +110,27 @@ pub async fn prepare_grow(
         ));
     }
     att.resize_bitmap(sectors).map_err(|e| invalid(raid, e))?;
-    if let Some(bm) = raid.bitmap() {
-        // The new area is written by nobody yet: its bits on disk before the superblock
-        // says it exists, so that any crash from here on resyncs it.
-        let (from, len) = (old * SECTOR, (sectors - old) * SECTOR);
-        bm.start_write(from, len)
-            .await
-            .map_err(|e| ArrayError::Invalid(e.to_string()))?;
-        bm.end_write(from, len, true);
+    let done = async {
+        if let Some(bm) = raid.bitmap() {
+            // The new area is written by nobody yet: its bits on disk before the
+            // superblock says it exists, so that any crash from here on resyncs it.
+            let (from, len) = (old * SECTOR, (sectors - old) * SECTOR);
+            bm.start_write(from, len)
+                .await
+                .map_err(|e| ArrayError::Invalid(e.to_string()))?;
+            bm.end_write(from, len, true);
+        }
+        raid.record(MetaEvent::Size(sectors)).await?;
+        Ok::<(), ArrayError>(())
     }
-    raid.record(MetaEvent::Size(sectors)).await?;
+    .await;
+    if let Err(e) = done {
+        // Nothing says the array is larger: the bitmap goes back too.
+        if let Err(e2) = att.resize_bitmap(old) {
+            tracing::error!(array = %raid.name(), "undoing the bitmap resize: {e2}");
+        }
+        return Err(e);
+    }
     tracing::info!(array = %raid.name(), from = old, to = sectors, "size grown in the superblocks");
     Ok(old)
 }

@@ -9,8 +9,10 @@
 //!   (the array is clean). Slots are written first, the superblock last, so a crash
 //!   in between leaves a member without a bitmap, as before.
 //!
-//! Every member gets `events + 1`. Refused: a member that is not clean (a resync is
-//! owed), members of different arrays, no room for the bitmap.
+//! Every member gets `events + 1`. Refused, before anything is written: a member that
+//! is not clean (a resync is owed), members of different arrays, no room for the bitmap
+//! on the member with the least, a bad-block log (it sits where the bitmap goes). The
+//! chunk is the same on every member (so is the slot stride).
 
 use std::path::PathBuf;
 
@@ -78,6 +80,39 @@ pub fn set_bitmap(paths: &[PathBuf], want: &NewBitmap) -> Result<(), DeviceError
             cluster_name,
         } => (VERSION_CLUSTERED, (*nodes).max(1), cluster_name.clone()),
     };
+    // One chunk for every member (the stride must be the same on all of them), chosen
+    // from the smallest room; everything checked before anything is written.
+    let mut chunk = DEFAULT_BITMAP_CHUNK;
+    if slots > 0 {
+        for (_, m) in &members {
+            if m.sb.bblog_size != 0 {
+                return Err(invalid(
+                    &m.path,
+                    "has a bad-block log where the bitmap would go; remove it first (mdadm --update=no-bbl) or keep no bitmap".into(),
+                ));
+            }
+        }
+        let mut probe = members[0].1.sb.clone();
+        probe.bitmap_offset = BITMAP_OFFSET_SECTORS;
+        probe.feature_map |= feature::BITMAP_OFFSET;
+        let start = probe.bitmap_start_bytes().unwrap_or(0);
+        let room = members
+            .iter()
+            .map(|(_, m)| (m.sb.data_offset * SECTOR).saturating_sub(start))
+            .min()
+            .unwrap_or(0);
+        while u64::from(slots) * slot_bytes_for(probe.size, chunk) > room {
+            if chunk >= 1 << 30 {
+                return Err(invalid(
+                    &members[0].1.path,
+                    format!(
+                        "no room for a bitmap of {slots} slots: {room} bytes between the superblock and the data"
+                    ),
+                ));
+            }
+            chunk *= 2;
+        }
+    }
     for (f, m) in &members {
         let mut sb = m.sb.clone();
         sb.events += 1;
@@ -93,20 +128,6 @@ pub fn set_bitmap(paths: &[PathBuf], want: &NewBitmap) -> Result<(), DeviceError
             sb.feature_map |= feature::CLUSTERED;
         } else {
             sb.feature_map &= !feature::CLUSTERED;
-        }
-        let start = sb.bitmap_start_bytes().unwrap_or(0);
-        let room = (sb.data_offset * SECTOR).saturating_sub(start);
-        let mut chunk = DEFAULT_BITMAP_CHUNK;
-        while u64::from(slots) * slot_bytes_for(sb.size, chunk) > room {
-            if chunk >= 1 << 30 {
-                return Err(invalid(
-                    &m.path,
-                    format!(
-                        "no room for a bitmap of {slots} slots: {room} bytes between the superblock and the data"
-                    ),
-                ));
-            }
-            chunk *= 2;
         }
         let bm = BitmapSuper {
             version,

@@ -697,6 +697,42 @@ impl Raid1 {
         }
     }
 
+    /// Writes `resync_offset` for the sync worker, decided under the metadata lock
+    /// (where `mark_dirty` and safemode change the dirty flag): while the array is
+    /// dirty a checkpoint (`keep_if_dirty`) is not written and an end of resync writes
+    /// 0, so a write's dirty mark is never overwritten.
+    pub(crate) async fn record_resync_offset(
+        &self,
+        sectors: u64,
+        keep_if_dirty: bool,
+    ) -> Result<(), RaidError> {
+        if is_following() {
+            return Ok(());
+        }
+        let write: IoFuture<'_, ()> = Box::pin(async {
+            let _one = self.meta_lock.lock().await;
+            let value = if self.dirty.load(Ordering::Acquire) {
+                if keep_if_dirty {
+                    return Ok(());
+                }
+                0
+            } else {
+                sectors
+            };
+            let live = self.live();
+            self.meta.update(MetaEvent::ResyncOffset(value), live).await
+        });
+        let done = match self.gate_for_write() {
+            Some(g) => g.round("resync offset".into(), write).await,
+            None => write.await,
+        };
+        done.map_err(|source| RaidError::Meta {
+            array: self.name.clone(),
+            what: "ResyncOffset".into(),
+            source,
+        })
+    }
+
     /// Marks the superblocks dirty before the first write.
     async fn mark_dirty(&self) -> io::Result<()> {
         if self.dirty.load(Ordering::Acquire) {

@@ -696,8 +696,7 @@ async fn checkpoint(raid: &Raid1, job: &Job, pos: u64) {
     let result = match job.kind {
         // While the array is dirty the superblock keeps 0 (see `mark_dirty`): the
         // checkpoint is kept in memory and written at a clean stop.
-        SyncKind::Resync if raid.dirty.load(Ordering::Acquire) => Ok(()),
-        SyncKind::Resync => raid.meta_update(MetaEvent::ResyncOffset(pos / 512)).await,
+        SyncKind::Resync => raid.record_resync_offset(pos / 512, true).await,
         SyncKind::Recovery => {
             let mut r = Ok(());
             for &t in &job.targets {
@@ -726,12 +725,8 @@ async fn finish(raid: &Raid1, job: &Job) {
                 return;
             }
             *lock(&raid.sync.resync) = None;
-            let offset = if raid.dirty.load(Ordering::Acquire) {
-                0
-            } else {
-                u64::MAX
-            };
-            if let Err(e) = raid.meta_update(MetaEvent::ResyncOffset(offset)).await {
+            // 0 while the array is dirty (decided under the metadata lock).
+            if let Err(e) = raid.record_resync_offset(u64::MAX, false).await {
                 tracing::warn!("failed to record the end of resync: {e}");
             }
         }
@@ -756,6 +751,14 @@ async fn finish(raid: &Raid1, job: &Job) {
                 if let Some(bm) = raid.bitmap() {
                     bm.clear_all_needed();
                 }
+            } else if job.bitmap
+                && raid
+                    .bitmap()
+                    .is_some_and(|bm| !bm.needed_chunks().is_empty())
+            {
+                // Chunks marked after this run was planned (e.g. gathered again at a
+                // re-add): a resync copies them.
+                raid.sync.request_resync();
             }
         }
     }

@@ -1199,7 +1199,24 @@ impl Node {
             msg.uuid = device_uuid;
             message::publish_acked(to, msg, message::left(end))
                 .await
-                .map_err(|e| e.context(&format!("{} was added on node {} but not attached on every node; stop and assemble the array there", op.device, self.cfg.node)))
+                .map_err(|e| e.context(&format!("{} was added on node {} but not attached on every node; stop and assemble the array there", op.device, self.cfg.node)))?;
+            if former_dev.is_some() {
+                // Every node writes to the member now; what they wrote between the first
+                // gather and attaching it is only in their slots: gather again (the
+                // recovery copies it, or a resync right after it).
+                if let Some((engine, members)) = self.raid_of(name) {
+                    let slots = lock(&self.meta).get(name).map_or(0, |x| x.slots);
+                    match takeover::gather_slots(name, &engine, &members, m.slot, slots).await {
+                        Ok(n) => {
+                            // Marked before the token is released: the recovery, which
+                            // needs the token to start, plans with them.
+                            tracing::info!(array = %name, device = %op.device, chunks = n, "re-add: gathered again after attach");
+                        }
+                        Err(e) => tracing::error!(array = %name, "re-add: second gather: {e}"),
+                    }
+                }
+            }
+            Ok(())
         })
         .await;
         message::release_token(to, hold).await;

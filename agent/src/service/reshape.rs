@@ -123,7 +123,10 @@ impl Node {
                     reshape::undo_grow(&raid, &att, old).await;
                     let mut back = ClusterMsg::new(MsgType::MetadataUpdated, m.slot);
                     back.high = old;
-                    if let Err(e2) = message::publish_acked(to, back, message::left(end)).await {
+                    // Its own deadline: the first round may have used all of ours.
+                    if let Err(e2) =
+                        message::publish_acked(to, back, message::ROUND_DEADLINE).await
+                    {
                         tracing::error!(array = %name, "taking the other nodes back to the old size: {e2}");
                     }
                     return Err(e.context(&format!(
@@ -173,6 +176,16 @@ impl Node {
         let slots = lock(&self.meta).get(name).map_or(0, |x| x.slots);
         let members = self.raid_of(name).map(|(_, p)| p).unwrap_or_default();
         for s in (0..slots).filter(|&s| s != m.slot) {
+            // A slot with dirty bits belongs to a node that died or left dirty: its
+            // takeover (which must get the lock) brings it back; not ours to touch.
+            let paths = members.clone();
+            let dirty = tokio::task::spawn_blocking(move || super::takeover::slot_dirty(&paths, s))
+                .await
+                .unwrap_or(true);
+            if dirty {
+                tracing::info!(array = %name, slot = s, "not resizing a slot with dirty bits; its takeover will");
+                continue;
+            }
             let res = slot_lock(&m.uuid, s);
             let Ok(g) = session.acquire(&res, Mode::Exclusive, Wait::NoQueue).await else {
                 continue;
@@ -271,7 +284,23 @@ impl Node {
             for s in (0..meta.slots).filter(|&s| s != m.slot) {
                 let res = slot_lock(&m.uuid, s);
                 match session.acquire(&res, Mode::Exclusive, Wait::NoQueue).await {
-                    Ok(g) => others.push((res, g.token)),
+                    Ok(g) => {
+                        others.push((res, g.token));
+                        let paths = members.clone();
+                        let dirty = tokio::task::spawn_blocking(move || {
+                            super::takeover::slot_dirty(&paths, s)
+                        })
+                        .await
+                        .unwrap_or(true);
+                        if dirty {
+                            release_all(session, &others).await;
+                            return Err(self.err(
+                                Errno::Ebusy,
+                                name,
+                                format!("can't change the bitmap of {name} to none: bitmap slot {s} has dirty bits of a node that stopped uncleanly; let its takeover resync them (or assemble on that node again), then retry"),
+                            ));
+                        }
+                    }
                     Err(e) => {
                         release_all(session, &others).await;
                         let errno = if e.errno() == Errno::Ebusy {

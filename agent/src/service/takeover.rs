@@ -293,6 +293,15 @@ pub async fn gather_slots(
     Ok(marked)
 }
 
+/// Whether slot `slot` has a set bit on any readable member (unreadable: assumed yes).
+pub fn slot_dirty(paths: &[PathBuf], slot: u32) -> bool {
+    match read_slot_union(paths, slot) {
+        Ok(Some((bits, chunks))) => (0..chunks).any(|c| test_bit(&bits, c)),
+        Ok(None) => false,
+        Err(_) => true,
+    }
+}
+
 /// Brings unused slot `slot`'s header to an array of `sectors` on every readable
 /// member (`sync_size`, bits kept up to the new chunk count), as md-cluster's
 /// `update_size` does for slots no node holds. The caller holds that slot's lock.
