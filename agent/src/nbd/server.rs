@@ -9,11 +9,20 @@
 //!   [`ServerConfig::shutdown_timeout`] for them, then aborts the rest.
 //! - Negotiation is bounded by [`ServerConfig::handshake_timeout`], option data by 64 KiB.
 //! - A connection in transmission has one reader (itself), one writer task, and one task
-//!   per request. Requests in flight are capped by count
-//!   ([`ServerConfig::max_inflight_requests`]) and by payload bytes
-//!   ([`ServerConfig::max_inflight_bytes`]); when a cap is reached the reader stops
-//!   reading the socket. Replies go to the writer through a bounded channel and are
-//!   written in completion order (cookies let the client match them).
+//!   per request. Requests are capped by count ([`ServerConfig::max_inflight_requests`])
+//!   and by payload bytes ([`ServerConfig::max_inflight_bytes`]), and a request holds its
+//!   share from the moment the reader takes it until its reply has been written to the
+//!   socket (or the connection is gone). When a cap is reached the reader stops reading
+//!   the socket, so a client that does not read its replies stops being served instead
+//!   of making the server queue them. Replies go to the writer through a channel that
+//!   the count cap bounds, and are written in completion order (cookies let the client
+//!   match them).
+//! - Memory of one connection: the payloads of its requests — write data being read or
+//!   written to the device, read data being read, queued or written as a reply (copied
+//!   into a batch or not) — total at most `max(max_inflight_bytes, max_payload)` bytes,
+//!   each request counted by its length in whole KiB (at least 1 KiB). On top come fixed
+//!   costs: the 256 KiB request read buffer and 16 bytes of reply header per request in
+//!   flight.
 //! - A request that is out of range or too large gets an error reply and the connection
 //!   goes on (a write's payload is read and discarded first, up to
 //!   [`ServerConfig::max_drain`]; beyond that the connection is closed, as the payload
@@ -663,6 +672,27 @@ struct Reply {
     cookie: u64,
     error: u32,
     data: Option<Bytes>,
+    /// The request's share of the connection's caps, given back by the writer once the
+    /// reply has been written (or when the reply is dropped with the connection).
+    /// Declared last so the data is dropped first.
+    allowance: Allowance,
+}
+
+/// What one request holds of its connection's caps: a request slot and, for a read or
+/// a write, its payload bytes.
+struct Allowance {
+    _request: OwnedSemaphorePermit,
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+impl Allowance {
+    /// A request slot without payload bytes.
+    fn slot(request: OwnedSemaphorePermit) -> Self {
+        Allowance {
+            _request: request,
+            _bytes: None,
+        }
+    }
 }
 
 /// Why the reader stopped.
@@ -813,9 +843,14 @@ where
         }
         let req = proto::parse_request(&hdr)?;
         let action = proto::classify(&req, ctx.device.size(), cfg.max_payload);
+        if let Action::Disconnect = action {
+            // Needs no slot: a client that leaves is not held up by its own replies.
+            return Ok(ReadEnd::Disconnect);
+        }
         let permit = limits.request().await;
         let cookie = req.cookie;
         match action {
+            // Answered above; kept so the match stays exhaustive.
             Action::Disconnect => return Ok(ReadEnd::Disconnect),
             Action::Reject { error, drain } => {
                 if drain > cfg.max_drain {
@@ -831,7 +866,13 @@ where
                     cookie,
                     error,
                     data: None,
+                    allowance: Allowance {
+                        _request: permit,
+                        _bytes: None,
+                    },
                 };
+                // Never waits: every reply holds a request slot, and the channel has
+                // room for as many replies as there are slots.
                 if ctx.replies.send(reply).await.is_err() {
                     // The writer is gone; the connection is ending.
                     return Ok(ReadEnd::Eof);
@@ -844,13 +885,20 @@ where
                 let mut buf = iobuf::aligned_buf(len as usize);
                 rd.read_exact(buf.as_mut()).await?;
                 let data = buf.freeze();
-                spawn_request(&ctx, cookie, (permit, Some(bytes)), move |dev| {
+                let allowance = Allowance {
+                    _request: permit,
+                    _bytes: Some(bytes),
+                };
+                spawn_request(&ctx, cookie, allowance, move |dev| {
                     Box::pin(async move { dev.write(offset, data, fua).await.map(|()| None) })
                 });
             }
             Action::Read { offset, len } => {
-                let bytes = limits.payload(len).await;
-                spawn_request(&ctx, cookie, (permit, Some(bytes)), move |dev| {
+                let allowance = Allowance {
+                    _request: permit,
+                    _bytes: Some(limits.payload(len).await),
+                };
+                spawn_request(&ctx, cookie, allowance, move |dev| {
                     Box::pin(async move {
                         let data = dev.read(offset, len).await?;
                         if data.len() != len as usize {
@@ -863,12 +911,12 @@ where
                     })
                 });
             }
-            Action::Flush => spawn_request(&ctx, cookie, (permit, None), |dev| {
+            Action::Flush => spawn_request(&ctx, cookie, Allowance::slot(permit), |dev| {
                 Box::pin(async move { dev.flush().await.map(|()| None) })
             }),
             Action::Trim { offset, len } => {
                 let step = cfg.max_payload.max(1);
-                spawn_request(&ctx, cookie, (permit, None), move |dev| {
+                spawn_request(&ctx, cookie, Allowance::slot(permit), move |dev| {
                     Box::pin(async move {
                         for (off, n) in pieces(offset, len, step) {
                             dev.trim(off, n).await?;
@@ -879,7 +927,7 @@ where
             }
             Action::WriteZeroes { offset, len, fua } => {
                 let step = cfg.max_payload.max(1);
-                spawn_request(&ctx, cookie, (permit, None), move |dev| {
+                spawn_request(&ctx, cookie, Allowance::slot(permit), move |dev| {
                     Box::pin(async move {
                         for (off, n) in pieces(offset, len, step) {
                             dev.write_zeroes(off, n, fua).await?;
@@ -892,10 +940,9 @@ where
     }
 }
 
-type Permits = (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>);
-
-/// Runs one request in its own task and sends its reply to the writer.
-fn spawn_request<F>(ctx: &ReqCtx, cookie: u64, permits: Permits, op: F)
+/// Runs one request in its own task and sends its reply, with the request's allowance,
+/// to the writer.
+fn spawn_request<F>(ctx: &ReqCtx, cookie: u64, allowance: Allowance, op: F)
 where
     F: FnOnce(
             Arc<dyn BlockDevice>,
@@ -908,24 +955,22 @@ where
     tokio::spawn(
         async move {
             let result = op(Arc::clone(&ctx.device)).await;
-            let reply = match result {
-                Ok(data) => Reply {
-                    cookie,
-                    error: 0,
-                    data,
-                },
+            let (error, data) = match result {
+                Ok(data) => (0, data),
                 Err(e) => {
                     warn!(export = %ctx.export, "NBD request failed: {e}");
-                    Reply {
-                        cookie,
-                        error: proto::errno_of(&e),
-                        data: None,
-                    }
+                    (proto::errno_of(&e), None)
                 }
             };
-            // Fails only when the connection is gone: nobody to answer.
+            let reply = Reply {
+                cookie,
+                error,
+                data,
+                allowance,
+            };
+            // Fails only when the connection is gone: nobody to answer, and the
+            // allowance goes back with the dropped reply.
             let _ = ctx.replies.send(reply).await;
-            drop(permits);
         }
         .in_current_span(),
     );
@@ -966,18 +1011,21 @@ const MAX_IOV: usize = 64;
 /// Writes replies in completion order. What is ready is gathered into one batch
 /// (headers and small payloads copied together, large payloads referenced) and written
 /// with vectored writes, so a 1 MiB read reply costs no copy and no separate header
-/// write.
+/// write. The batch's allowances are given back once the whole batch is written: a
+/// request's cap share covers its reply until it has left the process.
 async fn write_replies<W>(mut w: W, mut rx: mpsc::Receiver<Reply>) -> io::Result<()>
 where
     W: AsyncWrite + Unpin,
 {
     let mut segs: VecDeque<Bytes> = VecDeque::new();
     let mut small = BytesMut::new();
+    // At most one entry per request slot: bounded by the count cap.
+    let mut held: Vec<Allowance> = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut batched = 0;
         let mut next = Some(first);
         while let Some(reply) = next {
-            batched += add_reply(&mut segs, &mut small, reply);
+            batched += add_reply(&mut segs, &mut small, &mut held, reply);
             next = if batched < BATCH_BYTES {
                 rx.try_recv().ok()
             } else {
@@ -988,14 +1036,28 @@ where
             segs.push_back(small.split().freeze());
         }
         write_all_vectored(&mut w, &mut segs).await?;
+        held.clear();
     }
     w.shutdown().await
 }
 
-/// Appends one reply to the batch; returns its size on the wire.
-fn add_reply(segs: &mut VecDeque<Bytes>, small: &mut BytesMut, reply: Reply) -> usize {
-    small.extend_from_slice(&proto::encode_simple_reply(reply.cookie, reply.error));
-    let Some(data) = reply.data.filter(|_| reply.error == 0) else {
+/// Appends one reply to the batch and its allowance to `held`; returns its size on the
+/// wire.
+fn add_reply(
+    segs: &mut VecDeque<Bytes>,
+    small: &mut BytesMut,
+    held: &mut Vec<Allowance>,
+    reply: Reply,
+) -> usize {
+    let Reply {
+        cookie,
+        error,
+        data,
+        allowance,
+    } = reply;
+    held.push(allowance);
+    small.extend_from_slice(&proto::encode_simple_reply(cookie, error));
+    let Some(data) = data.filter(|_| error == 0) else {
         return proto::SIMPLE_REPLY_LEN;
     };
     let len = data.len();
@@ -1303,6 +1365,7 @@ mod tests {
         // A pipe smaller than one reply: every writev is partial.
         let (mut client, server) = tokio::io::duplex(4096);
         let (tx, rx) = mpsc::channel(64);
+        let limits = Limits::new(&ServerConfig::default());
         let writer = tokio::spawn(write_replies(server, rx));
         let sizes = [5usize, 0, 10, 16 << 10, (16 << 10) + 1, 1 << 20, 3, 300_000];
         let mut expected = Vec::new();
@@ -1318,6 +1381,7 @@ mod tests {
                 cookie: i as u64,
                 error,
                 data: Some(Bytes::from(data)),
+                allowance: Allowance::slot(limits.request().await),
             };
             tx.send(reply).await.unwrap();
         }
@@ -1327,6 +1391,11 @@ mod tests {
         writer.await.unwrap().unwrap();
         assert_eq!(got.len(), expected.len());
         assert!(got == expected);
+        // Every allowance came back with its written reply.
+        assert_eq!(
+            limits.requests.available_permits(),
+            ServerConfig::default().max_inflight_requests
+        );
     }
 
     #[test]
