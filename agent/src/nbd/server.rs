@@ -1101,34 +1101,69 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::time::Instant;
+
     use tokio::io::DuplexStream;
 
     use super::*;
-    use crate::blockdev::FileDevice;
+    use crate::blockdev::{FileDevice, IoFuture};
     use crate::nbd::exports::{ExportState, MapExports};
 
-    /// A connection task over an in-memory pipe, serving `md0` (1 MiB file) with `cfg`.
-    struct Pipe {
-        c: DuplexStream,
-        _dir: tempfile::TempDir,
+    /// A connection task serving `md0` with `cfg`; the test is the client on `c`.
+    struct Pipe<C = DuplexStream> {
+        c: C,
+        /// The connection task.
+        task: tokio::task::JoinHandle<()>,
+        /// Cancelling it shuts the connection down as a server stop does.
+        shutdown: CancellationToken,
+        _dir: Option<tempfile::TempDir>,
     }
 
     impl Pipe {
+        /// Over an in-memory pipe, `md0` a 1 MiB file.
         async fn start(cfg: ServerConfig, client_flags: u32) -> Pipe {
             let dir = tempfile::tempdir().unwrap();
-            let exports = Arc::new(MapExports::new());
             let dev = FileDevice::create(&dir.path().join("md0"), 1 << 20).unwrap();
-            exports.insert("md0", Arc::new(dev), ExportState::Active);
+            let (c, s) = tokio::io::duplex(1 << 20);
+            let p = Pipe::serve(c, s, Arc::new(dev), cfg, client_flags).await;
+            Pipe {
+                _dir: Some(dir),
+                ..p
+            }
+        }
+    }
+
+    impl<C: AsyncRead + AsyncWrite + Unpin> Pipe<C> {
+        /// Serves `dev` as `md0` on `server`; reads the greeting on `c` and sends the
+        /// client flags.
+        async fn serve<S>(
+            c: C,
+            server: S,
+            dev: Arc<dyn BlockDevice>,
+            cfg: ServerConfig,
+            client_flags: u32,
+        ) -> Pipe<C>
+        where
+            S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        {
+            let exports = Arc::new(MapExports::new());
+            exports.insert("md0", dev, ExportState::Active);
             let ctx = Arc::new(Ctx {
                 exports,
                 scope: Scope::All,
                 config: cfg,
                 listener: "test".into(),
             });
-            let (c, s) = tokio::io::duplex(1 << 20);
             let client = ClientInfo::new("test");
-            tokio::spawn(connection(s, client, ctx, CancellationToken::new()));
-            let mut p = Pipe { c, _dir: dir };
+            let shutdown = CancellationToken::new();
+            let task = tokio::spawn(connection(server, client, ctx, shutdown.clone()));
+            let mut p = Pipe {
+                c,
+                task,
+                shutdown,
+                _dir: None,
+            };
             let mut g = [0u8; proto::GREETING_LEN];
             p.c.read_exact(&mut g).await.unwrap();
             assert_eq!(g, proto::greeting());
@@ -1314,6 +1349,234 @@ mod tests {
         assert_eq!(cookies, (10..30).collect::<Vec<_>>());
         p.request(proto::CMD_WRITE, 2, 0, 100_000, &[]).await;
         assert!(p.closed().await);
+    }
+
+    /// What a [`CountedReads`] device has handed out.
+    #[derive(Default)]
+    struct Meter {
+        /// Reads answered so far.
+        served: AtomicUsize,
+        /// Bytes of read data still alive (held by the server), and their peak.
+        bytes: AtomicUsize,
+        peak_bytes: AtomicUsize,
+        /// Read buffers still alive, and their peak.
+        bufs: AtomicUsize,
+        peak_bufs: AtomicUsize,
+    }
+
+    /// An in-memory device whose reads return fresh buffers that are counted while they
+    /// are alive, so a test sees how much read data the server holds at any time. Byte
+    /// `pos` of the device is `pattern(pos)`.
+    struct CountedReads {
+        size: u64,
+        meter: Arc<Meter>,
+    }
+
+    /// One read's data; uncounted when dropped.
+    struct Counted {
+        data: Vec<u8>,
+        meter: Arc<Meter>,
+    }
+
+    impl AsRef<[u8]> for Counted {
+        fn as_ref(&self) -> &[u8] {
+            &self.data
+        }
+    }
+
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.meter.bytes.fetch_sub(self.data.len(), SeqCst);
+            self.meter.bufs.fetch_sub(1, SeqCst);
+        }
+    }
+
+    fn pattern(pos: u64) -> u8 {
+        (pos % 251) as u8
+    }
+
+    impl BlockDevice for CountedReads {
+        fn size(&self) -> u64 {
+            self.size
+        }
+
+        fn read(&self, offset: u64, len: u32) -> IoFuture<'_, Bytes> {
+            let data: Vec<u8> = (offset..offset + u64::from(len)).map(pattern).collect();
+            let m = &self.meter;
+            let bytes = m.bytes.fetch_add(data.len(), SeqCst) + data.len();
+            m.peak_bytes.fetch_max(bytes, SeqCst);
+            let bufs = m.bufs.fetch_add(1, SeqCst) + 1;
+            m.peak_bufs.fetch_max(bufs, SeqCst);
+            m.served.fetch_add(1, SeqCst);
+            let meter = Arc::clone(m);
+            Box::pin(async move { Ok(Bytes::from_owner(Counted { data, meter })) })
+        }
+
+        fn write(&self, _: u64, _: Bytes, _: bool) -> IoFuture<'_, ()> {
+            Box::pin(async { Err(io::Error::other("read-only test device")) })
+        }
+
+        fn flush(&self) -> IoFuture<'_, ()> {
+            Box::pin(async { Ok(()) })
+        }
+
+        fn trim(&self, _: u64, _: u32) -> IoFuture<'_, ()> {
+            Box::pin(async { Ok(()) })
+        }
+
+        fn write_zeroes(&self, _: u64, _: u32, _: bool) -> IoFuture<'_, ()> {
+            Box::pin(async { Err(io::Error::other("read-only test device")) })
+        }
+    }
+
+    /// Read size of the slow-reader tests.
+    const LEN: u32 = 64 << 10;
+    /// Reads the slow-reader tests send: 16 MiB, far more than the caps they set.
+    const N: u64 = 256;
+
+    /// A connection over a real unix socket pair to a [`CountedReads`] device of `N`
+    /// reads, past negotiation.
+    async fn counted_connection(cfg: ServerConfig) -> (Pipe<UnixStream>, Arc<Meter>) {
+        let meter = Arc::new(Meter::default());
+        let dev = CountedReads {
+            size: N * u64::from(LEN),
+            meter: Arc::clone(&meter),
+        };
+        let (c, s) = UnixStream::pair().unwrap();
+        let mut p = Pipe::serve(c, s, Arc::new(dev), cfg, 3).await;
+        p.option(proto::OPT_GO, &info_data("md0", &[])).await;
+        while p.reply(proto::OPT_GO).await.0 != proto::REP_ACK {}
+        (p, meter)
+    }
+
+    /// Sends the `N` reads at once (7 KiB of requests: the socket takes them all).
+    async fn send_all_reads(c: &mut UnixStream) {
+        let mut reqs = Vec::new();
+        for i in 0..N {
+            reqs.extend_from_slice(&proto::encode_request(&proto::Request {
+                flags: 0,
+                command: proto::CMD_READ,
+                cookie: i,
+                offset: i * u64::from(LEN),
+                len: LEN,
+            }));
+        }
+        c.write_all(&reqs).await.unwrap();
+    }
+
+    /// Waits until at least `at_least` reads are served and then no more for 300 ms;
+    /// returns how many were served.
+    async fn served_when_settled(meter: &Meter, at_least: usize) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (mut last, mut quiet) = (usize::MAX, 0);
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let n = meter.served.load(SeqCst);
+            quiet = if n >= at_least && n == last {
+                quiet + 1
+            } else {
+                0
+            };
+            if quiet == 6 {
+                return n;
+            }
+            last = n;
+            assert!(Instant::now() < deadline, "served {n} reads, never settled");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_does_not_read_replies_is_held_to_the_caps() {
+        // The byte cap allows 16 reads at once, the count cap 4; a request keeps its
+        // share until its reply is on the socket, so read data held by the server never
+        // exceeds that, however many requests the client sends.
+        let byte_cap = ServerConfig {
+            max_inflight_bytes: 1 << 20,
+            max_payload: LEN,
+            ..ServerConfig::default()
+        };
+        let count_cap = ServerConfig {
+            max_inflight_requests: 4,
+            max_payload: LEN,
+            ..ServerConfig::default()
+        };
+        for (cfg, cap) in [(byte_cap, 16), (count_cap, 4)] {
+            let (mut p, meter) = counted_connection(cfg).await;
+            send_all_reads(&mut p.c).await;
+            // The server serves what its caps allow plus what the socket buffer takes,
+            // then stops taking requests.
+            let served = served_when_settled(&meter, cap).await;
+            assert!(
+                served < N as usize / 2,
+                "cap {cap}: served {served} of {N} reads to a client that reads nothing"
+            );
+            let check_peaks = |when: &str| {
+                let bufs = meter.peak_bufs.load(SeqCst);
+                let bytes = meter.peak_bytes.load(SeqCst);
+                assert!(
+                    bufs <= cap && bytes <= cap * LEN as usize,
+                    "cap {cap} ({when}): the server held {bufs} read buffers, {bytes} bytes"
+                );
+            };
+            check_peaks("client not reading");
+            // The client reads: every reply arrives, whole and correct.
+            let mut seen = vec![false; N as usize];
+            let mut data = vec![0u8; LEN as usize];
+            for _ in 0..N {
+                let (cookie, error) = p.simple_reply().await;
+                assert_eq!(error, 0, "reply {cookie}");
+                p.c.read_exact(&mut data).await.unwrap();
+                let start = cookie * u64::from(LEN);
+                assert!(
+                    data.iter().zip(start..).all(|(&b, pos)| b == pattern(pos)),
+                    "reply {cookie} carries the wrong data"
+                );
+                assert!(!std::mem::replace(&mut seen[cookie as usize], true));
+            }
+            assert_eq!(meter.served.load(SeqCst), N as usize);
+            check_peaks("client reading");
+            p.request(proto::CMD_DISC, 0, 0, 0, &[]).await;
+            assert!(p.closed().await);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stuck_client_that_leaves_or_is_shut_down_releases_everything() {
+        for shut_down in [false, true] {
+            let cfg = ServerConfig {
+                max_inflight_bytes: 1 << 20,
+                max_payload: LEN,
+                ..ServerConfig::default()
+            };
+            let (mut p, meter) = counted_connection(cfg).await;
+            send_all_reads(&mut p.c).await;
+            served_when_settled(&meter, 16).await;
+            // Replies are stuck (the socket is full, the caps are taken); the client
+            // closes, or the server shuts down while the client stays.
+            let Pipe {
+                c, task, shutdown, ..
+            } = p;
+            let _client = if shut_down {
+                shutdown.cancel();
+                Some(c)
+            } else {
+                drop(c);
+                None
+            };
+            tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("the connection ends")
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while meter.bufs.load(SeqCst) > 0 {
+                assert!(
+                    Instant::now() < deadline,
+                    "shut down {shut_down}: {} read buffers never freed",
+                    meter.bufs.load(SeqCst)
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
     }
 
     #[tokio::test]
