@@ -9,11 +9,20 @@
 //!   [`ServerConfig::shutdown_timeout`] for them, then aborts the rest.
 //! - Negotiation is bounded by [`ServerConfig::handshake_timeout`], option data by 64 KiB.
 //! - A connection in transmission has one reader (itself), one writer task, and one task
-//!   per request. Requests in flight are capped by count
-//!   ([`ServerConfig::max_inflight_requests`]) and by payload bytes
-//!   ([`ServerConfig::max_inflight_bytes`]); when a cap is reached the reader stops
-//!   reading the socket. Replies go to the writer through a bounded channel and are
-//!   written in completion order (cookies let the client match them).
+//!   per request. Requests are capped by count ([`ServerConfig::max_inflight_requests`])
+//!   and by payload bytes ([`ServerConfig::max_inflight_bytes`]), and a request holds its
+//!   share from the moment the reader takes it until its reply has been written to the
+//!   socket (or the connection is gone). When a cap is reached the reader stops reading
+//!   the socket, so a client that does not read its replies stops being served instead
+//!   of making the server queue them. Replies go to the writer through a channel that
+//!   the count cap bounds, and are written in completion order (cookies let the client
+//!   match them).
+//! - Memory of one connection: the payloads of its requests — write data being read or
+//!   written to the device, read data being read, queued or written as a reply (copied
+//!   into a batch or not) — total at most `max(max_inflight_bytes, max_payload)` bytes,
+//!   each request counted by its length in whole KiB (at least 1 KiB). On top come fixed
+//!   costs: the 256 KiB request read buffer and 16 bytes of reply header per request in
+//!   flight.
 //! - A request that is out of range or too large gets an error reply and the connection
 //!   goes on (a write's payload is read and discarded first, up to
 //!   [`ServerConfig::max_drain`]; beyond that the connection is closed, as the payload
@@ -663,6 +672,27 @@ struct Reply {
     cookie: u64,
     error: u32,
     data: Option<Bytes>,
+    /// The request's share of the connection's caps, given back by the writer once the
+    /// reply has been written (or when the reply is dropped with the connection).
+    /// Declared last so the data is dropped first.
+    allowance: Allowance,
+}
+
+/// What one request holds of its connection's caps: a request slot and, for a read or
+/// a write, its payload bytes.
+struct Allowance {
+    _request: OwnedSemaphorePermit,
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+impl Allowance {
+    /// A request slot without payload bytes.
+    fn slot(request: OwnedSemaphorePermit) -> Self {
+        Allowance {
+            _request: request,
+            _bytes: None,
+        }
+    }
 }
 
 /// Why the reader stopped.
@@ -813,9 +843,14 @@ where
         }
         let req = proto::parse_request(&hdr)?;
         let action = proto::classify(&req, ctx.device.size(), cfg.max_payload);
+        if let Action::Disconnect = action {
+            // Needs no slot: a client that leaves is not held up by its own replies.
+            return Ok(ReadEnd::Disconnect);
+        }
         let permit = limits.request().await;
         let cookie = req.cookie;
         match action {
+            // Answered above; kept so the match stays exhaustive.
             Action::Disconnect => return Ok(ReadEnd::Disconnect),
             Action::Reject { error, drain } => {
                 if drain > cfg.max_drain {
@@ -831,7 +866,13 @@ where
                     cookie,
                     error,
                     data: None,
+                    allowance: Allowance {
+                        _request: permit,
+                        _bytes: None,
+                    },
                 };
+                // Never waits: every reply holds a request slot, and the channel has
+                // room for as many replies as there are slots.
                 if ctx.replies.send(reply).await.is_err() {
                     // The writer is gone; the connection is ending.
                     return Ok(ReadEnd::Eof);
@@ -844,13 +885,20 @@ where
                 let mut buf = iobuf::aligned_buf(len as usize);
                 rd.read_exact(buf.as_mut()).await?;
                 let data = buf.freeze();
-                spawn_request(&ctx, cookie, (permit, Some(bytes)), move |dev| {
+                let allowance = Allowance {
+                    _request: permit,
+                    _bytes: Some(bytes),
+                };
+                spawn_request(&ctx, cookie, allowance, move |dev| {
                     Box::pin(async move { dev.write(offset, data, fua).await.map(|()| None) })
                 });
             }
             Action::Read { offset, len } => {
-                let bytes = limits.payload(len).await;
-                spawn_request(&ctx, cookie, (permit, Some(bytes)), move |dev| {
+                let allowance = Allowance {
+                    _request: permit,
+                    _bytes: Some(limits.payload(len).await),
+                };
+                spawn_request(&ctx, cookie, allowance, move |dev| {
                     Box::pin(async move {
                         let data = dev.read(offset, len).await?;
                         if data.len() != len as usize {
@@ -863,12 +911,12 @@ where
                     })
                 });
             }
-            Action::Flush => spawn_request(&ctx, cookie, (permit, None), |dev| {
+            Action::Flush => spawn_request(&ctx, cookie, Allowance::slot(permit), |dev| {
                 Box::pin(async move { dev.flush().await.map(|()| None) })
             }),
             Action::Trim { offset, len } => {
                 let step = cfg.max_payload.max(1);
-                spawn_request(&ctx, cookie, (permit, None), move |dev| {
+                spawn_request(&ctx, cookie, Allowance::slot(permit), move |dev| {
                     Box::pin(async move {
                         for (off, n) in pieces(offset, len, step) {
                             dev.trim(off, n).await?;
@@ -879,7 +927,7 @@ where
             }
             Action::WriteZeroes { offset, len, fua } => {
                 let step = cfg.max_payload.max(1);
-                spawn_request(&ctx, cookie, (permit, None), move |dev| {
+                spawn_request(&ctx, cookie, Allowance::slot(permit), move |dev| {
                     Box::pin(async move {
                         for (off, n) in pieces(offset, len, step) {
                             dev.write_zeroes(off, n, fua).await?;
@@ -892,10 +940,9 @@ where
     }
 }
 
-type Permits = (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>);
-
-/// Runs one request in its own task and sends its reply to the writer.
-fn spawn_request<F>(ctx: &ReqCtx, cookie: u64, permits: Permits, op: F)
+/// Runs one request in its own task and sends its reply, with the request's allowance,
+/// to the writer.
+fn spawn_request<F>(ctx: &ReqCtx, cookie: u64, allowance: Allowance, op: F)
 where
     F: FnOnce(
             Arc<dyn BlockDevice>,
@@ -908,24 +955,22 @@ where
     tokio::spawn(
         async move {
             let result = op(Arc::clone(&ctx.device)).await;
-            let reply = match result {
-                Ok(data) => Reply {
-                    cookie,
-                    error: 0,
-                    data,
-                },
+            let (error, data) = match result {
+                Ok(data) => (0, data),
                 Err(e) => {
                     warn!(export = %ctx.export, "NBD request failed: {e}");
-                    Reply {
-                        cookie,
-                        error: proto::errno_of(&e),
-                        data: None,
-                    }
+                    (proto::errno_of(&e), None)
                 }
             };
-            // Fails only when the connection is gone: nobody to answer.
+            let reply = Reply {
+                cookie,
+                error,
+                data,
+                allowance,
+            };
+            // Fails only when the connection is gone: nobody to answer, and the
+            // allowance goes back with the dropped reply.
             let _ = ctx.replies.send(reply).await;
-            drop(permits);
         }
         .in_current_span(),
     );
@@ -966,18 +1011,21 @@ const MAX_IOV: usize = 64;
 /// Writes replies in completion order. What is ready is gathered into one batch
 /// (headers and small payloads copied together, large payloads referenced) and written
 /// with vectored writes, so a 1 MiB read reply costs no copy and no separate header
-/// write.
+/// write. The batch's allowances are given back once the whole batch is written: a
+/// request's cap share covers its reply until it has left the process.
 async fn write_replies<W>(mut w: W, mut rx: mpsc::Receiver<Reply>) -> io::Result<()>
 where
     W: AsyncWrite + Unpin,
 {
     let mut segs: VecDeque<Bytes> = VecDeque::new();
     let mut small = BytesMut::new();
+    // At most one entry per request slot: bounded by the count cap.
+    let mut held: Vec<Allowance> = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut batched = 0;
         let mut next = Some(first);
         while let Some(reply) = next {
-            batched += add_reply(&mut segs, &mut small, reply);
+            batched += add_reply(&mut segs, &mut small, &mut held, reply);
             next = if batched < BATCH_BYTES {
                 rx.try_recv().ok()
             } else {
@@ -988,14 +1036,28 @@ where
             segs.push_back(small.split().freeze());
         }
         write_all_vectored(&mut w, &mut segs).await?;
+        held.clear();
     }
     w.shutdown().await
 }
 
-/// Appends one reply to the batch; returns its size on the wire.
-fn add_reply(segs: &mut VecDeque<Bytes>, small: &mut BytesMut, reply: Reply) -> usize {
-    small.extend_from_slice(&proto::encode_simple_reply(reply.cookie, reply.error));
-    let Some(data) = reply.data.filter(|_| reply.error == 0) else {
+/// Appends one reply to the batch and its allowance to `held`; returns its size on the
+/// wire.
+fn add_reply(
+    segs: &mut VecDeque<Bytes>,
+    small: &mut BytesMut,
+    held: &mut Vec<Allowance>,
+    reply: Reply,
+) -> usize {
+    let Reply {
+        cookie,
+        error,
+        data,
+        allowance,
+    } = reply;
+    held.push(allowance);
+    small.extend_from_slice(&proto::encode_simple_reply(cookie, error));
+    let Some(data) = data.filter(|_| error == 0) else {
         return proto::SIMPLE_REPLY_LEN;
     };
     let len = data.len();
@@ -1039,34 +1101,69 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::time::Instant;
+
     use tokio::io::DuplexStream;
 
     use super::*;
-    use crate::blockdev::FileDevice;
+    use crate::blockdev::{FileDevice, IoFuture};
     use crate::nbd::exports::{ExportState, MapExports};
 
-    /// A connection task over an in-memory pipe, serving `md0` (1 MiB file) with `cfg`.
-    struct Pipe {
-        c: DuplexStream,
-        _dir: tempfile::TempDir,
+    /// A connection task serving `md0` with `cfg`; the test is the client on `c`.
+    struct Pipe<C = DuplexStream> {
+        c: C,
+        /// The connection task.
+        task: tokio::task::JoinHandle<()>,
+        /// Cancelling it shuts the connection down as a server stop does.
+        shutdown: CancellationToken,
+        _dir: Option<tempfile::TempDir>,
     }
 
     impl Pipe {
+        /// Over an in-memory pipe, `md0` a 1 MiB file.
         async fn start(cfg: ServerConfig, client_flags: u32) -> Pipe {
             let dir = tempfile::tempdir().unwrap();
-            let exports = Arc::new(MapExports::new());
             let dev = FileDevice::create(&dir.path().join("md0"), 1 << 20).unwrap();
-            exports.insert("md0", Arc::new(dev), ExportState::Active);
+            let (c, s) = tokio::io::duplex(1 << 20);
+            let p = Pipe::serve(c, s, Arc::new(dev), cfg, client_flags).await;
+            Pipe {
+                _dir: Some(dir),
+                ..p
+            }
+        }
+    }
+
+    impl<C: AsyncRead + AsyncWrite + Unpin> Pipe<C> {
+        /// Serves `dev` as `md0` on `server`; reads the greeting on `c` and sends the
+        /// client flags.
+        async fn serve<S>(
+            c: C,
+            server: S,
+            dev: Arc<dyn BlockDevice>,
+            cfg: ServerConfig,
+            client_flags: u32,
+        ) -> Pipe<C>
+        where
+            S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        {
+            let exports = Arc::new(MapExports::new());
+            exports.insert("md0", dev, ExportState::Active);
             let ctx = Arc::new(Ctx {
                 exports,
                 scope: Scope::All,
                 config: cfg,
                 listener: "test".into(),
             });
-            let (c, s) = tokio::io::duplex(1 << 20);
             let client = ClientInfo::new("test");
-            tokio::spawn(connection(s, client, ctx, CancellationToken::new()));
-            let mut p = Pipe { c, _dir: dir };
+            let shutdown = CancellationToken::new();
+            let task = tokio::spawn(connection(server, client, ctx, shutdown.clone()));
+            let mut p = Pipe {
+                c,
+                task,
+                shutdown,
+                _dir: None,
+            };
             let mut g = [0u8; proto::GREETING_LEN];
             p.c.read_exact(&mut g).await.unwrap();
             assert_eq!(g, proto::greeting());
@@ -1254,6 +1351,234 @@ mod tests {
         assert!(p.closed().await);
     }
 
+    /// What a [`CountedReads`] device has handed out.
+    #[derive(Default)]
+    struct Meter {
+        /// Reads answered so far.
+        served: AtomicUsize,
+        /// Bytes of read data still alive (held by the server), and their peak.
+        bytes: AtomicUsize,
+        peak_bytes: AtomicUsize,
+        /// Read buffers still alive, and their peak.
+        bufs: AtomicUsize,
+        peak_bufs: AtomicUsize,
+    }
+
+    /// An in-memory device whose reads return fresh buffers that are counted while they
+    /// are alive, so a test sees how much read data the server holds at any time. Byte
+    /// `pos` of the device is `pattern(pos)`.
+    struct CountedReads {
+        size: u64,
+        meter: Arc<Meter>,
+    }
+
+    /// One read's data; uncounted when dropped.
+    struct Counted {
+        data: Vec<u8>,
+        meter: Arc<Meter>,
+    }
+
+    impl AsRef<[u8]> for Counted {
+        fn as_ref(&self) -> &[u8] {
+            &self.data
+        }
+    }
+
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.meter.bytes.fetch_sub(self.data.len(), SeqCst);
+            self.meter.bufs.fetch_sub(1, SeqCst);
+        }
+    }
+
+    fn pattern(pos: u64) -> u8 {
+        (pos % 251) as u8
+    }
+
+    impl BlockDevice for CountedReads {
+        fn size(&self) -> u64 {
+            self.size
+        }
+
+        fn read(&self, offset: u64, len: u32) -> IoFuture<'_, Bytes> {
+            let data: Vec<u8> = (offset..offset + u64::from(len)).map(pattern).collect();
+            let m = &self.meter;
+            let bytes = m.bytes.fetch_add(data.len(), SeqCst) + data.len();
+            m.peak_bytes.fetch_max(bytes, SeqCst);
+            let bufs = m.bufs.fetch_add(1, SeqCst) + 1;
+            m.peak_bufs.fetch_max(bufs, SeqCst);
+            m.served.fetch_add(1, SeqCst);
+            let meter = Arc::clone(m);
+            Box::pin(async move { Ok(Bytes::from_owner(Counted { data, meter })) })
+        }
+
+        fn write(&self, _: u64, _: Bytes, _: bool) -> IoFuture<'_, ()> {
+            Box::pin(async { Err(io::Error::other("read-only test device")) })
+        }
+
+        fn flush(&self) -> IoFuture<'_, ()> {
+            Box::pin(async { Ok(()) })
+        }
+
+        fn trim(&self, _: u64, _: u32) -> IoFuture<'_, ()> {
+            Box::pin(async { Ok(()) })
+        }
+
+        fn write_zeroes(&self, _: u64, _: u32, _: bool) -> IoFuture<'_, ()> {
+            Box::pin(async { Err(io::Error::other("read-only test device")) })
+        }
+    }
+
+    /// Read size of the slow-reader tests.
+    const LEN: u32 = 64 << 10;
+    /// Reads the slow-reader tests send: 16 MiB, far more than the caps they set.
+    const N: u64 = 256;
+
+    /// A connection over a real unix socket pair to a [`CountedReads`] device of `N`
+    /// reads, past negotiation.
+    async fn counted_connection(cfg: ServerConfig) -> (Pipe<UnixStream>, Arc<Meter>) {
+        let meter = Arc::new(Meter::default());
+        let dev = CountedReads {
+            size: N * u64::from(LEN),
+            meter: Arc::clone(&meter),
+        };
+        let (c, s) = UnixStream::pair().unwrap();
+        let mut p = Pipe::serve(c, s, Arc::new(dev), cfg, 3).await;
+        p.option(proto::OPT_GO, &info_data("md0", &[])).await;
+        while p.reply(proto::OPT_GO).await.0 != proto::REP_ACK {}
+        (p, meter)
+    }
+
+    /// Sends the `N` reads at once (7 KiB of requests: the socket takes them all).
+    async fn send_all_reads(c: &mut UnixStream) {
+        let mut reqs = Vec::new();
+        for i in 0..N {
+            reqs.extend_from_slice(&proto::encode_request(&proto::Request {
+                flags: 0,
+                command: proto::CMD_READ,
+                cookie: i,
+                offset: i * u64::from(LEN),
+                len: LEN,
+            }));
+        }
+        c.write_all(&reqs).await.unwrap();
+    }
+
+    /// Waits until at least `at_least` reads are served and then no more for 300 ms;
+    /// returns how many were served.
+    async fn served_when_settled(meter: &Meter, at_least: usize) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (mut last, mut quiet) = (usize::MAX, 0);
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let n = meter.served.load(SeqCst);
+            quiet = if n >= at_least && n == last {
+                quiet + 1
+            } else {
+                0
+            };
+            if quiet == 6 {
+                return n;
+            }
+            last = n;
+            assert!(Instant::now() < deadline, "served {n} reads, never settled");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_does_not_read_replies_is_held_to_the_caps() {
+        // The byte cap allows 16 reads at once, the count cap 4; a request keeps its
+        // share until its reply is on the socket, so read data held by the server never
+        // exceeds that, however many requests the client sends.
+        let byte_cap = ServerConfig {
+            max_inflight_bytes: 1 << 20,
+            max_payload: LEN,
+            ..ServerConfig::default()
+        };
+        let count_cap = ServerConfig {
+            max_inflight_requests: 4,
+            max_payload: LEN,
+            ..ServerConfig::default()
+        };
+        for (cfg, cap) in [(byte_cap, 16), (count_cap, 4)] {
+            let (mut p, meter) = counted_connection(cfg).await;
+            send_all_reads(&mut p.c).await;
+            // The server serves what its caps allow plus what the socket buffer takes,
+            // then stops taking requests.
+            let served = served_when_settled(&meter, cap).await;
+            assert!(
+                served < N as usize / 2,
+                "cap {cap}: served {served} of {N} reads to a client that reads nothing"
+            );
+            let check_peaks = |when: &str| {
+                let bufs = meter.peak_bufs.load(SeqCst);
+                let bytes = meter.peak_bytes.load(SeqCst);
+                assert!(
+                    bufs <= cap && bytes <= cap * LEN as usize,
+                    "cap {cap} ({when}): the server held {bufs} read buffers, {bytes} bytes"
+                );
+            };
+            check_peaks("client not reading");
+            // The client reads: every reply arrives, whole and correct.
+            let mut seen = vec![false; N as usize];
+            let mut data = vec![0u8; LEN as usize];
+            for _ in 0..N {
+                let (cookie, error) = p.simple_reply().await;
+                assert_eq!(error, 0, "reply {cookie}");
+                p.c.read_exact(&mut data).await.unwrap();
+                let start = cookie * u64::from(LEN);
+                assert!(
+                    data.iter().zip(start..).all(|(&b, pos)| b == pattern(pos)),
+                    "reply {cookie} carries the wrong data"
+                );
+                assert!(!std::mem::replace(&mut seen[cookie as usize], true));
+            }
+            assert_eq!(meter.served.load(SeqCst), N as usize);
+            check_peaks("client reading");
+            p.request(proto::CMD_DISC, 0, 0, 0, &[]).await;
+            assert!(p.closed().await);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stuck_client_that_leaves_or_is_shut_down_releases_everything() {
+        for shut_down in [false, true] {
+            let cfg = ServerConfig {
+                max_inflight_bytes: 1 << 20,
+                max_payload: LEN,
+                ..ServerConfig::default()
+            };
+            let (mut p, meter) = counted_connection(cfg).await;
+            send_all_reads(&mut p.c).await;
+            served_when_settled(&meter, 16).await;
+            // Replies are stuck (the socket is full, the caps are taken); the client
+            // closes, or the server shuts down while the client stays.
+            let Pipe {
+                c, task, shutdown, ..
+            } = p;
+            let _client = if shut_down {
+                shutdown.cancel();
+                Some(c)
+            } else {
+                drop(c);
+                None
+            };
+            tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("the connection ends")
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while meter.bufs.load(SeqCst) > 0 {
+                assert!(
+                    Instant::now() < deadline,
+                    "shut down {shut_down}: {} read buffers never freed",
+                    meter.bufs.load(SeqCst)
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+
     #[tokio::test]
     async fn connection_cap_refuses_extra_clients_and_stop_removes_the_socket() {
         let dir = tempfile::tempdir().unwrap();
@@ -1303,6 +1628,7 @@ mod tests {
         // A pipe smaller than one reply: every writev is partial.
         let (mut client, server) = tokio::io::duplex(4096);
         let (tx, rx) = mpsc::channel(64);
+        let limits = Limits::new(&ServerConfig::default());
         let writer = tokio::spawn(write_replies(server, rx));
         let sizes = [5usize, 0, 10, 16 << 10, (16 << 10) + 1, 1 << 20, 3, 300_000];
         let mut expected = Vec::new();
@@ -1318,6 +1644,7 @@ mod tests {
                 cookie: i as u64,
                 error,
                 data: Some(Bytes::from(data)),
+                allowance: Allowance::slot(limits.request().await),
             };
             tx.send(reply).await.unwrap();
         }
@@ -1327,6 +1654,11 @@ mod tests {
         writer.await.unwrap().unwrap();
         assert_eq!(got.len(), expected.len());
         assert!(got == expected);
+        // Every allowance came back with its written reply.
+        assert_eq!(
+            limits.requests.available_permits(),
+            ServerConfig::default().max_inflight_requests
+        );
     }
 
     #[test]
