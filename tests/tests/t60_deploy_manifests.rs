@@ -9,6 +9,11 @@
 //!   the device allow-list changed, each explicitly) form a cluster: two nodes register,
 //!   a clustered mirror is created on one and assembled on the other, and SIGTERM (the
 //!   kubelet's) stops every process with status 0 within the pod's grace period.
+//! - The probes are real: every `grpc:` probe of the Deployment and the DaemonSet, made
+//!   as the kubelet makes it, passes on the running processes; the agent's readiness
+//!   follows its lock-service session (NOT_SERVING once mdserver is gone long enough for
+//!   the session to be lost, SERVING again once a new one is open) while its liveness
+//!   stays SERVING.
 //! - The systemd units pass `systemd-analyze verify`, restart on failure (the agent's
 //!   self-fencing exit 75 included), and every variable of their environment files,
 //!   like every key of the ConfigMap, is one the binaries read.
@@ -17,7 +22,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use mdcluster_tests::deploy::{deploy_dir, Manifests, Proc};
+use mdcluster_tests::deploy::{
+    deploy_dir, grpc_probe, ContainerSpec, GrpcProbe, Manifests, Proc, ServingStatus,
+};
 use mdcluster_tests::etcd::{free_port, Etcd};
 use mdcluster_tests::tools::{bin, run_ok, run_timeout};
 use serde_json::Value;
@@ -163,6 +170,39 @@ fn wait_nodes(url: &str, n: usize) -> Value {
     }
 }
 
+/// The container's probe of `kind`; panics if it has none or it is not `grpc:`.
+fn probe(c: &ContainerSpec, kind: &str) -> GrpcProbe {
+    c.grpc_probes
+        .iter()
+        .find(|p| p.kind == kind)
+        .unwrap_or_else(|| panic!("no grpc {kind}: {:?}", c.grpc_probes))
+        .clone()
+}
+
+/// The port of a listen address as the manifest writes it (`0.0.0.0:7481`).
+fn port_of(listen: &str) -> u16 {
+    listen.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// Makes `probe` against `addr` until it answers `want`, within `within`; returns the
+/// time it took.
+fn probe_until(addr: &str, probe: &GrpcProbe, want: ServingStatus, within: Duration) -> Duration {
+    let t = Instant::now();
+    loop {
+        let got = grpc_probe(addr, probe);
+        if got == Ok(want) {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < within,
+            "{} ({:?}) on {addr}: {got:?} after {within:?}, want {want:?}",
+            probe.kind,
+            probe.service
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn deployment_and_daemonset_as_written_form_a_cluster() {
     let dir = tempfile::Builder::new()
@@ -185,6 +225,7 @@ fn deployment_and_daemonset_as_written_form_a_cluster() {
     // Test-only changes: a free loopback port instead of the pod's 7480, the test etcd
     // instead of the StatefulSet's members.
     let sport = free_port().unwrap();
+    let srv_port = port_of(srv.env("MDSERVER_LISTEN").unwrap());
     srv.override_env("MDSERVER_LISTEN", &format!("127.0.0.1:{sport}"))
         .unwrap();
     srv.override_env("MDSERVER_ETCD", &etcd.url()).unwrap();
@@ -196,6 +237,17 @@ fn deployment_and_daemonset_as_written_form_a_cluster() {
         )
         .unwrap();
     let url = format!("http://127.0.0.1:{sport}");
+    // The Deployment's probes, as the kubelet makes them (their port mapped to the test's).
+    assert_eq!(srv.grpc_probes.len(), 3, "{:?}", srv.grpc_probes);
+    for p in &srv.grpc_probes {
+        assert_eq!(p.port, srv_port, "{p:?}");
+        probe_until(
+            &format!("127.0.0.1:{sport}"),
+            p,
+            ServingStatus::Serving,
+            Duration::from_secs(10),
+        );
+    }
 
     eprintln!("--- two mdagents from the DaemonSet (downward API: node name, pod IP)");
     let mut agents: Vec<Proc> = Vec::new();
@@ -241,6 +293,19 @@ fn deployment_and_daemonset_as_written_form_a_cluster() {
             )
             .unwrap(),
         );
+        // The DaemonSet's probes, as the kubelet makes them on the pod IP: startup,
+        // readiness (the agent service: a session is held) and liveness all pass.
+        let ready = probe(&a, "readinessProbe");
+        assert_eq!(ready.service, "mdcluster.v1.AgentService");
+        for kind in ["startupProbe", "readinessProbe", "livenessProbe"] {
+            let p = probe(&a, kind);
+            assert_eq!(p.port, 7481, "{p:?}: the container's MDAGENT_LISTEN port");
+            assert_eq!(
+                grpc_probe(&format!("{ip}:{port}"), &p),
+                Ok(ServingStatus::Serving),
+                "{node} {p:?}"
+            );
+        }
     }
     assert!(
         grace >= Duration::from_secs(35),
@@ -355,6 +420,91 @@ fn deployment_and_daemonset_as_written_form_a_cluster() {
         Some(0),
         "mdserver exit after SIGTERM"
     );
+    drop(etcd);
+}
+
+#[test]
+fn agent_readiness_follows_its_session() {
+    let dir = tempfile::Builder::new()
+        .prefix("mdcluster-t60h")
+        .tempdir()
+        .unwrap();
+    let etcd = Etcd::start_with(true).unwrap();
+    let m = Manifests::load().unwrap();
+    let sport = free_port().unwrap();
+    let start_server = |log: &str| -> Proc {
+        let mut srv = m
+            .container("Deployment", "mdserver", "mdserver", &[])
+            .unwrap();
+        srv.override_env("MDSERVER_LISTEN", &format!("127.0.0.1:{sport}"))
+            .unwrap();
+        srv.override_env("MDSERVER_ETCD", &etcd.url()).unwrap();
+        srv.spawn(&dir.path().join(log), &[], "mdserver listening on")
+            .unwrap()
+    };
+    let mut server = start_server("mdserver.log");
+
+    let mut a = m
+        .container(
+            "DaemonSet",
+            "mdagent",
+            "mdagent",
+            &[("spec.nodeName", "node1"), ("status.podIP", "127.0.0.1")],
+        )
+        .unwrap();
+    let port = free_port().unwrap();
+    // Test-only changes as in the test above, and a 3 s session TTL instead of the
+    // ConfigMap's 10 s so that the lost session shows sooner.
+    a.override_env("MDAGENT_LISTEN", &format!("$(POD_IP):{port}"))
+        .unwrap();
+    a.override_env("MDAGENT_ADVERTISE", &format!("$(POD_IP):{port}"))
+        .unwrap();
+    a.override_env("MDAGENT_SERVER", &format!("http://127.0.0.1:{sport}"))
+        .unwrap();
+    a.override_env("MDAGENT_RUN_DIR", dir.path().join("run").to_str().unwrap())
+        .unwrap();
+    a.override_env("MDAGENT_SESSION_TTL", "3s").unwrap();
+    let mut agent = a
+        .spawn(&dir.path().join("node1.log"), &[], "mdagent ready")
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let ready = probe(&a, "readinessProbe");
+    let live = probe(&a, "livenessProbe");
+    assert_eq!(grpc_probe(&addr, &ready), Ok(ServingStatus::Serving));
+    assert_eq!(grpc_probe(&addr, &live), Ok(ServingStatus::Serving));
+
+    eprintln!("--- mdserver killed: the session is lost, the agent is not ready, still alive");
+    server.kill9();
+    let took = probe_until(
+        &addr,
+        &ready,
+        ServingStatus::NotServing,
+        Duration::from_secs(30),
+    );
+    eprintln!("readiness NOT_SERVING {took:?} after mdserver was killed");
+    assert_eq!(grpc_probe(&addr, &live), Ok(ServingStatus::Serving));
+
+    eprintln!("--- mdserver back: a new session, ready again");
+    let mut server = start_server("mdserver2.log");
+    let took = probe_until(
+        &addr,
+        &ready,
+        ServingStatus::Serving,
+        Duration::from_secs(60),
+    );
+    eprintln!("readiness SERVING {took:?} after mdserver restarted");
+    assert_eq!(grpc_probe(&addr, &live), Ok(ServingStatus::Serving));
+    let nodes = wait_nodes(&format!("http://127.0.0.1:{sport}"), 1);
+    assert!(nodes.to_string().contains(&addr), "{nodes}");
+
+    assert_eq!(
+        agent.term(a.termination_grace),
+        Some(0),
+        "mdagent after SIGTERM"
+    );
+    assert_eq!(server.term(Duration::from_secs(15)), Some(0));
+    let log = std::fs::read_to_string(&agent.log).unwrap();
+    assert!(log.contains("health => NOT_SERVING"), "{log}");
     drop(etcd);
 }
 
