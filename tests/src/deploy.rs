@@ -9,6 +9,7 @@
 //!   set that variable: an override cannot hide a drift.
 //! - [`Proc`]: such a container as a process (environment cleared first, like a
 //!   container's), killed on drop; [`Proc::term`] sends SIGTERM as the kubelet does.
+//! - [`Manifests::set_config`]: a ConfigMap edited as an operator would.
 //! - [`GrpcProbe`]: a container's `grpc:` probes, and [`grpc_probe`]: one probe as the
 //!   kubelet makes it (`grpc.health.v1.Health/Check` with the probe's service, bounded by
 //!   its timeout).
@@ -71,6 +72,21 @@ impl Manifests {
             .iter()
             .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
             .with_context(|| format!("no {kind} {name} in deploy/kubernetes"))
+    }
+
+    /// Sets `key` of ConfigMap `name` to `value`, as an operator editing
+    /// `configmap.yaml` would (e.g. uncommenting a documented setting).
+    pub fn set_config(&mut self, name: &str, key: &str, value: &str) -> anyhow::Result<()> {
+        let cm = self
+            .docs
+            .iter_mut()
+            .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == name)
+            .with_context(|| format!("no ConfigMap {name} in deploy/kubernetes"))?;
+        cm["data"]
+            .as_mapping_mut()
+            .context("ConfigMap data")?
+            .insert(Value::from(key), Value::from(value));
+        Ok(())
     }
 
     /// A ConfigMap's data.
@@ -147,13 +163,34 @@ impl Manifests {
             } else if let Some(r) = e["valueFrom"]["configMapKeyRef"].as_mapping() {
                 let cm = r.get("name").and_then(Value::as_str).context("name")?;
                 let key = r.get("key").and_then(Value::as_str).context("key")?;
-                self.config_map(cm)?
-                    .remove(key)
-                    .with_context(|| format!("env {k}: ConfigMap {cm} has no key {key}"))?
+                let optional = r.get("optional").and_then(Value::as_bool) == Some(true);
+                match self.config_map(cm)?.remove(key) {
+                    Some(v) => v,
+                    // The kubelet leaves the variable out.
+                    None if optional => continue,
+                    None => bail!("env {k}: ConfigMap {cm} has no key {key}"),
+                }
             } else {
                 bail!("env {k}: unsupported source {e:?}");
             };
             set(&mut env, k, v);
+        }
+        let mut secret_mounts = Vec::new();
+        for m in c["volumeMounts"].as_sequence().into_iter().flatten() {
+            let vname = m["name"].as_str().context("volumeMounts name")?;
+            let vol = pod["volumes"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .find(|v| v["name"] == vname)
+                .with_context(|| format!("volumeMount {vname}: no such volume"))?;
+            if let Some(secret) = vol["secret"]["secretName"].as_str() {
+                secret_mounts.push(SecretMount {
+                    path: m["mountPath"].as_str().context("mountPath")?.to_string(),
+                    secret: secret.to_string(),
+                    optional: vol["secret"]["optional"].as_bool() == Some(true),
+                });
+            }
         }
         let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
         let mut grpc_probes = Vec::new();
@@ -179,6 +216,7 @@ impl Manifests {
             env,
             termination_grace: Duration::from_secs(grace),
             grpc_probes,
+            secret_mounts,
         })
     }
 }
@@ -223,6 +261,19 @@ pub struct ContainerSpec {
     pub termination_grace: Duration,
     /// The container's `grpc:` probes (other kinds of probe are not listed).
     pub grpc_probes: Vec<GrpcProbe>,
+    /// The Secrets mounted into the container.
+    pub secret_mounts: Vec<SecretMount>,
+}
+
+/// A Secret volume mounted into a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretMount {
+    /// `mountPath`.
+    pub path: String,
+    /// `secret.secretName`.
+    pub secret: String,
+    /// `secret.optional`: the pod starts without the Secret (an empty directory).
+    pub optional: bool,
 }
 
 /// A `grpc:` probe of a container.
@@ -427,6 +478,7 @@ mod tests {
             ],
             termination_grace: Duration::from_secs(30),
             grpc_probes: Vec::new(),
+            secret_mounts: Vec::new(),
         };
         c.override_env("MDAGENT_LISTEN", "$(POD_IP):1").unwrap();
         assert_eq!(c.env("MDAGENT_LISTEN"), Some("10.0.0.7:1"));

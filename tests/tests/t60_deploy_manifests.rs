@@ -14,6 +14,10 @@
 //!   follows its lock-service session (NOT_SERVING once mdserver is gone long enough for
 //!   the session to be lost, SERVING again once a new one is open) while its liveness
 //!   stays SERVING.
+//! - The etcd TLS and authentication settings that `configmap.yaml` documents (commented
+//!   out), set as its comment says, with the Secrets' files where the Deployment mounts
+//!   them, bring mdserver up against a real etcd that requires TLS, a client certificate
+//!   and a password.
 //! - The systemd units pass `systemd-analyze verify`, restart on failure (the agent's
 //!   self-fencing exit 75 included), and every variable of their environment files,
 //!   like every key of the ConfigMap, is one the binaries read.
@@ -26,6 +30,7 @@ use mdcluster_tests::deploy::{
     deploy_dir, grpc_probe, ContainerSpec, GrpcProbe, Manifests, Proc, ServingStatus,
 };
 use mdcluster_tests::etcd::{free_port, Etcd};
+use mdcluster_tests::pki::Pki;
 use mdcluster_tests::tools::{bin, run_ok, run_timeout};
 use serde_json::Value;
 
@@ -73,6 +78,25 @@ fn config_keys_and_unit_env_files_are_real_flags() {
     let m = Manifests::load().unwrap();
     for k in m.config_map("mdcluster-config").unwrap().keys() {
         assert!(known(k), "ConfigMap key {k} is read by no binary");
+    }
+    for (k, _) in documented_etcd_settings() {
+        assert!(known(&k), "configmap.yaml documents {k}, read by no binary");
+    }
+    // Every variable the containers set (POD_IP only feeds $(POD_IP)).
+    for (kind, name) in [("Deployment", "mdserver"), ("DaemonSet", "mdagent")] {
+        let obj = m.get(kind, name).unwrap();
+        for c in obj["spec"]["template"]["spec"]["containers"]
+            .as_sequence()
+            .unwrap()
+        {
+            for e in c["env"].as_sequence().into_iter().flatten() {
+                let k = e["name"].as_str().unwrap();
+                assert!(
+                    k == "POD_IP" || known(k),
+                    "{kind} {name}: {k} is read by no binary"
+                );
+            }
+        }
     }
     for f in ["mdserver.env", "mdagent.env"] {
         let text = std::fs::read_to_string(deploy_dir().join("systemd").join(f)).unwrap();
@@ -505,6 +529,138 @@ fn agent_readiness_follows_its_session() {
     assert_eq!(server.term(Duration::from_secs(15)), Some(0));
     let log = std::fs::read_to_string(&agent.log).unwrap();
     assert!(log.contains("health => NOT_SERVING"), "{log}");
+    drop(etcd);
+}
+
+/// The etcd settings that configmap.yaml documents as comments
+/// (`  # MDSERVER_ETCD_CACERT: "/etc/..."`), in order.
+fn documented_etcd_settings() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(deploy_dir().join("kubernetes/configmap.yaml")).unwrap();
+    text.lines()
+        .filter_map(|l| l.trim_start().strip_prefix("# MDSERVER_ETCD_"))
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| {
+            (
+                format!("MDSERVER_ETCD_{k}"),
+                v.trim_matches('"').to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn deployment_reaches_a_tls_etcd_with_the_documented_settings() {
+    let documented = documented_etcd_settings();
+    let keys: Vec<&str> = documented.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "MDSERVER_ETCD_CACERT",
+            "MDSERVER_ETCD_CERT",
+            "MDSERVER_ETCD_KEY",
+            "MDSERVER_ETCD_USER",
+            "MDSERVER_ETCD_PASSWORD_FILE"
+        ],
+        "configmap.yaml's comment"
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("mdcluster-t60tls")
+        .tempdir()
+        .unwrap();
+    std::fs::create_dir(dir.path().join("pki")).unwrap();
+    let pki = Pki::generate(&dir.path().join("pki"), "mdcluster-client").unwrap();
+    let etcd = Etcd::start_tls(&pki).unwrap();
+    let user = &documented[3].1;
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(etcd.enable_auth(&pki, user, "pw-from-secret", "/mdcluster/"))
+        .unwrap();
+
+    eprintln!(
+        "--- the ConfigMap as deploy/README.md says: https endpoint, the settings uncommented"
+    );
+    let mut m = Manifests::load().unwrap();
+    m.set_config("mdcluster-config", "MDSERVER_ETCD", &etcd.url())
+        .unwrap();
+    for (k, v) in &documented {
+        m.set_config("mdcluster-config", k, v).unwrap();
+    }
+    let mut srv = m
+        .container("Deployment", "mdserver", "mdserver", &[])
+        .unwrap();
+    // The Secrets, as the kubelet mounts them: one directory per Secret, a file per key.
+    // Test-only change: each mount path is a directory of the test instead.
+    let secrets = [
+        (
+            "mdserver-etcd-tls",
+            vec![
+                ("ca.crt", std::fs::read(&pki.ca).unwrap()),
+                ("tls.crt", std::fs::read(&pki.client_cert).unwrap()),
+                ("tls.key", std::fs::read(&pki.client_key).unwrap()),
+            ],
+        ),
+        (
+            "mdserver-etcd-auth",
+            vec![("password", b"pw-from-secret\n".to_vec())],
+        ),
+    ];
+    assert_eq!(srv.secret_mounts.len(), 2, "{:?}", srv.secret_mounts);
+    let mut mounts = Vec::new();
+    for (secret, files) in &secrets {
+        let mount = srv
+            .secret_mounts
+            .iter()
+            .find(|s| s.secret == *secret)
+            .unwrap_or_else(|| panic!("the Deployment does not mount Secret {secret}"));
+        assert!(mount.optional, "{mount:?}: the pod must start without it");
+        let local = dir.path().join(secret);
+        std::fs::create_dir(&local).unwrap();
+        for (f, data) in files {
+            std::fs::write(local.join(f), data).unwrap();
+        }
+        mounts.push((mount.path.clone(), local));
+    }
+    for (k, v) in &documented {
+        assert_eq!(
+            srv.env(k),
+            Some(v.as_str()),
+            "the Deployment does not pass {k}"
+        );
+        if k.as_str() == "MDSERVER_ETCD_USER" {
+            continue;
+        }
+        let (mount, local) = mounts
+            .iter()
+            .find(|(mount, _)| v.starts_with(&format!("{mount}/")))
+            .unwrap_or_else(|| panic!("{k}={v} is in no Secret the Deployment mounts"));
+        let file = local.join(&v[mount.len() + 1..]);
+        assert!(
+            file.exists(),
+            "{k}={v}: the Secret has no key {}",
+            file.display()
+        );
+        srv.override_env(k, file.to_str().unwrap()).unwrap();
+    }
+    let sport = free_port().unwrap();
+    srv.override_env("MDSERVER_LISTEN", &format!("127.0.0.1:{sport}"))
+        .unwrap();
+    let mut server = srv
+        .spawn(
+            &dir.path().join("mdserver.log"),
+            &[],
+            "mdserver listening on",
+        )
+        .unwrap();
+    let url = format!("http://127.0.0.1:{sport}");
+    let nodes = wait_nodes(&url, 0);
+    eprintln!("mdctl nodes through the TLS etcd: {nodes}");
+    probe_until(
+        &format!("127.0.0.1:{sport}"),
+        &probe(&srv, "readinessProbe"),
+        ServingStatus::Serving,
+        Duration::from_secs(10),
+    );
+    assert_eq!(server.term(srv.termination_grace), Some(0));
     drop(etcd);
 }
 
