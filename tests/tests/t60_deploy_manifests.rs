@@ -13,7 +13,8 @@
 //!   as the kubelet makes it, passes on the running processes; the agent's readiness
 //!   follows its lock-service session (NOT_SERVING once mdserver is gone long enough for
 //!   the session to be lost, SERVING again once a new one is open) while its liveness
-//!   stays SERVING.
+//!   stays SERVING; mdserver's readiness (the lock service) turns NOT_SERVING when etcd is
+//!   gone, its liveness does not.
 //! - The etcd TLS and authentication settings that `configmap.yaml` documents (commented
 //!   out), set as its comment says, with the Secrets' files where the Deployment mounts
 //!   them, bring mdserver up against a real etcd that requires TLS, a client certificate
@@ -263,6 +264,11 @@ fn deployment_and_daemonset_as_written_form_a_cluster() {
     let url = format!("http://127.0.0.1:{sport}");
     // The Deployment's probes, as the kubelet makes them (their port mapped to the test's).
     assert_eq!(srv.grpc_probes.len(), 3, "{:?}", srv.grpc_probes);
+    assert_eq!(
+        probe(&srv, "readinessProbe").service,
+        "mdcluster.v1.LockService"
+    );
+    assert_eq!(probe(&srv, "livenessProbe").service, "");
     for p in &srv.grpc_probes {
         assert_eq!(p.port, srv_port, "{p:?}");
         probe_until(
@@ -321,6 +327,7 @@ fn deployment_and_daemonset_as_written_form_a_cluster() {
         // readiness (the agent service: a session is held) and liveness all pass.
         let ready = probe(&a, "readinessProbe");
         assert_eq!(ready.service, "mdcluster.v1.AgentService");
+        assert_eq!(probe(&a, "livenessProbe").service, "");
         for kind in ["startupProbe", "readinessProbe", "livenessProbe"] {
             let p = probe(&a, kind);
             assert_eq!(p.port, 7481, "{p:?}: the container's MDAGENT_LISTEN port");
@@ -526,10 +533,27 @@ fn agent_readiness_follows_its_session() {
         Some(0),
         "mdagent after SIGTERM"
     );
-    assert_eq!(server.term(Duration::from_secs(15)), Some(0));
     let log = std::fs::read_to_string(&agent.log).unwrap();
     assert!(log.contains("health => NOT_SERVING"), "{log}");
-    drop(etcd);
+
+    eprintln!("--- etcd killed: mdserver is not ready, still alive");
+    let srv = m
+        .container("Deployment", "mdserver", "mdserver", &[])
+        .unwrap();
+    let (ready, live) = (probe(&srv, "readinessProbe"), probe(&srv, "livenessProbe"));
+    let saddr = format!("127.0.0.1:{sport}");
+    assert_eq!(grpc_probe(&saddr, &ready), Ok(ServingStatus::Serving));
+    let mut etcd = etcd;
+    etcd.kill();
+    let took = probe_until(
+        &saddr,
+        &ready,
+        ServingStatus::NotServing,
+        Duration::from_secs(30),
+    );
+    eprintln!("mdserver readiness NOT_SERVING {took:?} after etcd was killed");
+    assert_eq!(grpc_probe(&saddr, &live), Ok(ServingStatus::Serving));
+    assert_eq!(server.term(srv.termination_grace), Some(0));
 }
 
 /// The etcd settings that configmap.yaml documents as comments
