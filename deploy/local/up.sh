@@ -8,8 +8,9 @@
 # only where it is not active. deploy/local/down.sh stops everything.
 #
 # On a fresh Debian machine it installs what is missing (etcd-server, fuse3, libnbd-bin,
-# curl; protobuf-compiler when it has to build) if run as root, and builds the binaries
-# (cargo build --release) unless MDCLUSTER_BIN_DIR names a directory that has them.
+# curl; protobuf-compiler and libprotobuf-dev when it has to build) if run as root, and
+# builds the binaries (cargo build --release) unless MDCLUSTER_BIN_DIR names a directory
+# that has them.
 #
 # Environment (defaults):
 #   MDCLUSTER_STATE=/var/tmp/mdcluster-local   state: etcd data, disks, run dirs, logs, pids
@@ -52,6 +53,8 @@ command -v curl >/dev/null || need+=(curl)
 if [[ -z ${MDCLUSTER_BIN_DIR:-} ]]; then
     command -v cargo >/dev/null || die "cargo is not installed (https://rustup.rs), or set MDCLUSTER_BIN_DIR"
     command -v protoc >/dev/null || need+=(protobuf-compiler)
+    # The well-known types (google/protobuf/*.proto) that etcd-client's protos import.
+    [[ -e /usr/include/google/protobuf/descriptor.proto ]] || need+=(libprotobuf-dev)
 fi
 if ((${#need[@]})); then
     mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)

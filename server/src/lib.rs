@@ -31,6 +31,7 @@ pub mod validate;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -43,11 +44,43 @@ use crate::records::{decode, SessionRecord};
 /// Most session → node mappings cached per replica.
 const NODE_CACHE: usize = 65536;
 
+/// TLS to etcd: PEM files, like etcdctl's `--cacert`, `--cert` and `--key`.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    /// The CA that signed the etcd members' server certificates (the only one trusted).
+    pub ca: PathBuf,
+    /// mdserver's client certificate and its private key, for an etcd that checks
+    /// clients (`--client-cert-auth`).
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+/// etcd authentication (`etcdctl auth enable`): a user and its password.
+#[derive(Clone)]
+pub struct EtcdAuth {
+    /// The etcd user.
+    pub user: String,
+    /// Its password (never printed).
+    pub password: String,
+}
+
+impl std::fmt::Debug for EtcdAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdAuth")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
 /// How mdserver runs.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// etcd endpoints.
     pub etcd: Vec<String>,
+    /// TLS to etcd (endpoints must then be `https://`); None: plain HTTP/2.
+    pub etcd_tls: Option<EtcdTls>,
+    /// etcd authentication; None: etcd has auth disabled.
+    pub etcd_auth: Option<EtcdAuth>,
     /// Every key lives under `/mdcluster/<cluster_name>/`.
     pub cluster_name: String,
     /// Lease TTL of a session that does not ask for one.
@@ -69,6 +102,8 @@ impl Config {
     pub fn new(etcd: Vec<String>, cluster_name: impl Into<String>) -> Config {
         Config {
             etcd,
+            etcd_tls: None,
+            etcd_auth: None,
             cluster_name: cluster_name.into(),
             session_ttl: Duration::from_secs(10),
             etcd_timeout: Duration::from_secs(5),
@@ -83,14 +118,39 @@ impl Config {
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// etcd could not be reached at start.
-    #[error("failed to connect to etcd at {endpoints} within {timeout:?}: {source}")]
+    #[error(
+        "failed to connect to etcd at {endpoints} within {timeout:?}: {detail}; check that \
+         etcd is reachable from mdserver{hint}"
+    )]
     Connect {
         /// The endpoints tried.
         endpoints: String,
         /// The bound.
         timeout: Duration,
-        /// The last error.
-        source: etcd_client::Error,
+        /// The last error with its causes (etcd-client's errors do not chain them).
+        detail: String,
+        /// What else to check (TLS, authentication), when configured.
+        hint: &'static str,
+        /// The last error (already in `detail`, so not a `source`).
+        last: etcd_client::Error,
+    },
+    /// The etcd connection settings are unusable (endpoint scheme, TLS files).
+    #[error("etcd connection to {endpoints}: {reason}")]
+    EtcdConfig {
+        /// The endpoints.
+        endpoints: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// A TLS file could not be read.
+    #[error("read the etcd {what} {}: {source}", path.display())]
+    TlsFile {
+        /// Which file (`CA certificate (--etcd-cacert)`, ...).
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
     },
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
@@ -194,20 +254,128 @@ impl Ctx {
     }
 }
 
+/// An etcd-client error with every cause below it: its `Display` stops at "transport
+/// error", which hides what a TLS handshake or a connection refused really said.
+pub fn describe_etcd_error(e: &etcd_client::Error) -> String {
+    use std::error::Error as _;
+    let (mut out, mut next): (String, Option<&dyn std::error::Error>) = match e {
+        etcd_client::Error::TransportError(t) => (e.to_string(), t.source()),
+        // Status's Display prints its source's Debug form: the code, the message and the
+        // causes read better.
+        etcd_client::Error::GRpcStatus(s) => {
+            (format!("gRPC {:?}: {}", s.code(), s.message()), s.source())
+        }
+        etcd_client::Error::IoError(io) => (e.to_string(), io.source()),
+        _ => (e.to_string(), None),
+    };
+    while let Some(cause) = next {
+        let c = cause.to_string();
+        // Wrappers repeat their cause's text or say only "transport error".
+        if !out.contains(&c) && c != "transport error" {
+            out.push_str(": ");
+            out.push_str(&c);
+        }
+        next = cause.source();
+    }
+    out
+}
+
+/// The etcd client's options from `config`: timeouts, TLS (files read here), user.
+/// Endpoint schemes must match: `https://` with TLS, `http://` without.
+fn connect_options(config: &Config) -> Result<etcd_client::ConnectOptions, ServerError> {
+    let endpoints = config.etcd.join(",");
+    let mut opts = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(config.etcd_timeout)
+        .with_keep_alive(Duration::from_secs(5), config.etcd_timeout);
+    for e in &config.etcd {
+        let reason = match (&config.etcd_tls, e.starts_with("https://")) {
+            (Some(_), false) => format!(
+                "endpoint {e} is not https:// but TLS is configured (--etcd-cacert): write \
+                 the endpoints as https://HOST:PORT"
+            ),
+            (None, true) => format!(
+                "endpoint {e} is https:// but no CA is given: set --etcd-cacert \
+                 (MDSERVER_ETCD_CACERT) to the CA that signed etcd's certificates"
+            ),
+            _ => continue,
+        };
+        return Err(ServerError::EtcdConfig { endpoints, reason });
+    }
+    if let Some(tls) = &config.etcd_tls {
+        // The TLS stack skips what is not PEM without a word (an empty CA then rejects
+        // every certificate): check the files here.
+        let read = |what: &'static str, path: &PathBuf, label: &str| {
+            let pem = std::fs::read(path).map_err(|source| ServerError::TlsFile {
+                what,
+                path: path.clone(),
+                source,
+            })?;
+            let text = String::from_utf8_lossy(&pem);
+            let has_block = text.lines().any(|l| {
+                l.trim()
+                    .strip_prefix("-----BEGIN ")
+                    .is_some_and(|rest| rest.ends_with(&format!("{label}-----")))
+            });
+            if !has_block {
+                return Err(ServerError::EtcdConfig {
+                    endpoints: endpoints.clone(),
+                    reason: format!(
+                        "the {what} {} holds no PEM \"{label}\" block",
+                        path.display()
+                    ),
+                });
+            }
+            Ok(pem)
+        };
+        let mut t =
+            etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(
+                read("CA certificate (--etcd-cacert)", &tls.ca, "CERTIFICATE")?,
+            ));
+        if let Some((cert, key)) = &tls.identity {
+            t = t.identity(etcd_client::Identity::from_pem(
+                read("client certificate (--etcd-cert)", cert, "CERTIFICATE")?,
+                read("client key (--etcd-key)", key, "PRIVATE KEY")?,
+            ));
+        }
+        opts = opts.with_tls(t);
+    }
+    if let Some(auth) = &config.etcd_auth {
+        opts = opts.with_user(auth.user.clone(), auth.password.clone());
+    }
+    Ok(opts)
+}
+
 /// Connects to etcd, retrying with bounded backoff until `config.etcd_connect_timeout`.
+/// Settings that cannot work (a scheme that does not match the TLS settings, unreadable
+/// or unparsable TLS files) fail at once.
 pub async fn connect(config: &Config) -> Result<Ctx, ServerError> {
     let started = Instant::now();
     let mut backoff = Duration::from_millis(100);
-    let opts = etcd_client::ConnectOptions::new()
-        .with_connect_timeout(config.etcd_timeout)
-        .with_keep_alive(Duration::from_secs(5), config.etcd_timeout);
+    let opts = connect_options(config)?;
+    let endpoints = config.etcd.join(",");
     loop {
         let attempt = async {
-            let mut c = etcd_client::Client::connect(&config.etcd, Some(opts.clone())).await?;
-            c.status().await?;
-            Ok::<_, etcd_client::Error>(c)
+            // Building the client parses the TLS settings and, with a user, authenticates
+            // (a gRPC call); any other error of this step is a configuration error.
+            let mut c = etcd_client::Client::connect(&config.etcd, Some(opts.clone()))
+                .await
+                .map_err(|e| match e {
+                    etcd_client::Error::GRpcStatus(_) => Ok(e),
+                    e => Err(e),
+                })?;
+            c.status().await.map_err(Ok)?;
+            Ok::<_, Result<etcd_client::Error, etcd_client::Error>>(c)
         };
         let err = match tokio::time::timeout(config.etcd_timeout, attempt).await {
+            Ok(Err(Err(e))) => {
+                return Err(ServerError::EtcdConfig {
+                    endpoints,
+                    reason: format!(
+                        "{}; check --etcd-cacert, --etcd-cert and --etcd-key (PEM files)",
+                        describe_etcd_error(&e)
+                    ),
+                })
+            }
             Ok(Ok(client)) => {
                 let etcd = etcd::Etcd::new(client, config.etcd_timeout);
                 return Ok(Ctx {
@@ -223,17 +391,39 @@ pub async fn connect(config: &Config) -> Result<Ctx, ServerError> {
                     pending: Mutex::new(HashMap::new()),
                 });
             }
-            Ok(Err(e)) => e,
-            Err(_) => etcd_client::Error::InvalidArgs("connect timed out".into()),
+            Ok(Err(Ok(e))) => e,
+            Err(_) => etcd_client::Error::InvalidArgs(format!(
+                "no answer within {:?}",
+                config.etcd_timeout
+            )),
         };
         if started.elapsed() >= config.etcd_connect_timeout {
+            let hint = match (&config.etcd_tls, &config.etcd_auth) {
+                (Some(_), Some(_)) => {
+                    ", that --etcd-cacert is the CA that signed etcd's certificates (issued \
+                     for the endpoints' host names), that etcd accepts the client \
+                     certificate, and the user and password (--etcd-user)"
+                }
+                (Some(_), None) => {
+                    ", that --etcd-cacert is the CA that signed etcd's certificates (issued \
+                     for the endpoints' host names) and that etcd accepts the client \
+                     certificate"
+                }
+                (None, Some(_)) => " and the user and password (--etcd-user)",
+                (None, None) => "",
+            };
             return Err(ServerError::Connect {
-                endpoints: config.etcd.join(","),
+                endpoints,
                 timeout: config.etcd_connect_timeout,
-                source: err,
+                detail: describe_etcd_error(&err),
+                hint,
+                last: err,
             });
         }
-        tracing::warn!("etcd not reachable yet, retrying in {backoff:?}: {err}");
+        tracing::warn!(
+            "etcd at {endpoints} not reachable yet, retrying in {backoff:?}: {}",
+            describe_etcd_error(&err)
+        );
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }

@@ -4,6 +4,8 @@
 //! It keeps no state of its own: every fact lives in etcd, so any number of replicas run
 //! side by side. This file only parses arguments and calls [`mdcluster_server::serve`].
 
+use std::path::PathBuf;
+
 use anyhow::Context;
 use clap::Parser;
 
@@ -22,6 +24,50 @@ struct Args {
         default_value = "http://127.0.0.1:2379"
     )]
     etcd: Vec<String>,
+    /// PEM file of the CA that signed the etcd members' certificates: connect to etcd
+    /// over TLS, trusting this CA only (the endpoints must be https://).
+    #[arg(long, env = "MDSERVER_ETCD_CACERT", value_name = "FILE")]
+    etcd_cacert: Option<PathBuf>,
+    /// PEM file of mdserver's client certificate, for an etcd that checks clients
+    /// (--client-cert-auth). Needs --etcd-key and --etcd-cacert.
+    #[arg(
+        long,
+        env = "MDSERVER_ETCD_CERT",
+        value_name = "FILE",
+        requires_all = ["etcd_key", "etcd_cacert"]
+    )]
+    etcd_cert: Option<PathBuf>,
+    /// PEM file of the private key of --etcd-cert.
+    #[arg(
+        long,
+        env = "MDSERVER_ETCD_KEY",
+        value_name = "FILE",
+        requires = "etcd_cert"
+    )]
+    etcd_key: Option<PathBuf>,
+    /// etcd user, for an etcd with authentication enabled; its password comes from
+    /// --etcd-password-file or --etcd-password.
+    #[arg(long, env = "MDSERVER_ETCD_USER")]
+    etcd_user: Option<String>,
+    /// File holding the etcd user's password (one trailing newline is ignored), e.g. a
+    /// mounted Kubernetes Secret.
+    #[arg(
+        long,
+        env = "MDSERVER_ETCD_PASSWORD_FILE",
+        value_name = "FILE",
+        requires = "etcd_user",
+        conflicts_with = "etcd_password"
+    )]
+    etcd_password_file: Option<PathBuf>,
+    /// The etcd user's password. Prefer --etcd-password-file or the environment
+    /// variable: a command line is visible to every user of the machine.
+    #[arg(
+        long,
+        env = "MDSERVER_ETCD_PASSWORD",
+        hide_env_values = true,
+        requires = "etcd_user"
+    )]
+    etcd_password: Option<String>,
     /// Name of this cluster; every etcd key lives under /mdcluster/<cluster-name>/.
     #[arg(long, env = "MDSERVER_CLUSTER_NAME", default_value = "mdcluster")]
     cluster_name: String,
@@ -55,8 +101,49 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    let etcd_tls = args
+        .etcd_cacert
+        .clone()
+        .map(|ca| mdcluster_server::EtcdTls {
+            ca,
+            identity: args.etcd_cert.clone().zip(args.etcd_key.clone()),
+        });
+    let etcd_auth = match (
+        &args.etcd_user,
+        &args.etcd_password_file,
+        &args.etcd_password,
+    ) {
+        (None, _, _) => None,
+        (Some(user), Some(file), _) => {
+            let text = std::fs::read_to_string(file).with_context(|| {
+                format!(
+                    "read the etcd password of user {user} from {} (--etcd-password-file)",
+                    file.display()
+                )
+            })?;
+            let password = text
+                .strip_suffix('\n')
+                .map(|t| t.strip_suffix('\r').unwrap_or(t))
+                .unwrap_or(&text)
+                .to_string();
+            Some(mdcluster_server::EtcdAuth {
+                user: user.clone(),
+                password,
+            })
+        }
+        (Some(user), None, Some(password)) => Some(mdcluster_server::EtcdAuth {
+            user: user.clone(),
+            password: password.clone(),
+        }),
+        (Some(user), None, None) => anyhow::bail!(
+            "--etcd-user {user} needs a password: --etcd-password-file FILE \
+             (MDSERVER_ETCD_PASSWORD_FILE) or MDSERVER_ETCD_PASSWORD"
+        ),
+    };
     let config = mdcluster_server::Config {
         etcd: args.etcd,
+        etcd_tls,
+        etcd_auth,
         cluster_name: args.cluster_name,
         session_ttl: args.session_ttl.into(),
         etcd_timeout: args.etcd_timeout.into(),

@@ -9,6 +9,10 @@
 //!   set that variable: an override cannot hide a drift.
 //! - [`Proc`]: such a container as a process (environment cleared first, like a
 //!   container's), killed on drop; [`Proc::term`] sends SIGTERM as the kubelet does.
+//! - [`Manifests::set_config`]: a ConfigMap edited as an operator would.
+//! - [`GrpcProbe`]: a container's `grpc:` probes, and [`grpc_probe`]: one probe as the
+//!   kubelet makes it (`grpc.health.v1.Health/Check` with the probe's service, bounded by
+//!   its timeout).
 //! - [`deploy_dir`]: where `deploy/` is.
 
 use std::collections::BTreeMap;
@@ -21,6 +25,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde::Deserialize;
 use serde_yaml::Value;
+pub use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 
 use crate::tools::bin;
 
@@ -65,6 +72,21 @@ impl Manifests {
             .iter()
             .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
             .with_context(|| format!("no {kind} {name} in deploy/kubernetes"))
+    }
+
+    /// Sets `key` of ConfigMap `name` to `value`, as an operator editing
+    /// `configmap.yaml` would (e.g. uncommenting a documented setting).
+    pub fn set_config(&mut self, name: &str, key: &str, value: &str) -> anyhow::Result<()> {
+        let cm = self
+            .docs
+            .iter_mut()
+            .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == name)
+            .with_context(|| format!("no ConfigMap {name} in deploy/kubernetes"))?;
+        cm["data"]
+            .as_mapping_mut()
+            .context("ConfigMap data")?
+            .insert(Value::from(key), Value::from(value));
+        Ok(())
     }
 
     /// A ConfigMap's data.
@@ -141,20 +163,60 @@ impl Manifests {
             } else if let Some(r) = e["valueFrom"]["configMapKeyRef"].as_mapping() {
                 let cm = r.get("name").and_then(Value::as_str).context("name")?;
                 let key = r.get("key").and_then(Value::as_str).context("key")?;
-                self.config_map(cm)?
-                    .remove(key)
-                    .with_context(|| format!("env {k}: ConfigMap {cm} has no key {key}"))?
+                let optional = r.get("optional").and_then(Value::as_bool) == Some(true);
+                match self.config_map(cm)?.remove(key) {
+                    Some(v) => v,
+                    // The kubelet leaves the variable out.
+                    None if optional => continue,
+                    None => bail!("env {k}: ConfigMap {cm} has no key {key}"),
+                }
             } else {
                 bail!("env {k}: unsupported source {e:?}");
             };
             set(&mut env, k, v);
         }
+        let mut secret_mounts = Vec::new();
+        for m in c["volumeMounts"].as_sequence().into_iter().flatten() {
+            let vname = m["name"].as_str().context("volumeMounts name")?;
+            let vol = pod["volumes"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .find(|v| v["name"] == vname)
+                .with_context(|| format!("volumeMount {vname}: no such volume"))?;
+            if let Some(secret) = vol["secret"]["secretName"].as_str() {
+                secret_mounts.push(SecretMount {
+                    path: m["mountPath"].as_str().context("mountPath")?.to_string(),
+                    secret: secret.to_string(),
+                    optional: vol["secret"]["optional"].as_bool() == Some(true),
+                });
+            }
+        }
         let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
+        let mut grpc_probes = Vec::new();
+        for kind in ["startupProbe", "readinessProbe", "livenessProbe"] {
+            let p = &c[kind];
+            if p["grpc"].is_null() {
+                continue;
+            }
+            grpc_probes.push(GrpcProbe {
+                kind: kind.to_string(),
+                port: p["grpc"]["port"]
+                    .as_u64()
+                    .and_then(|v| u16::try_from(v).ok())
+                    .with_context(|| format!("{kind}: grpc.port"))?,
+                service: p["grpc"]["service"].as_str().unwrap_or("").to_string(),
+                // Kubernetes' default timeoutSeconds.
+                timeout: Duration::from_secs(p["timeoutSeconds"].as_u64().unwrap_or(1)),
+            });
+        }
         Ok(ContainerSpec {
             command,
             args,
             env,
             termination_grace: Duration::from_secs(grace),
+            grpc_probes,
+            secret_mounts,
         })
     }
 }
@@ -197,6 +259,63 @@ pub struct ContainerSpec {
     pub env: Vec<(String, String)>,
     /// The pod's `terminationGracePeriodSeconds`.
     pub termination_grace: Duration,
+    /// The container's `grpc:` probes (other kinds of probe are not listed).
+    pub grpc_probes: Vec<GrpcProbe>,
+    /// The Secrets mounted into the container.
+    pub secret_mounts: Vec<SecretMount>,
+}
+
+/// A Secret volume mounted into a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretMount {
+    /// `mountPath`.
+    pub path: String,
+    /// `secret.secretName`.
+    pub secret: String,
+    /// `secret.optional`: the pod starts without the Secret (an empty directory).
+    pub optional: bool,
+}
+
+/// A `grpc:` probe of a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrpcProbe {
+    /// `startupProbe`, `readinessProbe` or `livenessProbe`.
+    pub kind: String,
+    /// `grpc.port` (the container's port; a test maps it to where its process listens).
+    pub port: u16,
+    /// `grpc.service`; "" when unset (the server's overall health).
+    pub service: String,
+    /// `timeoutSeconds` (Kubernetes' default: 1 s).
+    pub timeout: Duration,
+}
+
+/// The probe `probe` against `addr` (host:port), as the kubelet makes it: one
+/// `grpc.health.v1.Health/Check` with the probe's service, connection and answer within
+/// the probe's timeout. The probe passes only on SERVING; `Err` says why it did not answer.
+pub fn grpc_probe(addr: &str, probe: &GrpcProbe) -> Result<ServingStatus, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))?;
+    rt.block_on(async {
+        let check = async {
+            let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .map_err(|e| format!("endpoint {addr}: {e}"))?
+                .connect()
+                .await
+                .map_err(|e| format!("connect to {addr}: {e}"))?;
+            let r = HealthClient::new(ch)
+                .check(HealthCheckRequest {
+                    service: probe.service.clone(),
+                })
+                .await
+                .map_err(|s| format!("Check({:?}) on {addr}: {s}", probe.service))?;
+            Ok(ServingStatus::try_from(r.into_inner().status).unwrap_or(ServingStatus::Unknown))
+        };
+        tokio::time::timeout(probe.timeout, check)
+            .await
+            .map_err(|_| format!("{addr}: no answer within {:?}", probe.timeout))?
+    })
 }
 
 impl ContainerSpec {
@@ -358,6 +477,8 @@ mod tests {
                 ("MDAGENT_LISTEN".into(), "0.0.0.0:7481".into()),
             ],
             termination_grace: Duration::from_secs(30),
+            grpc_probes: Vec::new(),
+            secret_mounts: Vec::new(),
         };
         c.override_env("MDAGENT_LISTEN", "$(POD_IP):1").unwrap();
         assert_eq!(c.env("MDAGENT_LISTEN"), Some("10.0.0.7:1"));

@@ -1,6 +1,7 @@
 //! A real etcd process for tests: free loopback ports, a data directory in a tempdir,
-//! a readiness wait with a timeout, kill -9 and restart on the same ports and data.
-//! Dropping the guard kills the process.
+//! a readiness wait with a timeout, kill -9 and restart on the same ports and data;
+//! optionally serving clients over TLS only, with client certificates required
+//! ([`Etcd::start_tls`]). Dropping the guard kills the process.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -31,6 +32,9 @@ pub struct Etcd {
     peer_port: u16,
     /// Skip fsync (fast tests); false for benchmarks.
     no_fsync: bool,
+    /// TLS for clients (https only, client certificates signed by the CA required);
+    /// /health is then read from a plain-HTTP metrics port.
+    tls: Option<(crate::pki::Pki, u16)>,
 }
 
 impl Etcd {
@@ -51,14 +55,36 @@ impl Etcd {
             client_port: free_port()?,
             peer_port: free_port()?,
             no_fsync,
+            tls: None,
         };
         e.spawn()?;
         Ok(e)
     }
 
-    /// The client URL.
+    /// Starts etcd (no fsync) serving clients over TLS only with the server certificate
+    /// of `pki` (`--cert-file`, `--key-file`), and requiring client certificates signed
+    /// by its CA (`--trusted-ca-file`, `--client-cert-auth`).
+    pub fn start_tls(pki: &crate::pki::Pki) -> anyhow::Result<Etcd> {
+        let dir = tempfile::Builder::new()
+            .prefix("mdcluster-etcd")
+            .tempdir()
+            .context("create etcd tempdir")?;
+        let mut e = Etcd {
+            child: None,
+            dir,
+            client_port: free_port()?,
+            peer_port: free_port()?,
+            no_fsync: true,
+            tls: Some((pki.clone(), free_port()?)),
+        };
+        e.spawn()?;
+        Ok(e)
+    }
+
+    /// The client URL (`https://` with TLS).
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// The log file.
@@ -93,6 +119,15 @@ impl Etcd {
         if self.no_fsync {
             cmd.arg("--unsafe-no-fsync");
         }
+        if let Some((pki, metrics_port)) = &self.tls {
+            cmd.arg(format!("--cert-file={}", pki.server_cert.display()))
+                .arg(format!("--key-file={}", pki.server_key.display()))
+                .arg(format!("--trusted-ca-file={}", pki.ca.display()))
+                .arg("--client-cert-auth")
+                .arg(format!(
+                    "--listen-metrics-urls=http://127.0.0.1:{metrics_port}"
+                ));
+        }
         self.child = Some(
             cmd.spawn()
                 .context("start etcd (is /usr/bin/etcd installed?)")?,
@@ -124,9 +159,13 @@ impl Etcd {
         }
     }
 
-    /// One GET /health.
+    /// One GET /health (on the metrics port with TLS).
     fn healthy(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.client_port)) else {
+        let port = match &self.tls {
+            Some((_, metrics_port)) => *metrics_port,
+            None => self.client_port,
+        };
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
             return false;
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
@@ -138,6 +177,46 @@ impl Etcd {
         let mut body = String::new();
         let _ = s.read_to_string(&mut body);
         body.contains("\"health\":\"true\"")
+    }
+
+    /// Turns etcd authentication on (a TLS etcd from [`Etcd::start_tls`], reached with
+    /// the PKI's client certificate): a root user, a role that may read and write keys
+    /// under `prefix` only, and `user` with `password` and that role.
+    pub async fn enable_auth(
+        &self,
+        pki: &crate::pki::Pki,
+        user: &str,
+        password: &str,
+        prefix: &str,
+    ) -> anyhow::Result<()> {
+        use etcd_client::{Certificate, Client, ConnectOptions, Identity, Permission, TlsOptions};
+        let read =
+            |p: &std::path::Path| std::fs::read(p).with_context(|| format!("read {}", p.display()));
+        let tls = TlsOptions::new()
+            .ca_certificate(Certificate::from_pem(read(&pki.ca)?))
+            .identity(Identity::from_pem(
+                read(&pki.client_cert)?,
+                read(&pki.client_key)?,
+            ));
+        let mut c = Client::connect([self.url()], Some(ConnectOptions::new().with_tls(tls)))
+            .await
+            .context("connect to the TLS etcd")?;
+        c.user_add("root", "root-pw", None)
+            .await
+            .context("add root")?;
+        c.user_grant_role("root", "root")
+            .await
+            .context("grant root")?;
+        c.role_add("prefix-rw").await.context("add role")?;
+        c.role_grant_permission("prefix-rw", Permission::read_write(prefix).with_prefix())
+            .await
+            .context("grant the role")?;
+        c.user_add(user, password, None).await.context("add user")?;
+        c.user_grant_role(user, "prefix-rw")
+            .await
+            .context("grant the user")?;
+        c.auth_enable().await.context("enable auth")?;
+        Ok(())
     }
 
     /// kill -9, and wait for the process to be gone.

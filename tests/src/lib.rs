@@ -7,6 +7,7 @@
 //! - [`deploy`]: the `deploy/` Kubernetes manifests as processes (a container's command,
 //!   args and env from the Deployment/DaemonSet YAML, resolved as the kubelet would).
 //! - [`etcd`]: a real etcd process (free ports, readiness wait, kill -9, restart).
+//! - [`pki`]: a test CA and certificates (openssl CLI) for TLS to etcd.
 //! - [`server`]: `mdserver` replicas and a one-etcd test [`server::Cluster`].
 //! - [`standalone`]: a standalone `mdagent` (no cluster) driven through its control
 //!   socket, member checks, a raw NBD open probe (the RAID tests, t40).
@@ -15,6 +16,7 @@
 pub mod cluster;
 pub mod deploy;
 pub mod etcd;
+pub mod pki;
 pub mod server;
 pub mod standalone;
 pub mod tools;

@@ -9,6 +9,16 @@
 //!   the device allow-list changed, each explicitly) form a cluster: two nodes register,
 //!   a clustered mirror is created on one and assembled on the other, and SIGTERM (the
 //!   kubelet's) stops every process with status 0 within the pod's grace period.
+//! - The probes are real: every `grpc:` probe of the Deployment and the DaemonSet, made
+//!   as the kubelet makes it, passes on the running processes; the agent's readiness
+//!   follows its lock-service session (NOT_SERVING once mdserver is gone long enough for
+//!   the session to be lost, SERVING again once a new one is open) while its liveness
+//!   stays SERVING; mdserver's readiness (the lock service) turns NOT_SERVING when etcd is
+//!   gone, its liveness does not.
+//! - The etcd TLS and authentication settings that `configmap.yaml` documents (commented
+//!   out), set as its comment says, with the Secrets' files where the Deployment mounts
+//!   them, bring mdserver up against a real etcd that requires TLS, a client certificate
+//!   and a password.
 //! - The systemd units pass `systemd-analyze verify`, restart on failure (the agent's
 //!   self-fencing exit 75 included), and every variable of their environment files,
 //!   like every key of the ConfigMap, is one the binaries read.
@@ -17,8 +27,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use mdcluster_tests::deploy::{deploy_dir, Manifests, Proc};
+use mdcluster_tests::deploy::{
+    deploy_dir, grpc_probe, ContainerSpec, GrpcProbe, Manifests, Proc, ServingStatus,
+};
 use mdcluster_tests::etcd::{free_port, Etcd};
+use mdcluster_tests::pki::Pki;
 use mdcluster_tests::tools::{bin, run_ok, run_timeout};
 use serde_json::Value;
 
@@ -66,6 +79,25 @@ fn config_keys_and_unit_env_files_are_real_flags() {
     let m = Manifests::load().unwrap();
     for k in m.config_map("mdcluster-config").unwrap().keys() {
         assert!(known(k), "ConfigMap key {k} is read by no binary");
+    }
+    for (k, _) in documented_etcd_settings() {
+        assert!(known(&k), "configmap.yaml documents {k}, read by no binary");
+    }
+    // Every variable the containers set (POD_IP only feeds $(POD_IP)).
+    for (kind, name) in [("Deployment", "mdserver"), ("DaemonSet", "mdagent")] {
+        let obj = m.get(kind, name).unwrap();
+        for c in obj["spec"]["template"]["spec"]["containers"]
+            .as_sequence()
+            .unwrap()
+        {
+            for e in c["env"].as_sequence().into_iter().flatten() {
+                let k = e["name"].as_str().unwrap();
+                assert!(
+                    k == "POD_IP" || known(k),
+                    "{kind} {name}: {k} is read by no binary"
+                );
+            }
+        }
     }
     for f in ["mdserver.env", "mdagent.env"] {
         let text = std::fs::read_to_string(deploy_dir().join("systemd").join(f)).unwrap();
@@ -163,6 +195,39 @@ fn wait_nodes(url: &str, n: usize) -> Value {
     }
 }
 
+/// The container's probe of `kind`; panics if it has none or it is not `grpc:`.
+fn probe(c: &ContainerSpec, kind: &str) -> GrpcProbe {
+    c.grpc_probes
+        .iter()
+        .find(|p| p.kind == kind)
+        .unwrap_or_else(|| panic!("no grpc {kind}: {:?}", c.grpc_probes))
+        .clone()
+}
+
+/// The port of a listen address as the manifest writes it (`0.0.0.0:7481`).
+fn port_of(listen: &str) -> u16 {
+    listen.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// Makes `probe` against `addr` until it answers `want`, within `within`; returns the
+/// time it took.
+fn probe_until(addr: &str, probe: &GrpcProbe, want: ServingStatus, within: Duration) -> Duration {
+    let t = Instant::now();
+    loop {
+        let got = grpc_probe(addr, probe);
+        if got == Ok(want) {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < within,
+            "{} ({:?}) on {addr}: {got:?} after {within:?}, want {want:?}",
+            probe.kind,
+            probe.service
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn deployment_and_daemonset_as_written_form_a_cluster() {
     let dir = tempfile::Builder::new()
@@ -185,6 +250,7 @@ fn deployment_and_daemonset_as_written_form_a_cluster() {
     // Test-only changes: a free loopback port instead of the pod's 7480, the test etcd
     // instead of the StatefulSet's members.
     let sport = free_port().unwrap();
+    let srv_port = port_of(srv.env("MDSERVER_LISTEN").unwrap());
     srv.override_env("MDSERVER_LISTEN", &format!("127.0.0.1:{sport}"))
         .unwrap();
     srv.override_env("MDSERVER_ETCD", &etcd.url()).unwrap();
@@ -196,6 +262,22 @@ fn deployment_and_daemonset_as_written_form_a_cluster() {
         )
         .unwrap();
     let url = format!("http://127.0.0.1:{sport}");
+    // The Deployment's probes, as the kubelet makes them (their port mapped to the test's).
+    assert_eq!(srv.grpc_probes.len(), 3, "{:?}", srv.grpc_probes);
+    assert_eq!(
+        probe(&srv, "readinessProbe").service,
+        "mdcluster.v1.LockService"
+    );
+    assert_eq!(probe(&srv, "livenessProbe").service, "");
+    for p in &srv.grpc_probes {
+        assert_eq!(p.port, srv_port, "{p:?}");
+        probe_until(
+            &format!("127.0.0.1:{sport}"),
+            p,
+            ServingStatus::Serving,
+            Duration::from_secs(10),
+        );
+    }
 
     eprintln!("--- two mdagents from the DaemonSet (downward API: node name, pod IP)");
     let mut agents: Vec<Proc> = Vec::new();
@@ -241,6 +323,20 @@ fn deployment_and_daemonset_as_written_form_a_cluster() {
             )
             .unwrap(),
         );
+        // The DaemonSet's probes, as the kubelet makes them on the pod IP: startup,
+        // readiness (the agent service: a session is held) and liveness all pass.
+        let ready = probe(&a, "readinessProbe");
+        assert_eq!(ready.service, "mdcluster.v1.AgentService");
+        assert_eq!(probe(&a, "livenessProbe").service, "");
+        for kind in ["startupProbe", "readinessProbe", "livenessProbe"] {
+            let p = probe(&a, kind);
+            assert_eq!(p.port, 7481, "{p:?}: the container's MDAGENT_LISTEN port");
+            assert_eq!(
+                grpc_probe(&format!("{ip}:{port}"), &p),
+                Ok(ServingStatus::Serving),
+                "{node} {p:?}"
+            );
+        }
     }
     assert!(
         grace >= Duration::from_secs(35),
@@ -355,6 +451,240 @@ fn deployment_and_daemonset_as_written_form_a_cluster() {
         Some(0),
         "mdserver exit after SIGTERM"
     );
+    drop(etcd);
+}
+
+#[test]
+fn agent_readiness_follows_its_session() {
+    let dir = tempfile::Builder::new()
+        .prefix("mdcluster-t60h")
+        .tempdir()
+        .unwrap();
+    let etcd = Etcd::start_with(true).unwrap();
+    let m = Manifests::load().unwrap();
+    let sport = free_port().unwrap();
+    let start_server = |log: &str| -> Proc {
+        let mut srv = m
+            .container("Deployment", "mdserver", "mdserver", &[])
+            .unwrap();
+        srv.override_env("MDSERVER_LISTEN", &format!("127.0.0.1:{sport}"))
+            .unwrap();
+        srv.override_env("MDSERVER_ETCD", &etcd.url()).unwrap();
+        srv.spawn(&dir.path().join(log), &[], "mdserver listening on")
+            .unwrap()
+    };
+    let mut server = start_server("mdserver.log");
+
+    let mut a = m
+        .container(
+            "DaemonSet",
+            "mdagent",
+            "mdagent",
+            &[("spec.nodeName", "node1"), ("status.podIP", "127.0.0.1")],
+        )
+        .unwrap();
+    let port = free_port().unwrap();
+    // Test-only changes as in the test above, and a 3 s session TTL instead of the
+    // ConfigMap's 10 s so that the lost session shows sooner.
+    a.override_env("MDAGENT_LISTEN", &format!("$(POD_IP):{port}"))
+        .unwrap();
+    a.override_env("MDAGENT_ADVERTISE", &format!("$(POD_IP):{port}"))
+        .unwrap();
+    a.override_env("MDAGENT_SERVER", &format!("http://127.0.0.1:{sport}"))
+        .unwrap();
+    a.override_env("MDAGENT_RUN_DIR", dir.path().join("run").to_str().unwrap())
+        .unwrap();
+    a.override_env("MDAGENT_SESSION_TTL", "3s").unwrap();
+    let mut agent = a
+        .spawn(&dir.path().join("node1.log"), &[], "mdagent ready")
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let ready = probe(&a, "readinessProbe");
+    let live = probe(&a, "livenessProbe");
+    assert_eq!(grpc_probe(&addr, &ready), Ok(ServingStatus::Serving));
+    assert_eq!(grpc_probe(&addr, &live), Ok(ServingStatus::Serving));
+
+    eprintln!("--- mdserver killed: the session is lost, the agent is not ready, still alive");
+    server.kill9();
+    let took = probe_until(
+        &addr,
+        &ready,
+        ServingStatus::NotServing,
+        Duration::from_secs(30),
+    );
+    eprintln!("readiness NOT_SERVING {took:?} after mdserver was killed");
+    assert_eq!(grpc_probe(&addr, &live), Ok(ServingStatus::Serving));
+
+    eprintln!("--- mdserver back: a new session, ready again");
+    let mut server = start_server("mdserver2.log");
+    let took = probe_until(
+        &addr,
+        &ready,
+        ServingStatus::Serving,
+        Duration::from_secs(60),
+    );
+    eprintln!("readiness SERVING {took:?} after mdserver restarted");
+    assert_eq!(grpc_probe(&addr, &live), Ok(ServingStatus::Serving));
+    let nodes = wait_nodes(&format!("http://127.0.0.1:{sport}"), 1);
+    assert!(nodes.to_string().contains(&addr), "{nodes}");
+
+    assert_eq!(
+        agent.term(a.termination_grace),
+        Some(0),
+        "mdagent after SIGTERM"
+    );
+    let log = std::fs::read_to_string(&agent.log).unwrap();
+    assert!(log.contains("health => NOT_SERVING"), "{log}");
+
+    eprintln!("--- etcd killed: mdserver is not ready, still alive");
+    let srv = m
+        .container("Deployment", "mdserver", "mdserver", &[])
+        .unwrap();
+    let (ready, live) = (probe(&srv, "readinessProbe"), probe(&srv, "livenessProbe"));
+    let saddr = format!("127.0.0.1:{sport}");
+    assert_eq!(grpc_probe(&saddr, &ready), Ok(ServingStatus::Serving));
+    let mut etcd = etcd;
+    etcd.kill();
+    let took = probe_until(
+        &saddr,
+        &ready,
+        ServingStatus::NotServing,
+        Duration::from_secs(30),
+    );
+    eprintln!("mdserver readiness NOT_SERVING {took:?} after etcd was killed");
+    assert_eq!(grpc_probe(&saddr, &live), Ok(ServingStatus::Serving));
+    assert_eq!(server.term(srv.termination_grace), Some(0));
+}
+
+/// The etcd settings that configmap.yaml documents as comments
+/// (`  # MDSERVER_ETCD_CACERT: "/etc/..."`), in order.
+fn documented_etcd_settings() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(deploy_dir().join("kubernetes/configmap.yaml")).unwrap();
+    text.lines()
+        .filter_map(|l| l.trim_start().strip_prefix("# MDSERVER_ETCD_"))
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| {
+            (
+                format!("MDSERVER_ETCD_{k}"),
+                v.trim_matches('"').to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn deployment_reaches_a_tls_etcd_with_the_documented_settings() {
+    let documented = documented_etcd_settings();
+    let keys: Vec<&str> = documented.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "MDSERVER_ETCD_CACERT",
+            "MDSERVER_ETCD_CERT",
+            "MDSERVER_ETCD_KEY",
+            "MDSERVER_ETCD_USER",
+            "MDSERVER_ETCD_PASSWORD_FILE"
+        ],
+        "configmap.yaml's comment"
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("mdcluster-t60tls")
+        .tempdir()
+        .unwrap();
+    std::fs::create_dir(dir.path().join("pki")).unwrap();
+    let pki = Pki::generate(&dir.path().join("pki"), "mdcluster-client").unwrap();
+    let etcd = Etcd::start_tls(&pki).unwrap();
+    let user = &documented[3].1;
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(etcd.enable_auth(&pki, user, "pw-from-secret", "/mdcluster/"))
+        .unwrap();
+
+    eprintln!(
+        "--- the ConfigMap as deploy/README.md says: https endpoint, the settings uncommented"
+    );
+    let mut m = Manifests::load().unwrap();
+    m.set_config("mdcluster-config", "MDSERVER_ETCD", &etcd.url())
+        .unwrap();
+    for (k, v) in &documented {
+        m.set_config("mdcluster-config", k, v).unwrap();
+    }
+    let mut srv = m
+        .container("Deployment", "mdserver", "mdserver", &[])
+        .unwrap();
+    // The Secrets, as the kubelet mounts them: one directory per Secret, a file per key.
+    // Test-only change: each mount path is a directory of the test instead.
+    let secrets = [
+        (
+            "mdserver-etcd-tls",
+            vec![
+                ("ca.crt", std::fs::read(&pki.ca).unwrap()),
+                ("tls.crt", std::fs::read(&pki.client_cert).unwrap()),
+                ("tls.key", std::fs::read(&pki.client_key).unwrap()),
+            ],
+        ),
+        (
+            "mdserver-etcd-auth",
+            vec![("password", b"pw-from-secret\n".to_vec())],
+        ),
+    ];
+    assert_eq!(srv.secret_mounts.len(), 2, "{:?}", srv.secret_mounts);
+    let mut mounts = Vec::new();
+    for (secret, files) in &secrets {
+        let mount = srv
+            .secret_mounts
+            .iter()
+            .find(|s| s.secret == *secret)
+            .unwrap_or_else(|| panic!("the Deployment does not mount Secret {secret}"));
+        assert!(mount.optional, "{mount:?}: the pod must start without it");
+        let local = dir.path().join(secret);
+        std::fs::create_dir(&local).unwrap();
+        for (f, data) in files {
+            std::fs::write(local.join(f), data).unwrap();
+        }
+        mounts.push((mount.path.clone(), local));
+    }
+    for (k, v) in &documented {
+        assert_eq!(
+            srv.env(k),
+            Some(v.as_str()),
+            "the Deployment does not pass {k}"
+        );
+        if k.as_str() == "MDSERVER_ETCD_USER" {
+            continue;
+        }
+        let (mount, local) = mounts
+            .iter()
+            .find(|(mount, _)| v.starts_with(&format!("{mount}/")))
+            .unwrap_or_else(|| panic!("{k}={v} is in no Secret the Deployment mounts"));
+        let file = local.join(&v[mount.len() + 1..]);
+        assert!(
+            file.exists(),
+            "{k}={v}: the Secret has no key {}",
+            file.display()
+        );
+        srv.override_env(k, file.to_str().unwrap()).unwrap();
+    }
+    let sport = free_port().unwrap();
+    srv.override_env("MDSERVER_LISTEN", &format!("127.0.0.1:{sport}"))
+        .unwrap();
+    let mut server = srv
+        .spawn(
+            &dir.path().join("mdserver.log"),
+            &[],
+            "mdserver listening on",
+        )
+        .unwrap();
+    let url = format!("http://127.0.0.1:{sport}");
+    let nodes = wait_nodes(&url, 0);
+    eprintln!("mdctl nodes through the TLS etcd: {nodes}");
+    probe_until(
+        &format!("127.0.0.1:{sport}"),
+        &probe(&srv, "readinessProbe"),
+        ServingStatus::Serving,
+        Duration::from_secs(10),
+    );
+    assert_eq!(server.term(srv.termination_grace), Some(0));
     drop(etcd);
 }
 

@@ -29,6 +29,10 @@ node that dies is taken over by a survivor, which resyncs exactly its dirty chun
 the session cannot be renewed before its fence deadline while clustered arrays are
 assembled, the agent ends itself at once with status 75 (self-fencing): restart it (the
 arrays in <run-dir>/arrays.json are assembled again). The control socket is not served.
+The standard gRPC health service (grpc.health.v1.Health, for Kubernetes probes) is served
+on --listen beside the agent service: the overall status (service \"\") is SERVING while
+the agent serves; service mdcluster.v1.AgentService is SERVING while the node holds its
+session, NOT_SERVING while a lost one is replaced and once shutdown has begun.
 
 Standalone mode (no --server): arrays given with --assemble NAME=DEV,DEV are assembled
 at start; more are created, assembled, stopped and inspected through the control socket

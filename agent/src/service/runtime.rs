@@ -8,6 +8,13 @@
 //!       cluster for each) ──▶ close the session
 //! ```
 //!
+//! Health: the standard `grpc.health.v1.Health` service is served beside the agent
+//! service (Kubernetes `grpc:` probes). It is served from the moment the first session is
+//! open, so the overall status (service `""`) answers SERVING while the process serves
+//! (liveness); `mdcluster.v1.AgentService` is SERVING while the node holds a session and
+//! NOT_SERVING while a lost session is being replaced and from the start of shutdown
+//! (readiness).
+//!
 //! Session notifications: messages on array channels are applied to the array's engine
 //! ([`super::message::apply`]) and acknowledged with the result (a payload that is not a
 //! cluster message, or one this node cannot apply, gets a negative ack with the reason,
@@ -25,6 +32,8 @@ use mdcluster_proto::v1::Errno;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use tonic_health::server::HealthReporter;
 
 use super::grpc::AgentSvc;
 use super::{events, Node, NodeConfig};
@@ -178,6 +187,23 @@ async fn notifications(
     }
 }
 
+/// Reports the agent service SERVING (the node holds a session) or NOT_SERVING on the
+/// health service, and logs a change.
+async fn set_health(health: &HealthReporter, serving: bool) {
+    if serving {
+        health.set_serving::<AgentServiceServer<AgentSvc>>().await;
+    } else {
+        health
+            .set_not_serving::<AgentServiceServer<AgentSvc>>()
+            .await;
+    }
+    tracing::info!(
+        serving,
+        "health => {}",
+        if serving { "SERVING" } else { "NOT_SERVING" }
+    );
+}
+
 /// Exit status of a self-fenced agent (EX_TEMPFAIL): restart it to rejoin.
 pub const FENCE_EXIT_CODE: i32 = 75;
 
@@ -292,9 +318,13 @@ pub async fn run(
     node.set_session(Some(session.clone()));
     tracing::info!(node = node.name(), addr = %advertise, session = format_args!("{:x}", session.id()), "session open");
 
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    set_health(&health, true).await;
+
     // Notifications, and a new session when one is lost.
     let keeper = {
         let node = node.clone();
+        let health = health.clone();
         let stop = stop.clone();
         let scfg = scfg.clone();
         let mut session = session.clone();
@@ -315,6 +345,7 @@ pub async fn run(
                     &format!("the session with mdserver was lost ({reason})"),
                 );
                 node.set_session(None);
+                set_health(&health, false).await;
                 loop {
                     if stop.is_cancelled() {
                         return;
@@ -325,6 +356,7 @@ pub async fn run(
                             rx = r;
                             node.rejoin(&session).await;
                             node.set_session(Some(session.clone()));
+                            set_health(&health, true).await;
                             tracing::info!(node = node.name(), "session open again");
                             break;
                         }
@@ -359,13 +391,16 @@ pub async fn run(
     let streams_end = CancellationToken::new();
     let shutdown = {
         let streams_end = streams_end.clone();
+        let health = health.clone();
         async move {
             shutdown.await;
+            set_health(&health, false).await;
             // Graceful shutdown waits for open calls: end the event streams first.
             streams_end.cancel();
         }
     };
     let served = tonic::transport::Server::builder()
+        .add_service(health_svc)
         .add_service(AgentServiceServer::new(AgentSvc {
             node: node.clone(),
             streams_end,
