@@ -12,7 +12,9 @@
 //!   nodes (its role is taken); `--re-add` of a device that was never a member is
 //!   EINVAL;
 //! - `--fail` again: the spare takes the role, and when the recovering node stops
-//!   mid-recovery the other node takes the recovery over and finishes it.
+//!   mid-recovery the other node takes the recovery over and finishes it;
+//! - the same with a crash: the adding node is killed (-9) mid-recovery and the other
+//!   takes the recovery over once its lease expires.
 
 use std::time::{Duration, Instant};
 
@@ -155,4 +157,87 @@ fn add_spare_fail_recover_on_one_node_remove_add() {
         c.etcd_keys("locks/")
     );
     c.mdctl_ok(&["--node", waiting, "stop", "md0"]);
+}
+
+/// `03r1_switch-recovery` with a crash: node1 adds a disk (`--add`, it recovers it) and
+/// is killed (-9) mid-recovery; once its lease expires node2, which waited (PENDING),
+/// takes the recovery over and finishes it; the members end identical.
+#[test]
+fn recovering_node_killed_the_other_takes_the_recovery_over() {
+    let mut c = ClusterBuilder::new(2)
+        .agent_ttl(Duration::from_secs(3))
+        .start()
+        .expect("cluster");
+    let dir = c.path().to_owned();
+    let m = member_files(&dir, "k", 3, 32 << 20);
+    let ms = path_strs(&m);
+    c.mirror_on_two_nodes("md0", ms[0], ms[1]);
+    // Data the recovery must carry to the new disk.
+    let sock = c.agents[0].sock("md0");
+    mdcluster_tests::tools::run_ok(std::process::Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x5c 0 24M",
+        &format!("nbd+unix:///md0?socket={}", sock.display()),
+    ]));
+    c.tune(1024);
+    c.mdctl_ok(&[
+        "--node", "node1", "manage", "md0", "--fail", ms[1], "--remove", ms[1],
+    ]);
+    c.mdctl_ok(&["--node", "node1", "manage", "md0", "--add", ms[2]]);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let t1 = c.mdstat("node1");
+        let t2 = c.mdstat("node2");
+        if t1.contains("recovery =") && t2.contains("resync=PENDING") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node1 (the adder) not recovering with node2 pending within {WAIT:?}:\n{t1}\n{t2}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("--- kill -9 node1 mid-recovery");
+    c.agents[0].kill9();
+    c.mdctl_ok(&[
+        "--node",
+        "node2",
+        "tune",
+        "--sync-speed-min",
+        "500000",
+        "--sync-speed-max",
+        "500000",
+    ]);
+    let deadline = Instant::now() + WAIT;
+    let st = loop {
+        let st = c.node_status("md0", "node2");
+        // Recovered (not degraded), nothing running or owed (node1's slot, taken over,
+        // may add a resync after the recovery).
+        if st["degraded"] == false
+            && st["sync"]["kind"] == ""
+            && st["sync"]["runs"].as_u64() >= Some(1)
+            && st["bitmap"]["needed"] == 0
+        {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node2 did not finish the recovery within {WAIT:?}: {st}\n{}",
+            c.agents[1].log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(st["sync"]["last_interrupted"], false, "{st}");
+    assert!(
+        st["members"]
+            .as_array()
+            .is_some_and(|ms| ms.iter().all(|m| m["state"] == "in_sync")),
+        "{st}"
+    );
+    let t = c.mdstat("node2");
+    assert!(t.contains("[2/2] [UU]") && !t.contains("PENDING"), "{t}");
+    c.mdctl_ok(&["--node", "node2", "stop", "md0"]);
+    mdcluster_tests::standalone::assert_members_identical(&[m[0].clone(), m[2].clone()]);
 }
