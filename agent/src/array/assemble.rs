@@ -916,11 +916,26 @@ pub async fn assemble(
         sb.events = fresh.events;
         sb.resync_offset = fresh.resync_offset;
     }
-    // A stale member's next superblock write must not make it look in sync before its
-    // recovery is done: it says "recovering from 0" until then.
+    // A stale member must not look in sync before its recovery is done: it says
+    // "recovering from 0" — in this node's copy and, before the engine runs, on its own
+    // superblock (only that member's; nothing array-wide changes, so no token needed).
     for &i in &stale {
         sbs[i].feature_map |= feature::RECOVERY_OFFSET;
         sbs[i].recovery_offset = 0;
+        let mut own = members[i].sb.clone();
+        own.feature_map |= feature::RECOVERY_OFFSET;
+        own.recovery_offset = 0;
+        let io = ios[i].clone();
+        let block = aligned_copy(&Bytes::from(own.encode()));
+        io.write_at(SB_OFFSET_BYTES, block)
+            .await
+            .and(io.sync().await)
+            .map_err(|e| {
+                mismatch(
+                    name,
+                    format!("{}: marking it recovering: {e}", members[i].path.display()),
+                )
+            })?;
     }
     let sb_store = Arc::new(SbStore {
         array: name.to_owned(),
@@ -1017,15 +1032,7 @@ pub async fn assemble(
             opts.safe_mode
         },
     })?;
-    // A stale member's "recovering from 0" goes to disk now, before anything reads
-    // the superblocks again.
-    for &i in &stale {
-        raid.record(MetaEvent::RecoveryCheckpoint {
-            member: i,
-            sectors: 0,
-        })
-        .await?;
-    }
+
     if let Some(s) = &slot_store {
         let _ = s.raid.set(Arc::downgrade(&raid));
     }

@@ -284,6 +284,8 @@ pub struct Raid1 {
     meta_lock: tokio::sync::Mutex<()>,
     /// Clustered arrays: every superblock write goes through it ([`MetaGate`]).
     meta_gate: std::sync::RwLock<Option<Arc<dyn MetaGate>>>,
+    /// Fires when the gate is installed.
+    meta_gate_set: tokio::sync::Notify,
     /// Whether the superblocks say "dirty" (written before the first write).
     dirty: AtomicBool,
     /// Writes past `mark_dirty` and not yet ended: safemode does not mark clean under
@@ -342,6 +344,10 @@ impl Drop for WriteCount<'_> {
         self.0.writes.fetch_sub(1, Ordering::SeqCst);
     }
 }
+
+/// How long a superblock write of a clustered array waits for its [`MetaGate`] to be
+/// installed after start.
+pub const META_GATE_WAIT: Duration = Duration::from_secs(5);
 
 tokio::task_local! {
     static FOLLOWING: ();
@@ -411,6 +417,7 @@ impl Raid1 {
             meta: cfg.meta,
             meta_lock: tokio::sync::Mutex::new(()),
             meta_gate: std::sync::RwLock::new(None),
+            meta_gate_set: tokio::sync::Notify::new(),
             dirty: AtomicBool::new(false),
             writes: AtomicUsize::new(0),
             last_write_ms: AtomicU64::new(0),
@@ -583,17 +590,39 @@ impl Raid1 {
     /// goes through.
     pub fn set_meta_gate(&self, gate: Option<Arc<dyn MetaGate>>) {
         *self.meta_gate.write().unwrap_or_else(|e| e.into_inner()) = gate;
+        self.meta_gate_set.notify_waiters();
     }
 
-    /// The gate a superblock write of this task goes through, if any.
-    fn gate_for_write(&self) -> Option<Arc<dyn MetaGate>> {
+    /// The gate a superblock write of this task goes through, if any. A clustered
+    /// array (a gated one) gets its gate right after it starts: a write in between (a
+    /// spare activated at start, the first client's dirty mark) waits for it, at most
+    /// [`META_GATE_WAIT`], then writes without it (logged).
+    async fn gate_for_write(&self) -> Option<Arc<dyn MetaGate>> {
         if UNDER_TOKEN.try_with(|_| ()).is_ok() {
             return None;
         }
-        self.meta_gate
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        let current = || {
+            self.meta_gate
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        };
+        if !self.sync.gated {
+            return current();
+        }
+        let deadline = tokio::time::Instant::now() + META_GATE_WAIT;
+        loop {
+            let set = self.meta_gate_set.notified();
+            tokio::pin!(set);
+            set.as_mut().enable();
+            if let Some(g) = current() {
+                return Some(g);
+            }
+            if tokio::time::timeout_at(deadline, set).await.is_err() {
+                tracing::warn!(array = %self.name, "superblock write of a clustered array without its gate after {META_GATE_WAIT:?}");
+                return current();
+            }
+        }
     }
 
     async fn meta_update(&self, event: MetaEvent) -> Result<(), RaidError> {
@@ -605,7 +634,7 @@ impl Raid1 {
             let live = self.live();
             self.meta.update(event.clone(), live).await
         });
-        let done = match self.gate_for_write() {
+        let done = match self.gate_for_write().await {
             Some(g) => g.round(format!("{event:?}"), write).await,
             None => write.await,
         };
@@ -691,7 +720,7 @@ impl Raid1 {
             self.clean_marks.fetch_add(1, Ordering::Relaxed);
             Ok(())
         });
-        match self.gate_for_write() {
+        match self.gate_for_write().await {
             Some(g) => g.round("mark clean (safemode)".into(), write).await,
             None => write.await,
         }
@@ -722,7 +751,7 @@ impl Raid1 {
             let live = self.live();
             self.meta.update(MetaEvent::ResyncOffset(value), live).await
         });
-        let done = match self.gate_for_write() {
+        let done = match self.gate_for_write().await {
             Some(g) => g.round("resync offset".into(), write).await,
             None => write.await,
         };
@@ -751,7 +780,7 @@ impl Raid1 {
             self.dirty.store(true, Ordering::Release);
             Ok(())
         });
-        let done = match self.gate_for_write() {
+        let done = match self.gate_for_write().await {
             Some(g) => g.round("mark dirty".into(), write).await,
             None => write.await,
         };

@@ -177,7 +177,7 @@ pub(crate) struct SyncShared {
     /// A resync was requested while one ran: plan another once it ends.
     pending_rerun: AtomicBool,
     /// Runs wait for a [`SyncGate`] (cluster mode).
-    gated: bool,
+    pub(crate) gated: bool,
     gate: Mutex<Option<Arc<dyn SyncGate>>>,
     gate_set: Notify,
     /// A run waits for its gate.
