@@ -231,14 +231,7 @@ fn merge_slots(paths: &[PathBuf], to: u32, from: &[u32]) -> Result<u64, DeviceEr
                 }
             }
         }
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(p)
-            .map_err(|source| DeviceError::Open {
-                path: p.clone(),
-                source,
-            })?;
+        let file = crate::format::io::open(p, true)?;
         write_bitmap_slot(&file, p, &m.sb, to, &ours.sb, &bits)?;
         let mut sb = m.sb.clone();
         if sb.resync_offset == MAX_SECTOR {

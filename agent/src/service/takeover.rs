@@ -32,8 +32,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::Node;
 use crate::cluster::slot_lock;
-use crate::format::bitmap::{count_set, test_bit};
-use crate::format::io::{read_member, write_bitmap_slot, DeviceError};
+use crate::format::bitmap::{count_set, test_bit, BitmapSuper};
+use crate::format::io::{open, read_member, write_bitmap_slot, DeviceError};
 use crate::raid::Raid1;
 
 /// How often the slot holders are read.
@@ -306,34 +306,40 @@ pub fn slot_dirty(paths: &[PathBuf], slot: u32) -> bool {
 /// member (`sync_size`, bits kept up to the new chunk count), as md-cluster's
 /// `update_size` does for slots no node holds. The caller holds that slot's lock.
 pub fn resize_slot(paths: &[PathBuf], slot: u32, sectors: u64) -> Result<(), DeviceError> {
+    rewrite_slot(paths, slot, "resizing", |sb, bits| {
+        let mut sb = sb.clone();
+        sb.sync_size = sectors;
+        let mut bits = bits.to_vec();
+        bits.resize(sb.bits_bytes() as usize, 0);
+        for c in sb.chunks()..(bits.len() as u64 * 8) {
+            crate::format::bitmap::clear_bit(&mut bits, c);
+        }
+        (sb, bits)
+    })
+}
+
+/// Rewrites slot `slot` on every readable member with what `f` makes of its header
+/// and bits (an unreadable member is skipped, logged as `what`).
+fn rewrite_slot(
+    paths: &[PathBuf],
+    slot: u32,
+    what: &str,
+    f: impl Fn(&BitmapSuper, &[u8]) -> (BitmapSuper, Vec<u8>),
+) -> Result<(), DeviceError> {
     for p in paths {
         let m = match read_member(p) {
             Ok(m) => m,
             Err(e) => {
-                tracing::warn!(member = %p.display(), "resize slot: not touching an unreadable member: {e}");
+                tracing::warn!(member = %p.display(), slot, "{what} a bitmap slot: not touching an unreadable member: {e}");
                 continue;
             }
         };
         let Some(s) = m.bitmap.get(slot as usize) else {
             continue;
         };
-        let mut bsb = s.sb.clone();
-        bsb.sync_size = sectors;
-        let mut bits = s.bits.clone();
-        bits.resize(bsb.bits_bytes() as usize, 0);
-        let chunks = bsb.chunks();
-        for c in chunks..(bits.len() as u64 * 8) {
-            crate::format::bitmap::clear_bit(&mut bits, c);
-        }
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(p)
-            .map_err(|source| DeviceError::Open {
-                path: p.clone(),
-                source,
-            })?;
-        write_bitmap_slot(&file, p, &m.sb, slot, &bsb, &bits)?;
+        let (header, bits) = f(&s.sb, &s.bits);
+        let file = open(p, true)?;
+        write_bitmap_slot(&file, p, &m.sb, slot, &header, &bits)?;
     }
     Ok(())
 }
@@ -367,26 +373,7 @@ fn read_slot_union(paths: &[PathBuf], slot: u32) -> Result<Option<(Vec<u8>, u64)
 
 /// Clears slot `slot`'s bits on every readable member.
 fn clear_slot(paths: &[PathBuf], slot: u32) -> Result<(), DeviceError> {
-    for p in paths {
-        let m = match read_member(p) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(member = %p.display(), "takeover: not clearing an unreadable member: {e}");
-                continue;
-            }
-        };
-        let Some(s) = m.bitmap.get(slot as usize) else {
-            continue;
-        };
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(p)
-            .map_err(|source| DeviceError::Open {
-                path: p.clone(),
-                source,
-            })?;
-        write_bitmap_slot(&file, p, &m.sb, slot, &s.sb, &vec![0u8; s.bits.len()])?;
-    }
-    Ok(())
+    rewrite_slot(paths, slot, "clearing", |sb, bits| {
+        (sb.clone(), vec![0u8; bits.len()])
+    })
 }
