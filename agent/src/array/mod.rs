@@ -598,6 +598,12 @@ impl Registry {
         }
     }
 
+    /// The metadata writers of array `name` in any state that has them (active or
+    /// stopping).
+    pub fn attachment(&self, name: &str) -> Option<Arc<assemble::Attachment>> {
+        self.lock().get(name).and_then(|e| e.attachment.clone())
+    }
+
     /// Stops every array (agent shutdown), forcing clients off.
     pub async fn stop_all(&self) -> Vec<(String, ArrayError)> {
         let mut errors = Vec::new();

@@ -308,13 +308,12 @@ async fn apply_following(
 /// Re-reads the members' superblocks into this node's copies (another node wrote them).
 async fn reload(node: &Arc<Node>, name: &str) -> Result<(), String> {
     let me = node.name();
-    let Some((_, service)) = node.info(name) else {
-        return Err(format!("node {me}: array {name} is not active here"));
+    let Some(att) = node
+        .find(name)
+        .and_then(|service| service.registry().attachment(name))
+    else {
+        return Err(format!("node {me}: array {name} is not here"));
     };
-    let (_, att) = service
-        .registry()
-        .active_parts(name)
-        .map_err(|e| format!("node {me}: {e}"))?;
     tokio::task::spawn_blocking(move || att.reload())
         .await
         .map_err(|e| format!("node {me}: array {name}: reload task failed: {e}"))?
@@ -322,7 +321,8 @@ async fn reload(node: &Arc<Node>, name: &str) -> Result<(), String> {
 }
 
 /// [`crate::raid::MetaGate`] of a clustered array: the engine's superblock writes go
-/// under the `token` lock and are announced with METADATA_UPDATED (md-cluster's
+/// under the `token` lock, start from the superblocks as they are on disk (re-read
+/// once the token is held), and are announced with METADATA_UPDATED (md-cluster's
 /// `metadata_update_start/finish`).
 pub struct MetaRound {
     node: std::sync::Weak<Node>,
@@ -369,6 +369,13 @@ impl crate::raid::MetaGate for MetaRound {
                     None
                 }
             };
+            if hold.is_some() {
+                // Under the token nobody else writes the superblocks: start from what
+                // is on disk (this node may have missed a METADATA_UPDATED).
+                if let Err(e) = reload(&node, &self.array).await {
+                    tracing::warn!(array = %self.array, what, "re-reading the superblocks before writing: {e}");
+                }
+            }
             let out = write.await;
             if let Some(hold) = hold {
                 if out.is_ok() {
