@@ -593,6 +593,14 @@ impl Raid1 {
         self.meta_gate_set.notify_waiters();
     }
 
+    /// Runs the superblock write `write` (of `what`) through this task's gate, if any.
+    async fn write_sb(&self, what: String, write: IoFuture<'_, ()>) -> io::Result<()> {
+        match self.gate_for_write().await {
+            Some(g) => g.round(what, write).await,
+            None => write.await,
+        }
+    }
+
     /// The gate a superblock write of this task goes through, if any. A clustered
     /// array (a gated one) gets its gate right after it starts: a write in between (a
     /// spare activated at start, the first client's dirty mark) waits for it, at most
@@ -634,10 +642,7 @@ impl Raid1 {
             let live = self.live();
             self.meta.update(event.clone(), live).await
         });
-        let done = match self.gate_for_write().await {
-            Some(g) => g.round(format!("{event:?}"), write).await,
-            None => write.await,
-        };
+        let done = self.write_sb(format!("{event:?}"), write).await;
         done.map_err(|source| RaidError::Meta {
             array: self.name.clone(),
             what: format!("{event:?}"),
@@ -720,10 +725,7 @@ impl Raid1 {
             self.clean_marks.fetch_add(1, Ordering::Relaxed);
             Ok(())
         });
-        match self.gate_for_write().await {
-            Some(g) => g.round("mark clean (safemode)".into(), write).await,
-            None => write.await,
-        }
+        self.write_sb("mark clean (safemode)".into(), write).await
     }
 
     /// Writes `resync_offset` for the sync worker, decided under the metadata lock
@@ -751,10 +753,7 @@ impl Raid1 {
             let live = self.live();
             self.meta.update(MetaEvent::ResyncOffset(value), live).await
         });
-        let done = match self.gate_for_write().await {
-            Some(g) => g.round("resync offset".into(), write).await,
-            None => write.await,
-        };
+        let done = self.write_sb("resync offset".into(), write).await;
         done.map_err(|source| RaidError::Meta {
             array: self.name.clone(),
             what: "ResyncOffset".into(),
@@ -780,10 +779,7 @@ impl Raid1 {
             self.dirty.store(true, Ordering::Release);
             Ok(())
         });
-        let done = match self.gate_for_write().await {
-            Some(g) => g.round("mark dirty".into(), write).await,
-            None => write.await,
-        };
+        let done = self.write_sb("mark dirty".into(), write).await;
         done.map_err(|e| eio(format!("array {}: mark dirty: {e}", self.name)))
     }
 
