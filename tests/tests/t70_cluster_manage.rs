@@ -34,6 +34,85 @@ const WAIT: Duration = Duration::from_secs(30);
 /// Kills a spawned mdctl that is still running when the test ends early.
 struct ChildGuard(std::process::Child);
 
+impl ChildGuard {
+    /// Asserts the child keeps running for 1.5 s (it waits for the token).
+    fn assert_waits(&mut self, what: &str) {
+        let until = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < until {
+            assert!(
+                self.0.try_wait().unwrap().is_none(),
+                "{what} finished while another session held the token"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits (at most [`WAIT`]) for the child to exit.
+    fn wait_exit(&mut self, what: &str) -> std::process::ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(s) = self.0.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} did not finish within {WAIT:?} after the token was released"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A tester session of the lock service holding array `uuid`'s `token` lock.
+struct TokenHolder {
+    rt: tokio::runtime::Runtime,
+    session: mdcluster_proto::lock_client::Session,
+    /// Kept for the session's lifetime.
+    _notes: tokio::sync::mpsc::Receiver<mdcluster_proto::lock_client::Notification>,
+    res: String,
+    token: u64,
+}
+
+impl TokenHolder {
+    fn take(c: &mdcluster_tests::cluster::TestCluster, uuid: &[u8; 16]) -> TokenHolder {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (session, notes) = rt
+            .block_on(mdcluster_tests::server::session(
+                &[c.url()],
+                "tester",
+                Duration::from_secs(10),
+            ))
+            .expect("tester session");
+        let res = token_lock(uuid);
+        let g = rt
+            .block_on(session.acquire(&res, Mode::Exclusive, Wait::NoQueue))
+            .expect("token free");
+        TokenHolder {
+            rt,
+            session,
+            _notes: notes,
+            res,
+            token: g.token,
+        }
+    }
+
+    /// Closes the session (its locks and subscriptions end with it).
+    fn close(self) {
+        let TokenHolder { rt, session, .. } = self;
+        rt.block_on(session.close()).unwrap();
+    }
+
+    fn release(&self) {
+        self.rt
+            .block_on(self.session.release(&self.res, self.token))
+            .unwrap();
+    }
+}
+
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         if let Ok(None) = self.0.try_wait() {
@@ -46,11 +125,6 @@ impl Drop for ChildGuard {
 #[test]
 fn manage_fail_is_agreed_by_every_node_through_the_token() {
     let c = ClusterBuilder::new(2).start().expect("cluster");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
     let dir = c.path().to_owned();
     let m = member_files(&dir, "m", 2, 32 << 20);
     let ms = path_strs(&m);
@@ -66,18 +140,8 @@ fn manage_fail_is_agreed_by_every_node_through_the_token() {
         .set_uuid;
 
     eprintln!("--- a tester session holds the token: manage --fail waits");
-    let urls = vec![c.url()];
-    let (session, _notes) = rt
-        .block_on(mdcluster_tests::server::session(
-            &urls,
-            "tester",
-            Duration::from_secs(10),
-        ))
-        .expect("tester session");
-    let token = token_lock(&uuid);
-    let g = rt
-        .block_on(session.acquire(&token, Mode::Exclusive, Wait::NoQueue))
-        .expect("token free");
+    let holder = TokenHolder::take(&c, &uuid);
+    let (rt, session) = (&holder.rt, &holder.session);
     let child = Command::new(mdcluster_tests::tools::bin("mdctl"))
         .args(["--server", &c.url(), "--node", "node1", "manage", "md0"])
         .args(["--fail", ms[1]])
@@ -87,31 +151,14 @@ fn manage_fail_is_agreed_by_every_node_through_the_token() {
         .expect("spawn mdctl");
     let mut child = ChildGuard(child);
     // The manage call must still be waiting for the token 1.5 s later.
-    let until = Instant::now() + Duration::from_millis(1500);
-    while Instant::now() < until {
-        assert!(
-            child.0.try_wait().unwrap().is_none(),
-            "manage --fail finished while another session held the token"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    child.assert_waits("manage --fail");
     let t = c.mdstat("node2");
     assert!(
         !t.contains("(F)"),
         "node2 failed the member before the token was granted:\n{t}"
     );
-    rt.block_on(session.release(&token, g.token)).unwrap();
-    let deadline = Instant::now() + WAIT;
-    let exit = loop {
-        if let Some(s) = child.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "manage --fail did not finish within {WAIT:?} after the token was released"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    holder.release();
+    let exit = child.wait_exit("manage --fail");
     let mut err = String::new();
     if let Some(mut e) = child.0.stderr.take() {
         use std::io::Read;
@@ -281,7 +328,7 @@ fn manage_fail_is_agreed_by_every_node_through_the_token() {
         .block_on(session.publish(&ch, &meta, Duration::from_secs(10)))
         .unwrap();
     assert!(o.all_ok && o.results.len() == 2, "{o:?}");
-    rt.block_on(session.close()).unwrap();
+    holder.close();
 
     eprintln!("--- the token is free again: nothing was left held");
     let locks = c.etcd_keys("locks/");
@@ -304,11 +351,6 @@ fn engine_superblock_writes_wait_for_the_token() {
         .agent_args(&["--safe-mode-delay", "0"])
         .start()
         .expect("cluster");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
     let dir = c.path().to_owned();
     let m = member_files(&dir, "m", 2, 32 << 20);
     let ms = path_strs(&m);
@@ -320,18 +362,7 @@ fn engine_superblock_writes_wait_for_the_token() {
         u64::MAX,
         "clean after create and assemble"
     );
-    let urls = vec![c.url()];
-    let (session, _notes) = rt
-        .block_on(mdcluster_tests::server::session(
-            &urls,
-            "tester",
-            Duration::from_secs(10),
-        ))
-        .expect("tester session");
-    let token = token_lock(&before.set_uuid);
-    let g = rt
-        .block_on(session.acquire(&token, Mode::Exclusive, Wait::NoQueue))
-        .expect("token free");
+    let holder = TokenHolder::take(&c, &before.set_uuid);
     let sock = c.agents[1].sock("md0");
     let child = Command::new("qemu-io")
         .args(["-f", "raw", "-c", "write -P 0x44 0 64k"])
@@ -341,31 +372,14 @@ fn engine_superblock_writes_wait_for_the_token() {
         .spawn()
         .expect("qemu-io");
     let mut child = ChildGuard(child);
-    let until = Instant::now() + Duration::from_millis(1500);
-    while Instant::now() < until {
-        assert!(
-            child.0.try_wait().unwrap().is_none(),
-            "the first write finished while another session held the token"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    child.assert_waits("the first write");
     assert_eq!(
         sb(0).events,
         before.events,
         "nothing written without the token"
     );
-    rt.block_on(session.release(&token, g.token)).unwrap();
-    let deadline = Instant::now() + WAIT;
-    let exit = loop {
-        if let Some(s) = child.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the write did not finish after the token was released"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    holder.release();
+    let exit = child.wait_exit("the write");
     assert!(exit.success());
     for (i, path) in ms.iter().enumerate() {
         let now = sb(i);
