@@ -8,6 +8,8 @@
 //! - [`blockdev`]: the [`blockdev::BlockDevice`] trait the NBD export serves.
 //! - [`nbd`]: the NBD export (fixed newstyle server on unix sockets and TCP).
 //! - [`iobuf`]: pooled, aligned I/O buffers (huge pages for large ones).
+//! - [`iotrace`]: the recording hook under every member write and flush (the
+//!   crash-consistency checker; feature `io-trace`).
 //! - [`raid`]: the RAID1 engine (members, fan-out, read balancing, failure,
 //!   resync/recovery worker).
 //! - [`bitmap`]: the in-memory write-intent bitmap of this node's slot.
@@ -21,6 +23,7 @@ pub mod blockdev;
 pub mod cluster;
 pub mod format;
 pub mod iobuf;
+pub mod iotrace;
 pub mod mdstat;
 pub mod nbd;
 pub mod raid;

@@ -13,6 +13,7 @@ use super::bitmap::{slot_offset, BitmapSuper, BITMAP_SB_BYTES};
 use super::create::{plan, CreateSpec, MemberImage};
 use super::superblock::{Superblock, SB_BLOCK_BYTES};
 use super::{FormatError, SB_OFFSET_BYTES, SECTOR};
+use crate::iotrace;
 
 /// An error reading or writing a member, naming the device.
 #[derive(Debug, thiserror::Error)]
@@ -127,16 +128,21 @@ fn write_at(file: &File, path: &Path, offset: u64, data: &[u8]) -> Result<(), De
             op: "write",
             offset,
             source,
-        })
+        })?;
+    iotrace::on_write(path, offset, data);
+    Ok(())
 }
 
 fn sync(file: &File, path: &Path) -> Result<(), DeviceError> {
+    let token = iotrace::on_flush_begin(path);
     file.sync_data().map_err(|source| DeviceError::Io {
         path: path.to_path_buf(),
         op: "sync",
         offset: 0,
         source,
-    })
+    })?;
+    iotrace::on_flush_end(path, token);
+    Ok(())
 }
 
 fn format_err(path: &Path) -> impl FnOnce(FormatError) -> DeviceError + '_ {

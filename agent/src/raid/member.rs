@@ -20,6 +20,7 @@ use bytes::Bytes;
 
 use crate::iobuf::aligned_buf;
 pub use crate::iobuf::{aligned_copy, aligned_zeroes, ALIGN};
+use crate::iotrace;
 
 /// Errors opening a member.
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +46,7 @@ pub enum MemberError {
 /// A member device opened for positional I/O.
 #[derive(Debug)]
 pub struct MemberIo {
-    path: PathBuf,
+    path: Arc<Path>,
     /// The `O_DIRECT` descriptor, if the device accepted `O_DIRECT`.
     direct: Option<Arc<File>>,
     /// The buffered descriptor: unaligned I/O and devices without `O_DIRECT`.
@@ -85,7 +86,7 @@ impl MemberIo {
             source,
         })?;
         Ok(MemberIo {
-            path: path.to_owned(),
+            path: Arc::from(path),
             direct: direct.map(Arc::new),
             buffered: Arc::new(buffered),
             size,
@@ -130,17 +131,28 @@ impl MemberIo {
     /// Writes `data` at byte `offset` of the member (not durable until [`MemberIo::sync`]).
     pub async fn write_at(&self, offset: u64, data: Bytes) -> io::Result<()> {
         let file = self.pick(offset, data.len(), data.as_ptr() as usize);
-        tokio::task::spawn_blocking(move || file.write_all_at(&data, offset))
-            .await
-            .map_err(join_error)?
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            file.write_all_at(&data, offset)?;
+            iotrace::on_write(&path, offset, &data);
+            Ok(())
+        })
+        .await
+        .map_err(join_error)?
     }
 
     /// Makes every completed write durable (`fdatasync`).
     pub async fn sync(&self) -> io::Result<()> {
         let file = self.buffered.clone();
-        tokio::task::spawn_blocking(move || file.sync_data())
-            .await
-            .map_err(join_error)?
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let token = iotrace::on_flush_begin(&path);
+            file.sync_data()?;
+            iotrace::on_flush_end(&path, token);
+            Ok(())
+        })
+        .await
+        .map_err(join_error)?
     }
 }
 
