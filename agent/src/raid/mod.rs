@@ -1156,6 +1156,29 @@ impl Raid1 {
         Ok(())
     }
 
+    /// Flushes every member that takes writes (in sync and recovering), so every data
+    /// write completed so far is durable on each; fails naming the first member that
+    /// could not (nothing is failed here: the bitmap calls this under its flush lock,
+    /// which a member failure's superblock update also takes).
+    pub(crate) async fn sync_members(&self) -> io::Result<()> {
+        let targets = self.write_targets();
+        let members: Vec<Arc<Member>> = targets.iter().map(|&(i, _)| self.member(i)).collect();
+        let results = futures::future::join_all(members.iter().map(|m| m.io.sync())).await;
+        for (m, r) in members.iter().zip(results) {
+            if let Err(e) = r {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "array {}: flush member {}: {e}",
+                        self.name,
+                        m.io.path().display()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     async fn write_zeroes_impl(&self, offset: u64, len: u32, fua: bool) -> io::Result<()> {
         self.check_range(offset, len as u64)?;
         let mut done = 0u32;
