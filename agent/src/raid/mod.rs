@@ -10,6 +10,11 @@
 //! Rules (DESIGN.md "The RAID engine"):
 //! - a write goes to every in-sync and recovering member in parallel; it fails only if
 //!   no in-sync member took it; a member that failed it is marked faulty first;
+//! - a member failure is durable in the superblocks before any write (or flush) that
+//!   completes after it is acknowledged — the one that hit the error and those that
+//!   skipped the member (md's `MD_SB_CHANGE_PENDING`); if that superblock update
+//!   fails, those writes fail with EIO, and so does every write until an update
+//!   succeeds;
 //! - a read goes to the in-sync member with the fewest reads in flight (round-robin on
 //!   ties), to the first in-sync member while a resync runs here or inside the window
 //!   another node is resyncing (whose overlapping writes wait), and is retried on another
@@ -52,6 +57,10 @@ pub use sync::{
 pub const MAX_INFLIGHT: u32 = 4096;
 /// Longest a write waits for another node's resync window to move past it.
 pub const REMOTE_WAIT: Duration = Duration::from_secs(30);
+/// Longest a completed write waits for a member failure to be recorded in the
+/// superblocks (md's `MD_SB_CHANGE_PENDING`) before it fails with ETIMEDOUT. Above the
+/// cluster token's deadline, so a clustered update can finish its round.
+pub const SB_CHANGE_WAIT: Duration = Duration::from_secs(45);
 /// Largest piece of a write-zeroes request.
 const ZERO_PIECE: u32 = 1 << 20;
 
@@ -310,6 +319,11 @@ pub struct Raid1 {
     /// Indexes of removed members (tombstones: indexes stay stable).
     removed: Mutex<std::collections::BTreeSet<usize>>,
     remote_changed: tokio::sync::Notify,
+    /// Member failures not yet durable in the superblocks (md's
+    /// `MD_SB_CHANGE_PENDING`): writes are not acknowledged while any is.
+    sb_change: Mutex<SbChange>,
+    /// Fires when `sb_change` changes.
+    sb_changed: tokio::sync::Notify,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     stop_tx: tokio::sync::watch::Sender<bool>,
 }
@@ -325,6 +339,16 @@ impl std::fmt::Debug for Raid1 {
 
 fn eio(msg: String) -> io::Error {
     io::Error::other(msg)
+}
+
+/// Member failures and their superblock update (md's `MD_SB_CHANGE_PENDING`).
+#[derive(Debug, Default)]
+struct SbChange {
+    /// Failures whose Faulty update is being written.
+    writing: usize,
+    /// Members whose Faulty update failed and no update succeeded since, with the
+    /// error: every write fails until one does.
+    unrecorded: Vec<(usize, String)>,
 }
 
 /// A write counted from before its dirty check to its end (safemode).
@@ -431,6 +455,8 @@ impl Raid1 {
             remote_window: Mutex::new(None),
             removed: Mutex::new(std::collections::BTreeSet::new()),
             remote_changed: tokio::sync::Notify::new(),
+            sb_change: Mutex::new(SbChange::default()),
+            sb_changed: tokio::sync::Notify::new(),
             tasks: Mutex::new(Vec::new()),
             stop_tx,
         });
@@ -801,16 +827,110 @@ impl Raid1 {
                     "I/O error on the last in-sync member, not failing it: {why}");
                 return false;
             }
+            // Pending before any write can skip the member: a write that skips it
+            // waits for the update below.
+            self.sb_change_lock().writing += 1;
             slots[i].state = MemberState::Faulty;
         }
         tracing::warn!(array = %self.name, member = %self.member(i).io.path().display(),
             "member failed: {why}");
-        if let Err(e) = self.meta_update(MetaEvent::Faulty { member: i }).await {
-            tracing::error!("failed to record the failed member: {e}");
+        let r = self.meta_update(MetaEvent::Faulty { member: i }).await;
+        {
+            let mut ch = self.sb_change_lock();
+            ch.writing -= 1;
+            match &r {
+                // A superblock write carries every failure so far.
+                Ok(()) => ch.unrecorded.clear(),
+                Err(e) => {
+                    tracing::error!(array = %self.name, member = %self.member(i).io.path().display(),
+                        "failed to record the failed member; writes fail until a superblock update succeeds: {e}");
+                    ch.unrecorded.push((i, e.to_string()));
+                }
+            }
         }
+        self.sb_changed.notify_waiters();
         self.activate_spares().await;
         self.sync.wake();
         true
+    }
+
+    fn sb_change_lock(&self) -> MutexGuard<'_, SbChange> {
+        self.sb_change.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// md's `md_write_start` wait on `MD_SB_CHANGE_PENDING`, at a write's (or flush's)
+    /// end: returns once every member failure so far is durable in the superblocks
+    /// (at most [`SB_CHANGE_WAIT`], then ETIMEDOUT). A failure whose update failed is
+    /// written again once (serialised: one success serves every waiter); if that
+    /// fails too the caller's I/O fails with EIO — it is never acknowledged while the
+    /// superblocks still show the failed member in sync.
+    async fn wait_sb_recorded(&self) -> io::Result<()> {
+        let deadline = tokio::time::Instant::now() + SB_CHANGE_WAIT;
+        let mut retried = false;
+        loop {
+            let changed = self.sb_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let (writing, unrecorded) = {
+                let ch = self.sb_change_lock();
+                (ch.writing, ch.unrecorded.first().cloned())
+            };
+            match (writing, unrecorded) {
+                (0, None) => return Ok(()),
+                (0, Some((member, why))) => {
+                    if retried {
+                        return Err(eio(format!(
+                            "array {}: the failure of member {} could not be recorded in the superblocks ({why}); the write is not acknowledged — check the members' devices",
+                            self.name,
+                            self.member(member).io.path().display()
+                        )));
+                    }
+                    retried = true;
+                    self.rerecord_failures().await;
+                    continue;
+                }
+                _ => {}
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "array {}: a member failure was not recorded in the superblocks within {SB_CHANGE_WAIT:?}; the write is not acknowledged",
+                        self.name
+                    ),
+                ));
+            }
+        }
+    }
+
+    /// Writes the superblocks again for failures whose update failed; on success no
+    /// failure is unrecorded any more.
+    async fn rerecord_failures(&self) {
+        let write: IoFuture<'_, ()> = Box::pin(async {
+            let _one = self.meta_lock.lock().await;
+            let Some(&(member, _)) = self.sb_change_lock().unrecorded.first() else {
+                return Ok(());
+            };
+            let live = self.live();
+            self.meta.update(MetaEvent::Faulty { member }, live).await
+        });
+        let r = if is_following() {
+            Ok(())
+        } else {
+            self.write_sb("record failed members".into(), write).await
+        };
+        {
+            let mut ch = self.sb_change_lock();
+            match r {
+                Ok(()) => ch.unrecorded.clear(),
+                Err(e) => {
+                    if let Some(u) = ch.unrecorded.first_mut() {
+                        u.1 = e.to_string();
+                    }
+                }
+            }
+        }
+        self.sb_changed.notify_waiters();
     }
 
     /// Gives free roles (missing or failed members) to spares, which start recovery.
@@ -1127,7 +1247,7 @@ impl Raid1 {
                 err.unwrap_or_else(|| eio(format!("array {}: no in-sync member", self.name)))
             );
         }
-        Ok(())
+        self.wait_sb_recorded().await
     }
 
     async fn flush_impl(&self) -> io::Result<()> {
@@ -1153,7 +1273,7 @@ impl Raid1 {
                 last_err.unwrap_or_else(|| eio(format!("array {}: no in-sync member", self.name)))
             );
         }
-        Ok(())
+        self.wait_sb_recorded().await
     }
 
     /// Flushes every member that takes writes (in sync and recovering), so every data
@@ -1401,3 +1521,6 @@ impl BlockDevice for Raid1 {
         Box::pin(self.write_zeroes_impl(offset, len, fua))
     }
 }
+
+#[cfg(test)]
+mod tests;

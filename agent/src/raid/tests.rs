@@ -1,0 +1,217 @@
+//! Engine ordering tests over real files: member failures recorded before writes are
+//! acknowledged, RESYNCING windows quiesced before they are acknowledged, sources
+//! chosen by role.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::AtomicBool;
+
+use super::*;
+
+const MIB: u64 = 1 << 20;
+
+/// A tmpfs mounted for one test, filled up so writes into the holes of a sparse file
+/// on it fail with ENOSPC; unmounted on drop.
+struct FullTmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl FullTmpfs {
+    /// Mounts a 1 MiB tmpfs with a sparse member file of `bytes`, then fills it.
+    fn with_member(bytes: u64) -> (FullTmpfs, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs on {}", dir.path().display());
+        let fs = FullTmpfs { dir };
+        let member = fs.dir.path().join("member");
+        std::fs::File::create(&member)
+            .unwrap()
+            .set_len(bytes)
+            .unwrap();
+        // Fill the rest: writes into the member's holes now fail.
+        let filler = fs.dir.path().join("filler");
+        let chunk = vec![0xaau8; 64 * 1024];
+        let mut f = std::fs::File::create(&filler).unwrap();
+        use std::io::Write;
+        while f.write_all(&chunk).is_ok() {}
+        (fs, member)
+    }
+}
+
+impl Drop for FullTmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+fn file(dir: &Path, name: &str, bytes: u64) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::File::create(&p).unwrap().set_len(bytes).unwrap();
+    p
+}
+
+fn member_spec(path: &Path, role: u16) -> MemberSpec {
+    MemberSpec {
+        io: Arc::new(MemberIo::open(path).unwrap()),
+        data_offset: 0,
+        dev_number: role as u32,
+        role: Some(role),
+        state: MemberState::InSync,
+    }
+}
+
+/// A metadata store that records events and, for [`MetaEvent::Faulty`], waits for the
+/// test to release it (`hold`) and fails when `fail` is set.
+struct TestMeta {
+    hold: AtomicBool,
+    release: tokio::sync::Semaphore,
+    fail: AtomicBool,
+    faulty_seen: AtomicUsize,
+    events: Mutex<Vec<MetaEvent>>,
+}
+
+impl Default for TestMeta {
+    fn default() -> Self {
+        TestMeta {
+            hold: AtomicBool::new(false),
+            release: tokio::sync::Semaphore::new(0),
+            fail: AtomicBool::new(false),
+            faulty_seen: AtomicUsize::new(0),
+            events: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl MetaStore for TestMeta {
+    fn update(&self, event: MetaEvent, _live: Vec<usize>) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            self.events.lock().unwrap().push(event.clone());
+            if let MetaEvent::Faulty { .. } = event {
+                self.faulty_seen.fetch_add(1, Ordering::SeqCst);
+                if self.hold.load(Ordering::SeqCst) {
+                    self.release.acquire().await.unwrap().forget();
+                }
+                if self.fail.load(Ordering::SeqCst) {
+                    return Err(io::Error::other("superblock write refused by the test"));
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+fn engine(name: &str, members: Vec<MemberSpec>, size: u64, meta: Arc<dyn MetaStore>) -> Arc<Raid1> {
+    Raid1::start(Raid1Config {
+        name: name.into(),
+        size,
+        raid_disks: members.len() as u32,
+        members,
+        bitmap: None,
+        meta,
+        resync_from: None,
+        speed: SpeedLimits::default(),
+        gated: false,
+        safe_mode: None,
+    })
+    .unwrap()
+}
+
+fn data(len: usize, seed: u8) -> Bytes {
+    Bytes::from(vec![seed; len])
+}
+
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_wait_until_the_member_failure_is_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = file(dir.path(), "good", 8 * MIB);
+    let (_fs, bad) = FullTmpfs::with_member(8 * MIB);
+    let meta = Arc::new(TestMeta::default());
+    meta.hold.store(true, Ordering::SeqCst);
+    let raid = engine(
+        "md-pending",
+        vec![member_spec(&good, 0), member_spec(&bad, 1)],
+        4 * MIB,
+        meta.clone(),
+    );
+    // The first write fails on the full tmpfs: the member is failed and its
+    // superblock update held.
+    let r1 = raid.clone();
+    let first = tokio::spawn(async move { r1.write(0, data(65536, 1), false).await });
+    wait_until("the Faulty update", || {
+        meta.faulty_seen.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert_eq!(raid.status().members[1].state, MemberState::Faulty);
+    // A second write skips the failed member: it must not be acknowledged before the
+    // update is durable.
+    let r2 = raid.clone();
+    let second = tokio::spawn(async move { r2.write(MIB, data(65536, 2), false).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !second.is_finished(),
+        "a write that skipped the failed member was acknowledged before the Faulty update was written"
+    );
+    assert!(
+        !first.is_finished(),
+        "the failing write was acknowledged early"
+    );
+    meta.release.add_permits(1);
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    // The data is on the good member.
+    let on_disk = std::fs::read(&good).unwrap();
+    assert!(on_disk[MIB as usize..MIB as usize + 65536]
+        .iter()
+        .all(|&b| b == 2));
+    raid.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_fail_while_the_member_failure_cannot_be_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = file(dir.path(), "good", 8 * MIB);
+    let (_fs, bad) = FullTmpfs::with_member(8 * MIB);
+    let meta = Arc::new(TestMeta::default());
+    meta.fail.store(true, Ordering::SeqCst);
+    let raid = engine(
+        "md-unrecorded",
+        vec![member_spec(&good, 0), member_spec(&bad, 1)],
+        4 * MIB,
+        meta.clone(),
+    );
+    let e1 = raid.write(0, data(65536, 1), false).await.unwrap_err();
+    assert!(e1.to_string().contains("could not be recorded"), "{e1}");
+    // A later write skips the failed member; still not acknowledged.
+    let e2 = raid.write(MIB, data(65536, 2), false).await.unwrap_err();
+    assert!(e2.to_string().contains("could not be recorded"), "{e2}");
+    let e3 = raid.flush().await.unwrap_err();
+    assert!(e3.to_string().contains("could not be recorded"), "{e3}");
+    // Once a superblock update succeeds, writes are acknowledged again.
+    meta.fail.store(false, Ordering::SeqCst);
+    raid.write(2 * MIB, data(65536, 3), false).await.unwrap();
+    raid.write(3 * MIB, data(65536, 4), false).await.unwrap();
+    let faulty = meta
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| matches!(e, MetaEvent::Faulty { member: 1 }))
+        .count();
+    assert!(faulty >= 2, "the failed update was not retried");
+    raid.shutdown(Duration::from_secs(5)).await.unwrap();
+}
