@@ -495,7 +495,7 @@ async fn writes_wait_for_a_remote_resync_window_to_move_on() {
         .await
         .unwrap();
     let dev = reg.device("md0").unwrap();
-    dev.set_remote_resync_window(Some((0, MIB)));
+    dev.set_remote_resync_window(Some((0, MIB))).await.unwrap();
     // Outside the window: goes through.
     dev.write(2 * MIB, pattern(1, 4096), false).await.unwrap();
     // Inside: waits; reads there still work (from the first member).
@@ -504,9 +504,11 @@ async fn writes_wait_for_a_remote_resync_window_to_move_on() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!w.is_finished(), "write inside the window must wait");
     dev.read(0, 4096).await.unwrap();
-    dev.set_remote_resync_window(Some((MIB, 2 * MIB)));
+    dev.set_remote_resync_window(Some((MIB, 2 * MIB)))
+        .await
+        .unwrap();
     w.await.unwrap().unwrap();
-    dev.set_remote_resync_window(None);
+    dev.set_remote_resync_window(None).await.unwrap();
     assert!(dev.read(512 << 10, 4096).await.unwrap() == pattern(2, 4096));
     drop(dev);
     reg.stop("md0", false).await.unwrap();

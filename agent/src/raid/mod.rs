@@ -93,6 +93,18 @@ pub enum RaidError {
         /// The cause.
         source: io::Error,
     },
+    /// Writes in flight into a new remote resync window did not finish in time.
+    #[error("array {array}: writes in flight into the resync window {window:?} (bytes) did not finish within {timeout:?}: {writes:?}; the window is installed, new writes there wait")]
+    Quiesce {
+        /// The array.
+        array: String,
+        /// The window, array bytes `[lo, hi)`.
+        window: (u64, u64),
+        /// The ranges of the writes still in flight.
+        writes: Vec<(u64, u64)>,
+        /// The bound.
+        timeout: Duration,
+    },
     /// No member can serve the array.
     #[error("array {array}: no in-sync member")]
     NoMembers {
@@ -313,9 +325,12 @@ pub struct Raid1 {
     /// Milliseconds since `epoch` of the last user I/O (sync throttling).
     last_io_ms: AtomicU64,
     sync: sync::SyncShared,
-    /// The range (array bytes) another node is resyncing: reads there go to the first
-    /// in-sync member, writes there wait until the window moves on.
-    remote_window: Mutex<Option<(u64, u64)>>,
+    /// The range (array bytes) another node is resyncing (reads there go to the
+    /// lowest-role in-sync member, writes there wait until the window moves on), and
+    /// the writes past their window check.
+    remote: Mutex<Remote>,
+    /// Fires when a write registered in `remote` ends.
+    write_left: tokio::sync::Notify,
     /// Indexes of removed members (tombstones: indexes stay stable).
     removed: Mutex<std::collections::BTreeSet<usize>>,
     remote_changed: tokio::sync::Notify,
@@ -340,6 +355,37 @@ impl std::fmt::Debug for Raid1 {
 fn eio(msg: String) -> io::Error {
     io::Error::other(msg)
 }
+
+/// Another node's resync window and the writes that passed the window check.
+#[derive(Debug, Default)]
+struct Remote {
+    window: Option<(u64, u64)>,
+    /// Writes registered before their window check, until their member writes ended:
+    /// id → range `[lo, hi)` in array bytes.
+    writes: std::collections::HashMap<u64, (u64, u64)>,
+    next_id: u64,
+}
+
+fn overlaps((lo, hi): (u64, u64), offset: u64, len: u64) -> bool {
+    offset < hi && offset + len.max(1) > lo
+}
+
+/// A write registered in [`Remote::writes`]; unregistered on drop.
+struct WindowEntry<'a> {
+    raid: &'a Raid1,
+    id: u64,
+}
+
+impl Drop for WindowEntry<'_> {
+    fn drop(&mut self) {
+        self.raid.remote_lock().writes.remove(&self.id);
+        self.raid.write_left.notify_waiters();
+    }
+}
+
+/// Longest [`Raid1::set_remote_resync_window`] waits for the writes in flight into a
+/// new window to finish before it fails (a negative ack to RESYNCING).
+pub const REMOTE_QUIESCE: Duration = Duration::from_secs(10);
 
 /// Member failures and their superblock update (md's `MD_SB_CHANGE_PENDING`).
 #[derive(Debug, Default)]
@@ -452,7 +498,8 @@ impl Raid1 {
             epoch: Instant::now(),
             last_io_ms: AtomicU64::new(0),
             sync: sync::SyncShared::new(cfg.speed, cfg.resync_from, cfg.gated),
-            remote_window: Mutex::new(None),
+            remote: Mutex::new(Remote::default()),
+            write_left: tokio::sync::Notify::new(),
             removed: Mutex::new(std::collections::BTreeSet::new()),
             remote_changed: tokio::sync::Notify::new(),
             sb_change: Mutex::new(SbChange::default()),
@@ -1226,7 +1273,7 @@ impl Raid1 {
         // cleared the flag, so a write never runs under a clean superblock.
         let _w = WriteCount::new(self);
         self.mark_dirty().await?;
-        self.wait_remote_window(offset, len).await?;
+        let _window = self.enter_outside_remote_window(offset, len).await?;
         let _b = self.barrier.read().await;
         // The bitmap is replaced only under the exclusive barrier: this one ends it too.
         let bitmap = self.bitmap();
@@ -1412,34 +1459,84 @@ impl Raid1 {
 
     /// The range another node resyncs now, if any ([`Raid1::set_remote_resync_window`]).
     pub fn remote_resync_window(&self) -> Option<(u64, u64)> {
-        *self.remote_window.lock().unwrap_or_else(|e| e.into_inner())
+        self.remote_lock().window
+    }
+
+    fn remote_lock(&self) -> MutexGuard<'_, Remote> {
+        self.remote.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Sets (or clears with `None`) the range, in array bytes `[lo, hi)`, that another
-    /// node is resyncing (md-cluster RESYNCING): reads there go to the first in-sync
-    /// member; writes there wait (at most [`REMOTE_WAIT`], then ETIMEDOUT) until the
-    /// window moves past them.
-    pub fn set_remote_resync_window(&self, window: Option<(u64, u64)>) {
-        *self.remote_window.lock().unwrap_or_else(|e| e.into_inner()) =
-            window.filter(|(lo, hi)| lo < hi);
+    /// node is resyncing (md-cluster RESYNCING): reads there go to the lowest-role
+    /// in-sync member; writes there wait (at most [`REMOTE_WAIT`], then ETIMEDOUT)
+    /// until the window moves past them. Returns once every write that passed its
+    /// window check before and overlaps the new window has finished (md's
+    /// `remote_sync` quiesce), so an acknowledgement means no write of this node lands
+    /// inside the window any more; after [`REMOTE_QUIESCE`] it fails, naming the
+    /// writes still in flight (the window stays installed).
+    pub async fn set_remote_resync_window(
+        &self,
+        window: Option<(u64, u64)>,
+    ) -> Result<(), RaidError> {
+        let window = window.filter(|(lo, hi)| lo < hi);
+        self.remote_lock().window = window;
         self.remote_changed.notify_waiters();
-    }
-
-    fn in_remote_window(&self, offset: u64, len: u64) -> bool {
-        match *self.remote_window.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some((lo, hi)) => offset < hi && offset + len.max(1) > lo,
-            None => false,
+        let Some(w) = window else { return Ok(()) };
+        let deadline = tokio::time::Instant::now() + REMOTE_QUIESCE;
+        loop {
+            let left = self.write_left.notified();
+            tokio::pin!(left);
+            left.as_mut().enable();
+            let busy: Vec<(u64, u64)> = self
+                .remote_lock()
+                .writes
+                .values()
+                .filter(|&&(lo, hi)| overlaps(w, lo, hi - lo))
+                .copied()
+                .collect();
+            if busy.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, left).await.is_err() {
+                return Err(RaidError::Quiesce {
+                    array: self.name.clone(),
+                    window: w,
+                    writes: busy,
+                    timeout: REMOTE_QUIESCE,
+                });
+            }
         }
     }
 
-    async fn wait_remote_window(&self, offset: u64, len: u64) -> io::Result<()> {
+    fn in_remote_window(&self, offset: u64, len: u64) -> bool {
+        self.remote_lock()
+            .window
+            .is_some_and(|w| overlaps(w, offset, len))
+    }
+
+    /// Registers a write of `len` bytes at `offset` as in flight once it is outside
+    /// another node's resync window (waiting, at most [`REMOTE_WAIT`], for the window
+    /// to move past it). Registration and the check are one step under the window's
+    /// lock: a window installed later waits for this write; a write registered later
+    /// sees the window.
+    async fn enter_outside_remote_window(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<WindowEntry<'_>> {
         let deadline = tokio::time::Instant::now() + REMOTE_WAIT;
         loop {
             let changed = self.remote_changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if !self.in_remote_window(offset, len) {
-                return Ok(());
+            {
+                let mut r = self.remote_lock();
+                if !r.window.is_some_and(|w| overlaps(w, offset, len)) {
+                    let id = r.next_id;
+                    r.next_id += 1;
+                    r.writes.insert(id, (offset, offset + len.max(1)));
+                    return Ok(WindowEntry { raid: self, id });
+                }
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 return Err(io::Error::new(

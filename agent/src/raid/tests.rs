@@ -215,3 +215,112 @@ async fn writes_fail_while_the_member_failure_cannot_be_recorded() {
     assert!(faulty >= 2, "the failed update was not retried");
     raid.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+/// Bitmap pages go nowhere; while `hold` is set a page write waits for `release`.
+struct HeldPages {
+    hold: AtomicBool,
+    release: tokio::sync::Semaphore,
+    waiting: AtomicUsize,
+}
+
+impl crate::bitmap::BitmapStore for HeldPages {
+    fn write_pages(&self, _pages: Vec<(u64, Bytes)>) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            if self.hold.load(Ordering::SeqCst) {
+                self.waiting.fetch_add(1, Ordering::SeqCst);
+                self.release.acquire().await.unwrap().forget();
+            }
+            Ok(())
+        })
+    }
+    fn flush_members(&self) -> IoFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_window_is_acknowledged_after_writes_in_flight_into_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = [
+        file(dir.path(), "a", 4 * MIB),
+        file(dir.path(), "b", 4 * MIB),
+    ];
+    let size = 4 * MIB;
+    let geom = crate::bitmap::Geometry {
+        chunk_bytes: 64 << 10,
+        chunks: size / (64 << 10),
+        daemon_sleep: Duration::from_secs(60),
+    };
+    let pages = Arc::new(HeldPages {
+        hold: AtomicBool::new(true),
+        release: tokio::sync::Semaphore::new(0),
+        waiting: AtomicUsize::new(0),
+    });
+    let bitmap = Arc::new(
+        WriteIntent::new(
+            "md-q",
+            geom,
+            vec![0; geom.image_bytes()],
+            false,
+            pages.clone(),
+        )
+        .unwrap(),
+    );
+    let raid = Raid1::start(Raid1Config {
+        name: "md-q".into(),
+        size,
+        raid_disks: 2,
+        members: vec![member_spec(&paths[0], 0), member_spec(&paths[1], 1)],
+        bitmap: Some(bitmap),
+        meta: Arc::new(TestMeta::default()),
+        resync_from: None,
+        speed: SpeedLimits::default(),
+        gated: false,
+        safe_mode: None,
+    })
+    .unwrap();
+    // A write past its window check, held in its bitmap flush.
+    let r = raid.clone();
+    let held = tokio::spawn(async move { r.write(0, data(4096, 7), false).await });
+    wait_until("the write to reach its bitmap flush", || {
+        pages.waiting.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // RESYNCING(0, 1 MiB) arrives: not acknowledged while that write is in flight.
+    let r = raid.clone();
+    let install = tokio::spawn(async move { r.set_remote_resync_window(Some((0, MIB))).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !install.is_finished(),
+        "the window was acknowledged while a write into it was in flight"
+    );
+    // The window is installed already: a write that starts now waits for it to move.
+    let r = raid.clone();
+    let later = tokio::spawn(async move { r.write(8192, data(4096, 8), false).await });
+    // Outside the window: not held by it.
+    pages.hold.store(false, Ordering::SeqCst);
+    pages.release.add_permits(1);
+    install.await.unwrap().unwrap();
+    assert!(
+        held.is_finished(),
+        "acknowledged before the write in flight ended"
+    );
+    held.await.unwrap().unwrap();
+    raid.write(2 * MIB, data(4096, 9), false).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !later.is_finished(),
+        "a write inside the installed window went through"
+    );
+    let a = std::fs::read(&paths[0]).unwrap();
+    assert!(
+        a[8192..12288].iter().all(|&b| b == 0),
+        "the later write reached the disk"
+    );
+    raid.set_remote_resync_window(Some((MIB, 2 * MIB)))
+        .await
+        .unwrap();
+    later.await.unwrap().unwrap();
+    raid.set_remote_resync_window(None).await.unwrap();
+    raid.shutdown(Duration::from_secs(5)).await.unwrap();
+}

@@ -670,7 +670,13 @@ impl Node {
                     lock(&self.held).insert(name.to_owned(), m);
                     if let Some((raid, paths)) = self.raid_of(name) {
                         if let Some((lo, hi)) = window {
-                            raid.set_remote_resync_window(Some((lo * 512, hi * 512)));
+                            // Just assembled: no write of this node is in flight yet.
+                            if let Err(e) = raid
+                                .set_remote_resync_window(Some((lo * 512, hi * 512)))
+                                .await
+                            {
+                                tracing::warn!("{e}");
+                            }
                         }
                         raid.set_sync_gate(Some(Arc::new(resync::ClusterGate::new(
                             self, name, uuid, paths,
