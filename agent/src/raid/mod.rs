@@ -16,9 +16,13 @@
 //!   fails, those writes fail with EIO, and so does every write until an update
 //!   succeeds;
 //! - a read goes to the in-sync member with the fewest reads in flight (round-robin on
-//!   ties), to the first in-sync member while a resync runs here or inside the window
-//!   another node is resyncing (whose overlapping writes wait), and is retried on another
-//!   in-sync member after an error (the failing member is failed);
+//!   ties), to the in-sync member with the lowest role (the resync source, the same
+//!   device on every node) while a resync runs here or inside the window another node
+//!   is resyncing (whose overlapping writes wait), and is retried on another in-sync
+//!   member after an error (the failing member is failed);
+//! - a node acknowledges another node's resync window only after its own writes in
+//!   flight into it have ended; a write registers before its window check, so one
+//!   that starts later sees the window (md's `remote_sync` quiesce);
 //! - the last in-sync member is never failed: its errors go to the caller;
 //! - in-flight I/O is bounded ([`MAX_INFLIGHT`]) and drained at stop.
 //!
@@ -350,6 +354,15 @@ impl std::fmt::Debug for Raid1 {
             .field("size", &self.size())
             .finish()
     }
+}
+
+/// Of members `cands`, the one with the lowest role (members without one last, then by
+/// index).
+fn lowest_role(slots: &[Slot], cands: &[usize]) -> Option<usize> {
+    cands
+        .iter()
+        .copied()
+        .min_by_key(|&i| (slots[i].role.unwrap_or(u16::MAX), i))
 }
 
 fn eio(msg: String) -> io::Error {
@@ -1156,6 +1169,19 @@ impl Raid1 {
         Ok(true)
     }
 
+    /// The in-sync member a resync copies from and reads use while members may differ:
+    /// the one with the lowest role (md's raid1 reads the mirrors in role order), so
+    /// every node picks the same device whatever order the members were given in. In-sync
+    /// members of a running array share one event count (a member with fewer events
+    /// is recovered, never in sync), so the role alone decides.
+    pub(crate) fn sync_source(&self) -> Option<usize> {
+        let slots = self.slots();
+        let cands: Vec<usize> = (0..slots.len())
+            .filter(|&i| slots[i].state == MemberState::InSync)
+            .collect();
+        lowest_role(&slots, &cands)
+    }
+
     fn pick_reader(&self, tried: &[usize], offset: u64, len: u64) -> Option<usize> {
         let slots = self.slots();
         let cands: Vec<usize> = slots
@@ -1168,7 +1194,8 @@ impl Raid1 {
             return None;
         }
         if self.sync.resync_running() || self.in_remote_window(offset, len) {
-            return cands.first().copied();
+            // Members may differ here: read the copy the resync copies from.
+            return lowest_role(&slots, &cands);
         }
         let start = self.rr.fetch_add(1, Ordering::Relaxed);
         let n = cands.len();

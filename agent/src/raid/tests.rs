@@ -324,3 +324,63 @@ async fn a_resync_window_is_acknowledged_after_writes_in_flight_into_it() {
     raid.set_remote_resync_window(None).await.unwrap();
     raid.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+/// A clustered array's superblock writes, done directly (no cluster here).
+struct Direct;
+
+impl MetaGate for Direct {
+    fn round<'a>(&'a self, _what: String, write: IoFuture<'a, ()>) -> IoFuture<'a, ()> {
+        write
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sync_source_is_chosen_by_role_whatever_the_member_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let role0 = file(dir.path(), "role0", 2 * MIB);
+    let role1 = file(dir.path(), "role1", 2 * MIB);
+    // The mirrors differ (as before a resync): each holds its own pattern.
+    std::fs::write(&role0, vec![0x00u8; 2 * MIB as usize]).unwrap();
+    std::fs::write(&role1, vec![0x11u8; 2 * MIB as usize]).unwrap();
+    // Two nodes, the members given in opposite orders. Gated without a gate: the
+    // resync stays pending, its plan can be read.
+    let start = |members: Vec<MemberSpec>| {
+        Raid1::start(Raid1Config {
+            name: "md-role".into(),
+            size: MIB,
+            raid_disks: 2,
+            members,
+            bitmap: None,
+            meta: Arc::new(TestMeta::default()),
+            resync_from: Some(0),
+            speed: SpeedLimits::default(),
+            gated: true,
+            safe_mode: None,
+        })
+        .unwrap()
+    };
+    let a = start(vec![member_spec(&role0, 0), member_spec(&role1, 1)]);
+    let b = start(vec![member_spec(&role1, 1), member_spec(&role0, 0)]);
+    for raid in [&a, &b] {
+        raid.set_meta_gate(Some(Arc::new(Direct)));
+    }
+    for raid in [&a, &b] {
+        let job = sync::plan(raid).expect("a resync is owed");
+        let src = raid.member(job.source).io.path().to_path_buf();
+        assert_eq!(src, role0, "resync source of one node");
+        // Inside another node's resync window reads come from the same device.
+        raid.set_remote_resync_window(Some((0, MIB))).await.unwrap();
+        for _ in 0..4 {
+            let got = raid.read(4096, 4096).await.unwrap();
+            assert!(
+                got.iter().all(|&x| x == 0x00),
+                "a read inside the window came from {} (byte {:#x})",
+                if got[0] == 0x11 { "role 1" } else { "?" },
+                got[0]
+            );
+        }
+        raid.set_remote_resync_window(None).await.unwrap();
+    }
+    a.shutdown(Duration::from_secs(5)).await.unwrap();
+    b.shutdown(Duration::from_secs(5)).await.unwrap();
+}
