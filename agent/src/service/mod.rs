@@ -628,6 +628,17 @@ impl Node {
         }
         self.check_allowed(name, members)?;
         let first = self.read_any(name, members).await?;
+        // The same members already assembled under another name (in any slot's
+        // registry): EBUSY, before a slot lock is taken for them.
+        let claim = self
+            .cfg
+            .registry
+            .claims
+            .hold(first.sb.set_uuid, name)
+            .map_err(|holder| {
+                let e = crate::array::claimed_error(name, &first.sb.set_uuid, &holder);
+                self.err(Errno::Ebusy, name, e)
+            })?;
         let sb = &first.sb;
         let mut meta = Meta {
             level: sb.level,
@@ -684,6 +695,8 @@ impl Node {
                         raid.set_meta_gate(Some(Arc::new(message::MetaRound::new(self, name))));
                     }
                 }
+                // The registry's entry holds the claim until the array stops.
+                claim.keep();
                 let speed = *lock(&self.speed);
                 let _ = service.registry().set_speed(name, speed);
                 self.save_state();
