@@ -16,7 +16,10 @@ fn a_second_name_for_running_members_is_ebusy() {
     eprintln!("--- md1 over md0's members on node1: EBUSY naming md0");
     let (code, err) = c.code(&["--node", "node1", "assemble", "md1", m0, m1]);
     assert_eq!(code, 4, "{err}");
-    assert!(err.contains("md0") && err.contains("already assembled"), "{err}");
+    assert!(
+        err.contains("md0") && err.contains("already assembled"),
+        "{err}"
+    );
     let st = c.mdstat("node1");
     assert!(st.contains("md0 : active") && !st.contains("md1"), "{st}");
     assert_eq!(c.etcd_keys("locks/"), locks, "a lock was taken or lost");
@@ -33,5 +36,9 @@ fn a_second_name_for_running_members_is_ebusy() {
     assert!(st.contains("md1 : active"), "{st}");
     c.mdctl_ok(&["--node", "node1", "stop", "md1"]);
     c.mdctl_ok(&["--node", "node2", "stop", "md0"]);
-    assert!(c.etcd_keys("locks/").is_empty(), "{:?}", c.etcd_keys("locks/"));
+    assert!(
+        c.etcd_keys("locks/").is_empty(),
+        "{:?}",
+        c.etcd_keys("locks/")
+    );
 }
