@@ -294,6 +294,25 @@ impl BitmapStore for SlotStore {
             Ok(())
         })
     }
+
+    fn flush_members(&self) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            match self.raid.get().and_then(Weak::upgrade) {
+                Some(r) => r.sync_members().await,
+                None => {
+                    let members = self
+                        .members
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clone();
+                    for (io, _) in members {
+                        io.sync().await?;
+                    }
+                    Ok(())
+                }
+            }
+        })
+    }
 }
 
 /// What adding a member to a running array needs: the superblock and bitmap writers

@@ -8,7 +8,9 @@
 //! resynced), bit 14 [`RESYNC`] (it is being resynced), low 14 bits = pending writes
 //! plus 1 for the bit on disk. A first write sets the disk bit and the count to 3; its end
 //! lowers it to 2; the daemon, every `daemon_sleep`, lowers an idle 2 to 1 and then
-//! clears the disk bit at 1 → 0. A write that did not reach every member (degraded)
+//! clears the disk bit at 1 → 0 — after flushing every member, so a bit is cleared on
+//! disk only once the data it covered is durable everywhere (md's
+//! `md_bitmap_daemon_work`). A write that did not reach every member (degraded)
 //! marks the chunk [`NEEDED`], which keeps its bit until a resync or recovery.
 //!
 //! Flushes are shared: a writer that set a bit waits until a flush that covers its
@@ -17,7 +19,7 @@
 //! node's slot offset) is the business of the [`BitmapStore`] the array gives.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -36,9 +38,36 @@ pub const PAGE: usize = 4096;
 /// Bytes of the bitmap superblock before the bits in a slot.
 pub const SB_BYTES: usize = 256;
 
+/// Test switch: write cleared pages before the members are flushed (the unsafe order).
+#[cfg_attr(not(feature = "io-trace"), allow(dead_code))]
+static UNSAFE_CLEAR_BEFORE_FLUSH: AtomicBool = AtomicBool::new(false);
+
+/// Re-introduces, process-wide, the unsafe order of writing a page with cleared bits
+/// *before* the data those bits covered is flushed on the members. Only for the
+/// crash-consistency checker, which must see that order caught; never in production
+/// (compiled only with the `io-trace` feature).
+#[cfg(feature = "io-trace")]
+pub fn set_unsafe_clear_before_flush(on: bool) {
+    UNSAFE_CLEAR_BEFORE_FLUSH.store(on, Ordering::SeqCst);
+}
+
+/// Whether the unsafe order is switched on ([`set_unsafe_clear_before_flush`]).
+fn unsafe_clear_before_flush() -> bool {
+    UNSAFE_CLEAR_BEFORE_FLUSH.load(Ordering::Relaxed)
+}
+
 /// Errors of the write-intent bitmap.
 #[derive(Debug, thiserror::Error)]
 pub enum BitmapError {
+    /// The members could not be flushed before clearing bits (the bits stay set; the
+    /// daemon tries again).
+    #[error("array {array}: flush the members before clearing bitmap bits: {source}")]
+    MemberFlush {
+        /// The array.
+        array: String,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// Writing bitmap pages failed on every member.
     #[error("write bitmap pages of array {array}: {source}")]
     Write {
@@ -86,6 +115,10 @@ pub trait BitmapStore: Send + Sync {
     /// Writes `(page index in the slot, 4096 bytes)` pairs durably to every live member;
     /// succeeds if at least one member has them.
     fn write_pages(&self, pages: Vec<(u64, Bytes)>) -> IoFuture<'_, ()>;
+    /// Makes every data write the array completed so far durable on every member that
+    /// takes writes (`fdatasync`); fails if any of them could not. Called before a page
+    /// with cleared bits is written.
+    fn flush_members(&self) -> IoFuture<'_, ()>;
 }
 
 /// Shape of the bitmap.
@@ -131,6 +164,9 @@ struct State {
     counters: Vec<u16>,
     image: Vec<u8>,
     dirty_pages: BTreeSet<u64>,
+    /// Chunks whose counter reached 0 and whose disk bit is still set: cleared in the
+    /// image only by [`WriteIntent::flush`], after the members were flushed.
+    clears: BTreeSet<u64>,
     /// Bumped at every change of `image`.
     gen: u64,
 }
@@ -200,6 +236,7 @@ impl WriteIntent {
                 counters,
                 image,
                 dirty_pages: BTreeSet::new(),
+                clears: BTreeSet::new(),
                 gen: 0,
             }),
             flush_lock: tokio::sync::Mutex::new(()),
@@ -263,8 +300,9 @@ impl WriteIntent {
         }
     }
 
-    /// One pass of the clearing daemon: idle 2 → 1, then 1 → 0 with the disk bit
-    /// cleared. Returns whether pages became dirty.
+    /// One pass of the clearing daemon: idle 2 → 1, then 1 → 0 with the disk bit to
+    /// be cleared by the next [`WriteIntent::flush`]. Returns whether bits are to be
+    /// cleared.
     pub fn daemon_pass(&self) -> bool {
         let mut st = self.lock();
         let mut changed = false;
@@ -274,28 +312,52 @@ impl WriteIntent {
                 st.counters[c as usize] = 1;
             } else if v == 1 {
                 st.counters[c as usize] = 0;
-                let (byte, mask) = bit_pos(c);
-                st.image[byte] &= !mask;
-                st.dirty_pages.insert((byte / PAGE) as u64);
+                st.clears.insert(c);
                 changed = true;
             }
-        }
-        if changed {
-            st.gen += 1;
         }
         changed
     }
 
     /// For a clean stop with no writes in flight: clears every bit that is not
-    /// [`NEEDED`] and writes the pages.
+    /// [`NEEDED`] (after flushing the members) and writes the pages.
     pub async fn clear_idle_and_flush(&self) -> Result<(), BitmapError> {
         {
             let mut st = self.lock();
-            let mut changed = false;
             for c in 0..st.geom.chunks {
                 let v = st.counters[c as usize];
                 if v & (NEEDED | RESYNC) == 0 && v & COUNTER_MASK <= 2 {
                     st.counters[c as usize] = 0;
+                    let (byte, mask) = bit_pos(c);
+                    if st.image[byte] & mask != 0 {
+                        st.clears.insert(c);
+                    }
+                }
+            }
+        }
+        self.flush().await
+    }
+
+    /// Writes every dirty page, and clears the bits of chunks that became idle — md's
+    /// bitmap daemon order: the members are flushed first, so a bit is cleared on disk
+    /// only once the data it covered is durable on every member.
+    pub async fn flush(&self) -> Result<(), BitmapError> {
+        if self.lock().clears.is_empty() {
+            let target = self.lock().gen;
+            return self.flush_to(target).await;
+        }
+        let _one = self.flush_lock.lock().await;
+        let unsafe_order = unsafe_clear_before_flush();
+        if !unsafe_order {
+            self.flush_members().await?;
+        }
+        let target = {
+            let mut st = self.lock();
+            let clears = std::mem::take(&mut st.clears);
+            let mut changed = false;
+            for c in clears {
+                // A write that started in the chunk since keeps its bit.
+                if c < st.geom.chunks && st.counters[c as usize] == 0 {
                     let (byte, mask) = bit_pos(c);
                     if st.image[byte] & mask != 0 {
                         st.image[byte] &= !mask;
@@ -307,14 +369,23 @@ impl WriteIntent {
             if changed {
                 st.gen += 1;
             }
+            st.gen
+        };
+        self.write_dirty(target).await?;
+        if unsafe_order {
+            self.flush_members().await?;
         }
-        self.flush().await
+        Ok(())
     }
 
-    /// Writes every dirty page.
-    pub async fn flush(&self) -> Result<(), BitmapError> {
-        let target = self.lock().gen;
-        self.flush_to(target).await
+    async fn flush_members(&self) -> Result<(), BitmapError> {
+        self.store
+            .flush_members()
+            .await
+            .map_err(|source| BitmapError::MemberFlush {
+                array: self.array.clone(),
+                source,
+            })
     }
 
     async fn flush_to(&self, target: u64) -> Result<(), BitmapError> {
@@ -322,6 +393,12 @@ impl WriteIntent {
             return Ok(());
         }
         let _one = self.flush_lock.lock().await;
+        self.write_dirty(target).await
+    }
+
+    /// Writes the dirty pages unless a flush up to `target` completed; the caller
+    /// holds `flush_lock`.
+    async fn write_dirty(&self, target: u64) -> Result<(), BitmapError> {
         if self.flushed_gen.load(Ordering::Acquire) >= target {
             return Ok(());
         }
@@ -531,6 +608,9 @@ mod tests {
                 self.m.sync().await
             })
         }
+        fn flush_members(&self) -> IoFuture<'_, ()> {
+            Box::pin(self.m.sync())
+        }
     }
 
     fn setup(chunks: u64) -> (tempfile::TempDir, Arc<WriteIntent>, std::path::PathBuf) {
@@ -636,6 +716,9 @@ mod tests {
             fn write_pages(&self, _: Vec<(u64, Bytes)>) -> IoFuture<'_, ()> {
                 Box::pin(async { Ok(()) })
             }
+            fn flush_members(&self) -> IoFuture<'_, ()> {
+                Box::pin(async { Ok(()) })
+            }
         }
         let wi = WriteIntent::new("t", geom, image, true, Arc::new(Null)).unwrap();
         assert_eq!(wi.needed_chunks(), vec![0, 2, 7, 16, 17, 18, 19]);
@@ -657,5 +740,121 @@ mod tests {
         }
         tx.send(true).unwrap();
         h.await.unwrap();
+    }
+
+    /// Records, in order, the member flushes and the page writes (with the state of
+    /// chunk 3's bit in each written page) it does on a real file; `fail_flush` makes
+    /// the member flush fail.
+    struct OrderStore {
+        m: MemberIo,
+        log: Mutex<Vec<String>>,
+        fail_flush: AtomicBool,
+    }
+
+    impl BitmapStore for OrderStore {
+        fn write_pages(&self, pages: Vec<(u64, Bytes)>) -> IoFuture<'_, ()> {
+            Box::pin(async move {
+                for (p, b) in pages {
+                    let (byte, mask) = bit_pos(3);
+                    if p == (byte / PAGE) as u64 {
+                        let set = b[byte % PAGE] & mask != 0;
+                        self.log
+                            .lock()
+                            .unwrap()
+                            .push(format!("page bit3={}", if set { 1 } else { 0 }));
+                    }
+                    self.m.write_at(8192 + p * PAGE as u64, b).await?;
+                }
+                self.m.sync().await
+            })
+        }
+        fn flush_members(&self) -> IoFuture<'_, ()> {
+            Box::pin(async move {
+                if self.fail_flush.load(Ordering::SeqCst) {
+                    return Err(std::io::Error::other("member flush refused by the test"));
+                }
+                self.m.sync().await?;
+                self.log.lock().unwrap().push("member flush".into());
+                Ok(())
+            })
+        }
+    }
+
+    fn order_setup() -> (tempfile::TempDir, Arc<OrderStore>, Arc<WriteIntent>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m");
+        std::fs::write(&path, vec![0u8; 64 * 1024]).unwrap();
+        let geom = Geometry {
+            chunk_bytes: 65536,
+            chunks: 100,
+            daemon_sleep: Duration::from_secs(60),
+        };
+        let store = Arc::new(OrderStore {
+            m: MemberIo::open(&path).unwrap(),
+            log: Mutex::new(Vec::new()),
+            fail_flush: AtomicBool::new(false),
+        });
+        let image = vec![0u8; geom.image_bytes()];
+        let wi = Arc::new(WriteIntent::new("t", geom, image, false, store.clone()).unwrap());
+        (dir, store, wi)
+    }
+
+    /// Writes into chunk 3 and lets the daemon clear its bit.
+    async fn write_then_clear(wi: &WriteIntent) -> Result<(), BitmapError> {
+        wi.start_write(65536 * 3, 4096).await?;
+        wi.end_write(65536 * 3, 4096, false);
+        assert!(!wi.daemon_pass()); // 2 -> 1
+        assert!(wi.daemon_pass()); // 1 -> 0: to be cleared
+        wi.flush().await
+    }
+
+    #[tokio::test]
+    async fn members_flushed_before_a_cleared_bit_is_written() {
+        let (_d, store, wi) = order_setup();
+        write_then_clear(&wi).await.unwrap();
+        let log = store.log.lock().unwrap().clone();
+        assert_eq!(log, ["page bit3=1", "member flush", "page bit3=0"]);
+        assert_eq!(wi.stats().dirty_bits, 0);
+    }
+
+    #[tokio::test]
+    async fn a_failed_member_flush_keeps_the_bit() {
+        let (_d, store, wi) = order_setup();
+        store.fail_flush.store(true, Ordering::SeqCst);
+        let err = write_then_clear(&wi).await.unwrap_err();
+        assert!(matches!(err, BitmapError::MemberFlush { .. }), "{err}");
+        assert_eq!(store.log.lock().unwrap().clone(), ["page bit3=1"]);
+        assert_eq!(wi.stats().dirty_bits, 1);
+        // The next flush, with the members flushable again, clears it.
+        store.fail_flush.store(false, Ordering::SeqCst);
+        wi.flush().await.unwrap();
+        let log = store.log.lock().unwrap().clone();
+        assert_eq!(log, ["page bit3=1", "member flush", "page bit3=0"]);
+    }
+
+    #[tokio::test]
+    async fn a_write_after_the_daemon_pass_keeps_the_bit() {
+        let (_d, store, wi) = order_setup();
+        wi.start_write(65536 * 3, 4096).await.unwrap();
+        wi.end_write(65536 * 3, 4096, false);
+        wi.daemon_pass();
+        assert!(wi.daemon_pass());
+        // A new write into the chunk before the daemon's flush: the bit stays.
+        wi.start_write(65536 * 3, 4096).await.unwrap();
+        wi.flush().await.unwrap();
+        assert_eq!(wi.stats().dirty_bits, 1);
+        assert!(!store.log.lock().unwrap().iter().any(|l| l == "page bit3=0"));
+    }
+
+    #[cfg(feature = "io-trace")]
+    #[tokio::test]
+    async fn the_unsafe_switch_writes_the_cleared_page_first() {
+        let (_d, store, wi) = order_setup();
+        set_unsafe_clear_before_flush(true);
+        let r = write_then_clear(&wi).await;
+        set_unsafe_clear_before_flush(false);
+        r.unwrap();
+        let log = store.log.lock().unwrap().clone();
+        assert_eq!(log, ["page bit3=1", "page bit3=0", "member flush"]);
     }
 }

@@ -10,10 +10,19 @@
 //! Rules (DESIGN.md "The RAID engine"):
 //! - a write goes to every in-sync and recovering member in parallel; it fails only if
 //!   no in-sync member took it; a member that failed it is marked faulty first;
+//! - a member failure is durable in the superblocks before any write (or flush) that
+//!   completes after it is acknowledged — the one that hit the error and those that
+//!   skipped the member (md's `MD_SB_CHANGE_PENDING`); if that superblock update
+//!   fails, those writes fail with EIO, and so does every write until an update
+//!   succeeds;
 //! - a read goes to the in-sync member with the fewest reads in flight (round-robin on
-//!   ties), to the first in-sync member while a resync runs here or inside the window
-//!   another node is resyncing (whose overlapping writes wait), and is retried on another
-//!   in-sync member after an error (the failing member is failed);
+//!   ties), to the in-sync member with the lowest role (the resync source, the same
+//!   device on every node) while a resync runs here or inside the window another node
+//!   is resyncing (whose overlapping writes wait), and is retried on another in-sync
+//!   member after an error (the failing member is failed);
+//! - a node acknowledges another node's resync window only after its own writes in
+//!   flight into it have ended; a write registers before its window check, so one
+//!   that starts later sees the window (md's `remote_sync` quiesce);
 //! - the last in-sync member is never failed: its errors go to the caller;
 //! - in-flight I/O is bounded ([`MAX_INFLIGHT`]) and drained at stop.
 //!
@@ -52,6 +61,10 @@ pub use sync::{
 pub const MAX_INFLIGHT: u32 = 4096;
 /// Longest a write waits for another node's resync window to move past it.
 pub const REMOTE_WAIT: Duration = Duration::from_secs(30);
+/// Longest a completed write waits for a member failure to be recorded in the
+/// superblocks (md's `MD_SB_CHANGE_PENDING`) before it fails with ETIMEDOUT. Above the
+/// cluster token's deadline, so a clustered update can finish its round.
+pub const SB_CHANGE_WAIT: Duration = Duration::from_secs(45);
 /// Largest piece of a write-zeroes request.
 const ZERO_PIECE: u32 = 1 << 20;
 
@@ -83,6 +96,18 @@ pub enum RaidError {
         what: String,
         /// The cause.
         source: io::Error,
+    },
+    /// Writes in flight into a new remote resync window did not finish in time.
+    #[error("array {array}: writes in flight into the resync window {window:?} (bytes) did not finish within {timeout:?}: {writes:?}; the window is installed, new writes there wait")]
+    Quiesce {
+        /// The array.
+        array: String,
+        /// The window, array bytes `[lo, hi)`.
+        window: (u64, u64),
+        /// The ranges of the writes still in flight.
+        writes: Vec<(u64, u64)>,
+        /// The bound.
+        timeout: Duration,
     },
     /// No member can serve the array.
     #[error("array {array}: no in-sync member")]
@@ -304,12 +329,20 @@ pub struct Raid1 {
     /// Milliseconds since `epoch` of the last user I/O (sync throttling).
     last_io_ms: AtomicU64,
     sync: sync::SyncShared,
-    /// The range (array bytes) another node is resyncing: reads there go to the first
-    /// in-sync member, writes there wait until the window moves on.
-    remote_window: Mutex<Option<(u64, u64)>>,
+    /// The range (array bytes) another node is resyncing (reads there go to the
+    /// lowest-role in-sync member, writes there wait until the window moves on), and
+    /// the writes past their window check.
+    remote: Mutex<Remote>,
+    /// Fires when a write registered in `remote` ends.
+    write_left: tokio::sync::Notify,
     /// Indexes of removed members (tombstones: indexes stay stable).
     removed: Mutex<std::collections::BTreeSet<usize>>,
     remote_changed: tokio::sync::Notify,
+    /// Member failures not yet durable in the superblocks (md's
+    /// `MD_SB_CHANGE_PENDING`): writes are not acknowledged while any is.
+    sb_change: Mutex<SbChange>,
+    /// Fires when `sb_change` changes.
+    sb_changed: tokio::sync::Notify,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     stop_tx: tokio::sync::watch::Sender<bool>,
 }
@@ -323,8 +356,58 @@ impl std::fmt::Debug for Raid1 {
     }
 }
 
+/// Of members `cands`, the one with the lowest role (members without one last, then by
+/// index).
+fn lowest_role(slots: &[Slot], cands: &[usize]) -> Option<usize> {
+    cands
+        .iter()
+        .copied()
+        .min_by_key(|&i| (slots[i].role.unwrap_or(u16::MAX), i))
+}
+
 fn eio(msg: String) -> io::Error {
     io::Error::other(msg)
+}
+
+/// Another node's resync window and the writes that passed the window check.
+#[derive(Debug, Default)]
+struct Remote {
+    window: Option<(u64, u64)>,
+    /// Writes registered before their window check, until their member writes ended:
+    /// id → range `[lo, hi)` in array bytes.
+    writes: std::collections::HashMap<u64, (u64, u64)>,
+    next_id: u64,
+}
+
+fn overlaps((lo, hi): (u64, u64), offset: u64, len: u64) -> bool {
+    offset < hi && offset + len.max(1) > lo
+}
+
+/// A write registered in [`Remote::writes`]; unregistered on drop.
+struct WindowEntry<'a> {
+    raid: &'a Raid1,
+    id: u64,
+}
+
+impl Drop for WindowEntry<'_> {
+    fn drop(&mut self) {
+        self.raid.remote_lock().writes.remove(&self.id);
+        self.raid.write_left.notify_waiters();
+    }
+}
+
+/// Longest [`Raid1::set_remote_resync_window`] waits for the writes in flight into a
+/// new window to finish before it fails (a negative ack to RESYNCING).
+pub const REMOTE_QUIESCE: Duration = Duration::from_secs(10);
+
+/// Member failures and their superblock update (md's `MD_SB_CHANGE_PENDING`).
+#[derive(Debug, Default)]
+struct SbChange {
+    /// Failures whose Faulty update is being written.
+    writing: usize,
+    /// Members whose Faulty update failed and no update succeeded since, with the
+    /// error: every write fails until one does.
+    unrecorded: Vec<(usize, String)>,
 }
 
 /// A write counted from before its dirty check to its end (safemode).
@@ -428,9 +511,12 @@ impl Raid1 {
             epoch: Instant::now(),
             last_io_ms: AtomicU64::new(0),
             sync: sync::SyncShared::new(cfg.speed, cfg.resync_from, cfg.gated),
-            remote_window: Mutex::new(None),
+            remote: Mutex::new(Remote::default()),
+            write_left: tokio::sync::Notify::new(),
             removed: Mutex::new(std::collections::BTreeSet::new()),
             remote_changed: tokio::sync::Notify::new(),
+            sb_change: Mutex::new(SbChange::default()),
+            sb_changed: tokio::sync::Notify::new(),
             tasks: Mutex::new(Vec::new()),
             stop_tx,
         });
@@ -801,16 +887,110 @@ impl Raid1 {
                     "I/O error on the last in-sync member, not failing it: {why}");
                 return false;
             }
+            // Pending before any write can skip the member: a write that skips it
+            // waits for the update below.
+            self.sb_change_lock().writing += 1;
             slots[i].state = MemberState::Faulty;
         }
         tracing::warn!(array = %self.name, member = %self.member(i).io.path().display(),
             "member failed: {why}");
-        if let Err(e) = self.meta_update(MetaEvent::Faulty { member: i }).await {
-            tracing::error!("failed to record the failed member: {e}");
+        let r = self.meta_update(MetaEvent::Faulty { member: i }).await;
+        {
+            let mut ch = self.sb_change_lock();
+            ch.writing -= 1;
+            match &r {
+                // A superblock write carries every failure so far.
+                Ok(()) => ch.unrecorded.clear(),
+                Err(e) => {
+                    tracing::error!(array = %self.name, member = %self.member(i).io.path().display(),
+                        "failed to record the failed member; writes fail until a superblock update succeeds: {e}");
+                    ch.unrecorded.push((i, e.to_string()));
+                }
+            }
         }
+        self.sb_changed.notify_waiters();
         self.activate_spares().await;
         self.sync.wake();
         true
+    }
+
+    fn sb_change_lock(&self) -> MutexGuard<'_, SbChange> {
+        self.sb_change.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// md's `md_write_start` wait on `MD_SB_CHANGE_PENDING`, at a write's (or flush's)
+    /// end: returns once every member failure so far is durable in the superblocks
+    /// (at most [`SB_CHANGE_WAIT`], then ETIMEDOUT). A failure whose update failed is
+    /// written again once (serialised: one success serves every waiter); if that
+    /// fails too the caller's I/O fails with EIO — it is never acknowledged while the
+    /// superblocks still show the failed member in sync.
+    async fn wait_sb_recorded(&self) -> io::Result<()> {
+        let deadline = tokio::time::Instant::now() + SB_CHANGE_WAIT;
+        let mut retried = false;
+        loop {
+            let changed = self.sb_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let (writing, unrecorded) = {
+                let ch = self.sb_change_lock();
+                (ch.writing, ch.unrecorded.first().cloned())
+            };
+            match (writing, unrecorded) {
+                (0, None) => return Ok(()),
+                (0, Some((member, why))) => {
+                    if retried {
+                        return Err(eio(format!(
+                            "array {}: the failure of member {} could not be recorded in the superblocks ({why}); the write is not acknowledged — check the members' devices",
+                            self.name,
+                            self.member(member).io.path().display()
+                        )));
+                    }
+                    retried = true;
+                    self.rerecord_failures().await;
+                    continue;
+                }
+                _ => {}
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "array {}: a member failure was not recorded in the superblocks within {SB_CHANGE_WAIT:?}; the write is not acknowledged",
+                        self.name
+                    ),
+                ));
+            }
+        }
+    }
+
+    /// Writes the superblocks again for failures whose update failed; on success no
+    /// failure is unrecorded any more.
+    async fn rerecord_failures(&self) {
+        let write: IoFuture<'_, ()> = Box::pin(async {
+            let _one = self.meta_lock.lock().await;
+            let Some(&(member, _)) = self.sb_change_lock().unrecorded.first() else {
+                return Ok(());
+            };
+            let live = self.live();
+            self.meta.update(MetaEvent::Faulty { member }, live).await
+        });
+        let r = if is_following() {
+            Ok(())
+        } else {
+            self.write_sb("record failed members".into(), write).await
+        };
+        {
+            let mut ch = self.sb_change_lock();
+            match r {
+                Ok(()) => ch.unrecorded.clear(),
+                Err(e) => {
+                    if let Some(u) = ch.unrecorded.first_mut() {
+                        u.1 = e.to_string();
+                    }
+                }
+            }
+        }
+        self.sb_changed.notify_waiters();
     }
 
     /// Gives free roles (missing or failed members) to spares, which start recovery.
@@ -989,6 +1169,19 @@ impl Raid1 {
         Ok(true)
     }
 
+    /// The in-sync member a resync copies from and reads use while members may differ:
+    /// the one with the lowest role (md's raid1 reads the mirrors in role order), so
+    /// every node picks the same device whatever order the members were given in. In-sync
+    /// members of a running array share one event count (a member with fewer events
+    /// is recovered, never in sync), so the role alone decides.
+    pub(crate) fn sync_source(&self) -> Option<usize> {
+        let slots = self.slots();
+        let cands: Vec<usize> = (0..slots.len())
+            .filter(|&i| slots[i].state == MemberState::InSync)
+            .collect();
+        lowest_role(&slots, &cands)
+    }
+
     fn pick_reader(&self, tried: &[usize], offset: u64, len: u64) -> Option<usize> {
         let slots = self.slots();
         let cands: Vec<usize> = slots
@@ -1001,7 +1194,8 @@ impl Raid1 {
             return None;
         }
         if self.sync.resync_running() || self.in_remote_window(offset, len) {
-            return cands.first().copied();
+            // Members may differ here: read the copy the resync copies from.
+            return lowest_role(&slots, &cands);
         }
         let start = self.rr.fetch_add(1, Ordering::Relaxed);
         let n = cands.len();
@@ -1106,7 +1300,7 @@ impl Raid1 {
         // cleared the flag, so a write never runs under a clean superblock.
         let _w = WriteCount::new(self);
         self.mark_dirty().await?;
-        self.wait_remote_window(offset, len).await?;
+        let _window = self.enter_outside_remote_window(offset, len).await?;
         let _b = self.barrier.read().await;
         // The bitmap is replaced only under the exclusive barrier: this one ends it too.
         let bitmap = self.bitmap();
@@ -1127,7 +1321,7 @@ impl Raid1 {
                 err.unwrap_or_else(|| eio(format!("array {}: no in-sync member", self.name)))
             );
         }
-        Ok(())
+        self.wait_sb_recorded().await
     }
 
     async fn flush_impl(&self) -> io::Result<()> {
@@ -1152,6 +1346,29 @@ impl Raid1 {
             return Err(
                 last_err.unwrap_or_else(|| eio(format!("array {}: no in-sync member", self.name)))
             );
+        }
+        self.wait_sb_recorded().await
+    }
+
+    /// Flushes every member that takes writes (in sync and recovering), so every data
+    /// write completed so far is durable on each; fails naming the first member that
+    /// could not (nothing is failed here: the bitmap calls this under its flush lock,
+    /// which a member failure's superblock update also takes).
+    pub(crate) async fn sync_members(&self) -> io::Result<()> {
+        let targets = self.write_targets();
+        let members: Vec<Arc<Member>> = targets.iter().map(|&(i, _)| self.member(i)).collect();
+        let results = futures::future::join_all(members.iter().map(|m| m.io.sync())).await;
+        for (m, r) in members.iter().zip(results) {
+            if let Err(e) = r {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "array {}: flush member {}: {e}",
+                        self.name,
+                        m.io.path().display()
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -1269,34 +1486,84 @@ impl Raid1 {
 
     /// The range another node resyncs now, if any ([`Raid1::set_remote_resync_window`]).
     pub fn remote_resync_window(&self) -> Option<(u64, u64)> {
-        *self.remote_window.lock().unwrap_or_else(|e| e.into_inner())
+        self.remote_lock().window
+    }
+
+    fn remote_lock(&self) -> MutexGuard<'_, Remote> {
+        self.remote.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Sets (or clears with `None`) the range, in array bytes `[lo, hi)`, that another
-    /// node is resyncing (md-cluster RESYNCING): reads there go to the first in-sync
-    /// member; writes there wait (at most [`REMOTE_WAIT`], then ETIMEDOUT) until the
-    /// window moves past them.
-    pub fn set_remote_resync_window(&self, window: Option<(u64, u64)>) {
-        *self.remote_window.lock().unwrap_or_else(|e| e.into_inner()) =
-            window.filter(|(lo, hi)| lo < hi);
+    /// node is resyncing (md-cluster RESYNCING): reads there go to the lowest-role
+    /// in-sync member; writes there wait (at most [`REMOTE_WAIT`], then ETIMEDOUT)
+    /// until the window moves past them. Returns once every write that passed its
+    /// window check before and overlaps the new window has finished (md's
+    /// `remote_sync` quiesce), so an acknowledgement means no write of this node lands
+    /// inside the window any more; after [`REMOTE_QUIESCE`] it fails, naming the
+    /// writes still in flight (the window stays installed).
+    pub async fn set_remote_resync_window(
+        &self,
+        window: Option<(u64, u64)>,
+    ) -> Result<(), RaidError> {
+        let window = window.filter(|(lo, hi)| lo < hi);
+        self.remote_lock().window = window;
         self.remote_changed.notify_waiters();
-    }
-
-    fn in_remote_window(&self, offset: u64, len: u64) -> bool {
-        match *self.remote_window.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some((lo, hi)) => offset < hi && offset + len.max(1) > lo,
-            None => false,
+        let Some(w) = window else { return Ok(()) };
+        let deadline = tokio::time::Instant::now() + REMOTE_QUIESCE;
+        loop {
+            let left = self.write_left.notified();
+            tokio::pin!(left);
+            left.as_mut().enable();
+            let busy: Vec<(u64, u64)> = self
+                .remote_lock()
+                .writes
+                .values()
+                .filter(|&&(lo, hi)| overlaps(w, lo, hi - lo))
+                .copied()
+                .collect();
+            if busy.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, left).await.is_err() {
+                return Err(RaidError::Quiesce {
+                    array: self.name.clone(),
+                    window: w,
+                    writes: busy,
+                    timeout: REMOTE_QUIESCE,
+                });
+            }
         }
     }
 
-    async fn wait_remote_window(&self, offset: u64, len: u64) -> io::Result<()> {
+    fn in_remote_window(&self, offset: u64, len: u64) -> bool {
+        self.remote_lock()
+            .window
+            .is_some_and(|w| overlaps(w, offset, len))
+    }
+
+    /// Registers a write of `len` bytes at `offset` as in flight once it is outside
+    /// another node's resync window (waiting, at most [`REMOTE_WAIT`], for the window
+    /// to move past it). Registration and the check are one step under the window's
+    /// lock: a window installed later waits for this write; a write registered later
+    /// sees the window.
+    async fn enter_outside_remote_window(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<WindowEntry<'_>> {
         let deadline = tokio::time::Instant::now() + REMOTE_WAIT;
         loop {
             let changed = self.remote_changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if !self.in_remote_window(offset, len) {
-                return Ok(());
+            {
+                let mut r = self.remote_lock();
+                if !r.window.is_some_and(|w| overlaps(w, offset, len)) {
+                    let id = r.next_id;
+                    r.next_id += 1;
+                    r.writes.insert(id, (offset, offset + len.max(1)));
+                    return Ok(WindowEntry { raid: self, id });
+                }
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 return Err(io::Error::new(
@@ -1378,3 +1645,6 @@ impl BlockDevice for Raid1 {
         Box::pin(self.write_zeroes_impl(offset, len, fua))
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -274,9 +274,9 @@ struct Range {
 }
 
 #[derive(Debug)]
-struct Job {
+pub(super) struct Job {
     kind: SyncKind,
-    source: usize,
+    pub(super) source: usize,
     targets: Vec<usize>,
     ranges: Vec<Range>,
     bitmap: bool,
@@ -288,12 +288,13 @@ enum Outcome {
     Failed,
 }
 
-fn plan(raid: &Raid1) -> Option<Job> {
+pub(super) fn plan(raid: &Raid1) -> Option<Job> {
+    // The lowest-role in-sync member, the same device on every node.
+    let source = raid.sync_source()?;
     let slots = raid.slots().clone();
     let in_sync: Vec<usize> = (0..slots.len())
         .filter(|&i| slots[i].state == MemberState::InSync)
         .collect();
-    let source = *in_sync.first()?;
     let recovering: Vec<(usize, u64, bool)> = slots
         .iter()
         .enumerate()
@@ -364,7 +365,7 @@ fn plan(raid: &Raid1) -> Option<Job> {
     Some(Job {
         kind: SyncKind::Resync,
         source,
-        targets: in_sync[1..].to_vec(),
+        targets: in_sync.into_iter().filter(|&i| i != source).collect(),
         ranges,
         bitmap,
     })

@@ -495,9 +495,11 @@ pub async fn apply(
     match msg.kind {
         MsgType::MetadataUpdated => metadata_updated(node, array, raid, members).await,
         MsgType::Resyncing => {
+            // Acknowledged once this node's writes in flight into the window ended.
             let window = (msg.high > 0).then(|| (msg.low * 512, msg.high * 512));
-            raid.set_remote_resync_window(window);
-            Ok(())
+            raid.set_remote_resync_window(window)
+                .await
+                .map_err(|e| format!("node {node}: {e}"))
         }
         MsgType::BitmapNeedsSync | MsgType::ResyncingStart => Ok(()),
         MsgType::Remove => remove(node, array, raid, msg.raid_slot).await,

@@ -222,7 +222,7 @@ async fn recover_locked(
             reason: format!("read task failed: {e}"),
         })??;
     // The failed node's resync window (if it was resyncing) no longer holds writes.
-    raid.set_remote_resync_window(None);
+    let _ = raid.set_remote_resync_window(None).await;
     let Some((bits, chunks)) = bits else {
         return Ok(0);
     };

@@ -1,0 +1,386 @@
+//! Engine ordering tests over real files: member failures recorded before writes are
+//! acknowledged, RESYNCING windows quiesced before they are acknowledged, sources
+//! chosen by role.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::AtomicBool;
+
+use super::*;
+
+const MIB: u64 = 1 << 20;
+
+/// A tmpfs mounted for one test, filled up so writes into the holes of a sparse file
+/// on it fail with ENOSPC; unmounted on drop.
+struct FullTmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl FullTmpfs {
+    /// Mounts a 1 MiB tmpfs with a sparse member file of `bytes`, then fills it.
+    fn with_member(bytes: u64) -> (FullTmpfs, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs on {}", dir.path().display());
+        let fs = FullTmpfs { dir };
+        let member = fs.dir.path().join("member");
+        std::fs::File::create(&member)
+            .unwrap()
+            .set_len(bytes)
+            .unwrap();
+        // Fill the rest: writes into the member's holes now fail.
+        let filler = fs.dir.path().join("filler");
+        let chunk = vec![0xaau8; 64 * 1024];
+        let mut f = std::fs::File::create(&filler).unwrap();
+        use std::io::Write;
+        while f.write_all(&chunk).is_ok() {}
+        (fs, member)
+    }
+}
+
+impl Drop for FullTmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+fn file(dir: &Path, name: &str, bytes: u64) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::File::create(&p).unwrap().set_len(bytes).unwrap();
+    p
+}
+
+fn member_spec(path: &Path, role: u16) -> MemberSpec {
+    MemberSpec {
+        io: Arc::new(MemberIo::open(path).unwrap()),
+        data_offset: 0,
+        dev_number: role as u32,
+        role: Some(role),
+        state: MemberState::InSync,
+    }
+}
+
+/// A metadata store that records events and, for [`MetaEvent::Faulty`], waits for the
+/// test to release it (`hold`) and fails when `fail` is set.
+struct TestMeta {
+    hold: AtomicBool,
+    release: tokio::sync::Semaphore,
+    fail: AtomicBool,
+    faulty_seen: AtomicUsize,
+    events: Mutex<Vec<MetaEvent>>,
+}
+
+impl Default for TestMeta {
+    fn default() -> Self {
+        TestMeta {
+            hold: AtomicBool::new(false),
+            release: tokio::sync::Semaphore::new(0),
+            fail: AtomicBool::new(false),
+            faulty_seen: AtomicUsize::new(0),
+            events: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl MetaStore for TestMeta {
+    fn update(&self, event: MetaEvent, _live: Vec<usize>) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            self.events.lock().unwrap().push(event.clone());
+            if let MetaEvent::Faulty { .. } = event {
+                self.faulty_seen.fetch_add(1, Ordering::SeqCst);
+                if self.hold.load(Ordering::SeqCst) {
+                    self.release.acquire().await.unwrap().forget();
+                }
+                if self.fail.load(Ordering::SeqCst) {
+                    return Err(io::Error::other("superblock write refused by the test"));
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+fn engine(name: &str, members: Vec<MemberSpec>, size: u64, meta: Arc<dyn MetaStore>) -> Arc<Raid1> {
+    Raid1::start(Raid1Config {
+        name: name.into(),
+        size,
+        raid_disks: members.len() as u32,
+        members,
+        bitmap: None,
+        meta,
+        resync_from: None,
+        speed: SpeedLimits::default(),
+        gated: false,
+        safe_mode: None,
+    })
+    .unwrap()
+}
+
+fn data(len: usize, seed: u8) -> Bytes {
+    Bytes::from(vec![seed; len])
+}
+
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_wait_until_the_member_failure_is_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = file(dir.path(), "good", 8 * MIB);
+    let (_fs, bad) = FullTmpfs::with_member(8 * MIB);
+    let meta = Arc::new(TestMeta::default());
+    meta.hold.store(true, Ordering::SeqCst);
+    let raid = engine(
+        "md-pending",
+        vec![member_spec(&good, 0), member_spec(&bad, 1)],
+        4 * MIB,
+        meta.clone(),
+    );
+    // The first write fails on the full tmpfs: the member is failed and its
+    // superblock update held.
+    let r1 = raid.clone();
+    let first = tokio::spawn(async move { r1.write(0, data(65536, 1), false).await });
+    wait_until("the Faulty update", || {
+        meta.faulty_seen.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert_eq!(raid.status().members[1].state, MemberState::Faulty);
+    // A second write skips the failed member: it must not be acknowledged before the
+    // update is durable.
+    let r2 = raid.clone();
+    let second = tokio::spawn(async move { r2.write(MIB, data(65536, 2), false).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !second.is_finished(),
+        "a write that skipped the failed member was acknowledged before the Faulty update was written"
+    );
+    assert!(
+        !first.is_finished(),
+        "the failing write was acknowledged early"
+    );
+    meta.release.add_permits(1);
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    // The data is on the good member.
+    let on_disk = std::fs::read(&good).unwrap();
+    assert!(on_disk[MIB as usize..MIB as usize + 65536]
+        .iter()
+        .all(|&b| b == 2));
+    raid.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_fail_while_the_member_failure_cannot_be_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = file(dir.path(), "good", 8 * MIB);
+    let (_fs, bad) = FullTmpfs::with_member(8 * MIB);
+    let meta = Arc::new(TestMeta::default());
+    meta.fail.store(true, Ordering::SeqCst);
+    let raid = engine(
+        "md-unrecorded",
+        vec![member_spec(&good, 0), member_spec(&bad, 1)],
+        4 * MIB,
+        meta.clone(),
+    );
+    let e1 = raid.write(0, data(65536, 1), false).await.unwrap_err();
+    assert!(e1.to_string().contains("could not be recorded"), "{e1}");
+    // A later write skips the failed member; still not acknowledged.
+    let e2 = raid.write(MIB, data(65536, 2), false).await.unwrap_err();
+    assert!(e2.to_string().contains("could not be recorded"), "{e2}");
+    let e3 = raid.flush().await.unwrap_err();
+    assert!(e3.to_string().contains("could not be recorded"), "{e3}");
+    // Once a superblock update succeeds, writes are acknowledged again.
+    meta.fail.store(false, Ordering::SeqCst);
+    raid.write(2 * MIB, data(65536, 3), false).await.unwrap();
+    raid.write(3 * MIB, data(65536, 4), false).await.unwrap();
+    let faulty = meta
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| matches!(e, MetaEvent::Faulty { member: 1 }))
+        .count();
+    assert!(faulty >= 2, "the failed update was not retried");
+    raid.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// Bitmap pages go nowhere; while `hold` is set a page write waits for `release`.
+struct HeldPages {
+    hold: AtomicBool,
+    release: tokio::sync::Semaphore,
+    waiting: AtomicUsize,
+}
+
+impl crate::bitmap::BitmapStore for HeldPages {
+    fn write_pages(&self, _pages: Vec<(u64, Bytes)>) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            if self.hold.load(Ordering::SeqCst) {
+                self.waiting.fetch_add(1, Ordering::SeqCst);
+                self.release.acquire().await.unwrap().forget();
+            }
+            Ok(())
+        })
+    }
+    fn flush_members(&self) -> IoFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_window_is_acknowledged_after_writes_in_flight_into_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = [
+        file(dir.path(), "a", 4 * MIB),
+        file(dir.path(), "b", 4 * MIB),
+    ];
+    let size = 4 * MIB;
+    let geom = crate::bitmap::Geometry {
+        chunk_bytes: 64 << 10,
+        chunks: size / (64 << 10),
+        daemon_sleep: Duration::from_secs(60),
+    };
+    let pages = Arc::new(HeldPages {
+        hold: AtomicBool::new(true),
+        release: tokio::sync::Semaphore::new(0),
+        waiting: AtomicUsize::new(0),
+    });
+    let bitmap = Arc::new(
+        WriteIntent::new(
+            "md-q",
+            geom,
+            vec![0; geom.image_bytes()],
+            false,
+            pages.clone(),
+        )
+        .unwrap(),
+    );
+    let raid = Raid1::start(Raid1Config {
+        name: "md-q".into(),
+        size,
+        raid_disks: 2,
+        members: vec![member_spec(&paths[0], 0), member_spec(&paths[1], 1)],
+        bitmap: Some(bitmap),
+        meta: Arc::new(TestMeta::default()),
+        resync_from: None,
+        speed: SpeedLimits::default(),
+        gated: false,
+        safe_mode: None,
+    })
+    .unwrap();
+    // A write past its window check, held in its bitmap flush.
+    let r = raid.clone();
+    let held = tokio::spawn(async move { r.write(0, data(4096, 7), false).await });
+    wait_until("the write to reach its bitmap flush", || {
+        pages.waiting.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // RESYNCING(0, 1 MiB) arrives: not acknowledged while that write is in flight.
+    let r = raid.clone();
+    let install = tokio::spawn(async move { r.set_remote_resync_window(Some((0, MIB))).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !install.is_finished(),
+        "the window was acknowledged while a write into it was in flight"
+    );
+    // The window is installed already: a write that starts now waits for it to move.
+    let r = raid.clone();
+    let later = tokio::spawn(async move { r.write(8192, data(4096, 8), false).await });
+    // Outside the window: not held by it.
+    pages.hold.store(false, Ordering::SeqCst);
+    pages.release.add_permits(1);
+    install.await.unwrap().unwrap();
+    assert!(
+        held.is_finished(),
+        "acknowledged before the write in flight ended"
+    );
+    held.await.unwrap().unwrap();
+    raid.write(2 * MIB, data(4096, 9), false).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !later.is_finished(),
+        "a write inside the installed window went through"
+    );
+    let a = std::fs::read(&paths[0]).unwrap();
+    assert!(
+        a[8192..12288].iter().all(|&b| b == 0),
+        "the later write reached the disk"
+    );
+    raid.set_remote_resync_window(Some((MIB, 2 * MIB)))
+        .await
+        .unwrap();
+    later.await.unwrap().unwrap();
+    raid.set_remote_resync_window(None).await.unwrap();
+    raid.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// A clustered array's superblock writes, done directly (no cluster here).
+struct Direct;
+
+impl MetaGate for Direct {
+    fn round<'a>(&'a self, _what: String, write: IoFuture<'a, ()>) -> IoFuture<'a, ()> {
+        write
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sync_source_is_chosen_by_role_whatever_the_member_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let role0 = file(dir.path(), "role0", 2 * MIB);
+    let role1 = file(dir.path(), "role1", 2 * MIB);
+    // The mirrors differ (as before a resync): each holds its own pattern.
+    std::fs::write(&role0, vec![0x00u8; 2 * MIB as usize]).unwrap();
+    std::fs::write(&role1, vec![0x11u8; 2 * MIB as usize]).unwrap();
+    // Two nodes, the members given in opposite orders. Gated without a gate: the
+    // resync stays pending, its plan can be read.
+    let start = |members: Vec<MemberSpec>| {
+        Raid1::start(Raid1Config {
+            name: "md-role".into(),
+            size: MIB,
+            raid_disks: 2,
+            members,
+            bitmap: None,
+            meta: Arc::new(TestMeta::default()),
+            resync_from: Some(0),
+            speed: SpeedLimits::default(),
+            gated: true,
+            safe_mode: None,
+        })
+        .unwrap()
+    };
+    let a = start(vec![member_spec(&role0, 0), member_spec(&role1, 1)]);
+    let b = start(vec![member_spec(&role1, 1), member_spec(&role0, 0)]);
+    for raid in [&a, &b] {
+        raid.set_meta_gate(Some(Arc::new(Direct)));
+    }
+    for raid in [&a, &b] {
+        let job = sync::plan(raid).expect("a resync is owed");
+        let src = raid.member(job.source).io.path().to_path_buf();
+        assert_eq!(src, role0, "resync source of one node");
+        // Inside another node's resync window reads come from the same device.
+        raid.set_remote_resync_window(Some((0, MIB))).await.unwrap();
+        for _ in 0..4 {
+            let got = raid.read(4096, 4096).await.unwrap();
+            assert!(
+                got.iter().all(|&x| x == 0x00),
+                "a read inside the window came from {} (byte {:#x})",
+                if got[0] == 0x11 { "role 1" } else { "?" },
+                got[0]
+            );
+        }
+        raid.set_remote_resync_window(None).await.unwrap();
+    }
+    a.shutdown(Duration::from_secs(5)).await.unwrap();
+    b.shutdown(Duration::from_secs(5)).await.unwrap();
+}
