@@ -377,12 +377,7 @@ impl Inner {
     /// The bound on one heartbeat's acknowledgement: the configured one (or half the
     /// period), never more than 90% of the period, never under 20 ms.
     fn heartbeat_timeout(&self) -> Duration {
-        let period = self.heartbeat_interval();
-        self.cfg
-            .heartbeat_timeout
-            .unwrap_or(period / 2)
-            .min(period * 9 / 10)
-            .max(Duration::from_millis(20))
+        ack_deadline(self.cfg.heartbeat_timeout, self.heartbeat_interval())
     }
 
     fn lease_deadline(&self) -> Instant {
@@ -403,6 +398,15 @@ impl Inner {
             *l = Some(reason.to_string());
         }
     }
+}
+
+/// The acknowledgement deadline of one heartbeat: `configured` (default half the
+/// `period`), at most 90% of the period, at least 20 ms.
+fn ack_deadline(configured: Option<Duration>, period: Duration) -> Duration {
+    configured
+        .unwrap_or(period / 2)
+        .min(period * 9 / 10)
+        .max(Duration::from_millis(20))
 }
 
 /// An open session. Dropping it without [`Session::close`] stops heartbeats: the lease
@@ -1141,5 +1145,19 @@ mod tests {
         assert_eq!(cfg.ttl, Duration::from_secs(10));
         assert!(cfg.fence_margin < cfg.ttl);
         assert!(channels(&SessionConfig::new(vec![], "n1", "")).is_err());
+    }
+
+    #[test]
+    fn a_heartbeat_deadline_stays_under_the_period() {
+        let p = Duration::from_millis(1500);
+        assert_eq!(ack_deadline(None, p), Duration::from_millis(750));
+        assert_eq!(
+            ack_deadline(Some(Duration::from_secs(5)), p),
+            Duration::from_millis(1350)
+        );
+        assert_eq!(
+            ack_deadline(Some(Duration::ZERO), p),
+            Duration::from_millis(20)
+        );
     }
 }
