@@ -3,6 +3,7 @@
 //! the sentence and exits with the errno's code ([`crate::exit`]).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -23,6 +24,11 @@ const READ_TIMEOUT: Duration = Duration::from_secs(15);
 const OP_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long one `--program` run may take.
 const PROGRAM_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound of the question that checks a replica answers before a call is sent to it
+/// (only with more than one replica).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// HTTP/2 keep-alive period and timeout towards mdserver.
+const KEEPALIVE: Duration = Duration::from_secs(2);
 /// Default mdserver when neither --server nor MDCTL_SERVER is given.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7480";
 
@@ -75,52 +81,184 @@ pub struct CreateArgs {
     pub devices: Vec<PathBuf>,
 }
 
-/// A connection to mdserver.
-pub struct Client {
+/// One mdserver replica as the client sees it.
+struct Server {
     url: String,
-    inner: ClusterServiceClient<Channel>,
+    client: ClusterServiceClient<Channel>,
+    /// It answered a probe (or a call) and has not failed since.
+    verified: AtomicBool,
+}
+
+/// A connection to mdserver: one or more replicas (`--server A,B`). Calls go to the
+/// replica in use; one that does not answer (refused, unreachable, or hung: no answer
+/// within the bound) is left for the next one, each tried at most once per call.
+pub struct Client {
+    servers: Vec<Server>,
+    /// Index of the replica in use.
+    current: AtomicUsize,
 }
 
 impl Client {
-    /// A client of `url` (connected lazily; the first call reports an unreachable
-    /// server).
-    pub fn new(url: &str) -> Result<Client, Failure> {
-        let ep = Endpoint::from_shared(url.to_owned())
-            .map_err(|e| Failure::new(Exit::Invalid, format!("invalid mdserver URL {url:?}: {e}")))?
-            .connect_timeout(CONNECT_TIMEOUT);
+    /// A client of `urls` (comma-separated replicas; connected lazily: the first call
+    /// reports an unreachable server).
+    pub fn new(urls: &str) -> Result<Client, Failure> {
+        let servers = urls
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|url| {
+                let ep = Endpoint::from_shared(url.to_owned())
+                    .map_err(|e| {
+                        Failure::new(Exit::Invalid, format!("invalid mdserver URL {url:?}: {e}"))
+                    })?
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    // A replica that hangs (stopped, not dead) keeps its TCP connection:
+                    // only a missing keep-alive answer shows it (long-lived watch streams).
+                    .http2_keep_alive_interval(KEEPALIVE)
+                    .keep_alive_timeout(KEEPALIVE)
+                    .keep_alive_while_idle(true);
+                Ok(Server {
+                    url: url.to_owned(),
+                    client: ClusterServiceClient::new(ep.connect_lazy()),
+                    verified: AtomicBool::new(false),
+                })
+            })
+            .collect::<Result<Vec<_>, Failure>>()?;
+        if servers.is_empty() {
+            return Err(Failure::new(
+                Exit::Invalid,
+                format!("no mdserver URL in {urls:?}: give --server URL[,URL...]"),
+            ));
+        }
         Ok(Client {
-            url: url.to_owned(),
-            inner: ClusterServiceClient::new(ep.connect_lazy()),
+            servers,
+            current: AtomicUsize::new(0),
         })
     }
 
-    fn fail(&self, s: Status) -> Failure {
-        if s.details().is_empty()
-            && matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
-        {
+    /// The URL of the replica in use.
+    pub fn url(&self) -> &str {
+        &self.servers[self.current.load(Ordering::Relaxed) % self.servers.len()].url
+    }
+
+    /// Every replica's URL, comma-separated.
+    fn urls(&self) -> String {
+        self.servers
+            .iter()
+            .map(|s| s.url.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn fail(&self, url: &str, s: Status) -> Failure {
+        if is_transport(&s) {
             return Failure::new(
                 Exit::Unreachable,
-                format!("cannot reach mdserver at {}: {}; start it or point --server / MDCTL_SERVER at it", self.url, s.message()),
+                format!("cannot reach mdserver at {url}: {}; start it or point --server / MDCTL_SERVER at it", s.message()),
             );
         }
         let e = WireError::from_status(&s);
         Failure::new(Exit::of_errno(e.errno), e.message)
     }
 
-    async fn run<T, F, Fut>(&self, timeout: Duration, f: F) -> Result<T, Failure>
-    where
-        F: FnOnce(ClusterServiceClient<Channel>) -> Fut,
-        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
-    {
-        match tokio::time::timeout(timeout, f(self.inner.clone())).await {
-            Ok(Ok(r)) => Ok(r.into_inner()),
-            Ok(Err(s)) => Err(self.fail(s)),
-            Err(_) => Err(Failure::new(
-                Exit::TimedOut,
-                format!("mdserver at {} did not answer within {timeout:?}", self.url),
-            )),
+    /// Counts the replica in use as failed (its stream broke): the next call starts
+    /// with the next replica.
+    fn failed(&self, url: &str) {
+        let n = self.servers.len();
+        let i = self.current.load(Ordering::Relaxed) % n;
+        if self.servers[i].url == url && n > 1 {
+            self.servers[i].verified.store(false, Ordering::Relaxed);
+            self.current.store((i + 1) % n, Ordering::Relaxed);
         }
     }
+
+    /// With more than one replica, asks replica `i` a cheap question first (bounded by
+    /// [`PROBE_TIMEOUT`]), so an operation is only sent to a replica that answers.
+    async fn probe(&self, i: usize) -> Result<(), String> {
+        let s = &self.servers[i];
+        if self.servers.len() == 1 || s.verified.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut x = s.client.clone();
+        match tokio::time::timeout(PROBE_TIMEOUT, x.nodes(pb::ClusterNodesRequest {})).await {
+            Ok(Ok(_)) => {
+                s.verified.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            Ok(Err(st)) if !is_transport(&st) => Err(WireError::from_status(&st).message),
+            Ok(Err(st)) => Err(st.message().to_owned()),
+            Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),
+        }
+    }
+
+    /// Runs one call on the replica in use, moving on to the next replica (each at
+    /// most once) when one does not answer. `idempotent` calls (reads) also move on
+    /// after a transport failure or a timeout of the call itself; an operation does
+    /// not, as the replica may have carried it out: only a failed probe before sending
+    /// it moves it on.
+    async fn run<Q, T, F, Fut>(
+        &self,
+        timeout: Duration,
+        idempotent: bool,
+        req: Q,
+        f: F,
+    ) -> Result<T, Failure>
+    where
+        Q: Clone,
+        F: Fn(ClusterServiceClient<Channel>, Q) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let n = self.servers.len();
+        let start = self.current.load(Ordering::Relaxed) % n;
+        let mut skipped: Vec<String> = Vec::new();
+        for k in 0..n {
+            let i = (start + k) % n;
+            let s = &self.servers[i];
+            if let Err(why) = self.probe(i).await {
+                skipped.push(format!("{}: {why}", s.url));
+                continue;
+            }
+            if i != start {
+                eprintln!(
+                    "mdctl: mdserver at {} did not answer; using {}",
+                    self.servers[start].url, s.url
+                );
+                self.current.store(i, Ordering::Relaxed);
+            }
+            let last = k + 1 == n;
+            match tokio::time::timeout(timeout, f(s.client.clone(), req.clone())).await {
+                Ok(Ok(r)) => return Ok(r.into_inner()),
+                Ok(Err(st)) if idempotent && !last && is_transport(&st) => {
+                    s.verified.store(false, Ordering::Relaxed);
+                    skipped.push(format!("{}: {}", s.url, st.message()));
+                }
+                Ok(Err(st)) => return Err(self.fail(&s.url, st)),
+                Err(_) if idempotent && !last => {
+                    s.verified.store(false, Ordering::Relaxed);
+                    skipped.push(format!("{}: no answer within {timeout:?}", s.url));
+                }
+                Err(_) => {
+                    return Err(Failure::new(
+                        Exit::TimedOut,
+                        format!("mdserver at {} did not answer within {timeout:?}", s.url),
+                    ))
+                }
+            }
+        }
+        Err(Failure::new(
+            Exit::Unreachable,
+            format!(
+                "no mdserver replica answered ({}): {}; start one or point --server / MDCTL_SERVER at a live one",
+                self.urls(),
+                skipped.join("; ")
+            ),
+        ))
+    }
+}
+
+/// A transport failure: no answer from the service itself.
+fn is_transport(s: &Status) -> bool {
+    s.details().is_empty() && matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
 }
 
 fn dev(name: &str) -> String {
@@ -158,7 +296,9 @@ pub async fn create(
         }),
     };
     let st = c
-        .run(OP_TIMEOUT, |mut x| async move { x.create(req).await })
+        .run(OP_TIMEOUT, false, req, |mut x, req| async move {
+            x.create(req).await
+        })
         .await?;
     eprintln!(
         "mdctl: array {} started on node {} ({} devices, uuid {}).",
@@ -205,7 +345,9 @@ pub async fn assemble(
         members: devices.iter().map(|d| d.display().to_string()).collect(),
     };
     let st = c
-        .run(OP_TIMEOUT, |mut x| async move { x.assemble(req).await })
+        .run(OP_TIMEOUT, false, req, |mut x, req| async move {
+            x.assemble(req).await
+        })
         .await?;
     eprintln!(
         "mdctl: {} has been started on node {} with {} drives.",
@@ -244,7 +386,9 @@ pub async fn manage(
         }),
     };
     let st = c
-        .run(OP_TIMEOUT, |mut x| async move { x.manage(req).await })
+        .run(OP_TIMEOUT, false, req, |mut x, req| async move {
+            x.manage(req).await
+        })
         .await?;
     for (a, d) in &ops {
         let what = match a.as_str() {
@@ -275,7 +419,9 @@ pub async fn grow(
         grow: Some(req),
     };
     let st = c
-        .run(OP_TIMEOUT, |mut x| async move { x.grow(req).await })
+        .run(OP_TIMEOUT, false, req, |mut x, req| async move {
+            x.grow(req).await
+        })
         .await?;
     for d in &what.add {
         eprintln!("mdctl: added {d}");
@@ -323,7 +469,9 @@ pub async fn stop(
         force,
     };
     let r = c
-        .run(OP_TIMEOUT, |mut x| async move { x.stop(req).await })
+        .run(OP_TIMEOUT, false, req, |mut x, req| async move {
+            x.stop(req).await
+        })
         .await?;
     for a in &r.stopped {
         eprintln!("mdctl: stopped {} on node {}", dev(a), r.node);
@@ -340,7 +488,9 @@ pub async fn detail(c: &Client, array: &str, json: bool) -> Result<String, Failu
     let name = array.strip_prefix("/dev/").unwrap_or(array).to_owned();
     let req = pb::DetailRequest { name: name.clone() };
     let d = c
-        .run(READ_TIMEOUT, |mut x| async move { x.detail(req).await })
+        .run(READ_TIMEOUT, true, req, |mut x, req| async move {
+            x.detail(req).await
+        })
         .await?;
     Ok(if json {
         json_out(&render::detail_json(&d))
@@ -368,7 +518,9 @@ pub async fn assembled_on(
     for name in names {
         let req = pb::DetailRequest { name: name.clone() };
         let d = match c
-            .run(READ_TIMEOUT, |mut x| async move { x.detail(req).await })
+            .run(READ_TIMEOUT, true, req, |mut x, req| async move {
+                x.detail(req).await
+            })
             .await
         {
             Ok(d) => d,
@@ -395,7 +547,9 @@ pub async fn mdstat(c: &Client, node: &str, json: bool) -> Result<String, Failur
         node: node.to_owned(),
     };
     let r = c
-        .run(READ_TIMEOUT, |mut x| async move { x.mdstat(req).await })
+        .run(READ_TIMEOUT, true, req, |mut x, req| async move {
+            x.mdstat(req).await
+        })
         .await?;
     Ok(if json {
         json_out(&serde_json::json!({"node": r.node, "mdstat": r.text}))
@@ -407,9 +561,12 @@ pub async fn mdstat(c: &Client, node: &str, json: bool) -> Result<String, Failur
 /// `mdctl nodes`.
 pub async fn nodes(c: &Client, json: bool) -> Result<String, Failure> {
     let r = c
-        .run(READ_TIMEOUT, |mut x| async move {
-            x.nodes(pb::ClusterNodesRequest {}).await
-        })
+        .run(
+            READ_TIMEOUT,
+            true,
+            pb::ClusterNodesRequest {},
+            |mut x, req| async move { x.nodes(req).await },
+        )
         .await?;
     Ok(if json {
         json_out(&render::nodes_json(&r))
@@ -432,7 +589,9 @@ pub async fn tune(
         sync_speed_max_kib_s: max,
     };
     let r = c
-        .run(READ_TIMEOUT, |mut x| async move { x.tune(req).await })
+        .run(READ_TIMEOUT, true, req, |mut x, req| async move {
+            x.tune(req).await
+        })
         .await?;
     eprintln!(
         "mdctl: sync speed {min}..{max} KiB/s on node(s) {} ({} arrays)",
@@ -482,9 +641,11 @@ async fn run_program(program: &str, e: &pb::ArrayEvent) {
 }
 
 /// `mdctl monitor`: prints (and with `--program` handles) every event until `count`
-/// events were seen. When the stream breaks (mdserver restarted or unreachable) it
-/// reconnects with backoff for at most `reconnect` before giving up; events in the gap
-/// are lost, which it says.
+/// events were seen. When the stream breaks (mdserver restarted, unreachable, or hung:
+/// no HTTP/2 keep-alive answer within a few seconds) it reconnects with backoff for at
+/// most `reconnect` before giving up, starting with the next replica of `--server
+/// A,B`, and says on stderr which replica it follows now; events in the gap are lost,
+/// which it says.
 pub async fn monitor(
     c: &Client,
     node: &str,
@@ -497,12 +658,15 @@ pub async fn monitor(
     let mut seen = 0u64;
     let mut down_since: Option<std::time::Instant> = None;
     let mut backoff = Duration::from_millis(200);
+    let mut following: Option<String> = None;
     loop {
         let req = pb::ClusterWatchRequest {
             node: node.to_owned(),
         };
         let mut stream = match c
-            .run(READ_TIMEOUT, |mut x| async move { x.watch(req).await })
+            .run(READ_TIMEOUT, true, req, |mut x, req| async move {
+                x.watch(req).await
+            })
             .await
         {
             Ok(s) => s,
@@ -521,6 +685,11 @@ pub async fn monitor(
             }
             Err(f) => return Err(f),
         };
+        let url = c.url().to_owned();
+        if following.as_ref().is_some_and(|f| *f != url) {
+            eprintln!("mdctl: now following mdserver at {url}");
+        }
+        following = Some(url.clone());
         if down_since.take().is_some() {
             eprintln!("mdctl: event stream back; events in the gap were not seen");
         }
@@ -546,9 +715,12 @@ pub async fn monitor(
                     }
                 }
                 Ok(None) => break "mdserver ended the event stream".to_owned(),
-                Err(s) => break c.fail(s).message,
+                Err(s) => break c.fail(&url, s).message,
             }
         };
+        // The next attempt starts with the next replica (a hung one keeps its
+        // connection: the keep-alive timeout is what ended the stream).
+        c.failed(&url);
         eprintln!("mdctl: event stream lost ({why}); reconnecting for up to {reconnect:?}");
         down_since = Some(std::time::Instant::now());
     }
@@ -571,7 +743,9 @@ async fn wait_sync(c: &Client, node: &str, name: &str) -> Result<pb::ArrayStatus
             name: name.to_owned(),
         };
         let d = c
-            .run(READ_TIMEOUT, |mut x| async move { x.detail(req).await })
+            .run(READ_TIMEOUT, true, req, |mut x, req| async move {
+                x.detail(req).await
+            })
             .await?;
         let Some(st) = d
             .nodes

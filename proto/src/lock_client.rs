@@ -4,7 +4,7 @@
 //! on a task:
 //!
 //! ```text
-//!  Open ──▶ Connected ──(stream broken / no heartbeat ack)──▶ Reconnecting ──resumed──▶ Connected
+//!  Open ──▶ Connected ──(stream broken / heartbeat ack late)──▶ Reconnecting ──resumed──▶ Connected
 //!              │  heartbeat every interval; ack ⇒ fence deadline moves   │
 //!              │                                                         └─ TTL passed / session gone ─▶ Lost
 //!              ├─ server says expired ─▶ Lost
@@ -21,6 +21,15 @@
 //! endpoint with the same session id, with bounded backoff, until the lease could have
 //! expired (last acknowledged heartbeat send time + TTL). Locks, subscriptions and
 //! undelivered messages survive a resume.
+//!
+//! **A hung replica.** A replica that is alive on TCP but does not answer (stopped,
+//! starved, or stuck on etcd) never breaks the stream, so every heartbeat carries its
+//! own deadline ([`SessionConfig::heartbeat_timeout`], half the period by default): the
+//! first heartbeat not acknowledged in time counts the replica as hung and the task
+//! resumes on the next one at once. With the default period (a quarter of the TTL) a
+//! hung replica is left within three quarters of a period after the last good
+//! acknowledgement was due, which leaves more than half the TTL to resume before the
+//! fence deadline. docs/LOCKS.md has the timing budget.
 //!
 //! Notifications (granted, blocking, holder expired, messages, reconnected, lost) arrive
 //! on a bounded channel; when the agent does not drain it they are dropped and counted
@@ -59,6 +68,10 @@ pub struct SessionConfig {
     pub ttl: Duration,
     /// Heartbeat period; `None`: a quarter of the TTL.
     pub heartbeat_interval: Option<Duration>,
+    /// How long a heartbeat may wait for its acknowledgement before the serving replica
+    /// counts as hung and the session moves to the next one at once; `None`: half the
+    /// heartbeat period. Kept under the period.
+    pub heartbeat_timeout: Option<Duration>,
     /// Subtracted from the lease deadline to get the self-fencing deadline.
     pub fence_margin: Duration,
     /// Bound on connecting to one replica and opening the stream there.
@@ -83,6 +96,7 @@ impl SessionConfig {
             agent_addr: agent_addr.into(),
             ttl: Duration::from_secs(10),
             heartbeat_interval: None,
+            heartbeat_timeout: None,
             fence_margin: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(2),
             rpc_timeout: Duration::from_secs(10),
@@ -360,6 +374,12 @@ impl Inner {
             .max(Duration::from_millis(50))
     }
 
+    /// The bound on one heartbeat's acknowledgement: the configured one (or half the
+    /// period), never more than 90% of the period, never under 20 ms.
+    fn heartbeat_timeout(&self) -> Duration {
+        ack_deadline(self.cfg.heartbeat_timeout, self.heartbeat_interval())
+    }
+
     fn lease_deadline(&self) -> Instant {
         *self
             .last_acked_send
@@ -378,6 +398,15 @@ impl Inner {
             *l = Some(reason.to_string());
         }
     }
+}
+
+/// The acknowledgement deadline of one heartbeat: `configured` (default half the
+/// `period`), at most 90% of the period, at least 20 ms.
+fn ack_deadline(configured: Option<Duration>, period: Duration) -> Duration {
+    configured
+        .unwrap_or(period / 2)
+        .min(period * 9 / 10)
+        .max(Duration::from_millis(20))
 }
 
 /// An open session. Dropping it without [`Session::close`] stops heartbeats: the lease
@@ -942,15 +971,20 @@ async fn connected(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sent: VecDeque<(u64, Instant)> = VecDeque::new();
     let mut seq = 0u64;
-    let mut last_ack = Instant::now();
-    // A replica that stops acknowledging (hung, or cut off from etcd) is left for another.
-    let stall = (interval * 3).max(Duration::from_millis(500));
+    // A replica that does not acknowledge a heartbeat within this bound (hung, stopped,
+    // or cut off from etcd) is left for the next one at once.
+    let ack_timeout = inner.heartbeat_timeout();
     loop {
+        // The oldest heartbeat not yet acknowledged must be acknowledged by this instant.
+        let ack_due = sent.front().map(|&(s, at)| (s, at + ack_timeout));
         tokio::select! {
+            _ = tokio::time::sleep_until(ack_due.map_or_else(Instant::now, |(_, d)| d)), if ack_due.is_some() => {
+                let s = ack_due.map_or(0, |(s, _)| s);
+                return End::Broken(format!(
+                    "heartbeat {s} not acknowledged within {ack_timeout:?}: the replica is hung or cut off from etcd"
+                ));
+            }
             _ = tick.tick() => {
-                if last_ack.elapsed() > stall && !sent.is_empty() {
-                    return End::Broken(format!("no heartbeat acknowledged for {:?}", last_ack.elapsed()));
-                }
                 seq += 1;
                 sent.push_back((seq, Instant::now()));
                 if sent.len() > SENT_CAPACITY {
@@ -969,7 +1003,6 @@ async fn connected(
                             if at > *l {
                                 *l = at;
                             }
-                            last_ack = Instant::now();
                             sent.retain(|(s, _)| *s > a.seq);
                         }
                     }
@@ -1112,5 +1145,19 @@ mod tests {
         assert_eq!(cfg.ttl, Duration::from_secs(10));
         assert!(cfg.fence_margin < cfg.ttl);
         assert!(channels(&SessionConfig::new(vec![], "n1", "")).is_err());
+    }
+
+    #[test]
+    fn a_heartbeat_deadline_stays_under_the_period() {
+        let p = Duration::from_millis(1500);
+        assert_eq!(ack_deadline(None, p), Duration::from_millis(750));
+        assert_eq!(
+            ack_deadline(Some(Duration::from_secs(5)), p),
+            Duration::from_millis(1350)
+        );
+        assert_eq!(
+            ack_deadline(Some(Duration::ZERO), p),
+            Duration::from_millis(20)
+        );
     }
 }

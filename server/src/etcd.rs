@@ -124,22 +124,21 @@ impl Etcd {
         self.bounded(op, c.delete(key, opts)).await
     }
 
-    /// The remaining TTL of lease `id` in seconds; `None` when it does not exist.
+    /// The remaining TTL of lease `id` in whole seconds, rounded down (0: alive with
+    /// less than a second left); `None` when it does not exist. See [`lease_remaining`].
     pub async fn lease_ttl(&self, id: i64) -> Result<Option<i64>, LockError> {
-        let mut c = self.client.clone();
-        let r = self
-            .bounded("lease time-to-live", c.lease_time_to_live(id, None))
-            .await?;
-        Ok((r.ttl() > 0).then_some(r.ttl()))
+        Ok(self.lease_info(id).await?.map(|(left, _)| left))
     }
 
-    /// (remaining TTL, granted TTL) of lease `id` in seconds; `None` when it does not exist.
+    /// (remaining TTL, granted TTL) of lease `id` in seconds; `None` when it does not
+    /// exist. The remaining TTL is rounded down: 0 is a live lease with less than a
+    /// second left, which a renewal may still save. See [`lease_remaining`].
     pub async fn lease_info(&self, id: i64) -> Result<Option<(i64, i64)>, LockError> {
         let mut c = self.client.clone();
         let r = self
             .bounded("lease time-to-live", c.lease_time_to_live(id, None))
             .await?;
-        Ok((r.ttl() > 0).then_some((r.ttl(), r.granted_ttl())))
+        Ok(lease_remaining(r.ttl()).map(|left| (left, r.granted_ttl())))
     }
 
     /// Grants a lease of `ttl_s` seconds; returns (id, granted ttl).
@@ -167,5 +166,26 @@ impl Etcd {
     ) -> Result<WatchStream, LockError> {
         let mut c = self.client.clone();
         self.bounded("watch", c.watch(key, Some(opts))).await
+    }
+}
+
+/// Reads the `TTL` field of a LeaseTimeToLive answer without ever calling a live lease
+/// dead: etcd reports -1 for a lease that does not exist and otherwise the remaining
+/// time in whole seconds rounded down, so 0 is a live lease with less than a second
+/// left (it stays 0 until etcd's expiry pass, up to about half a second after the
+/// deadline, deletes it). `None` only for a negative TTL.
+pub fn lease_remaining(ttl: i64) -> Option<i64> {
+    (ttl >= 0).then_some(ttl)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lease_remaining;
+
+    #[test]
+    fn only_a_negative_ttl_is_a_missing_lease() {
+        assert_eq!(lease_remaining(-1), None);
+        assert_eq!(lease_remaining(0), Some(0), "under a second left is alive");
+        assert_eq!(lease_remaining(5), Some(5));
     }
 }

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!  Opening ──open/resume ok──▶ Serving ──heartbeat──▶ renew lease ──ack──▶ Serving
-//!     │                          │  └─ lease gone (renewal TTL 0 / check) ──▶ Expired (told, stream ends)
+//!     │                          │  └─ lease gone (renewal TTL 0 / TTL -1) ──▶ Expired (told, stream ends)
 //!     └─ invalid/busy ─▶ error   ├─ CloseSession ──▶ marker + revoke ──▶ Closed
 //!                                ├─ stream broken ──▶ Detached (lease left to the agent:
 //!                                │                     resume elsewhere within the TTL)
@@ -72,8 +72,15 @@ pub async fn open(
     validate::node(&open.node)?;
     validate::agent_addr(&open.agent_addr)?;
     let permit = ctx.sessions_limit.take()?;
+    let mut keeper = None;
     let (id, ttl_s, resumed) = if open.resume_session_id != 0 {
-        resume(&ctx, &open).await?
+        let r = resume(&ctx, &open).await?;
+        // A resume is a sign of life: renew at once, so a lease with under a second
+        // left is not lost while the agent's first heartbeat is on its way.
+        if renew(&ctx, r.0, &mut keeper).await?.is_none() {
+            return Err(LockError::SessionGone { session_id: r.0 });
+        }
+        r
     } else {
         create(&ctx, &open).await?
     };
@@ -90,7 +97,14 @@ pub async fn open(
     tracing::info!(node = %open.node, session = format!("{id:x}"), resumed, "session => serving");
     let reg = ctx.notifier.register(id, tx.clone());
     tokio::spawn(async move {
-        serve(ctx, id, open.node, ttl, inbound, tx, reg).await;
+        let serving = Serving {
+            id,
+            node: open.node,
+            ttl,
+            reg,
+            keeper,
+        };
+        serve(ctx, serving, inbound, tx).await;
         drop(permit);
     });
     Ok(rx)
@@ -163,7 +177,9 @@ async fn create(ctx: &Ctx, open: &OpenSession) -> Result<(i64, i64, bool), LockE
     })
 }
 
-/// Resume: the lease must be alive and belong to the same node.
+/// Resume: the lease must be alive and belong to the same node. "Alive" is judged by
+/// [`crate::etcd::lease_remaining`]: a lease etcd reports with 0 s left still has up to a
+/// second, and the caller renews it at once.
 async fn resume(ctx: &Ctx, open: &OpenSession) -> Result<(i64, i64, bool), LockError> {
     let id = open.resume_session_id;
     let Some((_, granted)) = ctx.etcd.lease_info(id).await? else {
@@ -207,7 +223,8 @@ struct Keeper {
     stream: LeaseKeepAliveStream,
 }
 
-/// Renews lease `id` once. `Ok(None)`: the lease is gone.
+/// Renews lease `id` once. `Ok(None)`: the lease is gone (etcd answers a keep-alive of
+/// a missing or already expired lease with TTL 0; a renewed lease reports its full TTL).
 async fn renew(ctx: &Ctx, id: i64, keeper: &mut Option<Keeper>) -> Result<Option<i64>, LockError> {
     let bound = ctx.etcd.timeout();
     let timeout = LockError::EtcdTimeout {
@@ -272,18 +289,31 @@ async fn send(tx: &StreamTx, ev: SessionEvent) -> bool {
     matches!(tx.send_timeout(Ok(ev), SEND_TIMEOUT).await, Ok(()))
 }
 
-/// Serves an open session until it ends; see the module doc for the states.
-async fn serve(
-    ctx: Arc<Ctx>,
+/// What [`serve`] serves: the session, its granted TTL, its notifier registration and
+/// the lease keep-alive stream a resume already opened.
+struct Serving {
     id: i64,
     node: String,
     ttl: Duration,
+    reg: u64,
+    keeper: Option<Keeper>,
+}
+
+/// Serves an open session until it ends; see the module doc for the states.
+async fn serve(
+    ctx: Arc<Ctx>,
+    serving: Serving,
     mut inbound: Streaming<SessionRequest>,
     tx: StreamTx,
-    reg: u64,
 ) {
+    let Serving {
+        id,
+        node,
+        ttl,
+        reg,
+        mut keeper,
+    } = serving;
     let inbox = tokio::spawn(inbox_loop(ctx.clone(), id, tx.clone()));
-    let mut keeper = None;
     let mut last_renewal = Instant::now();
     let mut check = tokio::time::interval(ttl);
     let mut stopping = ctx.stopping.subscribe();

@@ -1,4 +1,5 @@
-//! A whole test cluster from real processes: one etcd, one `mdserver`, N `mdagent`s in
+//! A whole test cluster from real processes: one etcd, one `mdserver` (or more
+//! replicas, see [`ClusterBuilder::replicas`]), N `mdagent`s in
 //! cluster mode on 127.0.0.1, 127.0.0.2, ... (loopback addresses, one per node), plus
 //! `mdctl` runs against it. Usable from tests and by hand:
 //!
@@ -32,6 +33,7 @@ pub struct ClusterBuilder {
     nodes: usize,
     server: ServerOpts,
     agent_ttl: Duration,
+    replicas: usize,
     agent_args: Vec<String>,
     /// Extra flags of single agents (index 0 = node1); `{dir}` = the cluster directory.
     node_args: Vec<(usize, Vec<String>)>,
@@ -45,6 +47,7 @@ impl ClusterBuilder {
             nodes,
             server: ServerOpts::default(),
             agent_ttl: Duration::from_secs(4),
+            replicas: 1,
             agent_args: Vec::new(),
             node_args: Vec::new(),
         }
@@ -66,6 +69,13 @@ impl ClusterBuilder {
         self
     }
 
+    /// How many mdserver replicas (default 1); the agents get every replica's URL,
+    /// the first one first (so they open their sessions there).
+    pub fn replicas(mut self, n: usize) -> Self {
+        self.replicas = n.max(1);
+        self
+    }
+
     /// Extra flags for every agent.
     pub fn agent_args(mut self, args: &[&str]) -> Self {
         self.agent_args.extend(args.iter().map(|s| s.to_string()));
@@ -80,9 +90,13 @@ impl ClusterBuilder {
             .context("create cluster tempdir")?;
         let etcd = Etcd::start_with(true)?;
         let server = MdServer::start(&etcd.url(), self.server.clone())?;
+        let replicas = (1..self.replicas)
+            .map(|_| MdServer::start(&etcd.url(), self.server.clone()))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let mut c = TestCluster {
             agents: Vec::new(),
             server,
+            replicas,
             etcd,
             dir,
             opts: self.clone(),
@@ -96,7 +110,7 @@ impl ClusterBuilder {
                 }
             }
             let a = AgentProc::start(
-                &c.server.url(),
+                &c.urls(),
                 &format!("node{}", i + 1),
                 &format!("127.0.0.{}", i + 1),
                 c.dir.path(),
@@ -110,12 +124,14 @@ impl ClusterBuilder {
     }
 }
 
-/// A running cluster. Drop order: agents, mdserver, etcd, tempdir.
+/// A running cluster. Drop order: agents, mdserver replicas, etcd, tempdir.
 pub struct TestCluster {
     /// The agents, node1 first.
     pub agents: Vec<AgentProc>,
-    /// mdserver.
+    /// mdserver (the first replica).
     pub server: MdServer,
+    /// The other replicas (empty unless [`ClusterBuilder::replicas`] asked for more).
+    pub replicas: Vec<MdServer>,
     /// etcd.
     pub etcd: Etcd,
     /// Member files, run dirs and logs.
@@ -127,6 +143,16 @@ impl TestCluster {
     /// mdserver's URL (MDCTL_SERVER).
     pub fn url(&self) -> String {
         self.server.url()
+    }
+
+    /// Every replica's URL, comma-separated, the first replica first (`--server` of the
+    /// agents).
+    pub fn urls(&self) -> String {
+        std::iter::once(&self.server)
+            .chain(&self.replicas)
+            .map(MdServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// The working directory (member files go here).

@@ -151,6 +151,23 @@ impl MdServer {
         }
     }
 
+    /// Sends `signal` (a `kill -s` name: "STOP", "CONT", ...) to the running process.
+    /// `SIGSTOP` freezes the replica with its sockets open: to its peers it hangs, it
+    /// does not die. Dropping the guard kills a stopped replica too.
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let c = self.child.as_ref().context("mdserver is not running")?;
+        let st = Command::new("kill")
+            .arg("-s")
+            .arg(signal)
+            .arg(c.id().to_string())
+            .status()
+            .with_context(|| format!("send SIG{signal} to mdserver"))?;
+        if !st.success() {
+            bail!("kill -s {signal} {} failed: {st}", c.id());
+        }
+        Ok(())
+    }
+
     /// Starts the replica again on the same port.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();

@@ -3,8 +3,10 @@
 //!
 //! Join (assemble of a clustered array on this node):
 //! 1. the node's session is open (else EIO);
-//! 2. take the first free `md/<uuid>/slot/N` lock no-queue, N = 0..nodes−1 (none free:
-//!    EBUSY naming the slot count); it is held for the whole membership;
+//! 2. take the first free `md/<uuid>/slot/N` lock no-queue, N = 0..nodes−1; it is held
+//!    for the whole membership. None free: EBUSY when every slot is held by a different
+//!    node (a member); when some node holds two (step 4's probe of another joiner, or a
+//!    survivor's recovery) try again shortly, bounded (see [`take_slot`]);
 //! 3. subscribe to the array's message channel;
 //! 4. for every other slot M: try `slot/M` no-queue. Held (its node is alive): read its
 //!    value block (the node's resync window): an active one is installed in the engine
@@ -85,26 +87,7 @@ pub async fn join(
         ));
     }
     // Step 2: the first free slot.
-    let mut mine = None;
-    let mut holders = Vec::new();
-    for n in 0..nodes {
-        let res = slot_lock(&uuid, n);
-        match session.acquire(&res, Mode::Exclusive, Wait::NoQueue).await {
-            Ok(g) => {
-                mine = Some((n, g.token));
-                break;
-            }
-            Err(e) if e.errno() == Errno::Ebusy => holders.push(format!("slot {n}")),
-            Err(e) => return Err(wire(e, &format!("lock {res}"))),
-        }
-    }
-    let Some((slot, token)) = mine else {
-        return Err(WireError::new(
-            Errno::Ebusy,
-            format!("array {name}"),
-            format!("all {nodes} bitmap slots of array {name} ({}) are held by other nodes; stop it on one of them or create it with more --nodes", fmt_uuid(&uuid)),
-        ));
-    };
+    let (slot, token) = take_slot(session, name, &uuid, nodes).await?;
     let mut m = Membership {
         array: name.to_owned(),
         uuid,
@@ -206,6 +189,95 @@ pub async fn join(
     Ok(m)
 }
 
+/// How long a join keeps looking for a free slot while some slot is held only for a
+/// moment (another node's gathering probe, step 4).
+const SLOT_WAIT: Duration = Duration::from_secs(10);
+
+/// Step 2: takes the first free `slot/N` lock, no-queue. A slot can be busy for a
+/// moment without being anyone's: a node that joins holds its own slot and, while it
+/// gathers (step 4), briefly one other. A node is a member through exactly one slot, so
+/// when every slot is busy but some node holds more than one of them (or a slot has no
+/// holder any more), a slot is only being probed (or recovered by a survivor): try
+/// again after a short, jittered pause, for at most [`SLOT_WAIT`]. EBUSY only when every
+/// slot is held by a different node — each one a member — or at that deadline.
+async fn take_slot(
+    session: &Session,
+    name: &str,
+    uuid: &[u8; 16],
+    nodes: u32,
+) -> Result<(u32, u64), WireError> {
+    let deadline = tokio::time::Instant::now() + SLOT_WAIT;
+    let mut pause = Duration::from_millis(10);
+    loop {
+        for n in 0..nodes {
+            let res = slot_lock(uuid, n);
+            match session.acquire(&res, Mode::Exclusive, Wait::NoQueue).await {
+                Ok(g) => return Ok((n, g.token)),
+                Err(e) if e.errno() == Errno::Ebusy => {}
+                Err(e) => return Err(wire(e, &format!("lock {res}"))),
+            }
+        }
+        // Every slot was busy: by whom?
+        let mut holders = Vec::with_capacity(nodes as usize);
+        for n in 0..nodes {
+            let res = slot_lock(uuid, n);
+            let (_, h) = session
+                .read_value(&res)
+                .await
+                .map_err(|e| wire(e, &format!("read lock {res}")))?;
+            holders.push(h);
+        }
+        let held_by = |h: &[String]| {
+            if h.is_empty() {
+                "nobody now".to_owned()
+            } else {
+                h.join(",")
+            }
+        };
+        let listed = holders
+            .iter()
+            .enumerate()
+            .map(|(n, h)| format!("slot {n}: {}", held_by(h)))
+            .collect::<Vec<_>>()
+            .join("; ");
+        if all_held_by_members(&holders) {
+            return Err(WireError::new(
+                Errno::Ebusy,
+                format!("array {name}"),
+                format!("all {nodes} bitmap slots of array {name} ({}) are held by other nodes ({listed}); stop it on one of them or create it with more --nodes", fmt_uuid(uuid)),
+            ));
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Err(WireError::new(
+                Errno::Ebusy,
+                format!("array {name}"),
+                format!("no bitmap slot of array {name} ({}) came free within {SLOT_WAIT:?} ({listed}): a node holding two slots is recovering one of them; try again once it is done", fmt_uuid(uuid)),
+            ));
+        }
+        tracing::debug!(array = name, %listed, "every slot busy, some only for a moment; trying again");
+        // Jitter, so joiners that collided do not collide again in step.
+        let jitter = Duration::from_micros(u64::from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos())
+                % 10_000,
+        ));
+        tokio::time::sleep((pause + jitter).min(deadline - now)).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// Whether the slot holders (one list per slot) show every slot held by a member: each
+/// slot has a holder, and no node holds two slots (a member holds exactly one; a second
+/// one is a passing probe or a recovery).
+fn all_held_by_members(holders: &[Vec<String>]) -> bool {
+    let mut seen = std::collections::HashSet::new();
+    holders
+        .iter()
+        .all(|h| !h.is_empty() && h.iter().all(|node| seen.insert(node.as_str())))
+}
+
 /// ORs the bits of slots `from` into slot `to` on every member, and marks the
 /// superblocks unclean so the engine resyncs the set bits. Returns the chunks set in
 /// slot `to` afterwards.
@@ -288,4 +360,29 @@ pub async fn retake(session: &Session, m: &mut Membership) -> Result<(), WireErr
         .map_err(|e| wire(e, &format!("subscribe {}", channel(&m.uuid))))?;
     tracing::info!(array = %m.array, slot = m.slot, token = m.token, "rejoined with a new session");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::all_held_by_members;
+
+    fn h(v: &[&[&str]]) -> Vec<Vec<String>> {
+        v.iter()
+            .map(|s| s.iter().map(|n| n.to_string()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn a_slot_held_by_a_probe_is_not_a_member_slot() {
+        assert!(all_held_by_members(&h(&[&["n1"], &["n2"], &["n3"]])));
+        // n3 holds its own slot and probes slot 3.
+        assert!(!all_held_by_members(&h(&[
+            &["n1"],
+            &["n2"],
+            &["n3"],
+            &["n3"]
+        ])));
+        // Released between the acquire and the read.
+        assert!(!all_held_by_members(&h(&[&["n1"], &[]])));
+    }
 }
