@@ -246,9 +246,15 @@ impl ClusterSvc {
         let name = short_name(&r.name).to_owned();
         let node = self.resolve(&r.node).await?;
         let rec = records::get(&self.ctx, &name).await?;
+        let mut uuid = String::new();
         let members = if r.members.is_empty() {
             match &rec {
-                Some(rec) => rec.members.clone(),
+                Some(rec) => {
+                    // Recorded paths are another node's view: the agent finds its own
+                    // by the UUID where they do not fit.
+                    uuid = rec.uuid.clone();
+                    rec.members.clone()
+                }
                 None => {
                     return Err(WireError::new(
                         Errno::Enoent,
@@ -265,6 +271,7 @@ impl ClusterSvc {
         let req = pb::AssembleArrayRequest {
             name: name.clone(),
             members: members.clone(),
+            uuid,
         };
         let st = self
             .call(
