@@ -21,6 +21,8 @@ use std::path::{Path, PathBuf};
 
 use crate::format::fmt_uuid;
 use crate::format::io::read_member;
+use crate::format::superblock::{Superblock, SB_BLOCK_BYTES};
+use crate::format::SB_OFFSET_BYTES;
 
 /// Most directory levels walked below a pattern's literal directory.
 pub const MAX_DEPTH: usize = 6;
@@ -164,16 +166,41 @@ pub fn probe(paths: &[PathBuf]) -> Vec<Probe> {
     paths
         .iter()
         .filter_map(|p| {
-            let m = read_member(p).ok()?;
+            let sb = read_superblock_direct(p)?;
             let canonical = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
             Some(Probe {
                 path: p.clone(),
                 canonical,
-                set_uuid: m.sb.set_uuid,
-                device_uuid: m.sb.device_uuid,
+                set_uuid: sb.set_uuid,
+                device_uuid: sb.device_uuid,
             })
         })
         .collect()
+}
+
+/// The superblock of `path` as it is on the device, past this host's page cache
+/// (`O_DIRECT`): another node may have written it since this node last read the device
+/// (a NEWDISK's new member). A device that refuses `O_DIRECT` (tmpfs) is read
+/// buffered; `None` without a valid superblock.
+fn read_superblock_direct(path: &Path) -> Option<Superblock> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let f = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            return read_member(path).ok().map(|m| m.sb)
+        }
+        Err(_) => return None,
+    };
+    const ALIGN: usize = 4096;
+    let mut v = vec![0u8; SB_BLOCK_BYTES + ALIGN];
+    let start = (ALIGN - v.as_ptr() as usize % ALIGN) % ALIGN;
+    let buf = &mut v[start..start + SB_BLOCK_BYTES];
+    f.read_exact_at(buf, SB_OFFSET_BYTES).ok()?;
+    Superblock::parse(buf).ok()
 }
 
 /// The members of array `uuid` among the devices `patterns` allow, `preferred` paths
