@@ -125,11 +125,15 @@ impl Drop for ChildGuard {
 
 #[test]
 fn manage_fail_is_agreed_by_every_node_through_the_token() {
+    // node1 may also open x0, a device that never was a member (the refused --re-add).
     let c = ClusterBuilder::new(2)
         .shared_storage(2, 32 << 20)
+        .node_args(1, &["--device-allow", "{dir}/x*"])
         .start()
         .expect("cluster");
     let m = c.disks(2);
+    let x0 = mdcluster_tests::standalone::member_files(c.path(), "x", 1, 32 << 20).remove(0);
+    let x0 = x0.display().to_string();
     let (n1, n2) = (c.members_of(1, 2), c.members_of(2, 2));
     let (ms, ms2): (Vec<&str>, Vec<&str>) = (
         n1.iter().map(String::as_str).collect(),
@@ -206,16 +210,7 @@ fn manage_fail_is_agreed_by_every_node_through_the_token() {
 
     eprintln!("--- --fail, --remove run in order on every node; a refused --re-add names them");
     let (rc, err) = c.code(&[
-        "--node",
-        "node1",
-        "manage",
-        "md0",
-        "--fail",
-        ms[1],
-        "--remove",
-        ms[1],
-        "--re-add",
-        "/dev/null",
+        "--node", "node1", "manage", "md0", "--fail", ms[1], "--remove", ms[1], "--re-add", &x0,
     ]);
     assert_eq!(rc, 5, "{err}");
     assert!(

@@ -20,7 +20,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::format::fmt_uuid;
-use crate::format::io::read_member;
+use crate::format::io::MetaDev;
 use crate::format::superblock::{Superblock, SB_BLOCK_BYTES};
 use crate::format::SB_OFFSET_BYTES;
 
@@ -179,28 +179,13 @@ pub fn probe(paths: &[PathBuf]) -> Vec<Probe> {
 }
 
 /// The superblock of `path` as it is on the device, past this host's page cache
-/// (`O_DIRECT`): another node may have written it since this node last read the device
-/// (a NEWDISK's new member). A device that refuses `O_DIRECT` (tmpfs) is read
-/// buffered; `None` without a valid superblock.
+/// ([`MetaDev`]: `O_DIRECT` where the device allows it): another node may have written
+/// it since this node last read the device (a NEWDISK's new member). `None` without a
+/// valid superblock.
 fn read_superblock_direct(path: &Path) -> Option<Superblock> {
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    let f = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            return read_member(path).ok().map(|m| m.sb)
-        }
-        Err(_) => return None,
-    };
-    const ALIGN: usize = 4096;
-    let mut v = vec![0u8; SB_BLOCK_BYTES + ALIGN];
-    let start = (ALIGN - v.as_ptr() as usize % ALIGN) % ALIGN;
-    let buf = &mut v[start..start + SB_BLOCK_BYTES];
-    f.read_exact_at(buf, SB_OFFSET_BYTES).ok()?;
-    Superblock::parse(buf).ok()
+    let dev = MetaDev::open(path, false).ok()?;
+    let block = dev.read_at(SB_OFFSET_BYTES, SB_BLOCK_BYTES).ok()?;
+    Superblock::parse(&block).ok()
 }
 
 /// The members of array `uuid` among the devices `patterns` allow, `preferred` paths

@@ -1657,9 +1657,9 @@ fn stamp_new_device(
     let dev_number = (0..MAX_DEV_LIMIT)
         .find(|d| !used.contains(d) && template.role_of(*d) == DevRole::Spare)
         .ok_or_else(|| (Errno::Einval, "no free device number".to_owned()))?;
-    let file = crate::format::io::open(dev, true).map_err(|e| (Errno::Eio, e.to_string()))?;
-    let bytes = crate::format::io::device_size(&file)
-        .map_err(|e| (Errno::Eio, format!("size of {}: {e}", dev.display())))?;
+    let file =
+        crate::format::io::MetaDev::open(dev, true).map_err(|e| (Errno::Eio, e.to_string()))?;
+    let bytes = file.size();
     let mut sb = template.clone();
     sb.dev_number = dev_number;
     sb.device_uuid = *uuid::Uuid::new_v4().as_bytes();
@@ -1672,8 +1672,7 @@ fn stamp_new_device(
             format!("{} is too small for the array", dev.display()),
         ));
     }
-    crate::format::io::write_superblock(&file, dev, &sb)
-        .map_err(|e| (Errno::Eio, e.to_string()))?;
+    crate::format::io::write_superblock(&file, &sb).map_err(|e| (Errno::Eio, e.to_string()))?;
     Ok(NewDevice {
         device_uuid: sb.device_uuid,
         dev_number,
