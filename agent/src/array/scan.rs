@@ -166,7 +166,7 @@ pub fn probe(paths: &[PathBuf]) -> Vec<Probe> {
     paths
         .iter()
         .filter_map(|p| {
-            let sb = read_superblock_direct(p)?;
+            let sb = read_superblock(p)?;
             let canonical = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
             Some(Probe {
                 path: p.clone(),
@@ -181,8 +181,9 @@ pub fn probe(paths: &[PathBuf]) -> Vec<Probe> {
 /// The superblock of `path` as it is on the device, past this host's page cache
 /// ([`MetaDev`]: `O_DIRECT` where the device allows it): another node may have written
 /// it since this node last read the device (a NEWDISK's new member). `None` without a
-/// valid superblock.
-fn read_superblock_direct(path: &Path) -> Option<Superblock> {
+/// valid superblock. Only the superblock: a device just given one by a NEWDISK's
+/// sender has no bitmap yet.
+pub fn read_superblock(path: &Path) -> Option<Superblock> {
     let dev = MetaDev::open(path, false).ok()?;
     let block = dev.read_at(SB_OFFSET_BYTES, SB_BLOCK_BYTES).ok()?;
     Superblock::parse(&block).ok()

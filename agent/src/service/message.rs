@@ -482,8 +482,8 @@ async fn newdisk(node: &Arc<Node>, name: &str, msg: &ClusterMsg) -> Result<(), S
                 return preferred
                     .into_iter()
                     .find(|p| {
-                        read_member(p)
-                            .is_ok_and(|x| x.sb.set_uuid == array && x.sb.device_uuid == device)
+                        crate::array::scan::read_superblock(p)
+                            .is_some_and(|sb| sb.set_uuid == array && sb.device_uuid == device)
                     })
                     .ok_or_else(|| {
                         format!(

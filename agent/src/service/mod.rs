@@ -644,7 +644,8 @@ impl Node {
                 allow.is_empty() || allow.iter().any(|g| glob_match(g, &p.to_string_lossy()))
             };
             let fits = recorded.iter().all(|p| {
-                allowed(p) && read_member(p).is_ok_and(|m| m.sb.set_uuid == set_uuid)
+                allowed(p)
+                    && crate::array::scan::read_superblock(p).is_some_and(|sb| sb.set_uuid == set_uuid)
             });
             if fits || allow.is_empty() {
                 return Ok(recorded);
@@ -1628,11 +1629,11 @@ fn stamp_new_device(
     used: &[u32],
 ) -> Result<NewDevice, (Errno, String)> {
     use crate::format::superblock::{feature, DevRole, MAX_DEV_LIMIT};
-    if let Ok(m) = read_member(dev) {
-        if crate::format::fmt_uuid(&m.sb.set_uuid) == uuid_here {
+    if let Some(sb) = crate::array::scan::read_superblock(dev) {
+        if crate::format::fmt_uuid(&sb.set_uuid) == uuid_here {
             return Ok(NewDevice {
-                device_uuid: m.sb.device_uuid,
-                dev_number: m.sb.dev_number,
+                device_uuid: sb.device_uuid,
+                dev_number: sb.dev_number,
                 stamped: false,
             });
         }
@@ -1641,7 +1642,7 @@ fn stamp_new_device(
             format!(
                 "{} holds a member of another array ({}); zero it first (mdctl zero-superblock) if it is no longer used",
                 dev.display(),
-                crate::format::fmt_uuid(&m.sb.set_uuid)
+                crate::format::fmt_uuid(&sb.set_uuid)
             ),
         ));
     }
