@@ -132,6 +132,9 @@ impl DirectFile {
     /// Reads `len` bytes at `offset` into an aligned buffer (the whole covering span,
     /// sliced, if the range is not aligned).
     pub fn read_at(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
         if !self.direct || is_span_aligned(offset, len) {
             let mut buf = aligned_buf(len);
             self.file.read_exact_at(buf.as_mut(), offset)?;
@@ -173,6 +176,9 @@ impl DirectFile {
     /// a range that is not whole aligned blocks is a read-modify-write of its span. The
     /// caller serialises overlapping writes (see the module doc).
     pub fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
         if !self.direct || is_aligned(offset, data.len(), data.as_ptr() as usize) {
             self.file.write_all_at(data, offset)?;
             iotrace::on_write(&self.path, offset, data);
@@ -185,18 +191,27 @@ impl DirectFile {
             iotrace::on_write(&self.path, offset, buf.as_ref());
             return Ok(());
         }
-        let (start, mut end) = span(offset, data.len());
-        let patch_end = offset + data.len() as u64;
+        let mut block = self.read_covering(offset, data.len())?;
+        block.patch(offset, data);
+        self.write_covering(&block)
+    }
+
+    /// The first half of a read-modify-write: the span covering `len` bytes at `offset`,
+    /// as on the device now (up to the end of the device, in whole sectors, where its
+    /// size is not block-aligned).
+    pub(crate) fn read_covering(&self, offset: u64, len: usize) -> io::Result<Covering> {
+        let (start, mut end) = span(offset, len);
         if end > self.size {
-            // The last span of a device whose size is not block-aligned: write only up
-            // to the end of the device (or of the data), in whole sectors.
-            end = self.size.max(patch_end).div_ceil(SECTOR) * SECTOR;
+            end = self.size.max(offset + len as u64).div_ceil(SECTOR) * SECTOR;
         }
-        let (mut buf, _) = self.read_span(start, end)?;
-        let lo = (offset - start) as usize;
-        buf.as_mut()[lo..lo + data.len()].copy_from_slice(data);
-        self.file.write_all_at(buf.as_ref(), start)?;
-        iotrace::on_write(&self.path, start, buf.as_ref());
+        let (buf, _) = self.read_span(start, end)?;
+        Ok(Covering { start, buf })
+    }
+
+    /// The second half of a read-modify-write: writes the patched span back.
+    pub(crate) fn write_covering(&self, block: &Covering) -> io::Result<()> {
+        self.file.write_all_at(block.buf.as_ref(), block.start)?;
+        iotrace::on_write(&self.path, block.start, block.buf.as_ref());
         Ok(())
     }
 
@@ -206,6 +221,21 @@ impl DirectFile {
         self.file.sync_data()?;
         iotrace::on_flush_end(&self.path, token);
         Ok(())
+    }
+}
+
+/// The aligned span around an unaligned write, read from the device
+/// ([`DirectFile::read_covering`]).
+pub(crate) struct Covering {
+    start: u64,
+    buf: AlignedBuf,
+}
+
+impl Covering {
+    /// Copies `data`, meant for byte `offset` of the device, into the span.
+    pub(crate) fn patch(&mut self, offset: u64, data: &[u8]) {
+        let lo = (offset - self.start) as usize;
+        self.buf.as_mut()[lo..lo + data.len()].copy_from_slice(data);
     }
 }
 

@@ -3,15 +3,18 @@
 //! the same disk on host A and host B. Each loop device has its own page cache, as each
 //! host does; a descriptor held open on B (a running agent there) keeps B's cache alive.
 //!
-//! Metadata (`format::io`, and `mdctl examine` / `examine-bitmap`, which use it): a
-//! superblock and bitmap slot changed through A read back new through B while a
-//! buffered read through B still shows the old bytes.
+//! - Metadata (`format::io`, and `mdctl examine` / `examine-bitmap`, which use it): a
+//!   superblock and bitmap slot changed through A read back new through B while a
+//!   buffered read through B still shows the old bytes.
+//! - Data (`MemberIo`): an unaligned write through B into a block that A just wrote
+//!   keeps A's bytes around it, although B's page cache holds the block from before.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use bytes::Bytes;
 use mdcluster_agent::format::bitmap::{set_bit, test_bit};
 use mdcluster_agent::format::create::{BitmapMode, CreateSpec};
 use mdcluster_agent::format::io::{
@@ -19,6 +22,7 @@ use mdcluster_agent::format::io::{
 };
 use mdcluster_agent::format::superblock::Superblock;
 use mdcluster_agent::format::FormatError;
+use mdcluster_agent::raid::member::{aligned_copy, MemberIo};
 use mdcluster_tests::tools::{bin, run_ok, LoopDevice};
 use serde_json::Value;
 
@@ -136,4 +140,50 @@ fn metadata_read_through_another_host_bypasses_its_page_cache() {
         Some(&FormatError::NoSuperblock),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn unaligned_data_write_keeps_another_hosts_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = blank(dir.path(), "shared.img", 16 * MIB);
+    let a = attach_direct(&backing);
+    let b = attach_direct(&backing);
+    let on_a = MemberIo::open(&a.path).unwrap();
+    let on_b = MemberIo::open(&b.path).unwrap();
+    assert!(on_a.is_direct() && on_b.is_direct());
+    const X: u64 = MIB;
+
+    // B has the block cached (an unaligned read of its own, and a buffered reader).
+    let _hold = File::open(&b.path).unwrap();
+    assert!(on_b
+        .read_at(X + 100, 100)
+        .await
+        .unwrap()
+        .iter()
+        .all(|&x| x == 0));
+    assert!(buffered_read(&b.path, X, 4096).iter().all(|&x| x == 0));
+
+    // A writes the whole block.
+    let pattern: Vec<u8> = (0..4096).map(|i| (i % 251) as u8 + 1).collect();
+    on_a.write_at(X, aligned_copy(&Bytes::from(pattern.clone())))
+        .await
+        .unwrap();
+    on_a.sync().await.unwrap();
+
+    // B writes 100 bytes inside it.
+    on_b.write_at(X + 100, Bytes::from(vec![0xbb; 100]))
+        .await
+        .unwrap();
+    on_b.sync().await.unwrap();
+
+    let mut want = pattern;
+    want[100..200].fill(0xbb);
+    let got = on_a.read_at(X, 4096).await.unwrap();
+    let lost = got.iter().zip(&want).filter(|(g, w)| g != w).count();
+    assert_eq!(
+        lost, 0,
+        "{lost} bytes of A's write were overwritten by B's stale cache"
+    );
+    let through_b = on_b.read_at(X + 50, 200).await.unwrap();
+    assert_eq!(&through_b[..], &want[50..250]);
 }
