@@ -149,6 +149,27 @@ fn crash_of_a_writing_node_survivor_recovers_its_slot_then_it_rejoins() {
         c.members_of(2, 2),
         "node2 found its own paths of the members by the array UUID"
     );
+    // `mdctl detail` lists each member's path on every node.
+    let d: Value = serde_json::from_str(&c.mdctl_ok(&["--json", "detail", "md0"])).unwrap();
+    for (k, m) in d["members"].as_array().expect("members").iter().enumerate() {
+        assert_eq!(m["role"], k as u64, "{d}");
+        for (node, n) in [("node1", 1), ("node2", 2)] {
+            let p = m["paths"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["node"] == node)
+                .unwrap_or_else(|| panic!("no path of member {k} on {node}: {d}"));
+            assert_eq!(p["path"], c.member(n, k).display().to_string(), "{d}");
+        }
+    }
+    let text = c.mdctl_ok(&["detail", "md0"]);
+    let row = text
+        .lines()
+        .find(|l| l.contains(&c.member(2, 1).display().to_string()) && l.contains(&ms[1]))
+        .unwrap_or_else(|| panic!("no row with member 1's path on both nodes:\n{text}"));
+    assert!(text.contains("Path on node2"), "{text}");
+    eprintln!("detail: {row}");
 
     eprintln!("--- both nodes write to their own region; node2 is killed mid-write");
     let mut w1 = writer(&c.agents[0].sock("md0"), 0, 8 * MIB, 0x10);
