@@ -6,7 +6,9 @@
 //!   the OLD bytes (node1's cache), while the disk (the backing file) and node1's
 //!   device once its cache is dropped (`blockdev --flushbufs`) have the new ones;
 //! - the devices go away when the guard drops (autoclear, then explicit detach);
-//! - in a cluster built with it, each agent may open only its own views.
+//! - in a cluster built with it, each agent may open only its own views; node2
+//!   assembles an array node1 created by the array UUID through its own paths, and
+//!   refuses when it sees only some of the members.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
@@ -125,6 +127,47 @@ fn each_node_may_open_only_its_own_views() {
     ]);
     assert_eq!(rc, 9, "EPERM: {err}");
     assert!(err.contains("--device-allow"), "{err}");
+
+    // Created on node1 through its paths; node2 assembles from the cluster's record,
+    // by the array UUID, through its own paths — and refuses to when it sees only one
+    // of the two members (it would assemble degraded only because it misses a path).
+    c.mdctl_ok(&[
+        "--node",
+        "node1",
+        "create",
+        "md0",
+        "--raid-devices",
+        "2",
+        "--bitmap",
+        "clustered",
+        "--nodes",
+        "2",
+        "--assume-clean",
+        &n1[0],
+        &n1[1],
+    ]);
+    let link = c.member(2, 1);
+    std::fs::remove_file(&link).expect("hide node2's view of m1");
+    let (rc, err) = c.code(&["--node", "node2", "assemble", "md0"]);
+    assert_eq!(rc, 3, "ENOENT: {err}");
+    assert!(
+        err.contains("not assembling it degraded") && err.contains(&n2[0]),
+        "{err}"
+    );
+    std::os::unix::fs::symlink(storage.device(2, 1), &link).expect("restore the view");
+    c.mdctl_ok(&["--node", "node2", "assemble", "md0"]);
+    let st = c.node_status("md0", "node2");
+    let mut paths: Vec<String> = st["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["path"].as_str().unwrap().to_owned())
+        .collect();
+    paths.sort();
+    assert_eq!(paths, n2, "node2 uses its own paths: {st}");
+    for n in ["node2", "node1"] {
+        c.mdctl_ok(&["--node", n, "stop", "md0"]);
+    }
     drop(c);
     for d in devices {
         // Detached (or reused by someone else for another file).

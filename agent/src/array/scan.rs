@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use crate::format::fmt_uuid;
 use crate::format::io::MetaDev;
-use crate::format::superblock::{Superblock, SB_BLOCK_BYTES};
+use crate::format::superblock::{DevRole, Superblock, SB_BLOCK_BYTES};
 use crate::format::SB_OFFSET_BYTES;
 
 /// Most directory levels walked below a pattern's literal directory.
@@ -159,6 +159,32 @@ pub fn select(uuid: &[u8; 16], probes: &[Probe]) -> Result<Vec<PathBuf>, ScanErr
         kept.push(p);
     }
     Ok(kept.into_iter().map(|p| p.path.clone()).collect())
+}
+
+/// The device numbers the newest superblock gives an active role that no found device
+/// has: `newest_active` are those device numbers, `found` the found devices' numbers.
+/// A scan that misses one would assemble the array degraded — and fail the missing
+/// member on every node — only because this node does not see it.
+pub fn missing_active(newest_active: &[u32], found: &[u32]) -> Vec<u32> {
+    newest_active
+        .iter()
+        .copied()
+        .filter(|d| !found.contains(d))
+        .collect()
+}
+
+/// [`missing_active`] over the superblocks of `paths` (found by a scan): the newest
+/// one (most events) says which device numbers are active.
+pub fn missing_active_of(paths: &[PathBuf]) -> Vec<u32> {
+    let sbs: Vec<Superblock> = paths.iter().filter_map(|p| read_superblock(p)).collect();
+    let Some(newest) = sbs.iter().max_by_key(|sb| sb.events) else {
+        return Vec::new();
+    };
+    let active: Vec<u32> = (0..newest.dev_roles.len() as u32)
+        .filter(|d| matches!(newest.role_of(*d), DevRole::Active(_)))
+        .collect();
+    let found: Vec<u32> = sbs.iter().map(|sb| sb.dev_number).collect();
+    missing_active(&active, &found)
 }
 
 /// Reads the superblock of each path (those without a valid one are left out).
@@ -351,6 +377,17 @@ mod tests {
                 &p.to_string_lossy()
             ));
         }
+    }
+
+    #[test]
+    fn a_scan_that_misses_an_active_member_says_which() {
+        assert!(missing_active(&[0, 1], &[1, 0]).is_empty());
+        assert!(
+            missing_active(&[0, 1], &[0, 1, 2]).is_empty(),
+            "a spare extra is fine"
+        );
+        assert_eq!(missing_active(&[0, 1, 3], &[0, 2]), vec![1, 3]);
+        assert!(missing_active_of(&[]).is_empty());
     }
 
     #[test]

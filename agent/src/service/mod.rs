@@ -652,17 +652,17 @@ impl Node {
             }
             let found = crate::array::scan::find_array(&set_uuid, &allow, &recorded)?;
             tracing::info!(node = %node, recorded = ?recorded, found = ?found, "members found by array UUID");
+            let missing = crate::array::scan::missing_active_of(&found);
+            if !missing.is_empty() {
+                return Err(MembersHere::Missing { found, missing });
+            }
             Ok(found)
         })
         .await
         .map_err(|e| self.err(Errno::Eio, name, format!("device scan task failed: {e}")))?;
-        found.map_err(|e: crate::array::scan::ScanError| {
-            let errno = match e {
-                crate::array::scan::ScanError::Ambiguous { .. } => Errno::Einval,
-                _ => Errno::Enoent,
-            };
+        found.map_err(|e: MembersHere| {
             self.err(
-                errno,
+                e.errno(),
                 name,
                 format!("assemble {name} from the cluster's record: {e}"),
             )
@@ -1679,4 +1679,29 @@ fn stamp_new_device(
         dev_number,
         stamped: true,
     })
+}
+
+/// Why the members of a recorded array were not found on this node.
+#[derive(Debug, thiserror::Error)]
+enum MembersHere {
+    /// The scan found nothing usable.
+    #[error(transparent)]
+    Scan(#[from] crate::array::scan::ScanError),
+    /// The scan found some members, not every active one.
+    #[error("the devices under this agent's --device-allow patterns hold only {} of its members ({}); active device number(s) {missing:?} are not seen here — not assembling it degraded; give the member devices to do that", found.len(), found.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+    Missing {
+        /// What was found.
+        found: Vec<PathBuf>,
+        /// Active device numbers not found.
+        missing: Vec<u32>,
+    },
+}
+
+impl MembersHere {
+    fn errno(&self) -> Errno {
+        match self {
+            MembersHere::Scan(crate::array::scan::ScanError::Ambiguous { .. }) => Errno::Einval,
+            _ => Errno::Enoent,
+        }
+    }
 }
