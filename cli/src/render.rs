@@ -67,6 +67,12 @@ pub fn detail_json(d: &pb::DetailResponse) -> Value {
             "node": n.node, "agent_addr": n.agent_addr, "state": n.state,
             "status": n.status.as_ref().map(status_json), "error": n.error,
         })).collect::<Vec<_>>(),
+        "members": d.members.iter().map(|m| json!({
+            "dev_number": m.dev_number, "role": m.role,
+            "paths": m.paths.iter().map(|p| json!({
+                "node": p.node, "path": p.path, "state": p.state,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -198,6 +204,36 @@ pub fn detail_text(name: &str, d: &pb::DetailResponse) -> String {
         line(&mut s, "Members", &r.members.join(" "));
     }
     s.push('\n');
+    // Each member's path on every node that runs the array (shared storage: one device
+    // may have another path on each node).
+    let running: Vec<&str> = d
+        .nodes
+        .iter()
+        .filter(|n| n.status.is_some())
+        .map(|n| n.node.as_str())
+        .collect();
+    if !d.members.is_empty() && !running.is_empty() {
+        let mut t = Table::new();
+        t.load_preset(NOTHING);
+        let mut head = vec!["Number".to_owned(), "RaidDevice".to_owned()];
+        head.extend(running.iter().map(|n| format!("Path on {n}")));
+        t.set_header(head);
+        for m in &d.members {
+            let mut row = vec![
+                m.dev_number.to_string(),
+                m.role.map_or_else(|| "-".to_owned(), |r| r.to_string()),
+            ];
+            row.extend(running.iter().map(|n| {
+                m.paths
+                    .iter()
+                    .find(|p| p.node == *n)
+                    .map_or_else(|| "-".to_owned(), |p| p.path.clone())
+            }));
+            t.add_row(row);
+        }
+        let _ = writeln!(s, "{t}");
+        s.push('\n');
+    }
     let mut t = Table::new();
     t.load_preset(NOTHING);
     t.set_header(vec!["Node", "State", "Slot", "Clients", "NBD", "Agent"]);
@@ -349,6 +385,7 @@ mod tests {
     fn detail_has_the_shape_of_mdadm_detail_plus_nodes() {
         let d = pb::DetailResponse {
             record: None,
+            members: vec![],
             nodes: vec![
                 pb::NodeArray {
                     node: "n1".into(),
@@ -366,7 +403,29 @@ mod tests {
                 },
             ],
         };
+        let mut d = d;
+        d.members = vec![pb::MemberPaths {
+            dev_number: 1,
+            role: Some(1),
+            paths: vec![pb::NodePath {
+                node: "n1".into(),
+                path: "/dev/vdb".into(),
+                state: "in_sync".into(),
+            }],
+        }];
         let t = detail_text("md0", &d);
+        assert!(
+            t.lines()
+                .any(|l| l.contains("Path on n1") && !l.contains("Path on n2")),
+            "a path column per node that runs the array:\n{t}"
+        );
+        assert!(
+            t.lines().any(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                w == ["1", "1", "/dev/vdb"]
+            }),
+            "{t}"
+        );
         for line in [
             "/dev/md0:",
             "           Version : 1.2",
@@ -399,6 +458,8 @@ mod tests {
         let j = detail_json(&d);
         assert_eq!(j["nodes"][0]["status"]["bitmap"]["slot"], 0);
         assert_eq!(j["nodes"][1]["state"], "absent");
+        assert_eq!(j["members"][0]["paths"][0]["path"], "/dev/vdb");
+        assert_eq!(j["members"][0]["paths"][0]["node"], "n1");
     }
 
     #[test]

@@ -9,6 +9,16 @@
 //! ```
 //!
 //! Every process is killed (-9) when the guard drops; every wait has a deadline.
+//!
+//! **Multi-view storage** ([`ClusterBuilder::shared_storage`], [`SharedStorage`]): the
+//! members are backing files `<dir>/disk<k>`, and every node reaches every member
+//! through a loop device of its own (`losetup --direct-io=on`), linked as
+//! `<dir>/n<node>/m<k>` ([`TestCluster::member`]). Each loop device has its own page
+//! cache and writes the backing file directly, so the nodes see the same bytes under
+//! different paths and through different caches, as two hosts on one LUN do; each
+//! agent's `--device-allow` covers only its own links. The loop devices are set to
+//! autoclear (they go away when the last opener closes them, also when the test process
+//! is killed) and detached explicitly on drop.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -37,6 +47,8 @@ pub struct ClusterBuilder {
     agent_args: Vec<String>,
     /// Extra flags of single agents (index 0 = node1); `{dir}` = the cluster directory.
     node_args: Vec<(usize, Vec<String>)>,
+    /// Multi-view storage: (members, bytes each).
+    shared: Option<(usize, u64)>,
 }
 
 impl ClusterBuilder {
@@ -50,7 +62,17 @@ impl ClusterBuilder {
             replicas: 1,
             agent_args: Vec::new(),
             node_args: Vec::new(),
+            shared: None,
         }
+    }
+
+    /// Multi-view storage: `disks` members of `bytes` each, every node reaching each
+    /// through its own loop device (`<dir>/n<node>/m<k>`, see [`TestCluster::member`]);
+    /// every agent gets `--device-allow <dir>/n<node>/*`, so a node may open only its own
+    /// views.
+    pub fn shared_storage(mut self, disks: usize, bytes: u64) -> Self {
+        self.shared = Some((disks, bytes));
+        self
     }
 
     /// Extra flags for agent `node` only (1-based: 2 = node2); `{dir}` in them is
@@ -93,16 +115,27 @@ impl ClusterBuilder {
         let replicas = (1..self.replicas)
             .map(|_| MdServer::start(&etcd.url(), self.server.clone()))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let storage = match self.shared {
+            Some((disks, bytes)) => {
+                Some(SharedStorage::create(dir.path(), self.nodes, disks, bytes)?)
+            }
+            None => None,
+        };
         let mut c = TestCluster {
             agents: Vec::new(),
             server,
             replicas,
             etcd,
+            storage,
             dir,
             opts: self.clone(),
         };
         for i in 0..self.nodes {
             let mut args = self.agent_args.clone();
+            if let Some(s) = &c.storage {
+                args.push("--device-allow".into());
+                args.push(format!("{}/*", s.view_dir(i + 1).display()));
+            }
             let dir = c.dir.path().display().to_string();
             for (n, extra) in &self.node_args {
                 if *n == i {
@@ -124,7 +157,8 @@ impl ClusterBuilder {
     }
 }
 
-/// A running cluster. Drop order: agents, mdserver replicas, etcd, tempdir.
+/// A running cluster. Drop order: agents, mdserver replicas, etcd, loop devices,
+/// tempdir.
 pub struct TestCluster {
     /// The agents, node1 first.
     pub agents: Vec<AgentProc>,
@@ -134,6 +168,8 @@ pub struct TestCluster {
     pub replicas: Vec<MdServer>,
     /// etcd.
     pub etcd: Etcd,
+    /// Multi-view storage, if the cluster was built with it.
+    pub storage: Option<SharedStorage>,
     /// Member files, run dirs and logs.
     pub dir: tempfile::TempDir,
     opts: ClusterBuilder,
@@ -158,6 +194,37 @@ impl TestCluster {
     /// The working directory (member files go here).
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Member `k` as node `node` (1-based) sees it: its own view in multi-view mode
+    /// (`<dir>/n<node>/m<k>`), else the member file `<dir>/m<k>` every node shares (made
+    /// by the test, e.g. with `member_files(dir, "m", ..)`).
+    pub fn member(&self, node: usize, k: usize) -> PathBuf {
+        match &self.storage {
+            Some(s) => s.view(node, k),
+            None => self.dir.path().join(format!("m{k}")),
+        }
+    }
+
+    /// Members `0..n` as node `node` sees them, as strings (for `mdctl` arguments).
+    pub fn members_of(&self, node: usize, n: usize) -> Vec<String> {
+        (0..n)
+            .map(|k| self.member(node, k).display().to_string())
+            .collect()
+    }
+
+    /// The bytes of member `k` as they are on the shared disk (the backing file in
+    /// multi-view mode, read past every node's cache): what on-disk checks read.
+    pub fn disk(&self, k: usize) -> PathBuf {
+        match &self.storage {
+            Some(s) => s.disk(k),
+            None => self.dir.path().join(format!("m{k}")),
+        }
+    }
+
+    /// Disks `0..n` (see [`TestCluster::disk`]).
+    pub fn disks(&self, n: usize) -> Vec<PathBuf> {
+        (0..n).map(|k| self.disk(k)).collect()
     }
 
     /// The cluster name mdserver uses (its etcd keys are under `/mdcluster/<name>/`).
@@ -703,6 +770,174 @@ impl Drop for AnyAddrServer {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+}
+
+/// Loop devices (`losetup --direct-io=on`) over shared backing files, one per node and
+/// member: node `n` reaches member `k` as `<dir>/n<n>/m<k>` → `/dev/loopX`, its own
+/// device with its own page cache; the backing file `<dir>/disk<k>` is written directly.
+/// Each device is held open by this guard and set to autoclear at once (`losetup -d`
+/// on a device in use marks it so), so nothing is left attached once every opener is
+/// gone, even when the test process is killed; [`Drop`] closes them and detaches what
+/// is still attached to the backing files.
+pub struct SharedStorage {
+    dir: PathBuf,
+    disks: Vec<PathBuf>,
+    /// (node 1-based, member, device, the open descriptor that keeps it configured).
+    views: Vec<(usize, usize, PathBuf, Option<std::fs::File>)>,
+}
+
+impl SharedStorage {
+    /// `disks` backing files of `bytes` each in `dir`, and a loop device per node
+    /// (`nodes`) and disk.
+    pub fn create(
+        dir: &Path,
+        nodes: usize,
+        disks: usize,
+        bytes: u64,
+    ) -> anyhow::Result<SharedStorage> {
+        let mut s = SharedStorage {
+            dir: dir.to_owned(),
+            disks: Vec::new(),
+            views: Vec::new(),
+        };
+        for k in 0..disks {
+            let p = dir.join(format!("disk{k}"));
+            std::fs::File::create(&p)
+                .and_then(|f| f.set_len(bytes))
+                .with_context(|| format!("create {}", p.display()))?;
+            s.disks.push(p);
+        }
+        for n in 1..=nodes {
+            let vd = s.view_dir(n);
+            std::fs::create_dir_all(&vd).with_context(|| format!("mkdir {}", vd.display()))?;
+            for k in 0..disks {
+                let dev = attach_dio(&s.disks[k])?;
+                // Held open, then marked autoclear: it lives exactly as long as its
+                // openers (this guard, the agents).
+                let held = std::fs::OpenOptions::new()
+                    .read(true)
+                    .open(&dev)
+                    .with_context(|| format!("open {}", dev.display()));
+                let held = match held {
+                    Ok(f) => f,
+                    Err(e) => {
+                        let _ = losetup(&["-d", &dev.display().to_string()]);
+                        return Err(e);
+                    }
+                };
+                s.views.push((n, k, dev.clone(), Some(held)));
+                losetup(&["-d", &dev.display().to_string()])?;
+                let link = vd.join(format!("m{k}"));
+                std::os::unix::fs::symlink(&dev, &link)
+                    .with_context(|| format!("symlink {} -> {}", link.display(), dev.display()))?;
+            }
+        }
+        Ok(s)
+    }
+
+    /// The directory of node `node`'s views (`<dir>/n<node>`).
+    pub fn view_dir(&self, node: usize) -> PathBuf {
+        self.dir.join(format!("n{node}"))
+    }
+
+    /// Member `k` as node `node` (1-based) sees it: `<dir>/n<node>/m<k>`.
+    pub fn view(&self, node: usize, k: usize) -> PathBuf {
+        self.view_dir(node).join(format!("m{k}"))
+    }
+
+    /// The loop device behind node `node`'s view of member `k`.
+    pub fn device(&self, node: usize, k: usize) -> PathBuf {
+        self.views
+            .iter()
+            .find(|v| v.0 == node && v.1 == k)
+            .map(|v| v.2.clone())
+            .unwrap_or_else(|| panic!("no view of member {k} for node{node}"))
+    }
+
+    /// The backing file of member `k` (the shared disk itself).
+    pub fn disk(&self, k: usize) -> PathBuf {
+        self.disks[k].clone()
+    }
+
+    /// Every loop device still attached to one of the backing files (`losetup -j`).
+    pub fn attached(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for d in &self.disks {
+            let o = run_timeout(
+                Command::new("losetup")
+                    .args(["-n", "-O", "NAME", "-j"])
+                    .arg(d),
+                Duration::from_secs(20),
+            );
+            out.extend(
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(PathBuf::from),
+            );
+        }
+        out
+    }
+}
+
+fn losetup(args: &[&str]) -> anyhow::Result<String> {
+    let o = run_timeout(Command::new("losetup").args(args), Duration::from_secs(20));
+    if !o.status.success() {
+        bail!(
+            "losetup {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).trim().to_owned())
+}
+
+/// `losetup --direct-io=on -f --show FILE`, retried (bounded) when another test took the
+/// free device between the lookup and the attach.
+fn attach_dio(file: &Path) -> anyhow::Result<PathBuf> {
+    let f = file.display().to_string();
+    let mut last = None;
+    for _ in 0..10 {
+        match losetup(&["--direct-io=on", "-f", "--show", &f]) {
+            Ok(dev) if dev.starts_with("/dev/loop") => {
+                let dio = losetup(&["-n", "-O", "DIO", "-l", &dev])?;
+                if dio.trim() != "1" {
+                    let _ = losetup(&["-d", &dev]);
+                    bail!("{dev} over {f}: direct I/O not enabled (DIO={dio}); the backing file's filesystem must support O_DIRECT");
+                }
+                return Ok(PathBuf::from(dev));
+            }
+            Ok(other) => bail!("losetup -f --show {f}: unexpected output {other:?}"),
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("losetup {f}: no attempt made")))
+}
+
+impl Drop for SharedStorage {
+    fn drop(&mut self) {
+        // Last opener gone: autoclear detaches each device.
+        for v in &mut self.views {
+            v.3 = None;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = self.attached();
+            if left.is_empty() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                // Still open somewhere (an agent that outlived its guard): detach
+                // explicitly; every device listed is attached to our own backing files.
+                for d in left {
+                    let _ = losetup(&["-d", &d.display().to_string()]);
+                }
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }

@@ -1,5 +1,7 @@
 //! t50: a node crash while both nodes write to different regions of a clustered
-//! mirror, and nodes coming and going as `mdctl monitor` reports them: node2's agent is
+//! mirror, and nodes coming and going as `mdctl monitor` reports them, on multi-view
+//! storage (each node reaches each member through its own loop device and path; node2
+//! assembles from the cluster's record by array UUID and shows its own paths): node2's agent is
 //! killed (-9) mid-write; the monitor reports NodeFailed; node1 takes over node2's
 //! bitmap slot (SlotRecovered) and resyncs exactly its dirty chunks — counted on disk
 //! right after the crash — in one run, then clears the slot; node2's agent restarts
@@ -13,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mdcluster_tests::cluster::{ClusterBuilder, TestCluster};
-use mdcluster_tests::standalone::{assert_members_identical, dirty_bits, member_files};
+use mdcluster_tests::standalone::{assert_members_identical, dirty_bits};
 use mdcluster_tests::tools::bin;
 use serde_json::Value;
 
@@ -116,13 +118,58 @@ fn detail_on(c: &TestCluster, node: &str) -> Value {
 fn crash_of_a_writing_node_survivor_recovers_its_slot_then_it_rejoins() {
     let mut c = ClusterBuilder::new(2)
         .agent_ttl(Duration::from_secs(3))
+        .shared_storage(2, 48 * MIB)
         .start()
         .expect("cluster");
     let mon = Monitor::start(&c);
     std::thread::sleep(Duration::from_millis(700)); // the monitor's first node round (not an assertion)
-    let m = member_files(c.path(), "c", 2, 48 * MIB);
-    let ms: Vec<&str> = m.iter().map(|p| p.to_str().unwrap()).collect();
-    c.mirror_on_two_nodes("md0", ms[0], ms[1]);
+                                                    // On-disk checks read the shared disks; each node uses its own paths.
+    let m = c.disks(2);
+    let ms = c.members_of(1, 2);
+    c.mirror_on_two_nodes("md0", &ms[0], &ms[1]);
+    let paths = |c: &TestCluster, node: &str| -> Vec<String> {
+        let st = detail_on(c, node);
+        let mut v: Vec<(u64, String)> = st["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["role"].as_u64().unwrap_or(99),
+                    m["path"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        v.sort();
+        v.into_iter().map(|x| x.1).collect()
+    };
+    assert_eq!(paths(&c, "node1"), ms, "node1 uses its own paths");
+    assert_eq!(
+        paths(&c, "node2"),
+        c.members_of(2, 2),
+        "node2 found its own paths of the members by the array UUID"
+    );
+    // `mdctl detail` lists each member's path on every node.
+    let d: Value = serde_json::from_str(&c.mdctl_ok(&["--json", "detail", "md0"])).unwrap();
+    for (k, m) in d["members"].as_array().expect("members").iter().enumerate() {
+        assert_eq!(m["role"], k as u64, "{d}");
+        for (node, n) in [("node1", 1), ("node2", 2)] {
+            let p = m["paths"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["node"] == node)
+                .unwrap_or_else(|| panic!("no path of member {k} on {node}: {d}"));
+            assert_eq!(p["path"], c.member(n, k).display().to_string(), "{d}");
+        }
+    }
+    let text = c.mdctl_ok(&["detail", "md0"]);
+    let row = text
+        .lines()
+        .find(|l| l.contains(&c.member(2, 1).display().to_string()) && l.contains(&ms[1]))
+        .unwrap_or_else(|| panic!("no row with member 1's path on both nodes:\n{text}"));
+    assert!(text.contains("Path on node2"), "{text}");
+    eprintln!("detail: {row}");
 
     eprintln!("--- both nodes write to their own region; node2 is killed mid-write");
     let mut w1 = writer(&c.agents[0].sock("md0"), 0, 8 * MIB, 0x10);
@@ -189,6 +236,11 @@ fn crash_of_a_writing_node_survivor_recovers_its_slot_then_it_rejoins() {
     mon.wait("NewArray", "node2", Duration::from_secs(15));
     let st = detail_on(&c, "node2");
     assert_eq!(st["state"], "active", "{st}");
+    assert_eq!(
+        paths(&c, "node2"),
+        c.members_of(2, 2),
+        "node2 rejoined through its own paths"
+    );
     assert_eq!(st["bitmap"]["slot"], 1, "{st}");
     assert_eq!(st["bitmap"]["needed"], 0, "{st}");
     assert_eq!(st["sync"]["last_chunks"], 0, "{st}");

@@ -1,5 +1,6 @@
 //! t70: `mdctl grow --bitmap` on a real cluster (etcd, mdserver, two cluster-mode
-//! agents), after mdadm's `clustermd_tests/01r1_Grow_bitmap-switch`: clustered → none
+//! agents) over multi-view storage (each node reaches each member through its own loop
+//! device and path), after mdadm's `clustermd_tests/01r1_Grow_bitmap-switch`: clustered → none
 //! → internal → none → clustered, checked through `mdctl mdstat`, `mdadm --examine`
 //! and `mdadm -X`, with the data read back after every switch:
 //! - to none while node2 has the array assembled: refused (EPERM), nothing changed;
@@ -12,8 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use mdcluster_tests::cluster::{ClusterBuilder, TestCluster};
-use mdcluster_tests::standalone::member_files;
-use mdcluster_tests::tools::{key_values, path_strs, run_ok, value_of, LoopDevice};
+use mdcluster_tests::tools::{key_values, run_ok, value_of, LoopDevice};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -56,10 +56,14 @@ fn grow_bitmap(c: &TestCluster, kind: &str) -> (i32, String) {
 
 #[test]
 fn bitmap_switch_clustered_none_internal_none_clustered() {
-    let c = ClusterBuilder::new(2).start().expect("cluster");
-    let dir = c.path().to_owned();
-    let m = member_files(&dir, "m", 2, 32 << 20);
-    let ms = path_strs(&m);
+    let c = ClusterBuilder::new(2)
+        .shared_storage(2, 32 << 20)
+        .start()
+        .expect("cluster");
+    // On-disk checks read the shared disks; node1 creates through its own paths.
+    let m = c.disks(2);
+    let n1 = c.members_of(1, 2);
+    let ms: Vec<&str> = n1.iter().map(String::as_str).collect();
     c.mirror_on_two_nodes("md0", ms[0], ms[1]);
     qemu_io(&c.agents[0].sock("md0"), "write -P 0x6b 0 8M");
     assert_eq!(feature_map(&m[0]), "0x101");

@@ -1,5 +1,6 @@
 //! t70: `mdctl grow --size` of a clustered mirror on a real cluster (etcd, mdserver, two
-//! cluster-mode agents), after mdadm's resize tests ("grow --size max: check resync;
+//! cluster-mode agents) over multi-view storage (each node reaches each member through
+//! its own loop device and path), after mdadm's resize tests ("grow --size max: check resync;
 //! back: check nosync") run the md-cluster way (token, METADATA_UPDATED,
 //! CHANGE_CAPACITY), checked through `mdctl mdstat` on each node, `mdadm --examine`
 //! and `-X`, `nbdinfo` and `qemu-io` on both nodes' exports:
@@ -20,8 +21,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use mdcluster_tests::cluster::ClusterBuilder;
-use mdcluster_tests::standalone::member_files;
-use mdcluster_tests::tools::{key_values, path_strs, run_ok, value_of, LoopDevice};
+use mdcluster_tests::tools::{key_values, run_ok, value_of, LoopDevice};
 
 /// Bound of every cluster wait here.
 const WAIT: Duration = Duration::from_secs(60);
@@ -59,10 +59,14 @@ fn read_range(path: &Path, offset: u64, len: u64) -> Vec<u8> {
 
 #[test]
 fn grow_size_to_max_and_back_on_both_nodes() {
-    let c = ClusterBuilder::new(2).start().expect("cluster");
-    let dir = c.path().to_owned();
-    let m = member_files(&dir, "m", 2, 64 * MIB);
-    let ms = path_strs(&m);
+    let c = ClusterBuilder::new(2)
+        .shared_storage(2, 64 * MIB)
+        .start()
+        .expect("cluster");
+    // On-disk checks read the shared disks; node1 creates through its own paths.
+    let m = c.disks(2);
+    let n1 = c.members_of(1, 2);
+    let ms: Vec<&str> = n1.iter().map(String::as_str).collect();
     let old_kib: u64 = 16 * 1024;
     c.mdctl_ok(&[
         "--node",

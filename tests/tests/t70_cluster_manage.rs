@@ -1,6 +1,8 @@
 //! t70: md-cluster operations through the token lock and acknowledged messages, on a
-//! real cluster (etcd, mdserver, two cluster-mode agents), modelled on mdadm's
-//! `clustermd_tests` (the manage part of `02r1_Manage_*`):
+//! real cluster (etcd, mdserver, two cluster-mode agents) over multi-view storage (each
+//! node reaches each member through its own loop device and path, so every command
+//! names a member by the path its node sees), modelled on mdadm's `clustermd_tests`
+//! (the manage part of `02r1_Manage_*`):
 //! - `mdctl manage md0 --fail DEV` on node1 is applied on node2 as well before the
 //!   command returns (METADATA_UPDATED, acknowledged by every joined node): both
 //!   nodes' `mdctl mdstat` show the member `(F)`, and the real `mdadm --examine` of the
@@ -24,8 +26,7 @@ use std::time::{Duration, Instant};
 use mdcluster_agent::cluster::{channel, token_lock, ClusterMsg, MsgType};
 use mdcluster_proto::lock_client::{Mode, Wait};
 use mdcluster_tests::cluster::ClusterBuilder;
-use mdcluster_tests::standalone::member_files;
-use mdcluster_tests::tools::{key_values, path_strs, run_ok, value_of};
+use mdcluster_tests::tools::{key_values, run_ok, value_of};
 use serde_json::Value;
 
 /// Bound of every cluster wait here.
@@ -124,10 +125,20 @@ impl Drop for ChildGuard {
 
 #[test]
 fn manage_fail_is_agreed_by_every_node_through_the_token() {
-    let c = ClusterBuilder::new(2).start().expect("cluster");
-    let dir = c.path().to_owned();
-    let m = member_files(&dir, "m", 2, 32 << 20);
-    let ms = path_strs(&m);
+    // node1 may also open x0, a device that never was a member (the refused --re-add).
+    let c = ClusterBuilder::new(2)
+        .shared_storage(2, 32 << 20)
+        .node_args(1, &["--device-allow", "{dir}/x*"])
+        .start()
+        .expect("cluster");
+    let m = c.disks(2);
+    let x0 = mdcluster_tests::standalone::member_files(c.path(), "x", 1, 32 << 20).remove(0);
+    let x0 = x0.display().to_string();
+    let (n1, n2) = (c.members_of(1, 2), c.members_of(2, 2));
+    let (ms, ms2): (Vec<&str>, Vec<&str>) = (
+        n1.iter().map(String::as_str).collect(),
+        n2.iter().map(String::as_str).collect(),
+    );
     eprintln!("--- create a clustered mirror on node1 (--assume-clean), assemble on node2");
     c.mirror_on_two_nodes("md0", ms[0], ms[1]);
     for n in ["node1", "node2"] {
@@ -180,8 +191,8 @@ fn manage_fail_is_agreed_by_every_node_through_the_token() {
     assert!(state.starts_with("A."), "mdadm --examine {}:\n{ex}", ms[0]);
 
     eprintln!("--- a repeated fail is a no-op; the last in-sync member is refused (EBUSY)");
-    c.mdctl_ok(&["--node", "node2", "manage", "md0", "--fail", ms[1]]);
-    let (rc, err) = c.code(&["--node", "node2", "manage", "md0", "--fail", ms[0]]);
+    c.mdctl_ok(&["--node", "node2", "manage", "md0", "--fail", ms2[1]]);
+    let (rc, err) = c.code(&["--node", "node2", "manage", "md0", "--fail", ms2[0]]);
     assert_eq!(rc, 4, "{err}");
     assert!(
         err.contains("last in-sync") && err.contains("node2"),
@@ -199,16 +210,7 @@ fn manage_fail_is_agreed_by_every_node_through_the_token() {
 
     eprintln!("--- --fail, --remove run in order on every node; a refused --re-add names them");
     let (rc, err) = c.code(&[
-        "--node",
-        "node1",
-        "manage",
-        "md0",
-        "--fail",
-        ms[1],
-        "--remove",
-        ms[1],
-        "--re-add",
-        "/dev/null",
+        "--node", "node1", "manage", "md0", "--fail", ms[1], "--remove", ms[1], "--re-add", &x0,
     ]);
     assert_eq!(rc, 5, "{err}");
     assert!(
@@ -222,7 +224,7 @@ fn manage_fail_is_agreed_by_every_node_through_the_token() {
             "{n}: m1 must be gone:\n{t}"
         );
     }
-    let (rc, err) = c.code(&["--node", "node2", "manage", "md0", "--remove", ms[1]]);
+    let (rc, err) = c.code(&["--node", "node2", "manage", "md0", "--remove", ms2[1]]);
     assert_eq!(rc, 3, "a removed member is not a member any more: {err}");
 
     eprintln!("--- while m1 is out both nodes write: node1 chunk 3, node2 chunk 9");
@@ -238,7 +240,7 @@ fn manage_fail_is_agreed_by_every_node_through_the_token() {
     }
 
     eprintln!("--- --re-add m1 (02r1_Manage_re-add): back in its role on both nodes, only the bitmap's chunks recovered");
-    c.mdctl_ok(&["--node", "node2", "manage", "md0", "--re-add", ms[1]]);
+    c.mdctl_ok(&["--node", "node2", "manage", "md0", "--re-add", ms2[1]]);
     let deadline = Instant::now() + WAIT;
     loop {
         let t1 = c.mdstat("node1");
@@ -349,11 +351,12 @@ fn engine_superblock_writes_wait_for_the_token() {
     // Safemode off: the dirty mark must still be there when it is checked.
     let c = ClusterBuilder::new(2)
         .agent_args(&["--safe-mode-delay", "0"])
+        .shared_storage(2, 32 << 20)
         .start()
         .expect("cluster");
-    let dir = c.path().to_owned();
-    let m = member_files(&dir, "m", 2, 32 << 20);
-    let ms = path_strs(&m);
+    let m = c.disks(2);
+    let n1 = c.members_of(1, 2);
+    let ms: Vec<&str> = n1.iter().map(String::as_str).collect();
     c.mirror_on_two_nodes("md0", ms[0], ms[1]);
     let sb = |i: usize| mdcluster_agent::format::io::read_member(&m[i]).unwrap().sb;
     let before = sb(0);

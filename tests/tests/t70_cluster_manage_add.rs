@@ -1,5 +1,8 @@
 //! t70: adding members to a clustered mirror, cluster-wide, on a real cluster (etcd,
-//! mdserver, two cluster-mode agents; node2 may only open `m*` devices), modelled on
+//! mdserver, two cluster-mode agents) over multi-view storage (each node reaches each
+//! member through its own loop device and path: NEWDISK names the device by its device
+//! UUID and each node finds its own path; node1 may also open a file `x0` that node2
+//! may not), modelled on
 //! mdadm's `clustermd_tests` `02r1_Manage_add`, `02r1_Manage_add-spare` and
 //! `03r1_switch-recovery`, checked through `mdctl mdstat` on each node:
 //! - NEWDISK: a device node2 may not open (`--device-allow`) is rejected by node2's
@@ -22,19 +25,23 @@ use mdcluster_tests::cluster::ClusterBuilder;
 use mdcluster_tests::standalone::member_files;
 use mdcluster_tests::tools::path_strs;
 
+const DISK: u64 = 32 << 20;
+
 /// Bound of every cluster wait here.
 const WAIT: Duration = Duration::from_secs(30);
 
 #[test]
 fn add_spare_fail_recover_on_one_node_remove_add() {
     let c = ClusterBuilder::new(2)
-        .node_args(2, &["--device-allow", "{dir}/m*"])
+        .shared_storage(3, DISK)
+        .node_args(1, &["--device-allow", "{dir}/x*"])
         .start()
         .expect("cluster");
     let dir = c.path().to_owned();
-    let m = member_files(&dir, "m", 3, 32 << 20);
-    let x = member_files(&dir, "x", 1, 32 << 20);
-    let (ms, xs) = (path_strs(&m), path_strs(&x));
+    let x = member_files(&dir, "x", 1, DISK);
+    let (n1, n2) = (c.members_of(1, 3), c.members_of(2, 3));
+    let ms: Vec<&str> = n1.iter().map(String::as_str).collect();
+    let xs = path_strs(&x);
     c.mirror_on_two_nodes("md0", ms[0], ms[1]);
 
     eprintln!("--- NEWDISK: node2 may not open x0, so the disk is rejected");
@@ -67,7 +74,7 @@ fn add_spare_fail_recover_on_one_node_remove_add() {
 
     eprintln!("--- --fail m1: the spare takes its role; one node recovers, the other waits");
     c.tune(2048);
-    c.mdctl_ok(&["--node", "node2", "manage", "md0", "--fail", ms[1]]);
+    c.mdctl_ok(&["--node", "node2", "manage", "md0", "--fail", &n2[1]]);
     let deadline = Instant::now() + WAIT;
     let (recovering, waiting) = loop {
         let t1 = c.mdstat("node1");
@@ -166,11 +173,12 @@ fn add_spare_fail_recover_on_one_node_remove_add() {
 fn recovering_node_killed_the_other_takes_the_recovery_over() {
     let mut c = ClusterBuilder::new(2)
         .agent_ttl(Duration::from_secs(3))
+        .shared_storage(3, DISK)
         .start()
         .expect("cluster");
-    let dir = c.path().to_owned();
-    let m = member_files(&dir, "k", 3, 32 << 20);
-    let ms = path_strs(&m);
+    let m = c.disks(3);
+    let n1 = c.members_of(1, 3);
+    let ms: Vec<&str> = n1.iter().map(String::as_str).collect();
     c.mirror_on_two_nodes("md0", ms[0], ms[1]);
     // Data the recovery must carry to the new disk.
     let sock = c.agents[0].sock("md0");

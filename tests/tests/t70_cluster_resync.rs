@@ -1,5 +1,6 @@
 //! t70: resync coordination of a clustered mirror on a real cluster (etcd, mdserver,
-//! two cluster-mode agents), modelled on mdadm's `clustermd_tests` `00r1_Create` and
+//! two cluster-mode agents) over multi-view storage (each node reaches each member
+//! through its own loop device and path; node2 assembles by array UUID), modelled on mdadm's `clustermd_tests` `00r1_Create` and
 //! `03r1_switch-resync`, checked through `mdctl mdstat` on each node:
 //! - created without `--assume-clean` on node1 and assembled on node2: exactly one node
 //!   resyncs (node1, `resync =`), the other shows `resync=PENDING` (it waits for the
@@ -16,8 +17,16 @@
 use std::time::{Duration, Instant};
 
 use mdcluster_tests::cluster::{ClusterBuilder, TestCluster};
-use mdcluster_tests::standalone::member_files;
-use mdcluster_tests::tools::path_strs;
+
+/// Bytes of each member.
+const DISK: u64 = 32 << 20;
+
+/// Node1's paths of members `range` (what `create` on node1 names).
+fn node1_paths(c: &TestCluster, range: std::ops::Range<usize>) -> Vec<String> {
+    range
+        .map(|k| c.member(1, k).display().to_string())
+        .collect()
+}
 
 /// Bound of every cluster wait here.
 const WAIT: Duration = Duration::from_secs(30);
@@ -77,11 +86,15 @@ fn create(c: &TestCluster, name: &str, m: &[&str]) {
 
 #[test]
 fn one_node_resyncs_the_other_is_pending_and_takes_over() {
-    let c = ClusterBuilder::new(2).start().expect("cluster");
-    let dir = c.path().to_owned();
-    let a = member_files(&dir, "a", 2, 32 << 20);
-    let b = member_files(&dir, "b", 2, 32 << 20);
-    let (a, b) = (path_strs(&a), path_strs(&b));
+    let c = ClusterBuilder::new(2)
+        .shared_storage(4, DISK)
+        .start()
+        .expect("cluster");
+    let (a, b) = (node1_paths(&c, 0..2), node1_paths(&c, 2..4));
+    let (a, b): (Vec<&str>, Vec<&str>) = (
+        a.iter().map(String::as_str).collect(),
+        b.iter().map(String::as_str).collect(),
+    );
 
     eprintln!("--- md0: resync on node1, PENDING on node2");
     c.tune(1024);
@@ -147,10 +160,12 @@ fn one_node_resyncs_the_other_is_pending_and_takes_over() {
 
 #[test]
 fn create_with_a_spare_and_a_name_shows_on_both_nodes() {
-    let c = ClusterBuilder::new(2).start().expect("cluster");
-    let dir = c.path().to_owned();
-    let m = member_files(&dir, "s", 3, 32 << 20);
-    let m = path_strs(&m);
+    let c = ClusterBuilder::new(2)
+        .shared_storage(3, DISK)
+        .start()
+        .expect("cluster");
+    let m = node1_paths(&c, 0..3);
+    let m: Vec<&str> = m.iter().map(String::as_str).collect();
     c.mdctl_ok(&[
         "--node",
         "node1",
@@ -175,7 +190,7 @@ fn create_with_a_spare_and_a_name_shows_on_both_nodes() {
     for n in ["node1", "node2"] {
         let t = block(&c.mdstat(n), "md0");
         assert!(
-            t.contains("s2[2](S)") && t.contains("[2/2] [UU]") && !t.contains("resync"),
+            t.contains("m2[2](S)") && t.contains("[2/2] [UU]") && !t.contains("resync"),
             "{n}:\n{t}"
         );
         assert_eq!(c.node_status("md0", n)["md_name"], "data");
@@ -193,13 +208,15 @@ fn create_with_a_spare_and_a_name_shows_on_both_nodes() {
 fn resyncing_node_killed_the_other_takes_over() {
     let mut c = ClusterBuilder::new(2)
         .agent_ttl(Duration::from_secs(3))
+        .shared_storage(2, DISK)
         .start()
         .expect("cluster");
-    let dir = c.path().to_owned();
-    let m = member_files(&dir, "k", 2, 32 << 20);
-    // Different contents: only a finished resync makes them identical.
-    std::fs::write(&m[0], mdcluster_tests::standalone::noise(32 << 20, 9)).unwrap();
-    let ms = path_strs(&m);
+    let m = c.disks(2);
+    // Different contents: only a finished resync makes them identical. Written to the
+    // shared disk before any node reads it (no cache holds it yet).
+    std::fs::write(&m[0], mdcluster_tests::standalone::noise(DISK as usize, 9)).unwrap();
+    let ms = node1_paths(&c, 0..2);
+    let ms: Vec<&str> = ms.iter().map(String::as_str).collect();
     c.tune(1024);
     create(&c, "md0", &ms);
     c.mdctl_ok(&["--node", "node2", "assemble", "md0"]);

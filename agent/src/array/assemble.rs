@@ -491,7 +491,9 @@ pub async fn add_member_opts(
     let _one = att.add_lock.lock().await;
     let p = path.to_owned();
     let (existing, io) = tokio::task::spawn_blocking(move || -> Result<_, AssembleError> {
-        let existing = read_member(&p);
+        // The superblock only: a device a NEWDISK's sender just gave one (its device
+        // UUID, which every node confirmed) has no bitmap yet.
+        let existing = super::scan::read_superblock(&p).ok_or(());
         let io = Arc::new(MemberIo::open(&p)?);
         Ok((existing, io))
     })
@@ -521,13 +523,13 @@ pub async fn add_member_opts(
     };
     let template = att.sb_store.superblock(first);
     let (mut sb, old_role) = match existing {
-        Ok(m) if m.sb.set_uuid == att.uuid => {
+        Ok(m) if m.set_uuid == att.uuid => {
             let mut sb = template.clone();
-            sb.dev_number = m.sb.dev_number;
-            sb.device_uuid = m.sb.device_uuid;
-            sb.data_offset = m.sb.data_offset;
-            sb.data_size = m.sb.data_size;
-            let role = match m.sb.role() {
+            sb.dev_number = m.dev_number;
+            sb.device_uuid = m.device_uuid;
+            sb.data_offset = m.data_offset;
+            sb.data_size = m.data_size;
+            let role = match m.role() {
                 DevRole::Active(r) => Some(r),
                 _ => None,
             };
@@ -539,7 +541,7 @@ pub async fn add_member_opts(
                 format!(
                     "{} holds a member of another array ({})",
                     path.display(),
-                    fmt_uuid(&m.sb.set_uuid)
+                    fmt_uuid(&m.set_uuid)
                 ),
             ))
         }

@@ -30,6 +30,7 @@
 
 pub mod assemble;
 pub mod reshape;
+pub mod scan;
 pub mod service;
 
 use std::collections::HashMap;

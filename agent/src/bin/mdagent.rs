@@ -75,6 +75,8 @@ struct Args {
     #[arg(long, env = "MDAGENT_RUN_DIR", default_value = "/run/mdcluster")]
     run_dir: PathBuf,
     /// Glob of member paths the agent may open; repeat for several. Nothing else is opened.
+    /// In cluster mode also where this node looks for members by UUID when another
+    /// node's paths do not fit here (assemble from the cluster's record, NEWDISK).
     #[arg(
         long = "device-allow",
         env = "MDAGENT_DEVICE_ALLOW",

@@ -43,6 +43,13 @@ impl AgentService for AgentSvc {
     ) -> Result<Response<pb::ArrayStatus>, Status> {
         let r = req.into_inner();
         let members = r.members.iter().map(PathBuf::from).collect();
+        if !r.uuid.is_empty() {
+            return Ok(Response::new(
+                self.node
+                    .assemble_recorded(&r.name, members, &r.uuid)
+                    .await?,
+            ));
+        }
         Ok(Response::new(self.node.assemble(&r.name, members).await?))
     }
 

@@ -19,10 +19,12 @@
 //! here too); RESYNCING installs the sender's window ([`Raid1::set_remote_resync_window`],
 //! sectors → bytes); REMOVE removes the member (`raid_slot` = its `dev_number`) here
 //! too; BITMAP_NEEDS_SYNC is handled by [`super::takeover::needs_sync`].
-//! NEWDISK ([`apply_on`]) reads the new device's path from the `token` lock's value
-//! block (written by the sender, who holds the token), and acks only when this node may
-//! (`--device-allow`) and can open it and it is not a member here; the
-//! METADATA_UPDATED that follows attaches it (its superblock read, not written).
+//! NEWDISK ([`apply_on`]) names the new device by its device UUID (the sender wrote
+//! its superblock first; the sender's path is in the `token` lock's value block, a
+//! hint only): this node finds its own path of that device among the devices it may
+//! use (`--device-allow`), and acks only when it can open it and it is not a member
+//! here; the METADATA_UPDATED that follows attaches it (its superblock read, not
+//! written).
 //! A METADATA_UPDATED whose superblock has another size resizes this node's bitmap
 //! slot (and shrinks the capacity at once); CHANGE_CAPACITY shows a grown capacity
 //! ([`crate::array::reshape`]).
@@ -247,7 +249,7 @@ where
 pub async fn apply_on(node: &Arc<Node>, name: &str, msg: &ClusterMsg) -> Result<(), String> {
     let me = node.name();
     if msg.kind == MsgType::Newdisk {
-        return newdisk(node, name).await;
+        return newdisk(node, name, msg).await;
     }
     let Some((raid, members)) = node.raid_of(name) else {
         return Err(format!("node {me}: array {name} is not active here"));
@@ -440,10 +442,14 @@ async fn newest_superblock(
     .map_err(|e| format!("node {node}: array {array}: reading the superblock: {e}"))
 }
 
-/// NEWDISK: the sender wrote the new device's path into the `token` lock's value block.
-/// Confirm that this node may and can open it, and that it is not a member here; then
-/// remember it for the METADATA_UPDATED that follows.
-async fn newdisk(node: &Arc<Node>, name: &str) -> Result<(), String> {
+/// NEWDISK: the message carries the new device's device UUID (md-cluster's
+/// `cmsg.uuid`); the sender wrote its own path into the `token` lock's value block.
+/// This node finds its own path of that device among the devices it may use
+/// (`--device-allow`, [`crate::array::scan::find_device`]; the sender's path first, if
+/// allowed here), confirms it can open it and that it is not a member here, then
+/// remembers it for the METADATA_UPDATED that follows. A NEWDISK without a device UUID
+/// (an older sender) names the device by the sender's path only.
+async fn newdisk(node: &Arc<Node>, name: &str, msg: &ClusterMsg) -> Result<(), String> {
     let me = node.name();
     let Some(m) = node.membership(name) else {
         return Err(format!("node {me}: array {name} is not joined here"));
@@ -455,13 +461,44 @@ async fn newdisk(node: &Arc<Node>, name: &str) -> Result<(), String> {
         .read_value(&token_lock(&m.uuid))
         .await
         .map_err(|e| format!("node {me}: reading the new device's path: {e}"))?;
-    let path = String::from_utf8(value)
+    let sender_path = String::from_utf8(value)
         .ok()
         .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
-        .ok_or_else(|| format!("node {me}: NEWDISK without a device path in the token value"))?;
-    node.check_allowed(name, std::slice::from_ref(&path))
-        .map_err(|e| e.message)?;
+        .map(PathBuf::from);
+    let path = if msg.uuid == [0u8; 16] {
+        let path = sender_path.ok_or_else(|| {
+            format!("node {me}: NEWDISK without a device path in the token value")
+        })?;
+        node.check_allowed(name, std::slice::from_ref(&path))
+            .map_err(|e| e.message)?;
+        path
+    } else {
+        let allow = node.cfg.registry.device_allow.clone();
+        let (array, device) = (m.uuid, msg.uuid);
+        let preferred: Vec<PathBuf> = sender_path.into_iter().collect();
+        tokio::task::spawn_blocking(move || {
+            if allow.is_empty() {
+                // Every path is allowed here: the sender's, if it is that device.
+                return preferred
+                    .into_iter()
+                    .find(|p| {
+                        crate::array::scan::read_superblock(p)
+                            .is_some_and(|sb| sb.set_uuid == array && sb.device_uuid == device)
+                    })
+                    .ok_or_else(|| {
+                        format!(
+                            "the device with device UUID {} is not at the sender's path here, and there is no --device-allow pattern to look for it",
+                            crate::format::fmt_uuid(&device)
+                        )
+                    });
+            }
+            crate::array::scan::find_device(&array, &device, &allow, &preferred)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| format!("node {me}: device scan task failed: {e}"))?
+        .map_err(|e| format!("node {me}: array {name}: NEWDISK: {e}"))?
+    };
     let p = path.clone();
     tokio::task::spawn_blocking(move || crate::format::io::MetaDev::open(&p, true).map(|_| ()))
         .await

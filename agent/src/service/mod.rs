@@ -606,6 +606,69 @@ impl Node {
         .await
     }
 
+    /// Assembles `name` from the cluster's record: `recorded` are the paths another
+    /// node saw, `uuid` the array UUID. Where a recorded path is not allowed here, does
+    /// not exist or holds other data, the members are found by UUID among this node's
+    /// `--device-allow` devices ([`crate::array::scan`]).
+    pub async fn assemble_recorded(
+        self: &Arc<Self>,
+        name: &str,
+        recorded: Vec<PathBuf>,
+        uuid: &str,
+    ) -> Result<pb::ArrayStatus, WireError> {
+        let members = self.members_here(name, recorded, uuid).await?;
+        self.assemble(name, members).await
+    }
+
+    /// This node's paths of array `uuid`'s members: `recorded` when each is allowed
+    /// here and holds a member of that array, else a scan of the allowed devices.
+    async fn members_here(
+        &self,
+        name: &str,
+        recorded: Vec<PathBuf>,
+        uuid: &str,
+    ) -> Result<Vec<PathBuf>, WireError> {
+        let Some(set_uuid) = crate::format::parse_uuid(uuid) else {
+            return Err(self.err(
+                Errno::Einval,
+                name,
+                format!(
+                    "array UUID {uuid:?} is not of the form xxxxxxxx:xxxxxxxx:xxxxxxxx:xxxxxxxx"
+                ),
+            ));
+        };
+        let allow = self.cfg.registry.device_allow.clone();
+        let node = self.cfg.node.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            let allowed = |p: &Path| {
+                allow.is_empty() || allow.iter().any(|g| glob_match(g, &p.to_string_lossy()))
+            };
+            let fits = recorded.iter().all(|p| {
+                allowed(p)
+                    && crate::array::scan::read_superblock(p).is_some_and(|sb| sb.set_uuid == set_uuid)
+            });
+            if fits || allow.is_empty() {
+                return Ok(recorded);
+            }
+            let found = crate::array::scan::find_array(&set_uuid, &allow, &recorded)?;
+            tracing::info!(node = %node, recorded = ?recorded, found = ?found, "members found by array UUID");
+            let missing = crate::array::scan::missing_active_of(&found);
+            if !missing.is_empty() {
+                return Err(MembersHere::Missing { found, missing });
+            }
+            Ok(found)
+        })
+        .await
+        .map_err(|e| self.err(Errno::Eio, name, format!("device scan task failed: {e}")))?;
+        found.map_err(|e: MembersHere| {
+            self.err(
+                e.errno(),
+                name,
+                format!("assemble {name} from the cluster's record: {e}"),
+            )
+        })
+    }
+
     async fn assemble_locked(
         self: &Arc<Self>,
         name: &str,
@@ -1127,6 +1190,43 @@ impl Node {
         Ok(())
     }
 
+    /// The identity every node confirms a device to be added by (NEWDISK carries its
+    /// device UUID): a device that already holds a superblock of array `name` keeps
+    /// its own; a device without a valid superblock gets one now — the array's, copied
+    /// from a live member, with a free device number, a new device UUID and no role
+    /// (a spare until the add gives it one). Runs under the token.
+    async fn identify_new_device(
+        &self,
+        name: &str,
+        dev: &Path,
+        members: &[crate::raid::MemberStatus],
+    ) -> Result<NewDevice, WireError> {
+        let template_from: Vec<PathBuf> = members
+            .iter()
+            .filter(|m| !m.removed && m.state == MemberState::InSync)
+            .map(|m| PathBuf::from(&m.path))
+            .collect();
+        let used: Vec<u32> = members.iter().map(|m| m.dev_number).collect();
+        let uuid_here = self
+            .info(name)
+            .and_then(|(i, _)| i.identity)
+            .map(|i| i.uuid)
+            .unwrap_or_default();
+        let dev = dev.to_owned();
+        let r = tokio::task::spawn_blocking(move || {
+            stamp_new_device(&dev, &uuid_here, &template_from, &used)
+        })
+        .await
+        .map_err(|e| {
+            self.err(
+                Errno::Eio,
+                name,
+                format!("device identity task failed: {e}"),
+            )
+        })?;
+        r.map_err(|(errno, msg)| self.err(errno, name, msg))
+    }
+
     /// `--add`, `--add-spare`, `--re-add DEV` (md-cluster `add_new_disk`): under the
     /// token, the device path goes into the token's value block and NEWDISK asks every
     /// joined node to confirm it (one refusal rejects the disk, nothing written); then
@@ -1220,13 +1320,30 @@ impl Node {
         let hold = message::take_token(to, message::ROUND_DEADLINE).await?;
         let token = hold.token;
         let out = crate::raid::under_token(async {
+            // Every node finds the device by its device UUID (each may see it under
+            // another path): a device new to the array gets its superblock first, as
+            // mdadm writes it before md's NEWDISK.
+            let ident = self.identify_new_device(name, &dev, &raid.members).await?;
             session
                 .write_value(&crate::cluster::token_lock(&m.uuid), token, op.device.as_bytes())
                 .await
                 .map_err(|e| self.err(Errno::Eio, name, format!("writing the new device's path into the token value: {e}")))?;
-            message::publish_acked(to, crate::cluster::ClusterMsg::new(crate::cluster::MsgType::Newdisk, m.slot), message::left(end))
-                .await
-                .map_err(|e| e.context(&format!("device {} rejected (nothing was written)", op.device)))?;
+            let mut newdisk = crate::cluster::ClusterMsg::new(crate::cluster::MsgType::Newdisk, m.slot);
+            newdisk.uuid = ident.device_uuid;
+            newdisk.raid_slot = ident.dev_number;
+            if let Err(e) = message::publish_acked(to, newdisk, message::left(end)).await {
+                let undo = if ident.stamped {
+                    let p = dev.clone();
+                    match tokio::task::spawn_blocking(move || crate::format::io::zero_superblock(&p, true)).await {
+                        Ok(Ok(())) => "nothing was left on it".to_owned(),
+                        Ok(Err(z)) => format!("its new superblock could not be erased: {z}"),
+                        Err(z) => format!("its new superblock could not be erased: {z}"),
+                    }
+                } else {
+                    "nothing was written".to_owned()
+                };
+                return Err(e.context(&format!("device {} (device UUID {}) rejected ({undo})", op.device, crate::format::fmt_uuid(&ident.device_uuid))));
+            }
             if let Some(dev_number) = former_dev {
                 // md-cluster's re-add: RE_ADD, then gather every other node's bits (what
                 // they wrote while the member was out) so the recovery copies them too.
@@ -1558,3 +1675,99 @@ impl Exports for Node {
 
 #[cfg(test)]
 mod tests;
+
+/// A device about to be added, as NEWDISK names it.
+#[derive(Debug, Clone, Copy)]
+struct NewDevice {
+    device_uuid: [u8; 16],
+    dev_number: u32,
+    /// Its superblock was written just now (erased again when the add is rejected).
+    stamped: bool,
+}
+
+/// See [`Node::identify_new_device`] (blocking part). `uuid_here` is the array UUID
+/// as text, `template_from` the live members to copy the superblock from, `used` the
+/// device numbers the array knows.
+fn stamp_new_device(
+    dev: &Path,
+    uuid_here: &str,
+    template_from: &[PathBuf],
+    used: &[u32],
+) -> Result<NewDevice, (Errno, String)> {
+    use crate::format::superblock::{feature, DevRole, MAX_DEV_LIMIT};
+    if let Some(sb) = crate::array::scan::read_superblock(dev) {
+        if crate::format::fmt_uuid(&sb.set_uuid) == uuid_here {
+            return Ok(NewDevice {
+                device_uuid: sb.device_uuid,
+                dev_number: sb.dev_number,
+                stamped: false,
+            });
+        }
+        return Err((
+            Errno::Ebusy,
+            format!(
+                "{} holds a member of another array ({}); zero it first (mdctl zero-superblock) if it is no longer used",
+                dev.display(),
+                crate::format::fmt_uuid(&sb.set_uuid)
+            ),
+        ));
+    }
+    let template = template_from
+        .iter()
+        .find_map(|p| read_member(p).ok().map(|m| m.sb))
+        .ok_or_else(|| {
+            (
+                Errno::Eio,
+                "no live member's superblock could be read to copy for the new device".to_owned(),
+            )
+        })?;
+    let dev_number = (0..MAX_DEV_LIMIT)
+        .find(|d| !used.contains(d) && template.role_of(*d) == DevRole::Spare)
+        .ok_or_else(|| (Errno::Einval, "no free device number".to_owned()))?;
+    let file =
+        crate::format::io::MetaDev::open(dev, true).map_err(|e| (Errno::Eio, e.to_string()))?;
+    let bytes = file.size();
+    let mut sb = template.clone();
+    sb.dev_number = dev_number;
+    sb.device_uuid = *uuid::Uuid::new_v4().as_bytes();
+    sb.data_size = (bytes / 512).saturating_sub(sb.data_offset);
+    sb.feature_map &= !feature::RECOVERY_OFFSET;
+    sb.recovery_offset = 0;
+    if sb.data_size < sb.size {
+        return Err((
+            Errno::Einval,
+            format!("{} is too small for the array", dev.display()),
+        ));
+    }
+    crate::format::io::write_superblock(&file, &sb).map_err(|e| (Errno::Eio, e.to_string()))?;
+    Ok(NewDevice {
+        device_uuid: sb.device_uuid,
+        dev_number,
+        stamped: true,
+    })
+}
+
+/// Why the members of a recorded array were not found on this node.
+#[derive(Debug, thiserror::Error)]
+enum MembersHere {
+    /// The scan found nothing usable.
+    #[error(transparent)]
+    Scan(#[from] crate::array::scan::ScanError),
+    /// The scan found some members, not every active one.
+    #[error("the devices under this agent's --device-allow patterns hold only {} of its members ({}); active device number(s) {missing:?} are not seen here — not assembling it degraded; give the member devices to do that", found.len(), found.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+    Missing {
+        /// What was found.
+        found: Vec<PathBuf>,
+        /// Active device numbers not found.
+        missing: Vec<u32>,
+    },
+}
+
+impl MembersHere {
+    fn errno(&self) -> Errno {
+        match self {
+            MembersHere::Scan(crate::array::scan::ScanError::Ambiguous { .. }) => Errno::Einval,
+            _ => Errno::Enoent,
+        }
+    }
+}

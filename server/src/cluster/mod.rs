@@ -246,9 +246,15 @@ impl ClusterSvc {
         let name = short_name(&r.name).to_owned();
         let node = self.resolve(&r.node).await?;
         let rec = records::get(&self.ctx, &name).await?;
+        let mut uuid = String::new();
         let members = if r.members.is_empty() {
             match &rec {
-                Some(rec) => rec.members.clone(),
+                Some(rec) => {
+                    // Recorded paths are another node's view: the agent finds its own
+                    // by the UUID where they do not fit.
+                    uuid = rec.uuid.clone();
+                    rec.members.clone()
+                }
                 None => {
                     return Err(WireError::new(
                         Errno::Enoent,
@@ -265,6 +271,7 @@ impl ClusterSvc {
         let req = pb::AssembleArrayRequest {
             name: name.clone(),
             members: members.clone(),
+            uuid,
         };
         let st = self
             .call(
@@ -384,6 +391,7 @@ impl ClusterSvc {
         }
         Ok(pb::DetailResponse {
             record,
+            members: member_paths(&per_node),
             nodes: per_node,
         })
     }
@@ -617,5 +625,131 @@ impl ClusterService for ClusterSvc {
             self.resolve(&filter).await?;
         }
         Ok(Response::new(watch::merged(self.clone(), filter)))
+    }
+}
+
+/// Each member (by device number) with the path every node that runs the array opens
+/// it by, sorted by role (spares and failed members last), then device number.
+pub fn member_paths(nodes: &[pb::NodeArray]) -> Vec<pb::MemberPaths> {
+    let mut out: Vec<pb::MemberPaths> = Vec::new();
+    for n in nodes {
+        let Some(st) = &n.status else { continue };
+        for m in &st.members {
+            let i = match out.iter().position(|x| x.dev_number == m.dev_number) {
+                Some(i) => i,
+                None => {
+                    out.push(pb::MemberPaths {
+                        dev_number: m.dev_number,
+                        role: None,
+                        paths: Vec::new(),
+                    });
+                    out.len() - 1
+                }
+            };
+            let e = &mut out[i];
+            if e.role.is_none() {
+                e.role = m.role;
+            }
+            e.paths.push(pb::NodePath {
+                node: n.node.clone(),
+                path: m.path.clone(),
+                state: m.state.clone(),
+            });
+        }
+    }
+    out.sort_by_key(|m| (m.role.unwrap_or(u32::MAX), m.dev_number));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(path: &str, dev: u32, role: Option<u32>, state: &str) -> pb::MemberInfo {
+        pb::MemberInfo {
+            path: path.into(),
+            dev_number: dev,
+            role,
+            state: state.into(),
+            recovery_offset: 0,
+        }
+    }
+
+    fn node(name: &str, members: Option<Vec<pb::MemberInfo>>) -> pb::NodeArray {
+        pb::NodeArray {
+            node: name.into(),
+            state: if members.is_some() {
+                "active"
+            } else {
+                "absent"
+            }
+            .into(),
+            status: members.map(|members| pb::ArrayStatus {
+                members,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn member_paths_merge_every_node_s_path_by_device_number() {
+        let nodes = vec![
+            node(
+                "node1",
+                Some(vec![
+                    member("/n1/m2", 2, None, "spare"),
+                    member("/n1/m1", 1, Some(1), "in_sync"),
+                    member("/n1/m0", 0, Some(0), "in_sync"),
+                ]),
+            ),
+            node("node3", None),
+            node(
+                "node2",
+                Some(vec![
+                    member("/dev/loop7", 0, Some(0), "in_sync"),
+                    member("/dev/loop8", 1, Some(1), "recovering"),
+                ]),
+            ),
+        ];
+        let m = member_paths(&nodes);
+        type Row = (u32, Option<u32>, Vec<(String, String, String)>);
+        let got: Vec<Row> = m
+            .iter()
+            .map(|x| {
+                (
+                    x.dev_number,
+                    x.role,
+                    x.paths
+                        .iter()
+                        .map(|p| (p.node.clone(), p.path.clone(), p.state.clone()))
+                        .collect(),
+                )
+            })
+            .collect();
+        let p = |n: &str, path: &str, s: &str| (n.to_owned(), path.to_owned(), s.to_owned());
+        assert_eq!(
+            got,
+            vec![
+                (
+                    0,
+                    Some(0),
+                    vec![
+                        p("node1", "/n1/m0", "in_sync"),
+                        p("node2", "/dev/loop7", "in_sync")
+                    ]
+                ),
+                (
+                    1,
+                    Some(1),
+                    vec![
+                        p("node1", "/n1/m1", "in_sync"),
+                        p("node2", "/dev/loop8", "recovering")
+                    ]
+                ),
+                (2, None, vec![p("node1", "/n1/m2", "spare")]),
+            ]
+        );
+        assert!(member_paths(&[node("node1", None)]).is_empty());
     }
 }
