@@ -262,6 +262,14 @@ struct SlotStore {
 impl BitmapStore for SlotStore {
     fn write_pages(&self, pages: Vec<(u64, Bytes)>) -> IoFuture<'_, ()> {
         Box::pin(async move {
+            if let Some(r) = self.raid.get().and_then(Weak::upgrade) {
+                if r.is_fenced() {
+                    return Err(std::io::Error::other(format!(
+                        "array {}: fenced (this node lost its slot lock); bitmap pages not written",
+                        self.array
+                    )));
+                }
+            }
             let members = self
                 .members
                 .lock()

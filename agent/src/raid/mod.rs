@@ -370,6 +370,8 @@ pub struct Raid1 {
     sb_changed: tokio::sync::Notify,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     stop_tx: tokio::sync::watch::Sender<bool>,
+    /// Set by [`Raid1::fence`]: no superblock or bitmap write is started any more.
+    fenced: AtomicBool,
 }
 
 impl std::fmt::Debug for Raid1 {
@@ -595,6 +597,7 @@ impl Raid1 {
             sb_changed: tokio::sync::Notify::new(),
             tasks: Mutex::new(Vec::new()),
             stop_tx,
+            fenced: AtomicBool::new(false),
         });
         let mut tasks = Vec::new();
         if let Some(bm) = raid.bitmap() {
@@ -755,8 +758,34 @@ impl Raid1 {
         self.meta_gate_set.notify_waiters();
     }
 
+    /// From now on no superblock or bitmap write is started (each fails at once,
+    /// naming the array), and [`Raid1::shutdown`] stops the engine without writing
+    /// metadata: the node lost the slot lock these writes need (another node may be
+    /// taking the slot over). Member data I/O in flight ends as it would; new I/O
+    /// fails once its metadata (dirty mark, bitmap bit) cannot be written.
+    pub fn fence(&self) {
+        if !self.fenced.swap(true, Ordering::SeqCst) {
+            tracing::error!(array = %self.name, "fenced: no superblock or bitmap write from now on");
+        }
+    }
+
+    /// Whether [`Raid1::fence`] was called.
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::SeqCst)
+    }
+
+    fn fenced_error(&self) -> io::Error {
+        eio(format!(
+            "array {}: fenced (this node lost its slot lock); no metadata is written",
+            self.name
+        ))
+    }
+
     /// Runs the superblock write `write` (of `what`) through this task's gate, if any.
     async fn write_sb(&self, what: String, write: IoFuture<'_, ()>) -> io::Result<()> {
+        if self.is_fenced() {
+            return Err(self.fenced_error());
+        }
         match self.gate_for_write().await {
             Some(g) => g.round(what, write).await,
             None => write.await,
@@ -832,6 +861,9 @@ impl Raid1 {
     /// it was built: those are on disk now and no longer unrecorded; failures that
     /// came later stay until a later write carries them.
     async fn store(&self, event: MetaEvent) -> io::Result<()> {
+        if self.is_fenced() {
+            return Err(self.fenced_error());
+        }
         let live = self.live();
         let faulty = self.faulty_members();
         let mut carried = faulty.clone();
@@ -1758,7 +1790,8 @@ impl Raid1 {
     /// Stops the array's work: the sync worker (its checkpoint written), then waits at
     /// most `timeout` for in-flight I/O and closes the I/O gate, writes the bitmap
     /// (idle bits cleared), syncs the members and marks the superblocks clean (or with
-    /// the resync checkpoint if a resync is unfinished).
+    /// the resync checkpoint if a resync is unfinished). Fenced ([`Raid1::fence`]):
+    /// the same without any metadata write.
     pub async fn shutdown(&self, timeout: Duration) -> Result<(), RaidError> {
         let _ = self.stop_tx.send(true);
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
@@ -1778,6 +1811,12 @@ impl Raid1 {
             }
         }
         self.gate.close();
+        if self.is_fenced() {
+            // Fenced: the members keep the metadata as it is (no bitmap pages, no
+            // superblock); whoever holds the slot next resyncs what it marks.
+            tracing::warn!(array = %self.name, "stopped fenced: no metadata written");
+            return Ok(());
+        }
         if let Some(bm) = self.bitmap() {
             bm.clear_idle_and_flush()
                 .await
