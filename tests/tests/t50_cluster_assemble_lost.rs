@@ -2,7 +2,8 @@
 //! lock was taken, before the engine is active — makes the assemble fail and leaves
 //! nothing running on the node without its slot lock (real etcd and mdserver; the
 //! node's service runs in-process so the test can hold the assemble at a real member
-//! write: the stale member's superblock, written after the join).
+//! write: the stale member's superblock, written after the join). The engine started
+//! without its slot lock stops without writing any superblock or bitmap page.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,17 +23,23 @@ use mdcluster_tests::etcd::Etcd;
 use mdcluster_tests::server::{MdServer, ServerOpts};
 use mdcluster_tests::standalone::member_files;
 
-/// Holds the first superblock write to `path` (after it returned) until released.
+/// Holds the first superblock write to `path` (after it returned) until released;
+/// from then on records every metadata write (below `data_start`) to the members.
 struct HoldSbWrite {
     path: PathBuf,
     armed: AtomicBool,
     hit: AtomicBool,
     released: Mutex<bool>,
     cv: Condvar,
+    data_start: u64,
+    after: Mutex<Vec<(PathBuf, u64)>>,
 }
 
 impl IoTracer for HoldSbWrite {
     fn write(&self, path: &Path, offset: u64, _data: &[u8]) {
+        if offset < self.data_start && *self.released.lock().unwrap() {
+            self.after.lock().unwrap().push((path.to_owned(), offset));
+        }
         if path != self.path
             || offset != SB_OFFSET_BYTES
             || !self.armed.swap(false, Ordering::SeqCst)
@@ -133,6 +140,8 @@ async fn a_session_lost_during_assemble_fails_it_and_leaves_nothing_running() {
         hit: AtomicBool::new(false),
         released: Mutex::new(false),
         cv: Condvar::new(),
+        data_start: sb.data_offset * 512,
+        after: Mutex::new(Vec::new()),
     });
     mdcluster_agent::iotrace::install(Some(hold.clone()));
 
@@ -196,6 +205,11 @@ async fn a_session_lost_during_assemble_fails_it_and_leaves_nothing_running() {
     assert!(e.message.contains("session"), "{e:?}");
     assert!(node.names().is_empty(), "left running: {:?}", node.names());
     assert!(lock_keys(&etcd.url()).await.is_empty());
+    let after = std::mem::take(&mut *hold.after.lock().unwrap());
+    assert!(
+        after.is_empty(),
+        "superblock or bitmap written after the slot lock was lost (path, offset): {after:?}"
+    );
 
     eprintln!("--- on the new session the assemble works, with its slot lock");
     node.assemble("md0", m.clone())

@@ -126,11 +126,22 @@ impl SbStore {
         sbs.len() - 1
     }
 
-    fn apply(&self, event: &MetaEvent) -> (Vec<Bytes>, u64) {
+    /// Applies `event` to the copies, over the engine's failed members `faulty`
+    /// (written faulty whatever a copy re-read from disk says, unless a live member
+    /// of `live` holds the same device number: a re-added device).
+    fn apply(&self, event: &MetaEvent, live: &[usize], faulty: &[usize]) -> (Vec<Bytes>, u64) {
         let mut sbs = self.sbs.lock().unwrap_or_else(|e| e.into_inner());
         let events = sbs.iter().map(|s| s.events).max().unwrap_or(0) + 1;
         let dev_of: Vec<u32> = sbs.iter().map(|s| s.dev_number).collect();
+        let failed: Vec<u32> = faulty
+            .iter()
+            .filter_map(|&f| dev_of.get(f).copied())
+            .filter(|d| !live.iter().any(|&l| dev_of.get(l) == Some(d)))
+            .collect();
         for (i, sb) in sbs.iter_mut().enumerate() {
+            for &d in &failed {
+                let _ = sb.set_role(d, DevRole::Faulty);
+            }
             match *event {
                 MetaEvent::ResyncOffset(v) => sb.resync_offset = v,
                 MetaEvent::Faulty { member } => {
@@ -193,9 +204,9 @@ impl SbStore {
 }
 
 impl MetaStore for SbStore {
-    fn update(&self, event: MetaEvent, live: Vec<usize>) -> IoFuture<'_, ()> {
+    fn update(&self, event: MetaEvent, live: Vec<usize>, faulty: Vec<usize>) -> IoFuture<'_, ()> {
         Box::pin(async move {
-            let (blocks, events) = self.apply(&event);
+            let (blocks, events) = self.apply(&event, &live, &faulty);
             let ios = self.ios.lock().unwrap_or_else(|e| e.into_inner()).clone();
             let ops = live.iter().map(|&i| {
                 let io = ios[i].clone();
@@ -251,6 +262,14 @@ struct SlotStore {
 impl BitmapStore for SlotStore {
     fn write_pages(&self, pages: Vec<(u64, Bytes)>) -> IoFuture<'_, ()> {
         Box::pin(async move {
+            if let Some(r) = self.raid.get().and_then(Weak::upgrade) {
+                if r.is_fenced() {
+                    return Err(std::io::Error::other(format!(
+                        "array {}: fenced (this node lost its slot lock); bitmap pages not written",
+                        self.array
+                    )));
+                }
+            }
             let members = self
                 .members
                 .lock()

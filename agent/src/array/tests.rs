@@ -556,3 +556,107 @@ async fn the_same_members_cannot_be_assembled_twice_under_two_names() {
     assert_eq!(e.errno(), "EBUSY", "{e}");
     b.stop("md1", false).await.unwrap();
 }
+
+/// A clustered array's superblock gate without a cluster: like the real one it re-reads
+/// the superblocks from disk before each write (as under the token); while `refuse` is
+/// set it fails the write instead (the update reached no member).
+struct ReloadingGate {
+    att: Arc<assemble::Attachment>,
+    refuse: std::sync::atomic::AtomicBool,
+}
+
+impl crate::raid::MetaGate for ReloadingGate {
+    fn round<'a>(
+        &'a self,
+        _what: String,
+        write: crate::blockdev::IoFuture<'a, ()>,
+    ) -> crate::blockdev::IoFuture<'a, ()> {
+        Box::pin(async move {
+            if self.refuse.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(std::io::Error::other(
+                    "superblock write refused by the test",
+                ));
+            }
+            let att = self.att.clone();
+            tokio::task::spawn_blocking(move || att.reload())
+                .await
+                .unwrap()
+                .unwrap();
+            write.await
+        })
+    }
+}
+
+/// A 3-member array whose first member's failure could not be written: returns the
+/// registry, the paths, the engine and the gate (now accepting writes).
+async fn array_with_unrecorded_failure(
+    dir: &Path,
+) -> (Arc<Registry>, Vec<PathBuf>, Arc<Raid1>, Arc<ReloadingGate>) {
+    let paths = files(dir, 3, 24 * MIB);
+    let reg = registry();
+    reg.create("md0", spec(3, 0, BitmapMode::Internal, true), &paths, false)
+        .await
+        .unwrap();
+    let (raid, att) = reg.active_parts("md0").unwrap();
+    let gate = Arc::new(ReloadingGate {
+        att,
+        refuse: false.into(),
+    });
+    raid.set_meta_gate(Some(gate.clone()));
+    // Dirty already: the writes below need no superblock write of their own.
+    raid.write(0, pattern(1, 4096), false).await.unwrap();
+    gate.refuse.store(true, std::sync::atomic::Ordering::SeqCst);
+    raid.fail_by_path(&paths[0]).await.unwrap();
+    let e = raid.write(0, pattern(1, 4096), false).await.unwrap_err();
+    assert!(e.to_string().contains("could not be recorded"), "{e}");
+    for p in &paths[1..] {
+        assert_eq!(read_member(p).unwrap().sb.role_of(0), DevRole::Active(0));
+    }
+    gate.refuse
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    (reg, paths, raid, gate)
+}
+
+/// Every write acknowledged from now on: the failed member is faulty in the
+/// superblocks of the members still written.
+fn assert_recorded_faulty(paths: &[PathBuf], dev: u32) {
+    for p in paths {
+        let sb = read_member(p).unwrap().sb;
+        assert_eq!(
+            sb.role_of(dev),
+            DevRole::Faulty,
+            "a write was acknowledged while the superblock of {} (events {}) shows member {dev} in sync",
+            p.display(),
+            sb.events
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_superblock_write_carries_an_unrecorded_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reg, paths, raid, _gate) = array_with_unrecorded_failure(dir.path()).await;
+    // Another failure is written (the copies re-read from disk first, where member 0
+    // is still in sync): that write must carry member 0's failure too.
+    raid.fail_by_path(&paths[1]).await.unwrap();
+    raid.write(MIB, pattern(2, 4096), false).await.unwrap();
+    assert_recorded_faulty(&paths[2..], 0);
+    assert_recorded_faulty(&paths[2..], 1);
+    drop(raid);
+    reg.stop("md0", false).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_applied_from_another_node_does_not_clear_an_unrecorded_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reg, paths, raid, _gate) = array_with_unrecorded_failure(dir.path()).await;
+    // Another node failed member 1 and wrote it (with member 0 in sync: it did not
+    // know); this node applies it without writing.
+    crate::raid::following(raid.fail_by_path(&paths[1]))
+        .await
+        .unwrap();
+    raid.write(MIB, pattern(2, 4096), false).await.unwrap();
+    assert_recorded_faulty(&paths[2..], 0);
+    drop(raid);
+    reg.stop("md0", false).await.unwrap();
+}

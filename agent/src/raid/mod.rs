@@ -21,8 +21,13 @@
 //!   is resyncing (whose overlapping writes wait), and is retried on another in-sync
 //!   member after an error (the failing member is failed);
 //! - a node acknowledges another node's resync window only after its own writes in
-//!   flight into it have ended; a write registers before its window check, so one
-//!   that starts later sees the window (md's `remote_sync` quiesce);
+//!   flight into it have ended and while none of its member failures is owed to the
+//!   superblocks; a write registers before its window check, so one that starts later
+//!   sees the window (md's `remote_sync` quiesce), and waits while the window moves;
+//! - every superblock write carries the engine's failed members (md's
+//!   `super_1_sync`); a failure is recorded only by a successful write that carried
+//!   it. The update of a failure hit by a write or a sync step runs after that I/O
+//!   left the barrier and the window registry;
 //! - the last in-sync member is never failed: its errors go to the caller;
 //! - in-flight I/O is bounded ([`MAX_INFLIGHT`]) and drained at stop.
 //!
@@ -59,8 +64,12 @@ pub use sync::{
 
 /// At most this many array I/Os are in flight; more wait for a slot.
 pub const MAX_INFLIGHT: u32 = 4096;
-/// Longest a write waits for another node's resync window to move past it.
-pub const REMOTE_WAIT: Duration = Duration::from_secs(30);
+/// A write inside another node's resync window waits while the window moves; it
+/// fails (ETIMEDOUT) once the window has not moved for this long (the resyncing node
+/// is stuck or gone without clearing it).
+pub const REMOTE_STALL: Duration = Duration::from_secs(30);
+/// Longest a write waits for another node's resync window in all, moving or not.
+pub const REMOTE_WAIT_MAX: Duration = Duration::from_secs(600);
 /// Longest a completed write waits for a member failure to be recorded in the
 /// superblocks (md's `MD_SB_CHANGE_PENDING`) before it fails with ETIMEDOUT. Above the
 /// cluster token's deadline, so a clustered update can finish its round.
@@ -108,6 +117,18 @@ pub enum RaidError {
         writes: Vec<(u64, u64)>,
         /// The bound.
         timeout: Duration,
+    },
+    /// A member failure of this node is not yet in the superblocks: a write that
+    /// skipped the member may hold data the failed member lacks, so another node must
+    /// not copy from it yet.
+    #[error("array {array}: the failure of member {member} is not yet recorded in the superblocks; the resync window {window:?} (bytes) is not acknowledged until it is (the resyncing node retries)")]
+    FailurePending {
+        /// The array.
+        array: String,
+        /// The window, array bytes `[lo, hi)`.
+        window: (u64, u64),
+        /// The failed member (path), or how many are pending.
+        member: String,
     },
     /// No member can serve the array.
     #[error("array {array}: no in-sync member")]
@@ -196,8 +217,12 @@ pub enum MetaEvent {
 /// Writes metadata changes to the members' superblocks.
 pub trait MetaStore: Send + Sync {
     /// Applies `event` to every member's superblock (events + 1) and writes it durably
-    /// to the members in `live`; succeeds if at least one of them took it.
-    fn update(&self, event: MetaEvent, live: Vec<usize>) -> IoFuture<'_, ()>;
+    /// to the members in `live`; succeeds if at least one of them took it. Every
+    /// member in `faulty` (the engine's failed members, removed ones excepted) is
+    /// written as faulty too, whatever the store's copies say (md's `super_1_sync`
+    /// builds the superblock from the in-memory member states): a copy re-read from
+    /// disk never drops a failure the engine has.
+    fn update(&self, event: MetaEvent, live: Vec<usize>, faulty: Vec<usize>) -> IoFuture<'_, ()>;
 }
 
 /// How to build one member of a [`Raid1`].
@@ -345,6 +370,8 @@ pub struct Raid1 {
     sb_changed: tokio::sync::Notify,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     stop_tx: tokio::sync::watch::Sender<bool>,
+    /// Set by [`Raid1::fence`]: no superblock or bitmap write is started any more.
+    fenced: AtomicBool,
 }
 
 impl std::fmt::Debug for Raid1 {
@@ -408,6 +435,57 @@ struct SbChange {
     /// Members whose Faulty update failed and no update succeeded since, with the
     /// error: every write fails until one does.
     unrecorded: Vec<(usize, String)>,
+}
+
+/// A member marked Faulty whose superblock update is owed ([`Raid1::mark_failed`]).
+/// Dropped without [`PendingFailure::record`] (the I/O was cancelled), the failure
+/// stays unrecorded: the next write writes it before it is acknowledged.
+struct PendingFailure<'a> {
+    raid: &'a Raid1,
+    member: usize,
+    done: bool,
+}
+
+impl PendingFailure<'_> {
+    /// Writes the Faulty update (through the cluster gate), then gives the member's
+    /// role to a spare if there is one.
+    async fn record(mut self) {
+        let raid = self.raid;
+        let i = self.member;
+        let r = raid.meta_update(MetaEvent::Faulty { member: i }).await;
+        {
+            let mut ch = raid.sb_change_lock();
+            ch.writing -= 1;
+            // A success was cleared by `store`; applying another node's update
+            // (`following`) writes nothing and clears nothing.
+            if let Err(e) = &r {
+                tracing::error!(array = %raid.name, member = %raid.member(i).io.path().display(),
+                    "failed to record the failed member; writes fail until a superblock update succeeds: {e}");
+                ch.unrecorded.push((i, e.to_string()));
+            }
+        }
+        self.done = true;
+        raid.sb_changed.notify_waiters();
+        raid.activate_spares().await;
+        raid.sync.wake();
+    }
+}
+
+impl Drop for PendingFailure<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        {
+            let mut ch = self.raid.sb_change_lock();
+            ch.writing -= 1;
+            ch.unrecorded.push((
+                self.member,
+                "its superblock update was not written (the I/O was cancelled)".into(),
+            ));
+        }
+        self.raid.sb_changed.notify_waiters();
+    }
 }
 
 /// A write counted from before its dirty check to its end (safemode).
@@ -519,6 +597,7 @@ impl Raid1 {
             sb_changed: tokio::sync::Notify::new(),
             tasks: Mutex::new(Vec::new()),
             stop_tx,
+            fenced: AtomicBool::new(false),
         });
         let mut tasks = Vec::new();
         if let Some(bm) = raid.bitmap() {
@@ -679,8 +758,34 @@ impl Raid1 {
         self.meta_gate_set.notify_waiters();
     }
 
+    /// From now on no superblock or bitmap write is started (each fails at once,
+    /// naming the array), and [`Raid1::shutdown`] stops the engine without writing
+    /// metadata: the node lost the slot lock these writes need (another node may be
+    /// taking the slot over). Member data I/O in flight ends as it would; new I/O
+    /// fails once its metadata (dirty mark, bitmap bit) cannot be written.
+    pub fn fence(&self) {
+        if !self.fenced.swap(true, Ordering::SeqCst) {
+            tracing::error!(array = %self.name, "fenced: no superblock or bitmap write from now on");
+        }
+    }
+
+    /// Whether [`Raid1::fence`] was called.
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::SeqCst)
+    }
+
+    fn fenced_error(&self) -> io::Error {
+        eio(format!(
+            "array {}: fenced (this node lost its slot lock); no metadata is written",
+            self.name
+        ))
+    }
+
     /// Runs the superblock write `write` (of `what`) through this task's gate, if any.
     async fn write_sb(&self, what: String, write: IoFuture<'_, ()>) -> io::Result<()> {
+        if self.is_fenced() {
+            return Err(self.fenced_error());
+        }
         match self.gate_for_write().await {
             Some(g) => g.round(what, write).await,
             None => write.await,
@@ -725,8 +830,7 @@ impl Raid1 {
         }
         let write: IoFuture<'_, ()> = Box::pin(async {
             let _one = self.meta_lock.lock().await;
-            let live = self.live();
-            self.meta.update(event.clone(), live).await
+            self.store(event.clone()).await
         });
         let done = self.write_sb(format!("{event:?}"), write).await;
         done.map_err(|source| RaidError::Meta {
@@ -734,6 +838,50 @@ impl Raid1 {
             what: format!("{event:?}"),
             source,
         })
+    }
+
+    /// The failed members every superblock write carries (removed ones are written
+    /// as unused by their own update and stay so).
+    fn faulty_members(&self) -> Vec<usize> {
+        let removed = self
+            .removed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        self.slots()
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| s.state == MemberState::Faulty && !removed.contains(i))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Writes `event` with the engine's full member state (the caller holds
+    /// `meta_lock`). A write that succeeded carried every failure the engine had when
+    /// it was built: those are on disk now and no longer unrecorded; failures that
+    /// came later stay until a later write carries them.
+    async fn store(&self, event: MetaEvent) -> io::Result<()> {
+        if self.is_fenced() {
+            return Err(self.fenced_error());
+        }
+        let live = self.live();
+        let faulty = self.faulty_members();
+        let mut carried = faulty.clone();
+        if let MetaEvent::Removed { member } = event {
+            // Written as unused: nothing about it is owed any more.
+            carried.push(member);
+        }
+        self.meta.update(event, live, faulty).await?;
+        let cleared = {
+            let mut ch = self.sb_change_lock();
+            let before = ch.unrecorded.len();
+            ch.unrecorded.retain(|(m, _)| !carried.contains(m));
+            ch.unrecorded.len() != before
+        };
+        if cleared {
+            self.sb_changed.notify_waiters();
+        }
+        Ok(())
     }
 
     /// md's safemode: every half `delay`, once the array is dirty, no write is in
@@ -793,18 +941,13 @@ impl Raid1 {
                 return Ok(());
             }
             // Every completed write durable before the superblock says clean.
-            let live = self.live();
-            for &i in &live {
+            for i in self.live() {
                 if let Err(e) = self.member(i).io.sync().await {
                     self.dirty.store(true, Ordering::SeqCst);
                     return Err(e);
                 }
             }
-            if let Err(e) = self
-                .meta
-                .update(MetaEvent::ResyncOffset(u64::MAX), live)
-                .await
-            {
+            if let Err(e) = self.store(MetaEvent::ResyncOffset(u64::MAX)).await {
                 self.dirty.store(true, Ordering::SeqCst);
                 return Err(e);
             }
@@ -836,8 +979,7 @@ impl Raid1 {
             } else {
                 sectors
             };
-            let live = self.live();
-            self.meta.update(MetaEvent::ResyncOffset(value), live).await
+            self.store(MetaEvent::ResyncOffset(value)).await
         });
         let done = self.write_sb("resync offset".into(), write).await;
         done.map_err(|source| RaidError::Meta {
@@ -860,8 +1002,7 @@ impl Raid1 {
             // Dirty = a crash from now on needs a resync from the start (a write in
             // flight below a resync checkpoint would otherwise be missed; with a bitmap
             // the dirty bits decide anyway).
-            let live = self.live();
-            self.meta.update(MetaEvent::ResyncOffset(0), live).await?;
+            self.store(MetaEvent::ResyncOffset(0)).await?;
             self.dirty.store(true, Ordering::Release);
             Ok(())
         });
@@ -872,11 +1013,28 @@ impl Raid1 {
     /// Fails member `i` (superblocks updated on the others before this returns), unless
     /// it is the last in-sync member. Returns whether it was failed now.
     pub async fn fail_member(&self, i: usize, why: &str) -> bool {
+        match self.mark_failed(i, why) {
+            Some(p) => {
+                p.record().await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The synchronous half of a member failure: member `i` is Faulty from now on (no
+    /// I/O goes to it) and its superblock update is owed — every write that completes
+    /// from now on waits for it ([`Raid1::wait_sb_recorded`]). The update itself
+    /// ([`PendingFailure::record`]) may need the cluster token: a write or a sync step
+    /// runs it only after it left the barrier and the window registry, so another
+    /// node's round holding the token never waits on it. `None`: not failed (already
+    /// faulty, or the last in-sync member).
+    fn mark_failed(&self, i: usize, why: &str) -> Option<PendingFailure<'_>> {
         {
             let mut slots = self.slots();
-            let Some(s) = slots.get(i) else { return false };
+            let s = slots.get(i)?;
             if s.state == MemberState::Faulty {
-                return false;
+                return None;
             }
             let in_sync = slots
                 .iter()
@@ -885,33 +1043,20 @@ impl Raid1 {
             if s.state == MemberState::InSync && in_sync <= 1 {
                 tracing::error!(array = %self.name, member = %self.member(i).io.path().display(),
                     "I/O error on the last in-sync member, not failing it: {why}");
-                return false;
+                return None;
             }
             // Pending before any write can skip the member: a write that skips it
-            // waits for the update below.
+            // waits for the update.
             self.sb_change_lock().writing += 1;
             slots[i].state = MemberState::Faulty;
         }
         tracing::warn!(array = %self.name, member = %self.member(i).io.path().display(),
             "member failed: {why}");
-        let r = self.meta_update(MetaEvent::Faulty { member: i }).await;
-        {
-            let mut ch = self.sb_change_lock();
-            ch.writing -= 1;
-            match &r {
-                // A superblock write carries every failure so far.
-                Ok(()) => ch.unrecorded.clear(),
-                Err(e) => {
-                    tracing::error!(array = %self.name, member = %self.member(i).io.path().display(),
-                        "failed to record the failed member; writes fail until a superblock update succeeds: {e}");
-                    ch.unrecorded.push((i, e.to_string()));
-                }
-            }
-        }
-        self.sb_changed.notify_waiters();
-        self.activate_spares().await;
-        self.sync.wake();
-        true
+        Some(PendingFailure {
+            raid: self,
+            member: i,
+            done: false,
+        })
     }
 
     fn sb_change_lock(&self) -> MutexGuard<'_, SbChange> {
@@ -963,31 +1108,25 @@ impl Raid1 {
         }
     }
 
-    /// Writes the superblocks again for failures whose update failed; on success no
-    /// failure is unrecorded any more.
+    /// Writes the superblocks again for failures whose update failed; the write carries
+    /// every failed member, so on success none of them is unrecorded any more.
     async fn rerecord_failures(&self) {
         let write: IoFuture<'_, ()> = Box::pin(async {
             let _one = self.meta_lock.lock().await;
             let Some(&(member, _)) = self.sb_change_lock().unrecorded.first() else {
                 return Ok(());
             };
-            let live = self.live();
-            self.meta.update(MetaEvent::Faulty { member }, live).await
+            self.store(MetaEvent::Faulty { member }).await
         });
-        let r = if is_following() {
-            Ok(())
-        } else {
-            self.write_sb("record failed members".into(), write).await
-        };
-        {
+        if is_following() {
+            // Nothing is written here: what this node owes stays owed.
+            return;
+        }
+        // A success cleared what it carried (`store`).
+        if let Err(e) = self.write_sb("record failed members".into(), write).await {
             let mut ch = self.sb_change_lock();
-            match r {
-                Ok(()) => ch.unrecorded.clear(),
-                Err(e) => {
-                    if let Some(u) = ch.unrecorded.first_mut() {
-                        u.1 = e.to_string();
-                    }
-                }
+            if let Some(u) = ch.unrecorded.first_mut() {
+                u.1 = e.to_string();
             }
         }
         self.sb_changed.notify_waiters();
@@ -1234,15 +1373,17 @@ impl Raid1 {
         }
     }
 
-    /// Writes `data` to members `targets` (at array `offset`); fails those that fail.
-    /// Returns (in-sync members that took it, all members that took it).
+    /// Writes `data` to members `targets` (at array `offset`); marks those that fail
+    /// Faulty (their superblock updates are returned, for the caller to run once it
+    /// left the barrier). Returns (in-sync members that took it, all members that took
+    /// it, the last error, the owed updates).
     async fn fan_out(
         &self,
         targets: &[(usize, MemberState)],
         offset: u64,
         data: Bytes,
         fua: bool,
-    ) -> (usize, usize, Option<io::Error>) {
+    ) -> (usize, usize, Option<io::Error>, Vec<PendingFailure<'_>>) {
         let ops = targets.iter().map(|&(i, _)| {
             let m = self.member(i);
             let data = data.clone();
@@ -1256,6 +1397,7 @@ impl Raid1 {
         });
         let results = futures::future::join_all(ops).await;
         let (mut in_sync_ok, mut ok, mut last_err) = (0, 0, None);
+        let mut owed = Vec::new();
         for (&(i, state), r) in targets.iter().zip(results) {
             match r {
                 Ok(()) => {
@@ -1265,13 +1407,12 @@ impl Raid1 {
                     }
                 }
                 Err(e) => {
-                    self.fail_member(i, &format!("write at {offset}: {e}"))
-                        .await;
+                    owed.extend(self.mark_failed(i, &format!("write at {offset}: {e}")));
                     last_err = Some(e);
                 }
             }
         }
-        (in_sync_ok, ok, last_err)
+        (in_sync_ok, ok, last_err, owed)
     }
 
     fn write_targets(&self) -> Vec<(usize, MemberState)> {
@@ -1311,16 +1452,21 @@ impl Raid1 {
         }
         let targets = self.write_targets();
         let data = member::aligned_copy(&data);
-        let (in_sync_ok, ok, err) = self.fan_out(&targets, offset, data, fua).await;
+        let (in_sync_ok, ok, err, owed) = self.fan_out(&targets, offset, data, fua).await;
         let degraded = ok < self.raid_disks() as usize;
         if let Some(bm) = &bitmap {
             bm.end_write(offset, len, degraded);
         }
         // The data is on the members: a resync step or a window being installed need
-        // not wait for the superblock update below (which may need the cluster token
-        // another node's round holds).
+        // not wait for the superblock updates below (which may need the cluster token
+        // another node's round holds). The failed members are Faulty already, so no
+        // later write goes to them, and a window is not acknowledged while their
+        // update is owed (`set_remote_resync_window`).
         drop(barrier);
         drop(window);
+        for failure in owed {
+            failure.record().await;
+        }
         if in_sync_ok == 0 {
             return Err(
                 err.unwrap_or_else(|| eio(format!("array {}: no in-sync member", self.name)))
@@ -1500,8 +1646,8 @@ impl Raid1 {
 
     /// Sets (or clears with `None`) the range, in array bytes `[lo, hi)`, that another
     /// node is resyncing (md-cluster RESYNCING): reads there go to the lowest-role
-    /// in-sync member; writes there wait (at most [`REMOTE_WAIT`], then ETIMEDOUT)
-    /// until the window moves past them. Returns once every write that passed its
+    /// in-sync member; writes there wait until the window moves past them (ETIMEDOUT
+    /// once it has not moved for [`REMOTE_STALL`], or after [`REMOTE_WAIT_MAX`]). Returns once every write that passed its
     /// window check before and overlaps the new window has finished (md's
     /// `remote_sync` quiesce), so an acknowledgement means no write of this node lands
     /// inside the window any more; after [`REMOTE_QUIESCE`] it fails, naming the
@@ -1527,7 +1673,7 @@ impl Raid1 {
                 .copied()
                 .collect();
             if busy.is_empty() {
-                return Ok(());
+                return self.no_failure_pending(w);
             }
             if tokio::time::timeout_at(deadline, left).await.is_err() {
                 return Err(RaidError::Quiesce {
@@ -1540,6 +1686,38 @@ impl Raid1 {
         }
     }
 
+    /// A window is acknowledged only while no member failure of this node is owed to
+    /// the superblocks: a write that skipped (or failed on) a member marks it Faulty
+    /// before it leaves the window registry, so once the writes into the window have
+    /// ended, every such failure is visible here. Its update may need the token the
+    /// resyncing node holds for this round: refused at once (no wait), the resyncing
+    /// node retries after its round released the token, and learns of the failure
+    /// from the METADATA_UPDATED that follows.
+    fn no_failure_pending(&self, window: (u64, u64)) -> Result<(), RaidError> {
+        let (writing, unrecorded) = {
+            let ch = self.sb_change_lock();
+            (ch.writing, ch.unrecorded.first().map(|u| u.0))
+        };
+        // Slots are locked before `sb_change` elsewhere (`mark_failed`): not nested here.
+        let member = match (writing, unrecorded) {
+            (0, None) => return Ok(()),
+            (_, Some(m)) => self.member(m).io.path().display().to_string(),
+            (n, None) => {
+                let slots = self.slots();
+                let faulty: Vec<String> = (0..slots.len())
+                    .filter(|&i| slots[i].state == MemberState::Faulty)
+                    .map(|i| self.member(i).io.path().display().to_string())
+                    .collect();
+                format!("{} ({n} update(s) being written)", faulty.join(", "))
+            }
+        };
+        Err(RaidError::FailurePending {
+            array: self.name.clone(),
+            window,
+            member,
+        })
+    }
+
     fn in_remote_window(&self, offset: u64, len: u64) -> bool {
         self.remote_lock()
             .window
@@ -1547,34 +1725,56 @@ impl Raid1 {
     }
 
     /// Registers a write of `len` bytes at `offset` as in flight once it is outside
-    /// another node's resync window (waiting, at most [`REMOTE_WAIT`], for the window
-    /// to move past it). Registration and the check are one step under the window's
-    /// lock: a window installed later waits for this write; a write registered later
-    /// sees the window.
+    /// another node's resync window, waiting for the window to move past it: while the
+    /// window moves the write waits on (at most [`REMOTE_WAIT_MAX`]); once it has not
+    /// moved for [`REMOTE_STALL`] the write fails. Registration and the check are one
+    /// step under the window's lock: a window installed later waits for this write; a
+    /// write registered later sees the window.
     async fn enter_outside_remote_window(
         &self,
         offset: u64,
         len: u64,
     ) -> io::Result<WindowEntry<'_>> {
-        let deadline = tokio::time::Instant::now() + REMOTE_WAIT;
+        let start = tokio::time::Instant::now();
+        let limit = start + REMOTE_WAIT_MAX;
+        let mut stall = start + REMOTE_STALL;
+        let mut seen: Option<(u64, u64)> = None;
         loop {
             let changed = self.remote_changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
             {
                 let mut r = self.remote_lock();
-                if !r.window.is_some_and(|w| overlaps(w, offset, len)) {
-                    let id = r.next_id;
-                    r.next_id += 1;
-                    r.writes.insert(id, (offset, offset + len.max(1)));
-                    return Ok(WindowEntry { raid: self, id });
+                match r.window {
+                    Some(w) if overlaps(w, offset, len) => {
+                        if seen.is_some_and(|s| s != w) {
+                            // The window moved: the resync makes progress.
+                            stall = tokio::time::Instant::now() + REMOTE_STALL;
+                        }
+                        seen = Some(w);
+                    }
+                    _ => {
+                        let id = r.next_id;
+                        r.next_id += 1;
+                        r.writes.insert(id, (offset, offset + len.max(1)));
+                        return Ok(WindowEntry { raid: self, id });
+                    }
                 }
             }
-            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            if tokio::time::timeout_at(stall.min(limit), changed)
+                .await
+                .is_err()
+            {
+                let (lo, hi) = seen.unwrap_or_default();
+                let why = if tokio::time::Instant::now() >= limit {
+                    format!("waited {REMOTE_WAIT_MAX:?} in all")
+                } else {
+                    format!("the window has not moved for {REMOTE_STALL:?}")
+                };
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
-                        "array {}: write at {offset} waited {REMOTE_WAIT:?} for another node's resync window",
+                        "array {}: write at {offset}+{len} is inside another node's resync window [{lo}, {hi}) (bytes) and {why}; check the resyncing node (mdctl status)",
                         self.name
                     ),
                 ));
@@ -1590,7 +1790,8 @@ impl Raid1 {
     /// Stops the array's work: the sync worker (its checkpoint written), then waits at
     /// most `timeout` for in-flight I/O and closes the I/O gate, writes the bitmap
     /// (idle bits cleared), syncs the members and marks the superblocks clean (or with
-    /// the resync checkpoint if a resync is unfinished).
+    /// the resync checkpoint if a resync is unfinished). Fenced ([`Raid1::fence`]):
+    /// the same without any metadata write.
     pub async fn shutdown(&self, timeout: Duration) -> Result<(), RaidError> {
         let _ = self.stop_tx.send(true);
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
@@ -1610,6 +1811,12 @@ impl Raid1 {
             }
         }
         self.gate.close();
+        if self.is_fenced() {
+            // Fenced: the members keep the metadata as it is (no bitmap pages, no
+            // superblock); whoever holds the slot next resyncs what it marks.
+            tracing::warn!(array = %self.name, "stopped fenced: no metadata written");
+            return Ok(());
+        }
         if let Some(bm) = self.bitmap() {
             bm.clear_idle_and_flush()
                 .await

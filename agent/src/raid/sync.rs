@@ -20,8 +20,10 @@
 //!
 //! - **Cluster gate** ([`SyncGate`], md-cluster's `resync` lock and RESYNCING): when
 //!   the array is assembled with a gate required, every run first waits for the gate
-//!   (status `pending`, mdstat `resync=PENDING`), tells it each [`GATE_WINDOW`] it is
-//!   about to copy, and tells it when the run ends. The gate may answer that the work
+//!   (status `pending`, mdstat `resync=PENDING`), tells it each window it is about to
+//!   copy (sized by [`WINDOW_SECS`], at most [`GATE_WINDOW`]) and copies it only once
+//!   the gate says every node acknowledged it (else it asks again, bounded by
+//!   [`WINDOW_RETRY_FOR`]), and tells it when the run ends. The gate may answer that the work
 //!   was done elsewhere ([`GateDecision::Done`]): the pending resync is dropped.
 //!
 //! Worker states follow garage's `Worker`: [`WorkerState::Busy`], `Throttled`, `Idle`,
@@ -38,9 +40,23 @@ use tokio::sync::{watch, Notify};
 
 use super::{MemberState, MetaEvent, Raid1};
 
-/// The window a gated run announces before copying into it (md-cluster's
-/// `CLUSTER_RESYNC_WINDOW`, 32 MiB).
+/// The largest window a gated run announces before copying into it (md-cluster's
+/// `CLUSTER_RESYNC_WINDOW`, 32 MiB). A window is sized to pass in about
+/// [`WINDOW_SECS`] at the speed in effect (at least [`STEP`]), so another node's
+/// writes held by it wait seconds, not the 33 s a 32 MiB window takes at md's default
+/// minimum speed.
 pub const GATE_WINDOW: u64 = 32 << 20;
+/// How long a window should last at the speed in effect when it is announced; a
+/// window whose rest would last over twice as long at the current speed (the array
+/// became busy: the minimum speed applies) is announced again, smaller.
+pub const WINDOW_SECS: u64 = 4;
+/// A window not acknowledged by every node is announced again after a pause growing
+/// from 200 ms to [`WINDOW_RETRY_MAX_PAUSE`]; nothing is copied meanwhile. After
+/// [`WINDOW_RETRY_FOR`] without an acknowledgement the run fails (and is planned
+/// again later, as after a member failure).
+pub const WINDOW_RETRY_FOR: Duration = Duration::from_secs(120);
+/// Longest pause between two announcements of an unacknowledged window.
+pub const WINDOW_RETRY_MAX_PAUSE: Duration = Duration::from_secs(5);
 
 /// A boxed future of a [`SyncGate`] call.
 pub type GateFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -62,8 +78,11 @@ pub trait SyncGate: Send + Sync {
     /// Waits until this node may run a `kind` run of `bytes` (0: a resync with no
     /// chunk needed here); may take long (cancelled when the array stops).
     fn begin(&self, kind: SyncKind, bytes: u64) -> GateFuture<'_, GateDecision>;
-    /// The run is about to copy inside `[lo, hi)` (array bytes).
-    fn window(&self, lo: u64, hi: u64) -> GateFuture<'_, ()>;
+    /// The run is about to copy inside `[lo, hi)` (array bytes). `Ok` only once every
+    /// node acknowledged that no write of its own is in flight there (and that none of
+    /// its member failures is unrecorded); `Err` (the reason): nothing may be copied
+    /// there yet.
+    fn window(&self, lo: u64, hi: u64) -> GateFuture<'_, Result<(), String>>;
     /// The run ended; `finished`: it completed.
     fn end(&self, kind: SyncKind, finished: bool) -> GateFuture<'_, ()>;
 }
@@ -521,7 +540,8 @@ async fn run_job(
     stop: &mut watch::Receiver<bool>,
     gate: Option<&dyn SyncGate>,
 ) -> Outcome {
-    let mut window = u64::MAX;
+    // The window announced last, array bytes `[lo, hi)`.
+    let mut window = (0u64, 0u64);
     let total: u64 = job.ranges.iter().map(|r| r.end - r.start).sum();
     let chunks_total = job.ranges.iter().filter(|r| r.chunk.is_some()).count() as u64;
     let started = Instant::now();
@@ -558,13 +578,18 @@ async fn run_job(
         while pos < r.end {
             let n = STEP.min(r.end - pos);
             if let Some(g) = gate {
-                if pos / GATE_WINDOW != window {
-                    window = pos / GATE_WINDOW;
-                    let lo = window * GATE_WINDOW;
-                    g.window(lo, (lo + GATE_WINDOW).min(raid.size())).await;
+                let want = window_bytes(raid);
+                if pos < window.0 || pos + n > window.1 || window.1 - pos > 2 * want {
+                    let w = (pos, (pos + want.max(n)).min(raid.size()));
+                    match announce(raid, job, g, w, stop).await {
+                        Ok(()) => window = w,
+                        Err(o) => outcome = o,
+                    }
                 }
             }
-            if *stop.borrow() || !throttle.wait(raid, n, stop).await {
+            if !matches!(outcome, Outcome::Finished) {
+                // Not acknowledged: nothing copied.
+            } else if *stop.borrow() || !throttle.wait(raid, n, stop).await {
                 outcome = Outcome::Interrupted;
             } else {
                 if !copy_step(raid, job, pos, n).await {
@@ -632,16 +657,93 @@ async fn run_job(
     outcome
 }
 
+/// The window size for the speed in effect now (see [`WINDOW_SECS`]).
+fn window_bytes(raid: &Raid1) -> u64 {
+    let limits = *lock(&raid.sync.speed);
+    let rate = if raid.recently_busy(BUSY_WINDOW) {
+        limits.min_kib_s
+    } else {
+        limits.max_kib_s
+    };
+    (rate.max(1) * 1024 * WINDOW_SECS).clamp(STEP, GATE_WINDOW)
+}
+
+/// Announces window `w` through the gate until every node acknowledged it (md's resync
+/// waits for the remote ack): a refusal or a missing ack is retried after a pause, as
+/// long as the job's source and a target are still usable, at most
+/// [`WINDOW_RETRY_FOR`]. `Err`: the outcome of the run (stop, or failed).
+async fn announce(
+    raid: &Raid1,
+    job: &Job,
+    g: &dyn SyncGate,
+    w: (u64, u64),
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), Outcome> {
+    let give_up = Instant::now() + WINDOW_RETRY_FOR;
+    let mut pause = Duration::from_millis(200);
+    loop {
+        let e = tokio::select! {
+            r = g.window(w.0, w.1) => match r {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            },
+            _ = stop.changed() => return Err(Outcome::Interrupted),
+        };
+        if Instant::now() + pause > give_up {
+            tracing::error!(array = %raid.name, window = ?w,
+                "resync window not acknowledged by every node within {WINDOW_RETRY_FOR:?}; nothing copied, the run is planned again later: {e}");
+            return Err(Outcome::Failed);
+        }
+        tracing::warn!(array = %raid.name, window = ?w,
+            "resync window not acknowledged; nothing copied, announcing it again in {pause:?}: {e}");
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.changed() => return Err(Outcome::Interrupted),
+        }
+        if *stop.borrow() {
+            return Err(Outcome::Interrupted);
+        }
+        // A member failure learnt meanwhile (e.g. the node that refused recorded one):
+        // plan again rather than copy from or onto a failed member.
+        let usable = {
+            let slots = raid.slots();
+            let ok = |i: usize| slots.get(i).is_some_and(|s| s.state != MemberState::Faulty);
+            ok(job.source) && job.targets.iter().any(|&t| ok(t))
+        };
+        if !usable {
+            return Err(Outcome::Failed);
+        }
+        pause = (pause * 2).min(WINDOW_RETRY_MAX_PAUSE);
+    }
+}
+
 /// Copies `n` bytes at `pos` from the source to the live targets under the barrier.
-/// False if the source or every target failed.
+/// False if the source or every target failed. A member that fails here is marked
+/// Faulty under the barrier; its superblock update (which may need the cluster token)
+/// is written after the barrier is released, so user writes never wait behind it.
 async fn copy_step(raid: &Raid1, job: &Job, pos: u64, n: u64) -> bool {
-    let _w = raid.barrier.write().await;
+    let barrier = raid.barrier.write().await;
+    let mut owed = Vec::new();
+    let ok = copy_locked(raid, job, pos, n, &mut owed).await;
+    drop(barrier);
+    for failure in owed {
+        failure.record().await;
+    }
+    ok
+}
+
+async fn copy_locked<'a>(
+    raid: &'a Raid1,
+    job: &Job,
+    pos: u64,
+    n: u64,
+    owed: &mut Vec<super::PendingFailure<'a>>,
+) -> bool {
     let src = raid.member(job.source);
     let data = match src.io.read_at(src.data_offset + pos, n as usize).await {
         Ok(d) => d,
         Err(e) => {
-            raid.fail_member(job.source, &format!("sync read at {pos}: {e}"))
-                .await;
+            owed.extend(raid.mark_failed(job.source, &format!("sync read at {pos}: {e}")));
             return false;
         }
     };
@@ -662,10 +764,7 @@ async fn copy_step(raid: &Raid1, job: &Job, pos: u64, n: u64) -> bool {
     for (&t, r) in live.iter().zip(results) {
         match r {
             Ok(()) => ok += 1,
-            Err(e) => {
-                raid.fail_member(t, &format!("sync write at {pos}: {e}"))
-                    .await;
-            }
+            Err(e) => owed.extend(raid.mark_failed(t, &format!("sync write at {pos}: {e}"))),
         }
     }
     ok > 0

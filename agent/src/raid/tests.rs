@@ -90,7 +90,7 @@ impl Default for TestMeta {
 }
 
 impl MetaStore for TestMeta {
-    fn update(&self, event: MetaEvent, _live: Vec<usize>) -> IoFuture<'_, ()> {
+    fn update(&self, event: MetaEvent, _live: Vec<usize>, _faulty: Vec<usize>) -> IoFuture<'_, ()> {
         Box::pin(async move {
             self.events.lock().unwrap().push(event.clone());
             if let MetaEvent::Faulty { .. } = event {
@@ -416,6 +416,169 @@ async fn a_window_whose_writes_do_not_finish_is_refused_in_time() {
     pages.hold.store(false, Ordering::SeqCst);
     pages.release.add_permits(1);
     held.await.unwrap().unwrap();
+    raid.set_remote_resync_window(None).await.unwrap();
+    raid.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_waiting_for_its_failure_update_holds_neither_barrier_nor_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = file(dir.path(), "good", 8 * MIB);
+    let (_fs, bad) = FullTmpfs::with_member(8 * MIB);
+    let meta = Arc::new(TestMeta::default());
+    // The Faulty update waits, as for the cluster token another node's round holds.
+    meta.hold.store(true, Ordering::SeqCst);
+    let raid = engine(
+        "md-split",
+        vec![member_spec(&good, 0), member_spec(&bad, 1)],
+        4 * MIB,
+        meta.clone(),
+    );
+    let r = raid.clone();
+    let w = tokio::spawn(async move { r.write(0, data(65536, 5), false).await });
+    wait_until("the Faulty update", || {
+        meta.faulty_seen.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // A sync step gets the exclusive barrier.
+    let b = tokio::time::timeout(Duration::from_secs(2), raid.barrier.write()).await;
+    assert!(
+        b.is_ok(),
+        "a write waiting for its member failure's superblock update holds the barrier"
+    );
+    drop(b);
+    // RESYNCING over the write's range: answered at once (not after the quiesce
+    // bound), and refused while the failure is not on disk.
+    let t = Instant::now();
+    let e = raid
+        .set_remote_resync_window(Some((0, MIB)))
+        .await
+        .unwrap_err();
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "the window waited {:?} for a write whose data is on the members",
+        t.elapsed()
+    );
+    assert!(
+        matches!(e, RaidError::FailurePending { .. }) && e.to_string().contains("not yet recorded"),
+        "{e}"
+    );
+    assert!(
+        !w.is_finished(),
+        "acknowledged before the update was written"
+    );
+    meta.release.add_permits(1);
+    w.await.unwrap().unwrap();
+    // Recorded: the window is acknowledged now.
+    raid.set_remote_resync_window(Some((0, MIB))).await.unwrap();
+    raid.set_remote_resync_window(None).await.unwrap();
+    raid.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// A sync gate that runs at once and refuses every window while `refuse` is set.
+struct RefusingGate {
+    refuse: AtomicBool,
+    asked: AtomicUsize,
+}
+
+impl SyncGate for RefusingGate {
+    fn begin(&self, _kind: SyncKind, _bytes: u64) -> GateFuture<'_, GateDecision> {
+        Box::pin(async { GateDecision::Run })
+    }
+    fn window(&self, lo: u64, hi: u64) -> GateFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            self.asked.fetch_add(1, Ordering::SeqCst);
+            if self.refuse.load(Ordering::SeqCst) {
+                return Err(format!("node b refused RESYNCING({lo}, {hi})"));
+            }
+            Ok(())
+        })
+    }
+    fn end(&self, _kind: SyncKind, _finished: bool) -> GateFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_not_acknowledged_by_every_node_is_not_copied() {
+    let dir = tempfile::tempdir().unwrap();
+    let role0 = file(dir.path(), "role0", 2 * MIB);
+    let role1 = file(dir.path(), "role1", 2 * MIB);
+    std::fs::write(&role0, vec![0x00u8; 2 * MIB as usize]).unwrap();
+    std::fs::write(&role1, vec![0x11u8; 2 * MIB as usize]).unwrap();
+    let raid = Raid1::start(Raid1Config {
+        name: "md-refused".into(),
+        size: 2 * MIB,
+        raid_disks: 2,
+        members: vec![member_spec(&role0, 0), member_spec(&role1, 1)],
+        bitmap: None,
+        meta: Arc::new(TestMeta::default()),
+        resync_from: Some(0),
+        speed: SpeedLimits::default(),
+        gated: true,
+        safe_mode: None,
+    })
+    .unwrap();
+    raid.set_meta_gate(Some(Arc::new(Direct)));
+    let gate = Arc::new(RefusingGate {
+        refuse: AtomicBool::new(true),
+        asked: AtomicUsize::new(0),
+    });
+    raid.set_sync_gate(Some(gate.clone()));
+    wait_until("the window to be announced again", || {
+        gate.asked.load(Ordering::SeqCst) >= 3
+    })
+    .await;
+    let b = std::fs::read(&role1).unwrap();
+    assert!(
+        b.iter().all(|&x| x == 0x11),
+        "the resync copied a window another node had not acknowledged"
+    );
+    gate.refuse.store(false, Ordering::SeqCst);
+    wait_until("the resync to finish", || {
+        std::fs::read(&role1).unwrap().iter().all(|&x| x == 0x00)
+    })
+    .await;
+    raid.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_write_waits_while_the_remote_window_moves() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = file(dir.path(), "a", 8 * MIB);
+    let b = file(dir.path(), "b", 8 * MIB);
+    let raid = engine(
+        "md-moving",
+        vec![member_spec(&a, 0), member_spec(&b, 1)],
+        8 * MIB,
+        Arc::new(TestMeta::default()),
+    );
+    // A window over the write that moves every 20 s but keeps covering it for 60 s:
+    // longer in all than the stall bound, never still for that long.
+    raid.set_remote_resync_window(Some((0, 4 * MIB)))
+        .await
+        .unwrap();
+    let r = raid.clone();
+    let w = tokio::spawn(async move { r.write(3 * MIB, data(4096, 3), false).await });
+    for k in 1..=3u64 {
+        tokio::time::sleep(REMOTE_STALL * 2 / 3).await;
+        assert!(!w.is_finished(), "the write went through inside the window");
+        let lo = k * 64 * 1024;
+        raid.set_remote_resync_window(Some((lo, lo + 4 * MIB)))
+            .await
+            .unwrap();
+    }
+    raid.set_remote_resync_window(Some((4 * MIB, 8 * MIB)))
+        .await
+        .unwrap();
+    w.await.unwrap().unwrap();
+    // A window that stops moving: the write fails once it was still for the bound.
+    let r = raid.clone();
+    let stuck = tokio::spawn(async move { r.write(5 * MIB, data(4096, 4), false).await });
+    tokio::time::sleep(REMOTE_STALL + Duration::from_secs(1)).await;
+    let e = stuck.await.unwrap().unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+    assert!(e.to_string().contains("has not moved"), "{e}");
     raid.set_remote_resync_window(None).await.unwrap();
     raid.shutdown(Duration::from_secs(5)).await.unwrap();
 }

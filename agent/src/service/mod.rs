@@ -803,15 +803,30 @@ impl Node {
         false
     }
 
-    /// The session that held `name`'s slot lock was lost while the engine started:
-    /// stop the engine again (clients forced off) and say so.
+    /// The session that held `name`'s slot lock was lost while the engine started: the
+    /// engine is fenced first (no superblock or bitmap write from then on: a survivor
+    /// may already be taking the slot over), then stopped with clients forced off. If
+    /// it cannot be stopped, the engine would run on unseen by the fencing watchdog
+    /// (the array was never recorded as joined): the node fences itself (exit).
     async fn undo_lost_assemble(&self, service: &Service, name: &str, slot: u32) -> WireError {
-        tracing::error!(array = %name, slot, "session lost during assemble; stopping the array again");
+        tracing::error!(array = %name, slot, "session lost during assemble; stopping the array again without writing metadata");
+        if let Some((raid, _)) = self.raid_of(name) {
+            raid.fence();
+        }
         let stopped = service.stop(name, true).await;
+        if let Err(e) = &stopped {
+            if service.registry().lookup(name).is_ok() {
+                runtime::fence_now(
+                    self,
+                    &format!("{name} (slot {slot})"),
+                    &format!("the session holding the slot lock was lost during the assemble and the array could not be stopped ({e})"),
+                );
+            }
+        }
         lock(&self.meta).remove(name);
         let left = match stopped {
-            Ok(_) => "it was stopped again".to_owned(),
-            Err(e) => format!("stopping it again failed too ({e})"),
+            Ok(_) => "it was stopped again without writing metadata".to_owned(),
+            Err(e) => format!("it is gone, its stop reported: {e}"),
         };
         self.err(
             Errno::Eio,

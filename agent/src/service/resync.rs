@@ -13,10 +13,14 @@
 //!   another node added (attached here as recovering) is that node's to recover: this
 //!   node waits (pending) until its superblock says recovered, and takes the recovery
 //!   over only when that node's slot lock has no holder any more.
-//! - **window** (every 32 MiB, [`crate::raid::GATE_WINDOW`]): write `ResyncInfo{lo, hi}`
-//!   (sectors) into our slot lock's value block and send RESYNCING(lo, hi) through the
-//!   token round; receivers hold writes in the window and read from the first mirror
-//!   there (`Raid1::set_remote_resync_window`), and show `resync=REMOTE`.
+//! - **window** (sized to pass in a few seconds, at most 32 MiB,
+//!   [`crate::raid::GATE_WINDOW`]): write `ResyncInfo{lo, hi}` (sectors) into our slot
+//!   lock's value block and send RESYNCING(lo, hi) through the token round; receivers
+//!   hold writes in the window and read from the first mirror there
+//!   (`Raid1::set_remote_resync_window`), and show `resync=REMOTE`. A receiver acks
+//!   once its writes in flight there ended and none of its member failures is
+//!   unrecorded; the engine copies the window only when every node acked (a refusal
+//!   or a missing ack: announced again, see `raid::sync`).
 //! - **end**: clear the slot value, send RESYNCING(0, 0), release `resync`: the next
 //!   waiting node (or a survivor after a failure: the lock service hands the lock on
 //!   when the holder's lease expires) runs next.
@@ -27,9 +31,8 @@
 //! and every [`PENDING_REPORT`] of waiting the monitor gets a `ResyncPending` event
 //! naming the holder.
 //!
-//! Message failures during a run are logged, never fatal to the run: a node that did
-//! not ack a window cannot write into it anyway once it applies it, and the window is
-//! also in the slot value for nodes that join later.
+//! RESYNCING_START and the end's RESYNCING(0, 0) are logged when not acknowledged:
+//! they copy nothing. The window is also in the slot value for nodes that join later.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
@@ -50,8 +53,12 @@ pub const LOCK_ATTEMPT: Duration = Duration::from_secs(30);
 
 /// How often a node still waiting for `resync` says so (monitor event).
 pub const PENDING_REPORT: Duration = Duration::from_secs(300);
-/// Deadline of each RESYNCING round.
-pub const WINDOW_DEADLINE: Duration = Duration::from_secs(10);
+/// Deadline of each RESYNCING round, token wait included. Well above the receivers'
+/// quiesce bound ([`crate::raid::REMOTE_QUIESCE`]): a receiver whose writes into the
+/// window do not end answers with a refusal before the sender stops waiting. Either
+/// way the window is copied only after every node acknowledged it.
+pub const WINDOW_DEADLINE: Duration = Duration::from_secs(30);
+const _: () = assert!(WINDOW_DEADLINE.as_secs() >= 2 * crate::raid::REMOTE_QUIESCE.as_secs());
 
 /// The gate of one clustered array on this node.
 pub struct ClusterGate {
@@ -101,13 +108,24 @@ impl ClusterGate {
 
     /// Sends `msg` through the token round; failures are logged.
     async fn send(&self, msg: ClusterMsg) {
+        if let Err(e) = self.send_acked(msg).await {
+            tracing::warn!(array = %self.array, kind = ?msg.kind, "{e}");
+        }
+    }
+
+    /// Sends `msg` through the token round; `Err` unless every joined node acked it.
+    async fn send_acked(&self, msg: ClusterMsg) -> Result<(), String> {
         let Some(node) = self.node.upgrade() else {
-            return;
+            return Err(format!("array {}: the node is shutting down", self.array));
         };
         let Some(session) = node.session() else {
-            return;
+            return Err(format!(
+                "node {}: array {}: no session with mdserver",
+                node.name(),
+                self.array
+            ));
         };
-        let r = message::round(
+        message::round(
             message::Target {
                 session: &session,
                 node: node.name(),
@@ -119,10 +137,9 @@ impl ClusterGate {
             async { Ok(Change::Applied) },
             async {},
         )
-        .await;
-        if let Err(e) = r {
-            tracing::warn!(array = %self.array, kind = ?msg.kind, "{e}");
-        }
+        .await
+        .map(|_| ())
+        .map_err(|e| e.message)
     }
 
     /// Writes our resync window into our slot lock's value block.
@@ -339,14 +356,14 @@ impl SyncGate for ClusterGate {
         Box::pin(self.begin_inner(kind, bytes))
     }
 
-    fn window(&self, lo: u64, hi: u64) -> GateFuture<'_, ()> {
+    fn window(&self, lo: u64, hi: u64) -> GateFuture<'_, Result<(), String>> {
         Box::pin(async move {
             let (lo, hi) = (lo / 512, hi / 512);
             self.publish_window(lo, hi).await;
             let mut msg = ClusterMsg::new(MsgType::Resyncing, self.slot());
             msg.low = lo;
             msg.high = hi;
-            self.send(msg).await;
+            self.send_acked(msg).await
         })
     }
 

@@ -254,11 +254,16 @@ fn fence_if_joined(node: &Node, why: &str) {
         .into_iter()
         .map(|(n, m, _)| format!("{n} (slot {})", m.slot))
         .collect();
+    fence_now(node, &arrays.join(", "), why)
+}
+
+/// Ends the process at once (`_exit`, status [`FENCE_EXIT_CODE`]): member I/O of
+/// `arrays` must stop and cannot be stopped otherwise.
+pub(super) fn fence_now(node: &Node, arrays: &str, why: &str) -> ! {
     let msg = format!(
-        "mdagent node {}: SELF-FENCING: {why}; stopping all member I/O of {} by exiting now \
+        "mdagent node {}: SELF-FENCING: {why}; stopping all member I/O of {arrays} by exiting now \
          (status {FENCE_EXIT_CODE}); restart the agent to rejoin",
         node.name(),
-        arrays.join(", ")
     );
     tracing::error!("{msg}");
     eprintln!("{msg}");
