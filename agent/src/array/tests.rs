@@ -556,3 +556,35 @@ async fn the_same_members_cannot_be_assembled_twice_under_two_names() {
     assert_eq!(e.errno(), "EBUSY", "{e}");
     b.stop("md1", false).await.unwrap();
 }
+
+#[test]
+fn clustered_bitmap_slots_sharing_a_logical_block_are_refused() {
+    use crate::array::assemble::check_clustered_layout;
+    let dir = tempfile::tempdir().unwrap();
+    let paths = files(dir.path(), 2, 32 << 20);
+    let mut s = spec(2, 0, BitmapMode::Clustered, true);
+    s.cluster_name = "c1".into();
+    s.nodes = Some(4);
+    crate::format::io::create_members(&s, &paths, false).unwrap();
+    let m = read_member(&paths[0]).unwrap();
+    let bsb = m.bitmap[0].sb.clone();
+    assert!(bsb.is_clustered());
+    // md's layout: bitmap 8 sectors after the superblock, slots 4 KiB multiples apart.
+    assert_eq!(m.sb.bitmap_offset, 8);
+    for block in [512, 4096] {
+        check_clustered_layout(&m.sb, &bsb, block).unwrap();
+    }
+    // Crafted: the bitmap one sector further on. Fine on 512-byte sectors; on 4 KiB
+    // ones every slot shares its first and last block with a neighbour.
+    let mut sb = m.sb.clone();
+    sb.bitmap_offset = 9;
+    check_clustered_layout(&sb, &bsb, 512).unwrap();
+    let e = check_clustered_layout(&sb, &bsb, 4096).unwrap_err();
+    assert!(e.contains("not aligned to the members' 4096-byte"), "{e}");
+    // Crafted: the bitmap inside the superblock's 4 KiB block.
+    sb.bitmap_offset = 2;
+    for block in [512, 4096] {
+        let e = check_clustered_layout(&sb, &bsb, block).unwrap_err();
+        assert!(e.contains("with the superblock"), "{e}");
+    }
+}
