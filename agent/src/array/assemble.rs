@@ -528,6 +528,20 @@ pub async fn add_member_opts(
             "no live member to copy the superblock from".into(),
         ));
     };
+    // Clients were told the array's logical block size as the NBD minimum block size:
+    // a member with larger blocks would turn their whole-block writes into
+    // read-modify-writes, which another node's writes to the same block can undo.
+    let block = u64::from(raid.block_size());
+    if io.block_size() > block {
+        return Err(mismatch(
+            &name,
+            format!(
+                "{} has {}-byte logical blocks, larger than the array's {block}: writes of one array block would be read-modify-writes on it; use a device with {block}-byte (or smaller) logical blocks",
+                path.display(),
+                io.block_size()
+            ),
+        ));
+    }
     let template = att.sb_store.superblock(first);
     let (mut sb, old_role) = match existing {
         Ok(m) if m.sb.set_uuid == att.uuid => {

@@ -588,3 +588,52 @@ fn clustered_bitmap_slots_sharing_a_logical_block_are_refused() {
         assert!(e.contains("with the superblock"), "{e}");
     }
 }
+
+/// A loop device over `file` with direct I/O and `sector`-byte logical blocks, detached
+/// on drop.
+struct Loop(PathBuf);
+
+impl Loop {
+    fn attach(file: &Path, sector: u32) -> Loop {
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show", "--direct-io=on", "--sector-size"])
+            .arg(sector.to_string())
+            .arg(file)
+            .output()
+            .expect("run losetup");
+        assert!(
+            out.status.success(),
+            "losetup {}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Loop(PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_size_is_the_largest_members_and_larger_blocks_cannot_be_added() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let paths = files(dir.path(), 3, 40 * MIB);
+    let small: Vec<Loop> = paths[..2].iter().map(|p| Loop::attach(p, 512)).collect();
+    let big = Loop::attach(&paths[2], 4096);
+    let devs: Vec<PathBuf> = small.iter().map(|l| l.0.clone()).collect();
+    let reg = registry();
+    reg.create("md0", spec(2, 0, BitmapMode::Internal, true), &devs, false)
+        .await
+        .unwrap();
+    let dev = reg.device("md0").unwrap();
+    assert_eq!(BlockDevice::block_size(&*dev), 512);
+    let e = reg.add_member("md0", &big.0).await.unwrap_err();
+    assert!(e.to_string().contains("4096-byte logical blocks"), "{e}");
+    reg.stop("md0", false).await.unwrap();
+}
