@@ -20,6 +20,12 @@ pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + '
 pub trait BlockDevice: Send + Sync {
     /// Size of the device in bytes.
     fn size(&self) -> u64;
+    /// The smallest write, in bytes, that the device takes without a read-modify-write
+    /// (a power of two); offsets and lengths that are multiples of it go straight down.
+    /// Advertised to NBD clients as the minimum block size.
+    fn block_size(&self) -> u32 {
+        1
+    }
     /// Reads `len` bytes at `offset`.
     fn read(&self, offset: u64, len: u32) -> IoFuture<'_, Bytes>;
     /// Writes `data` at `offset`; with `fua` the data is durable when the future completes.

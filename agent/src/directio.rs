@@ -5,13 +5,22 @@
 //! on disk, and a buffered partial-block write is a read-modify-write of such a page that
 //! writes the stale rest of the block back. [`DirectFile`] therefore opens the device
 //! with `O_DIRECT` (as md's `sync_page_io` reads and writes metadata) and does all I/O on
-//! [`ALIGN`]-aligned spans from aligned memory:
+//! spans aligned to the device's **logical block size** ([`DirectFile::block_size`]),
+//! from [`ALIGN`]-aligned memory:
 //!
-//! - a read covering part of a span reads the whole span and hands out the slice;
-//! - a write covering part of a span reads the span, patches it and writes it back (a
+//! - a read covering part of a block reads the whole span and hands out the slice;
+//! - a write covering part of a block reads the span, patches it and writes it back (a
 //!   read-modify-write through the device, never through a cached page). Two such writes
 //!   to the same span must not interleave: the caller serialises them (one metadata
 //!   writer per device; [`crate::raid::member::MemberIo`] holds a range lock).
+//!
+//! The logical block size is the smallest write the device takes without a
+//! read-modify-write, and the unit other hosts write in: a 512-byte write on a device
+//! with 512-byte sectors goes straight down and never rewrites a neighbouring sector
+//! another host may be writing. For a block device it is `BLKSSZGET`; for a regular
+//! file it is the filesystem's `O_DIRECT` offset alignment (`statx` `STATX_DIOALIGN`),
+//! or, where the kernel does not report it, 512 if a 512-byte direct read succeeds and
+//! 4096 otherwise.
 //!
 //! **Fallback.** A device that refuses `O_DIRECT` at `open` (`EINVAL`: filesystems
 //! without direct I/O) is opened buffered instead; its I/O goes through the page cache
@@ -35,26 +44,71 @@ pub use crate::iobuf::ALIGN;
 use crate::iobuf::{aligned_buf, AlignedBuf};
 use crate::iotrace;
 
-/// Smallest unit of direct I/O any block device accepts: the tail of a device whose
-/// size is not a multiple of [`ALIGN`] is read and written in these.
-const SECTOR: u64 = 512;
+/// Smallest logical block size of any block device.
+pub const SECTOR: u64 = 512;
 
-/// The [`ALIGN`]-aligned byte span `[start, end)` covering `len` bytes at `offset`.
-pub fn span(offset: u64, len: usize) -> (u64, u64) {
-    let a = ALIGN as u64;
-    let start = offset / a * a;
-    let end = (offset + len as u64).div_ceil(a) * a;
+/// The byte span `[start, end)` of whole `block`-byte blocks covering `len` bytes at
+/// `offset`.
+pub fn span(offset: u64, len: usize, block: u64) -> (u64, u64) {
+    let start = offset / block * block;
+    let end = (offset + len as u64).div_ceil(block) * block;
     (start, end)
 }
 
-/// Whether `len` bytes at `offset` are whole aligned blocks.
-pub fn is_span_aligned(offset: u64, len: usize) -> bool {
-    offset.is_multiple_of(ALIGN as u64) && len.is_multiple_of(ALIGN)
+/// Whether `len` bytes at `offset` are whole `block`-byte blocks.
+pub fn is_span_aligned(offset: u64, len: usize, block: u64) -> bool {
+    offset.is_multiple_of(block) && (len as u64).is_multiple_of(block)
 }
 
-/// Whether an I/O of `len` bytes at `offset` from memory at `addr` can go direct as is.
-pub fn is_aligned(offset: u64, len: usize, addr: usize) -> bool {
-    is_span_aligned(offset, len) && addr.is_multiple_of(ALIGN)
+/// Whether an I/O of `len` bytes at `offset` from memory at `addr` can go direct as is
+/// on a device with `block`-byte logical blocks (memory is always [`ALIGN`]-aligned).
+pub fn is_aligned(offset: u64, len: usize, addr: usize, block: u64) -> bool {
+    is_span_aligned(offset, len, block) && addr.is_multiple_of(ALIGN)
+}
+
+/// The logical block size of an open device (see the module doc): `BLKSSZGET` for a
+/// block device, else the `O_DIRECT` offset alignment of the file's filesystem.
+pub fn logical_block_size(file: &File, direct: bool) -> io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileTypeExt;
+    let fd = file.as_raw_fd();
+    if file.metadata()?.file_type().is_block_device() {
+        let mut size: libc::c_int = 0;
+        // SAFETY: BLKSSZGET writes one int through the pointer, which is valid.
+        if unsafe { libc::ioctl(fd, libc::BLKSSZGET, &mut size) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        return Ok(u64::try_from(size).unwrap_or(0).max(SECTOR));
+    }
+    if !direct {
+        return Ok(SECTOR);
+    }
+    // SAFETY: `statx` is plain old data, valid all zero.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: statx fills the struct behind the valid pointer; the path is an empty C
+    // string with AT_EMPTY_PATH, which names `fd` itself.
+    let r = unsafe {
+        libc::statx(
+            fd,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if r == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_offset_align > 0 {
+        return Ok(u64::from(stx.stx_dio_offset_align));
+    }
+    // Not reported: probe with one 512-byte direct read.
+    if file_size(file)? >= SECTOR {
+        let mut buf = aligned_buf(SECTOR as usize);
+        match file.read_at(buf.as_mut(), 0) {
+            Ok(_) => return Ok(SECTOR),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(ALIGN as u64)
 }
 
 /// Devices already warned about (see the module doc).
@@ -81,6 +135,8 @@ pub struct DirectFile {
     path: Arc<Path>,
     direct: bool,
     size: u64,
+    /// Logical block size: the alignment of offsets and lengths of direct I/O.
+    block: u64,
 }
 
 impl DirectFile {
@@ -106,11 +162,13 @@ impl DirectFile {
         }
         let file = opts.open(path)?;
         let size = file_size(&file)?;
+        let block = logical_block_size(&file, direct)?;
         Ok(DirectFile {
             file,
             path: Arc::from(path),
             direct,
             size,
+            block,
         })
     }
 
@@ -129,18 +187,24 @@ impl DirectFile {
         self.size
     }
 
+    /// The device's logical block size in bytes: direct I/O of whole blocks goes straight
+    /// down, anything smaller is a read-modify-write (see the module doc).
+    pub fn block_size(&self) -> u64 {
+        self.block
+    }
+
     /// Reads `len` bytes at `offset` into an aligned buffer (the whole covering span,
     /// sliced, if the range is not aligned).
     pub fn read_at(&self, offset: u64, len: usize) -> io::Result<Bytes> {
         if len == 0 {
             return Ok(Bytes::new());
         }
-        if !self.direct || is_span_aligned(offset, len) {
+        if !self.direct || is_span_aligned(offset, len, self.block) {
             let mut buf = aligned_buf(len);
             self.file.read_exact_at(buf.as_mut(), offset)?;
             return Ok(buf.freeze());
         }
-        let (start, end) = span(offset, len);
+        let (start, end) = span(offset, len, self.block);
         let (buf, filled) = self.read_span(start, end)?;
         let lo = (offset - start) as usize;
         let hi = lo + len;
@@ -179,12 +243,12 @@ impl DirectFile {
         if data.is_empty() {
             return Ok(());
         }
-        if !self.direct || is_aligned(offset, data.len(), data.as_ptr() as usize) {
+        if !self.direct || is_aligned(offset, data.len(), data.as_ptr() as usize, self.block) {
             self.file.write_all_at(data, offset)?;
             iotrace::on_write(&self.path, offset, data);
             return Ok(());
         }
-        if is_span_aligned(offset, data.len()) {
+        if is_span_aligned(offset, data.len(), self.block) {
             let mut buf = aligned_buf(data.len());
             buf.as_mut().copy_from_slice(data);
             self.file.write_all_at(buf.as_ref(), offset)?;
@@ -192,6 +256,8 @@ impl DirectFile {
             return Ok(());
         }
         let mut block = self.read_covering(offset, data.len())?;
+        #[cfg(test)]
+        test_hook::between_read_and_write(&self.path);
         block.patch(offset, data);
         self.write_covering(&block)
     }
@@ -200,7 +266,7 @@ impl DirectFile {
     /// as on the device now (up to the end of the device, in whole sectors, where its
     /// size is not block-aligned).
     pub(crate) fn read_covering(&self, offset: u64, len: usize) -> io::Result<Covering> {
-        let (start, mut end) = span(offset, len);
+        let (start, mut end) = span(offset, len, self.block);
         if end > self.size {
             end = self.size.max(offset + len as u64).div_ceil(SECTOR) * SECTOR;
         }
@@ -239,6 +305,41 @@ impl Covering {
     }
 }
 
+/// A pause a test can put between the read and the write of a read-modify-write, to
+/// show what another host's write in that gap does.
+#[cfg(test)]
+pub(crate) mod test_hook {
+    use std::path::{Path, PathBuf};
+    use std::sync::{Arc, Mutex};
+
+    type Hook = Arc<dyn Fn() + Send + Sync>;
+
+    static HOOKS: Mutex<Vec<(PathBuf, Hook)>> = Mutex::new(Vec::new());
+
+    /// Runs `hook` in every read-modify-write on `path`, between its read and its write.
+    pub(crate) fn set(path: &Path, hook: Hook) {
+        HOOKS.lock().unwrap().push((path.to_owned(), hook));
+    }
+
+    /// Removes the hooks of `path`.
+    pub(crate) fn clear(path: &Path) {
+        HOOKS.lock().unwrap().retain(|(p, _)| p != path);
+    }
+
+    pub(super) fn between_read_and_write(path: &Path) {
+        let mine: Vec<Hook> = HOOKS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(p, _)| p == path)
+            .map(|(_, h)| h.clone())
+            .collect();
+        for hook in mine {
+            hook();
+        }
+    }
+}
+
 /// Size of a regular file or block device in bytes.
 fn file_size(file: &File) -> io::Result<u64> {
     use std::io::Seek;
@@ -260,17 +361,20 @@ mod tests {
 
     #[test]
     fn span_math() {
-        assert_eq!(span(0, 4096), (0, 4096));
-        assert_eq!(span(0, 1), (0, 4096));
-        assert_eq!(span(4095, 2), (0, 8192));
-        assert_eq!(span(4096, 0), (4096, 4096));
-        assert_eq!(span(8192 + 100, 100), (8192, 12288));
-        assert_eq!(span(8192 + 256, 4096), (8192, 16384));
-        assert!(is_span_aligned(8192, 4096));
-        assert!(!is_span_aligned(8192, 512));
-        assert!(!is_span_aligned(512, 4096));
-        assert!(is_aligned(4096, 8192, 4096 * 3));
-        assert!(!is_aligned(4096, 8192, 4096 * 3 + 8));
+        assert_eq!(span(0, 4096, 4096), (0, 4096));
+        assert_eq!(span(0, 1, 4096), (0, 4096));
+        assert_eq!(span(4095, 2, 4096), (0, 8192));
+        assert_eq!(span(4096, 0, 4096), (4096, 4096));
+        assert_eq!(span(8192 + 100, 100, 4096), (8192, 12288));
+        assert_eq!(span(8192 + 256, 4096, 4096), (8192, 16384));
+        assert_eq!(span(8192 + 600, 100, 512), (8192 + 512, 8192 + 1024));
+        assert!(is_span_aligned(8192, 4096, 4096));
+        assert!(!is_span_aligned(8192, 512, 4096));
+        assert!(is_span_aligned(8192 + 512, 512, 512));
+        assert!(!is_span_aligned(512, 4096, 4096));
+        assert!(is_aligned(4096, 8192, 4096 * 3, 4096));
+        assert!(is_aligned(512, 512, 4096 * 3, 512));
+        assert!(!is_aligned(4096, 8192, 4096 * 3 + 8, 512));
     }
 
     #[test]

@@ -21,7 +21,9 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-/// Alignment of direct I/O: offset, length and memory address.
+/// Alignment of the memory of direct I/O (enough for any device's `dio_mem_align`);
+/// offsets and lengths need only the device's logical block size
+/// ([`crate::directio::DirectFile::block_size`]).
 pub const ALIGN: usize = 4096;
 
 /// Buffers of at least this many bytes come from the pool; smaller ones are cheap to

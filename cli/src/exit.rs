@@ -55,7 +55,7 @@ impl Exit {
                 std::io::ErrorKind::PermissionDenied => Exit::Denied,
                 _ => Exit::Io,
             },
-            DeviceError::Io { .. } => Exit::Io,
+            DeviceError::Io { .. } | DeviceError::Unresponsive { .. } => Exit::Io,
             DeviceError::InUse { .. } => Exit::Busy,
             DeviceError::Format { source, .. } => match source {
                 FormatError::NoSuperblock

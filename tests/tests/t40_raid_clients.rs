@@ -1,6 +1,6 @@
 //! t40: a RAID1 array served by a standalone `mdagent`, checked with real clients:
-//! `qemu-io` patterns with verification, `qemu-img convert` in and out, `nbdinfo`,
-//! `nbdcopy`, and ext4 over `nbdfuse` + `losetup` + `mount` with `fsck -fn`. After each
+//! `qemu-io` patterns with verification, `qemu-img convert` in and out, `nbdinfo` (size,
+//! minimum block size), `nbdcopy`, and ext4 over `nbdfuse` + `losetup` + `mount` with `fsck -fn`. After each
 //! test the data areas of all members are byte-identical. Every external command runs
 //! under `timeout`; loops, mounts and processes are undone by drop guards.
 
@@ -64,12 +64,19 @@ fn qemu_io_qemu_img_nbdinfo_nbdcopy() {
     let out = sh(&["qemu-io", "-f", "raw", "-c", "read -P 0xa5 0 4096", &uri]);
     assert!(!out.contains("Pattern verification failed"), "{out}");
 
-    // --- nbdinfo: the size is the array's.
+    // --- nbdinfo: the size is the array's; the minimum block size is the members'
+    // logical block size (their filesystem's O_DIRECT alignment: 512 on most disks), so
+    // clients never send sub-sector writes.
     let info: serde_json::Value = serde_json::from_str(&sh(&["nbdinfo", "--json", &uri])).unwrap();
     assert_eq!(
         info["exports"][0]["export-size"].as_u64(),
         Some(size),
         "{info}"
+    );
+    let min = info["exports"][0]["block_size_minimum"].as_u64();
+    assert!(
+        matches!(min, Some(512 | 1024 | 2048 | 4096)),
+        "minimum block size {min:?}: {info}"
     );
     let list = sh(&["nbdinfo", "--list", &uri]);
     assert!(list.contains("md0"), "{list}");

@@ -20,8 +20,8 @@ use bytes::Bytes;
 use crate::bitmap::{BitmapStore, Geometry, WriteIntent};
 use crate::blockdev::IoFuture;
 use crate::format::bitmap::{slot_bytes_for, slot_offset, BitmapSuper};
-use crate::format::io::{read_member, DeviceError, Member};
-use crate::format::superblock::{feature, DevRole, Superblock, MAX_SECTOR};
+use crate::format::io::{read_member, read_member_bounded, DeviceError, Member, META_READ_TIMEOUT};
+use crate::format::superblock::{feature, DevRole, Superblock, MAX_SECTOR, SB_BLOCK_BYTES};
 use crate::format::{fmt_uuid, SB_OFFSET_BYTES, SECTOR};
 use crate::raid::member::{aligned_copy, MemberError, MemberIo};
 use crate::raid::{
@@ -429,27 +429,36 @@ impl Attachment {
         Ok(())
     }
 
-    /// Re-reads every member's superblock into this node's copies (another node wrote
-    /// them under the `token`); a member that cannot be read, or now holds another
-    /// array, keeps its copy. Blocking I/O.
-    pub fn reload(&self) -> Result<(), DeviceError> {
+    /// Re-reads the members' superblocks into this node's copies (another node wrote
+    /// them under the `token`), except members in `faulty` (engine indexes the engine
+    /// has as Faulty: their superblocks are out of date, and a dead path must not stall
+    /// the caller). A member that cannot be read, or now holds another array, keeps its
+    /// copy. Each read is bounded by [`META_READ_TIMEOUT`]: a member that does not
+    /// answer fails the reload ([`DeviceError::Unresponsive`], naming it) and no copy
+    /// is replaced. Blocking I/O.
+    pub fn reload(&self, faulty: &[usize]) -> Result<(), DeviceError> {
         let ios = self
             .sb_store
             .ios
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let fresh: Vec<Option<Superblock>> = ios
-            .iter()
-            .map(|io| match read_member(io.path()) {
+        let mut fresh: Vec<Option<Superblock>> = Vec::with_capacity(ios.len());
+        for (i, io) in ios.iter().enumerate() {
+            if faulty.contains(&i) {
+                fresh.push(None);
+                continue;
+            }
+            fresh.push(match read_member_bounded(io.path(), META_READ_TIMEOUT) {
                 Ok(m) if m.sb.set_uuid == self.uuid => Some(m.sb),
                 Ok(_) => None,
+                Err(e @ DeviceError::Unresponsive { .. }) => return Err(e),
                 Err(e) => {
                     tracing::warn!(member = %io.path().display(), "reload: {e}");
                     None
                 }
-            })
-            .collect();
+            });
+        }
         let mut sbs = self.sb_store.sbs.lock().unwrap_or_else(|e| e.into_inner());
         for (i, sb) in fresh.into_iter().enumerate() {
             if let (Some(sb), Some(slot)) = (sb, sbs.get_mut(i)) {
@@ -540,6 +549,20 @@ pub async fn add_member_opts(
             "no live member to copy the superblock from".into(),
         ));
     };
+    // Clients were told the array's logical block size as the NBD minimum block size:
+    // a member with larger blocks would turn their whole-block writes into
+    // read-modify-writes, which another node's writes to the same block can undo.
+    let block = u64::from(raid.block_size());
+    if io.block_size() > block {
+        return Err(mismatch(
+            &name,
+            format!(
+                "{} has {}-byte logical blocks, larger than the array's {block}: writes of one array block would be read-modify-writes on it; use a device with {block}-byte (or smaller) logical blocks",
+                path.display(),
+                io.block_size()
+            ),
+        ));
+    }
     let template = att.sb_store.superblock(first);
     let (mut sb, old_role) = match existing {
         Ok(m) if m.set_uuid == att.uuid => {
@@ -779,6 +802,44 @@ fn store_super(sb_store: &SbStore) -> Option<BitmapSuper> {
         .map(|(_, b)| b.clone())
 }
 
+/// Refuses a clustered bitmap layout in which one node's write of its bitmap slot
+/// could rewrite bytes of another slot or of the superblock on members with
+/// `block`-byte logical blocks: each node writes its own slot without the cluster
+/// token, so a write that is not whole logical blocks (a read-modify-write) could undo
+/// another node's concurrent write of the neighbouring bytes. The slots must start on
+/// a block boundary, lie a whole number of blocks apart, and share no block with the
+/// superblock (written as one 4 KiB block). md's layout — the bitmap 8 sectors after
+/// the superblock, slots a multiple of 4 KiB apart — passes for 512- and 4096-byte
+/// blocks; only a `bitmap_offset` that is not a multiple of the block size (or that
+/// puts the bitmap inside the superblock's block) fails.
+pub fn check_clustered_layout(
+    sb: &Superblock,
+    bsb: &BitmapSuper,
+    block: u64,
+) -> Result<(), String> {
+    let Some(start) = sb.bitmap_start_bytes() else {
+        return Ok(());
+    };
+    let stride = bsb.slot_bytes();
+    let end = start + stride * u64::from(bsb.slots());
+    let sb_start = sb.super_offset * SECTOR;
+    let sb_end = sb_start + SB_BLOCK_BYTES as u64;
+    let (sb_lo, sb_hi) = (sb_start / block * block, sb_end.div_ceil(block) * block);
+    if start < sb_hi && sb_lo < end {
+        return Err(format!(
+            "the clustered bitmap (bitmap_offset {} sectors) shares a {block}-byte logical block with the superblock: a node's bitmap write would rewrite the superblock another node writes; re-create the bitmap with mdadm's layout (bitmap_offset 8)",
+            sb.bitmap_offset
+        ));
+    }
+    if !start.is_multiple_of(block) || !stride.is_multiple_of(block) {
+        return Err(format!(
+            "the clustered bitmap slots (at byte {start}, {stride} bytes apart) are not aligned to the members' {block}-byte logical blocks: one node's bitmap write would rewrite part of another node's slot; re-create the bitmap with mdadm's layout (bitmap_offset a multiple of {} sectors)",
+            block / SECTOR
+        ));
+    }
+    Ok(())
+}
+
 fn mismatch(array: &str, reason: String) -> AssembleError {
     AssembleError::Mismatch {
         array: array.to_owned(),
@@ -855,11 +916,15 @@ pub async fn assemble(
             reason: e.to_string(),
         })??
     };
-    let fresh = members
+    let freshest = members
         .iter()
         .max_by_key(|m| m.sb.events)
-        .map(|m| m.sb.clone())
         .ok_or_else(|| mismatch(name, "no members".into()))?;
+    if let Some(slot) = freshest.bitmap.first().filter(|b| b.sb.is_clustered()) {
+        let block = ios.iter().map(|io| io.block_size()).max().unwrap_or(SECTOR);
+        check_clustered_layout(&freshest.sb, &slot.sb, block).map_err(|r| mismatch(name, r))?;
+    }
+    let fresh = freshest.sb.clone();
     let size = fresh.size * SECTOR;
     // A member whose superblock is behind the freshest missed updates (it was away
     // while the array ran, md's "non-fresh" member): it is recovered in full, never

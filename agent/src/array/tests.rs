@@ -578,7 +578,7 @@ impl crate::raid::MetaGate for ReloadingGate {
                 ));
             }
             let att = self.att.clone();
-            tokio::task::spawn_blocking(move || att.reload())
+            tokio::task::spawn_blocking(move || att.reload(&[]))
                 .await
                 .unwrap()
                 .unwrap();
@@ -632,6 +632,69 @@ fn assert_recorded_faulty(paths: &[PathBuf], dev: u32) {
     }
 }
 
+#[test]
+fn clustered_bitmap_slots_sharing_a_logical_block_are_refused() {
+    use crate::array::assemble::check_clustered_layout;
+    let dir = tempfile::tempdir().unwrap();
+    let paths = files(dir.path(), 2, 32 << 20);
+    let mut s = spec(2, 0, BitmapMode::Clustered, true);
+    s.cluster_name = "c1".into();
+    s.nodes = Some(4);
+    crate::format::io::create_members(&s, &paths, false).unwrap();
+    let m = read_member(&paths[0]).unwrap();
+    let bsb = m.bitmap[0].sb.clone();
+    assert!(bsb.is_clustered());
+    // md's layout: bitmap 8 sectors after the superblock, slots 4 KiB multiples apart.
+    assert_eq!(m.sb.bitmap_offset, 8);
+    for block in [512, 4096] {
+        check_clustered_layout(&m.sb, &bsb, block).unwrap();
+    }
+    // Crafted: the bitmap one sector further on. Fine on 512-byte sectors; on 4 KiB
+    // ones every slot shares its first and last block with a neighbour.
+    let mut sb = m.sb.clone();
+    sb.bitmap_offset = 9;
+    check_clustered_layout(&sb, &bsb, 512).unwrap();
+    let e = check_clustered_layout(&sb, &bsb, 4096).unwrap_err();
+    assert!(e.contains("not aligned to the members' 4096-byte"), "{e}");
+    // Crafted: the bitmap inside the superblock's 4 KiB block.
+    sb.bitmap_offset = 2;
+    for block in [512, 4096] {
+        let e = check_clustered_layout(&sb, &bsb, block).unwrap_err();
+        assert!(e.contains("with the superblock"), "{e}");
+    }
+}
+
+/// A loop device over `file` with direct I/O and `sector`-byte logical blocks, detached
+/// on drop.
+struct Loop(PathBuf);
+
+impl Loop {
+    fn attach(file: &Path, sector: u32) -> Loop {
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show", "--direct-io=on", "--sector-size"])
+            .arg(sector.to_string())
+            .arg(file)
+            .output()
+            .expect("run losetup");
+        assert!(
+            out.status.success(),
+            "losetup {}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Loop(PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.0)
+            .status();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_later_superblock_write_carries_an_unrecorded_failure() {
     let dir = tempfile::tempdir().unwrap();
@@ -658,5 +721,23 @@ async fn a_failure_applied_from_another_node_does_not_clear_an_unrecorded_one() 
     raid.write(MIB, pattern(2, 4096), false).await.unwrap();
     assert_recorded_faulty(&paths[2..], 0);
     drop(raid);
+    reg.stop("md0", false).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_size_is_the_largest_members_and_larger_blocks_cannot_be_added() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let paths = files(dir.path(), 3, 40 * MIB);
+    let small: Vec<Loop> = paths[..2].iter().map(|p| Loop::attach(p, 512)).collect();
+    let big = Loop::attach(&paths[2], 4096);
+    let devs: Vec<PathBuf> = small.iter().map(|l| l.0.clone()).collect();
+    let reg = registry();
+    reg.create("md0", spec(2, 0, BitmapMode::Internal, true), &devs, false)
+        .await
+        .unwrap();
+    let dev = reg.device("md0").unwrap();
+    assert_eq!(BlockDevice::block_size(&*dev), 512);
+    let e = reg.add_member("md0", &big.0).await.unwrap_err();
+    assert!(e.to_string().contains("4096-byte logical blocks"), "{e}");
     reg.stop("md0", false).await.unwrap();
 }

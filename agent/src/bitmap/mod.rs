@@ -257,20 +257,24 @@ impl WriteIntent {
     }
 
     /// Counts a write of `len` bytes at array `offset`; returns once the bits of its
-    /// chunks are durable on disk.
+    /// chunks are durable on disk. On an error the write is not counted (the caller
+    /// must not write, nor call [`WriteIntent::end_write`]).
     pub async fn start_write(&self, offset: u64, len: u64) -> Result<(), BitmapError> {
         let target = {
             let mut st = self.lock();
-            let mut changed = false;
+            // Checked before any counter moves, so a refused write counts nowhere.
             for c in st.geom.chunk_range(offset, len) {
-                let v = st.counters[c as usize];
-                let low = v & COUNTER_MASK;
-                if low >= COUNTER_MASK - 1 {
+                if st.counters[c as usize] & COUNTER_MASK >= COUNTER_MASK - 1 {
                     return Err(BitmapError::Overflow {
                         array: self.array.clone(),
                         chunk: c,
                     });
                 }
+            }
+            let mut changed = false;
+            for c in st.geom.chunk_range(offset, len) {
+                let v = st.counters[c as usize];
+                let low = v & COUNTER_MASK;
                 if low == 0 {
                     let (byte, mask) = bit_pos(c);
                     if st.image[byte] & mask == 0 {
@@ -286,7 +290,13 @@ impl WriteIntent {
             }
             st.gen
         };
-        self.flush_to(target).await
+        let flushed = self.flush_to(target).await;
+        if flushed.is_err() {
+            // The write will not happen: uncount it (its bits stay set in memory and
+            // are written by the next flush; the daemon clears them when idle).
+            self.end_write(offset, len, false);
+        }
+        flushed
     }
 
     /// Ends a write counted by [`WriteIntent::start_write`]; `degraded` when it did not
@@ -698,6 +708,47 @@ mod tests {
         wi.end_sync(0, true);
         wi.clear_idle_and_flush().await.unwrap();
         assert!(!disk_bit(&path, 0));
+    }
+
+    #[tokio::test]
+    async fn failed_start_writes_are_not_counted() {
+        struct Failing(AtomicBool);
+        impl BitmapStore for Failing {
+            fn write_pages(&self, _: Vec<(u64, Bytes)>) -> IoFuture<'_, ()> {
+                let fail = self.0.load(Ordering::SeqCst);
+                Box::pin(async move {
+                    if fail {
+                        return Err(std::io::Error::other("bitmap write refused by the test"));
+                    }
+                    Ok(())
+                })
+            }
+            fn flush_members(&self) -> IoFuture<'_, ()> {
+                Box::pin(async { Ok(()) })
+            }
+        }
+        let geom = Geometry {
+            chunk_bytes: 65536,
+            chunks: 4,
+            daemon_sleep: Duration::from_secs(60),
+        };
+        let store = Arc::new(Failing(AtomicBool::new(true)));
+        let image = vec![0u8; geom.image_bytes()];
+        let wi = WriteIntent::new("t", geom, image, false, store.clone()).unwrap();
+        // More failed writes than a counter holds: each fails on the bitmap write, none
+        // leaves a count behind.
+        for i in 0..u32::from(COUNTER_MASK) + 10 {
+            match wi.start_write(0, 4096).await {
+                Err(BitmapError::Write { .. }) => {}
+                other => panic!("start_write #{i}: {other:?}"),
+            }
+        }
+        store.0.store(false, Ordering::SeqCst);
+        wi.start_write(0, 4096).await.unwrap();
+        wi.end_write(0, 4096, false);
+        // Idle again: the daemon clears the bit in two passes.
+        assert!(!wi.daemon_pass());
+        assert!(wi.daemon_pass(), "the chunk's counter went back to idle");
     }
 
     #[tokio::test]

@@ -6,11 +6,15 @@
 //!
 //! Superblocks and bitmap slots are shared between the nodes, and each host has its own
 //! page cache: every read and write here goes through a [`MetaDev`], which opens the
-//! device with `O_DIRECT` and does all I/O on 4 KiB-aligned spans from aligned memory
-//! (a partial span is read whole and sliced, or read, patched and written back), like
+//! device with `O_DIRECT` and does all I/O on spans of the device's logical blocks from
+//! aligned memory (a partial block is read whole and sliced, or read, patched and
+//! written back), like
 //! md's `sync_page_io`; see [`crate::directio`]. A device that refuses `O_DIRECT` at
 //! open (`EINVAL`) is opened buffered instead, every write followed by `fdatasync`, with
 //! a warning (once per device) that it must not be shared between nodes.
+//!
+//! [`read_member_bounded`] bounds a read by a timeout, for the re-reads done during
+//! cluster rounds, where a dead path must not stall the round.
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
@@ -22,6 +26,9 @@ use super::bitmap::{slot_offset, BitmapSuper, BITMAP_SB_BYTES};
 use super::create::{plan, CreateSpec, MemberImage};
 use super::superblock::{Superblock, SB_BLOCK_BYTES};
 use super::{FormatError, SB_OFFSET_BYTES, SECTOR};
+use std::collections::HashSet;
+use std::sync::Mutex;
+
 use crate::directio::DirectFile;
 
 /// An error reading or writing a member, naming the device.
@@ -54,6 +61,15 @@ pub enum DeviceError {
         path: PathBuf,
         /// What is wrong.
         source: FormatError,
+    },
+    /// A metadata read did not return in time (or an earlier one still has not): the
+    /// device does not answer.
+    #[error("reading the metadata of {} did not finish within {timeout:?}: the device does not answer (a dead path: check its multipath/SCSI state, or fail the member)", path.display())]
+    Unresponsive {
+        /// The device.
+        path: PathBuf,
+        /// How long the read was given.
+        timeout: std::time::Duration,
     },
     /// The device already belongs to an array and `force` was not given.
     #[error("{} already holds a member of array {uuid} ({name}); run `mdctl zero-superblock {}` first if it is really unused", path.display(), path.display())]
@@ -184,6 +200,60 @@ fn format_err(path: &Path) -> impl FnOnce(FormatError) -> DeviceError + '_ {
 pub fn read_member(path: &Path) -> Result<Member, DeviceError> {
     let dev = MetaDev::open(path, false)?;
     read_member_from(&dev)
+}
+
+/// How long one metadata read of a member ([`read_member_bounded`]) may take before
+/// the member counts as not answering.
+pub const META_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Members with a [`read_member_bounded`] read still blocked in the kernel.
+static READS_IN_FLIGHT: Mutex<Option<HashSet<PathBuf>>> = Mutex::new(None);
+
+fn in_flight() -> std::sync::MutexGuard<'static, Option<HashSet<PathBuf>>> {
+    READS_IN_FLIGHT.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// [`read_member`] bounded by `timeout`: the read runs on its own thread, and if it has
+/// not returned in time this fails with [`DeviceError::Unresponsive`] naming the
+/// device (the thread stays blocked in the kernel until the device answers). While it
+/// is blocked, further reads of that device fail at once, so a dead device holds at
+/// most one thread.
+pub fn read_member_bounded(
+    path: &Path,
+    timeout: std::time::Duration,
+) -> Result<Member, DeviceError> {
+    let unresponsive = || DeviceError::Unresponsive {
+        path: path.to_owned(),
+        timeout,
+    };
+    if !in_flight()
+        .get_or_insert_with(HashSet::new)
+        .insert(path.to_owned())
+    {
+        return Err(unresponsive());
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let p = path.to_owned();
+    let spawned = std::thread::Builder::new()
+        .name("md-meta-read".into())
+        .spawn(move || {
+            let r = read_member(&p);
+            if let Some(set) = in_flight().as_mut() {
+                set.remove(&p);
+            }
+            // The caller may have given up; then nobody receives.
+            let _ = tx.send(r);
+        });
+    if let Err(source) = spawned {
+        if let Some(set) = in_flight().as_mut() {
+            set.remove(path);
+        }
+        return Err(DeviceError::Open {
+            path: path.to_owned(),
+            source,
+        });
+    }
+    rx.recv_timeout(timeout).map_err(|_| unresponsive())?
 }
 
 /// Like [`read_member`], on an already open device.
@@ -372,6 +442,45 @@ mod tests {
         let err = read_member(&a).unwrap_err();
         assert_eq!(err.format_error(), Some(&FormatError::NoSuperblock));
         assert!(zero_superblock(&a, false).is_err());
+    }
+
+    /// A FIFO with no writer: opening it for reading blocks in the kernel, as a read of
+    /// a device with a dead path does.
+    #[test]
+    fn a_member_that_does_not_answer_times_out_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("dead-path");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid C string; mkfifo only creates the node.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let t = std::time::Instant::now();
+        let e = read_member_bounded(&fifo, std::time::Duration::from_millis(300)).unwrap_err();
+        assert!(matches!(e, DeviceError::Unresponsive { .. }), "{e}");
+        assert!(e.to_string().contains("dead-path"), "{e}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+        // The first read is still blocked: the next one fails at once.
+        let t = std::time::Instant::now();
+        let e = read_member_bounded(&fifo, std::time::Duration::from_secs(30)).unwrap_err();
+        assert!(matches!(e, DeviceError::Unresponsive { .. }), "{e}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
+        // A writer unblocks the open; the read then fails (a FIFO is no member) and the
+        // device may be read again.
+        let w = OpenOptions::new().write(true).open(&fifo).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while in_flight().as_ref().is_some_and(|s| s.contains(&fifo)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the blocked read never ended"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        drop(w);
+        let a = file_of(dir.path(), "a", 32 << 20);
+        let b = file_of(dir.path(), "b", 32 << 20);
+        let spec = CreateSpec::new("host:md0", 2, 0, BitmapMode::None);
+        create_members(&spec, &[a.clone(), b], false).unwrap();
+        let m = read_member_bounded(&a, META_READ_TIMEOUT).unwrap();
+        assert_eq!(m.sb.raid_disks, 2);
     }
 
     #[test]

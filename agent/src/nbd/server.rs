@@ -630,7 +630,14 @@ where
                         let size = open.device.size();
                         let export = proto::info_export(size, proto::EXPORT_FLAGS);
                         proto::encode_option_reply(&mut out, opt.option, proto::REP_INFO, &export);
-                        let bs = proto::info_block_size(1, PREFERRED_BLOCK, ctx.config.max_payload);
+                        // The minimum is the device's logical block size, so clients
+                        // that honour it never make the engine read-modify-write.
+                        let min = open.device.block_size().max(1);
+                        let bs = proto::info_block_size(
+                            min,
+                            PREFERRED_BLOCK.max(min),
+                            ctx.config.max_payload,
+                        );
                         proto::encode_option_reply(&mut out, opt.option, proto::REP_INFO, &bs);
                         if req.items.contains(&proto::INFO_NAME) {
                             let n = proto::info_name(&name);
@@ -1233,6 +1240,47 @@ mod tests {
             d.extend_from_slice(&i.to_be_bytes());
         }
         d
+    }
+
+    /// A file whose writes must be whole 512-byte sectors.
+    struct Sectors(FileDevice);
+
+    impl BlockDevice for Sectors {
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn block_size(&self) -> u32 {
+            512
+        }
+        fn read(&self, offset: u64, len: u32) -> IoFuture<'_, Bytes> {
+            self.0.read(offset, len)
+        }
+        fn write(&self, offset: u64, data: Bytes, fua: bool) -> IoFuture<'_, ()> {
+            self.0.write(offset, data, fua)
+        }
+        fn flush(&self) -> IoFuture<'_, ()> {
+            self.0.flush()
+        }
+        fn trim(&self, offset: u64, len: u32) -> IoFuture<'_, ()> {
+            self.0.trim(offset, len)
+        }
+        fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> IoFuture<'_, ()> {
+            self.0.write_zeroes(offset, len, fua)
+        }
+    }
+
+    #[tokio::test]
+    async fn minimum_block_size_is_the_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = Sectors(FileDevice::create(&dir.path().join("md0"), 1 << 20).unwrap());
+        let (c, s) = tokio::io::duplex(1 << 20);
+        let mut p = Pipe::serve(c, s, Arc::new(dev), ServerConfig::default(), 3).await;
+        p.option(proto::OPT_INFO, &info_data("md0", &[])).await;
+        let (kind, _export) = p.reply(proto::OPT_INFO).await;
+        assert_eq!(kind, proto::REP_INFO);
+        let (_, bs) = p.reply(proto::OPT_INFO).await;
+        assert_eq!(bs, proto::info_block_size(512, 4096, 32 << 20));
+        assert_eq!(p.reply(proto::OPT_INFO).await.0, proto::REP_ACK);
     }
 
     #[tokio::test]

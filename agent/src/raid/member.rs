@@ -5,10 +5,13 @@
 //! another node has since overwritten, and a buffered partial-block write would write
 //! the stale rest of a cached block back over them.
 //!
-//! - I/O of whole 4 KiB blocks ([`ALIGN`]) goes straight down (data in unaligned memory
-//!   is copied to an aligned buffer first).
+//! - I/O of whole logical blocks of the member ([`MemberIo::block_size`]: 512 bytes on
+//!   most disks, see [`crate::directio`]) goes straight down (data in memory not
+//!   [`ALIGN`]-aligned is copied to an aligned buffer first). Other hosts write in
+//!   logical blocks too, so such a write never rewrites bytes another host wrote.
 //! - An unaligned read reads the covering blocks and hands out the slice.
-//! - An unaligned write is a read-modify-write of the covering blocks through the
+//! - A write not aligned to logical blocks (only from a client that ignores the NBD
+//!   minimum block size) is a read-modify-write of the covering blocks through the
 //!   device. It holds those blocks exclusively in the member's range lock
 //!   ([`RangeLock`]); every other I/O holds its blocks shared. So no write — aligned or
 //!   not — and no read interleaves with a read-modify-write of the same blocks, while
@@ -102,14 +105,20 @@ impl MemberIo {
         self.file.is_direct()
     }
 
+    /// The member's logical block size in bytes: writes of whole, aligned blocks go
+    /// straight down; smaller ones are read-modify-writes.
+    pub fn block_size(&self) -> u64 {
+        self.file.block_size()
+    }
+
     /// The range-lock guard an I/O of `len` bytes at `offset` needs: none on a buffered
     /// member, exclusive for a read-modify-write, else shared.
     async fn blocks(&self, offset: u64, len: usize, rmw: bool) -> Option<RangeGuard> {
         if !self.file.is_direct() || len == 0 {
             return None;
         }
-        let (start, end) = span(offset, len);
-        let a = ALIGN as u64;
+        let a = self.file.block_size();
+        let (start, end) = span(offset, len, a);
         Some(self.blocks.lock(start / a, end / a, rmw).await)
     }
 
@@ -129,7 +138,7 @@ impl MemberIo {
 
     /// Writes `data` at byte `offset` of the member (not durable until [`MemberIo::sync`]).
     pub async fn write_at(&self, offset: u64, data: Bytes) -> io::Result<()> {
-        let rmw = !is_span_aligned(offset, data.len());
+        let rmw = !is_span_aligned(offset, data.len(), self.file.block_size());
         let data = if rmw { data } else { aligned_copy(&data) };
         let guard = self.blocks(offset, data.len(), rmw).await;
         let file = self.file.clone();
@@ -155,9 +164,10 @@ fn join_error(e: tokio::task::JoinError) -> io::Error {
     io::Error::other(format!("member I/O task failed: {e}"))
 }
 
-/// Whether an I/O of `len` bytes at `offset` from memory at `addr` can go direct.
-pub fn is_aligned(offset: u64, len: usize, addr: usize) -> bool {
-    crate::directio::is_aligned(offset, len, addr)
+/// Whether an I/O of `len` bytes at `offset` from memory at `addr` can go direct on a
+/// device with `block`-byte logical blocks.
+pub fn is_aligned(offset: u64, len: usize, addr: usize, block: u64) -> bool {
+    crate::directio::is_aligned(offset, len, addr, block)
 }
 
 /// A lock over ranges of blocks `[start, end)`, shared or exclusive, granted in arrival
@@ -398,10 +408,11 @@ mod tests {
             .map(|i| {
                 let (f, read_all) = (f.clone(), read_all.clone());
                 std::thread::spawn(move || {
-                    let off = 4096 + 10 + i as u64 * 200;
-                    let mut block = f.read_covering(off, 100).unwrap();
+                    // All inside one 512-byte block (the file's logical block).
+                    let off = 4096 + 10 + i as u64 * 60;
+                    let mut block = f.read_covering(off, 50).unwrap();
                     read_all.wait();
-                    block.patch(off, &[i as u8 + 1; 100]);
+                    block.patch(off, &[i as u8 + 1; 50]);
                     f.write_covering(&block).unwrap();
                 })
             })
@@ -412,13 +423,129 @@ mod tests {
         let all = std::fs::read(&path).unwrap();
         let landed = (0..n)
             .filter(|&i| {
-                let at = 4096 + 10 + i * 200;
-                all[at..at + 100].iter().all(|&b| b == i as u8 + 1)
+                let at = 4096 + 10 + i * 60;
+                all[at..at + 50].iter().all(|&b| b == i as u8 + 1)
             })
             .count();
         assert_eq!(
             landed, 1,
             "unserialised read-modify-writes kept only the last"
+        );
+    }
+
+    /// A loop device over a file, with direct I/O to the file and `sector` as its
+    /// logical block size; detached on drop.
+    struct Loop(PathBuf);
+
+    impl Loop {
+        fn attach(file: &Path, sector: u32) -> Loop {
+            let out = std::process::Command::new("losetup")
+                .args(["--find", "--show", "--direct-io=on", "--sector-size"])
+                .arg(sector.to_string())
+                .arg(file)
+                .output()
+                .expect("run losetup");
+            assert!(
+                out.status.success(),
+                "losetup {}: {}",
+                file.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Loop(PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()))
+        }
+    }
+
+    impl Drop for Loop {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .arg("-d")
+                .arg(&self.0)
+                .status();
+        }
+    }
+
+    /// Two nodes, each with its own loop device over one file (the shared disk), write
+    /// neighbouring sectors of one 4 KiB block. Node A's write is held between its read
+    /// and its write if it is a read-modify-write, and node B writes its sector in that
+    /// gap. Returns (the members' block size, whether A's write was a read-modify-write,
+    /// A's sector as on disk, B's sector as on disk).
+    async fn two_nodes_write_neighbouring_sectors(sector: u32) -> (u64, bool, Vec<u8>, Vec<u8>) {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let file = dir.path().join("shared");
+        std::fs::write(&file, vec![0u8; 1 << 20]).unwrap();
+        let (la, lb) = (Loop::attach(&file, sector), Loop::attach(&file, sector));
+        let a = Arc::new(MemberIo::open(&la.0).unwrap());
+        let b = MemberIo::open(&lb.0).unwrap();
+        assert!(a.is_direct() && b.is_direct());
+        assert_eq!(a.block_size(), b.block_size());
+        let (read_tx, read_rx) = std::sync::mpsc::channel::<()>();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let go_rx = Mutex::new(go_rx);
+        let read_tx = Mutex::new(read_tx);
+        crate::directio::test_hook::set(
+            &la.0,
+            Arc::new(move || {
+                read_tx.lock().unwrap().send(()).unwrap();
+                go_rx
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_secs(10))
+                    .expect("node B's write did not finish");
+            }),
+        );
+        let a2 = a.clone();
+        let wa = tokio::spawn(async move {
+            a2.write_at(4096, aligned_copy(&Bytes::from(vec![0xaa; 512])))
+                .await
+        });
+        // Wait (bounded) for A to sit between its read and its write, if it does.
+        let rmw = tokio::task::spawn_blocking(move || {
+            read_rx.recv_timeout(Duration::from_secs(2)).is_ok()
+        })
+        .await
+        .unwrap();
+        b.write_at(4096 + 512, aligned_copy(&Bytes::from(vec![0xbb; 512])))
+            .await
+            .unwrap();
+        b.sync().await.unwrap();
+        let _ = go_tx.send(());
+        wa.await.unwrap().unwrap();
+        a.sync().await.unwrap();
+        crate::directio::test_hook::clear(&la.0);
+        let disk = DirectFile::open(&file, false).unwrap();
+        let got = disk.read_at(4096, 1024).unwrap();
+        (
+            a.block_size(),
+            rmw,
+            got[..512].to_vec(),
+            got[512..].to_vec(),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sector_writes_from_two_nodes_to_one_block_both_land() {
+        let (block, rmw, a, b) = two_nodes_write_neighbouring_sectors(512).await;
+        assert!(a.iter().all(|&x| x == 0xaa), "node A's sector was lost");
+        assert!(b.iter().all(|&x| x == 0xbb), "node B's sector was lost");
+        assert!(
+            !rmw,
+            "a 512-byte write on a 512-byte-sector device was read-modify-written"
+        );
+        assert_eq!(block, 512);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sub_block_writes_on_4k_sector_devices_are_read_modify_written() {
+        // The fallback the NBD minimum block size keeps clients away from: on a device
+        // with 4 KiB logical blocks a 512-byte write must read the block, and another
+        // host's write in the gap is lost (what the minimum block size prevents).
+        let (block, rmw, a, b) = two_nodes_write_neighbouring_sectors(4096).await;
+        assert_eq!(block, 4096);
+        assert!(rmw);
+        assert!(a.iter().all(|&x| x == 0xaa));
+        assert!(
+            b.iter().all(|&x| x == 0),
+            "the read-modify-write rewrote the old sector"
         );
     }
 
@@ -522,9 +649,13 @@ mod tests {
             .collect();
         assert_eq!(mine.len(), 1);
         let (_, off, data) = &mine[0];
-        assert_eq!((*off, data.len()), (4096, 8192));
-        let mut want = vec![3u8; 8192];
-        want[4000..4200].fill(9);
+        // The covering logical blocks of the file (512 bytes on ext4).
+        let b = m.block_size();
+        let (lo, hi) = ((4096 + 4000) / b * b, (4096 + 4200u64).div_ceil(b) * b);
+        assert_eq!((*off, data.len() as u64), (lo, hi - lo));
+        let mut want = vec![3u8; (hi - lo) as usize];
+        let at = (4096 + 4000 - lo) as usize;
+        want[at..at + 200].fill(9);
         assert!(data[..] == want[..]);
     }
 }

@@ -1581,6 +1581,19 @@ impl Raid1 {
             .clone()
     }
 
+    /// The array's logical block size: the largest among its members (see
+    /// [`MemberIo::block_size`]). Writes of whole blocks reach every member without a
+    /// read-modify-write.
+    pub fn block_size(&self) -> u32 {
+        let members = self.members.read().unwrap_or_else(|e| e.into_inner());
+        let max = members
+            .iter()
+            .map(|m| m.io.block_size())
+            .max()
+            .unwrap_or(crate::directio::SECTOR);
+        u32::try_from(max).unwrap_or(u32::MAX)
+    }
+
     /// Array size in bytes.
     pub fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
@@ -1839,6 +1852,9 @@ impl Raid1 {
 impl BlockDevice for Raid1 {
     fn size(&self) -> u64 {
         Raid1::size(self)
+    }
+    fn block_size(&self) -> u32 {
+        Raid1::block_size(self)
     }
     fn read(&self, offset: u64, len: u32) -> IoFuture<'_, Bytes> {
         Box::pin(self.read_impl(offset, len))

@@ -47,7 +47,7 @@ use tokio::time::Instant;
 use super::{lock, Node};
 use crate::array::{reshape, AddHow};
 use crate::cluster::{channel, token_lock, ClusterMsg, MsgType};
-use crate::format::io::read_member;
+use crate::format::io::{read_member_bounded, DeviceError, META_READ_TIMEOUT};
 use crate::format::superblock::ROLE_FAULTY;
 use crate::raid::{MemberState, Raid1};
 
@@ -316,7 +316,11 @@ async fn reload(node: &Arc<Node>, name: &str) -> Result<(), String> {
     else {
         return Err(format!("node {me}: array {name} is not here"));
     };
-    tokio::task::spawn_blocking(move || att.reload())
+    let faulty = node
+        .raid_of(name)
+        .map(|(raid, _)| faulty_members(&raid))
+        .unwrap_or_default();
+    tokio::task::spawn_blocking(move || att.reload(&faulty))
         .await
         .map_err(|e| format!("node {me}: array {name}: reload task failed: {e}"))?
         .map_err(|e| format!("node {me}: array {name}: re-reading the superblocks: {e}"))
@@ -403,7 +407,11 @@ async fn follow_size(
     expose: bool,
 ) -> Result<(), String> {
     let me = node.name();
-    let sb = newest_superblock(me, name, members).await?;
+    let skip = node
+        .raid_of(name)
+        .map(|(raid, _)| faulty_paths(&raid))
+        .unwrap_or_default();
+    let sb = newest_superblock(me, name, members, &skip).await?;
     let Some((_, service)) = node.info(name) else {
         return Err(format!("node {me}: array {name} is not active here"));
     };
@@ -419,23 +427,54 @@ async fn follow_size(
 
 /// The superblock with the highest `events` among `members` (a member just failed is
 /// not written any more).
+/// Engine indexes of the members `raid` has as Faulty (or removed).
+fn faulty_members(raid: &Raid1) -> Vec<usize> {
+    raid.status()
+        .members
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.state == MemberState::Faulty || m.removed)
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Paths of the members `raid` has as Faulty (or removed).
+fn faulty_paths(raid: &Raid1) -> Vec<PathBuf> {
+    raid.status()
+        .members
+        .iter()
+        .filter(|m| m.state == MemberState::Faulty || m.removed)
+        .map(|m| PathBuf::from(&m.path))
+        .collect()
+}
+
+/// The superblock with the most events among `members`, skipping those in `skip` (the
+/// engine has them as Faulty); each read is bounded by [`META_READ_TIMEOUT`], and a
+/// member that does not answer fails the whole read (naming it) rather than letting
+/// an older superblock win.
 async fn newest_superblock(
     node: &str,
     array: &str,
     members: &[PathBuf],
+    skip: &[PathBuf],
 ) -> Result<crate::format::superblock::Superblock, String> {
-    let paths = members.to_vec();
+    let paths: Vec<PathBuf> = members
+        .iter()
+        .filter(|p| !skip.contains(p))
+        .cloned()
+        .collect();
     tokio::task::spawn_blocking(move || {
         let mut best: Option<crate::format::superblock::Superblock> = None;
         let mut last = None;
         for p in &paths {
-            match read_member(p) {
+            match read_member_bounded(p, META_READ_TIMEOUT) {
                 Ok(m) if best.as_ref().is_none_or(|b| m.sb.events > b.events) => best = Some(m.sb),
                 Ok(_) => {}
+                Err(e @ DeviceError::Unresponsive { .. }) => return Err(e.to_string()),
                 Err(e) => last = Some(e.to_string()),
             }
         }
-        best.ok_or_else(|| last.unwrap_or_else(|| "no members".to_owned()))
+        best.ok_or_else(|| last.unwrap_or_else(|| "no readable member".to_owned()))
     })
     .await
     .map_err(|e| format!("node {node}: array {array}: reading the superblock: {e}"))?
@@ -594,7 +633,7 @@ async fn metadata_updated(
     raid: &Raid1,
     members: &[PathBuf],
 ) -> Result<(), String> {
-    let sb = newest_superblock(node, array, members).await?;
+    let sb = newest_superblock(node, array, members, &faulty_paths(raid)).await?;
     if sb.raid_disks > raid.raid_disks() {
         raid.grow_raid_disks(sb.raid_disks).await.map_err(|e| {
             format!(
@@ -614,4 +653,50 @@ async fn metadata_updated(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::create::{BitmapMode, CreateSpec};
+    use crate::format::io::create_members;
+
+    /// A member whose reads block (a FIFO without a writer: its open blocks in the
+    /// kernel) is skipped when the engine has it as Faulty, and bounds the read when it
+    /// does not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn newest_superblock_skips_faulty_members_and_bounds_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        for p in [&a, &b] {
+            std::fs::File::create(p).unwrap().set_len(32 << 20).unwrap();
+        }
+        let spec = CreateSpec::new("host:md0", 2, 0, BitmapMode::None);
+        create_members(&spec, &[a.clone(), b.clone()], false).unwrap();
+        let dead = dir.path().join("dead-member");
+        let c = std::ffi::CString::new(dead.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid C string; mkfifo only creates the node.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let members = vec![a.clone(), dead.clone(), b.clone()];
+        let t = Instant::now();
+        let sb = newest_superblock("n1", "md0", &members, std::slice::from_ref(&dead))
+            .await
+            .unwrap();
+        assert_eq!(sb.raid_disks, 2);
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        let t = Instant::now();
+        let e = newest_superblock("n1", "md0", &members, &[])
+            .await
+            .unwrap_err();
+        let took = t.elapsed();
+        assert!(e.contains("dead-member") && e.contains("node n1"), "{e}");
+        assert!(
+            took >= META_READ_TIMEOUT && took < META_READ_TIMEOUT + Duration::from_secs(5),
+            "{took:?}"
+        );
+        // Unblock the thread still stuck in the open.
+        let w = std::fs::OpenOptions::new().write(true).open(&dead).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(w);
+    }
 }

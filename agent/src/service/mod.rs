@@ -168,6 +168,7 @@ fn device_errno(e: &DeviceError) -> Errno {
         // not fit the devices.
         DeviceError::Format { .. } => Errno::Einval,
         DeviceError::Io { .. } => Errno::Eio,
+        DeviceError::Unresponsive { .. } => Errno::Etimedout,
     }
 }
 
