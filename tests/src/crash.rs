@@ -20,12 +20,17 @@
 //! - **Torn writes** at 4 KiB granularity, in one of the modes: a multi-block write may
 //!   be partly present, block by block; a 4 KiB block is atomic (the superblock and a
 //!   bitmap page are single 4 KiB writes; md assumes the same of a sector).
-//! - Modes per crash state: all uncertain writes present, none present, a random
-//!   subset of whole writes, a random subset of 4 KiB pieces.
+//! - Modes per crash state ([`Mode`]): all uncertain writes present, none present, a
+//!   random subset of whole writes, a random subset of 4 KiB pieces, or every metadata
+//!   write present with the data of only some members (the cache wrote the metadata
+//!   back first; checked wherever both are uncertain).
 //! - **Crash points**: just before every flush starts (everything since the previous
-//!   flush of that device uncertain) and just after every flush ends, plus random
-//!   points in between; a crash stops every node at once (the whole cluster loses
-//!   power), which is the worst case for the other nodes' slots too.
+//!   flush of that device uncertain) and just after every flush ends, a point whose
+//!   state equals the previous one skipped, plus random points in between; a crash
+//!   stops every node at once (the whole cluster loses power), which is the worst
+//!   case for the other nodes' slots too.
+//! - The checker checks itself: a crash state holding data of a write issued after
+//!   the crash point is a bug of the checker and fails the test.
 //!
 //! # What is checked after recovery
 //! Every member's superblock parses; the first node to come back joins (takes slot 0
@@ -377,12 +382,11 @@ impl MetaGate for InProcGate {
                         continue;
                     };
                     let msg = ClusterMsg::new(MsgType::MetadataUpdated, me.slot);
-                    let applied = mdcluster_agent::raid::following(
-                        mdcluster_agent::service::message::apply(
+                    let applied =
+                        mdcluster_agent::raid::following(mdcluster_agent::service::message::apply(
                             &n.name, ARRAY, &raid, &n.members, &msg,
-                        ),
-                    )
-                    .await;
+                        ))
+                        .await;
                     if let Err(e) = applied {
                         eprintln!("{}: METADATA_UPDATED after {what} not applied: {e}", n.name);
                     }
@@ -419,6 +423,8 @@ pub struct Workload {
     pub paths: Vec<PathBuf>,
     /// Their size.
     pub member_bytes: u64,
+    /// Where the data area starts on every member (bytes).
+    pub data_offset: u64,
     /// Client writes issued.
     pub writes: usize,
 }
@@ -550,8 +556,9 @@ async fn wait_synced(raid: &Raid1, what: &str, limit: Duration) -> anyhow::Resul
 /// Runs the workload on fresh member files under `cfg.dir` while `rec` records:
 /// 1. create a clustered mirror (2 slots, not `--assume-clean`: slot 0 all dirty);
 /// 2. node A (slot 0) assembles and writes during the initial resync;
-/// 3. node B (slot 1) assembles; both write, then write without FUA, stay idle until
-///    the bitmap daemons cleared the bits, and flush;
+/// 3. node B (slot 1) assembles; both write; then each in turn, the other idle,
+///    writes without FUA, stays idle until the bitmap daemon cleared the bits, and
+///    flushes;
 /// 4. the last member is failed on A (B follows), both write degraded;
 /// 5. B stops cleanly (its slot keeps the degraded chunks);
 /// 6. A removes and re-adds the member (gathering B's slot, as `manage --re-add`
@@ -569,9 +576,19 @@ pub async fn run_workload(cfg: &WorkloadConfig, rec: &Arc<Recorder>) -> anyhow::
     spec.nodes = Some(2);
     spec.bitmap_chunk = Some(cfg.chunk);
     spec.cluster_name = "crash".into();
-    spec.uuid = rng.next_u64().to_le_bytes().repeat(2).try_into().unwrap_or([1; 16]);
+    spec.uuid = rng
+        .next_u64()
+        .to_le_bytes()
+        .repeat(2)
+        .try_into()
+        .unwrap_or([1; 16]);
     for u in spec.device_uuids.iter_mut() {
-        *u = rng.next_u64().to_le_bytes().repeat(2).try_into().unwrap_or([2; 16]);
+        *u = rng
+            .next_u64()
+            .to_le_bytes()
+            .repeat(2)
+            .try_into()
+            .unwrap_or([2; 16]);
     }
     {
         let (spec, paths) = (spec.clone(), paths.clone());
@@ -626,7 +643,9 @@ pub async fn run_workload(cfg: &WorkloadConfig, rec: &Arc<Recorder>) -> anyhow::
         }
     };
 
-    rec.mark(Mark::Phase("A assembles, writes during the initial resync".into()));
+    rec.mark(Mark::Phase(
+        "A assembles, writes during the initial resync".into(),
+    ));
     let (reg_a, raid_a) = start(0, slow).await?;
     let a = Node {
         idx: 0,
@@ -650,17 +669,18 @@ pub async fn run_workload(cfg: &WorkloadConfig, rec: &Arc<Recorder>) -> anyhow::
     let mut rng_b = Rng::new(rng.next_u64());
     let pause = cfg.daemon_sleep * 5;
     let (ra, rb) = tokio::join!(
-        async {
-            clients.writes(&a, &mut rng, cfg.batches).await?;
-            clients.quiet(&a, &mut rng, 2, pause).await
-        },
-        async {
-            clients.writes(&b, &mut rng_b, cfg.batches).await?;
-            clients.quiet(&b, &mut rng_b, 2, pause).await
-        }
+        clients.writes(&a, &mut rng, cfg.batches),
+        clients.writes(&b, &mut rng_b, cfg.batches)
     );
     ra?;
     rb?;
+    // One node at a time, the other idle (its bits already cleared), so nothing but
+    // the bitmap daemon flushes the members after the last writes.
+    tokio::time::sleep(pause).await;
+    for _ in 0..2 {
+        clients.quiet(&a, &mut rng, 1, pause).await?;
+        clients.quiet(&b, &mut rng_b, 1, pause).await?;
+    }
 
     let failed = paths[cfg.members - 1].clone();
     rec.mark(Mark::Phase(format!("fail {} on A", failed.display())));
@@ -682,7 +702,9 @@ pub async fn run_workload(cfg: &WorkloadConfig, rec: &Arc<Recorder>) -> anyhow::
     }
     let marked =
         mdcluster_agent::service::takeover::gather_slots(ARRAY, &a.raid, &paths, 0, 2).await?;
-    rec.mark(Mark::Phase(format!("re-add: {marked} chunks of slot 1 gathered")));
+    rec.mark(Mark::Phase(format!(
+        "re-add: {marked} chunks of slot 1 gathered"
+    )));
     let added = a.registry.add_member(ARRAY, &failed).await?;
     if !added.readded {
         bail!("{} was added, not re-added", failed.display());
@@ -699,6 +721,7 @@ pub async fn run_workload(cfg: &WorkloadConfig, rec: &Arc<Recorder>) -> anyhow::
     Ok(Workload {
         paths,
         member_bytes: cfg.member_bytes,
+        data_offset: m.sb.data_offset * 512,
         writes: clients.next_k.load(Ordering::SeqCst),
     })
 }
@@ -714,6 +737,10 @@ pub enum Mode {
     Writes,
     /// Each 4 KiB piece of each write present with probability p (torn writes).
     Torn,
+    /// Every metadata write (superblock, bitmap: before the data offset) present; per
+    /// member either all its data writes or none, not the same choice on every member:
+    /// the caches wrote the metadata back first and the data of only some members.
+    MetaFirst,
 }
 
 struct ClientWrite {
@@ -732,6 +759,8 @@ pub struct Model {
     seed: u64,
     devs: usize,
     member_bytes: u64,
+    /// Where the data area starts on every member (bytes).
+    data_offset: u64,
     begin_of: HashMap<u64, usize>,
     writes: Vec<ClientWrite>,
     /// Array block → client writes covering it, in issue order.
@@ -741,8 +770,15 @@ pub struct Model {
 }
 
 impl Model {
-    /// Indexes `events` of a workload over `devs` members of `member_bytes`.
-    pub fn new(events: Vec<Event>, seed: u64, devs: usize, member_bytes: u64) -> Model {
+    /// Indexes `events` of a workload over `devs` members of `member_bytes` whose data
+    /// starts at `data_offset`.
+    pub fn new(
+        events: Vec<Event>,
+        seed: u64,
+        devs: usize,
+        member_bytes: u64,
+        data_offset: u64,
+    ) -> Model {
         let mut begin_of = HashMap::new();
         let mut writes: Vec<Option<ClientWrite>> = Vec::new();
         let mut acks: HashMap<usize, usize> = HashMap::new();
@@ -835,6 +871,7 @@ impl Model {
             seed,
             devs,
             member_bytes,
+            data_offset,
             begin_of,
             writes,
             by_block,
@@ -964,16 +1001,30 @@ impl<'a> Replayer<'a> {
         }
     }
 
-    /// Writes the members as a crash at `i` (events `..i` happened) leaves them into
-    /// `dir` (`m0`, `m1`, ...), choosing the uncertain writes by `mode` with `rng`.
-    /// Crash points must not decrease.
-    pub fn write_state(
-        &mut self,
-        i: usize,
-        mode: Mode,
-        rng: &mut Rng,
-        dir: &Path,
-    ) -> anyhow::Result<Vec<PathBuf>> {
+    /// Whether a crash at `i` leaves both metadata and data writes uncertain (then a
+    /// [`Mode::MetaFirst`] state is worth checking too). Call before
+    /// [`Replayer::write_state`] for the same `i`.
+    pub fn mixed(&mut self, i: usize) -> bool {
+        self.advance(i);
+        let (mut meta, mut data) = (false, false);
+        for d in 0..self.model.devs {
+            for e in &self.model.events[self.applied_upto[d]..i] {
+                if let Event::Write { dev, offset, .. } = e {
+                    if *dev == d {
+                        if *offset < self.model.data_offset {
+                            meta = true;
+                        } else {
+                            data = true;
+                        }
+                    }
+                }
+            }
+        }
+        meta && data
+    }
+
+    /// Brings the durable images to a crash at `i`.
+    fn advance(&mut self, i: usize) {
         let ev = &self.model.events;
         while self.cursor < i {
             if let Event::FlushEnd { dev, id } = &ev[self.cursor] {
@@ -994,7 +1045,24 @@ impl<'a> Replayer<'a> {
             }
             self.applied_upto[d] = self.applied_upto[d].max(upto);
         }
+    }
+
+    /// Writes the members as a crash at `i` (events `..i` happened) leaves them into
+    /// `dir` (`m0`, `m1`, ...), choosing the uncertain writes by `mode` with `rng`.
+    /// Crash points must not decrease.
+    pub fn write_state(
+        &mut self,
+        i: usize,
+        mode: Mode,
+        rng: &mut Rng,
+        dir: &Path,
+    ) -> anyhow::Result<Vec<PathBuf>> {
+        self.advance(i);
+        let ev = &self.model.events;
         let p = [1u64, 2, 3][rng.below(3) as usize];
+        // MetaFirst: which members keep their data writes (a mix).
+        let devs = self.model.devs as u64;
+        let keep = 1 + rng.below((1 << devs) - 2);
         let mut paths = Vec::new();
         for d in 0..self.model.devs {
             let path = dir.join(format!("m{d}"));
@@ -1023,6 +1091,11 @@ impl<'a> Replayer<'a> {
                             f.write_all_at(data, *offset)?;
                         }
                     }
+                    Mode::MetaFirst => {
+                        if *offset < self.model.data_offset || keep & (1 << d) != 0 {
+                            f.write_all_at(data, *offset)?;
+                        }
+                    }
                     Mode::Torn => {
                         for (n, piece) in data.chunks(BLOCK).enumerate() {
                             if rng.chance(p, 4) {
@@ -1043,11 +1116,7 @@ impl<'a> Replayer<'a> {
 /// array size, or what went wrong (a violation).
 static AREAS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
-/// Profiling.
-pub static TIMES: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
-
-async fn recover(paths: &[PathBuf]) -> Result<(Vec<usize>, u64), String> {
-    let t = Instant::now();
+async fn recover(paths: &[PathBuf], recovering: &mut bool) -> Result<(Vec<usize>, u64), String> {
     let members = {
         let paths = paths.to_vec();
         tokio::task::spawn_blocking(move || {
@@ -1089,21 +1158,19 @@ async fn recover(paths: &[PathBuf]) -> Result<(Vec<usize>, u64), String> {
             max_kib_s: 2_000_000,
         },
     );
-    TIMES[1].fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
-    let t = Instant::now();
     reg.assemble(ARRAY, paths)
         .await
         .map_err(|e| format!("assemble failed: {e}"))?;
-    TIMES[2].fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
-    let t = Instant::now();
     let raid = reg.device(ARRAY).map_err(|e| e.to_string())?;
+    *recovering = raid
+        .status()
+        .members
+        .iter()
+        .any(|m| matches!(m.state, MemberState::Recovering { .. }));
     let waited = wait_synced(&raid, "recovery", Duration::from_secs(20)).await;
     let status = raid.status();
     drop(raid);
-    TIMES[3].fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
-    let t = Instant::now();
     let stopped = reg.stop(ARRAY, true).await;
-    TIMES[4].fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
     waited.map_err(|e| e.to_string())?;
     stopped.map_err(|e| format!("stop after recovery failed: {e}"))?;
     let in_sync = status
@@ -1125,6 +1192,10 @@ pub struct Verdict {
     pub mode: Mode,
     /// What is wrong (empty: consistent).
     pub problems: Vec<String>,
+    /// A member was recovering when the array was assembled after the crash.
+    pub recovering: bool,
+    /// The assemble after the crash failed.
+    pub assemble_failed: bool,
 }
 
 /// Recovers the crash state in the member files `paths` and checks it.
@@ -1134,18 +1205,35 @@ pub async fn check_state(
     point: usize,
     mode: Mode,
 ) -> anyhow::Result<Verdict> {
+    // The checker's own invariant: a crash state holds no data of a write issued
+    // after the crash point.
+    for p in paths {
+        let f = std::fs::File::open(p)?;
+        let mut block = vec![0u8; BLOCK];
+        for &b in model.by_block.keys() {
+            f.read_exact_at(&mut block, model.data_offset + b * BLOCK as u64)?;
+            if let Content::Write(k) = identify(model.seed, &block, b * BLOCK as u64) {
+                if model.writes[k].issue >= point {
+                    bail!(
+                        "crash state at {point} ({mode:?}) holds write #{k} (issued at {}) in {} at array block {b}",
+                        model.writes[k].issue,
+                        p.display()
+                    );
+                }
+            }
+        }
+    }
     let mut problems = Vec::new();
     let mut areas_back = Vec::new();
-    let t = Instant::now();
-    let recovered = recover(paths).await;
-    TIMES[0].fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+    let mut recovering = false;
+    let recovered = recover(paths, &mut recovering).await;
+    let assemble_failed = matches!(&recovered, Err(e) if e.starts_with("assemble failed"));
     match recovered {
         Err(e) => problems.push(e),
         Ok((in_sync, size)) => {
             if in_sync.is_empty() {
                 problems.push("no member in sync after recovery".into());
             }
-            let t = Instant::now();
             // Buffers reused across crash states (a fresh 8 MiB per member and state
             // costs more in page faults than the reads).
             let mut pool = std::mem::take(&mut *AREAS.lock().unwrap_or_else(|e| e.into_inner()));
@@ -1158,8 +1246,6 @@ pub async fn check_state(
                 f.read_exact_at(&mut area, m.sb.data_offset * 512)?;
                 areas.push((d, area));
             }
-            TIMES[6].fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
-            let t = Instant::now();
             if let Some((d0, a0)) = areas.first() {
                 for (d, a) in &areas[1..] {
                     if a != a0 {
@@ -1203,7 +1289,6 @@ pub async fn check_state(
             areas_back.extend(areas.into_iter().map(|(_, a)| a));
         }
     }
-    let t = Instant::now();
     AREAS
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -1211,11 +1296,12 @@ pub async fn check_state(
     for p in paths {
         let _ = std::fs::remove_file(p);
     }
-    TIMES[7].fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
     Ok(Verdict {
         point,
         mode,
         problems,
+        recovering,
+        assemble_failed,
     })
 }
 
