@@ -538,7 +538,8 @@ fn registry(slot: u32, daemon_sleep: Duration, speed: SpeedLimits) -> Arc<Regist
             sync_gate: false,
             safe_mode: None,
         },
-        device_allow: Vec::new(),
+        // Each node of the workload is its own node: its own claims.
+        ..RegistryConfig::default()
     })
 }
 

@@ -17,7 +17,10 @@
 //!    active and answers EBUSY naming them (with `force` disconnects them instead);
 //!    then drains I/O, flushes the bitmap, marks the superblocks clean, closes the
 //!    members and removes the entry;
-//! 4. every wait has a bound.
+//! 4. every wait has a bound;
+//! 5. one array (by array UUID) is assembled at most once on a node: a second assemble
+//!    of its members under another name is EBUSY naming the first ([`Claims`], shared
+//!    by every registry of the node).
 //!
 //! # Layout
 //! - [`assemble`]: members → a running [`Raid1`] (superblocks, bitmap slot, writers).
@@ -63,6 +66,16 @@ pub enum ArrayError {
         state: String,
         /// Clients still connected.
         clients: Vec<String>,
+    },
+    /// The members belong to an array already assembled here under another name.
+    #[error("EBUSY: cannot assemble {name:?}: its members belong to array {holder:?} (UUID {uuid}), already assembled on this node; use {holder:?} or stop it first")]
+    Claimed {
+        /// The name asked for.
+        name: String,
+        /// The name the array runs under.
+        holder: String,
+        /// The array UUID.
+        uuid: String,
     },
     /// An array of that name already exists.
     #[error("EEXIST: array {name:?} already exists on this node ({state})")]
@@ -115,7 +128,7 @@ impl ArrayError {
     pub fn errno(&self) -> &'static str {
         match self {
             ArrayError::NotFound { .. } => "ENOENT",
-            ArrayError::Busy { .. } => "EBUSY",
+            ArrayError::Busy { .. } | ArrayError::Claimed { .. } => "EBUSY",
             ArrayError::Exists { .. } => "EEXIST",
             ArrayError::Invalid(_) => "EINVAL",
             ArrayError::NotAllowed { .. } => "EPERM",
@@ -184,6 +197,109 @@ pub enum AddHow {
     Attach,
 }
 
+/// Which array (by array UUID) is assembled under which name on this node. Shared by
+/// every registry of the node (cluster mode keeps one registry per bitmap slot), so the
+/// same members are never assembled twice under two names (md: EBUSY, the devices are
+/// claimed by the first array).
+#[derive(Debug, Default)]
+pub struct Claims {
+    map: Mutex<HashMap<[u8; 16], String>>,
+}
+
+impl Claims {
+    /// Claims `uuid` for `name`; `Err` carries the name that holds it. Claiming again
+    /// under the same name succeeds.
+    pub fn claim(&self, uuid: [u8; 16], name: &str) -> Result<(), String> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get(&uuid) {
+            Some(holder) if holder != name => Err(holder.clone()),
+            Some(_) => Ok(()),
+            None => {
+                map.insert(uuid, name.to_owned());
+                Ok(())
+            }
+        }
+    }
+
+    /// Releases `uuid` if `name` holds it.
+    pub fn release(&self, uuid: [u8; 16], name: &str) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(&uuid).is_some_and(|h| h == name) {
+            map.remove(&uuid);
+        }
+    }
+
+    /// Claims `uuid` for `name` until the returned guard is dropped or kept
+    /// ([`ClaimGuard::keep`]); `Err` carries the name that holds it.
+    pub fn hold(self: &Arc<Self>, uuid: [u8; 16], name: &str) -> Result<ClaimGuard, String> {
+        let fresh = self.holder(uuid).is_none();
+        self.claim(uuid, name)?;
+        Ok(ClaimGuard {
+            claims: self.clone(),
+            uuid,
+            name: name.to_owned(),
+            release: fresh,
+        })
+    }
+
+    /// The name `uuid` is assembled under, if any.
+    pub fn holder(&self, uuid: [u8; 16]) -> Option<String> {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&uuid)
+            .cloned()
+    }
+}
+
+/// A claim taken by [`Claims::hold`]: released on drop unless kept (then the registry
+/// entry that claimed the same UUID releases it when the array goes).
+#[derive(Debug)]
+pub struct ClaimGuard {
+    claims: Arc<Claims>,
+    uuid: [u8; 16],
+    name: String,
+    release: bool,
+}
+
+impl ClaimGuard {
+    /// Keeps the claim: the array is assembled.
+    pub fn keep(mut self) {
+        self.release = false;
+    }
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        if self.release {
+            self.claims.release(self.uuid, &self.name);
+        }
+    }
+}
+
+/// The EBUSY of a second assemble of an array's members (`uuid`) under `name`.
+pub fn claimed_error(name: &str, uuid: &[u8; 16], holder: &str) -> ArrayError {
+    ArrayError::Claimed {
+        name: name.to_owned(),
+        holder: holder.to_owned(),
+        uuid: crate::format::fmt_uuid(uuid),
+    }
+}
+
+/// The array UUID in the superblock of the first readable member, if any.
+pub async fn members_uuid(members: &[PathBuf]) -> Option<[u8; 16]> {
+    let paths = members.to_vec();
+    tokio::task::spawn_blocking(move || {
+        paths
+            .iter()
+            .find_map(|p| crate::format::io::read_member(p).ok())
+            .map(|m| m.sb.set_uuid)
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
 /// Limits and defaults of a registry.
 #[derive(Debug, Clone)]
 pub struct RegistryConfig {
@@ -195,6 +311,8 @@ pub struct RegistryConfig {
     pub assemble: AssembleOptions,
     /// Glob patterns of member paths that may be opened; empty = any.
     pub device_allow: Vec<String>,
+    /// The arrays assembled on this node by UUID (shared by the node's registries).
+    pub claims: Arc<Claims>,
 }
 
 impl Default for RegistryConfig {
@@ -204,6 +322,7 @@ impl Default for RegistryConfig {
             drain_timeout: Duration::from_secs(30),
             assemble: AssembleOptions::default(),
             device_allow: Vec::new(),
+            claims: Arc::default(),
         }
     }
 }
@@ -215,6 +334,8 @@ struct Entry {
     attachment: Option<Arc<assemble::Attachment>>,
     identity: Option<ArrayIdentity>,
     clients: ClientSet,
+    /// The array UUID this entry claimed ([`Claims`]), released when it goes.
+    claim: Option<[u8; 16]>,
 }
 
 /// The arrays of this node. Cheap to share (`Arc`).
@@ -387,6 +508,7 @@ impl Registry {
                 attachment: None,
                 identity: None,
                 clients: ClientSet::new(),
+                claim: None,
             },
         );
         drop(map);
@@ -398,10 +520,14 @@ impl Registry {
         let removed = {
             let mut map = self.lock();
             match map.get(name) {
-                Some(e) if e.state == ArrayState::Assembling => map.remove(name).is_some(),
-                _ => false,
+                Some(e) if e.state == ArrayState::Assembling => map.remove(name),
+                _ => None,
             }
         };
+        if let Some(uuid) = removed.as_ref().and_then(|e| e.claim) {
+            self.config.claims.release(uuid, name);
+        }
+        let removed = removed.is_some();
         if removed {
             self.emit(name, None);
         }
@@ -411,6 +537,17 @@ impl Registry {
     pub async fn assemble(&self, name: &str, members: &[PathBuf]) -> Result<ArrayInfo, ArrayError> {
         self.check_allowed(members)?;
         self.reserve(name)?;
+        // The same members under another name: EBUSY (rule 5). Unreadable members are
+        // left to the assemble's own errors.
+        if let Some(uuid) = members_uuid(members).await {
+            if let Err(holder) = self.config.claims.claim(uuid, name) {
+                self.unreserve(name);
+                return Err(claimed_error(name, &uuid, &holder));
+            }
+            if let Some(e) = self.lock().get_mut(name) {
+                e.claim = Some(uuid);
+            }
+        }
         let result = assemble::assemble(name, members, &self.config.assemble).await;
         match result {
             Ok((raid, identity, attachment)) => {
@@ -513,7 +650,10 @@ impl Registry {
             Some(r) => r.shutdown(self.config.drain_timeout).await,
             None => Ok(()),
         };
-        self.lock().remove(name);
+        let gone = self.lock().remove(name);
+        if let Some(uuid) = gone.and_then(|e| e.claim) {
+            self.config.claims.release(uuid, name);
+        }
         self.emit(name, None);
         drop(raid);
         result.map_err(ArrayError::from)

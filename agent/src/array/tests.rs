@@ -513,3 +513,46 @@ async fn writes_wait_for_a_remote_resync_window_to_move_on() {
     drop(dev);
     reg.stop("md0", false).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_members_cannot_be_assembled_twice_under_two_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = files(dir.path(), 2, 24 * MIB);
+    // Two registries sharing the node's claims, as cluster mode keeps one per slot.
+    let claims = Arc::new(Claims::default());
+    let reg_with = |slot: u32| {
+        Registry::new(RegistryConfig {
+            stop_grace: Duration::from_millis(300),
+            drain_timeout: Duration::from_secs(5),
+            assemble: AssembleOptions {
+                slot,
+                ..Default::default()
+            },
+            claims: claims.clone(),
+            ..Default::default()
+        })
+    };
+    let (a, b) = (reg_with(0), reg_with(0));
+    a.create("md0", spec(2, 0, BitmapMode::Internal, true), &paths, false)
+        .await
+        .unwrap();
+    for reg in [&a, &b] {
+        let e = reg.assemble("md1", &paths).await.unwrap_err();
+        assert_eq!(e.errno(), "EBUSY", "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("\"md0\"") && msg.contains("already assembled"),
+            "{msg}"
+        );
+        assert!(reg.lookup("md1").is_err(), "md1 left behind");
+    }
+    // One member alone is the same array too.
+    let e = b.assemble("md1", &paths[1..]).await.unwrap_err();
+    assert_eq!(e.errno(), "EBUSY", "{e}");
+    a.stop("md0", false).await.unwrap();
+    // Stopped: the members may be assembled under another name.
+    b.assemble("md1", &paths).await.unwrap();
+    let e = a.assemble("md0", &paths).await.unwrap_err();
+    assert_eq!(e.errno(), "EBUSY", "{e}");
+    b.stop("md1", false).await.unwrap();
+}

@@ -161,6 +161,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             sync_gate: false,
         },
         device_allow: args.device_allow.clone(),
+        claims: Default::default(),
     });
     let service = Service::new(registry.clone(), &args.run_dir, ServerConfig::default());
     let shutdown = CancellationToken::new();
@@ -242,6 +243,8 @@ async fn run_cluster(args: Args, server: String) -> anyhow::Result<()> {
                     sync_gate: true,
                 },
                 device_allow: args.device_allow.clone(),
+                // One for the node: shared by the registry of every slot.
+                claims: Default::default(),
             },
             nbd: ServerConfig::default(),
             nbd_tcp: args.nbd_tcp.clone(),

@@ -628,6 +628,17 @@ impl Node {
         }
         self.check_allowed(name, members)?;
         let first = self.read_any(name, members).await?;
+        // The same members already assembled under another name (in any slot's
+        // registry): EBUSY, before a slot lock is taken for them.
+        let claim = self
+            .cfg
+            .registry
+            .claims
+            .hold(first.sb.set_uuid, name)
+            .map_err(|holder| {
+                let e = crate::array::claimed_error(name, &first.sb.set_uuid, &holder);
+                self.err(Errno::Ebusy, name, e)
+            })?;
         let sb = &first.sb;
         let mut meta = Meta {
             level: sb.level,
@@ -655,19 +666,22 @@ impl Node {
             let m = join::join(&session, name, &self.cfg.node, members, &first)
                 .await
                 .map_err(|e| e.context(&format!("node {}: join {name}", self.cfg.node)))?;
-            Some(m)
+            Some((m, session.id()))
         } else {
             None
         };
-        meta.slot = membership.as_ref().map_or(0, |m| m.slot);
+        meta.slot = membership.as_ref().map_or(0, |(m, _)| m.slot);
         let service = self.service(meta.slot);
         lock(&self.meta).insert(name.to_owned(), meta.clone());
         match service.assemble(name, members).await {
             Ok(_) => {
-                if let Some(m) = membership {
+                if let Some((m, joined_on)) = membership {
                     let uuid = m.uuid;
                     let window = m.remote_window;
-                    lock(&self.held).insert(name.to_owned(), m);
+                    let slot = m.slot;
+                    if !self.hold_if_session(name, m, joined_on) {
+                        return Err(self.undo_lost_assemble(&service, name, slot).await);
+                    }
                     if let Some((raid, paths)) = self.raid_of(name) {
                         if let Some((lo, hi)) = window {
                             // Just assembled: no write of this node is in flight yet.
@@ -684,6 +698,8 @@ impl Node {
                         raid.set_meta_gate(Some(Arc::new(message::MetaRound::new(self, name))));
                     }
                 }
+                // The registry's entry holds the claim until the array stops.
+                claim.keep();
                 let speed = *lock(&self.speed);
                 let _ = service.registry().set_speed(name, speed);
                 self.save_state();
@@ -691,12 +707,56 @@ impl Node {
             }
             Err(e) => {
                 lock(&self.meta).remove(name);
-                if let (Some(m), Some(session)) = (membership, self.session()) {
-                    join::leave(&session, m, false).await;
+                if let (Some((m, joined_on)), Some(session)) = (membership, self.session()) {
+                    // The slot lock went with a lost session: nothing to release.
+                    if session.id() == joined_on {
+                        join::leave(&session, m, false).await;
+                    }
                 }
                 Err(self.err(errno_from_name(e.errno()), name, e))
             }
         }
+    }
+
+    /// Records `name` as joined with membership `m` if the session its slot lock was
+    /// taken on (`joined_on`) is still the node's, unexpired — checked before and after
+    /// the record. The session keeper clears the session before it checks the joined
+    /// arrays for self-fencing, so an array is either seen by that check (and the node
+    /// fences itself) or refused here: never left running without its slot lock.
+    fn hold_if_session(&self, name: &str, m: join::Membership, joined_on: i64) -> bool {
+        let alive = || {
+            self.session().is_some_and(|s| {
+                s.id() == joined_on && tokio::time::Instant::now() < s.fence_deadline()
+            })
+        };
+        if !alive() {
+            return false;
+        }
+        lock(&self.held).insert(name.to_owned(), m);
+        if alive() {
+            return true;
+        }
+        lock(&self.held).remove(name);
+        false
+    }
+
+    /// The session that held `name`'s slot lock was lost while the engine started:
+    /// stop the engine again (clients forced off) and say so.
+    async fn undo_lost_assemble(&self, service: &Service, name: &str, slot: u32) -> WireError {
+        tracing::error!(array = %name, slot, "session lost during assemble; stopping the array again");
+        let stopped = service.stop(name, true).await;
+        lock(&self.meta).remove(name);
+        let left = match stopped {
+            Ok(_) => "it was stopped again".to_owned(),
+            Err(e) => format!("stopping it again failed too ({e})"),
+        };
+        self.err(
+            Errno::Eio,
+            name,
+            format!(
+                "assemble {name}: the session with mdserver was lost after bitmap slot {slot} was taken, so the slot lock is gone; {left}; assemble again once the node's session is back"
+            ),
+        )
     }
 
     /// Stops `name` here (DESIGN.md "Lifecycle" 4), then leaves the cluster for it.

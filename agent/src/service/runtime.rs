@@ -340,11 +340,13 @@ pub async fn run(
                     node = node.name(),
                     "session lost: {reason}; opening a new one"
                 );
+                // Cleared first: an assemble finishing now either sees no session
+                // (and fails) or was recorded as joined before (and is fenced here).
+                node.set_session(None);
                 fence_if_joined(
                     &node,
                     &format!("the session with mdserver was lost ({reason})"),
                 );
-                node.set_session(None);
                 set_health(&health, false).await;
                 loop {
                     if stop.is_cancelled() {

@@ -207,3 +207,19 @@ async fn resyncing_windows_show_remote_and_manage_fail_remove_works_locally() {
     assert_eq!(e.errno, Errno::Enoent, "{e}");
     n.stop("md0", true).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_second_name_for_the_same_members_answers_ebusy() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("run")).unwrap();
+    let n = node(dir.path());
+    let m = members(dir.path());
+    n.create(create_req("md0", &m, "internal")).await.unwrap();
+    let e = n.assemble("md1", m.clone()).await.unwrap_err();
+    assert_eq!(e.errno, Errno::Ebusy, "{e}");
+    assert!(e.message.contains("\"md0\""), "{e}");
+    assert_eq!(n.names(), vec!["md0".to_owned()]);
+    n.stop("md0", false).await.unwrap();
+    n.assemble("md1", m.clone()).await.unwrap();
+    n.stop("md1", false).await.unwrap();
+}
