@@ -894,24 +894,54 @@ impl Model {
     /// the array exists), plus `extra` random points, sorted.
     pub fn crash_points(&self, rng: &mut Rng, extra: usize) -> (Vec<usize>, usize) {
         let mut pts = BTreeSet::new();
-        // A crash just before a flush begins is the same state as one just after the
-        // previous entry that was not a flush start: those are skipped.
-        let mut last = None;
-        for (i, e) in self.events.iter().enumerate().skip(self.first) {
-            let at = match e {
-                Event::FlushBegin { .. } => i,
-                Event::FlushEnd { .. } => i + 1,
-                _ => continue,
-            };
-            let same = last.is_some_and(|l: usize| {
-                self.events[l..at]
-                    .iter()
-                    .all(|e| matches!(e, Event::FlushBegin { .. } | Event::Mark(Mark::Phase(_))))
-            });
-            if !same {
-                pts.insert(at);
+        // A point whose crash state equals the previous point's is skipped: nothing in
+        // between but flush starts, issue and phase marks, and flush ends that made no
+        // new write durable.
+        let mut writes_of: Vec<Vec<usize>> = vec![Vec::new(); self.devs];
+        for (i, e) in self.events.iter().enumerate() {
+            if let Event::Write { dev, .. } = e {
+                writes_of[*dev].push(i);
             }
-            last = Some(at);
+        }
+        let mut durable = vec![0usize; self.devs];
+        let mut last: Option<usize> = None;
+        let mut changed = true;
+        for (i, e) in self.events.iter().enumerate() {
+            let at = match e {
+                Event::FlushBegin { .. } => Some(i),
+                Event::FlushEnd { .. } => Some(i + 1),
+                _ => None,
+            };
+            if i >= self.first {
+                if let Some(at) = at {
+                    // The state at `at` includes this entry only for a flush end.
+                    let ends_here = matches!(e, Event::FlushEnd { .. });
+                    let mut c = changed;
+                    if ends_here {
+                        c |= self.flush_end_changes(e, &durable, &writes_of);
+                    }
+                    if c || last.is_none() {
+                        pts.insert(at);
+                        last = Some(at);
+                        changed = false;
+                        if ends_here {
+                            self.apply_flush_end(e, &mut durable);
+                        }
+                        continue;
+                    }
+                }
+            }
+            match e {
+                Event::Write { .. }
+                | Event::Mark(Mark::Ack { .. })
+                | Event::Mark(Mark::Failed { .. })
+                | Event::Mark(Mark::FlushAck { .. }) => changed = true,
+                Event::FlushEnd { .. } => {
+                    changed |= self.flush_end_changes(e, &durable, &writes_of);
+                    self.apply_flush_end(e, &mut durable);
+                }
+                _ => {}
+            }
         }
         let boundaries = pts.len();
         let span = (self.events.len() + 1 - self.first) as u64;
@@ -920,6 +950,27 @@ impl Model {
         }
         pts.insert(self.events.len());
         (pts.into_iter().collect(), boundaries)
+    }
+
+    /// Whether flush end `e` makes a write durable that was not before.
+    fn flush_end_changes(&self, e: &Event, durable: &[usize], writes_of: &[Vec<usize>]) -> bool {
+        let Event::FlushEnd { dev, id } = e else {
+            return false;
+        };
+        let Some(&b) = self.begin_of.get(id) else {
+            return false;
+        };
+        let w = &writes_of[*dev];
+        let from = w.partition_point(|&x| x < durable[*dev]);
+        w.get(from).is_some_and(|&x| x < b)
+    }
+
+    fn apply_flush_end(&self, e: &Event, durable: &mut [usize]) {
+        if let Event::FlushEnd { dev, id } = e {
+            if let Some(&b) = self.begin_of.get(id) {
+                durable[*dev] = durable[*dev].max(b);
+            }
+        }
     }
 
     /// The phase the log is in at `i`.

@@ -74,7 +74,7 @@ async fn run(label: &str, seed: u64) -> Summary {
         member_bytes: 8 << 20,
         chunk: 64 << 10,
         daemon_sleep: Duration::from_millis(50),
-        batches: 3,
+        batches: 2,
     };
     let paths: Vec<_> = (0..cfg.members)
         .map(|d| dir.path().join(format!("member{d}")))
