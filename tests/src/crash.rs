@@ -402,8 +402,6 @@ impl MetaGate for InProcGate {
 pub struct WorkloadConfig {
     /// Seed of every random choice.
     pub seed: u64,
-    /// Where the member files go (a real filesystem: the engine uses O_DIRECT there).
-    pub dir: PathBuf,
     /// Members.
     pub members: usize,
     /// Bytes per member.
@@ -554,7 +552,9 @@ async fn wait_synced(raid: &Raid1, what: &str, limit: Duration) -> anyhow::Resul
     Ok(())
 }
 
-/// Runs the workload on fresh member files under `cfg.dir` while `rec` records:
+/// Runs the workload on the recorder's devices (created here as files of
+/// `cfg.member_bytes`; put them on a real filesystem, where the engine uses O_DIRECT)
+/// while `rec` records:
 /// 1. create a clustered mirror (2 slots, not `--assume-clean`: slot 0 all dirty);
 /// 2. node A (slot 0) assembles and writes during the initial resync;
 /// 3. node B (slot 1) assembles; both write; then each in turn, the other idle,
@@ -577,19 +577,16 @@ pub async fn run_workload(cfg: &WorkloadConfig, rec: &Arc<Recorder>) -> anyhow::
     spec.nodes = Some(2);
     spec.bitmap_chunk = Some(cfg.chunk);
     spec.cluster_name = "crash".into();
-    spec.uuid = rng
-        .next_u64()
-        .to_le_bytes()
-        .repeat(2)
-        .try_into()
-        .unwrap_or([1; 16]);
+    // UUIDs from the seed too, so a replay creates the same members.
+    let mut uuid = || {
+        let mut u = [0u8; 16];
+        u[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
+        u[8..].copy_from_slice(&rng.next_u64().to_le_bytes());
+        u
+    };
+    spec.uuid = uuid();
     for u in spec.device_uuids.iter_mut() {
-        *u = rng
-            .next_u64()
-            .to_le_bytes()
-            .repeat(2)
-            .try_into()
-            .unwrap_or([2; 16]);
+        *u = uuid();
     }
     {
         let (spec, paths) = (spec.clone(), paths.clone());

@@ -69,7 +69,6 @@ async fn run(label: &str, seed: u64) -> Summary {
     .expect("crash tempdir");
     let cfg = WorkloadConfig {
         seed,
-        dir: dir.path().to_owned(),
         members: 3,
         member_bytes: 8 << 20,
         chunk: 64 << 10,
