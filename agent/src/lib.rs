@@ -8,6 +8,8 @@
 //! - [`blockdev`]: the [`blockdev::BlockDevice`] trait the NBD export serves.
 //! - [`nbd`]: the NBD export (fixed newstyle server on unix sockets and TCP).
 //! - [`iobuf`]: pooled, aligned I/O buffers (huge pages for large ones).
+//! - [`directio`]: page-cache-free positional I/O on shared devices (`O_DIRECT`,
+//!   aligned spans, read-modify-write), with the buffered fallback.
 //! - [`iotrace`]: the recording hook under every member write and flush (the
 //!   crash-consistency checker; feature `io-trace`).
 //! - [`raid`]: the RAID1 engine (members, fan-out, read balancing, failure,
@@ -21,6 +23,7 @@ pub mod array;
 pub mod bitmap;
 pub mod blockdev;
 pub mod cluster;
+pub mod directio;
 pub mod format;
 pub mod iobuf;
 pub mod iotrace;

@@ -140,7 +140,7 @@ pub fn value_of<'a>(kv: &'a [(String, String)], key: &str) -> Option<&'a str> {
     kv.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
 }
 
-/// Unpacks a gzip'd fixture from `shared/fixtures/mdadm/` into `dir`.
+/// Unpacks a gzip'd fixture from `tests/fixtures/mdadm/` into `dir`.
 pub fn unpack_fixture(name: &str, dir: &Path) -> PathBuf {
     let src = fixtures_dir().join(format!("{name}.img.gz"));
     let dst = dir.join(format!("{name}.img"));
@@ -155,24 +155,17 @@ pub fn unpack_fixture(name: &str, dir: &Path) -> PathBuf {
     dst
 }
 
-/// The mdadm fixtures: `$MDCLUSTER_FIXTURES`, else `../shared/fixtures/mdadm` beside the
-/// repository (where CI lays `shared/`).
+/// The mdadm fixtures: `$MDCLUSTER_FIXTURES`, else `tests/fixtures/mdadm` in the
+/// repository (see its README).
 pub fn fixtures_dir() -> PathBuf {
     if let Ok(d) = std::env::var("MDCLUSTER_FIXTURES") {
         return PathBuf::from(d);
     }
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("repo root")
-        .to_path_buf();
-    let candidates = [
-        repo.join("../shared/fixtures/mdadm"),
-        repo.join("shared/fixtures/mdadm"),
-    ];
-    for c in &candidates {
-        if c.join("README.md").exists() {
-            return c.clone();
-        }
-    }
-    panic!("mdadm fixtures not found at {candidates:?}; set MDCLUSTER_FIXTURES")
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/mdadm");
+    assert!(
+        dir.join("README.md").exists(),
+        "mdadm fixtures not found at {}; set MDCLUSTER_FIXTURES",
+        dir.display()
+    );
+    dir
 }

@@ -1,6 +1,6 @@
 //! The md v1.2 format against the real mdadm: members we write are read by
 //! `mdadm --examine` / `--examine-bitmap` as the same array our `mdctl examine` reports,
-//! and members mdadm and kernel md wrote (shared/fixtures/mdadm) read back with the
+//! and members mdadm and kernel md wrote (tests/fixtures/mdadm) read back with the
 //! facts their README lists.
 
 use std::path::{Path, PathBuf};
@@ -265,7 +265,7 @@ fn members_we_write_read_the_same_in_mdadm() {
     }
 }
 
-/// Facts from shared/fixtures/mdadm/README.md.
+/// Facts from tests/fixtures/mdadm/README.md.
 #[test]
 fn fixtures_written_by_mdadm_read_with_the_documented_facts() {
     let dir = tempfile::tempdir().unwrap();

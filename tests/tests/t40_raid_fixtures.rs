@@ -1,4 +1,4 @@
-//! t40: arrays written by the real mdadm and kernel md (`shared/fixtures/mdadm`)
+//! t40: arrays written by the real mdadm and kernel md (`tests/fixtures/mdadm`)
 //! assemble in a standalone `mdagent` and serve their data: the first 4 MiB have the md5
 //! the fixtures' README gives. After a clean stop `mdadm --examine` still reads the
 //! members as a clean array and their data areas are identical.

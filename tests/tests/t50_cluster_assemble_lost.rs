@@ -10,7 +10,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use mdcluster_agent::array::RegistryConfig;
-use mdcluster_agent::format::io::{read_member, write_superblock};
+use mdcluster_agent::format::io::{read_member, write_superblock, MetaDev};
 use mdcluster_agent::format::SB_OFFSET_BYTES;
 use mdcluster_agent::iotrace::IoTracer;
 use mdcluster_agent::nbd::ServerConfig;
@@ -124,9 +124,9 @@ async fn a_session_lost_during_assemble_fails_it_and_leaves_nothing_running() {
     eprintln!("--- member 1 made stale: the assemble writes its superblock after the join");
     let mut sb = read_member(&m[0]).unwrap().sb;
     sb.events += 1;
-    let f = std::fs::OpenOptions::new().write(true).open(&m[0]).unwrap();
-    write_superblock(&f, &m[0], &sb).unwrap();
-    drop(f);
+    let dev = MetaDev::open(&m[0], true).unwrap();
+    write_superblock(&dev, &sb).unwrap();
+    drop(dev);
     let hold = Arc::new(HoldSbWrite {
         path: m[1].clone(),
         armed: AtomicBool::new(true),

@@ -438,12 +438,8 @@ fn set_dirty(p: &Path, slot: u32, chunk: u64) {
     let s = &mem.bitmap[slot as usize];
     let mut bits = s.bits.clone();
     mdcluster_agent::format::bitmap::set_bit(&mut bits, chunk);
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(p)
-        .unwrap();
-    mdcluster_agent::format::io::write_bitmap_slot(&f, p, &mem.sb, slot, &s.sb, &bits).unwrap();
+    let dev = mdcluster_agent::format::io::MetaDev::open(p, true).unwrap();
+    mdcluster_agent::format::io::write_bitmap_slot(&dev, &mem.sb, slot, &s.sb, &bits).unwrap();
 }
 
 #[test]

@@ -3,17 +3,26 @@
 //!
 //! The only module of [`crate::format`] that touches files or block devices. Every error
 //! names the device.
+//!
+//! Superblocks and bitmap slots are shared between the nodes, and each host has its own
+//! page cache: every read and write here goes through a [`MetaDev`], which opens the
+//! device with `O_DIRECT` and does all I/O on 4 KiB-aligned spans from aligned memory
+//! (a partial span is read whole and sliced, or read, patched and written back), like
+//! md's `sync_page_io`; see [`crate::directio`]. A device that refuses `O_DIRECT` at
+//! open (`EINVAL`) is opened buffered instead, every write followed by `fdatasync`, with
+//! a warning (once per device) that it must not be shared between nodes.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
 
 use super::bitmap::{slot_offset, BitmapSuper, BITMAP_SB_BYTES};
 use super::create::{plan, CreateSpec, MemberImage};
 use super::superblock::{Superblock, SB_BLOCK_BYTES};
 use super::{FormatError, SB_OFFSET_BYTES, SECTOR};
-use crate::iotrace;
+use crate::directio::DirectFile;
 
 /// An error reading or writing a member, naming the device.
 #[derive(Debug, thiserror::Error)]
@@ -98,51 +107,70 @@ pub fn device_size(file: &File) -> std::io::Result<u64> {
     f.seek(SeekFrom::End(0))
 }
 
-pub(crate) fn open(path: &Path, write: bool) -> Result<File, DeviceError> {
-    OpenOptions::new()
-        .read(true)
-        .write(write)
-        .open(path)
-        .map_err(|source| DeviceError::Open {
-            path: path.to_path_buf(),
-            source,
-        })
+/// A member device opened for metadata I/O without the page cache (see the module
+/// doc): the only way this module reads or writes a device.
+#[derive(Debug)]
+pub struct MetaDev {
+    io: DirectFile,
 }
 
-fn read_at(file: &File, path: &Path, offset: u64, len: usize) -> Result<Vec<u8>, DeviceError> {
-    let mut buf = vec![0u8; len];
-    file.read_exact_at(&mut buf, offset)
-        .map_err(|source| DeviceError::Io {
+impl MetaDev {
+    /// Opens `path` (read-write if `write`) with `O_DIRECT`, buffered only if the device
+    /// refuses it.
+    pub fn open(path: &Path, write: bool) -> Result<MetaDev, DeviceError> {
+        let io = DirectFile::open(path, write).map_err(|source| DeviceError::Open {
             path: path.to_path_buf(),
-            op: "read",
-            offset,
             source,
         })?;
-    Ok(buf)
-}
+        Ok(MetaDev { io })
+    }
 
-fn write_at(file: &File, path: &Path, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
-    file.write_all_at(data, offset)
-        .map_err(|source| DeviceError::Io {
-            path: path.to_path_buf(),
-            op: "write",
+    /// The device.
+    pub fn path(&self) -> &Path {
+        self.io.path()
+    }
+
+    /// Size of the device in bytes.
+    pub fn size(&self) -> u64 {
+        self.io.size()
+    }
+
+    /// Whether the device is opened with `O_DIRECT`.
+    pub fn is_direct(&self) -> bool {
+        self.io.is_direct()
+    }
+
+    fn io_err(
+        &self,
+        op: &'static str,
+        offset: u64,
+    ) -> impl FnOnce(std::io::Error) -> DeviceError + '_ {
+        move |source| DeviceError::Io {
+            path: self.path().to_path_buf(),
+            op,
             offset,
             source,
-        })?;
-    iotrace::on_write(path, offset, data);
-    Ok(())
-}
+        }
+    }
 
-fn sync(file: &File, path: &Path) -> Result<(), DeviceError> {
-    let token = iotrace::on_flush_begin(path);
-    file.sync_data().map_err(|source| DeviceError::Io {
-        path: path.to_path_buf(),
-        op: "sync",
-        offset: 0,
-        source,
-    })?;
-    iotrace::on_flush_end(path, token);
-    Ok(())
+    /// Reads `len` bytes at byte `offset`.
+    pub fn read_at(&self, offset: u64, len: usize) -> Result<Bytes, DeviceError> {
+        self.io
+            .read_at(offset, len)
+            .map_err(self.io_err("read", offset))
+    }
+
+    /// Writes `data` at byte `offset` (not durable until [`MetaDev::sync`]).
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        self.io
+            .write_at(offset, data)
+            .map_err(self.io_err("write", offset))
+    }
+
+    /// Makes every completed write durable (`fdatasync`).
+    pub fn sync(&self) -> Result<(), DeviceError> {
+        self.io.sync().map_err(self.io_err("sync", 0))
+    }
 }
 
 fn format_err(path: &Path) -> impl FnOnce(FormatError) -> DeviceError + '_ {
@@ -154,18 +182,14 @@ fn format_err(path: &Path) -> impl FnOnce(FormatError) -> DeviceError + '_ {
 
 /// Reads and validates the superblock and bitmap of the member at `path`.
 pub fn read_member(path: &Path) -> Result<Member, DeviceError> {
-    let file = open(path, false)?;
-    read_member_from(&file, path)
+    let dev = MetaDev::open(path, false)?;
+    read_member_from(&dev)
 }
 
 /// Like [`read_member`], on an already open device.
-pub fn read_member_from(file: &File, path: &Path) -> Result<Member, DeviceError> {
-    let device_bytes = device_size(file).map_err(|source| DeviceError::Io {
-        path: path.to_path_buf(),
-        op: "size",
-        offset: 0,
-        source,
-    })?;
+pub fn read_member_from(dev: &MetaDev) -> Result<Member, DeviceError> {
+    let path = dev.path();
+    let device_bytes = dev.size();
     let need = SB_OFFSET_BYTES + SB_BLOCK_BYTES as u64;
     if device_bytes < need {
         return Err(format_err(path)(FormatError::DeviceTooSmall {
@@ -173,7 +197,7 @@ pub fn read_member_from(file: &File, path: &Path) -> Result<Member, DeviceError>
             need_bytes: need,
         }));
     }
-    let block = read_at(file, path, SB_OFFSET_BYTES, SB_BLOCK_BYTES)?;
+    let block = dev.read_at(SB_OFFSET_BYTES, SB_BLOCK_BYTES)?;
     let sb = Superblock::parse(&block).map_err(format_err(path))?;
     if sb.super_offset * SECTOR != SB_OFFSET_BYTES {
         return Err(format_err(path)(FormatError::InvalidSpec(format!(
@@ -183,7 +207,7 @@ pub fn read_member_from(file: &File, path: &Path) -> Result<Member, DeviceError>
     }
     sb.validate_device(device_bytes / SECTOR)
         .map_err(format_err(path))?;
-    let bitmap = read_bitmap(file, path, &sb, device_bytes)?;
+    let bitmap = read_bitmap(dev, &sb, device_bytes)?;
     Ok(Member {
         path: path.to_path_buf(),
         device_bytes,
@@ -193,15 +217,15 @@ pub fn read_member_from(file: &File, path: &Path) -> Result<Member, DeviceError>
 }
 
 fn read_bitmap(
-    file: &File,
-    path: &Path,
+    dev: &MetaDev,
     sb: &Superblock,
     device_bytes: u64,
 ) -> Result<Vec<BitmapSlot>, DeviceError> {
+    let path = dev.path();
     let Some(start) = sb.bitmap_start_bytes() else {
         return Ok(Vec::new());
     };
-    let first = read_at(file, path, start, BITMAP_SB_BYTES)?;
+    let first = dev.read_at(start, BITMAP_SB_BYTES)?;
     let bm0 = BitmapSuper::parse_for(&first, &sb.set_uuid).map_err(format_err(path))?;
     if bm0.is_clustered() != sb.is_clustered() {
         return Err(format_err(path)(FormatError::InvalidSpec(format!(
@@ -223,16 +247,14 @@ fn read_bitmap(
             data_offset: sb.data_offset,
         }));
     }
+    // Every slot in one read.
+    let all = dev.read_at(start, (end - start) as usize)?;
     let mut slots = Vec::with_capacity(bm0.slots() as usize);
     for slot in 0..bm0.slots() {
         let offset = slot_offset(sb, &bm0, slot).map_err(format_err(path))?;
-        let raw = read_at(
-            file,
-            path,
-            offset,
-            BITMAP_SB_BYTES + bm0.bits_bytes() as usize,
-        )?;
-        let bsb = BitmapSuper::parse_for(&raw, &sb.set_uuid).map_err(format_err(path))?;
+        let at = (offset - start) as usize;
+        let raw = &all[at..at + BITMAP_SB_BYTES + bm0.bits_bytes() as usize];
+        let bsb = BitmapSuper::parse_for(raw, &sb.set_uuid).map_err(format_err(path))?;
         slots.push(BitmapSlot {
             offset,
             sb: bsb,
@@ -243,26 +265,26 @@ fn read_bitmap(
 }
 
 /// Writes `sb` at the v1.2 superblock location and syncs.
-pub fn write_superblock(file: &File, path: &Path, sb: &Superblock) -> Result<(), DeviceError> {
-    write_at(file, path, sb.super_offset * SECTOR, &sb.encode())?;
-    sync(file, path)
+pub fn write_superblock(dev: &MetaDev, sb: &Superblock) -> Result<(), DeviceError> {
+    dev.write_at(sb.super_offset * SECTOR, &sb.encode())?;
+    dev.sync()
 }
 
 /// Writes one bitmap slot (superblock and bits) and syncs.
 pub fn write_bitmap_slot(
-    file: &File,
-    path: &Path,
+    dev: &MetaDev,
     sb: &Superblock,
     slot: u32,
     bm: &BitmapSuper,
     bits: &[u8],
 ) -> Result<(), DeviceError> {
+    let path = dev.path();
     let offset = slot_offset(sb, bm, slot).map_err(format_err(path))?;
     let mut block = Vec::with_capacity(BITMAP_SB_BYTES + bits.len());
     block.extend_from_slice(&bm.encode().map_err(format_err(path))?);
     block.extend_from_slice(bits);
-    write_at(file, path, offset, &block)?;
-    sync(file, path)
+    dev.write_at(offset, &block)?;
+    dev.sync()
 }
 
 /// Writes a new array's members like `mdadm --create`: a superblock on each device and
@@ -273,18 +295,13 @@ pub fn create_members(
     paths: &[PathBuf],
     force: bool,
 ) -> Result<Vec<MemberImage>, DeviceError> {
-    let mut files = Vec::with_capacity(paths.len());
+    let mut devs = Vec::with_capacity(paths.len());
     let mut sizes = Vec::with_capacity(paths.len());
     for path in paths {
-        let file = open(path, true)?;
-        let size = device_size(&file).map_err(|source| DeviceError::Io {
-            path: path.clone(),
-            op: "size",
-            offset: 0,
-            source,
-        })?;
+        let dev = MetaDev::open(path, true)?;
+        let size = dev.size();
         if !force {
-            if let Ok(existing) = read_member_from(&file, path) {
+            if let Ok(existing) = read_member_from(&dev) {
                 return Err(DeviceError::InUse {
                     path: path.clone(),
                     uuid: super::fmt_uuid(&existing.sb.set_uuid),
@@ -292,7 +309,7 @@ pub fn create_members(
                 });
             }
         }
-        files.push(file);
+        devs.push(dev);
         sizes.push(size);
     }
     let first = paths
@@ -300,11 +317,11 @@ pub fn create_members(
         .map(PathBuf::as_path)
         .unwrap_or(Path::new("(no device)"));
     let images = plan(spec, &sizes).map_err(format_err(first))?;
-    for ((file, path), image) in files.iter().zip(paths).zip(&images) {
-        for (offset, data) in image.writes().map_err(format_err(path))? {
-            write_at(file, path, offset, &data)?;
+    for (dev, image) in devs.iter().zip(&images) {
+        for (offset, data) in image.writes().map_err(format_err(dev.path()))? {
+            dev.write_at(offset, &data)?;
         }
-        sync(file, path)?;
+        dev.sync()?;
     }
     Ok(images)
 }
@@ -312,12 +329,12 @@ pub fn create_members(
 /// Erases the md superblock of `path` (the 4 KiB at the v1.2 location), like
 /// `mdadm --zero-superblock`. Fails if there is no valid superblock unless `force`.
 pub fn zero_superblock(path: &Path, force: bool) -> Result<(), DeviceError> {
-    let file = open(path, true)?;
+    let dev = MetaDev::open(path, true)?;
     if !force {
-        read_member_from(&file, path)?;
+        read_member_from(&dev)?;
     }
-    write_at(&file, path, SB_OFFSET_BYTES, &[0u8; SB_BLOCK_BYTES])?;
-    sync(&file, path)
+    dev.write_at(SB_OFFSET_BYTES, &[0u8; SB_BLOCK_BYTES])?;
+    dev.sync()
 }
 
 #[cfg(test)]
@@ -325,6 +342,8 @@ mod tests {
     use super::*;
     use crate::format::create::BitmapMode;
     use crate::format::superblock::DevRole;
+    use std::fs::OpenOptions;
+    use std::os::unix::fs::FileExt;
 
     fn file_of(dir: &Path, name: &str, bytes: u64) -> PathBuf {
         let p = dir.join(name);

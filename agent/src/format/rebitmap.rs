@@ -18,7 +18,7 @@ use std::path::PathBuf;
 
 use super::bitmap::{slot_bytes_for, BitmapSuper, VERSION_CLUSTERED, VERSION_INTERNAL};
 use super::create::{BITMAP_OFFSET_SECTORS, DEFAULT_BITMAP_CHUNK, DEFAULT_DAEMON_SLEEP};
-use super::io::{open, read_member_from, write_bitmap_slot, write_superblock, DeviceError};
+use super::io::{read_member_from, write_bitmap_slot, write_superblock, DeviceError, MetaDev};
 use super::superblock::{feature, MAX_SECTOR};
 use super::{FormatError, SECTOR};
 
@@ -50,8 +50,8 @@ fn invalid(path: &std::path::Path, why: String) -> DeviceError {
 pub fn set_bitmap(paths: &[PathBuf], want: &NewBitmap) -> Result<(), DeviceError> {
     let mut members = Vec::with_capacity(paths.len());
     for p in paths {
-        let f = open(p, true)?;
-        let m = read_member_from(&f, p)?;
+        let f = MetaDev::open(p, true)?;
+        let m = read_member_from(&f)?;
         members.push((f, m));
     }
     let Some((_, first)) = members.first() else {
@@ -119,7 +119,7 @@ pub fn set_bitmap(paths: &[PathBuf], want: &NewBitmap) -> Result<(), DeviceError
         if slots == 0 {
             sb.feature_map &= !(feature::BITMAP_OFFSET | feature::CLUSTERED);
             sb.bitmap_offset = 0;
-            write_superblock(f, &m.path, &sb)?;
+            write_superblock(f, &sb)?;
             continue;
         }
         sb.bitmap_offset = BITMAP_OFFSET_SECTORS;
@@ -149,9 +149,9 @@ pub fn set_bitmap(paths: &[PathBuf], want: &NewBitmap) -> Result<(), DeviceError
         };
         let bits = vec![0u8; bm.bits_bytes() as usize];
         for slot in 0..slots {
-            write_bitmap_slot(f, &m.path, &sb, slot, &bm, &bits)?;
+            write_bitmap_slot(f, &sb, slot, &bm, &bits)?;
         }
-        write_superblock(f, &m.path, &sb)?;
+        write_superblock(f, &sb)?;
     }
     Ok(())
 }

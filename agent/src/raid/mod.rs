@@ -1300,8 +1300,8 @@ impl Raid1 {
         // cleared the flag, so a write never runs under a clean superblock.
         let _w = WriteCount::new(self);
         self.mark_dirty().await?;
-        let _window = self.enter_outside_remote_window(offset, len).await?;
-        let _b = self.barrier.read().await;
+        let window = self.enter_outside_remote_window(offset, len).await?;
+        let barrier = self.barrier.read().await;
         // The bitmap is replaced only under the exclusive barrier: this one ends it too.
         let bitmap = self.bitmap();
         if let Some(bm) = &bitmap {
@@ -1316,6 +1316,11 @@ impl Raid1 {
         if let Some(bm) = &bitmap {
             bm.end_write(offset, len, degraded);
         }
+        // The data is on the members: a resync step or a window being installed need
+        // not wait for the superblock update below (which may need the cluster token
+        // another node's round holds).
+        drop(barrier);
+        drop(window);
         if in_sync_ok == 0 {
             return Err(
                 err.unwrap_or_else(|| eio(format!("array {}: no in-sync member", self.name)))

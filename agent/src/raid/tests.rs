@@ -238,13 +238,9 @@ impl crate::bitmap::BitmapStore for HeldPages {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_resync_window_is_acknowledged_after_writes_in_flight_into_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let paths = [
-        file(dir.path(), "a", 4 * MIB),
-        file(dir.path(), "b", 4 * MIB),
-    ];
+/// A 2-member engine whose bitmap page writes are held (`HeldPages`).
+fn engine_with_held_bitmap(dir: &Path) -> ([PathBuf; 2], Arc<HeldPages>, Arc<Raid1>) {
+    let paths = [file(dir, "a", 4 * MIB), file(dir, "b", 4 * MIB)];
     let size = 4 * MIB;
     let geom = crate::bitmap::Geometry {
         chunk_bytes: 64 << 10,
@@ -279,6 +275,13 @@ async fn a_resync_window_is_acknowledged_after_writes_in_flight_into_it() {
         safe_mode: None,
     })
     .unwrap();
+    (paths, pages, raid)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_window_is_acknowledged_after_writes_in_flight_into_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (paths, pages, raid) = engine_with_held_bitmap(dir.path());
     // A write past its window check, held in its bitmap flush.
     let r = raid.clone();
     let held = tokio::spawn(async move { r.write(0, data(4096, 7), false).await });
@@ -383,4 +386,36 @@ async fn the_sync_source_is_chosen_by_role_whatever_the_member_order() {
     }
     a.shutdown(Duration::from_secs(5)).await.unwrap();
     b.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_whose_writes_do_not_finish_is_refused_in_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_paths, pages, raid) = engine_with_held_bitmap(dir.path());
+    let r = raid.clone();
+    let held = tokio::spawn(async move { r.write(MIB / 2, data(4096, 7), false).await });
+    wait_until("the write to reach its bitmap flush", || {
+        pages.waiting.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let t = Instant::now();
+    let e = raid
+        .set_remote_resync_window(Some((0, MIB)))
+        .await
+        .unwrap_err();
+    let waited = t.elapsed();
+    assert!(
+        waited >= REMOTE_QUIESCE && waited < REMOTE_QUIESCE + Duration::from_secs(5),
+        "{waited:?}"
+    );
+    let msg = e.to_string();
+    assert!(
+        msg.contains("md-q") && msg.contains("did not finish") && msg.contains("524288"),
+        "{msg}"
+    );
+    pages.hold.store(false, Ordering::SeqCst);
+    pages.release.add_permits(1);
+    held.await.unwrap().unwrap();
+    raid.set_remote_resync_window(None).await.unwrap();
+    raid.shutdown(Duration::from_secs(5)).await.unwrap();
 }

@@ -28,7 +28,9 @@ use mdcluster_proto::v1::Errno;
 use crate::cluster::{channel, slot_lock, ClusterMsg, MsgType, ResyncInfo};
 use crate::format::bitmap::{count_set, test_bit};
 use crate::format::fmt_uuid;
-use crate::format::io::{read_member, write_bitmap_slot, write_superblock, DeviceError, Member};
+use crate::format::io::{
+    read_member, write_bitmap_slot, write_superblock, DeviceError, Member, MetaDev,
+};
 use crate::format::superblock::MAX_SECTOR;
 
 /// What a joined array holds in the lock service.
@@ -231,12 +233,12 @@ pub fn merge_slots(paths: &[PathBuf], to: u32, from: &[u32]) -> Result<u64, Devi
                 }
             }
         }
-        let file = crate::format::io::open(p, true)?;
-        write_bitmap_slot(&file, p, &m.sb, to, &ours.sb, &bits)?;
+        let dev = MetaDev::open(p, true)?;
+        write_bitmap_slot(&dev, &m.sb, to, &ours.sb, &bits)?;
         let mut sb = m.sb.clone();
         if sb.resync_offset == MAX_SECTOR {
             sb.resync_offset = 0;
-            write_superblock(&file, p, &sb)?;
+            write_superblock(&dev, &sb)?;
         }
         total = total.max(count_set(&bits, chunks));
     }

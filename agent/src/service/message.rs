@@ -463,16 +463,10 @@ async fn newdisk(node: &Arc<Node>, name: &str) -> Result<(), String> {
     node.check_allowed(name, std::slice::from_ref(&path))
         .map_err(|e| e.message)?;
     let p = path.clone();
-    tokio::task::spawn_blocking(move || {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&p)
-            .map(|_| ())
-    })
-    .await
-    .map_err(|e| format!("node {me}: open task failed: {e}"))?
-    .map_err(|e| format!("node {me} cannot open {}: {e}", path.display()))?;
+    tokio::task::spawn_blocking(move || crate::format::io::MetaDev::open(&p, true).map(|_| ()))
+        .await
+        .map_err(|e| format!("node {me}: open task failed: {e}"))?
+        .map_err(|e| format!("node {me}: {e}"))?;
     if let Some((raid, _)) = node.raid_of(name) {
         let here =
             raid.status().members.iter().any(|x| {

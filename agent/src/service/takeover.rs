@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use super::Node;
 use crate::cluster::slot_lock;
 use crate::format::bitmap::{count_set, test_bit, BitmapSuper};
-use crate::format::io::{open, read_member, write_bitmap_slot, DeviceError};
+use crate::format::io::{read_member, write_bitmap_slot, DeviceError, MetaDev};
 use crate::raid::Raid1;
 
 /// How often the slot holders are read.
@@ -338,8 +338,8 @@ fn rewrite_slot(
             continue;
         };
         let (header, bits) = f(&s.sb, &s.bits);
-        let file = open(p, true)?;
-        write_bitmap_slot(&file, p, &m.sb, slot, &header, &bits)?;
+        let dev = MetaDev::open(p, true)?;
+        write_bitmap_slot(&dev, &m.sb, slot, &header, &bits)?;
     }
     Ok(())
 }
