@@ -556,3 +556,78 @@ async fn the_same_members_cannot_be_assembled_twice_under_two_names() {
     assert_eq!(e.errno(), "EBUSY", "{e}");
     b.stop("md1", false).await.unwrap();
 }
+
+/// Rewrites the superblock of the member at `path` through `change` (a crash state).
+fn edit_superblock(path: &Path, change: impl FnOnce(&mut crate::format::superblock::Superblock)) {
+    let mut sb = read_member(path).unwrap().sb;
+    change(&mut sb);
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &sb.encode(), crate::format::SB_OFFSET_BYTES)
+        .unwrap();
+}
+
+/// Makes member `path` differ from the others at array offset `at` (a write that
+/// reached only some members before a crash).
+fn diverge(path: &Path, at: u64) {
+    let data_off = read_member(path).unwrap().sb.data_offset * 512;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0xee; 4096], data_off + at).unwrap();
+}
+
+/// A crash of a dirty array that also leaves a member recovering (stopped mid-recovery
+/// at 2 MiB): the recovery must not drop the resync of the in-sync members, neither in
+/// the chunks below the recovery offset nor in those above it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovery_after_a_crash_resyncs_the_in_sync_members_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = files(dir.path(), 3, 24 * MIB);
+    let reg = registry();
+    reg.create("md0", spec(3, 0, BitmapMode::Internal, true), &paths, false)
+        .await
+        .unwrap();
+    let dev = reg.device("md0").unwrap();
+    // Chunks of 64 KiB: chunk 10 lies below the recovery offset, chunk 40 above it.
+    dev.write(10 * 65536, pattern(1, 8192), false)
+        .await
+        .unwrap();
+    dev.write(40 * 65536, pattern(2, 8192), false)
+        .await
+        .unwrap();
+    // The crash: the members as they are now, this instance never stopped.
+    let copies: Vec<PathBuf> = paths
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let c = dir.path().join(format!("copy{i}"));
+            std::fs::copy(p, &c).unwrap();
+            c
+        })
+        .collect();
+    drop(dev);
+    reg.stop("md0", false).await.unwrap();
+    assert_eq!(read_member(&copies[0]).unwrap().sb.resync_offset, 0);
+    // The writes in flight reached member 0 only; member 2 was being recovered.
+    diverge(&copies[1], 10 * 65536);
+    diverge(&copies[1], 40 * 65536);
+    diverge(&copies[2], 10 * 65536);
+    edit_superblock(&copies[2], |sb| {
+        sb.feature_map |= crate::format::superblock::feature::RECOVERY_OFFSET;
+        sb.recovery_offset = 2 * MIB / 512;
+    });
+    let reg2 = registry();
+    reg2.assemble("md1", &copies).await.unwrap();
+    let dev2 = reg2.device("md1").unwrap();
+    wait_for("recovery and resync", Duration::from_secs(20), || {
+        let s = dev2.status();
+        !s.degraded && s.sync.kind.is_none() && !dev2.sync_busy()
+    })
+    .await;
+    assert_eq!(dev2.status().members[2].state, MemberState::InSync);
+    drop(dev2);
+    reg2.stop("md1", false).await.unwrap();
+    assert_identical(&copies);
+    assert_eq!(
+        read_member(&copies[1]).unwrap().sb.resync_offset,
+        MAX_SECTOR
+    );
+}
