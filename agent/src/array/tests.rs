@@ -631,3 +631,58 @@ async fn a_recovery_after_a_crash_resyncs_the_in_sync_members_too() {
         MAX_SECTOR
     );
 }
+
+/// A crash between the superblock writes of one update (here: a recovering member got
+/// the newest superblock, the in-sync ones did not) leaves members one update behind
+/// the freshest: they are current (md's and mdadm's margin of one), take their roles
+/// from the freshest superblock, and the array assembles. A member two updates behind
+/// is never taken as in sync: it is recovered in full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_one_update_behind_the_freshest_are_current() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = files(dir.path(), 3, 24 * MIB);
+    let reg = registry();
+    reg.create("md0", spec(3, 0, BitmapMode::Internal, true), &paths, false)
+        .await
+        .unwrap();
+    let dev = reg.device("md0").unwrap();
+    dev.write(MIB, pattern(7, 65536), false).await.unwrap();
+    drop(dev);
+    reg.stop("md0", false).await.unwrap();
+    let e = read_member(&paths[0]).unwrap().sb.events;
+    // Member 2 recovering with the newest superblock; member 1 two updates behind it.
+    edit_superblock(&paths[2], |sb| {
+        sb.events = e + 1;
+        sb.feature_map |= crate::format::superblock::feature::RECOVERY_OFFSET;
+        sb.recovery_offset = 0;
+    });
+    edit_superblock(&paths[1], |sb| sb.events = e - 1);
+    diverge(&paths[1], MIB);
+    diverge(&paths[2], MIB);
+    reg.assemble("md0", &paths).await.unwrap();
+    let dev = reg.device("md0").unwrap();
+    let st = dev.status();
+    assert_eq!(st.members[0].state, MemberState::InSync, "{st:?}");
+    assert!(
+        matches!(
+            st.members[1].state,
+            MemberState::Recovering { offset: 0, .. }
+        ),
+        "{st:?}"
+    );
+    assert!(
+        matches!(st.members[2].state, MemberState::Recovering { .. }),
+        "{st:?}"
+    );
+    assert!(dev.read(MIB, 65536).await.unwrap() == pattern(7, 65536));
+    wait_for("recovery", Duration::from_secs(20), || {
+        !dev.status().degraded && !dev.sync_busy()
+    })
+    .await;
+    drop(dev);
+    reg.stop("md0", false).await.unwrap();
+    assert_identical(&paths);
+    let m = read_member(&paths[1]).unwrap();
+    assert_eq!(m.sb.role(), DevRole::Active(1));
+    assert!(m.sb.events > e + 1);
+}
