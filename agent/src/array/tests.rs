@@ -686,3 +686,51 @@ async fn members_one_update_behind_the_freshest_are_current() {
     assert_eq!(m.sb.role(), DevRole::Active(1));
     assert!(m.sb.events > e + 1);
 }
+
+/// A stop whose drain gives up (a write still in flight) answers EBUSY and keeps the
+/// entry, stopping, and the claim on the members; a later stop, once the write ended,
+/// stops the array and releases the claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_that_cannot_drain_keeps_the_array_and_its_claim() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = files(dir.path(), 2, 24 * MIB);
+    let claims = Arc::new(Claims::default());
+    let reg = Registry::new(RegistryConfig {
+        stop_grace: Duration::from_millis(300),
+        drain_timeout: Duration::from_millis(500),
+        claims: claims.clone(),
+        ..Default::default()
+    });
+    reg.create("md0", spec(2, 0, BitmapMode::Internal, true), &paths, false)
+        .await
+        .unwrap();
+    let dev = reg.device("md0").unwrap();
+    // A write held in flight: it waits for another node's resync window to move on.
+    dev.set_remote_resync_window(Some((0, MIB))).await.unwrap();
+    let d2 = dev.clone();
+    let w = tokio::spawn(async move { d2.write(4096, pattern(3, 4096), false).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!w.is_finished());
+    let e = reg.stop("md0", false).await.unwrap_err();
+    assert_eq!(e.errno(), "EBUSY", "{e}");
+    assert!(e.to_string().contains("did not finish"), "{e}");
+    assert_eq!(reg.lookup("md0").unwrap().state, ArrayState::Stopping);
+    // The members stay claimed: no second engine over them.
+    let other = Registry::new(RegistryConfig {
+        claims: claims.clone(),
+        ..Default::default()
+    });
+    let e = other.assemble("md1", &paths).await.unwrap_err();
+    assert_eq!(e.errno(), "EBUSY", "{e}");
+    // The write ends; stopping again succeeds and releases the claim.
+    dev.set_remote_resync_window(None).await.unwrap();
+    w.await.unwrap().unwrap();
+    drop(dev);
+    reg.stop("md0", false).await.unwrap();
+    assert!(reg.lookup("md0").is_err());
+    other.assemble("md1", &paths).await.unwrap();
+    let dev = other.device("md1").unwrap();
+    assert!(dev.read(4096, 4096).await.unwrap() == pattern(3, 4096));
+    drop(dev);
+    other.stop("md1", false).await.unwrap();
+}
