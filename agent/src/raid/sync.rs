@@ -6,6 +6,8 @@
 //!   chunks marked needed, without one everything from the `resync_offset` checkpoint.
 //! - **Recovery** copies onto members in [`MemberState::Recovering`]: everything from
 //!   their `recovery_offset`, or only the needed chunks for a re-added member.
+//!   It runs before a pending resync; when the array is dirty too, the same run does
+//!   the resync: its ranges go onto the other in-sync members as well (`plan`).
 //! - Each step (at most [`STEP`] bytes) holds the array's write barrier exclusively, so
 //!   no user write into the step's range is in flight while it is copied.
 //! - Speed: like md's `speed_limit_min/max` (KiB/s). The worker runs at `max` while the
