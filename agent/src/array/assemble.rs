@@ -103,6 +103,10 @@ struct SbStore {
     /// The bitmap and its slot superblock, whose `events` follow the superblock's
     /// (replaced by `grow --bitmap`).
     bitmap: Mutex<Option<(Arc<WriteIntent>, BitmapSuper)>>,
+    /// Assembled without a member the superblocks list active: the first update moves
+    /// `events` on by two, so that member ends at least two behind and is never taken
+    /// as current by the one-update margin (md marks such a member faulty instead).
+    absent_active: std::sync::atomic::AtomicBool,
 }
 
 impl SbStore {
@@ -131,7 +135,15 @@ impl SbStore {
 
     fn apply(&self, event: &MetaEvent) -> (Vec<Bytes>, u64) {
         let mut sbs = self.sbs.lock().unwrap_or_else(|e| e.into_inner());
-        let events = sbs.iter().map(|s| s.events).max().unwrap_or(0) + 1;
+        let step = if self
+            .absent_active
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            2
+        } else {
+            1
+        };
+        let events = sbs.iter().map(|s| s.events).max().unwrap_or(0) + step;
         let dev_of: Vec<u32> = sbs.iter().map(|s| s.dev_number).collect();
         for (i, sb) in sbs.iter_mut().enumerate() {
             match *event {
@@ -988,6 +1000,12 @@ pub async fn assemble(
         ios: Mutex::new(ios.clone()),
         sbs: Mutex::new(sbs),
         bitmap: Mutex::new(None),
+        absent_active: (0..fresh.dev_roles.len() as u32)
+            .any(|d| {
+                matches!(fresh.role_of(d), DevRole::Active(r) if r < fresh.raid_disks as u16)
+                    && !members.iter().any(|m| m.sb.dev_number == d)
+            })
+            .into(),
     });
     // This node's bitmap slot.
     let mut slot_store = None;
