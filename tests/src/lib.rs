@@ -4,6 +4,8 @@
 //! # Layout
 //! - [`cluster`]: a whole cluster (etcd, mdserver, N cluster-mode agents on 127.0.0.x)
 //!   and `mdctl` runs against it (the t50 tests, and by hand).
+//! - [`crash`]: the crash-consistency checker's recorder, crash-state model, two-node
+//!   in-process workload and recovery check (t45).
 //! - [`deploy`]: the `deploy/` Kubernetes manifests as processes (a container's command,
 //!   args and env from the Deployment/DaemonSet YAML, resolved as the kubelet would).
 //! - [`etcd`]: a real etcd process (free ports, readiness wait, kill -9, restart).
@@ -14,6 +16,7 @@
 //! - [`tools`]: locate the workspace binaries and run external tools with a timeout.
 
 pub mod cluster;
+pub mod crash;
 pub mod deploy;
 pub mod etcd;
 pub mod pki;

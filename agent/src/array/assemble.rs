@@ -5,7 +5,10 @@
 //! Decisions (md's, simplified):
 //! - the member with the highest `events` is the authority for roles;
 //! - a member whose role there is active is in sync, or recovering from its
-//!   `recovery_offset` when `RECOVERY_OFFSET` is set; spare → spare; faulty → faulty;
+//!   `recovery_offset` when `RECOVERY_OFFSET` is set, if it is current: its events
+//!   equal the freshest's, or are one behind and its own superblock lists it active
+//!   (md's and mdadm's margin of one update); otherwise it is recovered in full;
+//!   spare → spare; faulty → faulty;
 //! - `resync_offset != MaxSector` means an unclean stop (or an unfinished first resync):
 //!   with a bitmap the set bits are resynced, without one everything from
 //!   `resync_offset`;
@@ -100,6 +103,10 @@ struct SbStore {
     /// The bitmap and its slot superblock, whose `events` follow the superblock's
     /// (replaced by `grow --bitmap`).
     bitmap: Mutex<Option<(Arc<WriteIntent>, BitmapSuper)>>,
+    /// Assembled without a member the superblocks list active: the first update moves
+    /// `events` on by two, so that member ends at least two behind and is never taken
+    /// as current by the one-update margin (md marks such a member faulty instead).
+    absent_active: std::sync::atomic::AtomicBool,
 }
 
 impl SbStore {
@@ -131,7 +138,15 @@ impl SbStore {
     /// of `live` holds the same device number: a re-added device).
     fn apply(&self, event: &MetaEvent, live: &[usize], faulty: &[usize]) -> (Vec<Bytes>, u64) {
         let mut sbs = self.sbs.lock().unwrap_or_else(|e| e.into_inner());
-        let events = sbs.iter().map(|s| s.events).max().unwrap_or(0) + 1;
+        let step = if self
+            .absent_active
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            2
+        } else {
+            1
+        };
+        let events = sbs.iter().map(|s| s.events).max().unwrap_or(0) + step;
         let dev_of: Vec<u32> = sbs.iter().map(|s| s.dev_number).collect();
         let failed: Vec<u32> = faulty
             .iter()
@@ -926,10 +941,21 @@ pub async fn assemble(
     }
     let fresh = freshest.sb.clone();
     let size = fresh.size * SECTOR;
-    // A member whose superblock is behind the freshest missed updates (it was away
-    // while the array ran, md's "non-fresh" member): it is recovered in full, never
-    // trusted. (A bitmap-only recovery would need `events_cleared` kept the way md
-    // keeps it; `--re-add` is the way to a bitmap-based recovery.)
+    // md's rule at assemble (kernel `super_1_validate`, mdadm `Assemble.c`'s
+    // `event_margin = 1`): a member whose own superblock lists it active is current if
+    // its events are at most one behind the freshest (the crash hit between the
+    // superblock writes of one update, whose change never let a write through before
+    // it was on every member); its role then comes from the freshest superblock. A
+    // member further behind missed updates (it was away while the array ran, md's
+    // "non-fresh" member, which md kicks out): it is recovered in full, never trusted;
+    // so is a member one behind that its own superblock does not list as active (a
+    // spare whose activation did not reach it). (A bitmap-only recovery would need
+    // `events_cleared` kept the way md keeps it; `--re-add` is the way to a
+    // bitmap-based recovery.)
+    let current = |m: &Member| {
+        m.sb.events >= fresh.events
+            || (m.sb.events + 1 == fresh.events && matches!(m.sb.role(), DevRole::Active(_)))
+    };
     let mut stale = Vec::new();
     // Where two members claim one role, the fresher one gets it.
     let mut order: Vec<usize> = (0..members.len()).collect();
@@ -954,7 +980,7 @@ pub async fn assemble(
                 seen_roles.push(r);
                 let recovering = m.sb.feature_map & feature::RECOVERY_OFFSET != 0
                     && m.sb.recovery_offset < fresh.size;
-                if m.sb.events < fresh.events {
+                if !current(m) {
                     tracing::warn!(array = name, member = %m.path.display(), events = m.sb.events,
                         freshest = fresh.events, "member is behind the array: recovering it in full");
                     stale.push(i);
@@ -974,6 +1000,10 @@ pub async fn assemble(
                         Some(r),
                     )
                 } else {
+                    if m.sb.events < fresh.events {
+                        tracing::info!(array = name, member = %m.path.display(), events = m.sb.events,
+                            freshest = fresh.events, "member is one update behind the freshest: current (md's rule)");
+                    }
                     (MemberState::InSync, Some(r))
                 }
             }
@@ -1012,14 +1042,23 @@ pub async fn assemble(
         }
     }
     let degraded = in_sync.len() < fresh.raid_disks as usize;
-    let unclean = fresh.resync_offset != MAX_SECTOR;
+    // Unclean if any current member says so: a crash between the writes of the update
+    // that marked the array clean (after flushing the data) or dirty (before any
+    // write) leaves both, and resyncing a clean array is only work.
+    let resync_offset = members
+        .iter()
+        .filter(|m| current(m))
+        .map(|m| m.sb.resync_offset)
+        .min()
+        .unwrap_or(fresh.resync_offset);
+    let unclean = resync_offset != MAX_SECTOR;
     let mut sbs: Vec<Superblock> = members.iter().map(|m| m.sb.clone()).collect();
     // Roles and array-wide fields follow the freshest superblock everywhere.
     for sb in sbs.iter_mut() {
         sb.dev_roles = fresh.dev_roles.clone();
         sb.max_dev = fresh.max_dev;
         sb.events = fresh.events;
-        sb.resync_offset = fresh.resync_offset;
+        sb.resync_offset = resync_offset;
     }
     // A stale member must not look in sync before its recovery is done: it says
     // "recovering from 0" — in this node's copy and, before the engine runs, on its own
@@ -1047,6 +1086,12 @@ pub async fn assemble(
         ios: Mutex::new(ios.clone()),
         sbs: Mutex::new(sbs),
         bitmap: Mutex::new(None),
+        absent_active: (0..fresh.dev_roles.len() as u32)
+            .any(|d| {
+                matches!(fresh.role_of(d), DevRole::Active(r) if r < fresh.raid_disks as u16)
+                    && !members.iter().any(|m| m.sb.dev_number == d)
+            })
+            .into(),
     });
     // This node's bitmap slot.
     let mut slot_store = None;
@@ -1113,7 +1158,7 @@ pub async fn assemble(
         }
         _ => None,
     };
-    let resync_from = unclean.then(|| fresh.resync_offset.saturating_mul(SECTOR).min(size));
+    let resync_from = unclean.then(|| resync_offset.saturating_mul(SECTOR).min(size));
     let clustered_bitmap = fresh.has_bitmap()
         && members[in_sync[0]]
             .bitmap

@@ -16,7 +16,9 @@
 //!    grace for connected clients to leave, and if some stay returns the array to
 //!    active and answers EBUSY naming them (with `force` disconnects them instead);
 //!    then drains I/O, flushes the bitmap, marks the superblocks clean, closes the
-//!    members and removes the entry;
+//!    members and removes the entry; if in-flight I/O does not drain in time the
+//!    entry stays stopping with its claim (and, in cluster mode, the node's slot),
+//!    the stop answers EBUSY and may be tried again;
 //! 4. every wait has a bound;
 //! 5. one array (by array UUID) is assembled at most once on a node: a second assemble
 //!    of its members under another name is EBUSY naming the first ([`Claims`], shared
@@ -301,12 +303,19 @@ pub async fn members_uuid(members: &[PathBuf]) -> Option<[u8; 16]> {
     .flatten()
 }
 
+/// The default [`RegistryConfig::drain_timeout`]: longer than a write's wait for a
+/// superblock update ([`crate::raid::SB_CHANGE_WAIT`]).
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(50);
+
 /// Limits and defaults of a registry.
 #[derive(Debug, Clone)]
 pub struct RegistryConfig {
     /// How long a stop waits for connected clients to leave.
     pub stop_grace: Duration,
-    /// Bound of draining in-flight I/O and of forced disconnects at stop.
+    /// Bound of draining in-flight I/O and of forced disconnects at stop. At least
+    /// [`crate::raid::SB_CHANGE_WAIT`] (the longest a write waits for a superblock
+    /// update) in production, so a drain does not give up on a write that is about to
+    /// end; a stop whose drain gives up leaves the array stopping (EBUSY).
     pub drain_timeout: Duration,
     /// Assemble options (bitmap slot, speed limits, daemon_sleep override).
     pub assemble: AssembleOptions,
@@ -320,7 +329,7 @@ impl Default for RegistryConfig {
     fn default() -> Self {
         RegistryConfig {
             stop_grace: Duration::from_secs(3),
-            drain_timeout: Duration::from_secs(30),
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             assemble: AssembleOptions::default(),
             device_allow: Vec::new(),
             claims: Arc::default(),
@@ -337,6 +346,10 @@ struct Entry {
     clients: ClientSet,
     /// The array UUID this entry claimed ([`Claims`]), released when it goes.
     claim: Option<[u8; 16]>,
+    /// A stop gave up waiting for in-flight I/O: the engine is stopping, and the entry
+    /// (stopping), its claim and (cluster mode) the node's slot stay until a later stop
+    /// drains it, so no second engine and no other node works on the array meanwhile.
+    drain_stalled: bool,
 }
 
 /// The arrays of this node. Cheap to share (`Arc`).
@@ -510,6 +523,7 @@ impl Registry {
                 identity: None,
                 clients: ClientSet::new(),
                 claim: None,
+                drain_stalled: false,
             },
         );
         drop(map);
@@ -608,7 +622,9 @@ impl Registry {
             let e = map.get_mut(name).ok_or_else(|| ArrayError::NotFound {
                 name: name.to_owned(),
             })?;
-            if e.state != ArrayState::Active {
+            // A stop whose drain stalled may be tried again.
+            let retry = e.state == ArrayState::Stopping && e.drain_stalled;
+            if e.state != ArrayState::Active && !retry {
                 return Err(ArrayError::Busy {
                     name: name.to_owned(),
                     state: e.state.to_string(),
@@ -616,6 +632,7 @@ impl Registry {
                 });
             }
             e.state = ArrayState::Stopping;
+            e.drain_stalled = false;
             (e.clients.clone(), e.raid.clone())
         };
         self.emit(name, Some(ArrayState::Stopping));
@@ -651,6 +668,28 @@ impl Registry {
             Some(r) => r.shutdown(self.config.drain_timeout).await,
             None => Ok(()),
         };
+        if let Err(RaidError::DrainTimeout { timeout, .. }) = &result {
+            // I/O is still in flight (e.g. a write waiting for a superblock update, or
+            // the request of a client that was forced off): releasing the claim or the
+            // slot now would let a second engine, or another node's takeover resync,
+            // run under those writes. The array stays stopping; the operator stops it
+            // again.
+            tracing::error!(
+                array = name,
+                ?timeout,
+                "stop: in-flight I/O did not drain; the array stays stopping"
+            );
+            if let Some(e) = self.lock().get_mut(name) {
+                e.drain_stalled = true;
+            }
+            return Err(ArrayError::Busy {
+                name: name.to_owned(),
+                state: format!(
+                    "stopping: in-flight I/O did not finish within {timeout:?}; the array stays stopping with its members held, stop it again once the I/O has drained"
+                ),
+                clients: vec![],
+            });
+        }
         let gone = self.lock().remove(name);
         if let Some(uuid) = gone.and_then(|e| e.claim) {
             self.config.claims.release(uuid, name);

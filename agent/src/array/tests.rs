@@ -741,3 +741,218 @@ async fn block_size_is_the_largest_members_and_larger_blocks_cannot_be_added() {
     assert!(e.to_string().contains("4096-byte logical blocks"), "{e}");
     reg.stop("md0", false).await.unwrap();
 }
+
+/// Rewrites the superblock of the member at `path` through `change` (a crash state).
+fn edit_superblock(path: &Path, change: impl FnOnce(&mut crate::format::superblock::Superblock)) {
+    let mut sb = read_member(path).unwrap().sb;
+    change(&mut sb);
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &sb.encode(), crate::format::SB_OFFSET_BYTES)
+        .unwrap();
+}
+
+/// Makes member `path` differ from the others at array offset `at` (a write that
+/// reached only some members before a crash).
+fn diverge(path: &Path, at: u64) {
+    let data_off = read_member(path).unwrap().sb.data_offset * 512;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0xee; 4096], data_off + at).unwrap();
+}
+
+/// A crash of a dirty array that also leaves a member recovering (stopped mid-recovery
+/// at 2 MiB): the recovery must not drop the resync of the in-sync members, neither in
+/// the chunks below the recovery offset nor in those above it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovery_after_a_crash_resyncs_the_in_sync_members_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = files(dir.path(), 3, 24 * MIB);
+    let reg = registry();
+    reg.create("md0", spec(3, 0, BitmapMode::Internal, true), &paths, false)
+        .await
+        .unwrap();
+    let dev = reg.device("md0").unwrap();
+    // Chunks of 64 KiB: chunk 10 lies below the recovery offset, chunk 40 above it.
+    dev.write(10 * 65536, pattern(1, 8192), false)
+        .await
+        .unwrap();
+    dev.write(40 * 65536, pattern(2, 8192), false)
+        .await
+        .unwrap();
+    // The crash: the members as they are now, this instance never stopped.
+    let copies: Vec<PathBuf> = paths
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let c = dir.path().join(format!("copy{i}"));
+            std::fs::copy(p, &c).unwrap();
+            c
+        })
+        .collect();
+    drop(dev);
+    reg.stop("md0", false).await.unwrap();
+    assert_eq!(read_member(&copies[0]).unwrap().sb.resync_offset, 0);
+    // The writes in flight reached member 0 only; member 2 was being recovered.
+    diverge(&copies[1], 10 * 65536);
+    diverge(&copies[1], 40 * 65536);
+    diverge(&copies[2], 10 * 65536);
+    edit_superblock(&copies[2], |sb| {
+        sb.feature_map |= crate::format::superblock::feature::RECOVERY_OFFSET;
+        sb.recovery_offset = 2 * MIB / 512;
+    });
+    let reg2 = registry();
+    reg2.assemble("md1", &copies).await.unwrap();
+    let dev2 = reg2.device("md1").unwrap();
+    wait_for("recovery and resync", Duration::from_secs(20), || {
+        let s = dev2.status();
+        !s.degraded && s.sync.kind.is_none() && !dev2.sync_busy()
+    })
+    .await;
+    assert_eq!(dev2.status().members[2].state, MemberState::InSync);
+    drop(dev2);
+    reg2.stop("md1", false).await.unwrap();
+    assert_identical(&copies);
+    assert_eq!(
+        read_member(&copies[1]).unwrap().sb.resync_offset,
+        MAX_SECTOR
+    );
+}
+
+/// A crash between the superblock writes of one update (here: a recovering member got
+/// the newest superblock, the in-sync ones did not) leaves members one update behind
+/// the freshest: they are current (md's and mdadm's margin of one), take their roles
+/// from the freshest superblock, and the array assembles. A member two updates behind
+/// is never taken as in sync: it is recovered in full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_one_update_behind_the_freshest_are_current() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = files(dir.path(), 3, 24 * MIB);
+    let reg = registry();
+    reg.create("md0", spec(3, 0, BitmapMode::Internal, true), &paths, false)
+        .await
+        .unwrap();
+    let dev = reg.device("md0").unwrap();
+    dev.write(MIB, pattern(7, 65536), false).await.unwrap();
+    drop(dev);
+    reg.stop("md0", false).await.unwrap();
+    let e = read_member(&paths[0]).unwrap().sb.events;
+    // Member 2 recovering with the newest superblock; member 1 two updates behind it.
+    edit_superblock(&paths[2], |sb| {
+        sb.events = e + 1;
+        sb.feature_map |= crate::format::superblock::feature::RECOVERY_OFFSET;
+        sb.recovery_offset = 0;
+    });
+    edit_superblock(&paths[1], |sb| sb.events = e - 1);
+    diverge(&paths[1], MIB);
+    diverge(&paths[2], MIB);
+    reg.assemble("md0", &paths).await.unwrap();
+    let dev = reg.device("md0").unwrap();
+    let st = dev.status();
+    assert_eq!(st.members[0].state, MemberState::InSync, "{st:?}");
+    assert!(
+        matches!(
+            st.members[1].state,
+            MemberState::Recovering { offset: 0, .. }
+        ),
+        "{st:?}"
+    );
+    assert!(
+        matches!(st.members[2].state, MemberState::Recovering { .. }),
+        "{st:?}"
+    );
+    assert!(dev.read(MIB, 65536).await.unwrap() == pattern(7, 65536));
+    wait_for("recovery", Duration::from_secs(20), || {
+        !dev.status().degraded && !dev.sync_busy()
+    })
+    .await;
+    drop(dev);
+    reg.stop("md0", false).await.unwrap();
+    assert_identical(&paths);
+    let m = read_member(&paths[1]).unwrap();
+    assert_eq!(m.sb.role(), DevRole::Active(1));
+    assert!(m.sb.events > e + 1);
+}
+
+/// A stop whose drain gives up (a write still in flight) answers EBUSY and keeps the
+/// entry, stopping, and the claim on the members; a later stop, once the write ended,
+/// stops the array and releases the claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_that_cannot_drain_keeps_the_array_and_its_claim() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = files(dir.path(), 2, 24 * MIB);
+    let claims = Arc::new(Claims::default());
+    let reg = Registry::new(RegistryConfig {
+        stop_grace: Duration::from_millis(300),
+        drain_timeout: Duration::from_millis(500),
+        claims: claims.clone(),
+        ..Default::default()
+    });
+    reg.create("md0", spec(2, 0, BitmapMode::Internal, true), &paths, false)
+        .await
+        .unwrap();
+    let dev = reg.device("md0").unwrap();
+    // A write held in flight: it waits for another node's resync window to move on.
+    dev.set_remote_resync_window(Some((0, MIB))).await.unwrap();
+    let d2 = dev.clone();
+    let w = tokio::spawn(async move { d2.write(4096, pattern(3, 4096), false).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!w.is_finished());
+    let e = reg.stop("md0", false).await.unwrap_err();
+    assert_eq!(e.errno(), "EBUSY", "{e}");
+    assert!(e.to_string().contains("did not finish"), "{e}");
+    assert_eq!(reg.lookup("md0").unwrap().state, ArrayState::Stopping);
+    // The members stay claimed: no second engine over them.
+    let other = Registry::new(RegistryConfig {
+        claims: claims.clone(),
+        ..Default::default()
+    });
+    let e = other.assemble("md1", &paths).await.unwrap_err();
+    assert_eq!(e.errno(), "EBUSY", "{e}");
+    // The write ends; stopping again succeeds and releases the claim.
+    dev.set_remote_resync_window(None).await.unwrap();
+    w.await.unwrap().unwrap();
+    drop(dev);
+    reg.stop("md0", false).await.unwrap();
+    assert!(reg.lookup("md0").is_err());
+    other.assemble("md1", &paths).await.unwrap();
+    let dev = other.device("md1").unwrap();
+    assert!(dev.read(4096, 4096).await.unwrap() == pattern(3, 4096));
+    drop(dev);
+    other.stop("md1", false).await.unwrap();
+}
+
+/// Assembled without a member, written, crashed: the absent member is behind by more
+/// than the one-update margin and is recovered, never taken as in sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_absent_while_the_array_ran_is_not_current() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = files(dir.path(), 2, 24 * MIB);
+    let reg = registry();
+    reg.create("md0", spec(2, 0, BitmapMode::Internal, true), &paths, false)
+        .await
+        .unwrap();
+    reg.stop("md0", false).await.unwrap();
+    reg.assemble("md0", &paths[..1]).await.unwrap();
+    let dev = reg.device("md0").unwrap();
+    dev.write(MIB, pattern(5, 65536), false).await.unwrap();
+    // The crash: member 0 as it is now (dirty, one update on), member 1 as it was.
+    let copy0 = dir.path().join("copy0");
+    std::fs::copy(&paths[0], &copy0).unwrap();
+    drop(dev);
+    reg.stop("md0", false).await.unwrap();
+    let copies = vec![copy0, paths[1].clone()];
+    reg.assemble("md1", &copies).await.unwrap();
+    let dev = reg.device("md1").unwrap();
+    let st = dev.status();
+    assert!(
+        matches!(st.members[1].state, MemberState::Recovering { .. }),
+        "{st:?}"
+    );
+    assert!(dev.read(MIB, 65536).await.unwrap() == pattern(5, 65536));
+    wait_for("recovery", Duration::from_secs(20), || {
+        !dev.status().degraded && !dev.sync_busy()
+    })
+    .await;
+    drop(dev);
+    reg.stop("md1", false).await.unwrap();
+    assert_identical(&copies);
+}

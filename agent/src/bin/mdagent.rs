@@ -9,13 +9,14 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use mdcluster_agent::array::service::Service;
 use mdcluster_agent::array::{AssembleOptions, Registry, RegistryConfig};
 use mdcluster_agent::nbd::ServerConfig;
-use mdcluster_agent::raid::SpeedLimits;
+use mdcluster_agent::raid::{SpeedLimits, SB_CHANGE_WAIT};
 use tokio_util::sync::CancellationToken;
 
 const LONG_ABOUT: &str = "\
@@ -92,8 +93,10 @@ struct Args {
     /// How long a stop waits for connected NBD clients to leave before answering EBUSY.
     #[arg(long, env = "MDAGENT_STOP_GRACE", default_value = "3s")]
     stop_grace: humantime::Duration,
-    /// Bound of draining in-flight I/O at stop.
-    #[arg(long, env = "MDAGENT_DRAIN_TIMEOUT", default_value = "30s")]
+    /// Bound of draining in-flight I/O at stop; raised to at least the longest wait of
+    /// a write for a superblock update (45 s). A stop whose drain gives up answers
+    /// EBUSY and leaves the array stopping, its members held.
+    #[arg(long, env = "MDAGENT_DRAIN_TIMEOUT", default_value = "50s")]
     drain_timeout: humantime::Duration,
     /// Resync/recovery minimum speed, KiB/s (md's speed_limit_min).
     #[arg(long, env = "MDAGENT_SPEED_MIN", default_value_t = 1000)]
@@ -143,6 +146,18 @@ fn parse_assemble(s: &str) -> anyhow::Result<(String, Vec<PathBuf>)> {
     Ok((name.to_owned(), devs))
 }
 
+/// `--drain-timeout`, at least [`SB_CHANGE_WAIT`]: a drain must not give up on a write
+/// still waiting for its superblock update.
+fn drain_timeout(args: &Args) -> Duration {
+    let asked: Duration = args.drain_timeout.into();
+    if asked < SB_CHANGE_WAIT {
+        tracing::warn!(
+            "--drain-timeout {asked:?} is shorter than a write's wait for a superblock update; using {SB_CHANGE_WAIT:?}"
+        );
+    }
+    asked.max(SB_CHANGE_WAIT)
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(server) = args.server.clone() {
         return run_cluster(args, server).await;
@@ -151,7 +166,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("create run dir {}", args.run_dir.display()))?;
     let registry = Registry::new(RegistryConfig {
         stop_grace: args.stop_grace.into(),
-        drain_timeout: args.drain_timeout.into(),
+        drain_timeout: drain_timeout(&args),
         assemble: AssembleOptions {
             slot: args.bitmap_slot,
             daemon_sleep: args.daemon_sleep.map(Into::into),
@@ -232,7 +247,7 @@ async fn run_cluster(args: Args, server: String) -> anyhow::Result<()> {
             run_dir: args.run_dir.clone(),
             registry: RegistryConfig {
                 stop_grace: args.stop_grace.into(),
-                drain_timeout: args.drain_timeout.into(),
+                drain_timeout: drain_timeout(&args),
                 assemble: AssembleOptions {
                     slot: 0,
                     daemon_sleep: args.daemon_sleep.map(Into::into),

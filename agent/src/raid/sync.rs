@@ -6,6 +6,8 @@
 //!   chunks marked needed, without one everything from the `resync_offset` checkpoint.
 //! - **Recovery** copies onto members in [`MemberState::Recovering`]: everything from
 //!   their `recovery_offset`, or only the needed chunks for a re-added member.
+//!   It runs before a pending resync; when the array is dirty too, the same run does
+//!   the resync: its ranges go onto the other in-sync members as well (`plan`).
 //! - Each step (at most [`STEP`] bytes) holds the array's write barrier exclusively, so
 //!   no user write into the step's range is in flight while it is copied.
 //! - Speed: like md's `speed_limit_min/max` (KiB/s). The worker runs at `max` while the
@@ -290,13 +292,23 @@ struct Range {
     start: u64,
     end: u64,
     chunk: Option<u64>,
+    /// Written to the recovering members ([`Job::targets`]).
+    recover: bool,
+    /// Written to the in-sync members other than the source ([`Job::resync_targets`]).
+    resync: bool,
 }
 
 #[derive(Debug)]
 pub(super) struct Job {
     kind: SyncKind,
     pub(super) source: usize,
+    /// Recovering members (a recovery).
     targets: Vec<usize>,
+    /// In-sync members other than the source (a resync, also one covered by a
+    /// recovery of a dirty array).
+    resync_targets: Vec<usize>,
+    /// The job also does the pending resync: when it finishes, the resync is done.
+    covers_resync: bool,
     ranges: Vec<Range>,
     bitmap: bool,
 }
@@ -307,6 +319,15 @@ enum Outcome {
     Failed,
 }
 
+/// What the next run does (`None`: nothing to do).
+///
+/// A recovery comes first, as in md. If the array is also dirty (a resync pending,
+/// e.g. after a crash that left a member recovering), the recovery run does the resync
+/// of the in-sync members in the same pass, the way md's resync writes every in-sync
+/// member but the one it reads: it copies the resync's ranges (the needed chunks, or
+/// everything from the resync checkpoint) onto the other in-sync members too.
+/// Otherwise a recovery would clear the needed marks (chunk by chunk, or all at once
+/// after a full recovery) while the in-sync members still differ there.
 pub(super) fn plan(raid: &Raid1) -> Option<Job> {
     // The lowest-role in-sync member, the same device on every node.
     let source = raid.sync_source()?;
@@ -327,7 +348,7 @@ pub(super) fn plan(raid: &Raid1) -> Option<Job> {
         .collect();
     let size = raid.size();
     let bitmap = raid.bitmap();
-    let needed_ranges = |from: u64| -> Vec<Range> {
+    let needed_ranges = |recover: bool, resync: bool| -> Vec<Range> {
         let Some(bm) = bitmap.as_ref() else {
             return Vec::new();
         };
@@ -335,48 +356,103 @@ pub(super) fn plan(raid: &Raid1) -> Option<Job> {
         bm.needed_chunks()
             .into_iter()
             .map(|c| Range {
-                start: (c * cb).max(from),
+                start: c * cb,
                 end: ((c + 1) * cb).min(size),
                 chunk: Some(c),
+                recover,
+                resync,
             })
             .filter(|r| r.start < r.end)
             .collect()
     };
+    let extras: Vec<usize> = in_sync.iter().copied().filter(|&i| i != source).collect();
+    let resync_from = *lock(&raid.sync.resync);
+    if resync_from.is_some() && extras.is_empty() && recovering.is_empty() {
+        // Nothing to make identical; a degraded array's needed chunks stay for recovery.
+        *lock(&raid.sync.resync) = None;
+        return None;
+    }
+    if resync_from.is_some() {
+        // Requests from now on need another run (their chunks may be missed by this one).
+        raid.sync.pending_rerun.store(false, Ordering::Release);
+    }
     if !recovering.is_empty() {
         let from = recovering.iter().map(|r| r.1).min().unwrap_or(0);
         let bitmap_only = bitmap.is_some() && recovering.iter().all(|r| r.2);
-        let ranges = if bitmap_only {
-            needed_ranges(0)
-        } else {
-            vec![Range {
+        let covers_resync = resync_from.is_some();
+        // The resync's ranges go to the recovering members too: below its recovery
+        // offset a recovering member took the same writes as the in-sync ones.
+        let ranges = match (bitmap_only, resync_from) {
+            // Both are the needed chunks.
+            (true, _) => needed_ranges(true, covers_resync),
+            (false, None) => vec![Range {
                 start: from,
                 end: size,
                 chunk: None,
-            }]
+                recover: true,
+                resync: false,
+            }],
+            // With a bitmap the needed chunks are resynced (whole chunks, so that no
+            // mark is cleared before its chunk is copied onto every in-sync member),
+            // then the recovering members are copied in full.
+            (false, Some(_)) if bitmap.is_some() => {
+                let mut r = needed_ranges(true, true);
+                r.push(Range {
+                    start: from,
+                    end: size,
+                    chunk: None,
+                    recover: true,
+                    resync: false,
+                });
+                r
+            }
+            // Without one: the recovering members from the lower of the two offsets,
+            // the other in-sync members from the resync checkpoint.
+            (false, Some(rfrom)) => {
+                let lo = from.min(rfrom);
+                let hi = from.max(rfrom).min(size);
+                let mut r = Vec::new();
+                if lo < hi {
+                    r.push(Range {
+                        start: lo,
+                        end: hi,
+                        chunk: None,
+                        recover: true,
+                        resync: rfrom == lo,
+                    });
+                }
+                if hi < size {
+                    r.push(Range {
+                        start: hi,
+                        end: size,
+                        chunk: None,
+                        recover: true,
+                        resync: true,
+                    });
+                }
+                r
+            }
         };
         return Some(Job {
             kind: SyncKind::Recovery,
             source,
             targets: recovering.iter().map(|r| r.0).collect(),
+            resync_targets: if covers_resync { extras } else { Vec::new() },
+            covers_resync,
             ranges,
             bitmap: bitmap_only,
         });
     }
-    let from = (*lock(&raid.sync.resync))?;
-    if in_sync.len() < 2 {
-        // Nothing to make identical; a degraded array's needed chunks stay for recovery.
-        *lock(&raid.sync.resync) = None;
-        return None;
-    }
-    // Requests from now on need another run (their chunks may be missed by this one).
-    raid.sync.pending_rerun.store(false, Ordering::Release);
+    let from = resync_from?;
     let (ranges, bitmap) = match &bitmap {
-        Some(_) => (needed_ranges(0), true),
+        Some(_) => (needed_ranges(false, true), true),
         None => (
             vec![Range {
                 start: from,
                 end: size,
                 chunk: None,
+                recover: false,
+                resync: true,
             }],
             false,
         ),
@@ -384,7 +460,9 @@ pub(super) fn plan(raid: &Raid1) -> Option<Job> {
     Some(Job {
         kind: SyncKind::Resync,
         source,
-        targets: in_sync.into_iter().filter(|&i| i != source).collect(),
+        targets: Vec::new(),
+        resync_targets: extras,
+        covers_resync: true,
         ranges,
         bitmap,
     })
@@ -556,7 +634,7 @@ async fn run_job(
     }
     tracing::info!(array = %raid.name, kind = ?job.kind, bytes = total, chunks = chunks_total,
         bitmap = job.bitmap, "sync starts");
-    if job.kind == SyncKind::Resync {
+    if job.covers_resync {
         raid.sync.resync_running.store(true, Ordering::Release);
     }
     let mut throttle = Throttle {
@@ -592,7 +670,7 @@ async fn run_job(
             } else if *stop.borrow() || !throttle.wait(raid, n, stop).await {
                 outcome = Outcome::Interrupted;
             } else {
-                if !copy_step(raid, job, pos, n).await {
+                if !copy_step(raid, job, r, pos, n).await {
                     outcome = Outcome::Failed;
                 } else {
                     pos += n;
@@ -608,7 +686,7 @@ async fn run_job(
                 }
                 break 'ranges;
             }
-            if r.chunk.is_none() {
+            if r.chunk.is_none() && (r.recover || job.kind == SyncKind::Resync) {
                 note_position(raid, job, pos);
                 if last_ckpt.elapsed() >= CHECKPOINT_EVERY {
                     checkpoint(raid, job, pos).await;
@@ -708,7 +786,12 @@ async fn announce(
         let usable = {
             let slots = raid.slots();
             let ok = |i: usize| slots.get(i).is_some_and(|s| s.state != MemberState::Faulty);
-            ok(job.source) && job.targets.iter().any(|&t| ok(t))
+            ok(job.source)
+                && job
+                    .targets
+                    .iter()
+                    .chain(&job.resync_targets)
+                    .any(|&t| ok(t))
         };
         if !usable {
             return Err(Outcome::Failed);
@@ -717,14 +800,14 @@ async fn announce(
     }
 }
 
-/// Copies `n` bytes at `pos` from the source to the live targets under the barrier.
-/// False if the source or every target failed. A member that fails here is marked
+/// Copies `n` bytes at `pos` of range `r` from the source to its live targets under
+/// the barrier. False if the source or every target failed. A member that fails here is marked
 /// Faulty under the barrier; its superblock update (which may need the cluster token)
 /// is written after the barrier is released, so user writes never wait behind it.
-async fn copy_step(raid: &Raid1, job: &Job, pos: u64, n: u64) -> bool {
+async fn copy_step(raid: &Raid1, job: &Job, r: &Range, pos: u64, n: u64) -> bool {
     let barrier = raid.barrier.write().await;
     let mut owed = Vec::new();
-    let ok = copy_locked(raid, job, pos, n, &mut owed).await;
+    let ok = copy_locked(raid, job, r, pos, n, &mut owed).await;
     drop(barrier);
     for failure in owed {
         failure.record().await;
@@ -735,6 +818,7 @@ async fn copy_step(raid: &Raid1, job: &Job, pos: u64, n: u64) -> bool {
 async fn copy_locked<'a>(
     raid: &'a Raid1,
     job: &Job,
+    r: &Range,
     pos: u64,
     n: u64,
     owed: &mut Vec<super::PendingFailure<'a>>,
@@ -749,8 +833,10 @@ async fn copy_locked<'a>(
     };
     let live: Vec<usize> = {
         let slots = raid.slots();
-        job.targets
-            .iter()
+        let recover = job.targets.iter().filter(|_| r.recover);
+        let resync = job.resync_targets.iter().filter(|_| r.resync);
+        recover
+            .chain(resync)
             .copied()
             .filter(|&t| slots[t].state != MemberState::Faulty)
             .collect()
@@ -817,49 +903,53 @@ async fn checkpoint(raid: &Raid1, job: &Job, pos: u64) {
 }
 
 async fn finish(raid: &Raid1, job: &Job) {
-    match job.kind {
-        SyncKind::Resync => {
-            if raid.sync.pending_rerun.swap(false, Ordering::AcqRel) {
-                // Chunks were marked needed during this run: run again.
-                *lock(&raid.sync.resync) = Some(0);
-                return;
-            }
-            *lock(&raid.sync.resync) = None;
-            // 0 while the array is dirty (decided under the metadata lock).
-            if let Err(e) = raid.record_resync_offset(u64::MAX, false).await {
-                tracing::warn!("failed to record the end of resync: {e}");
-            }
-        }
-        SyncKind::Recovery => {
-            for &t in &job.targets {
-                {
-                    let mut slots = raid.slots();
-                    if matches!(slots[t].state, MemberState::Recovering { .. }) {
-                        slots[t].state = MemberState::InSync;
-                    } else {
-                        continue;
-                    }
-                }
-                if let Err(e) = raid
-                    .meta_update(MetaEvent::RecoveryDone { member: t })
-                    .await
-                {
-                    tracing::warn!("failed to record the end of recovery: {e}");
-                }
-            }
-            if !job.bitmap && raid.in_sync_count() >= raid.raid_disks() as usize {
-                if let Some(bm) = raid.bitmap() {
-                    bm.clear_all_needed();
-                }
-            } else if job.bitmap
-                && raid
-                    .bitmap()
-                    .is_some_and(|bm| !bm.needed_chunks().is_empty())
+    // Chunks marked needed (a resync requested) after the job was planned: this run may
+    // have missed them, another one copies them.
+    let rerun = job.covers_resync && raid.sync.pending_rerun.swap(false, Ordering::AcqRel);
+    if job.kind == SyncKind::Recovery {
+        for &t in &job.targets {
             {
-                // Chunks marked after this run was planned (e.g. gathered again at a
-                // re-add): a resync copies them.
-                raid.sync.request_resync();
+                let mut slots = raid.slots();
+                if matches!(slots[t].state, MemberState::Recovering { .. }) {
+                    slots[t].state = MemberState::InSync;
+                } else {
+                    continue;
+                }
+            }
+            if let Err(e) = raid
+                .meta_update(MetaEvent::RecoveryDone { member: t })
+                .await
+            {
+                tracing::warn!("failed to record the end of recovery: {e}");
             }
         }
+        let owed = rerun || (!job.covers_resync && lock(&raid.sync.resync).is_some());
+        if !job.bitmap && !owed && raid.in_sync_count() >= raid.raid_disks() as usize {
+            // Every member was copied in full (and, with a resync covered, every needed
+            // chunk onto every in-sync member).
+            if let Some(bm) = raid.bitmap() {
+                bm.clear_all_needed();
+            }
+        } else if raid
+            .bitmap()
+            .is_some_and(|bm| !bm.needed_chunks().is_empty())
+            && (job.bitmap || owed)
+        {
+            // Chunks marked after this run was planned (e.g. gathered again at a
+            // re-add): a resync copies them.
+            raid.sync.request_resync();
+        }
+    }
+    if !job.covers_resync {
+        return;
+    }
+    if rerun {
+        *lock(&raid.sync.resync) = Some(0);
+        return;
+    }
+    *lock(&raid.sync.resync) = None;
+    // 0 while the array is dirty (decided under the metadata lock).
+    if let Err(e) = raid.record_resync_offset(u64::MAX, false).await {
+        tracing::warn!("failed to record the end of resync: {e}");
     }
 }

@@ -279,9 +279,9 @@ fn all_held_by_members(holders: &[Vec<String>]) -> bool {
 }
 
 /// ORs the bits of slots `from` into slot `to` on every member, and marks the
-/// superblocks unclean so the engine resyncs the set bits. Returns the chunks set in
-/// slot `to` afterwards.
-fn merge_slots(paths: &[PathBuf], to: u32, from: &[u32]) -> Result<u64, DeviceError> {
+/// superblocks unclean so the engine resyncs the set bits (step 4 of the module doc;
+/// the caller holds the slot locks). Returns the chunks set in slot `to` afterwards.
+pub fn merge_slots(paths: &[PathBuf], to: u32, from: &[u32]) -> Result<u64, DeviceError> {
     let mut total = 0;
     for p in paths {
         let m = match read_member(p) {
