@@ -2,7 +2,7 @@
 //! from plain status data so that existing parsers and scripts read `mdctl mdstat`.
 //!
 //! The shapes follow the kernel's `md_seq_show`, `status_resync` and
-//! `md_bitmap_status` (samples in `reference/kernel-md-samples.md`), plus the
+//! `md_bitmap_status` (samples: `docs/LIFECYCLE.md` §3), plus the
 //! md-cluster variants `resync=REMOTE` / `recovery=REMOTE`.
 
 use std::fmt::Write as _;
@@ -254,7 +254,7 @@ mod tests {
         }
     }
 
-    // Byte-for-byte samples from reference/kernel-md-samples.md (Linux 6.1).
+    // Byte-for-byte samples of Linux 6.1 md/raid1 (provenance: docs/LIFECYCLE.md §3).
     #[test]
     fn resync_in_progress() {
         let a = array(

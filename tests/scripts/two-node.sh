@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The two-node reproducer of the md_open race (reference/md-open-race.md), driven only
+# The two-node reproducer of the md_open race (docs/LIFECYCLE.md §1), driven only
 # through mdctl: create a clustered 2-disk mirror --assume-clean on node1, then 10 times
 # assemble on node2, sleep, stop on node2 -- while `mdctl monitor` runs and clients keep
 # opening the array on node2 (nbdinfo on node2's NBD socket, mdctl detail).

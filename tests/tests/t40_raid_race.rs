@@ -1,4 +1,4 @@
-//! t40: the md_open race, as a stress test (`reference/md-open-race.md`). 100
+//! t40: the md_open race, as a stress test (`docs/LIFECYCLE.md` §1). 100
 //! assemble/stop cycles of one array while several clients open it in a tight loop
 //! (raw NBD opens, timed, plus `nbdinfo` and status lookups). Every open answers
 //! success, EBUSY or ENOENT within 100 ms; every cycle completes; at the end the agent

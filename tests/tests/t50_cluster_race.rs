@@ -1,4 +1,4 @@
-//! t50: the two-node reproducer of the md_open race (`reference/md-open-race.md`), on a
+//! t50: the two-node reproducer of the md_open race (`docs/LIFECYCLE.md` §1), on a
 //! real cluster (etcd, mdserver, two cluster-mode agents on 127.0.0.1/127.0.0.2),
 //! driven only through `mdctl`:
 //!

@@ -1,5 +1,5 @@
-//! The arrays of this node and their lifecycle (DESIGN.md "Lifecycle", the lesson of
-//! the md_open race, `reference/md-open-race.md`).
+//! The arrays of this node and their lifecycle (`docs/LIFECYCLE.md` §2, the lesson of
+//! the md_open race, `docs/LIFECYCLE.md` §1).
 //!
 //! Owns: the registry of arrays by name, each in one explicit state
 //! ([`ArrayState::Assembling`] → [`ArrayState::Active`] → [`ArrayState::Stopping`] →

@@ -4,7 +4,7 @@
 //! superblock + bits, padded to whole 4 KiB pages) and the ordering rule that a
 //! chunk's bit is durable on disk before the first data write into that chunk.
 //!
-//! Counter (`reference/md-cluster.md` §2.6): bit 15 [`NEEDED`] (the chunk must be
+//! Counter (`docs/MD-FORMAT.md` §6): bit 15 [`NEEDED`] (the chunk must be
 //! resynced), bit 14 [`RESYNC`] (it is being resynced), low 14 bits = pending writes
 //! plus 1 for the bit on disk. A first write sets the disk bit and the count to 3; its end
 //! lowers it to 2; the daemon, every `daemon_sleep`, lowers an idle 2 to 1 and then

@@ -1,8 +1,8 @@
 //! md-cluster on the lock service: the names of an array's locks and channel, and the
 //! messages and value blocks that travel through them.
 //!
-//! Per array (by UUID), as md-cluster has per lockspace (`reference/md-cluster.md`
-//! §1.2): an exclusive `token` lock (metadata updates and message sends), a `resync`
+//! Per array (by UUID), as md-cluster has per lockspace (`docs/MD-CLUSTER.md`
+//! §2): an exclusive `token` lock (metadata updates and message sends), a `resync`
 //! lock (one resyncing node at a time), one `slot/N` lock per bitmap slot held by the
 //! slot's node for its whole membership (its value block is the node's [`ResyncInfo`]),
 //! and one message channel.

@@ -4,7 +4,7 @@
 //! type, sender slot, low, high, device UUID, raid slot), published on the array's
 //! message channel of the lock service. [`ResyncInfo`] is the `resync_info` a node keeps
 //! in the value block of its `slot/N` lock: the window it is resyncing. Facts:
-//! `reference/md-cluster.md` §1.3–1.4.
+//! `docs/MD-CLUSTER.md` §3–4.
 
 /// Size of an encoded [`ClusterMsg`] (44 bytes used, 4 of padding, as the kernel's).
 pub const CLUSTER_MSG_BYTES: usize = 48;

@@ -1,7 +1,7 @@
 //! The md write-intent bitmap on disk: `bitmap_super_t` (version 4 internal, version 5
 //! clustered with one slot per node), the slot stride, and access to the bits.
 //!
-//! Layout: `reference/md-cluster.md` §2.5–2.7. A slot is one 256-byte bitmap
+//! Layout: `docs/MD-FORMAT.md` §5–7. A slot is one 256-byte bitmap
 //! superblock followed by its bits (bit *i* = chunk *i*, little-endian bit order),
 //! padded to 4 KiB; slot *N* starts `N · slot_bytes` after the first.
 
@@ -292,7 +292,7 @@ mod tests {
         let bm = sample(5);
         let back = BitmapSuper::parse_for(&bm.encode().unwrap(), &[3; 16]).unwrap();
         assert_eq!(back, bm);
-        // reference/md-cluster.md §2.7: 1 GiB at 64 MiB → 16 bits → stride 8 sectors.
+        // docs/MD-FORMAT.md §7: 1 GiB at 64 MiB → 16 bits → stride 8 sectors.
         assert_eq!(bm.chunks(), 16);
         assert_eq!(bm.slot_bytes(), 4096);
         // 10 TiB at 64 MiB → 163840 bits → 20736 B → stride 48 sectors.

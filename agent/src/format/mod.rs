@@ -12,7 +12,7 @@
 //!   and bitmap slots, zeroing.
 //!
 //! Everything but [`io`] is pure code over byte buffers, so it is tested (and fuzzed)
-//! without disks. Facts and offsets: `reference/md-cluster.md` §2.
+//! without disks. Facts and offsets: `docs/MD-FORMAT.md`.
 
 pub mod bitmap;
 pub mod create;

@@ -3,7 +3,7 @@
 //!
 //! Pure code over byte buffers: [`Superblock::parse`] validates a 4 KiB block read at
 //! the superblock offset, [`Superblock::encode`] produces one with a correct `sb_csum`.
-//! Layout: `reference/md-cluster.md` §2.2–2.4 (offsets checked against the kernel uapi
+//! Layout: `docs/MD-FORMAT.md` §1–4 (offsets checked against the kernel uapi
 //! header `linux/raid/md_p.h`).
 
 use super::{le_i32, le_u16, le_u32, le_u64, put_i32, put_u16, put_u32, put_u64, FormatError};

@@ -1,7 +1,7 @@
 //! How the NBD server *opens* an export, and how the owner of the exports (the array
 //! registry) learns which clients are connected and disconnects them.
 //!
-//! The contract follows DESIGN.md "Lifecycle":
+//! The contract follows `docs/LIFECYCLE.md` §2:
 //! - [`Exports::open`] only **looks up**; it never creates an array. An absent export
 //!   answers [`OpenError::NotFound`] (ENOENT), an assembling or stopping one
 //!   [`OpenError::Busy`] (EBUSY), at once; the server never retries.

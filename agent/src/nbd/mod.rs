@@ -8,7 +8,7 @@
 //!   [`MapExports`] for tests.
 //! - [`server`]: listeners, connections, negotiation and transmission I/O.
 //!
-//! # Lifecycle contract (DESIGN.md "Lifecycle")
+//! # Lifecycle contract (`docs/LIFECYCLE.md` §2)
 //! The server only ever *looks up* exports through [`Exports::open`]; an absent export is
 //! refused with ENOENT (`NBD_REP_ERR_UNKNOWN`), an assembling or stopping one with EBUSY
 //! (`NBD_REP_ERR_SHUTDOWN`, with a message saying EBUSY and naming the state), at once and

@@ -7,7 +7,7 @@
 //! through the [`MetaStore`] the array gives it, and it is written before the I/O that
 //! caused it is acknowledged.
 //!
-//! Rules (DESIGN.md "The RAID engine"):
+//! Rules (`docs/ARCHITECTURE.md`, "The RAID1 engine, bitmap and lifecycle"):
 //! - a write goes to every in-sync and recovering member in parallel; it fails only if
 //!   no in-sync member took it; a member that failed it is marked faulty first;
 //! - a member failure is durable in the superblocks before any write (or flush) that

@@ -1,6 +1,6 @@
 //! The agent service of cluster mode: this node's arrays behind the gRPC
-//! `AgentService` that mdserver routes per-node operations to (DESIGN.md "Server ↔
-//! agent ↔ CLI").
+//! `AgentService` that mdserver routes per-node operations to (`docs/ARCHITECTURE.md`,
+//! "The agent service" and "Requests").
 //!
 //! [`Node`] sits on top of the standalone [`Service`] (registry, lifecycle, per-array NBD
 //! sockets) and adds what the cluster needs:
@@ -838,7 +838,7 @@ impl Node {
         )
     }
 
-    /// Stops `name` here (DESIGN.md "Lifecycle" 4), then leaves the cluster for it.
+    /// Stops `name` here (`docs/LIFECYCLE.md` §2 rule 4), then leaves the cluster for it.
     pub async fn stop(self: &Arc<Self>, name: &str, force: bool) -> Result<(), WireError> {
         let name = short_name(name).to_owned();
         let guard = self.begin(&name, "stop")?;

@@ -1,4 +1,5 @@
-//! The cluster service: what `mdctl` calls (DESIGN.md "Server ↔ agent ↔ CLI").
+//! The cluster service: what `mdctl` calls (`docs/ARCHITECTURE.md`, "The cluster API" and
+//! "Requests").
 //!
 //! - **nodes**: the live sessions of the lock service's node registry, each with the
 //!   agent address it registered;
