@@ -31,3 +31,5 @@ pub mod mdstat;
 pub mod nbd;
 pub mod raid;
 pub mod service;
+#[cfg(test)]
+mod testloop;

@@ -140,6 +140,21 @@ fn prefix_may_match(pattern: &str, dir: &str) -> bool {
     agrees && (pattern.contains('*') || pattern.matches('/').count() > dir.matches('/').count())
 }
 
+/// The paths to probe: the `preferred` ones `patterns` allow, then every device the
+/// patterns expand to.
+fn candidates(patterns: &[String], preferred: &[PathBuf]) -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = preferred
+        .iter()
+        .filter(|p| {
+            let s = p.to_string_lossy();
+            patterns.iter().any(|g| super::glob_match(g, &s))
+        })
+        .cloned()
+        .collect();
+    paths.extend(expand(patterns));
+    paths
+}
+
 /// The members of array `uuid` among `probes`, in the order given (put preferred
 /// paths first), each device once: paths to the same device (same `canonical`) count
 /// once; different devices with one device UUID are refused.
@@ -226,15 +241,7 @@ pub fn find_array(
     if patterns.is_empty() {
         return Err(ScanError::NoPatterns { what });
     }
-    let mut paths: Vec<PathBuf> = preferred
-        .iter()
-        .filter(|p| {
-            let s = p.to_string_lossy();
-            patterns.iter().any(|g| super::glob_match(g, &s))
-        })
-        .cloned()
-        .collect();
-    paths.extend(expand(patterns));
+    let paths = candidates(patterns, preferred);
     let found = select(uuid, &probe(&paths))?;
     if found.is_empty() {
         return Err(ScanError::NotFound {
@@ -261,15 +268,7 @@ pub fn find_device(
     if patterns.is_empty() {
         return Err(ScanError::NoPatterns { what });
     }
-    let mut paths: Vec<PathBuf> = preferred
-        .iter()
-        .filter(|p| {
-            let s = p.to_string_lossy();
-            patterns.iter().any(|g| super::glob_match(g, &s))
-        })
-        .cloned()
-        .collect();
-    paths.extend(expand(patterns));
+    let paths = candidates(patterns, preferred);
     let probes: Vec<Probe> = probe(&paths)
         .into_iter()
         .filter(|p| &p.device_uuid == device_uuid)

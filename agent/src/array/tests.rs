@@ -664,36 +664,7 @@ fn clustered_bitmap_slots_sharing_a_logical_block_are_refused() {
     }
 }
 
-/// A loop device over `file` with direct I/O and `sector`-byte logical blocks, detached
-/// on drop.
-struct Loop(PathBuf);
-
-impl Loop {
-    fn attach(file: &Path, sector: u32) -> Loop {
-        let out = std::process::Command::new("losetup")
-            .args(["--find", "--show", "--direct-io=on", "--sector-size"])
-            .arg(sector.to_string())
-            .arg(file)
-            .output()
-            .expect("run losetup");
-        assert!(
-            out.status.success(),
-            "losetup {}: {}",
-            file.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Loop(PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()))
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("losetup")
-            .arg("-d")
-            .arg(&self.0)
-            .status();
-    }
-}
+use crate::testloop::Loop;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_later_superblock_write_carries_an_unrecorded_failure() {

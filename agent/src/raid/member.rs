@@ -433,36 +433,7 @@ mod tests {
         );
     }
 
-    /// A loop device over a file, with direct I/O to the file and `sector` as its
-    /// logical block size; detached on drop.
-    struct Loop(PathBuf);
-
-    impl Loop {
-        fn attach(file: &Path, sector: u32) -> Loop {
-            let out = std::process::Command::new("losetup")
-                .args(["--find", "--show", "--direct-io=on", "--sector-size"])
-                .arg(sector.to_string())
-                .arg(file)
-                .output()
-                .expect("run losetup");
-            assert!(
-                out.status.success(),
-                "losetup {}: {}",
-                file.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            Loop(PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()))
-        }
-    }
-
-    impl Drop for Loop {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("losetup")
-                .arg("-d")
-                .arg(&self.0)
-                .status();
-        }
-    }
+    use crate::testloop::Loop;
 
     /// Two nodes, each with its own loop device over one file (the shared disk), write
     /// neighbouring sectors of one 4 KiB block. Node A's write is held between its read
