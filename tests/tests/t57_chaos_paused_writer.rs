@@ -6,7 +6,8 @@
 //! socket during the pause. node1 takes node2's slot over after the TTL, writes its
 //! own pattern over the region and flushes; node2 is thawed (SIGCONT).
 //!
-//! Asserted: the region reads node1's pattern only, on every member (scanned on the
+//! Asserted: each node reports its two loop-device members as fenced by the gate only
+//! (no persistent reservations); the region reads node1's pattern only, on every member (scanned on the
 //! shared disks directly); the members end identical; node2's client got no success
 //! for anything sent during the pause (writes and the flush). Printed: the takeover and
 //! resume times.
@@ -189,6 +190,16 @@ fn round(n: usize) {
         .expect("cluster");
     let a = c.members_of(1, 2);
     c.mirror_on_two_nodes("md0", &a[0], &a[1]);
+    // Loop devices take no persistent reservations: each node says so once per member.
+    for agent in &c.agents {
+        let log = plain(&agent.log_text());
+        assert_eq!(
+            log.matches("fenced by the fence gate only").count(),
+            2,
+            "{}: every member reported once as fenced by the gate only; log:\n{log}",
+            agent.node
+        );
+    }
 
     eprintln!("--- node2's client keeps {IN_FLIGHT} writes of {WRITE} bytes in flight");
     let (w2, replies2, reader2) = Nbd::connect(&c.agents[1].sock("md0"), "md0");
