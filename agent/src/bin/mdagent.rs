@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use mdcluster_agent::allow::{DeviceAllow, EmptyList};
 use mdcluster_agent::array::service::Service;
 use mdcluster_agent::array::{AssembleOptions, Registry, RegistryConfig};
 use mdcluster_agent::nbd::ServerConfig;
@@ -76,8 +77,12 @@ struct Args {
     #[arg(long, env = "MDAGENT_RUN_DIR", default_value = "/run/mdcluster")]
     run_dir: PathBuf,
     /// Glob of member paths the agent may open; repeat for several. Nothing else is opened.
-    /// In cluster mode also where this node looks for members by UUID when another
-    /// node's paths do not fit here (assemble from the cluster's record, NEWDISK).
+    /// `*` and `?` match within one path component; a path is resolved (symlinks, `..`)
+    /// before it is matched, and a symlink a pattern names (udev's
+    /// /dev/disk/by-id/...) is followed. Empty: standalone opens any path, cluster
+    /// mode opens nothing. In cluster mode also where this node looks for members by
+    /// UUID when another node's paths do not fit here (assemble from the cluster's
+    /// record, NEWDISK).
     #[arg(
         long = "device-allow",
         env = "MDAGENT_DEVICE_ALLOW",
@@ -177,7 +182,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             },
             sync_gate: false,
         },
-        device_allow: args.device_allow.clone(),
+        device_allow: DeviceAllow::new(args.device_allow.clone(), EmptyList::AllowsAny)?,
         claims: Default::default(),
     });
     let service = Service::new(registry.clone(), &args.run_dir, ServerConfig::default());
@@ -241,6 +246,15 @@ async fn run_cluster(args: Args, server: String) -> anyhow::Result<()> {
         args.assemble.is_empty(),
         "--assemble is for standalone mode; in cluster mode use mdctl assemble"
     );
+    let allow = DeviceAllow::new(args.device_allow.clone(), EmptyList::AllowsNothing)?;
+    if allow.allows_nothing() {
+        tracing::warn!(
+            node = %node,
+            "no --device-allow pattern: in cluster mode this agent opens no device at all; give the patterns of this node's shared disks (e.g. --device-allow '/dev/disk/by-id/wwn-*')"
+        );
+    } else {
+        tracing::info!(node = %node, patterns = ?allow.patterns(), "device allow-list");
+    }
     let cfg = RuntimeConfig {
         node: NodeConfig {
             node: node.clone(),
@@ -259,7 +273,7 @@ async fn run_cluster(args: Args, server: String) -> anyhow::Result<()> {
                     // Cluster mode: clustered arrays sync one node at a time.
                     sync_gate: true,
                 },
-                device_allow: args.device_allow.clone(),
+                device_allow: allow,
                 // One for the node: shared by the registry of every slot.
                 claims: Default::default(),
             },

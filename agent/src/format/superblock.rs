@@ -453,7 +453,7 @@ impl Superblock {
             return None;
         }
         let sector = i128::from(self.super_offset) + i128::from(self.bitmap_offset);
-        u64::try_from(sector).ok().map(|s| s * 512)
+        u64::try_from(sector).ok().and_then(|s| s.checked_mul(512))
     }
 
     /// `set_name` as text, without the NUL padding.

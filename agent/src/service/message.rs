@@ -516,7 +516,7 @@ async fn newdisk(node: &Arc<Node>, name: &str, msg: &ClusterMsg) -> Result<(), S
         let (array, device) = (m.uuid, msg.uuid);
         let preferred: Vec<PathBuf> = sender_path.into_iter().collect();
         tokio::task::spawn_blocking(move || {
-            if allow.is_empty() {
+            if allow.allows_any() {
                 // Every path is allowed here: the sender's, if it is that device.
                 return preferred
                     .into_iter()
