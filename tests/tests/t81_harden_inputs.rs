@@ -140,14 +140,7 @@ fn allow_list_cannot_be_bypassed() {
     }
 
     eprintln!("--- assemble and manage --add go through the same check");
-    let (rc, err) = c.code(&[
-        "--node",
-        "node1",
-        "assemble",
-        "md1",
-        &attempts[0].0,
-        &ok1,
-    ]);
+    let (rc, err) = c.code(&["--node", "node1", "assemble", "md1", &attempts[0].0, &ok1]);
     assert_eq!(rc, 9, "{err}");
     c.mdctl_ok(&[
         "--node",
@@ -254,7 +247,10 @@ fn clear_errors_and_bounded_inputs() {
     assert!(alive(pid), "the agent died");
     let rss1 = rss_kib(pid);
     eprintln!("RSS {rss0} KiB -> {rss1} KiB");
-    assert!(rss1 < rss0 + 64 * 1024, "RSS grew from {rss0} to {rss1} KiB");
+    assert!(
+        rss1 < rss0 + 64 * 1024,
+        "RSS grew from {rss0} to {rss1} KiB"
+    );
     assert!(alive(pid), "the agent died");
 
     eprintln!("--- create over a device holding a member: the hint once");
@@ -304,7 +300,10 @@ fn clear_errors_and_bounded_inputs() {
     assert!(err.contains("bitmap"), "{err}");
     assert!(alive(pid), "the agent died");
     let rss1 = rss_kib(pid);
-    assert!(rss1 < rss0 + 64 * 1024, "RSS grew from {rss0} to {rss1} KiB");
+    assert!(
+        rss1 < rss0 + 64 * 1024,
+        "RSS grew from {rss0} to {rss1} KiB"
+    );
     assert!(alive(pid), "the agent died");
     // The agent still serves.
     c.mdctl_ok(&["--node", "node1", "mdstat"]);

@@ -308,7 +308,7 @@ pub fn read_member_from(dev: &MetaDev) -> Result<Member, DeviceError> {
     }
     let block = dev.read_at(SB_OFFSET_BYTES, SB_BLOCK_BYTES)?;
     let sb = Superblock::parse(&block).map_err(format_err(path))?;
-    if sb.super_offset * SECTOR != SB_OFFSET_BYTES {
+    if sb.super_offset != SB_OFFSET_BYTES / SECTOR {
         return Err(format_err(path)(FormatError::InvalidSpec(format!(
             "super_offset {} does not match the v1.2 location (sector 8); not a 1.2 member",
             sb.super_offset

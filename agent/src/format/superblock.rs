@@ -310,7 +310,10 @@ impl Superblock {
         // v1.1/v1.2 keep the data after the superblock: data may not start inside the
         // superblock's own 4 KiB.
         if self.super_offset < self.data_offset
-            && self.data_offset < self.super_offset + (SB_BLOCK_BYTES as u64 / 512)
+            && self.data_offset
+                < self
+                    .super_offset
+                    .saturating_add(SB_BLOCK_BYTES as u64 / 512)
         {
             return Err(FormatError::DataOverlapsSuperblock {
                 data_offset: self.data_offset,
