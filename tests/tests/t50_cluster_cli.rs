@@ -193,7 +193,7 @@ fn errors_keep_their_reason_and_exit_code() {
 #[test]
 fn create_mdadm_mdstat_detail_monitor_tune() {
     let c = ClusterBuilder::new(2)
-        .agent_args(&["--nbd-tcp", "127.0.0.1:0"])
+        .agent_args(&["--nbd-tcp", "127.0.0.1:0", "--nbd-insecure"])
         .start()
         .expect("cluster");
     let dir = c.path().to_owned();

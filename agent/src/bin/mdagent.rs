@@ -16,7 +16,7 @@ use clap::Parser;
 use mdcluster_agent::allow::{DeviceAllow, EmptyList};
 use mdcluster_agent::array::service::Service;
 use mdcluster_agent::array::{AssembleOptions, Registry, RegistryConfig};
-use mdcluster_agent::nbd::ServerConfig;
+use mdcluster_agent::nbd::{NbdTls, ServerConfig};
 use mdcluster_agent::raid::{SpeedLimits, SB_CHANGE_WAIT};
 use tokio_util::sync::CancellationToken;
 
@@ -93,8 +93,23 @@ struct Args {
     #[arg(long = "assemble", value_name = "NAME=DEV,DEV")]
     assemble: Vec<String>,
     /// Also serve every array over NBD on this TCP address (export name = array name).
+    /// Needs --nbd-tls-ca/--nbd-tls-cert/--nbd-tls-key (clients negotiate
+    /// NBD_OPT_STARTTLS with a certificate signed by that CA), or --nbd-insecure.
     #[arg(long, env = "MDAGENT_NBD_TCP")]
     nbd_tcp: Option<String>,
+    /// PEM file of the CA that NBD TCP clients' certificates must be signed by.
+    #[arg(long, env = "MDAGENT_NBD_TLS_CA", requires_all = ["nbd_tls_cert", "nbd_tls_key"])]
+    nbd_tls_ca: Option<PathBuf>,
+    /// PEM file of this agent's NBD TLS certificate (chain).
+    #[arg(long, env = "MDAGENT_NBD_TLS_CERT", requires_all = ["nbd_tls_ca", "nbd_tls_key"])]
+    nbd_tls_cert: Option<PathBuf>,
+    /// PEM file of the private key of --nbd-tls-cert.
+    #[arg(long, env = "MDAGENT_NBD_TLS_KEY", requires_all = ["nbd_tls_ca", "nbd_tls_cert"])]
+    nbd_tls_key: Option<PathBuf>,
+    /// Serve --nbd-tcp without TLS: anyone who reaches the address reads and writes
+    /// every array. Only for a network nothing else can reach.
+    #[arg(long, env = "MDAGENT_NBD_INSECURE")]
+    nbd_insecure: bool,
     /// How long a stop waits for connected NBD clients to leave before answering EBUSY.
     #[arg(long, env = "MDAGENT_STOP_GRACE", default_value = "3s")]
     stop_grace: humantime::Duration,
@@ -203,7 +218,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Some(tokio::spawn(mdcluster_agent::nbd::serve_tcp(
                 listener,
                 exports,
-                ServerConfig::default(),
+                nbd_config(&args)?,
                 shutdown.clone(),
             )))
         }
@@ -277,7 +292,7 @@ async fn run_cluster(args: Args, server: String) -> anyhow::Result<()> {
                 // One for the node: shared by the registry of every slot.
                 claims: Default::default(),
             },
-            nbd: ServerConfig::default(),
+            nbd: nbd_config(&args)?,
             nbd_tcp: args.nbd_tcp.clone(),
         },
         servers: server.split(',').map(str::to_owned).collect(),
@@ -301,6 +316,25 @@ async fn run_cluster(args: Args, server: String) -> anyhow::Result<()> {
     run(cfg, shutdown)
         .await
         .with_context(|| format!("mdagent node {node}"))
+}
+
+/// The NBD server configuration: TLS for the TCP listener from the --nbd-tls-* files;
+/// --nbd-tcp without them needs --nbd-insecure.
+fn nbd_config(args: &Args) -> anyhow::Result<ServerConfig> {
+    let mut cfg = ServerConfig::default();
+    if let (Some(ca), Some(cert), Some(key)) =
+        (&args.nbd_tls_ca, &args.nbd_tls_cert, &args.nbd_tls_key)
+    {
+        cfg.tls = Some(NbdTls::from_files(ca, cert, key)?);
+    } else if args.nbd_tcp.is_some() && !args.nbd_insecure {
+        anyhow::bail!(
+            "--nbd-tcp serves every array over the network: give --nbd-tls-ca, --nbd-tls-cert and --nbd-tls-key (clients then need a certificate signed by that CA), or --nbd-insecure on a network nothing else reaches"
+        );
+    }
+    if args.nbd_tcp.is_some() && cfg.tls.is_none() {
+        tracing::warn!("NBD over TCP without TLS (--nbd-insecure): anyone who reaches {:?} reads and writes every array", args.nbd_tcp);
+    }
+    Ok(cfg)
 }
 
 fn main() -> anyhow::Result<()> {

@@ -89,6 +89,10 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// How long shutdown waits for connections to end before aborting them.
     pub shutdown_timeout: Duration,
+    /// TLS of the TCP listener ([`super::tls`]): when set, a TCP client must negotiate
+    /// `NBD_OPT_STARTTLS` with a certificate signed by its CA before anything else.
+    /// Unix sockets never use it (local, file permissions).
+    pub tls: Option<super::tls::NbdTls>,
 }
 
 impl Default for ServerConfig {
@@ -102,6 +106,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -172,6 +177,8 @@ enum ConnError {
     TooManyOptions,
     #[error("negotiation took longer than {0:?}")]
     HandshakeTimeout(Duration),
+    #[error("TLS handshake: {0}")]
+    Tls(io::Error),
     #[error("rejected write carries {len} payload bytes, more than the drain limit {limit}")]
     PayloadTooLarge { len: u32, limit: u32 },
 }
@@ -183,6 +190,8 @@ struct Ctx {
     config: ServerConfig,
     /// Listener name for logs: the socket path or TCP address.
     listener: String,
+    /// TLS required before any other option (the TCP listener with TLS configured).
+    tls: Option<super::tls::NbdTls>,
 }
 
 impl Ctx {
@@ -290,6 +299,7 @@ impl NbdUnixListener {
             scope,
             config,
             listener: self.file.path.display().to_string(),
+            tls: None,
         });
         let NbdUnixListener { listener, file } = self;
         accept_loop(Listener::Unix(listener), ctx, shutdown).await;
@@ -326,6 +336,7 @@ pub async fn serve_tcp(
     let ctx = Arc::new(Ctx {
         exports,
         scope: Scope::All,
+        tls: config.tls.clone(),
         config,
         listener: name,
     });
@@ -507,7 +518,8 @@ async fn accept_loop(listener: Listener, ctx: Arc<Ctx>, shutdown: CancellationTo
     info!(listener = %ctx.listener, "NBD server stopped");
 }
 
-/// One client connection: negotiation, then transmission.
+/// One client connection: negotiation (upgraded to TLS by `NBD_OPT_STARTTLS` where
+/// the listener has TLS), then transmission.
 async fn connection<S>(
     mut stream: S,
     client: ClientInfo,
@@ -517,41 +529,100 @@ async fn connection<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let timeout = ctx.config.handshake_timeout;
+    // One bound for the whole negotiation, TLS handshake included.
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut options = 0usize;
     let negotiated = tokio::select! {
         _ = shutdown.cancelled() => return,
-        r = tokio::time::timeout(timeout, negotiate(&mut stream, &client, &ctx)) => {
+        r = tokio::time::timeout_at(deadline, negotiate(&mut stream, &client, &ctx, None, &mut options)) => {
+            r.unwrap_or(Err(ConnError::HandshakeTimeout(timeout)))
+        }
+    };
+    let flags = match negotiated {
+        Ok(Negotiated::Export(name, open)) => {
+            info!(export = %name, listener = %ctx.listener, "NBD client connected");
+            transmission(stream, name, open, &ctx, shutdown).await;
+            return;
+        }
+        Ok(Negotiated::Left) => {
+            debug!(listener = %ctx.listener, "NBD client ended negotiation");
+            return;
+        }
+        Err(e) => {
+            info!(listener = %ctx.listener, "NBD negotiation failed: {e}");
+            return;
+        }
+        Ok(Negotiated::StartTls(flags)) => flags,
+    };
+    let Some(tls) = ctx.tls.clone() else {
+        return;
+    };
+    let client = ClientInfo::new(format!("{client}+tls"));
+    let upgraded = async {
+        let mut s = tls
+            .acceptor()
+            .accept(stream)
+            .await
+            .map_err(ConnError::Tls)?;
+        let n = negotiate(&mut s, &client, &ctx, Some(flags), &mut options).await?;
+        Ok::<_, ConnError>((s, n))
+    };
+    let negotiated = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        r = tokio::time::timeout_at(deadline, upgraded) => {
             r.unwrap_or(Err(ConnError::HandshakeTimeout(timeout)))
         }
     };
     match negotiated {
-        Ok(Some((name, open))) => {
-            info!(export = %name, listener = %ctx.listener, "NBD client connected");
-            transmission(stream, name, open, &ctx, shutdown).await;
+        Ok((s, Negotiated::Export(name, open))) => {
+            info!(export = %name, listener = %ctx.listener, "NBD client connected over TLS");
+            transmission(s, name, open, &ctx, shutdown).await;
         }
-        Ok(None) => debug!(listener = %ctx.listener, "NBD client ended negotiation"),
+        Ok(_) => debug!(listener = %ctx.listener, "NBD client ended negotiation"),
         Err(e) => info!(listener = %ctx.listener, "NBD negotiation failed: {e}"),
     }
 }
 
-/// The negotiation phase. `Ok(None)`: the client left (ABORT, EOF, or refused
-/// EXPORT_NAME).
+/// How a negotiation phase ended.
+enum Negotiated {
+    /// An export was chosen: transmission follows.
+    Export(String, OpenExport),
+    /// The client left (ABORT, EOF, or a refused EXPORT_NAME).
+    Left,
+    /// `NBD_OPT_STARTTLS` was acknowledged: the TLS handshake follows, then
+    /// negotiation goes on over TLS with these client flags.
+    StartTls(proto::ClientFlags),
+}
+
+/// The negotiation phase: from the greeting, or (`resumed`: the client flags) over
+/// TLS after `NBD_OPT_STARTTLS`. `options` counts the options of both phases.
 async fn negotiate<S>(
     stream: &mut S,
     client: &ClientInfo,
     ctx: &Ctx,
-) -> Result<Option<(String, OpenExport)>, ConnError>
+    resumed: Option<proto::ClientFlags>,
+    options: &mut usize,
+) -> Result<Negotiated, ConnError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    stream.write_all(&proto::greeting()).await?;
-    let mut raw = [0u8; 4];
-    stream.read_exact(&mut raw).await?;
-    let flags = proto::parse_client_flags(raw)?;
-    for _ in 0..MAX_OPTIONS {
+    let tls_active = resumed.is_some();
+    let flags = match resumed {
+        Some(f) => f,
+        None => {
+            stream.write_all(&proto::greeting()).await?;
+            let mut raw = [0u8; 4];
+            stream.read_exact(&mut raw).await?;
+            proto::parse_client_flags(raw)?
+        }
+    };
+    let tls_required = ctx.tls.is_some() && !tls_active;
+    while *options < MAX_OPTIONS {
+        *options += 1;
         let mut hdr = [0u8; proto::OPTION_HEADER_LEN];
         match stream.read_exact(&mut hdr).await {
             Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Negotiated::Left),
             Err(e) => return Err(e.into()),
         }
         let opt = proto::parse_option_header(&hdr)?;
@@ -568,7 +639,44 @@ where
         }
         let mut data = vec![0u8; opt.len as usize];
         stream.read_exact(&mut data).await?;
+        if tls_required && opt.option != proto::OPT_STARTTLS && opt.option != proto::OPT_ABORT {
+            if opt.option == proto::OPT_EXPORT_NAME {
+                // EXPORT_NAME has no error reply: closing is the answer.
+                info!(listener = %ctx.listener, "refused NBD export: TLS is required");
+                return Ok(Negotiated::Left);
+            }
+            proto::encode_option_error(
+                &mut out,
+                opt.option,
+                proto::REP_ERR_TLS_REQD,
+                "this server requires TLS: negotiate NBD_OPT_STARTTLS first",
+            );
+            stream.write_all(&out).await?;
+            continue;
+        }
         match opt.option {
+            proto::OPT_STARTTLS if ctx.tls.is_some() => {
+                if tls_active {
+                    proto::encode_option_error(
+                        &mut out,
+                        opt.option,
+                        proto::REP_ERR_INVALID,
+                        "TLS is already active",
+                    );
+                } else if !data.is_empty() {
+                    proto::encode_option_error(
+                        &mut out,
+                        opt.option,
+                        proto::REP_ERR_INVALID,
+                        "NBD_OPT_STARTTLS carries no data",
+                    );
+                } else {
+                    proto::encode_option_reply(&mut out, opt.option, proto::REP_ACK, &[]);
+                    stream.write_all(&out).await?;
+                    stream.flush().await?;
+                    return Ok(Negotiated::StartTls(flags));
+                }
+            }
             proto::OPT_EXPORT_NAME => {
                 let requested = proto::parse_name(&data).ok_or(ProtoError::BadOption {
                     option: "NBD_OPT_EXPORT_NAME",
@@ -582,12 +690,12 @@ where
                             flags.no_zeroes,
                         );
                         stream.write_all(&reply).await?;
-                        Ok(Some((name, open)))
+                        Ok(Negotiated::Export(name, open))
                     }
                     Err(e) => {
                         // EXPORT_NAME has no error reply: closing is the answer.
                         info!(listener = %ctx.listener, "refused NBD export: {e}");
-                        Ok(None)
+                        Ok(Negotiated::Left)
                     }
                 };
             }
@@ -595,7 +703,7 @@ where
                 proto::encode_option_reply(&mut out, opt.option, proto::REP_ACK, &[]);
                 // The client may already have closed; that is fine.
                 let _ = stream.write_all(&out).await;
-                return Ok(None);
+                return Ok(Negotiated::Left);
             }
             proto::OPT_LIST if !data.is_empty() => proto::encode_option_error(
                 &mut out,
@@ -646,7 +754,7 @@ where
                         proto::encode_option_reply(&mut out, opt.option, proto::REP_ACK, &[]);
                         stream.write_all(&out).await?;
                         if opt.option == proto::OPT_GO {
-                            return Ok(Some((name, open)));
+                            return Ok(Negotiated::Export(name, open));
                         }
                         // NBD_OPT_INFO: the export was only probed; `open` drops here.
                         continue;
@@ -1159,6 +1267,7 @@ mod tests {
             let ctx = Arc::new(Ctx {
                 exports,
                 scope: Scope::All,
+                tls: cfg.tls.clone(),
                 config: cfg,
                 listener: "test".into(),
             });
