@@ -16,7 +16,7 @@ use clap::Parser;
 use mdcluster_agent::allow::{DeviceAllow, EmptyList};
 use mdcluster_agent::array::service::Service;
 use mdcluster_agent::array::{AssembleOptions, Registry, RegistryConfig};
-use mdcluster_agent::nbd::{NbdTls, ServerConfig};
+use mdcluster_agent::nbd::{NbdTls, PayloadBudget, ServerConfig};
 use mdcluster_agent::raid::{SpeedLimits, SB_CHANGE_WAIT};
 use tokio_util::sync::CancellationToken;
 
@@ -106,6 +106,11 @@ struct Args {
     /// PEM file of the private key of --nbd-tls-cert.
     #[arg(long, env = "MDAGENT_NBD_TLS_KEY", requires_all = ["nbd_tls_ca", "nbd_tls_cert"])]
     nbd_tls_key: Option<PathBuf>,
+    /// Payload bytes (read and write data) in flight across every NBD connection of this
+    /// agent, in MiB; a request beyond it waits (at most 30 s, then its connection is
+    /// closed).
+    #[arg(long, env = "MDAGENT_NBD_PAYLOAD_BUDGET_MIB", default_value_t = 1024)]
+    nbd_payload_budget_mib: usize,
     /// Serve --nbd-tcp without TLS: anyone who reaches the address reads and writes
     /// every array. Only for a network nothing else can reach.
     #[arg(long, env = "MDAGENT_NBD_INSECURE")]
@@ -200,7 +205,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         device_allow: DeviceAllow::new(args.device_allow.clone(), EmptyList::AllowsAny)?,
         claims: Default::default(),
     });
-    let service = Service::new(registry.clone(), &args.run_dir, ServerConfig::default());
+    // One NBD configuration (one payload budget) for the unix sockets and TCP.
+    let nbd = nbd_config(&args)?;
+    let service = Service::new(registry.clone(), &args.run_dir, nbd.clone());
     let shutdown = CancellationToken::new();
     let control_path = args.run_dir.join("mdagent.ctl");
     let control = {
@@ -218,7 +225,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Some(tokio::spawn(mdcluster_agent::nbd::serve_tcp(
                 listener,
                 exports,
-                nbd_config(&args)?,
+                nbd,
                 shutdown.clone(),
             )))
         }
@@ -321,7 +328,15 @@ async fn run_cluster(args: Args, server: String) -> anyhow::Result<()> {
 /// The NBD server configuration: TLS for the TCP listener from the --nbd-tls-* files;
 /// --nbd-tcp without them needs --nbd-insecure.
 fn nbd_config(args: &Args) -> anyhow::Result<ServerConfig> {
-    let mut cfg = ServerConfig::default();
+    anyhow::ensure!(
+        (32..=1 << 20).contains(&args.nbd_payload_budget_mib),
+        "--nbd-payload-budget-mib {}: give 32 (the largest request) to 1048576",
+        args.nbd_payload_budget_mib
+    );
+    let mut cfg = ServerConfig {
+        payload_budget: PayloadBudget::new(args.nbd_payload_budget_mib << 20),
+        ..ServerConfig::default()
+    };
     if let (Some(ca), Some(cert), Some(key)) =
         (&args.nbd_tls_ca, &args.nbd_tls_cert, &args.nbd_tls_key)
     {

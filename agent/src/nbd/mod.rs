@@ -24,7 +24,7 @@ pub mod tls;
 
 pub use exports::{ClientInfo, ClientSet, ExportState, Exports, MapExports, OpenError, OpenExport};
 pub use server::{
-    serve_tcp, serve_unix, spawn_tcp, spawn_unix, NbdUnixListener, Scope, ServeError, ServerConfig,
-    ServerHandle,
+    serve_tcp, serve_unix, spawn_tcp, spawn_unix, NbdUnixListener, PayloadBudget, Scope,
+    ServeError, ServerConfig, ServerHandle,
 };
 pub use tls::{NbdTls, TlsError};

@@ -89,6 +89,11 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// How long shutdown waits for connections to end before aborting them.
     pub shutdown_timeout: Duration,
+    /// The payload bytes in flight across every connection of every listener whose
+    /// configuration is a clone of this one (the agent makes one and clones it). A
+    /// request beyond it waits, at most [`ServerConfig::drain_timeout`]; then its
+    /// connection is closed.
+    pub payload_budget: PayloadBudget,
     /// TLS of the TCP listener ([`super::tls`]): when set, a TCP client must negotiate
     /// `NBD_OPT_STARTTLS` with a certificate signed by its CA before anything else.
     /// Unix sockets never use it (local, file permissions).
@@ -106,8 +111,52 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(10),
+            payload_budget: PayloadBudget::new(DEFAULT_PAYLOAD_BUDGET),
             tls: None,
         }
+    }
+}
+
+/// Default of [`ServerConfig::payload_budget`]: 1 GiB.
+pub const DEFAULT_PAYLOAD_BUDGET: usize = 1 << 30;
+
+/// One cap on the payload bytes (read and write data) in flight across connections,
+/// counted in whole KiB. Cloning shares it.
+#[derive(Debug, Clone)]
+pub struct PayloadBudget {
+    kib: Arc<Semaphore>,
+    kib_total: u32,
+}
+
+impl PayloadBudget {
+    /// A budget of `bytes` (at least 1 KiB).
+    pub fn new(bytes: usize) -> Self {
+        let kib_total =
+            (bytes / 1024).clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize)) as u32;
+        PayloadBudget {
+            kib: Arc::new(Semaphore::new(kib_total as usize)),
+            kib_total,
+        }
+    }
+
+    /// The budget, in bytes.
+    pub fn total_bytes(&self) -> u64 {
+        u64::from(self.kib_total) * 1024
+    }
+
+    /// Bytes not held by any request now.
+    pub fn available_bytes(&self) -> u64 {
+        self.kib.available_permits() as u64 * 1024
+    }
+
+    /// Takes `len` bytes' worth (whole KiB, at most the whole budget), waiting at most
+    /// `wait`; `None` when the wait ran out.
+    async fn take(&self, len: u32, wait: Duration) -> Option<OwnedSemaphorePermit> {
+        let kib = len.div_ceil(1024).clamp(1, self.kib_total);
+        tokio::time::timeout(wait, Arc::clone(&self.kib).acquire_many_owned(kib))
+            .await
+            .ok()
+            .map(|p| p.expect("the payload budget semaphore is never closed"))
     }
 }
 
@@ -179,6 +228,8 @@ enum ConnError {
     HandshakeTimeout(Duration),
     #[error("TLS handshake: {0}")]
     Tls(io::Error),
+    #[error("the agent's NBD payload budget of {budget} bytes stayed in use by other requests for {waited:?}")]
+    BudgetWait { budget: u64, waited: Duration },
     #[error("rejected write carries {len} payload bytes, more than the drain limit {limit}")]
     PayloadTooLarge { len: u32, limit: u32 },
 }
@@ -797,7 +848,13 @@ struct Reply {
 /// a write, its payload bytes.
 struct Allowance {
     _request: OwnedSemaphorePermit,
-    _bytes: Option<OwnedSemaphorePermit>,
+    _bytes: Option<Payload>,
+}
+
+/// A request's payload share: of its connection's cap and of the agent's budget.
+struct Payload {
+    _connection: OwnedSemaphorePermit,
+    _agent: OwnedSemaphorePermit,
 }
 
 impl Allowance {
@@ -904,12 +961,14 @@ enum End {
     Reader(Result<ReadEnd, ConnError>),
 }
 
-/// Per-connection in-flight caps.
+/// Per-connection in-flight caps, and the agent's payload budget.
 struct Limits {
     requests: Arc<Semaphore>,
     /// Payload budget in KiB units.
     kib: Arc<Semaphore>,
     kib_total: u32,
+    budget: PayloadBudget,
+    budget_wait: Duration,
 }
 
 impl Limits {
@@ -921,6 +980,8 @@ impl Limits {
             requests: Arc::new(Semaphore::new(cfg.max_inflight_requests.max(1))),
             kib: Arc::new(Semaphore::new(kib_total as usize)),
             kib_total,
+            budget: cfg.payload_budget.clone(),
+            budget_wait: cfg.drain_timeout,
         }
     }
 
@@ -931,12 +992,26 @@ impl Limits {
             .expect("the request semaphore is never closed")
     }
 
-    async fn payload(&self, len: u32) -> OwnedSemaphorePermit {
+    /// The connection's share first (the reader stops reading while it waits), then
+    /// the agent's, waiting at most `budget_wait` for it.
+    async fn payload(&self, len: u32) -> Result<Payload, ConnError> {
         let kib = len.div_ceil(1024).clamp(1, self.kib_total);
-        Arc::clone(&self.kib)
+        let connection = Arc::clone(&self.kib)
             .acquire_many_owned(kib)
             .await
-            .expect("the payload semaphore is never closed")
+            .expect("the payload semaphore is never closed");
+        let agent = self
+            .budget
+            .take(len, self.budget_wait)
+            .await
+            .ok_or(ConnError::BudgetWait {
+                budget: self.budget.total_bytes(),
+                waited: self.budget_wait,
+            })?;
+        Ok(Payload {
+            _connection: connection,
+            _agent: agent,
+        })
     }
 }
 
@@ -994,7 +1069,7 @@ where
                 }
             }
             Action::Write { offset, len, fua } => {
-                let bytes = limits.payload(len).await;
+                let bytes = limits.payload(len).await?;
                 // Straight into an aligned buffer: the engine writes it to every member
                 // with O_DIRECT, without another copy.
                 let mut buf = iobuf::aligned_buf(len as usize);
@@ -1011,7 +1086,7 @@ where
             Action::Read { offset, len } => {
                 let allowance = Allowance {
                     _request: permit,
-                    _bytes: Some(limits.payload(len).await),
+                    _bytes: Some(limits.payload(len).await?),
                 };
                 spawn_request(&ctx, cookie, allowance, move |dev| {
                     Box::pin(async move {
@@ -1376,6 +1451,31 @@ mod tests {
         fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> IoFuture<'_, ()> {
             self.0.write_zeroes(offset, len, fua)
         }
+    }
+
+    /// Two connections share one payload budget: the second waits for it (not for its
+    /// own cap), bounded, and gives its connection share back when it gives up.
+    #[tokio::test(start_paused = true)]
+    async fn the_payload_budget_is_shared_and_its_wait_bounded() {
+        let cfg = ServerConfig {
+            payload_budget: PayloadBudget::new(64 << 10),
+            drain_timeout: Duration::from_secs(5),
+            ..ServerConfig::default()
+        };
+        let a = Limits::new(&cfg);
+        let b = Limits::new(&cfg.clone());
+        let held = a.payload(48 << 10).await.expect("within the budget");
+        assert_eq!(cfg.payload_budget.available_bytes(), 16 << 10);
+        let t = tokio::time::Instant::now();
+        let r = b.payload(32 << 10).await;
+        assert!(matches!(r, Err(ConnError::BudgetWait { .. })));
+        assert!(t.elapsed() >= Duration::from_secs(5));
+        assert_eq!(b.kib.available_permits(), b.kib_total as usize);
+        drop(held);
+        let p = b.payload(32 << 10).await.expect("budget free again");
+        assert_eq!(cfg.payload_budget.available_bytes(), 32 << 10);
+        drop(p);
+        assert_eq!(cfg.payload_budget.available_bytes(), 64 << 10);
     }
 
     #[tokio::test]
