@@ -245,6 +245,12 @@ fn clear_errors_and_bounded_inputs() {
         assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     }
     assert!(alive(pid), "the agent died");
+    let many: Vec<&str> = std::iter::repeat_n(d0.as_str(), 129).collect();
+    let (rc, err) = create("md8", &["--raid-devices", "129"], &many);
+    eprintln!("129 members: {rc} {err}");
+    assert_eq!(rc, 5, "{err}");
+    assert!(err.contains("at most 128"), "{err}");
+    assert!(alive(pid), "the agent died");
     let rss1 = rss_kib(pid);
     eprintln!("RSS {rss0} KiB -> {rss1} KiB");
     assert!(

@@ -451,6 +451,19 @@ impl Node {
         })
     }
 
+    /// Refuses more member paths than md can have devices, before any is looked at.
+    fn check_count(&self, name: &str, n: usize) -> Result<(), WireError> {
+        let max = crate::format::superblock::DEFAULT_MAX_DEV as usize;
+        if n > max {
+            return Err(self.err(
+                Errno::Einval,
+                name,
+                format!("{n} member devices given: an array has at most {max}"),
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks `paths` against the allow-list ([`crate::allow`]); their resolutions, or
     /// EPERM naming the path, its resolution and the patterns. Nothing is opened.
     fn check_allowed(&self, name: &str, paths: &[PathBuf]) -> Result<Vec<PathBuf>, WireError> {
@@ -535,6 +548,7 @@ impl Node {
             ));
         }
         let members: Vec<PathBuf> = req.members.iter().map(PathBuf::from).collect();
+        self.check_count(name, members.len())?;
         let resolved = self.check_allowed(name, &members)?;
         let bitmap = match req.bitmap.as_str() {
             "none" => BitmapMode::None,
@@ -635,6 +649,8 @@ impl Node {
                 ),
             ));
         };
+        // The record comes from etcd: bounded before each path is probed.
+        self.check_count(name, recorded.len())?;
         let allow = self.cfg.registry.device_allow.clone();
         let node = self.cfg.node.clone();
         let found = tokio::task::spawn_blocking(move || {
@@ -685,6 +701,7 @@ impl Node {
         if members.is_empty() {
             return Err(self.err(Errno::Einval, name, "no member devices given"));
         }
+        self.check_count(name, members.len())?;
         self.check_allowed(name, members)?;
         let first = self.read_any(name, members).await?;
         // The same members already assembled under another name (in any slot's
