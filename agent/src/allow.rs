@@ -119,7 +119,9 @@ pub fn glob_match(pattern: &str, path: &str) -> bool {
 
 impl DeviceAllow {
     /// An allow-list of `patterns`; `empty` says what an empty list means.
+    /// Empty strings are left out (`MDAGENT_DEVICE_ALLOW=` is an empty list).
     pub fn new(patterns: Vec<String>, empty: EmptyList) -> Result<DeviceAllow, BadPattern> {
+        let patterns: Vec<String> = patterns.into_iter().filter(|p| !p.is_empty()).collect();
         for p in &patterns {
             let bad = |reason| BadPattern {
                 pattern: p.clone(),
@@ -276,7 +278,8 @@ mod tests {
         let f = d.path().join("disk0");
         std::fs::write(&f, b"x").unwrap();
         assert!(DeviceAllow::default().check(&f).is_ok());
-        let none = DeviceAllow::new(vec![], EmptyList::AllowsNothing).unwrap();
+        let none = DeviceAllow::new(vec![String::new()], EmptyList::AllowsNothing).unwrap();
+        assert!(none.allows_nothing());
         let e = none.check(&f).unwrap_err();
         assert!(e.to_string().contains("allows nothing"), "{e}");
     }

@@ -170,6 +170,38 @@ fn allow_list_cannot_be_bypassed() {
     assert!(d.contains("d2"), "{d}");
 }
 
+/// In cluster mode an empty allow-list allows nothing, and the agent says so at start.
+#[test]
+fn an_empty_allow_list_allows_nothing_in_cluster_mode() {
+    let c = ClusterBuilder::new(1)
+        .node_args(1, &["--device-allow", ""])
+        .start()
+        .expect("cluster");
+    let dir = std::fs::canonicalize(c.path()).unwrap();
+    let m = member_files(&dir, "d", 2, 32 * MIB);
+    let watch = OpenWatch::new(&[&m[0], &m[1]]);
+    let (rc, err) = c.code(&[
+        "--node",
+        "node1",
+        "create",
+        "md0",
+        "--level",
+        "1",
+        "--raid-devices",
+        "2",
+        "--bitmap",
+        "internal",
+        m[0].to_str().unwrap(),
+        m[1].to_str().unwrap(),
+    ]);
+    eprintln!("{err}");
+    assert_eq!(rc, 9, "{err}");
+    assert!(err.contains("allows nothing"), "{err}");
+    assert_eq!(watch.opens(), 0, "a member was opened");
+    let log = c.agents[0].log_text();
+    assert!(log.contains("opens no device at all"), "{log}");
+}
+
 #[test]
 fn clear_errors_and_bounded_inputs() {
     let c = ClusterBuilder::new(1).start().expect("cluster");
