@@ -7,6 +7,7 @@
 //! - [`v1`]: the generated messages, clients and servers.
 //! - [`lock_client`]: the typed client of the lock service that agents use (sessions with
 //!   heartbeats, resume on another replica, self-fencing deadline, locks, messages).
+//! - [`quote`]: long user input (names, paths) cut short where an error echoes it.
 //! - [`status`]: the errno + resource + sentence error model and its `tonic::Status` form,
 //!   used on every hop.
 
@@ -17,4 +18,5 @@ pub mod v1 {
 }
 
 pub mod lock_client;
+pub mod quote;
 pub mod status;

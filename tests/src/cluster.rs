@@ -432,7 +432,7 @@ impl AgentProc {
             log: dir.join(format!("{node}.log")),
             server: server.into(),
             ttl,
-            extra: extra.to_vec(),
+            extra: with_default_allow(extra, dir),
             netns: None,
         };
         a.spawn()?;
@@ -458,7 +458,7 @@ impl AgentProc {
             log: dir.join(format!("{node}.log")),
             server: server.into(),
             ttl,
-            extra: extra.to_vec(),
+            extra: with_default_allow(extra, dir),
             netns: Some(netns.into()),
         };
         a.spawn()?;
@@ -607,6 +607,18 @@ impl Drop for AgentProc {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// `extra`, plus `--device-allow <dir>/*` when it has no `--device-allow` of its own:
+/// in cluster mode an empty allow-list allows nothing, and the tests' member files live
+/// in the test's directory.
+fn with_default_allow(extra: &[String], dir: &Path) -> Vec<String> {
+    let mut args = extra.to_vec();
+    if !args.iter().any(|a| a == "--device-allow") {
+        args.push("--device-allow".into());
+        args.push(format!("{}/*", dir.display()));
+    }
+    args
 }
 
 /// A network namespace with a veth pair to the host (`/30`: host `.1`, namespace

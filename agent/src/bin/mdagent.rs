@@ -13,9 +13,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use mdcluster_agent::allow::{DeviceAllow, EmptyList};
 use mdcluster_agent::array::service::Service;
 use mdcluster_agent::array::{AssembleOptions, Registry, RegistryConfig};
-use mdcluster_agent::nbd::ServerConfig;
+use mdcluster_agent::nbd::{NbdTls, PayloadBudget, ServerConfig};
 use mdcluster_agent::raid::{SpeedLimits, SB_CHANGE_WAIT};
 use tokio_util::sync::CancellationToken;
 
@@ -76,8 +77,12 @@ struct Args {
     #[arg(long, env = "MDAGENT_RUN_DIR", default_value = "/run/mdcluster")]
     run_dir: PathBuf,
     /// Glob of member paths the agent may open; repeat for several. Nothing else is opened.
-    /// In cluster mode also where this node looks for members by UUID when another
-    /// node's paths do not fit here (assemble from the cluster's record, NEWDISK).
+    /// `*` and `?` match within one path component; a path is resolved (symlinks, `..`)
+    /// before it is matched, and a symlink a pattern names (udev's
+    /// /dev/disk/by-id/...) is followed. Empty: standalone opens any path, cluster
+    /// mode opens nothing. In cluster mode also where this node looks for members by
+    /// UUID when another node's paths do not fit here (assemble from the cluster's
+    /// record, NEWDISK).
     #[arg(
         long = "device-allow",
         env = "MDAGENT_DEVICE_ALLOW",
@@ -88,8 +93,28 @@ struct Args {
     #[arg(long = "assemble", value_name = "NAME=DEV,DEV")]
     assemble: Vec<String>,
     /// Also serve every array over NBD on this TCP address (export name = array name).
+    /// Needs --nbd-tls-ca/--nbd-tls-cert/--nbd-tls-key (clients negotiate
+    /// NBD_OPT_STARTTLS with a certificate signed by that CA), or --nbd-insecure.
     #[arg(long, env = "MDAGENT_NBD_TCP")]
     nbd_tcp: Option<String>,
+    /// PEM file of the CA that NBD TCP clients' certificates must be signed by.
+    #[arg(long, env = "MDAGENT_NBD_TLS_CA", requires_all = ["nbd_tls_cert", "nbd_tls_key"])]
+    nbd_tls_ca: Option<PathBuf>,
+    /// PEM file of this agent's NBD TLS certificate (chain).
+    #[arg(long, env = "MDAGENT_NBD_TLS_CERT", requires_all = ["nbd_tls_ca", "nbd_tls_key"])]
+    nbd_tls_cert: Option<PathBuf>,
+    /// PEM file of the private key of --nbd-tls-cert.
+    #[arg(long, env = "MDAGENT_NBD_TLS_KEY", requires_all = ["nbd_tls_ca", "nbd_tls_cert"])]
+    nbd_tls_key: Option<PathBuf>,
+    /// Payload bytes (read and write data) in flight across every NBD connection of this
+    /// agent, in MiB; a request beyond it waits (at most 30 s, then its connection is
+    /// closed).
+    #[arg(long, env = "MDAGENT_NBD_PAYLOAD_BUDGET_MIB", default_value_t = 1024)]
+    nbd_payload_budget_mib: usize,
+    /// Serve --nbd-tcp without TLS: anyone who reaches the address reads and writes
+    /// every array. Only for a network nothing else can reach.
+    #[arg(long, env = "MDAGENT_NBD_INSECURE")]
+    nbd_insecure: bool,
     /// How long a stop waits for connected NBD clients to leave before answering EBUSY.
     #[arg(long, env = "MDAGENT_STOP_GRACE", default_value = "3s")]
     stop_grace: humantime::Duration,
@@ -184,10 +209,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             // Standalone arrays are never fenced.
             fence: None,
         },
-        device_allow: args.device_allow.clone(),
+        device_allow: DeviceAllow::new(args.device_allow.clone(), EmptyList::AllowsAny)?,
         claims: Default::default(),
     });
-    let service = Service::new(registry.clone(), &args.run_dir, ServerConfig::default());
+    // One NBD configuration (one payload budget) for the unix sockets and TCP.
+    let nbd = nbd_config(&args)?;
+    let service = Service::new(registry.clone(), &args.run_dir, nbd.clone());
     let shutdown = CancellationToken::new();
     let control_path = args.run_dir.join("mdagent.ctl");
     let control = {
@@ -205,7 +232,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Some(tokio::spawn(mdcluster_agent::nbd::serve_tcp(
                 listener,
                 exports,
-                ServerConfig::default(),
+                nbd,
                 shutdown.clone(),
             )))
         }
@@ -248,6 +275,15 @@ async fn run_cluster(args: Args, server: String) -> anyhow::Result<()> {
         args.assemble.is_empty(),
         "--assemble is for standalone mode; in cluster mode use mdctl assemble"
     );
+    let allow = DeviceAllow::new(args.device_allow.clone(), EmptyList::AllowsNothing)?;
+    if allow.allows_nothing() {
+        tracing::warn!(
+            node = %node,
+            "no --device-allow pattern: in cluster mode this agent opens no device at all; give the patterns of this node's shared disks (e.g. --device-allow '/dev/disk/by-id/wwn-*')"
+        );
+    } else {
+        tracing::info!(node = %node, patterns = ?allow.patterns(), "device allow-list");
+    }
     let cfg = RuntimeConfig {
         node: NodeConfig {
             node: node.clone(),
@@ -268,11 +304,11 @@ async fn run_cluster(args: Args, server: String) -> anyhow::Result<()> {
                     // Set per node (its fence gate) by the agent service.
                     fence: None,
                 },
-                device_allow: args.device_allow.clone(),
+                device_allow: allow,
                 // One for the node: shared by the registry of every slot.
                 claims: Default::default(),
             },
-            nbd: ServerConfig::default(),
+            nbd: nbd_config(&args)?,
             nbd_tcp: args.nbd_tcp.clone(),
             suspend_io_timeout: args.suspend_io_timeout.into(),
         },
@@ -297,6 +333,33 @@ async fn run_cluster(args: Args, server: String) -> anyhow::Result<()> {
     run(cfg, shutdown)
         .await
         .with_context(|| format!("mdagent node {node}"))
+}
+
+/// The NBD server configuration: TLS for the TCP listener from the --nbd-tls-* files;
+/// --nbd-tcp without them needs --nbd-insecure.
+fn nbd_config(args: &Args) -> anyhow::Result<ServerConfig> {
+    anyhow::ensure!(
+        (32..=1 << 20).contains(&args.nbd_payload_budget_mib),
+        "--nbd-payload-budget-mib {}: give 32 (the largest request) to 1048576",
+        args.nbd_payload_budget_mib
+    );
+    let mut cfg = ServerConfig {
+        payload_budget: PayloadBudget::new(args.nbd_payload_budget_mib << 20),
+        ..ServerConfig::default()
+    };
+    if let (Some(ca), Some(cert), Some(key)) =
+        (&args.nbd_tls_ca, &args.nbd_tls_cert, &args.nbd_tls_key)
+    {
+        cfg.tls = Some(NbdTls::from_files(ca, cert, key)?);
+    } else if args.nbd_tcp.is_some() && !args.nbd_insecure {
+        anyhow::bail!(
+            "--nbd-tcp serves every array over the network: give --nbd-tls-ca, --nbd-tls-cert and --nbd-tls-key (clients then need a certificate signed by that CA), or --nbd-insecure on a network nothing else reaches"
+        );
+    }
+    if args.nbd_tcp.is_some() && cfg.tls.is_none() {
+        tracing::warn!("NBD over TCP without TLS (--nbd-insecure): anyone who reaches {:?} reads and writes every array", args.nbd_tcp);
+    }
+    Ok(cfg)
 }
 
 fn main() -> anyhow::Result<()> {

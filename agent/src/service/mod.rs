@@ -53,9 +53,7 @@ use mdcluster_proto::v1::Errno;
 use tokio::sync::broadcast;
 
 use crate::array::service::Service;
-use crate::array::{
-    glob_match, valid_name, ArrayInfo, ArrayState, AssembleOptions, Registry, RegistryConfig,
-};
+use crate::array::{valid_name, ArrayInfo, ArrayState, AssembleOptions, Registry, RegistryConfig};
 use crate::fence::FenceGate;
 use crate::format::create::{BitmapMode, CreateSpec};
 use crate::format::io::{read_member, DeviceError, Member};
@@ -170,6 +168,7 @@ fn device_errno(e: &DeviceError) -> Errno {
             _ => Errno::Eio,
         },
         DeviceError::InUse { .. } => Errno::Ebusy,
+        DeviceError::Duplicate { .. } => Errno::Einval,
         // No superblock, a corrupt one, or a spec the format refuses: the request does
         // not fit the devices.
         DeviceError::Format { .. } => Errno::Einval,
@@ -403,7 +402,11 @@ impl Node {
     }
 
     fn resource(&self, name: &str) -> String {
-        format!("array {name} on node {}", self.cfg.node)
+        format!(
+            "array {} on node {}",
+            crate::quote::cut(name),
+            self.cfg.node
+        )
     }
 
     fn err(&self, errno: Errno, name: &str, message: impl std::fmt::Display) -> WireError {
@@ -453,7 +456,10 @@ impl Node {
             return Err(self.err(
                 Errno::Einval,
                 name,
-                format!("invalid array name {name:?}: use 1-32 of [A-Za-z0-9_.-], like md0"),
+                format!(
+                    "invalid array name {}: use 1-32 of [A-Za-z0-9_.-], like md0",
+                    crate::quote::quoted(name)
+                ),
             ));
         }
         let mut busy = lock(&self.busy);
@@ -471,26 +477,33 @@ impl Node {
         })
     }
 
-    fn check_allowed(&self, name: &str, paths: &[PathBuf]) -> Result<(), WireError> {
-        let allow = &self.cfg.registry.device_allow;
-        if allow.is_empty() {
-            return Ok(());
-        }
-        for p in paths {
-            let s = p.to_string_lossy();
-            if !allow.iter().any(|g| glob_match(g, &s)) {
-                return Err(self.err(
-                    Errno::Eperm,
-                    name,
-                    format!(
-                        "{} is not under any --device-allow pattern of this agent ({})",
-                        p.display(),
-                        allow.join(", ")
-                    ),
-                ));
-            }
+    /// Refuses more member paths than md can have devices, before any is looked at.
+    fn check_count(&self, name: &str, n: usize) -> Result<(), WireError> {
+        let max = crate::format::superblock::DEFAULT_MAX_DEV as usize;
+        if n > max {
+            return Err(self.err(
+                Errno::Einval,
+                name,
+                format!("{n} member devices given: an array has at most {max}"),
+            ));
         }
         Ok(())
+    }
+
+    /// Checks `paths` against the allow-list ([`crate::allow`]); their resolutions, or
+    /// EPERM naming the path, its resolution and the patterns. Nothing is opened.
+    fn check_allowed(&self, name: &str, paths: &[PathBuf]) -> Result<Vec<PathBuf>, WireError> {
+        self.cfg
+            .registry
+            .device_allow
+            .check_all(paths)
+            .map_err(|e| {
+                let errno = match e {
+                    crate::allow::Denied::Unresolvable { .. } => Errno::Enoent,
+                    crate::allow::Denied::NotAllowed { .. } => Errno::Eperm,
+                };
+                self.err(errno, name, e)
+            })
     }
 
     /// Reads the first member that has a valid superblock.
@@ -561,7 +574,8 @@ impl Node {
             ));
         }
         let members: Vec<PathBuf> = req.members.iter().map(PathBuf::from).collect();
-        self.check_allowed(name, &members)?;
+        self.check_count(name, members.len())?;
+        let resolved = self.check_allowed(name, &members)?;
         let bitmap = match req.bitmap.as_str() {
             "none" => BitmapMode::None,
             "internal" | "" => BitmapMode::Internal,
@@ -599,7 +613,8 @@ impl Node {
         if bitmap == BitmapMode::Clustered && self.session().is_none() {
             return Err(self.err(Errno::Eio, name, "a clustered array needs a session with mdserver, and this agent has none (standalone or disconnected)"));
         }
-        let paths = members.clone();
+        // The resolved paths are what gets written (see crate::allow).
+        let paths = resolved;
         let force = req.force;
         let written = tokio::task::spawn_blocking(move || {
             crate::format::io::create_members(&spec, &paths, force).map(|_| ())
@@ -607,12 +622,8 @@ impl Node {
         .await
         .map_err(|e| self.err(Errno::Eio, name, format!("create task failed: {e}")))?;
         if let Err(e) = written {
-            let hint = if matches!(e, DeviceError::InUse { .. }) {
-                "; zero it first (mdctl zero-superblock) if it is no longer used"
-            } else {
-                ""
-            };
-            return Err(self.err(device_errno(&e), name, format!("create {name}: {e}{hint}")));
+            // The error says what to do (DeviceError::InUse carries the hint once).
+            return Err(self.err(device_errno(&e), name, format!("create {name}: {e}")));
         }
         self.assemble_locked(name, &members).await
     }
@@ -664,17 +675,17 @@ impl Node {
                 ),
             ));
         };
+        // The record comes from etcd: bounded before each path is probed.
+        self.check_count(name, recorded.len())?;
         let allow = self.cfg.registry.device_allow.clone();
         let node = self.cfg.node.clone();
         let found = tokio::task::spawn_blocking(move || {
-            let allowed = |p: &Path| {
-                allow.is_empty() || allow.iter().any(|g| glob_match(g, &p.to_string_lossy()))
-            };
+            let allowed = |p: &Path| allow.check(p).is_ok();
             let fits = recorded.iter().all(|p| {
                 allowed(p)
                     && crate::array::scan::read_superblock(p).is_some_and(|sb| sb.set_uuid == set_uuid)
             });
-            if fits || allow.is_empty() {
+            if fits || allow.allows_any() {
                 return Ok(recorded);
             }
             let found = crate::array::scan::find_array(&set_uuid, &allow, &recorded)?;
@@ -716,6 +727,7 @@ impl Node {
         if members.is_empty() {
             return Err(self.err(Errno::Einval, name, "no member devices given"));
         }
+        self.check_count(name, members.len())?;
         self.check_allowed(name, members)?;
         let first = self.read_any(name, members).await?;
         // The same members already assembled under another name (in any slot's

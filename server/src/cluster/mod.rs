@@ -58,6 +58,30 @@ pub fn short_name(name: &str) -> &str {
     name.strip_prefix("/dev/").unwrap_or(name)
 }
 
+/// An array name from a request, `/dev/` prefix read off: 1..=32 of `[A-Za-z0-9_.-]`,
+/// not starting with `.` (the agents' rule), checked before it reaches etcd or an
+/// agent; EINVAL quoting it cut short otherwise.
+pub fn array_name(name: &str) -> Result<String, WireError> {
+    let n = short_name(name);
+    let ok = !n.is_empty()
+        && n.len() <= 32
+        && !n.starts_with('.')
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if ok {
+        Ok(n.to_owned())
+    } else {
+        Err(WireError::new(
+            Errno::Einval,
+            "request",
+            format!(
+                "invalid array name {}: use 1-32 of [A-Za-z0-9_.-], like md0",
+                mdcluster_proto::quote::quoted(n)
+            ),
+        ))
+    }
+}
+
 fn lock_err(e: crate::error::LockError) -> WireError {
     WireError::from_status(&Status::from(e))
 }
@@ -197,7 +221,7 @@ impl ClusterSvc {
                 "create: the array description is missing",
             )
         })?;
-        create.name = short_name(&create.name).to_owned();
+        create.name = array_name(&create.name)?;
         let node = self.resolve(&r.node).await?;
         // A recorded array that runs somewhere is not re-created.
         if let Some(rec) = records::get(&self.ctx, &create.name).await? {
@@ -244,7 +268,7 @@ impl ClusterSvc {
         &self,
         r: pb::ClusterAssembleRequest,
     ) -> Result<pb::ArrayStatus, WireError> {
-        let name = short_name(&r.name).to_owned();
+        let name = array_name(&r.name)?;
         let node = self.resolve(&r.node).await?;
         let rec = records::get(&self.ctx, &name).await?;
         let mut uuid = String::new();
@@ -320,7 +344,7 @@ impl ClusterSvc {
                 "stop: name an array or give --scan",
             ));
         } else {
-            vec![short_name(&r.name).to_owned()]
+            vec![array_name(&r.name)?]
         };
         let mut stopped = Vec::new();
         let mut first_err = None;
@@ -352,7 +376,7 @@ impl ClusterSvc {
     }
 
     async fn detail_impl(&self, r: pb::DetailRequest) -> Result<pb::DetailResponse, WireError> {
-        let name = short_name(&r.name).to_owned();
+        let name = array_name(&r.name)?;
         let record = records::get(&self.ctx, &name).await?;
         let nodes = self.live_nodes().await?;
         let asks = nodes.iter().map(|n| {
@@ -463,7 +487,7 @@ impl ClusterSvc {
                 "manage: no operations given",
             ));
         };
-        let name = short_name(&m.name).to_owned();
+        let name = array_name(&m.name)?;
         let node = self.node_with(&r.node, &name).await?;
         let req = pb::ManageRequest { name, ops: m.ops };
         self.call(
@@ -483,7 +507,7 @@ impl ClusterSvc {
                 "grow: nothing to change",
             ));
         };
-        let name = short_name(&g.name).to_owned();
+        let name = array_name(&g.name)?;
         let node = self.node_with(&r.node, &name).await?;
         let bitmap_changed = !g.bitmap.is_empty();
         let req = pb::GrowRequest {
