@@ -9,6 +9,8 @@
 //!   heartbeats, resume on another replica, self-fencing deadline, locks, messages).
 //! - [`status`]: the errno + resource + sentence error model and its `tonic::Status` form,
 //!   used on every hop.
+//! - [`tls`]: mutual TLS (files, reload, accept loop, client connector), the caller's
+//!   identity from its certificate, and the authorization layer.
 
 /// Generated code of package `mdcluster.v1`.
 #[allow(clippy::all, missing_docs)]
@@ -18,3 +20,4 @@ pub mod v1 {
 
 pub mod lock_client;
 pub mod status;
+pub mod tls;

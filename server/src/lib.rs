@@ -13,8 +13,10 @@
 //! - [`notify`]: delivery of notifications to a session's stream.
 //! - [`cluster`]: the cluster service mdctl calls (nodes, array records, routing to
 //!   agents, merged detail and events).
+//! - [`authz`]: who may call what (from the caller's certificate).
 //! - [`service`]: the tonic service; [`validate`]: request checks; [`error`]: errors.
 
+pub mod authz;
 pub mod cluster;
 pub mod error;
 pub mod etcd;
@@ -94,11 +96,14 @@ pub struct Config {
     /// Most calls waiting at once on this replica (queued acquires and converts,
     /// publishes waiting for acks).
     pub max_waits: usize,
+    /// gRPC transport: mutual TLS (served to agents and mdctl, and used to call agents)
+    /// or plain text.
+    pub transport: mdcluster_proto::tls::Transport,
 }
 
 impl Config {
     /// A config for `etcd` and `cluster_name` with the defaults: session TTL 10 s, etcd
-    /// calls 5 s, connecting at start 30 s, 10000 sessions, 10000 waits.
+    /// calls 5 s, connecting at start 30 s, 10000 sessions, 10000 waits, plain-text gRPC.
     pub fn new(etcd: Vec<String>, cluster_name: impl Into<String>) -> Config {
         Config {
             etcd,
@@ -110,6 +115,7 @@ impl Config {
             etcd_connect_timeout: Duration::from_secs(30),
             max_sessions: 10_000,
             max_waits: 10_000,
+            transport: mdcluster_proto::tls::Transport::Insecure,
         }
     }
 }
@@ -477,20 +483,41 @@ pub async fn serve(
     };
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?addr, cluster = %config.cluster_name, "mdserver serving");
-    // No Nagle: notifications and acks are small writes that must leave at once.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let r = tonic::transport::Server::builder()
+    let transport = config.transport.clone();
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .layer(mdcluster_proto::tls::AuthLayer::new(
+            "mdserver",
+            transport.is_tls(),
+            authz::policy,
+        ))
         .add_service(health)
         .add_service(
             mdcluster_proto::v1::cluster_service_server::ClusterServiceServer::new(
-                cluster::ClusterSvc::new(ctx.clone()),
+                cluster::ClusterSvc::new(ctx.clone(), transport.clone()),
             ),
         )
-        .add_service(LockServiceServer::new(service::LockSvc { ctx }))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+        .add_service(LockServiceServer::new(service::LockSvc { ctx }));
+    let r = match &transport {
+        mdcluster_proto::tls::Transport::Tls(tls) => {
+            tls.reload_on_sighup();
+            router
+                .serve_with_incoming_shutdown(
+                    mdcluster_proto::tls::incoming(listener, tls.clone()),
+                    shutdown,
+                )
+                .await
+        }
+        mdcluster_proto::tls::Transport::Insecure => {
+            // No Nagle: notifications and acks are small writes that must leave at once.
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+    };
     probe.abort();
     Ok(r?)
 }

@@ -131,6 +131,21 @@ struct Args {
     /// previous session of this node that has to expire first).
     #[arg(long, env = "MDAGENT_CONNECT_TIMEOUT", default_value = "60s")]
     connect_timeout: humantime::Duration,
+    /// Cluster mode: PEM file of the cluster CA (mutual TLS on the agent service and the
+    /// session to mdserver; only mdserver's certificate may call the agent service).
+    #[arg(long, env = "MDAGENT_TLS_CA", value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    /// Cluster mode: PEM file of this node's certificate (O=mdcluster:nodes, CN and a SAN
+    /// DNS name = --node). Reloaded when the file changes or on SIGHUP.
+    #[arg(long, env = "MDAGENT_TLS_CERT", value_name = "FILE", requires_all = ["tls_ca", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    /// Cluster mode: PEM file of the private key of --tls-cert.
+    #[arg(long, env = "MDAGENT_TLS_KEY", value_name = "FILE", requires_all = ["tls_ca", "tls_cert"])]
+    tls_key: Option<PathBuf>,
+    /// Cluster mode: gRPC in plain text without authentication (tests, trusted networks
+    /// only; a warning is logged). Without it the --tls-* files are required.
+    #[arg(long, env = "MDAGENT_INSECURE", conflicts_with_all = ["tls_ca", "tls_cert", "tls_key"])]
+    insecure: bool,
 }
 
 fn parse_assemble(s: &str) -> anyhow::Result<(String, Vec<PathBuf>)> {
@@ -241,7 +256,16 @@ async fn run_cluster(args: Args, server: String) -> anyhow::Result<()> {
         args.assemble.is_empty(),
         "--assemble is for standalone mode; in cluster mode use mdctl assemble"
     );
+    let transport = mdcluster_proto::tls::Transport::from_flags(
+        &format!("mdagent node {node}"),
+        args.tls_ca.clone(),
+        args.tls_cert.clone(),
+        args.tls_key.clone(),
+        args.insecure,
+    )
+    .map_err(anyhow::Error::msg)?;
     let cfg = RuntimeConfig {
+        transport,
         node: NodeConfig {
             node: node.clone(),
             run_dir: args.run_dir.clone(),
@@ -292,7 +316,10 @@ async fn run_cluster(args: Args, server: String) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
         .with_writer(std::io::stderr)
         .init();
     tracing::info!(?args, "mdagent starting");

@@ -57,6 +57,9 @@ pub struct RuntimeConfig {
     pub fence_margin: Duration,
     /// How long to keep trying to open the session at start.
     pub connect_timeout: Duration,
+    /// gRPC transport: mutual TLS (the agent service, the session to mdserver) or plain
+    /// text.
+    pub transport: mdcluster_proto::tls::Transport,
 }
 
 /// Errors that stop the agent.
@@ -273,6 +276,27 @@ pub(super) fn fence_now(node: &Node, arrays: &str, why: &str) -> ! {
 
 /// Runs a cluster-mode agent until `shutdown` completes. Prints one line
 /// `mdagent ready: node NAME listening on ADDR` on stdout when serving.
+/// Who may call the agent's gRPC methods: the agent service only mdserver
+/// (`O=mdcluster:server`), health every authenticated caller; without TLS everyone.
+pub fn agent_policy(
+    method: &str,
+    caller: &mdcluster_proto::tls::Caller,
+) -> Result<mdcluster_proto::tls::Access, String> {
+    use mdcluster_proto::tls::{Access, Caller};
+    if matches!(caller, Caller::Insecure) || method.starts_with("/grpc.health.v1.Health/") {
+        return Ok(Access::Read);
+    }
+    if method.starts_with("/mdcluster.v1.AgentService/") {
+        return match caller {
+            Caller::Server(_) => Ok(Access::Admin),
+            _ => Err("the agent service accepts only mdserver's certificate \
+                      (O=mdcluster:server); operators go through mdserver"
+                .into()),
+        };
+    }
+    Err("no such method on mdagent".into())
+}
+
 pub async fn run(
     cfg: RuntimeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -311,6 +335,7 @@ pub async fn run(
     let mut scfg = SessionConfig::new(cfg.servers.clone(), node.name(), advertise.clone());
     scfg.ttl = cfg.session_ttl;
     scfg.fence_margin = cfg.fence_margin;
+    scfg.transport = cfg.transport.clone();
     let (session, rx) = open_session(&scfg, cfg.connect_timeout)
         .await
         .map_err(|source| RuntimeError::Session {
@@ -394,7 +419,6 @@ pub async fn run(
         "mdagent ready: node {} listening on {advertise}",
         node.name()
     );
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let streams_end = CancellationToken::new();
     let shutdown = {
         let streams_end = streams_end.clone();
@@ -406,14 +430,35 @@ pub async fn run(
             streams_end.cancel();
         }
     };
-    let served = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
+        .layer(mdcluster_proto::tls::AuthLayer::new(
+            "mdagent",
+            cfg.transport.is_tls(),
+            agent_policy,
+        ))
         .add_service(health_svc)
         .add_service(AgentServiceServer::new(AgentSvc {
             node: node.clone(),
             streams_end,
-        }))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+        }));
+    let served = match &cfg.transport {
+        mdcluster_proto::tls::Transport::Tls(tls) => {
+            tls.reload_on_sighup();
+            router
+                .serve_with_incoming_shutdown(
+                    mdcluster_proto::tls::incoming(listener, tls.clone()),
+                    shutdown,
+                )
+                .await
+        }
+        mdcluster_proto::tls::Transport::Insecure => {
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+    };
     tracing::info!(node = node.name(), "shutting down: stopping every array");
     node.shutdown().await;
     stop.cancel();
