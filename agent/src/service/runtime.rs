@@ -277,7 +277,8 @@ pub(super) fn fence_now(node: &Node, arrays: &str, why: &str) -> ! {
 /// Runs a cluster-mode agent until `shutdown` completes. Prints one line
 /// `mdagent ready: node NAME listening on ADDR` on stdout when serving.
 /// Who may call the agent's gRPC methods: the agent service only mdserver
-/// (`O=mdcluster:server`), health every authenticated caller; without TLS everyone.
+/// (`O=mdcluster:server`; every change is audited), health every authenticated caller;
+/// without TLS everyone.
 pub fn agent_policy(
     method: &str,
     caller: &mdcluster_proto::tls::Caller,
@@ -286,8 +287,11 @@ pub fn agent_policy(
     if matches!(caller, Caller::Insecure) || method.starts_with("/grpc.health.v1.Health/") {
         return Ok(Access::Read);
     }
-    if method.starts_with("/mdcluster.v1.AgentService/") {
+    if let Some(m) = method.strip_prefix("/mdcluster.v1.AgentService/") {
         return match caller {
+            Caller::Server(_) if ["Get", "List", "Mdstat", "Watch"].contains(&m) => {
+                Ok(Access::Read)
+            }
             Caller::Server(_) => Ok(Access::Admin),
             _ => Err("the agent service accepts only mdserver's certificate \
                       (O=mdcluster:server); operators go through mdserver"
