@@ -148,7 +148,11 @@ fn no_certificate_or_a_foreign_one_reaches_no_grpc_endpoint() {
     );
     let stderr = String::from_utf8_lossy(&o.stderr);
     eprintln!("{stderr}");
-    assert_eq!(o.status.code(), Some(11), "{stderr}");
+    // No gRPC answer: unreachable (11) or a broken HTTP/2 exchange (6), nothing printed.
+    assert!(
+        matches!(o.status.code(), Some(6 | 11)) && o.stdout.is_empty(),
+        "{stderr}"
+    );
 
     eprintln!("--- the cluster still works for the admin");
     let out = c.mdctl_ok(&["--node", "node1", "mdstat"]);
