@@ -631,6 +631,33 @@ pub fn incoming(
     ReceiverStream::new(rx)
 }
 
+/// Serves only `health` (the standard gRPC health service) in plain text on `listener`
+/// until `stop` completes: the port for probes that cannot speak mutual TLS (the
+/// kubelet's `grpc:` probes). It answers SERVING / NOT_SERVING and nothing else.
+pub async fn serve_plain_health<S>(
+    listener: TcpListener,
+    health: S,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error>
+where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .serve_with_incoming_shutdown(incoming, stop)
+        .await
+}
+
 /// What a call needs, as a policy decides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {

@@ -99,6 +99,9 @@ pub struct Config {
     /// gRPC transport: mutual TLS (served to agents and mdctl, and used to call agents)
     /// or plain text.
     pub transport: mdcluster_proto::tls::Transport,
+    /// Where to serve only the gRPC health service in plain text (for probes that
+    /// cannot do mutual TLS, e.g. the kubelet's); None: nowhere.
+    pub health_listen: Option<String>,
 }
 
 impl Config {
@@ -116,6 +119,7 @@ impl Config {
             max_sessions: 10_000,
             max_waits: 10_000,
             transport: mdcluster_proto::tls::Transport::Insecure,
+            health_listen: None,
         }
     }
 }
@@ -139,6 +143,14 @@ pub enum ServerError {
         hint: &'static str,
         /// The last error (already in `detail`, so not a `source`).
         last: etcd_client::Error,
+    },
+    /// The plain-text health port could not be bound.
+    #[error("bind the health listener on {addr}: {source}")]
+    HealthBind {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
     },
     /// The etcd connection settings are unusable (endpoint scheme, TLS files).
     #[error("etcd connection to {endpoints}: {reason}")]
@@ -442,6 +454,19 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    let health_listener = match &config.health_listen {
+        Some(addr) => {
+            Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::HealthBind {
+                        addr: addr.clone(),
+                        source,
+                    })?,
+            )
+        }
+        None => None,
+    };
     let ctx = Arc::new(connect(&config).await?);
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
@@ -477,6 +502,16 @@ pub async fn serve(
         }
     });
     let stopping = ctx.stopping.clone();
+    let plain_health = health_listener.map(|l| {
+        let mut stopped = stopping.subscribe();
+        tokio::spawn(mdcluster_proto::tls::serve_plain_health(
+            l,
+            health.clone(),
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            },
+        ))
+    });
     let shutdown = async move {
         shutdown.await;
         stopping.send_replace(true);
@@ -519,5 +554,8 @@ pub async fn serve(
         }
     };
     probe.abort();
+    if let Some(h) = plain_health {
+        h.abort();
+    }
     Ok(r?)
 }

@@ -102,6 +102,10 @@ struct Args {
     /// networks only; a warning is logged). Without it the --tls-* files are required.
     #[arg(long, env = "MDSERVER_INSECURE", conflicts_with_all = ["tls_ca", "tls_cert", "tls_key"])]
     insecure: bool,
+    /// Also serve the gRPC health service alone, in plain text, on this address: for
+    /// probes that cannot present a certificate (the kubelet's grpc probes).
+    #[arg(long, env = "MDSERVER_HEALTH_LISTEN", value_name = "ADDR")]
+    health_listen: Option<String>,
     /// On SIGTERM/SIGINT, how long to let calls in flight finish before exiting. Session
     /// streams do not end by themselves: their agents resume on another replica.
     #[arg(long, env = "MDSERVER_SHUTDOWN_GRACE", default_value = "5s")]
@@ -175,6 +179,7 @@ fn main() -> anyhow::Result<()> {
     .map_err(anyhow::Error::msg)?;
     let config = mdcluster_server::Config {
         transport,
+        health_listen: args.health_listen.clone(),
         etcd: args.etcd,
         etcd_tls,
         etcd_auth,

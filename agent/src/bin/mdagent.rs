@@ -146,6 +146,10 @@ struct Args {
     /// only; a warning is logged). Without it the --tls-* files are required.
     #[arg(long, env = "MDAGENT_INSECURE", conflicts_with_all = ["tls_ca", "tls_cert", "tls_key"])]
     insecure: bool,
+    /// Cluster mode: also serve the gRPC health service alone, in plain text, on this
+    /// address: for probes that cannot present a certificate (the kubelet's grpc probes).
+    #[arg(long, env = "MDAGENT_HEALTH_LISTEN", value_name = "ADDR")]
+    health_listen: Option<String>,
 }
 
 fn parse_assemble(s: &str) -> anyhow::Result<(String, Vec<PathBuf>)> {
@@ -266,6 +270,7 @@ async fn run_cluster(args: Args, server: String) -> anyhow::Result<()> {
     .map_err(anyhow::Error::msg)?;
     let cfg = RuntimeConfig {
         transport,
+        health_listen: args.health_listen.clone(),
         node: NodeConfig {
             node: node.clone(),
             run_dir: args.run_dir.clone(),

@@ -60,6 +60,9 @@ pub struct RuntimeConfig {
     /// gRPC transport: mutual TLS (the agent service, the session to mdserver) or plain
     /// text.
     pub transport: mdcluster_proto::tls::Transport,
+    /// Where to serve only the gRPC health service in plain text (for probes that
+    /// cannot do mutual TLS, e.g. the kubelet's); None: nowhere.
+    pub health_listen: Option<String>,
 }
 
 /// Errors that stop the agent.
@@ -353,6 +356,7 @@ pub async fn run(
     tracing::info!(node = node.name(), addr = %advertise, session = format_args!("{:x}", session.id()), "session open");
 
     let (health, health_svc) = tonic_health::server::health_reporter();
+    let health_svc_plain = health_svc.clone();
     set_health(&health, true).await;
 
     // Notifications, and a new session when one is lost.
@@ -445,6 +449,25 @@ pub async fn run(
             node: node.clone(),
             streams_end,
         }));
+    let (plain_health, health_stop) = match &cfg.health_listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| RuntimeError::Bind {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            let stop_health = CancellationToken::new();
+            let done = stop_health.clone();
+            let h = tokio::spawn(mdcluster_proto::tls::serve_plain_health(
+                l,
+                health_svc_plain,
+                async move { done.cancelled().await },
+            ));
+            (Some(h), stop_health)
+        }
+        None => (None, CancellationToken::new()),
+    };
     let served = match &cfg.transport {
         mdcluster_proto::tls::Transport::Tls(tls) => {
             tls.reload_on_sighup();
@@ -463,6 +486,10 @@ pub async fn run(
                 .await
         }
     };
+    health_stop.cancel();
+    if let Some(h) = plain_health {
+        let _ = h.await;
+    }
     tracing::info!(node = node.name(), "shutting down: stopping every array");
     node.shutdown().await;
     stop.cancel();
