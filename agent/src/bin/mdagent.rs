@@ -34,6 +34,9 @@ The standard gRPC health service (grpc.health.v1.Health, for Kubernetes probes) 
 on --listen beside the agent service: the overall status (service \"\") is SERVING while
 the agent serves; service mdcluster.v1.AgentService is SERVING while the node holds its
 session, NOT_SERVING while a lost one is replaced and once shutdown has begun.
+Every gRPC hop runs mutual TLS (--tls-ca, --tls-cert with this node's certificate:
+O=mdcluster:nodes, CN and a SAN DNS name = --node; --tls-key); only mdserver's
+certificate may call the agent service. --insecure runs plain text instead.
 
 Standalone mode (no --server): arrays given with --assemble NAME=DEV,DEV are assembled
 at start; more are created, assembled, stopped and inspected through the control socket
