@@ -25,9 +25,10 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "mdctl", version, about, long_about)]
 struct Cli {
-    /// URL of an mdserver, e.g. http://127.0.0.1:7480, or several replicas
-    /// comma-separated (http://a:7480,http://b:7480): a call goes to the next one when
-    /// one does not answer (refused, unreachable, or hung past a few seconds).
+    /// URL of an mdserver, e.g. https://127.0.0.1:7480 (http:// with --insecure), or
+    /// several replicas comma-separated (https://a:7480,https://b:7480): a call goes to
+    /// the next one when one does not answer (refused, unreachable, or hung past a few
+    /// seconds).
     #[arg(long, global = true, env = "MDCTL_SERVER")]
     server: Option<String>,
     /// Node an operation runs on (default: the first node).

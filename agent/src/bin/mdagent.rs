@@ -68,7 +68,8 @@ struct Args {
     /// This node's name, unique in the cluster.
     #[arg(long, env = "MDAGENT_NODE")]
     node: Option<String>,
-    /// URL of an mdserver (e.g. http://127.0.0.1:7480). Without it the agent runs
+    /// URL of an mdserver (e.g. https://127.0.0.1:7480; http:// with --insecure), or
+    /// several replicas comma-separated. Without it the agent runs
     /// standalone.
     #[arg(long, env = "MDAGENT_SERVER")]
     server: Option<String>,
