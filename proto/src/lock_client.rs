@@ -46,7 +46,7 @@ use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
 use crate::v1::lock_service_client::LockServiceClient;
@@ -82,11 +82,14 @@ pub struct SessionConfig {
     pub rpc_timeout: Duration,
     /// Capacity of the notification channel.
     pub notification_capacity: usize,
+    /// Plain text or mutual TLS (each new connection to a replica reads the current
+    /// certificate files).
+    pub transport: crate::tls::Transport,
 }
 
 impl SessionConfig {
     /// A config with the defaults: TTL 10 s, margin 1 s, connect 2 s, rpc 10 s, 1024
-    /// queued notifications.
+    /// queued notifications, plain text.
     pub fn new(
         endpoints: Vec<String>,
         node: impl Into<String>,
@@ -103,6 +106,7 @@ impl SessionConfig {
             connect_timeout: Duration::from_secs(2),
             rpc_timeout: Duration::from_secs(10),
             notification_capacity: 1024,
+            transport: crate::tls::Transport::Insecure,
         }
     }
 }
@@ -532,13 +536,15 @@ fn channels(cfg: &SessionConfig) -> Result<Vec<Channel>, LockClientError> {
     cfg.endpoints
         .iter()
         .map(|e| {
-            Endpoint::from_shared(e.clone())
+            cfg.transport
+                .endpoint(e)
                 .map(|ep| {
-                    ep.connect_timeout(cfg.connect_timeout)
+                    let ep = ep
+                        .connect_timeout(cfg.connect_timeout)
                         .tcp_nodelay(true)
                         .http2_keep_alive_interval(Duration::from_secs(2))
-                        .keep_alive_timeout(Duration::from_secs(2))
-                        .connect_lazy()
+                        .keep_alive_timeout(Duration::from_secs(2));
+                    cfg.transport.channel(&ep, None)
                 })
                 .map_err(|err| LockClientError::Endpoint {
                     endpoint: e.clone(),

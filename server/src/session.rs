@@ -52,10 +52,12 @@ const MIN_TTL: Duration = Duration::from_secs(1);
 const MAX_TTL: Duration = Duration::from_secs(300);
 
 /// Opens (or resumes) the session described by the stream's first message and starts
-/// serving it; returns the receiving half of the event stream.
+/// serving it; returns the receiving half of the event stream. `authorize` checks that
+/// the caller may act as the node named in the open message.
 pub async fn open(
     ctx: Arc<Ctx>,
     mut inbound: Streaming<SessionRequest>,
+    authorize: impl FnOnce(&str) -> Result<(), LockError>,
 ) -> Result<mpsc::Receiver<Result<SessionEvent, Status>>, LockError> {
     let first = tokio::time::timeout(ctx.etcd.timeout(), inbound.message()).await;
     let open = match first {
@@ -71,6 +73,7 @@ pub async fn open(
     };
     validate::node(&open.node)?;
     validate::agent_addr(&open.agent_addr)?;
+    authorize(&open.node)?;
     let permit = ctx.sessions_limit.take()?;
     let mut keeper = None;
     let (id, ttl_s, resumed) = if open.resume_session_id != 0 {

@@ -35,6 +35,9 @@ The standard gRPC health service (grpc.health.v1.Health, for Kubernetes probes) 
 on --listen beside the agent service: the overall status (service \"\") is SERVING while
 the agent serves; service mdcluster.v1.AgentService is SERVING while the node holds its
 session, NOT_SERVING while a lost one is replaced and once shutdown has begun.
+Every gRPC hop runs mutual TLS (--tls-ca, --tls-cert with this node's certificate:
+O=mdcluster:nodes, CN and a SAN DNS name = --node; --tls-key); only mdserver's
+certificate may call the agent service. --insecure runs plain text instead.
 
 Standalone mode (no --server): arrays given with --assemble NAME=DEV,DEV are assembled
 at start; more are created, assembled, stopped and inspected through the control socket
@@ -66,7 +69,8 @@ struct Args {
     /// This node's name, unique in the cluster.
     #[arg(long, env = "MDAGENT_NODE")]
     node: Option<String>,
-    /// URL of an mdserver (e.g. http://127.0.0.1:7480). Without it the agent runs
+    /// URL of an mdserver (e.g. https://127.0.0.1:7480; http:// with --insecure), or
+    /// several replicas comma-separated. Without it the agent runs
     /// standalone.
     #[arg(long, env = "MDAGENT_SERVER")]
     server: Option<String>,
@@ -161,6 +165,25 @@ struct Args {
     /// previous session of this node that has to expire first).
     #[arg(long, env = "MDAGENT_CONNECT_TIMEOUT", default_value = "60s")]
     connect_timeout: humantime::Duration,
+    /// Cluster mode: PEM file of the cluster CA (mutual TLS on the agent service and the
+    /// session to mdserver; only mdserver's certificate may call the agent service).
+    #[arg(long, env = "MDAGENT_TLS_CA", value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    /// Cluster mode: PEM file of this node's certificate (O=mdcluster:nodes, CN and a SAN
+    /// DNS name = --node). Reloaded when the file changes or on SIGHUP.
+    #[arg(long, env = "MDAGENT_TLS_CERT", value_name = "FILE", requires_all = ["tls_ca", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    /// Cluster mode: PEM file of the private key of --tls-cert.
+    #[arg(long, env = "MDAGENT_TLS_KEY", value_name = "FILE", requires_all = ["tls_ca", "tls_cert"])]
+    tls_key: Option<PathBuf>,
+    /// Cluster mode: gRPC in plain text without authentication (tests, trusted networks
+    /// only; a warning is logged). Without it the --tls-* files are required.
+    #[arg(long, env = "MDAGENT_INSECURE", conflicts_with_all = ["tls_ca", "tls_cert", "tls_key"])]
+    insecure: bool,
+    /// Cluster mode: also serve the gRPC health service alone, in plain text, on this
+    /// address: for probes that cannot present a certificate (the kubelet's grpc probes).
+    #[arg(long, env = "MDAGENT_HEALTH_LISTEN", value_name = "ADDR")]
+    health_listen: Option<String>,
 }
 
 fn parse_assemble(s: &str) -> anyhow::Result<(String, Vec<PathBuf>)> {
@@ -284,7 +307,17 @@ async fn run_cluster(args: Args, server: String) -> anyhow::Result<()> {
     } else {
         tracing::info!(node = %node, patterns = ?allow.patterns(), "device allow-list");
     }
+    let transport = mdcluster_proto::tls::Transport::from_flags(
+        &format!("mdagent node {node}"),
+        args.tls_ca.clone(),
+        args.tls_cert.clone(),
+        args.tls_key.clone(),
+        args.insecure,
+    )
+    .map_err(anyhow::Error::msg)?;
     let cfg = RuntimeConfig {
+        transport,
+        health_listen: args.health_listen.clone(),
         node: NodeConfig {
             node: node.clone(),
             run_dir: args.run_dir.clone(),
@@ -365,7 +398,10 @@ fn nbd_config(args: &Args) -> anyhow::Result<ServerConfig> {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
         .with_writer(std::io::stderr)
         .init();
     tracing::info!(?args, "mdagent starting");

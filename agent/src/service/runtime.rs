@@ -57,6 +57,12 @@ pub struct RuntimeConfig {
     pub fence_margin: Duration,
     /// How long to keep trying to open the session at start.
     pub connect_timeout: Duration,
+    /// gRPC transport: mutual TLS (the agent service, the session to mdserver) or plain
+    /// text.
+    pub transport: mdcluster_proto::tls::Transport,
+    /// Where to serve only the gRPC health service in plain text (for probes that
+    /// cannot do mutual TLS, e.g. the kubelet's); None: nowhere.
+    pub health_listen: Option<String>,
 }
 
 /// Errors that stop the agent.
@@ -327,6 +333,31 @@ pub(super) fn fence_now(node: &Node, arrays: &str, why: &str) -> ! {
 
 /// Runs a cluster-mode agent until `shutdown` completes. Prints one line
 /// `mdagent ready: node NAME listening on ADDR` on stdout when serving.
+/// Who may call the agent's gRPC methods: the agent service only mdserver
+/// (`O=mdcluster:server`; every change is audited), health every authenticated caller;
+/// without TLS everyone.
+pub fn agent_policy(
+    method: &str,
+    caller: &mdcluster_proto::tls::Caller,
+) -> Result<mdcluster_proto::tls::Access, String> {
+    use mdcluster_proto::tls::{Access, Caller};
+    if matches!(caller, Caller::Insecure) || method.starts_with("/grpc.health.v1.Health/") {
+        return Ok(Access::Read);
+    }
+    if let Some(m) = method.strip_prefix("/mdcluster.v1.AgentService/") {
+        return match caller {
+            Caller::Server(_) if ["Get", "List", "Mdstat", "Watch"].contains(&m) => {
+                Ok(Access::Read)
+            }
+            Caller::Server(_) => Ok(Access::Admin),
+            _ => Err("the agent service accepts only mdserver's certificate \
+                      (O=mdcluster:server); operators go through mdserver"
+                .into()),
+        };
+    }
+    Err("no such method on mdagent".into())
+}
+
 pub async fn run(
     cfg: RuntimeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -365,6 +396,7 @@ pub async fn run(
     let mut scfg = SessionConfig::new(cfg.servers.clone(), node.name(), advertise.clone());
     scfg.ttl = cfg.session_ttl;
     scfg.fence_margin = cfg.fence_margin;
+    scfg.transport = cfg.transport.clone();
     let (session, rx) = open_session(&scfg, cfg.connect_timeout)
         .await
         .map_err(|source| RuntimeError::Session {
@@ -378,6 +410,7 @@ pub async fn run(
     tracing::info!(node = node.name(), addr = %advertise, session = format_args!("{:x}", session.id()), "session open");
 
     let (health, health_svc) = tonic_health::server::health_reporter();
+    let health_svc_plain = health_svc.clone();
     set_health(&health, true).await;
 
     // Notifications, and a new session when one is lost.
@@ -448,7 +481,6 @@ pub async fn run(
         "mdagent ready: node {} listening on {advertise}",
         node.name()
     );
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let streams_end = CancellationToken::new();
     let shutdown = {
         let streams_end = streams_end.clone();
@@ -460,14 +492,58 @@ pub async fn run(
             streams_end.cancel();
         }
     };
-    let served = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
+        .layer(mdcluster_proto::tls::AuthLayer::new(
+            "mdagent",
+            cfg.transport.is_tls(),
+            agent_policy,
+        ))
         .add_service(health_svc)
         .add_service(AgentServiceServer::new(AgentSvc {
             node: node.clone(),
             streams_end,
-        }))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+        }));
+    let (plain_health, health_stop) = match &cfg.health_listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| RuntimeError::Bind {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            let stop_health = CancellationToken::new();
+            let done = stop_health.clone();
+            let h = tokio::spawn(mdcluster_proto::tls::serve_plain_health(
+                l,
+                health_svc_plain,
+                async move { done.cancelled().await },
+            ));
+            (Some(h), stop_health)
+        }
+        None => (None, CancellationToken::new()),
+    };
+    let served = match &cfg.transport {
+        mdcluster_proto::tls::Transport::Tls(tls) => {
+            tls.reload_on_sighup();
+            router
+                .serve_with_incoming_shutdown(
+                    mdcluster_proto::tls::incoming(listener, tls.clone()),
+                    shutdown,
+                )
+                .await
+        }
+        mdcluster_proto::tls::Transport::Insecure => {
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+    };
+    health_stop.cancel();
+    if let Some(h) = plain_health {
+        let _ = h.await;
+    }
     tracing::info!(node = node.name(), "shutting down: stopping every array");
     node.shutdown().await;
     stop.cancel();

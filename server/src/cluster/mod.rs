@@ -28,11 +28,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mdcluster_proto::status::WireError;
+use mdcluster_proto::tls::Caller;
 use mdcluster_proto::v1 as pb;
 use mdcluster_proto::v1::agent_service_client::AgentServiceClient;
 use mdcluster_proto::v1::cluster_service_server::ClusterService;
 use mdcluster_proto::v1::{Errno, NodeInfo};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::Ctx;
@@ -50,6 +51,7 @@ const MAX_CHANNELS: usize = 4096;
 #[derive(Debug, Clone)]
 pub struct ClusterSvc {
     ctx: Arc<Ctx>,
+    transport: mdcluster_proto::tls::Transport,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
@@ -88,9 +90,10 @@ fn lock_err(e: crate::error::LockError) -> WireError {
 
 impl ClusterSvc {
     /// The service over the replica's shared state.
-    pub fn new(ctx: Arc<Ctx>) -> Self {
+    pub fn new(ctx: Arc<Ctx>, transport: mdcluster_proto::tls::Transport) -> Self {
         ClusterSvc {
             ctx,
+            transport,
             channels: Arc::new(Mutex::new(HashMap::new())),
         }
     }
@@ -140,18 +143,17 @@ impl ClusterSvc {
             })
     }
 
-    /// A client of the agent at `addr`.
-    pub fn agent(&self, addr: &str) -> Result<AgentServiceClient<Channel>, WireError> {
+    /// A client of `node`'s agent at the address it registered.
+    pub fn agent(&self, node: &NodeInfo) -> Result<AgentServiceClient<Channel>, WireError> {
+        let (name, addr) = (node.node.as_str(), node.agent_addr.as_str());
+        let key = format!("{name}@{addr}");
         let mut map = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = map.get(addr) {
+        if let Some(c) = map.get(&key) {
             return Ok(AgentServiceClient::new(c.clone()));
         }
-        let url = if addr.contains("://") {
-            addr.to_owned()
-        } else {
-            format!("http://{addr}")
-        };
-        let ep = Endpoint::from_shared(url.clone())
+        let ep = self
+            .transport
+            .endpoint(addr)
             .map_err(|e| {
                 WireError::new(
                     Errno::Einval,
@@ -161,11 +163,12 @@ impl ClusterSvc {
             })?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true);
-        let ch = ep.connect_lazy();
+        // With TLS the agent must prove it is `node`: its certificate names the node.
+        let ch = self.transport.channel(&ep, Some(name));
         if map.len() >= MAX_CHANNELS {
             map.clear();
         }
-        map.insert(addr.to_owned(), ch.clone());
+        map.insert(key, ch.clone());
         Ok(AgentServiceClient::new(ch))
     }
 
@@ -181,7 +184,7 @@ impl ClusterSvc {
         F: FnOnce(AgentServiceClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<Response<T>, Status>>,
     {
-        let client = self.agent(&node.agent_addr)?;
+        let client = self.agent(node)?;
         match tokio::time::timeout(timeout, f(client)).await {
             Ok(Ok(r)) => Ok(r.into_inner()),
             Ok(Err(s)) => {
@@ -572,9 +575,16 @@ pub fn state_word(s: i32) -> &'static str {
 impl ClusterService for ClusterSvc {
     async fn nodes(
         &self,
-        _r: Request<pb::ClusterNodesRequest>,
+        r: Request<pb::ClusterNodesRequest>,
     ) -> Result<Response<pb::ClusterNodesResponse>, Status> {
-        Ok(Response::new(self.nodes_impl().await?))
+        let mut nodes = self.nodes_impl().await?;
+        // Session ids are capabilities of their nodes: shown only without TLS.
+        if Caller::of_request(&r) != Some(&Caller::Insecure) {
+            for n in &mut nodes.nodes {
+                n.session_id = 0;
+            }
+        }
+        Ok(Response::new(nodes))
     }
 
     async fn create(
