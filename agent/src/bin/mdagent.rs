@@ -127,6 +127,12 @@ struct Args {
     /// Cluster mode: self-fencing margin before the session's lease deadline.
     #[arg(long, env = "MDAGENT_FENCE_MARGIN", default_value = "1s")]
     fence_margin: humantime::Duration,
+    /// Cluster mode: how long past its lease deadline a session that no mdserver replica
+    /// could renew (and none said is gone: etcd or every replica unreachable) stays
+    /// suspended, member I/O held, before it counts as lost (its arrays are then
+    /// stopped and assembled again on a new session).
+    #[arg(long, env = "MDAGENT_SUSPEND_MAX", default_value = "5m")]
+    suspend_max: humantime::Duration,
     /// Cluster mode: how long to keep trying to open the session at start (covers a
     /// previous session of this node that has to expire first).
     #[arg(long, env = "MDAGENT_CONNECT_TIMEOUT", default_value = "60s")]
@@ -271,6 +277,7 @@ async fn run_cluster(args: Args, server: String) -> anyhow::Result<()> {
         advertise: args.advertise.clone(),
         session_ttl: args.session_ttl.into(),
         fence_margin: args.fence_margin.into(),
+        suspend_max: args.suspend_max.into(),
         connect_timeout: args.connect_timeout.into(),
     };
     let shutdown = async {
