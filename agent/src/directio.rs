@@ -27,6 +27,12 @@
 //! and [`DirectFile::sync`] (`fdatasync`) makes it durable. That is correct for a device
 //! one host uses, and wrong for a shared one: a warning says so, once per device.
 //!
+//! **Fencing.** A device of a clustered array carries the array's
+//! [`crate::fence::FenceTicket`] ([`DirectFile::set_fence`]): every `pread`, `pwrite`
+//! and `fdatasync` checks it right before the system call, in the calling thread, and
+//! fails with [`crate::fence::Fenced`] when the node is fenced (each `pwrite` of a
+//! partial write and both halves of a read-modify-write are checked).
+//!
 //! Every write reports itself to [`crate::iotrace`] after `pwrite` returned, with the
 //! bytes as written at that offset (for a read-modify-write, the whole span), and every
 //! `fdatasync` reports its start and end.
@@ -36,9 +42,11 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
+
+use crate::fence::{FenceTicket, SyscallGuard};
 
 pub use crate::iobuf::ALIGN;
 use crate::iobuf::{aligned_buf, AlignedBuf};
@@ -137,6 +145,8 @@ pub struct DirectFile {
     size: u64,
     /// Logical block size: the alignment of offsets and lengths of direct I/O.
     block: u64,
+    /// The array's pass through the node's fence gate (clustered arrays only).
+    fence: OnceLock<FenceTicket>,
 }
 
 impl DirectFile {
@@ -169,7 +179,49 @@ impl DirectFile {
             direct,
             size,
             block,
+            fence: OnceLock::new(),
         })
+    }
+
+    /// Gates every system call on this device from now on (see the module doc). Set
+    /// once: a later call is ignored and returns false.
+    pub fn set_fence(&self, ticket: FenceTicket) -> bool {
+        self.fence.set(ticket).is_ok()
+    }
+
+    /// Whether the device's I/O is gated.
+    pub fn is_fenced_io(&self) -> bool {
+        self.fence.get().is_some()
+    }
+
+    /// The check right before a system call (none for an ungated device).
+    fn gate(&self, op: &'static str) -> io::Result<Option<SyscallGuard<'_>>> {
+        match self.fence.get() {
+            None => Ok(None),
+            Some(t) => Ok(Some(t.enter(op, &self.path)?)),
+        }
+    }
+
+    /// `pwrite` until all of `buf` is written, each call gated.
+    fn pwrite_all(&self, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            let _g = self.gate("write")?;
+            match self.file.write_at(buf, offset) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "failed to write whole buffer",
+                    ))
+                }
+                Ok(n) => {
+                    buf = &buf[n..];
+                    offset += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// The device's path.
@@ -201,6 +253,7 @@ impl DirectFile {
         }
         if !self.direct || is_span_aligned(offset, len, self.block) {
             let mut buf = aligned_buf(len);
+            let _g = self.gate("read")?;
             self.file.read_exact_at(buf.as_mut(), offset)?;
             return Ok(buf.freeze());
         }
@@ -224,6 +277,7 @@ impl DirectFile {
         let mut filled = 0;
         let b = buf.as_mut();
         while filled < b.len() {
+            let _g = self.gate("read")?;
             match self.file.read_at(&mut b[filled..], start + filled as u64) {
                 Ok(0) => break,
                 Ok(n) => filled += n,
@@ -244,14 +298,14 @@ impl DirectFile {
             return Ok(());
         }
         if !self.direct || is_aligned(offset, data.len(), data.as_ptr() as usize, self.block) {
-            self.file.write_all_at(data, offset)?;
+            self.pwrite_all(data, offset)?;
             iotrace::on_write(&self.path, offset, data);
             return Ok(());
         }
         if is_span_aligned(offset, data.len(), self.block) {
             let mut buf = aligned_buf(data.len());
             buf.as_mut().copy_from_slice(data);
-            self.file.write_all_at(buf.as_ref(), offset)?;
+            self.pwrite_all(buf.as_ref(), offset)?;
             iotrace::on_write(&self.path, offset, buf.as_ref());
             return Ok(());
         }
@@ -276,13 +330,14 @@ impl DirectFile {
 
     /// The second half of a read-modify-write: writes the patched span back.
     pub(crate) fn write_covering(&self, block: &Covering) -> io::Result<()> {
-        self.file.write_all_at(block.buf.as_ref(), block.start)?;
+        self.pwrite_all(block.buf.as_ref(), block.start)?;
         iotrace::on_write(&self.path, block.start, block.buf.as_ref());
         Ok(())
     }
 
     /// Makes every completed write durable (`fdatasync`).
     pub fn sync(&self) -> io::Result<()> {
+        let _g = self.gate("flush")?;
         let token = iotrace::on_flush_begin(&self.path);
         self.file.sync_data()?;
         iotrace::on_flush_end(&self.path, token);

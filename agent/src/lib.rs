@@ -10,6 +10,8 @@
 //! - [`iobuf`]: pooled, aligned I/O buffers (huge pages for large ones).
 //! - [`directio`]: page-cache-free positional I/O on shared devices (`O_DIRECT`,
 //!   aligned spans, read-modify-write), with the buffered fallback.
+//! - [`fence`]: the node's fence gate, checked right before every member system call
+//!   of a clustered array.
 //! - [`iotrace`]: the recording hook under every member write and flush (the
 //!   crash-consistency checker; feature `io-trace`).
 //! - [`raid`]: the RAID1 engine (members, fan-out, read balancing, failure,
@@ -24,6 +26,7 @@ pub mod bitmap;
 pub mod blockdev;
 pub mod cluster;
 pub mod directio;
+pub mod fence;
 pub mod format;
 pub mod iobuf;
 pub mod iotrace;

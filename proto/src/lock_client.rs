@@ -448,6 +448,8 @@ struct Inner {
     ttl: Duration,
     /// Send time of the last acknowledged heartbeat (or of the open request).
     last_acked_send: Mutex<Instant>,
+    /// The fence deadline, readable without the lock (see [`FenceDeadline`]).
+    deadline: FenceDeadline,
     /// Set once the session is lost.
     lost: Mutex<Option<String>>,
     /// The [`SessionState`] (as its `u8`).
@@ -480,11 +482,11 @@ impl Inner {
 
     /// The lease deadline minus the fence margin.
     fn fence_deadline(&self) -> Instant {
-        let d = self.lease_deadline();
-        d.checked_sub(self.cfg.fence_margin).unwrap_or(d)
+        fence_at(self.lease_deadline(), self.cfg.fence_margin)
     }
 
-    /// Moves the last acknowledged send time forward to `at` (never back).
+    /// Moves the last acknowledged send time forward to `at` (never back), and the
+    /// fence deadline handle with it.
     fn acked(&self, at: Instant) {
         let mut l = self
             .last_acked_send
@@ -492,6 +494,8 @@ impl Inner {
             .unwrap_or_else(|e| e.into_inner());
         if at > *l {
             *l = at;
+            self.deadline
+                .set(fence_at(at + self.ttl, self.cfg.fence_margin));
         }
     }
 
@@ -519,9 +523,83 @@ impl Inner {
     }
 
     fn set_lost(&self, reason: &str) {
+        self.deadline.clear();
         let mut l = self.lost.lock().unwrap_or_else(|e| e.into_inner());
         if l.is_none() {
             *l = Some(reason.to_string());
+        }
+    }
+}
+
+/// A session's fence deadline, shared with the session task: cheap to clone and to
+/// read from any thread without awaiting (one atomic load), for the checks right before
+/// member I/O. Moves forward with every acknowledged heartbeat; empty (`None`) once the
+/// session is lost or closed. On the monotonic clock ([`std::time::Instant`]).
+#[derive(Debug, Clone)]
+pub struct FenceDeadline(Arc<DeadlineCell>);
+
+#[derive(Debug)]
+struct DeadlineCell {
+    /// Nanoseconds since [`deadline_base`]; 0: none.
+    ns: AtomicU64,
+    /// Made by [`FenceDeadline::manual`]: moved by hand, never by a session.
+    manual: bool,
+}
+
+/// The origin of [`FenceDeadline`]'s nanoseconds (0 there means "no deadline").
+fn deadline_base() -> std::time::Instant {
+    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *BASE.get_or_init(std::time::Instant::now)
+}
+
+impl FenceDeadline {
+    fn new(at: Instant, manual: bool) -> Self {
+        let d = FenceDeadline(Arc::new(DeadlineCell {
+            ns: AtomicU64::new(0),
+            manual,
+        }));
+        d.set(at);
+        d
+    }
+
+    /// A deadline no session moves, only [`FenceDeadline::move_to`]: for tests of what
+    /// is gated on it.
+    pub fn manual(at: std::time::Instant) -> Self {
+        FenceDeadline::new(Instant::from_std(at), true)
+    }
+
+    /// Moves a [`FenceDeadline::manual`] deadline (`None`: none); false (and nothing
+    /// changes) on a session's.
+    pub fn move_to(&self, at: Option<std::time::Instant>) -> bool {
+        if !self.0.manual {
+            return false;
+        }
+        match at {
+            Some(at) => self.set(Instant::from_std(at)),
+            None => self.clear(),
+        }
+        true
+    }
+
+    fn set(&self, at: Instant) {
+        let ns = at
+            .into_std()
+            .saturating_duration_since(deadline_base())
+            .as_nanos();
+        // An instant at or before the origin is in the past: stored as 1, not "none".
+        let ns = u64::try_from(ns).unwrap_or(u64::MAX).max(1);
+        self.0.ns.store(ns, Ordering::Release);
+    }
+
+    fn clear(&self) {
+        self.0.ns.store(0, Ordering::Release);
+    }
+
+    /// The deadline; `None` once the session is lost or closed.
+    pub fn get(&self) -> Option<std::time::Instant> {
+        match self.0.ns.load(Ordering::Acquire) {
+            0 => None,
+            ns => Some(deadline_base() + Duration::from_nanos(ns)),
         }
     }
 }
@@ -533,6 +611,11 @@ fn ack_deadline(configured: Option<Duration>, period: Duration) -> Duration {
         .unwrap_or(period / 2)
         .min(period * 9 / 10)
         .max(Duration::from_millis(20))
+}
+
+/// The fence deadline of a lease that expires at `lease`.
+fn fence_at(lease: Instant, margin: Duration) -> Instant {
+    lease.checked_sub(margin).unwrap_or(lease)
 }
 
 /// An open session. Dropping it without [`Session::close`] stops heartbeats: the lease
@@ -663,6 +746,8 @@ impl Session {
             match open_stream(ch.clone(), open, cfg.connect_timeout).await {
                 Ok((conn, id, ttl)) => {
                     let (ntx, nrx) = mpsc::channel(cfg.notification_capacity.max(1));
+                    let deadline =
+                        FenceDeadline::new(fence_at(sent + ttl, cfg.fence_margin), false);
                     let inner = Arc::new(Inner {
                         cfg,
                         channels,
@@ -670,6 +755,7 @@ impl Session {
                         id,
                         ttl,
                         last_acked_send: Mutex::new(sent),
+                        deadline,
                         lost: Mutex::new(None),
                         state: AtomicU8::new(SessionState::Connected.to_u8()),
                         dropped: AtomicU64::new(0),
@@ -748,6 +834,12 @@ impl Session {
     /// Where the session stands now.
     pub fn state(&self) -> SessionState {
         self.inner.state()
+    }
+
+    /// A handle on [`Session::fence_deadline`] that any thread reads without awaiting;
+    /// empty once the session is lost or closed.
+    pub fn fence_deadline_handle(&self) -> FenceDeadline {
+        self.inner.deadline.clone()
     }
 
     /// True while the fence deadline is ahead and the session is not lost.
@@ -1275,6 +1367,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn fence_deadline_handle_reads_what_was_set_and_none_once_cleared() {
+        let at = std::time::Instant::now() + Duration::from_secs(3);
+        let d = FenceDeadline::manual(at);
+        let got = d.get().unwrap();
+        assert!(got.max(at) - got.min(at) < Duration::from_micros(1));
+        let copy = d.clone();
+        assert!(d.move_to(Some(at + Duration::from_secs(1))));
+        assert!(copy.get().unwrap() > at, "clones share the deadline");
+        assert!(d.move_to(None));
+        assert!(copy.get().is_none());
+        // Long past is still a deadline (in the past), not "none".
+        let past = FenceDeadline::manual(deadline_base());
+        assert!(past.get().is_some_and(|p| p <= std::time::Instant::now()));
+        // A session's deadline moves with its heartbeats only.
+        let session = FenceDeadline::new(Instant::now(), false);
+        assert!(!session.move_to(None));
+        assert!(session.get().is_some());
+        session.set(Instant::now() + Duration::from_secs(5));
+        session.clear();
+        assert!(session.get().is_none());
+    }
+
+    #[test]
     fn service_errors_keep_errno_and_resource() {
         let detail = ErrorDetail {
             errno: Errno::Ebusy as i32,
@@ -1368,6 +1483,7 @@ mod tests {
             current: AtomicUsize::new(0),
             id: 0x42,
             last_acked_send: Mutex::new(now.checked_sub(ago).unwrap_or(now)),
+            deadline: FenceDeadline::new(now, false),
             lost: Mutex::new(None),
             state: AtomicU8::new(SessionState::Reconnecting.to_u8()),
             dropped: AtomicU64::new(0),

@@ -549,6 +549,7 @@ fn registry(slot: u32, daemon_sleep: Duration, speed: SpeedLimits) -> Arc<Regist
             speed,
             sync_gate: false,
             safe_mode: None,
+            fence: None,
         },
         // Each node of the workload is its own node: its own claims.
         ..RegistryConfig::default()
@@ -1207,7 +1208,7 @@ async fn recover(paths: &[PathBuf], recovering: &mut bool) -> Result<(Vec<usize>
     if !from.is_empty() || own > 0 {
         let paths = paths.to_vec();
         tokio::task::spawn_blocking(move || {
-            mdcluster_agent::service::join::merge_slots(&paths, 0, &from)
+            mdcluster_agent::service::join::merge_slots(&paths, 0, &from, None)
         })
         .await
         .map_err(|e| format!("merge task: {e}"))?

@@ -75,6 +75,9 @@ pub struct AssembleOptions {
     pub sync_gate: bool,
     /// md's `safe_mode_delay` (`None`: superblocks marked clean only at stop).
     pub safe_mode: Option<Duration>,
+    /// The node's fence gate (cluster mode): a clustered array's member I/O and
+    /// requests go through it ([`crate::fence`]); other arrays are never fenced.
+    pub fence: Option<Arc<crate::fence::FenceGate>>,
 }
 
 /// What was assembled, for status.
@@ -533,11 +536,15 @@ pub async fn add_member_opts(
     let name = raid.name().to_owned();
     let _one = att.add_lock.lock().await;
     let p = path.to_owned();
+    let fence = raid.fence_ticket();
     let (existing, io) = tokio::task::spawn_blocking(move || -> Result<_, AssembleError> {
         // The superblock only: a device a NEWDISK's sender just gave one (its device
         // UUID, which every node confirmed) has no bitmap yet.
         let existing = super::scan::read_superblock(&p).ok_or(());
         let io = Arc::new(MemberIo::open(&p)?);
+        if let Some(t) = fence {
+            io.set_fence(t);
+        }
         Ok((existing, io))
     })
     .await
@@ -723,9 +730,13 @@ pub async fn attach_member(
     let name = raid.name().to_owned();
     let _one = att.add_lock.lock().await;
     let p = path.to_owned();
+    let fence = raid.fence_ticket();
     let (m, io) = tokio::task::spawn_blocking(move || -> Result<_, AssembleError> {
         let m = read_member(&p)?;
         let io = Arc::new(MemberIo::open(&p)?);
+        if let Some(t) = fence {
+            io.set_fence(t);
+        }
         Ok((m, io))
     })
     .await
@@ -935,6 +946,17 @@ pub async fn assemble(
         .iter()
         .max_by_key(|m| m.sb.events)
         .ok_or_else(|| mismatch(name, "no members".into()))?;
+    // A clustered array's member I/O is gated from its first write on.
+    let fence_ticket = opts
+        .fence
+        .as_ref()
+        .filter(|_| freshest.bitmap.first().is_some_and(|b| b.sb.is_clustered()))
+        .map(|g| g.ticket());
+    if let Some(t) = &fence_ticket {
+        for io in &ios {
+            io.set_fence(t.clone());
+        }
+    }
     if let Some(slot) = freshest.bitmap.first().filter(|b| b.sb.is_clustered()) {
         let block = ios.iter().map(|io| io.block_size()).max().unwrap_or(SECTOR);
         check_clustered_layout(&freshest.sb, &slot.sb, block).map_err(|r| mismatch(name, r))?;
@@ -1185,6 +1207,9 @@ pub async fn assemble(
 
     if let Some(s) = &slot_store {
         let _ = s.raid.set(Arc::downgrade(&raid));
+    }
+    if let Some(t) = fence_ticket {
+        raid.set_fence_ticket(t);
     }
     let attachment = Attachment {
         sb_store,

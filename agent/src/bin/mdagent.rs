@@ -133,6 +133,11 @@ struct Args {
     /// stopped and assembled again on a new session).
     #[arg(long, env = "MDAGENT_SUSPEND_MAX", default_value = "5m")]
     suspend_max: humantime::Duration,
+    /// Cluster mode: how long a request of a clustered array waits while the node is
+    /// fenced (its session not renewed before the fence deadline) before it fails with
+    /// EIO; it goes on at once when the session is renewed.
+    #[arg(long, env = "MDAGENT_SUSPEND_IO_TIMEOUT", default_value = "30s")]
+    suspend_io_timeout: humantime::Duration,
     /// Cluster mode: how long to keep trying to open the session at start (covers a
     /// previous session of this node that has to expire first).
     #[arg(long, env = "MDAGENT_CONNECT_TIMEOUT", default_value = "60s")]
@@ -182,6 +187,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 max_kib_s: args.speed_max,
             },
             sync_gate: false,
+            // Standalone arrays are never fenced.
+            fence: None,
         },
         device_allow: args.device_allow.clone(),
         claims: Default::default(),
@@ -264,6 +271,8 @@ async fn run_cluster(args: Args, server: String) -> anyhow::Result<()> {
                     },
                     // Cluster mode: clustered arrays sync one node at a time.
                     sync_gate: true,
+                    // Set per node (its fence gate) by the agent service.
+                    fence: None,
                 },
                 device_allow: args.device_allow.clone(),
                 // One for the node: shared by the registry of every slot.
@@ -271,6 +280,7 @@ async fn run_cluster(args: Args, server: String) -> anyhow::Result<()> {
             },
             nbd: ServerConfig::default(),
             nbd_tcp: args.nbd_tcp.clone(),
+            suspend_io_timeout: args.suspend_io_timeout.into(),
         },
         servers: server.split(',').map(str::to_owned).collect(),
         listen: args.listen.clone(),

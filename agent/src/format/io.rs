@@ -141,6 +141,21 @@ impl MetaDev {
         Ok(MetaDev { io })
     }
 
+    /// [`MetaDev::open`], every system call gated by `fence` (a clustered array's
+    /// superblock and bitmap writes outside the engine: join, takeover; see
+    /// [`crate::fence`]).
+    pub fn open_fenced(
+        path: &Path,
+        write: bool,
+        fence: Option<crate::fence::FenceTicket>,
+    ) -> Result<MetaDev, DeviceError> {
+        let dev = MetaDev::open(path, write)?;
+        if let Some(t) = fence {
+            dev.io.set_fence(t);
+        }
+        Ok(dev)
+    }
+
     /// The device.
     pub fn path(&self) -> &Path {
         self.io.path()

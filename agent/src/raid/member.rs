@@ -23,6 +23,10 @@
 //! I/O goes through the page cache and [`MemberIo::sync`] (`fdatasync`) makes it
 //! durable.
 //!
+//! A member of a clustered array carries the array's fence ticket
+//! ([`MemberIo::set_fence`]): each system call checks it in the blocking-pool thread
+//! that makes it, after the range lock and the pool's queue ([`crate::fence`]).
+//!
 //! Every write reports to [`crate::iotrace`] after `pwrite` returned (a read-modify-write
 //! as the whole span it wrote), every `fdatasync` its start and end. The blocking system
 //! calls run on tokio's blocking thread pool.
@@ -93,6 +97,12 @@ impl MemberIo {
     /// The member's path.
     pub fn path(&self) -> &Path {
         self.file.path()
+    }
+
+    /// Gates every system call on this member with `ticket` from now on (clustered
+    /// arrays; see [`crate::fence`]). Set once; false if it was set already.
+    pub fn set_fence(&self, ticket: crate::fence::FenceTicket) -> bool {
+        self.file.set_fence(ticket)
     }
 
     /// The member's size in bytes.

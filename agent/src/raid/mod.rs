@@ -56,6 +56,7 @@ use tokio::sync::Semaphore;
 
 use crate::bitmap::{BitmapStats, WriteIntent};
 use crate::blockdev::{BlockDevice, IoFuture};
+use crate::fence::{is_fenced, FenceTicket};
 use member::MemberIo;
 pub use sync::{
     GateDecision, GateFuture, SpeedLimits, SyncGate, SyncKind, SyncProgress, WorkerState,
@@ -372,6 +373,9 @@ pub struct Raid1 {
     stop_tx: tokio::sync::watch::Sender<bool>,
     /// Set by [`Raid1::fence`]: no superblock or bitmap write is started any more.
     fenced: AtomicBool,
+    /// The array's pass through the node's fence gate (clustered arrays,
+    /// [`Raid1::set_fence_ticket`]): requests wait at it while the node is fenced.
+    fence_ticket: std::sync::OnceLock<FenceTicket>,
 }
 
 impl std::fmt::Debug for Raid1 {
@@ -598,6 +602,7 @@ impl Raid1 {
             tasks: Mutex::new(Vec::new()),
             stop_tx,
             fenced: AtomicBool::new(false),
+            fence_ticket: std::sync::OnceLock::new(),
         });
         let mut tasks = Vec::new();
         if let Some(bm) = raid.bitmap() {
@@ -766,6 +771,40 @@ impl Raid1 {
     pub fn fence(&self) {
         if !self.fenced.swap(true, Ordering::SeqCst) {
             tracing::error!(array = %self.name, "fenced: no superblock or bitmap write from now on");
+        }
+    }
+
+    /// Gates this array's requests with `ticket` (a clustered array; its members carry
+    /// the same ticket, [`MemberIo::set_fence`]): a read, write or flush waits while the
+    /// node is fenced, at most the gate's suspend timeout (then EIO), and one that the
+    /// gate refused at a member is run again once it opens within that bound. Set
+    /// once; false if it was set already.
+    pub fn set_fence_ticket(&self, ticket: FenceTicket) -> bool {
+        self.fence_ticket.set(ticket).is_ok()
+    }
+
+    /// The ticket of [`Raid1::set_fence_ticket`], for members added later and for
+    /// metadata written beside the engine.
+    pub fn fence_ticket(&self) -> Option<FenceTicket> {
+        self.fence_ticket.get().cloned()
+    }
+
+    /// Runs `op` (a request) through the fence gate: see [`Raid1::set_fence_ticket`].
+    async fn suspendable<T, F, Fut>(&self, op: F) -> io::Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = io::Result<T>>,
+    {
+        let Some(t) = self.fence_ticket.get() else {
+            return op().await;
+        };
+        let until = tokio::time::Instant::now() + t.gate().suspend_timeout();
+        loop {
+            t.wait_open(&self.name, until).await?;
+            match op().await {
+                Err(e) if is_fenced(&e) && tokio::time::Instant::now() < until => continue,
+                r => return r,
+            }
         }
     }
 
@@ -1361,6 +1400,8 @@ impl Raid1 {
             m.reads.fetch_sub(1, Ordering::Relaxed);
             match r {
                 Ok(b) => return Ok(b),
+                // Fenced: no member failed; the request waits or fails.
+                Err(e) if is_fenced(&e) => return Err(e),
                 Err(e) => {
                     tried.push(i);
                     if !self.fail_member(i, &format!("read at {offset}: {e}")).await
@@ -1383,7 +1424,7 @@ impl Raid1 {
         offset: u64,
         data: Bytes,
         fua: bool,
-    ) -> (usize, usize, Option<io::Error>, Vec<PendingFailure<'_>>) {
+    ) -> FanOut<'_> {
         let ops = targets.iter().map(|&(i, _)| {
             let m = self.member(i);
             let data = data.clone();
@@ -1396,23 +1437,31 @@ impl Raid1 {
             }
         });
         let results = futures::future::join_all(ops).await;
-        let (mut in_sync_ok, mut ok, mut last_err) = (0, 0, None);
-        let mut owed = Vec::new();
+        let mut out = FanOut {
+            in_sync_ok: 0,
+            ok: 0,
+            err: None,
+            fenced: None,
+            owed: Vec::new(),
+        };
         for (&(i, state), r) in targets.iter().zip(results) {
             match r {
                 Ok(()) => {
-                    ok += 1;
+                    out.ok += 1;
                     if state == MemberState::InSync {
-                        in_sync_ok += 1;
+                        out.in_sync_ok += 1;
                     }
                 }
+                // Refused by the fence gate: the member is fine, the node is not.
+                Err(e) if is_fenced(&e) => out.fenced = Some(e),
                 Err(e) => {
-                    owed.extend(self.mark_failed(i, &format!("write at {offset}: {e}")));
-                    last_err = Some(e);
+                    out.owed
+                        .extend(self.mark_failed(i, &format!("write at {offset}: {e}")));
+                    out.err = Some(e);
                 }
             }
         }
-        (in_sync_ok, ok, last_err, owed)
+        out
     }
 
     fn write_targets(&self) -> Vec<(usize, MemberState)> {
@@ -1452,7 +1501,14 @@ impl Raid1 {
         }
         let targets = self.write_targets();
         let data = member::aligned_copy(&data);
-        let (in_sync_ok, ok, err, owed) = self.fan_out(&targets, offset, data, fua).await;
+        let FanOut {
+            in_sync_ok,
+            ok,
+            err,
+            fenced,
+            owed,
+        } = self.fan_out(&targets, offset, data, fua).await;
+        // A member the gate refused keeps the chunks' bits too (not on every member).
         let degraded = ok < self.raid_disks() as usize;
         if let Some(bm) = &bitmap {
             bm.end_write(offset, len, degraded);
@@ -1466,6 +1522,10 @@ impl Raid1 {
         drop(window);
         for failure in owed {
             failure.record().await;
+        }
+        if let Some(e) = fenced {
+            // Never acknowledged while a member did not take it because of the fence.
+            return Err(e);
         }
         if in_sync_ok == 0 {
             return Err(
@@ -1483,15 +1543,20 @@ impl Raid1 {
         let results = futures::future::join_all(ops).await;
         let mut in_sync_ok = 0;
         let mut last_err = None;
+        let mut fenced = None;
         for (&(i, state), r) in targets.iter().zip(results) {
             match r {
                 Ok(()) if state == MemberState::InSync => in_sync_ok += 1,
                 Ok(()) => {}
+                Err(e) if is_fenced(&e) => fenced = Some(e),
                 Err(e) => {
                     self.fail_member(i, &format!("flush: {e}")).await;
                     last_err = Some(e);
                 }
             }
+        }
+        if let Some(e) = fenced {
+            return Err(e);
         }
         if in_sync_ok == 0 {
             return Err(
@@ -1857,21 +1922,35 @@ impl BlockDevice for Raid1 {
         Raid1::block_size(self)
     }
     fn read(&self, offset: u64, len: u32) -> IoFuture<'_, Bytes> {
-        Box::pin(self.read_impl(offset, len))
+        Box::pin(self.suspendable(move || self.read_impl(offset, len)))
     }
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> IoFuture<'_, ()> {
-        Box::pin(self.write_impl(offset, data, fua))
+        Box::pin(self.suspendable(move || self.write_impl(offset, data.clone(), fua)))
     }
     fn flush(&self) -> IoFuture<'_, ()> {
-        Box::pin(self.flush_impl())
+        Box::pin(self.suspendable(move || self.flush_impl()))
     }
     fn trim(&self, offset: u64, len: u32) -> IoFuture<'_, ()> {
         // A hint: RAID1 members keep their data, so they stay identical.
         Box::pin(async move { self.check_range(offset, len as u64) })
     }
     fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> IoFuture<'_, ()> {
-        Box::pin(self.write_zeroes_impl(offset, len, fua))
+        Box::pin(self.suspendable(move || self.write_zeroes_impl(offset, len, fua)))
     }
+}
+
+/// What a write's fan-out to the members did.
+struct FanOut<'a> {
+    /// In-sync members that took it.
+    in_sync_ok: usize,
+    /// Members that took it.
+    ok: usize,
+    /// The last member error (those members are marked Faulty).
+    err: Option<io::Error>,
+    /// A refusal of the fence gate (no member failed for it).
+    fenced: Option<io::Error>,
+    /// Superblock updates owed for the members marked Faulty.
+    owed: Vec<PendingFailure<'a>>,
 }
 
 #[cfg(test)]

@@ -826,6 +826,8 @@ async fn copy_locked<'a>(
     let src = raid.member(job.source);
     let data = match src.io.read_at(src.data_offset + pos, n as usize).await {
         Ok(d) => d,
+        // Fenced: the node stops, not the member.
+        Err(e) if crate::fence::is_fenced(&e) => return false,
         Err(e) => {
             owed.extend(raid.mark_failed(job.source, &format!("sync read at {pos}: {e}")));
             return false;
@@ -847,13 +849,15 @@ async fn copy_locked<'a>(
         .map(|m| m.io.write_at(m.data_offset + pos, data.clone()));
     let results = futures::future::join_all(ops).await;
     let mut ok = 0;
+    let mut fenced = false;
     for (&t, r) in live.iter().zip(results) {
         match r {
             Ok(()) => ok += 1,
+            Err(e) if crate::fence::is_fenced(&e) => fenced = true,
             Err(e) => owed.extend(raid.mark_failed(t, &format!("sync write at {pos}: {e}"))),
         }
     }
-    ok > 0
+    ok > 0 && !fenced
 }
 
 /// Records the position in memory (recovery offsets of the targets, resync point).

@@ -582,3 +582,76 @@ async fn a_write_waits_while_the_remote_window_moves() {
     raid.set_remote_resync_window(None).await.unwrap();
     raid.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+/// A clustered array whose node is fenced: a write is refused at the members (no
+/// member failed, no superblock update, an error to the caller, never success), new
+/// requests wait at the gate and go on once the deadline moves forward, or fail with
+/// EIO after the suspend timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_node_suspends_member_io_and_resumes_when_renewed() {
+    use crate::fence::{is_fenced, FenceGate};
+    use mdcluster_proto::lock_client::FenceDeadline;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        file(dir.path(), "a", 4 * MIB),
+        file(dir.path(), "b", 4 * MIB),
+    );
+    let gate = FenceGate::new("n1", Duration::from_millis(1500));
+    let deadline = FenceDeadline::manual(std::time::Instant::now() + Duration::from_secs(60));
+    gate.set_session(Some(deadline.clone()));
+    let ticket = gate.ticket();
+    let specs = vec![member_spec(&a, 0), member_spec(&b, 1)];
+    for s in &specs {
+        assert!(s.io.set_fence(ticket.clone()));
+    }
+    let meta = Arc::new(TestMeta::default());
+    let raid = engine("md0", specs, 4 * MIB, meta.clone());
+    assert!(raid.set_fence_ticket(ticket.clone()));
+    raid.write(0, data(65536, 1), false).await.unwrap();
+    raid.flush().await.unwrap();
+
+    // Fenced: the member-level check refuses (what a request that got past the
+    // array's wait before the deadline meets), and nothing is failed.
+    deadline.move_to(Some(std::time::Instant::now()));
+    let e = raid.write_impl(0, data(65536, 2), false).await.unwrap_err();
+    assert!(is_fenced(&e), "{e}");
+    let e = raid.flush_impl().await.unwrap_err();
+    assert!(is_fenced(&e), "{e}");
+    let e = raid.read_impl(0, 4096).await.unwrap_err();
+    assert!(is_fenced(&e), "{e}");
+    assert!(raid
+        .status()
+        .members
+        .iter()
+        .all(|m| m.state == MemberState::InSync));
+    assert_eq!(meta.faulty_seen.load(Ordering::SeqCst), 0);
+    assert!(std::fs::read(&a).unwrap()[..65536].iter().all(|&x| x == 1));
+
+    // A request now waits at the gate; renewing the session lets it through.
+    let r2 = raid.clone();
+    let waiting = tokio::spawn(async move { r2.write(0, data(65536, 3), false).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "a request of a fenced array waits");
+    assert!(std::fs::read(&b).unwrap()[..65536].iter().all(|&x| x == 1));
+    deadline.move_to(Some(std::time::Instant::now() + Duration::from_secs(60)));
+    waiting.await.unwrap().unwrap();
+    for m in [&a, &b] {
+        assert!(std::fs::read(m).unwrap()[..65536].iter().all(|&x| x == 3));
+    }
+
+    // Not renewed within the suspend timeout: EIO, nothing written.
+    deadline.move_to(None);
+    let started = Instant::now();
+    let e = raid.write(0, data(65536, 4), false).await.unwrap_err();
+    assert!(started.elapsed() >= Duration::from_millis(1500), "{e}");
+    assert!(e.to_string().contains("suspended"), "{e}");
+    let e = raid.flush().await.unwrap_err();
+    assert!(e.to_string().contains("suspended"), "{e}");
+    for m in [&a, &b] {
+        assert!(std::fs::read(m).unwrap()[..65536].iter().all(|&x| x == 3));
+    }
+    assert!(gate.refused() >= 4);
+    assert_eq!(meta.faulty_seen.load(Ordering::SeqCst), 0);
+    raid.fence();
+    let _ = raid.shutdown(Duration::from_secs(5)).await;
+}

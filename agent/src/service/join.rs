@@ -69,6 +69,7 @@ pub async fn join(
     node: &str,
     members: &[PathBuf],
     first: &Member,
+    fence: crate::fence::FenceTicket,
 ) -> Result<Membership, WireError> {
     let uuid = first.sb.set_uuid;
     let Some(b0) = first.bitmap.first() else {
@@ -156,7 +157,9 @@ pub async fn join(
     if !merge_from.is_empty() || own_dirty > 0 {
         let paths = members.to_vec();
         let from = merge_from.clone();
-        let merged = tokio::task::spawn_blocking(move || merge_slots(&paths, slot, &from)).await;
+        let merged =
+            tokio::task::spawn_blocking(move || merge_slots(&paths, slot, &from, Some(&fence)))
+                .await;
         match merged {
             Ok(Ok(n)) => {
                 m.merged_chunks = n;
@@ -281,7 +284,14 @@ fn all_held_by_members(holders: &[Vec<String>]) -> bool {
 /// ORs the bits of slots `from` into slot `to` on every member, and marks the
 /// superblocks unclean so the engine resyncs the set bits (step 4 of the module doc;
 /// the caller holds the slot locks). Returns the chunks set in slot `to` afterwards.
-pub fn merge_slots(paths: &[PathBuf], to: u32, from: &[u32]) -> Result<u64, DeviceError> {
+/// Every write is gated by `fence` (the node's, for a clustered array; see
+/// [`crate::fence`]).
+pub fn merge_slots(
+    paths: &[PathBuf],
+    to: u32,
+    from: &[u32],
+    fence: Option<&crate::fence::FenceTicket>,
+) -> Result<u64, DeviceError> {
     let mut total = 0;
     for p in paths {
         let m = match read_member(p) {
@@ -305,7 +315,7 @@ pub fn merge_slots(paths: &[PathBuf], to: u32, from: &[u32]) -> Result<u64, Devi
                 }
             }
         }
-        let dev = MetaDev::open(p, true)?;
+        let dev = MetaDev::open_fenced(p, true, fence.cloned())?;
         write_bitmap_slot(&dev, &m.sb, to, &ours.sb, &bits)?;
         let mut sb = m.sb.clone();
         if sb.resync_offset == MAX_SECTOR {

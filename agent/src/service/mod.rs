@@ -56,6 +56,7 @@ use crate::array::service::Service;
 use crate::array::{
     glob_match, valid_name, ArrayInfo, ArrayState, AssembleOptions, Registry, RegistryConfig,
 };
+use crate::fence::FenceGate;
 use crate::format::create::{BitmapMode, CreateSpec};
 use crate::format::io::{read_member, DeviceError, Member};
 use crate::mdstat::{self, ArrayStat, BitmapStat, MemberStat, RunState, SyncStat};
@@ -81,6 +82,9 @@ pub struct NodeConfig {
     pub nbd: ServerConfig,
     /// The NBD TCP address this node serves, if any (shown in status).
     pub nbd_tcp: Option<String>,
+    /// How long I/O of a fenced clustered array waits for the session to be renewed
+    /// before it fails with EIO ([`crate::fence`]).
+    pub suspend_io_timeout: Duration,
 }
 
 /// What the superblock said when an array was assembled here.
@@ -115,6 +119,8 @@ pub struct Node {
     events: broadcast::Sender<pb::ArrayEvent>,
     /// The lock-service session (cluster mode); `None`: clustered arrays are refused.
     session: Mutex<Option<Arc<Session>>>,
+    /// The fence gate of every clustered array's member I/O, fed from `session`.
+    fence: Arc<FenceGate>,
     /// Per array, a device another node announced with NEWDISK and this node
     /// confirmed; attached at the METADATA_UPDATED that follows.
     pending_disks: Mutex<HashMap<String, PathBuf>>,
@@ -188,7 +194,9 @@ impl Node {
     /// A node with no arrays.
     pub fn new(cfg: NodeConfig) -> Arc<Node> {
         let speed = cfg.registry.assemble.speed;
+        let fence = FenceGate::new(cfg.node.clone(), cfg.suspend_io_timeout);
         Arc::new(Node {
+            fence,
             cfg,
             services: Mutex::new(HashMap::new()),
             busy: Mutex::new(HashMap::new()),
@@ -208,9 +216,26 @@ impl Node {
         &self.cfg.node
     }
 
-    /// Sets the lock-service session clustered arrays join through.
+    /// Sets the lock-service session clustered arrays join through; it feeds the fence
+    /// gate (none: the gate is closed; a new one: arrays assembled under the previous
+    /// one stay fenced).
     pub fn set_session(&self, session: Option<Arc<Session>>) {
-        *lock(&self.session) = session;
+        let mut s = lock(&self.session);
+        let same = match (&*s, &session) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            self.fence
+                .set_session(session.as_ref().map(|s| s.fence_deadline_handle()));
+        }
+        *s = session;
+    }
+
+    /// The fence gate of this node's clustered arrays ([`crate::fence`]).
+    pub fn fence_gate(&self) -> &Arc<FenceGate> {
+        &self.fence
     }
 
     /// The session that held the slot locks of the clustered arrays joined here is lost
@@ -427,6 +452,7 @@ impl Node {
         let mut rc = self.cfg.registry.clone();
         rc.assemble = AssembleOptions {
             slot,
+            fence: Some(self.fence.clone()),
             ..rc.assemble.clone()
         };
         rc.assemble.speed = *lock(&self.speed);
@@ -756,7 +782,8 @@ impl Node {
             let Some(session) = self.session() else {
                 return Err(self.err(Errno::Eio, name, "a clustered array needs a session with mdserver, and this agent has none; check that mdserver is reachable"));
             };
-            let m = join::join(&session, name, &self.cfg.node, members, &first)
+            let fence = self.fence.ticket();
+            let m = join::join(&session, name, &self.cfg.node, members, &first, fence)
                 .await
                 .map_err(|e| e.context(&format!("node {}: join {name}", self.cfg.node)))?;
             Some((m, session.id()))

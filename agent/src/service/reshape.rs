@@ -191,8 +191,9 @@ impl Node {
                 continue;
             };
             let paths = members.clone();
+            let fence = self.raid_of(name).and_then(|(r, _)| r.fence_ticket());
             let done = tokio::task::spawn_blocking(move || {
-                super::takeover::resize_slot(&paths, s, sectors)
+                super::takeover::resize_slot(&paths, s, sectors, fence)
             })
             .await;
             if !matches!(done, Ok(Ok(()))) {

@@ -285,14 +285,23 @@ async fn set_health(health: &HealthReporter, serving: bool) {
 /// Exit status of a self-fenced agent (EX_TEMPFAIL): restart it to rejoin.
 pub const FENCE_EXIT_CODE: i32 = 75;
 
-/// Self-fencing (RFC 0001): once the session's fence deadline (send time of the last
-/// acknowledged heartbeat + TTL − margin) has passed while this node holds clustered
-/// slots, no member I/O may happen any more: the agent ends the process at once
-/// (`_exit`, no destructors, no flush, no superblock write), like sbd's self-reset. A
-/// write already inside the kernel completes before the process is gone, which is
-/// before the lease can expire; a survivor recovers the slot only after it expired. A
-/// restarted agent assembles its arrays again from `<run-dir>/arrays.json` (rejoin).
-/// Checked every quarter margin (at most 100 ms).
+/// Self-fencing (RFC 0001). Member I/O stops at the session's fence deadline (send
+/// time of the last acknowledged heartbeat + TTL − margin) by itself: every member
+/// system call of a clustered array checks the node's fence gate right before it is
+/// made ([`crate::fence`]), and new requests wait at the gate (suspended, bounded by
+/// `--suspend-io-timeout`) until the session is renewed. The process is not ended: the
+/// gate alone stops every system call that starts after the deadline, including the
+/// rest of a partial write and the second half of a read-modify-write (each `pwrite`
+/// is checked). What no process action can stop — a write already handed to the
+/// kernel — is what the margin is for (docs/LOCKS.md). This watchdog, every quarter
+/// margin (at most 100 ms), logs once when the clustered arrays' I/O is suspended and
+/// once when it resumes, and an error when the lease deadline (fence deadline +
+/// margin) has passed while a member system call that passed the gate before the fence
+/// deadline had not returned (a device slower than the margin: raise the margin, or
+/// fence the device by reservations). A lost session is not ended either: its arrays
+/// are torn down and assembled again on a new session ([`rejoin`]); ending the process
+/// (`_exit`, status [`FENCE_EXIT_CODE`]) stays only for an array of a lost session that
+/// cannot be torn down ([`fence_now`]).
 fn spawn_fence_watchdog(
     node: Arc<Node>,
     margin: Duration,
@@ -302,37 +311,70 @@ fn spawn_fence_watchdog(
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut warned_slow = false;
+        // Ticks in a row past the lease deadline with a member system call running (one
+        // is not enough: a thread stopped with the process returns from its call only
+        // when the process runs again).
+        let mut slow_ticks = 0u32;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = stop.cancelled() => return,
             }
+            let gate = node.fence_gate();
+            let joined = node.memberships();
+            let open = gate.is_open();
+            if joined.is_empty() {
+                gate.note_suspended(false);
+                continue;
+            }
+            let arrays: Vec<String> = joined
+                .iter()
+                .map(|(n, m, _)| format!("{n} (slot {})", m.slot))
+                .collect();
+            let arrays = arrays.join(", ");
+            if gate.note_suspended(!open) {
+                if open {
+                    warned_slow = false;
+                    tracing::warn!(
+                        node = node.name(),
+                        "member I/O of {arrays} resumed: the session with mdserver was renewed"
+                    );
+                } else {
+                    tracing::error!(
+                        node = node.name(),
+                        "member I/O of {arrays} suspended: the session with mdserver was not \
+                         renewed before its fence deadline; requests wait up to {:?} for it \
+                         ({} refused so far)",
+                        gate.suspend_timeout(),
+                        gate.refused()
+                    );
+                }
+            }
             let Some(session) = node.session() else {
                 continue;
             };
-            if tokio::time::Instant::now() < session.fence_deadline() {
-                continue;
+            let lease_end = session.fence_deadline() + margin;
+            let inflight = gate.inflight();
+            if !open && inflight > 0 && tokio::time::Instant::now() >= lease_end {
+                slow_ticks += 1;
+            } else {
+                slow_ticks = 0;
             }
-            fence_if_joined(
-                &node,
-                "the session with mdserver could not be renewed before its fence deadline",
-            );
+            if slow_ticks >= 2 && !warned_slow {
+                warned_slow = true;
+                tracing::error!(
+                    node = node.name(),
+                    "the lease of {arrays} expired while {inflight} member system call(s) \
+                     issued before the fence deadline had not returned (slowest member I/O \
+                     so far {:?}, fence margin {margin:?}); such a write may land after a \
+                     survivor took the slot over: raise --fence-margin above the devices' \
+                     worst write latency, or use devices fenced by reservations",
+                    gate.slowest()
+                );
+            }
         }
     })
-}
-
-/// Ends the process at once when this node holds clustered slots (see
-/// [`spawn_fence_watchdog`]); does nothing otherwise.
-fn fence_if_joined(node: &Node, why: &str) {
-    let joined = node.memberships();
-    if joined.is_empty() {
-        return;
-    }
-    let arrays: Vec<String> = joined
-        .into_iter()
-        .map(|(n, m, _)| format!("{n} (slot {})", m.slot))
-        .collect();
-    fence_now(node, &arrays.join(", "), why)
 }
 
 /// Ends the process at once (`_exit`, status [`FENCE_EXIT_CODE`]): member I/O of

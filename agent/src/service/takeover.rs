@@ -242,7 +242,8 @@ async fn recover_locked(
     }
     raid.request_resync();
     let paths = members.to_vec();
-    tokio::task::spawn_blocking(move || clear_slot(&paths, slot))
+    let fence = raid.fence_ticket();
+    tokio::task::spawn_blocking(move || clear_slot(&paths, slot, fence))
         .await
         .map_err(|e| TakeoverError::Bitmap {
             array: name.to_owned(),
@@ -305,8 +306,13 @@ pub fn slot_dirty(paths: &[PathBuf], slot: u32) -> bool {
 /// Brings unused slot `slot`'s header to an array of `sectors` on every readable
 /// member (`sync_size`, bits kept up to the new chunk count), as md-cluster's
 /// `update_size` does for slots no node holds. The caller holds that slot's lock.
-pub fn resize_slot(paths: &[PathBuf], slot: u32, sectors: u64) -> Result<(), DeviceError> {
-    rewrite_slot(paths, slot, "resizing", |sb, bits| {
+pub fn resize_slot(
+    paths: &[PathBuf],
+    slot: u32,
+    sectors: u64,
+    fence: Option<crate::fence::FenceTicket>,
+) -> Result<(), DeviceError> {
+    rewrite_slot(paths, slot, "resizing", fence, |sb, bits| {
         let mut sb = sb.clone();
         sb.sync_size = sectors;
         let mut bits = bits.to_vec();
@@ -324,6 +330,7 @@ fn rewrite_slot(
     paths: &[PathBuf],
     slot: u32,
     what: &str,
+    fence: Option<crate::fence::FenceTicket>,
     f: impl Fn(&BitmapSuper, &[u8]) -> (BitmapSuper, Vec<u8>),
 ) -> Result<(), DeviceError> {
     for p in paths {
@@ -338,7 +345,7 @@ fn rewrite_slot(
             continue;
         };
         let (header, bits) = f(&s.sb, &s.bits);
-        let dev = MetaDev::open(p, true)?;
+        let dev = MetaDev::open_fenced(p, true, fence.clone())?;
         write_bitmap_slot(&dev, &m.sb, slot, &header, &bits)?;
     }
     Ok(())
@@ -372,8 +379,12 @@ fn read_slot_union(paths: &[PathBuf], slot: u32) -> Result<Option<(Vec<u8>, u64)
 }
 
 /// Clears slot `slot`'s bits on every readable member.
-fn clear_slot(paths: &[PathBuf], slot: u32) -> Result<(), DeviceError> {
-    rewrite_slot(paths, slot, "clearing", |sb, bits| {
+fn clear_slot(
+    paths: &[PathBuf],
+    slot: u32,
+    fence: Option<crate::fence::FenceTicket>,
+) -> Result<(), DeviceError> {
+    rewrite_slot(paths, slot, "clearing", fence, |sb, bits| {
         (sb.clone(), vec![0u8; bits.len()])
     })
 }

@@ -19,6 +19,7 @@ fn node(dir: &std::path::Path) -> Arc<Node> {
         },
         nbd: ServerConfig::default(),
         nbd_tcp: None,
+        suspend_io_timeout: crate::fence::DEFAULT_SUSPEND_TIMEOUT,
     })
 }
 
