@@ -264,7 +264,7 @@ impl Node {
                 raid.fence();
             }
             tracing::error!(array = %name, slot = m.slot, "session lost ({why}): stopping the array for good without writing metadata");
-            let r = service.stop(&name, true).await;
+            let r = service.stop_now(&name).await;
             if service.registry().lookup(&name).is_ok() {
                 let e = r.err().map(|e| e.to_string()).unwrap_or_default();
                 stuck.push(format!("{name} (slot {}): {e}", m.slot));
