@@ -323,6 +323,40 @@ impl Drop for Monitor {
     }
 }
 
+/// The readiness of the agent service on `addr` (`host:port`) from its gRPC health
+/// service: `Some(true)` SERVING, `Some(false)` anything else, `None` no answer within
+/// 2 s.
+pub fn agent_ready(addr: &str) -> Option<bool> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    rt.block_on(async {
+        let ask = async {
+            let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .ok()?
+                .connect()
+                .await
+                .ok()?;
+            let r = HealthClient::new(ch)
+                .check(HealthCheckRequest {
+                    service: "mdcluster.v1.AgentService".into(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            Some(r.status == ServingStatus::Serving as i32)
+        };
+        tokio::time::timeout(Duration::from_secs(2), ask)
+            .await
+            .ok()
+            .flatten()
+    })
+}
+
 /// The number of rounds a chaos test runs: `$var`, else `default`.
 pub fn rounds(var: &str, default: usize) -> usize {
     std::env::var(var)

@@ -5,15 +5,15 @@
 //! etcd is down and a restarted etcd extends every lease, so no agent may exit, no node
 //! may be counted failed or taken over, and both nodes must keep their sessions: their
 //! sessions are suspended (member I/O waits at the fence gate) and resume once etcd is
-//! back. Every write must be acknowledged (none fails), I/O must resume within 2 s of
+//! back; meanwhile the agents report themselves not ready. Every write must be acknowledged (none fails), I/O must resume within 2 s of
 //! etcd being back (answering its health check), every acknowledged write must be on both members, and the members
 //! must end identical.
 
 use std::time::{Duration, Instant};
 
 use mdcluster_tests::chaos::{
-    assert_acked_on_members, first_answer_after, longest_stall, mdctl_ok_at, ms_between, plain,
-    sessions, Monitor, Writer,
+    agent_ready, assert_acked_on_members, first_answer_after, longest_stall, mdctl_ok_at,
+    ms_between, plain, sessions, Monitor, Writer,
 };
 use mdcluster_tests::cluster::ClusterBuilder;
 use mdcluster_tests::standalone::{assert_members_identical, member_files};
@@ -54,7 +54,19 @@ fn outage(outage: Duration, writes: u64) {
     eprintln!("--- etcd killed for {outage:?} while both nodes write");
     c.etcd.kill();
     let down = Instant::now();
-    std::thread::sleep(outage);
+    if outage > TTL {
+        // Suspended: the agents report themselves not ready (readiness probes).
+        std::thread::sleep(TTL + Duration::from_secs(1));
+        for a in &c.agents {
+            assert_eq!(
+                agent_ready(&a.addr),
+                Some(false),
+                "{} reports ready while its session is suspended",
+                a.node
+            );
+        }
+    }
+    std::thread::sleep(outage.saturating_sub(down.elapsed()));
     c.etcd.restart().expect("restart etcd");
     let back = Instant::now();
 
@@ -111,6 +123,14 @@ fn outage(outage: Duration, writes: u64) {
         );
     }
     assert_eq!(sessions(&url), before, "a session was replaced");
+    for a in &c.agents {
+        assert_eq!(
+            agent_ready(&a.addr),
+            Some(true),
+            "{} not ready again",
+            a.node
+        );
+    }
     let events = monitor.events();
     for bad in ["NodeFailed", "SlotRecovered", "NodeLeft", "SlotLost"] {
         assert!(
