@@ -27,7 +27,8 @@
 //! cgroup) between the check and the system call's entry (a few instructions). The
 //! first is bounded by the device's write latency: the margin must exceed the worst
 //! member write latency (the gate records the slowest, [`FenceGate::slowest`], and logs
-//! each new maximum past 1 ms). The second is not bounded by anything this process
+//! each new maximum past 1 ms; a call of a process frozen mid-call counts the time it
+//! was frozen). The second is not bounded by anything this process
 //! does; only storage fencing (reservations) closes it. docs/LOCKS.md has the budget.
 
 use std::io;

@@ -12,6 +12,8 @@
 //!   aligned spans, read-modify-write), with the buffered fallback.
 //! - [`fence`]: the node's fence gate, checked right before every member system call
 //!   of a clustered array.
+//! - [`reserve`]: storage-level fencing by SCSI/NVMe persistent reservations (the
+//!   protocol, the block-layer ioctls, an in-memory double; members are probed only).
 //! - [`iotrace`]: the recording hook under every member write and flush (the
 //!   crash-consistency checker; feature `io-trace`).
 //! - [`raid`]: the RAID1 engine (members, fan-out, read balancing, failure,
@@ -33,6 +35,7 @@ pub mod iotrace;
 pub mod mdstat;
 pub mod nbd;
 pub mod raid;
+pub mod reserve;
 pub mod service;
 #[cfg(test)]
 mod testloop;

@@ -6,7 +6,8 @@
 //! socket during the pause. node1 takes node2's slot over after the TTL, writes its
 //! own pattern over the region and flushes; node2 is thawed (SIGCONT).
 //!
-//! Asserted: the region reads node1's pattern only, on every member (scanned on the
+//! Asserted: each node reports its two loop-device members as fenced by the gate only
+//! (no persistent reservations); the region reads node1's pattern only, on every member (scanned on the
 //! shared disks directly); the members end identical; node2's client got no success
 //! for anything sent during the pause (writes and the flush). Printed: the takeover and
 //! resume times.
@@ -127,6 +128,27 @@ fn wait_for(
     }
 }
 
+/// The state letter of every thread of process `pid` (`/proc/PID/task/*/stat`).
+fn thread_states(pid: u32) -> Vec<char> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    dir.filter_map(|t| t.ok())
+        .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+        // "TID (comm) S ...": the state follows the last ')'.
+        .filter_map(|st| {
+            st.rsplit_once(')')
+                .and_then(|(_, r)| r.trim().chars().next())
+        })
+        .collect()
+}
+
+/// Whether every thread of `pid` is stopped (`T`, or `t` under a tracer).
+fn all_stopped(pid: u32) -> bool {
+    let st = thread_states(pid);
+    !st.is_empty() && st.iter().all(|&c| c == 'T' || c == 't')
+}
+
 /// ANSI colour codes removed (the agents log in colour).
 fn plain(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -189,6 +211,16 @@ fn round(n: usize) {
         .expect("cluster");
     let a = c.members_of(1, 2);
     c.mirror_on_two_nodes("md0", &a[0], &a[1]);
+    // Loop devices take no persistent reservations: each node says so once per member.
+    for agent in &c.agents {
+        let log = plain(&agent.log_text());
+        assert_eq!(
+            log.matches("fenced by the fence gate only").count(),
+            2,
+            "{}: every member reported once as fenced by the gate only; log:\n{log}",
+            agent.node
+        );
+    }
 
     eprintln!("--- node2's client keeps {IN_FLIGHT} writes of {WRITE} bytes in flight");
     let (w2, replies2, reader2) = Nbd::connect(&c.agents[1].sock("md0"), "md0");
@@ -258,20 +290,38 @@ fn round(n: usize) {
 
     let pid2 = c.agents[1].pid().expect("node2 runs");
     let mut thaw = Thaw(None);
-    let (first_queued, in_flight, paused) = {
+    // Paused when the client has its full window unanswered (bounded wait for one).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (first_queued, in_flight, paused) = loop {
         let mut g = wr.lock().unwrap();
-        // SAFETY: kill(2) on our own child's pid.
-        let rc = unsafe { libc::kill(pid2 as i32, libc::SIGSTOP) };
-        assert_eq!(rc, 0, "SIGSTOP node2");
-        let paused = Instant::now();
-        thaw.0 = Some(pid2);
-        g.2 = true;
         let answered = replies2.lock().unwrap().len() as u64;
-        (g.1, g.1 - answered, paused)
+        if g.1 - answered == IN_FLIGHT as u64 {
+            // SAFETY: kill(2) on our own child's pid.
+            let rc = unsafe { libc::kill(pid2 as i32, libc::SIGSTOP) };
+            assert_eq!(rc, 0, "SIGSTOP node2");
+            thaw.0 = Some(pid2);
+            // The stop takes effect thread by thread (one in a system call stops when
+            // it returns): nothing is queued before every thread is stopped.
+            wait_for(
+                "every thread of node2 to stop",
+                Duration::from_secs(10),
+                || all_stopped(pid2),
+                || format!("threads of node2: {:?}", thread_states(pid2)),
+            );
+            let paused = Instant::now();
+            g.2 = true;
+            break (g.1, g.1 - answered, paused);
+        }
+        drop(g);
+        assert!(
+            Instant::now() < deadline,
+            "node2's client never had {IN_FLIGHT} writes unanswered"
+        );
+        std::thread::sleep(Duration::from_micros(50));
     };
     eprintln!(
-        "--- node2 paused with {in_flight} writes in flight (at most: some may have completed \
-         in the kernel); {QUEUED} writes and a flush queued"
+        "--- node2 paused with {in_flight} writes unanswered (some may have completed in \
+         the kernel or have their reply on the way); {QUEUED} writes and a flush queued"
     );
     let flush_cookie = first_queued + QUEUED;
     let queue = writer;

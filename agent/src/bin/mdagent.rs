@@ -27,13 +27,17 @@ with mdserver's lock service, registers ADDR there, and serves the gRPC agent se
 that mdserver routes mdctl's per-node operations to (create, assemble, stop, detail,
 mdstat, monitor, tune). A clustered array holds its bitmap slot lock while assembled; a
 node that dies is taken over by a survivor, which resyncs exactly its dirty chunks. If
-the session cannot be renewed before its fence deadline while clustered arrays are
-assembled, the agent ends itself at once with status 75 (self-fencing): restart it (the
-arrays in <run-dir>/arrays.json are assembled again). The control socket is not served.
+the session cannot be renewed before its fence deadline, member I/O of clustered arrays
+is suspended (requests wait up to --suspend-io-timeout) while the session keeps trying
+to resume (--suspend-max past the lease deadline); once the session turns out lost, its
+arrays are stopped without writing metadata and the arrays in <run-dir>/arrays.json are
+assembled again on a new session, in this process. Status 75 is the last resort when
+such an array cannot be stopped: restart the agent. The control socket is not served.
 The standard gRPC health service (grpc.health.v1.Health, for Kubernetes probes) is served
 on --listen beside the agent service: the overall status (service \"\") is SERVING while
 the agent serves; service mdcluster.v1.AgentService is SERVING while the node holds its
-session, NOT_SERVING while a lost one is replaced and once shutdown has begun.
+session, NOT_SERVING while it is suspended, while a lost one is replaced and its arrays
+assembled again, and once shutdown has begun.
 
 Standalone mode (no --server): arrays given with --assemble NAME=DEV,DEV are assembled
 at start; more are created, assembled, stopped and inspected through the control socket

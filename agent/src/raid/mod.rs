@@ -776,9 +776,10 @@ impl Raid1 {
 
     /// Gates this array's requests with `ticket` (a clustered array; its members carry
     /// the same ticket, [`MemberIo::set_fence`]): a read, write or flush waits while the
-    /// node is fenced, at most the gate's suspend timeout (then EIO), and one that the
-    /// gate refused at a member is run again once it opens within that bound. Set
-    /// once; false if it was set already.
+    /// node is fenced, at most the gate's suspend timeout (then EIO), and one that
+    /// failed because of the gate (refused at a member, or any failure while the gate
+    /// is closed) is run again once it opens within that bound. Set once; false if it
+    /// was set already.
     pub fn set_fence_ticket(&self, ticket: FenceTicket) -> bool {
         self.fence_ticket.set(ticket).is_ok()
     }
@@ -802,7 +803,14 @@ impl Raid1 {
         loop {
             t.wait_open(&self.name, until).await?;
             match op().await {
-                Err(e) if is_fenced(&e) && tokio::time::Instant::now() < until => continue,
+                // Refused at a member, or failed while the gate closed (a superblock or
+                // bitmap write the gate refused, reported as EIO): run again once the
+                // gate opens, within the bound.
+                Err(e)
+                    if (is_fenced(&e) || !t.is_open()) && tokio::time::Instant::now() < until =>
+                {
+                    continue
+                }
                 r => return r,
             }
         }

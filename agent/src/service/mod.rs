@@ -1285,8 +1285,10 @@ impl Node {
             .map(|i| i.uuid)
             .unwrap_or_default();
         let dev = dev.to_owned();
+        // Written under the array's ticket: a fenced node stamps nothing.
+        let fence = self.raid_of(name).and_then(|(r, _)| r.fence_ticket());
         let r = tokio::task::spawn_blocking(move || {
-            stamp_new_device(&dev, &uuid_here, &template_from, &used)
+            stamp_new_device(&dev, &uuid_here, &template_from, &used, fence)
         })
         .await
         .map_err(|e| {
@@ -1759,12 +1761,13 @@ struct NewDevice {
 
 /// See [`Node::identify_new_device`] (blocking part). `uuid_here` is the array UUID
 /// as text, `template_from` the live members to copy the superblock from, `used` the
-/// device numbers the array knows.
+/// device numbers the array knows; `fence` gates the superblock write.
 fn stamp_new_device(
     dev: &Path,
     uuid_here: &str,
     template_from: &[PathBuf],
     used: &[u32],
+    fence: Option<crate::fence::FenceTicket>,
 ) -> Result<NewDevice, (Errno, String)> {
     use crate::format::superblock::{feature, DevRole, MAX_DEV_LIMIT};
     if let Some(sb) = crate::array::scan::read_superblock(dev) {
@@ -1796,8 +1799,8 @@ fn stamp_new_device(
     let dev_number = (0..MAX_DEV_LIMIT)
         .find(|d| !used.contains(d) && template.role_of(*d) == DevRole::Spare)
         .ok_or_else(|| (Errno::Einval, "no free device number".to_owned()))?;
-    let file =
-        crate::format::io::MetaDev::open(dev, true).map_err(|e| (Errno::Eio, e.to_string()))?;
+    let file = crate::format::io::MetaDev::open_fenced(dev, true, fence)
+        .map_err(|e| (Errno::Eio, e.to_string()))?;
     let bytes = file.size();
     let mut sb = template.clone();
     sb.dev_number = dev_number;
