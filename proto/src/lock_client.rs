@@ -16,7 +16,9 @@
 //! that etcd acknowledged, plus the TTL, minus a margin, on the monotonic clock. etcd
 //! counts its expiry from a later instant (when it received that renewal), so an agent
 //! that stops member I/O at this deadline always stops before its lease can expire and
-//! before a survivor can take over its locks.
+//! before a survivor can take over its locks. [`Session::fence_deadline_handle`] gives
+//! the same deadline as a [`FenceDeadline`] any thread reads without awaiting (the
+//! agent checks it right before each member system call).
 //!
 //! **Resume.** When the stream to a replica breaks, the task reconnects to the next
 //! endpoint with the same session id, with bounded backoff (50 ms doubling to 1 s). Locks,
@@ -45,9 +47,8 @@
 //! fence deadline. docs/LOCKS.md has the timing budget.
 //!
 //! Notifications (granted, blocking, holder expired, messages, reconnected, suspended,
-//! resumed, lost) arrive
-//! on a bounded channel; when the agent does not drain it they are dropped and counted
-//! ([`Session::dropped_notifications`]).
+//! resumed, lost) arrive on a bounded channel; when the agent does not drain it they are
+//! dropped and counted ([`Session::dropped_notifications`]).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
