@@ -180,6 +180,13 @@ impl MdServer {
         Ok(())
     }
 
+    /// True while the process runs (it has not exited on its own).
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// Starts the replica again on the same port.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();

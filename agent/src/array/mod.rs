@@ -601,6 +601,16 @@ impl Registry {
 
     /// Stops `name` (see the module doc, rule 3).
     pub async fn stop(&self, name: &str, force: bool) -> Result<(), ArrayError> {
+        self.stop_with(name, force, self.config.stop_grace).await
+    }
+
+    /// Like [`Registry::stop`] with `force`, without waiting for the clients to leave
+    /// first: they are disconnected at once (an array whose I/O can no longer succeed).
+    pub async fn stop_now(&self, name: &str) -> Result<(), ArrayError> {
+        self.stop_with(name, true, Duration::ZERO).await
+    }
+
+    async fn stop_with(&self, name: &str, force: bool, grace: Duration) -> Result<(), ArrayError> {
         let (clients, raid) = {
             let mut map = self.lock();
             let e = map.get_mut(name).ok_or_else(|| ArrayError::NotFound {
@@ -631,7 +641,7 @@ impl Registry {
                 clients: left.iter().map(ToString::to_string).collect(),
             }
         };
-        if let Err(left) = clients.wait_empty(self.config.stop_grace).await {
+        if let Err(left) = clients.wait_empty(grace).await {
             if !force {
                 return Err(back_to_active(left, "in use"));
             }

@@ -310,8 +310,22 @@ impl Service {
 
     /// Stops `name` and removes its NBD socket.
     pub async fn stop(&self, name: &str, force: bool) -> Result<Value, ServiceError> {
+        self.stop_inner(name, force, false).await
+    }
+
+    /// Stops `name` with its clients forced off at once (no grace for them to leave):
+    /// for an array whose I/O can no longer succeed (its session was lost).
+    pub async fn stop_now(&self, name: &str) -> Result<Value, ServiceError> {
+        self.stop_inner(name, true, true).await
+    }
+
+    async fn stop_inner(&self, name: &str, force: bool, now: bool) -> Result<Value, ServiceError> {
         let mut served = self.ops.lock().await;
-        let result = self.registry.stop(name, force).await;
+        let result = if now {
+            self.registry.stop_now(name).await
+        } else {
+            self.registry.stop(name, force).await
+        };
         if self.registry.lookup(name).is_err() {
             self.stop_listener(&mut served, name).await;
         }

@@ -28,13 +28,17 @@ with mdserver's lock service, registers ADDR there, and serves the gRPC agent se
 that mdserver routes mdctl's per-node operations to (create, assemble, stop, detail,
 mdstat, monitor, tune). A clustered array holds its bitmap slot lock while assembled; a
 node that dies is taken over by a survivor, which resyncs exactly its dirty chunks. If
-the session cannot be renewed before its fence deadline while clustered arrays are
-assembled, the agent ends itself at once with status 75 (self-fencing): restart it (the
-arrays in <run-dir>/arrays.json are assembled again). The control socket is not served.
+the session cannot be renewed before its fence deadline, member I/O of clustered arrays
+is suspended (requests wait up to --suspend-io-timeout) while the session keeps trying
+to resume (--suspend-max past the lease deadline); once the session turns out lost, its
+arrays are stopped without writing metadata and the arrays in <run-dir>/arrays.json are
+assembled again on a new session, in this process. Status 75 is the last resort when
+such an array cannot be stopped: restart the agent. The control socket is not served.
 The standard gRPC health service (grpc.health.v1.Health, for Kubernetes probes) is served
 on --listen beside the agent service: the overall status (service \"\") is SERVING while
 the agent serves; service mdcluster.v1.AgentService is SERVING while the node holds its
-session, NOT_SERVING while a lost one is replaced and once shutdown has begun.
+session, NOT_SERVING while it is suspended, while a lost one is replaced and its arrays
+assembled again, and once shutdown has begun.
 Every gRPC hop runs mutual TLS (--tls-ca, --tls-cert with this node's certificate:
 O=mdcluster:nodes, CN and a SAN DNS name = --node; --tls-key); only mdserver's
 certificate may call the agent service. --insecure runs plain text instead.
@@ -156,6 +160,12 @@ struct Args {
     /// Cluster mode: self-fencing margin before the session's lease deadline.
     #[arg(long, env = "MDAGENT_FENCE_MARGIN", default_value = "1s")]
     fence_margin: humantime::Duration,
+    /// Cluster mode: how long past its lease deadline a session that no mdserver replica
+    /// could renew (and none said is gone: etcd or every replica unreachable) stays
+    /// suspended, member I/O held, before it counts as lost (its arrays are then
+    /// stopped and assembled again on a new session).
+    #[arg(long, env = "MDAGENT_SUSPEND_MAX", default_value = "5m")]
+    suspend_max: humantime::Duration,
     /// Cluster mode: how long a request of a clustered array waits while the node is
     /// fenced (its session not renewed before the fence deadline) before it fails with
     /// EIO; it goes on at once when the session is renewed.
@@ -350,6 +360,7 @@ async fn run_cluster(args: Args, server: String) -> anyhow::Result<()> {
         advertise: args.advertise.clone(),
         session_ttl: args.session_ttl.into(),
         fence_margin: args.fence_margin.into(),
+        suspend_max: args.suspend_max.into(),
         connect_timeout: args.connect_timeout.into(),
     };
     let shutdown = async {

@@ -237,32 +237,55 @@ impl Node {
         &self.fence
     }
 
-    /// Takes every clustered array's slot again on a new session (the old one was lost
-    /// with its locks). A slot another node took meanwhile is reported (event
-    /// `SlotLost`) and logged.
-    pub async fn rejoin(&self, session: &Session) {
-        let names: Vec<String> = lock(&self.held).keys().cloned().collect();
-        for name in names {
-            let Some(mut m) = lock(&self.held).get(&name).cloned() else {
+    /// The session that held the slot locks of the clustered arrays joined here is lost
+    /// (a replica that reached etcd said its lease is gone, or it stayed suspended
+    /// longer than the agent's `--suspend-max`): another node may already hold those
+    /// slots. Each such array is fenced for good (no superblock or bitmap write from
+    /// now on, its member I/O stopped), its clients are forced off and it is torn
+    /// down here without writing metadata and without releasing a lock (they went with
+    /// the session). The array list in [`Node::state_path`] is kept, so
+    /// [`Node::reassemble_saved`] on a new session assembles them again (a rejoin: the
+    /// members are read afresh, a free slot is taken, dirty bits are merged).
+    ///
+    /// `Err` names the arrays that could not be torn down (their member I/O did not
+    /// drain): the caller cannot guarantee the I/O stopped and must end the process
+    /// ([`runtime::fence_now`]).
+    pub async fn drop_lost_arrays(&self, why: &str) -> Result<Vec<String>, String> {
+        let joined = self.memberships();
+        let mut dropped = Vec::new();
+        let mut stuck = Vec::new();
+        for (name, m, _) in joined {
+            let Some(service) = self.find(&name) else {
+                lock(&self.held).remove(&name);
                 continue;
             };
-            match join::retake(session, &mut m).await {
-                Ok(()) => {
-                    lock(&self.held).insert(name, m);
-                }
-                Err(e) => {
-                    tracing::error!(array = %name, slot = m.slot, "rejoin failed: {e}");
-                    self.emit(
-                        "SlotLost",
-                        &name,
-                        "",
-                        format!(
-                            "node {} could not take bitmap slot {} of {name} again: {e}",
-                            self.cfg.node, m.slot
-                        ),
-                    );
-                }
+            if let Ok(raid) = service.registry().device(&name) {
+                raid.fence();
             }
+            tracing::error!(array = %name, slot = m.slot, "session lost ({why}): stopping the array for good without writing metadata");
+            let r = service.stop_now(&name).await;
+            if service.registry().lookup(&name).is_ok() {
+                let e = r.err().map(|e| e.to_string()).unwrap_or_default();
+                stuck.push(format!("{name} (slot {}): {e}", m.slot));
+                continue;
+            }
+            lock(&self.held).remove(&name);
+            lock(&self.meta).remove(&name);
+            self.emit(
+                "SlotLost",
+                &name,
+                "",
+                format!(
+                    "node {}: the session holding bitmap slot {} of {name} was lost ({why}); the array was stopped here without writing metadata and is assembled again on a new session",
+                    self.cfg.node, m.slot
+                ),
+            );
+            dropped.push(name);
+        }
+        if stuck.is_empty() {
+            Ok(dropped)
+        } else {
+            Err(stuck.join("; "))
         }
     }
 
@@ -336,8 +359,9 @@ impl Node {
         }
     }
 
-    /// Assembles again every array [`Node::state_path`] lists (agent start in cluster
-    /// mode). Failures are logged and reported as `RejoinFailed` events.
+    /// Assembles again every array [`Node::state_path`] lists that is not assembled here
+    /// (agent start in cluster mode, and a new session after a lost one). Failures are
+    /// logged and reported as `RejoinFailed` events.
     pub async fn reassemble_saved(self: &Arc<Self>) {
         let path = self.state_path();
         let Ok(text) = std::fs::read_to_string(&path) else {
@@ -352,6 +376,11 @@ impl Node {
                 }
             };
         for (name, members) in saved {
+            if self.find(&name).is_some() {
+                // Still assembled here (a rejoin after a lost session keeps the arrays
+                // that did not depend on it).
+                continue;
+            }
             // EBUSY can be transient: a survivor holds our old slot for a moment while
             // it recovers it. Retry with backoff for a bounded time.
             let deadline = tokio::time::Instant::now() + REJOIN_RETRY;
