@@ -7,6 +7,11 @@
 //! gone from the node registry: its lease expired), the node recovers the slot:
 //!
 //! 1. take `slot/N` no-queue (another survivor got it first: nothing to do);
+//!    Then, where the members take persistent reservations, preempt the dead node's
+//!    key — read from slot N's value block at grant, where its joiner published it —
+//!    before anything of the slot is touched: from then on the devices refuse its
+//!    writes ([`preempt_dead_key`]). No key published (a node of a version before
+//!    keys were published): the slot is recovered under the fence gate only, logged;
 //! 2. read slot N's bits on every member (their union);
 //! 3. merge them into this node's running bitmap: each chunk's bit is made durable in
 //!    our slot (`start_write`) and marked needed (`end_write(.., degraded)`), then ask
@@ -31,10 +36,11 @@ use mdcluster_proto::lock_client::{Mode, Session, Wait};
 use tokio_util::sync::CancellationToken;
 
 use super::Node;
-use crate::cluster::slot_lock;
+use crate::cluster::{slot_lock, ResyncInfo};
 use crate::format::bitmap::{count_set, test_bit, BitmapSuper};
 use crate::format::io::{read_member, write_bitmap_slot, DeviceError, MetaDev};
 use crate::raid::Raid1;
+use crate::reserve::{ArrayPr, PrError, PrKey};
 
 /// How often the slot holders are read.
 pub const PERIOD: Duration = Duration::from_millis(500);
@@ -168,6 +174,21 @@ async fn recover(
         }
     };
     tracing::warn!(array = name, slot, failed = ?dead, "recovering the bitmap slot of a failed node");
+    if let Some(m) = node.membership(name).filter(|m| m.pr.any()) {
+        let (pr, mine, value) = (m.pr.clone(), m.pr_key(), grant.value.clone());
+        match tokio::task::spawn_blocking(move || preempt_dead_key(&pr, mine, slot, &value)).await {
+            Ok(Ok(Some(k))) => {
+                tracing::warn!(array = name, slot, failed = ?dead, key = format_args!("{:#x}", k.0), "preempted the failed node's reservation key: the devices refuse its writes")
+            }
+            Ok(Ok(None)) => {
+                tracing::error!(array = name, slot, failed = ?dead, "the failed node published no reservation key in its slot lock: it cannot be fenced by storage, only by its own fence gate")
+            }
+            Ok(Err(e)) => {
+                tracing::error!(array = name, slot, failed = ?dead, "preempting the failed node's reservation key failed ({e}); it is fenced by its own fence gate only")
+            }
+            Err(e) => tracing::error!(array = name, slot, "preempt task failed: {e}"),
+        }
+    }
     let result = match node.raid_of(name) {
         Some((raid, members)) => recover_locked(name, &raid, &members, slot).await,
         None => Err(TakeoverError::Gone(name.to_owned())),
@@ -202,6 +223,23 @@ async fn recover(
             );
         }
     }
+}
+
+/// Preempts, as `mine`, the reservation key that slot `slot`'s holder published in the
+/// slot lock's value block `value` (see the module doc, step 1). `Ok(None)`: no key of
+/// that slot published, nothing done. Blocking.
+pub fn preempt_dead_key(
+    pr: &ArrayPr,
+    mine: PrKey,
+    slot: u32,
+    value: &[u8],
+) -> Result<Option<PrKey>, PrError> {
+    let key = PrKey(ResyncInfo::decode(value).pr_key);
+    if key.0 == 0 || key.slot() != slot || key == mine {
+        return Ok(None);
+    }
+    pr.take_over(mine, key)?;
+    Ok(Some(key))
 }
 
 /// Steps 2–4 of the module doc; returns the chunk count.
@@ -387,4 +425,55 @@ fn clear_slot(
     rewrite_slot(paths, slot, "clearing", fence, |sb, bits| {
         (sb.clone(), vec![0u8; bits.len()])
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reserve::{MemoryDevice, MemoryPr, Reservations};
+
+    #[test]
+    fn the_survivor_preempts_exactly_the_key_published_in_the_dead_slot() {
+        let dev = Arc::new(MemoryDevice::default());
+        let h = |n: &str| MemoryPr::new(dev.clone(), n);
+        let pr =
+            |n: &str| ArrayPr::with_devices(vec![Arc::new(h(n)) as Arc<dyn Reservations>], vec![]);
+        let (k0, k1, k2) = (PrKey::new(0, 7), PrKey::new(1, 8), PrKey::new(2, 9));
+        pr("n0").join(k0).unwrap();
+        pr("n1").join(k1).unwrap();
+        pr("n2").join(k2).unwrap();
+        // n1 (slot 1) died; its slot lock's value block holds its window and key.
+        let value = ResyncInfo {
+            lo: 0,
+            hi: 0,
+            pr_key: k1.0,
+        }
+        .encode();
+        let got = preempt_dead_key(&pr("n0"), k0, 1, &value).unwrap();
+        assert_eq!(got, Some(k1));
+        assert_eq!(h("n1").registered(), None, "the dead node's key is gone");
+        assert!(h("n1").write().is_err(), "the device refuses its writes");
+        assert_eq!(
+            h("n2").registered(),
+            Some(k2),
+            "nobody else's key is touched"
+        );
+        h("n2").write().unwrap();
+        h("n0").write().unwrap();
+        // No key published (an old value block of 16 bytes, or none): nothing done.
+        let old = ResyncInfo::default().encode();
+        assert_eq!(
+            preempt_dead_key(&pr("n0"), k0, 2, &old[..16]).unwrap(),
+            None
+        );
+        assert_eq!(preempt_dead_key(&pr("n0"), k0, 2, &[]).unwrap(), None);
+        // A key of another slot is never preempted for this one.
+        let wrong = ResyncInfo {
+            pr_key: k2.0,
+            ..ResyncInfo::default()
+        }
+        .encode();
+        assert_eq!(preempt_dead_key(&pr("n0"), k0, 1, &wrong).unwrap(), None);
+        assert_eq!(h("n2").registered(), Some(k2));
+    }
 }
