@@ -34,6 +34,7 @@ pub fn status_json(st: &pb::ArrayStatus) -> Value {
         "members": st.members.iter().map(|m| json!({
             "path": m.path, "dev_number": m.dev_number, "role": m.role,
             "state": m.state, "recovery_offset": m.recovery_offset,
+            "fenced_by": m.fenced_by,
         })).collect::<Vec<_>>(),
         "sync": st.sync.as_ref().map(|s| json!({
             "kind": s.kind, "state": s.state, "done_bytes": s.done_bytes,
@@ -181,6 +182,20 @@ pub fn detail_text(name: &str, d: &pb::DetailResponse) -> String {
         }
         line(&mut s, "UUID", &st.uuid);
         line(&mut s, "Events", &st.events.to_string());
+        let mut fenced: Vec<&pb::MemberInfo> = st
+            .members
+            .iter()
+            .filter(|m| !m.fenced_by.is_empty())
+            .collect();
+        if !fenced.is_empty() {
+            fenced.sort_by(|a, b| a.path.cmp(&b.path));
+            let list = fenced
+                .iter()
+                .map(|m| format!("{} ({})", m.path, m.fenced_by))
+                .collect::<Vec<_>>()
+                .join(", ");
+            line(&mut s, "Fenced By", &list);
+        }
         s.push('\n');
         let _ = writeln!(s, "    Number   Major   Minor   RaidDevice State");
         let mut members: Vec<&pb::MemberInfo> = st.members.iter().collect();
@@ -353,6 +368,7 @@ mod tests {
                     role: Some(1),
                     state: "in_sync".into(),
                     recovery_offset: 0,
+                    fenced_by: "reservation".into(),
                 },
                 pb::MemberInfo {
                     path: "/dev/vda".into(),
@@ -360,6 +376,7 @@ mod tests {
                     role: Some(0),
                     state: "in_sync".into(),
                     recovery_offset: 0,
+                    fenced_by: "gate only".into(),
                 },
             ],
             sync: Some(pb::SyncInfo {
@@ -460,6 +477,16 @@ mod tests {
         assert_eq!(j["nodes"][1]["state"], "absent");
         assert_eq!(j["members"][0]["paths"][0]["path"], "/dev/vdb");
         assert_eq!(j["members"][0]["paths"][0]["node"], "n1");
+        // How each member fences this node off, sorted by path.
+        assert!(
+            t.lines()
+                .any(|l| l == "         Fenced By : /dev/vda (gate only), /dev/vdb (reservation)"),
+            "{t}"
+        );
+        let m = &j["nodes"][0]["status"]["members"];
+        assert_eq!(m[0]["path"], "/dev/vdb");
+        assert_eq!(m[0]["fenced_by"], "reservation");
+        assert_eq!(m[1]["fenced_by"], "gate only");
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //!   own exit code and a sentence naming node and array;
 //! - `mdctl create` writes members that the real `mdadm --examine` reads as the same
 //!   array; `mdctl mdstat` parses with the `mdstat` parser from PyPI; `detail` merges
-//!   every node; `monitor --program` runs the program per event; `tune` reaches every
-//!   array;
+//!   every node (and names each member's fencing: files are fenced by the gate only);
+//!   `monitor --program` runs the program per event; `tune` reaches every array;
 //! - clustered join/leave with slot locks: each node takes its own slot, a node finds no
 //!   free slot (EBUSY), a stopped node's slot is free again, and a dirty unused slot's
 //!   bits are merged and resynced at join (exactly those chunks).
@@ -326,6 +326,12 @@ fn create_mdadm_mdstat_detail_monitor_tune() {
         assert!(!tcp.is_empty() && !tcp.ends_with(":0"), "{n}");
         let size = run_ok(Command::new("nbdinfo").args(["--size", &format!("nbd://{tcp}/md3")]));
         assert_eq!(size.trim(), n["status"]["size_bytes"].to_string());
+        // Files take no persistent reservations: each member is fenced by the gate only.
+        let members = n["status"]["members"].as_array().unwrap();
+        assert_eq!(members.len(), 2, "{n}");
+        for m in members {
+            assert_eq!(m["fenced_by"], "gate only", "{n}");
+        }
     }
     let text = c.mdctl_ok(&["detail", "md3"]);
     for want in [
@@ -336,6 +342,8 @@ fn create_mdadm_mdstat_detail_monitor_tune() {
         "active sync",
         "node1",
         "node2",
+        "Fenced By : ",
+        " (gate only), ",
     ] {
         assert!(text.contains(want), "detail lacks {want:?}:\n{text}");
     }

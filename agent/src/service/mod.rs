@@ -1574,6 +1574,7 @@ impl Node {
             cluster_name: meta.cluster_name.clone(),
             ..Default::default()
         };
+        let pr = lock(&self.held).get(&info.name).map(|m| m.pr.clone());
         if let Some(r) = &info.raid {
             st.raid_disks = r.raid_disks;
             st.size_bytes = r.size;
@@ -1595,6 +1596,10 @@ impl Node {
                         role: m.role.map(u32::from),
                         state: state.to_owned(),
                         recovery_offset: off,
+                        fenced_by: pr
+                            .as_ref()
+                            .map_or("", |pr| pr.fenced_by(Path::new(&m.path)))
+                            .to_owned(),
                     }
                 })
                 .collect();
