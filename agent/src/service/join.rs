@@ -20,8 +20,8 @@
 //! members are probed once; on those that take persistent reservations the node
 //! registers `PrKey::new(slot, token)` and reserves the device if nobody holds it; the
 //! key is published in our slot lock's value block (with the empty resync window) for
-//! a survivor to preempt. A failure there fails the join. A new session (retake)
-//! registers the new token's key the same way.
+//! a survivor to preempt. A failure there fails the join. Taking the slot again on a
+//! new session registers the new token's key the same way.
 //!
 //! Leave (after the lifecycle's stop): when our slot was dirty, publish
 //! `BITMAP_NEEDS_SYNC(slot)` with a deadline; unsubscribe; unregister our key; release
