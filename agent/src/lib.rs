@@ -19,10 +19,13 @@
 //! - [`raid`]: the RAID1 engine (members, fan-out, read balancing, failure,
 //!   resync/recovery worker).
 //! - [`bitmap`]: the in-memory write-intent bitmap of this node's slot.
+//! - [`allow`]: the device allow-list (`--device-allow`), checked on every path.
+//! - [`quote`]: long user input cut short in error messages (from `mdcluster-proto`).
 //! - [`array`](mod@array): this node's arrays: registry, lifecycle, assembly, NBD exports.
 //! - [`service`]: cluster mode: the gRPC agent service, the lock-service session,
 //!   clustered join/leave, node-failure takeover, self-fencing, the event stream.
 
+pub mod allow;
 pub mod array;
 pub mod bitmap;
 pub mod blockdev;
@@ -34,6 +37,7 @@ pub mod iobuf;
 pub mod iotrace;
 pub mod mdstat;
 pub mod nbd;
+pub use mdcluster_proto::quote;
 pub mod raid;
 pub mod reserve;
 pub mod service;

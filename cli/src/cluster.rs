@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use mdcluster_proto::status::WireError;
+use mdcluster_proto::tls::Transport;
 use mdcluster_proto::v1 as pb;
 use mdcluster_proto::v1::cluster_service_client::ClusterServiceClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::Status;
 
 use crate::exit::Exit;
@@ -30,7 +31,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// HTTP/2 keep-alive period and timeout towards mdserver.
 const KEEPALIVE: Duration = Duration::from_secs(2);
 /// Default mdserver when neither --server nor MDCTL_SERVER is given.
-pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7480";
+/// (scheme-less: https with the TLS flags, http with --insecure).
+pub const DEFAULT_SERVER: &str = "127.0.0.1:7480";
 
 /// A failed command: exit code and sentence.
 #[derive(Debug)]
@@ -101,16 +103,15 @@ pub struct Client {
 impl Client {
     /// A client of `urls` (comma-separated replicas; connected lazily: the first call
     /// reports an unreachable server).
-    pub fn new(urls: &str) -> Result<Client, Failure> {
+    pub fn new(urls: &str, transport: &Transport) -> Result<Client, Failure> {
         let servers = urls
             .split(',')
             .map(str::trim)
             .filter(|u| !u.is_empty())
             .map(|url| {
-                let ep = Endpoint::from_shared(url.to_owned())
-                    .map_err(|e| {
-                        Failure::new(Exit::Invalid, format!("invalid mdserver URL {url:?}: {e}"))
-                    })?
+                let ep = transport
+                    .endpoint(url)
+                    .map_err(|e| Failure::new(Exit::Invalid, format!("invalid mdserver URL: {e}")))?
                     .connect_timeout(CONNECT_TIMEOUT)
                     // A replica that hangs (stopped, not dead) keeps its TCP connection:
                     // only a missing keep-alive answer shows it (long-lived watch streams).
@@ -119,7 +120,7 @@ impl Client {
                     .keep_alive_while_idle(true);
                 Ok(Server {
                     url: url.to_owned(),
-                    client: ClusterServiceClient::new(ep.connect_lazy()),
+                    client: ClusterServiceClient::new(transport.channel(&ep, None)),
                     verified: AtomicBool::new(false),
                 })
             })

@@ -57,6 +57,7 @@ impl Exit {
             },
             DeviceError::Io { .. } | DeviceError::Unresponsive { .. } => Exit::Io,
             DeviceError::InUse { .. } => Exit::Busy,
+            DeviceError::Duplicate { .. } => Exit::Invalid,
             DeviceError::Format { source, .. } => match source {
                 FormatError::NoSuperblock
                 | FormatError::BadMagic { .. }

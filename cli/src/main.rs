@@ -25,9 +25,10 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "mdctl", version, about, long_about)]
 struct Cli {
-    /// URL of an mdserver, e.g. http://127.0.0.1:7480, or several replicas
-    /// comma-separated (http://a:7480,http://b:7480): a call goes to the next one when
-    /// one does not answer (refused, unreachable, or hung past a few seconds).
+    /// URL of an mdserver, e.g. https://127.0.0.1:7480 (http:// with --insecure), or
+    /// several replicas comma-separated (https://a:7480,https://b:7480): a call goes to
+    /// the next one when one does not answer (refused, unreachable, or hung past a few
+    /// seconds).
     #[arg(long, global = true, env = "MDCTL_SERVER")]
     server: Option<String>,
     /// Node an operation runs on (default: the first node).
@@ -36,6 +37,19 @@ struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// PEM file of the cluster CA (mdserver's certificate must chain to it).
+    #[arg(long, global = true, env = "MDCTL_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// PEM file of your operator certificate (O=mdcluster:admin or O=mdcluster:viewer).
+    #[arg(long, global = true, env = "MDCTL_TLS_CERT", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// PEM file of the private key of --tls-cert.
+    #[arg(long, global = true, env = "MDCTL_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// Talk to mdserver in plain text, unauthenticated (only for a server started with
+    /// --insecure). Without it cluster commands need --tls-ca, --tls-cert and --tls-key.
+    #[arg(long, global = true, env = "MDCTL_INSECURE")]
+    insecure: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -318,7 +332,7 @@ fn zero_superblock(cli: &Cli, devices: &[PathBuf], force: bool) -> local::Outcom
     };
     // The lazy channel needs the runtime to exist around it.
     let _entered = rt.enter();
-    let client = cluster::Client::new(&url);
+    let client = transport(cli).and_then(|t| cluster::Client::new(&url, &t));
     local::zero(devices, force, cli.json, |dev, member| {
         let client = client
             .as_ref()
@@ -359,6 +373,25 @@ fn zero_superblock(cli: &Cli, devices: &[PathBuf], force: bool) -> local::Outcom
     })
 }
 
+/// The transport the TLS flags ask for (a warning on stderr with --insecure).
+fn transport(cli: &Cli) -> Result<mdcluster_proto::tls::Transport, cluster::Failure> {
+    let t = mdcluster_proto::tls::Transport::from_flags(
+        "mdctl",
+        cli.tls_ca.clone(),
+        cli.tls_cert.clone(),
+        cli.tls_key.clone(),
+        cli.insecure,
+    )
+    .map_err(|message| cluster::Failure {
+        exit: exit::Exit::Invalid,
+        message,
+    })?;
+    if !t.is_tls() {
+        eprintln!("mdctl: warning: --insecure: talking to mdserver in plain text, unauthenticated");
+    }
+    Ok(t)
+}
+
 fn cluster_command(cli: &Cli) -> Result<String, cluster::Failure> {
     let url = cli
         .server
@@ -374,7 +407,7 @@ fn cluster_command(cli: &Cli) -> Result<String, cluster::Failure> {
             message: format!("start the tokio runtime: {e}"),
         })?;
     rt.block_on(async {
-        let c = cluster::Client::new(&url)?;
+        let c = cluster::Client::new(&url, &transport(cli)?)?;
         match &cli.command {
             Command::Create {
                 array,

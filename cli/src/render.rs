@@ -297,7 +297,12 @@ pub fn nodes_text(r: &pb::ClusterNodesResponse) -> String {
         t.add_row(vec![
             n.node.clone(),
             n.agent_addr.clone(),
-            format!("{:x}", n.session_id),
+            // 0: hidden (session ids are shown only without TLS).
+            if n.session_id == 0 {
+                "-".to_owned()
+            } else {
+                format!("{:x}", n.session_id)
+            },
             state,
             n.arrays.join(" "),
         ]);

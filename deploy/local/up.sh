@@ -12,11 +12,16 @@
 # builds the binaries (cargo build --release) unless MDCLUSTER_BIN_DIR names a directory
 # that has them.
 #
+# gRPC runs with mutual TLS: on first run up.sh makes a small PKI with openssl in
+# $MDCLUSTER_STATE/pki (a cluster CA; mdserver; one certificate per node; an admin and a
+# viewer operator) and $MDCLUSTER_STATE/env points mdctl at the admin's. INSECURE=1 runs
+# plain text instead (every process warns).
+#
 # Environment (defaults):
-#   MDCLUSTER_STATE=/var/tmp/mdcluster-local   state: etcd data, disks, run dirs, logs, pids
+#   MDCLUSTER_STATE=/var/tmp/mdcluster-local   state: etcd data, disks, run dirs, logs, pids, pki
 #   MDCLUSTER_BIN_DIR=<repo>/target/release    mdctl, mdserver, mdagent
 #   NODES=2  DISK_SIZE=256M  ETCD_PORT=23790  ETCD_PEER_PORT=23800  MDSERVER_PORT=7480
-#   AGENT_PORT=7481  WAIT=60 (seconds, bound of every wait)
+#   AGENT_PORT=7481  WAIT=60 (seconds, bound of every wait)  INSECURE=0
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 STATE=${MDCLUSTER_STATE:-/var/tmp/mdcluster-local}
@@ -27,8 +32,19 @@ ETCD_PEER_PORT=${ETCD_PEER_PORT:-23800}
 MDSERVER_PORT=${MDSERVER_PORT:-7480}
 AGENT_PORT=${AGENT_PORT:-7481}
 WAIT=${WAIT:-60}
+INSECURE=${INSECURE:-0}
 ETCD_URL=http://127.0.0.1:$ETCD_PORT
-export MDCTL_SERVER=http://127.0.0.1:$MDSERVER_PORT
+PKI=$STATE/pki
+# Only our own settings decide plain text or TLS (the two exclude each other).
+unset MDSERVER_INSECURE MDAGENT_INSECURE MDCTL_INSECURE MDCTL_TLS_CA MDCTL_TLS_CERT MDCTL_TLS_KEY
+if [[ $INSECURE == 1 ]]; then
+    export MDCTL_SERVER=http://127.0.0.1:$MDSERVER_PORT MDCTL_INSECURE=true
+    server_tls=(--insecure)
+else
+    export MDCTL_SERVER=https://127.0.0.1:$MDSERVER_PORT
+    export MDCTL_TLS_CA=$PKI/ca.crt MDCTL_TLS_CERT=$PKI/admin.crt MDCTL_TLS_KEY=$PKI/admin.key
+    server_tls=(--tls-ca "$PKI/ca.crt" --tls-cert "$PKI/mdserver.crt" --tls-key "$PKI/mdserver.key")
+fi
 
 say() { echo "up: $*"; }
 die() { echo "up: $*" >&2; exit 1; }
@@ -50,6 +66,7 @@ command -v nbdfuse >/dev/null || need+=(libnbd-bin)
 command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v curl >/dev/null || need+=(curl)
+command -v openssl >/dev/null || need+=(openssl)
 if [[ -z ${MDCLUSTER_BIN_DIR:-} ]]; then
     command -v cargo >/dev/null || die "cargo is not installed (https://rustup.rs), or set MDCLUSTER_BIN_DIR"
     command -v protoc >/dev/null || need+=(protobuf-compiler)
@@ -83,6 +100,37 @@ MDCTL=$BIN/mdctl
 
 mkdir -p "$STATE"/{logs,pids,disks,etcd}
 chmod 0700 "$STATE"
+
+# --- the PKI (kept across runs; a missing certificate is issued) ---------------------
+# issue NAME SUBJECT EXTENSIONS: an ECDSA P-256 key and a certificate signed by the CA.
+issue() {
+    [[ -s $PKI/$1.crt && -s $PKI/$1.key ]] && return 0
+    printf '%b' "$3" >"$PKI/$1.ext"
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "$2" \
+        -keyout "$PKI/$1.key" -out "$PKI/$1.csr" 2>/dev/null
+    openssl x509 -req -in "$PKI/$1.csr" -days 365 -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" \
+        -CAcreateserial -extfile "$PKI/$1.ext" -out "$PKI/$1.crt" 2>/dev/null
+    chmod 0600 "$PKI/$1.key"
+    say "issued $PKI/$1.crt ($2)"
+}
+if [[ $INSECURE != 1 ]]; then
+    mkdir -p "$PKI"
+    chmod 0700 "$PKI"
+    if [[ ! -s $PKI/ca.crt ]]; then
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 \
+            -subj "/CN=mdcluster local CA" -keyout "$PKI/ca.key" -out "$PKI/ca.crt" 2>/dev/null
+        chmod 0600 "$PKI/ca.key"
+        say "made the cluster CA $PKI/ca.crt"
+    fi
+    issue mdserver /O=mdcluster:server/CN=mdserver \
+        'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n'
+    for i in $(seq 1 "$NODES"); do
+        issue "node$i" "/O=mdcluster:nodes/CN=node$i" \
+            "subjectAltName=DNS:node$i\nextendedKeyUsage=serverAuth,clientAuth\n"
+    done
+    issue admin /O=mdcluster:admin/CN=admin 'extendedKeyUsage=clientAuth\n'
+    issue viewer /O=mdcluster:viewer/CN=viewer 'extendedKeyUsage=clientAuth\n'
+fi
 
 # Every process up.sh starts carries MARK in its environment: a pid file is trusted only
 # while its process still has it (no pid reuse), and down.sh finds strays by it.
@@ -118,7 +166,7 @@ start etcd etcd --name local --data-dir "$STATE/etcd" \
 wait_for "$WAIT" curl -sf "$ETCD_URL/health" || die "etcd not healthy within ${WAIT}s (see $STATE/logs/etcd.log)"
 
 # --- mdserver ------------------------------------------------------------------------
-start mdserver env RUST_LOG=info "$BIN/mdserver" \
+start mdserver env RUST_LOG=info "$BIN/mdserver" "${server_tls[@]}" \
     --listen "127.0.0.1:$MDSERVER_PORT" --etcd "$ETCD_URL" --cluster-name local
 wait_for "$WAIT" timeout 10 "$MDCTL" nodes || die "mdserver not serving within ${WAIT}s (see $STATE/logs/mdserver.log)"
 
@@ -127,7 +175,10 @@ for d in 0 1; do
     [[ -e $STATE/disks/disk$d ]] || truncate -s "$DISK_SIZE" "$STATE/disks/disk$d"
 done
 for i in $(seq 1 "$NODES"); do
-    start "node$i" env RUST_LOG=info "$BIN/mdagent" --node "node$i" --server "$MDCTL_SERVER" \
+    agent_tls=(--insecure)
+    [[ $INSECURE == 1 ]] ||
+        agent_tls=(--tls-ca "$PKI/ca.crt" --tls-cert "$PKI/node$i.crt" --tls-key "$PKI/node$i.key")
+    start "node$i" env RUST_LOG=info "$BIN/mdagent" "${agent_tls[@]}" --node "node$i" --server "$MDCTL_SERVER" \
         --listen "127.0.0.$i:$AGENT_PORT" --run-dir "$STATE/run/node$i" \
         --device-allow "$STATE/disks/*"
 done
@@ -155,10 +206,18 @@ for i in $(seq 1 "$NODES"); do
 done
 timeout 30 "$MDCTL" detail md0
 
-cat >"$STATE/env" <<EOF
-export MDCTL_SERVER=$MDCTL_SERVER
+if [[ $INSECURE == 1 ]]; then
+    cat >"$STATE/env" <<EOF
+export MDCTL_SERVER=$MDCTL_SERVER MDCTL_INSECURE=true
 export PATH=$BIN:\$PATH
 EOF
+else
+    cat >"$STATE/env" <<EOF
+export MDCTL_SERVER=$MDCTL_SERVER
+export MDCTL_TLS_CA=$MDCTL_TLS_CA MDCTL_TLS_CERT=$MDCTL_TLS_CERT MDCTL_TLS_KEY=$MDCTL_TLS_KEY
+export PATH=$BIN:\$PATH
+EOF
+fi
 cat <<EOF
 
 up: the cluster runs ($NODES nodes, state in $STATE). Next:

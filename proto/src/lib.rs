@@ -7,8 +7,11 @@
 //! - [`v1`]: the generated messages, clients and servers.
 //! - [`lock_client`]: the typed client of the lock service that agents use (sessions with
 //!   heartbeats, resume on another replica, self-fencing deadline, locks, messages).
+//! - [`quote`]: long user input (names, paths) cut short where an error echoes it.
 //! - [`status`]: the errno + resource + sentence error model and its `tonic::Status` form,
 //!   used on every hop.
+//! - [`tls`]: mutual TLS (files, reload, accept loop, client connector), the caller's
+//!   identity from its certificate, and the authorization layer.
 
 /// Generated code of package `mdcluster.v1`.
 #[allow(clippy::all, missing_docs)]
@@ -17,4 +20,6 @@ pub mod v1 {
 }
 
 pub mod lock_client;
+pub mod quote;
 pub mod status;
+pub mod tls;

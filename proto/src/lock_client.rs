@@ -6,9 +6,10 @@
 //! ```text
 //!  Open ──▶ Connected ──(stream broken / heartbeat ack late)──▶ Reconnecting ──resumed──▶ Connected
 //!              │  heartbeat every interval; ack ⇒ fence deadline moves   │
-//!              │                                                         └─ TTL passed / session gone ─▶ Lost
-//!              ├─ server says expired ─▶ Lost
-//!              └─ close() ─▶ Closed
+//!              │                                                         ├─ fence deadline passed ─▶ Suspended
+//!              │                                                         └─ session gone ─▶ Lost
+//!              ├─ server says expired ─▶ Lost          Suspended ──resumed──▶ Connected (Resumed)
+//!              └─ close() ─▶ Closed                    Suspended ──session gone / suspend_max passed──▶ Lost
 //! ```
 //!
 //! **Self-fencing.** [`Session::fence_deadline`] is the send time of the last heartbeat
@@ -20,9 +21,21 @@
 //! agent checks it right before each member system call).
 //!
 //! **Resume.** When the stream to a replica breaks, the task reconnects to the next
-//! endpoint with the same session id, with bounded backoff, until the lease could have
-//! expired (last acknowledged heartbeat send time + TTL). Locks, subscriptions and
-//! undelivered messages survive a resume.
+//! endpoint with the same session id, with bounded backoff (50 ms doubling to 1 s). Locks,
+//! subscriptions and undelivered messages survive a resume. A successful resume is a
+//! renewal: the replica renews the lease after it received the request, so the send time
+//! of the resume request moves the fence deadline like an acknowledged heartbeat.
+//!
+//! **Suspended, not lost.** Only a replica that reached etcd can say the lease is gone
+//! (ENOENT: the lease does not exist; EPERM: it belongs to another node); then the
+//! session is [`Notification::Lost`] at once. When no replica can renew it (every
+//! replica down or hung, or etcd unreachable), nobody else can take its locks either: a
+//! lease expires only in a running etcd, and a restarted etcd extends every lease by its
+//! TTL. So once the fence deadline has passed the session is [`SessionState::Suspended`]
+//! ([`Notification::Suspended`]: member I/O stays stopped) and the task keeps trying to
+//! resume until the lease deadline plus [`SessionConfig::suspend_max`]; a resume that
+//! succeeds brings the session back with the same id and locks
+//! ([`Notification::Resumed`]), past that bound it is lost.
 //!
 //! **A hung replica.** A replica that is alive on TCP but does not answer (stopped,
 //! starved, or stuck on etcd) never breaks the stream, so every heartbeat carries its
@@ -33,12 +46,12 @@
 //! acknowledgement was due, which leaves more than half the TTL to resume before the
 //! fence deadline. docs/LOCKS.md has the timing budget.
 //!
-//! Notifications (granted, blocking, holder expired, messages, reconnected, lost) arrive
-//! on a bounded channel; when the agent does not drain it they are dropped and counted
-//! ([`Session::dropped_notifications`]).
+//! Notifications (granted, blocking, holder expired, messages, reconnected, suspended,
+//! resumed, lost) arrive on a bounded channel; when the agent does not drain it they are
+//! dropped and counted ([`Session::dropped_notifications`]).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,7 +59,7 @@ use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
 use crate::v1::lock_service_client::LockServiceClient;
@@ -82,11 +95,18 @@ pub struct SessionConfig {
     pub rpc_timeout: Duration,
     /// Capacity of the notification channel.
     pub notification_capacity: usize,
+    /// Plain text or mutual TLS (each new connection to a replica reads the current
+    /// certificate files).
+    pub transport: crate::tls::Transport,
+    /// How long past the lease deadline a suspended session keeps trying to resume
+    /// (while no replica says the lease is gone) before it counts as lost. Zero: lost at
+    /// the lease deadline.
+    pub suspend_max: Duration,
 }
 
 impl SessionConfig {
     /// A config with the defaults: TTL 10 s, margin 1 s, connect 2 s, rpc 10 s, 1024
-    /// queued notifications.
+    /// queued notifications, plain text, suspended for at most 5 min.
     pub fn new(
         endpoints: Vec<String>,
         node: impl Into<String>,
@@ -103,7 +123,63 @@ impl SessionConfig {
             connect_timeout: Duration::from_secs(2),
             rpc_timeout: Duration::from_secs(10),
             notification_capacity: 1024,
+            transport: crate::tls::Transport::Insecure,
+            suspend_max: DEFAULT_SUSPEND_MAX,
         }
+    }
+}
+
+/// The default of [`SessionConfig::suspend_max`].
+pub const DEFAULT_SUSPEND_MAX: Duration = Duration::from_secs(300);
+
+/// Where a session stands (see the module doc for the transitions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    /// A replica serves the session and acknowledges its heartbeats.
+    Connected,
+    /// The stream broke or a heartbeat went unacknowledged; resuming on the next
+    /// replica, the fence deadline is still ahead.
+    Reconnecting,
+    /// The fence deadline passed without a renewal, and no replica said the lease is
+    /// gone: member I/O stays stopped while the task keeps trying to resume.
+    Suspended,
+    /// The session is gone (a replica said so, or the suspension lasted too long).
+    Lost,
+    /// Closed on purpose.
+    Closed,
+}
+
+impl SessionState {
+    fn from_u8(v: u8) -> SessionState {
+        match v {
+            0 => SessionState::Connected,
+            1 => SessionState::Reconnecting,
+            2 => SessionState::Suspended,
+            3 => SessionState::Lost,
+            _ => SessionState::Closed,
+        }
+    }
+
+    fn to_u8(self) -> u8 {
+        match self {
+            SessionState::Connected => 0,
+            SessionState::Reconnecting => 1,
+            SessionState::Suspended => 2,
+            SessionState::Lost => 3,
+            SessionState::Closed => 4,
+        }
+    }
+}
+
+impl std::fmt::Display for SessionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SessionState::Connected => "connected",
+            SessionState::Reconnecting => "reconnecting",
+            SessionState::Suspended => "suspended",
+            SessionState::Lost => "lost",
+            SessionState::Closed => "closed",
+        })
     }
 }
 
@@ -202,10 +278,25 @@ pub enum Notification {
     },
     /// A message on a subscribed channel.
     Message(Delivery),
-    /// The session moved to another replica (endpoint index into the config's list).
+    /// The session moved to another replica before its fence deadline.
     Reconnected {
         /// The replica now serving the session.
         endpoint: String,
+    },
+    /// The fence deadline passed while no replica could renew the lease, and none said
+    /// it is gone: keep member I/O stopped; the session keeps trying to resume (at most
+    /// [`SessionConfig::suspend_max`] past the lease deadline).
+    Suspended {
+        /// Why the last attempt to resume failed.
+        reason: String,
+    },
+    /// A suspended session was resumed: same id, same locks, the fence deadline ahead
+    /// again.
+    Resumed {
+        /// The replica now serving the session.
+        endpoint: String,
+        /// How long the session was suspended.
+        suspended_for: Duration,
     },
     /// The session is gone: every lock is lost. Open a new one (after fencing).
     Lost {
@@ -366,6 +457,8 @@ struct Inner {
     deadline: FenceDeadline,
     /// Set once the session is lost.
     lost: Mutex<Option<String>>,
+    /// The [`SessionState`] (as its `u8`).
+    state: AtomicU8,
     /// Notifications dropped because the channel was full.
     dropped: AtomicU64,
 }
@@ -390,6 +483,44 @@ impl Inner {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             + self.ttl
+    }
+
+    /// The lease deadline minus the fence margin.
+    fn fence_deadline(&self) -> Instant {
+        fence_at(self.lease_deadline(), self.cfg.fence_margin)
+    }
+
+    /// Moves the last acknowledged send time forward to `at` (never back), and the
+    /// fence deadline handle with it.
+    fn acked(&self, at: Instant) {
+        let mut l = self
+            .last_acked_send
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if at > *l {
+            *l = at;
+            self.deadline
+                .set(fence_at(at + self.ttl, self.cfg.fence_margin));
+        }
+    }
+
+    fn state(&self) -> SessionState {
+        SessionState::from_u8(self.state.load(Ordering::SeqCst))
+    }
+
+    /// Records a transition and logs it (the one place transitions are logged).
+    fn set_state(&self, to: SessionState, why: &str) {
+        let from = SessionState::from_u8(self.state.swap(to.to_u8(), Ordering::SeqCst));
+        if from == to {
+            return;
+        }
+        let session = format!("{:x}", self.id);
+        match to {
+            SessionState::Suspended | SessionState::Lost => {
+                tracing::warn!(node = %self.cfg.node, %session, "session {from} => {to}: {why}")
+            }
+            _ => tracing::info!(node = %self.cfg.node, %session, "session {from} => {to}: {why}"),
+        }
     }
 
     fn lost(&self) -> Option<String> {
@@ -532,13 +663,15 @@ fn channels(cfg: &SessionConfig) -> Result<Vec<Channel>, LockClientError> {
     cfg.endpoints
         .iter()
         .map(|e| {
-            Endpoint::from_shared(e.clone())
+            cfg.transport
+                .endpoint(e)
                 .map(|ep| {
-                    ep.connect_timeout(cfg.connect_timeout)
+                    let ep = ep
+                        .connect_timeout(cfg.connect_timeout)
                         .tcp_nodelay(true)
                         .http2_keep_alive_interval(Duration::from_secs(2))
-                        .keep_alive_timeout(Duration::from_secs(2))
-                        .connect_lazy()
+                        .keep_alive_timeout(Duration::from_secs(2));
+                    cfg.transport.channel(&ep, None)
                 })
                 .map_err(|err| LockClientError::Endpoint {
                     endpoint: e.clone(),
@@ -631,6 +764,7 @@ impl Session {
                         last_acked_send: Mutex::new(sent),
                         deadline,
                         lost: Mutex::new(None),
+                        state: AtomicU8::new(SessionState::Connected.to_u8()),
                         dropped: AtomicU64::new(0),
                     });
                     let (close_tx, close_rx) = oneshot::channel();
@@ -701,7 +835,12 @@ impl Session {
     /// The self-fencing deadline: stop member I/O at this instant unless a later
     /// heartbeat moved it. See the module doc.
     pub fn fence_deadline(&self) -> Instant {
-        fence_at(self.inner.lease_deadline(), self.inner.cfg.fence_margin)
+        self.inner.fence_deadline()
+    }
+
+    /// Where the session stands now.
+    pub fn state(&self) -> SessionState {
+        self.inner.state()
     }
 
     /// A handle on [`Session::fence_deadline`] that any thread reads without awaiting;
@@ -1013,31 +1152,49 @@ async fn run(
     loop {
         let end = connected(&inner, &mut conn, &ntx, &mut close_rx).await;
         let reason = match end {
-            End::Closed => return,
+            End::Closed => {
+                inner.set_state(SessionState::Closed, "closed on purpose");
+                return;
+            }
             End::Lost(r) => r,
             End::Broken(why) => {
-                tracing::info!(
-                    session = format!("{:x}", inner.id),
-                    "session connected => reconnecting: {why}"
-                );
-                match reconnect(&inner).await {
-                    Ok(c) => {
+                inner.set_state(SessionState::Reconnecting, &why);
+                match reconnect(&inner, &ntx).await {
+                    Ok((c, suspended)) => {
                         conn = c;
                         let i = inner.current.load(Ordering::Relaxed);
                         let endpoint = inner.cfg.endpoints.get(i).cloned().unwrap_or_default();
-                        tracing::info!(session = format!("{:x}", inner.id), %endpoint, "session reconnecting => connected");
-                        notify(&inner, &ntx, Notification::Reconnected { endpoint });
+                        let note = match suspended {
+                            Some(since) => {
+                                let suspended_for = since.elapsed();
+                                inner.set_state(
+                                    SessionState::Connected,
+                                    &format!(
+                                        "resumed on {endpoint} after {suspended_for:?} suspended"
+                                    ),
+                                );
+                                Notification::Resumed {
+                                    endpoint,
+                                    suspended_for,
+                                }
+                            }
+                            None => {
+                                inner.set_state(
+                                    SessionState::Connected,
+                                    &format!("resumed on {endpoint}"),
+                                );
+                                Notification::Reconnected { endpoint }
+                            }
+                        };
+                        notify(&inner, &ntx, note);
                         continue;
                     }
                     Err(r) => r,
                 }
             }
         };
-        tracing::warn!(
-            session = format!("{:x}", inner.id),
-            "session => lost: {reason}"
-        );
         inner.set_lost(&reason);
+        inner.set_state(SessionState::Lost, &reason);
         // The agent must learn this even when the channel is full: wait for room.
         let _ = tokio::time::timeout(inner.ttl, ntx.send(Notification::Lost { reason })).await;
         return;
@@ -1090,11 +1247,7 @@ async fn connected(
                 Ok(Some(SessionEvent { kind: Some(kind) })) => match kind {
                     session_event::Kind::HeartbeatAck(a) => {
                         if let Some(&(_, at)) = sent.iter().find(|(s, _)| *s == a.seq) {
-                            let mut l = inner.last_acked_send.lock().unwrap_or_else(|e| e.into_inner());
-                            if at > *l {
-                                *l = at;
-                                inner.deadline.set(fence_at(at + inner.ttl, inner.cfg.fence_margin));
-                            }
+                            inner.acked(at);
                             sent.retain(|(s, _)| *s > a.seq);
                         }
                     }
@@ -1149,20 +1302,43 @@ async fn connected(
     }
 }
 
-/// Resumes the session on the next replicas in turn, with bounded backoff, until the
-/// lease could have expired. `Err(reason)` means the session is lost.
-async fn reconnect(inner: &Inner) -> Result<Conn, String> {
+/// Resumes the session on the next replicas in turn, with bounded backoff. Past the
+/// fence deadline the session is suspended (told once); the attempts go on until the
+/// lease deadline plus [`SessionConfig::suspend_max`]. `Ok` carries the instant the
+/// session was suspended, if it was; `Err(reason)` means the session is lost: a replica
+/// that reached etcd said the lease is gone, or the suspension lasted too long.
+async fn reconnect(
+    inner: &Inner,
+    ntx: &mpsc::Sender<Notification>,
+) -> Result<(Conn, Option<Instant>), String> {
     let n = inner.channels.len();
     let mut i = inner.current.load(Ordering::Relaxed) + 1;
     let mut backoff = Duration::from_millis(50);
-    let mut last = String::new();
+    let mut last = String::from("no replica tried yet");
+    let mut suspended: Option<Instant> = None;
     loop {
-        let deadline = inner.lease_deadline();
         let now = Instant::now();
-        if now >= deadline {
-            return Err(format!(
-                "could not resume the session within its TTL: {last}"
-            ));
+        let lease_deadline = inner.lease_deadline();
+        if suspended.is_none() && now >= inner.fence_deadline() {
+            suspended = Some(now);
+            let reason = format!(
+                "no replica renewed the lease before the fence deadline; still trying to resume \
+                 for up to {:?} past the lease deadline: {last}",
+                inner.cfg.suspend_max
+            );
+            inner.set_state(SessionState::Suspended, &reason);
+            notify(inner, ntx, Notification::Suspended { reason });
+        }
+        let give_up = lease_deadline + inner.cfg.suspend_max;
+        if now >= give_up {
+            return Err(if inner.cfg.suspend_max.is_zero() {
+                format!("could not resume the session within its TTL: {last}")
+            } else {
+                format!(
+                    "could not resume the session within its TTL and {:?} suspended: {last}",
+                    inner.cfg.suspend_max
+                )
+            });
         }
         let ep = i % n;
         let open = OpenSession {
@@ -1171,20 +1347,22 @@ async fn reconnect(inner: &Inner) -> Result<Conn, String> {
             ttl_ms: 0,
             resume_session_id: inner.id,
         };
-        let bound = inner.cfg.connect_timeout.min(deadline - now);
+        let bound = inner.cfg.connect_timeout.min(give_up - now);
+        let sent = Instant::now();
         match open_stream(inner.channels[ep].clone(), open, bound).await {
             Ok((conn, _, _)) => {
                 inner.current.store(ep, Ordering::Relaxed);
-                return Ok(conn);
+                // The replica renewed the lease after it received the resume.
+                inner.acked(sent);
+                return Ok((conn, suspended));
             }
             Err(e) if matches!(e.errno(), Errno::Enoent | Errno::Eperm) => {
-                return Err(e.to_string())
+                return Err(format!("{}: {e}", inner.cfg.endpoints[ep]))
             }
             Err(e) => last = format!("{}: {e}", inner.cfg.endpoints[ep]),
         }
         i += 1;
-        let rest = inner
-            .lease_deadline()
+        let rest = (inner.lease_deadline() + inner.cfg.suspend_max)
             .saturating_duration_since(Instant::now());
         tokio::time::sleep(backoff.min(rest)).await;
         backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -1274,5 +1452,86 @@ mod tests {
             ack_deadline(Some(Duration::ZERO), p),
             Duration::from_millis(20)
         );
+    }
+
+    #[test]
+    fn states_round_trip() {
+        for st in [
+            SessionState::Connected,
+            SessionState::Reconnecting,
+            SessionState::Suspended,
+            SessionState::Lost,
+            SessionState::Closed,
+        ] {
+            assert_eq!(SessionState::from_u8(st.to_u8()), st);
+        }
+        assert_eq!(
+            SessionConfig::new(vec![], "n1", "").suspend_max,
+            DEFAULT_SUSPEND_MAX
+        );
+    }
+
+    /// A session whose lease was last renewed `ago`, on endpoints nobody listens on.
+    fn unreachable_session(ago: Duration, suspend_max: Duration) -> Inner {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut cfg = SessionConfig::new(vec![format!("http://127.0.0.1:{port}")], "n1", "a:1");
+        cfg.ttl = Duration::from_secs(2);
+        cfg.fence_margin = Duration::from_millis(500);
+        cfg.connect_timeout = Duration::from_millis(200);
+        cfg.suspend_max = suspend_max;
+        let now = Instant::now();
+        Inner {
+            channels: channels(&cfg).expect("channels"),
+            ttl: cfg.ttl,
+            cfg,
+            current: AtomicUsize::new(0),
+            id: 0x42,
+            last_acked_send: Mutex::new(now.checked_sub(ago).unwrap_or(now)),
+            deadline: FenceDeadline::new(now, false),
+            lost: Mutex::new(None),
+            state: AtomicU8::new(SessionState::Reconnecting.to_u8()),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    #[tokio::test]
+    async fn unreachable_replicas_suspend_the_session_until_suspend_max() {
+        // The fence deadline (ttl - margin = 1.5 s after the last renewal) has passed, the
+        // lease deadline (2 s) passes during the attempts.
+        let inner = unreachable_session(Duration::from_millis(1800), Duration::from_millis(700));
+        let (ntx, mut nrx) = mpsc::channel(8);
+        let t = Instant::now();
+        let r = reconnect(&inner, &ntx).await;
+        let took = t.elapsed();
+        let e = r.err().expect("no replica: the session ends lost");
+        assert!(e.contains("suspended"), "{e}");
+        assert!(e.contains("127.0.0.1"), "names the replica: {e}");
+        // Lost no earlier than the lease deadline + suspend_max (0.2 s + 0.7 s from now).
+        assert!(took >= Duration::from_millis(850), "gave up after {took:?}");
+        assert!(took < Duration::from_secs(3), "gave up after {took:?}");
+        assert_eq!(inner.state(), SessionState::Suspended);
+        match nrx.try_recv() {
+            Ok(Notification::Suspended { reason }) => {
+                assert!(reason.contains("fence deadline"), "{reason}")
+            }
+            other => panic!("expected Suspended first, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn without_suspend_max_the_session_is_lost_at_the_lease_deadline() {
+        let inner = unreachable_session(Duration::from_millis(1000), Duration::ZERO);
+        let (ntx, mut nrx) = mpsc::channel(8);
+        let t = Instant::now();
+        let e = reconnect(&inner, &ntx).await.err().expect("lost");
+        let took = t.elapsed();
+        assert!(e.contains("within its TTL"), "{e}");
+        // The lease deadline is 1 s away; the fence deadline 0.5 s away.
+        assert!(took >= Duration::from_millis(950), "gave up after {took:?}");
+        assert!(took < Duration::from_millis(2500), "gave up after {took:?}");
+        assert!(matches!(nrx.try_recv(), Ok(Notification::Suspended { .. })));
     }
 }

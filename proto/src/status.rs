@@ -64,15 +64,35 @@ pub fn errno_name(errno: Errno) -> &'static str {
     }
 }
 
-/// A status carrying `errno`, `resource` and `message`.
+/// Longest sentence a status carries, in bytes: the message travels in an HTTP/2
+/// header, and a reply whose headers pass the peer's limit is refused as a protocol
+/// error, losing the errno.
+pub const MAX_STATUS_MESSAGE: usize = 4096;
+/// Longest resource a status carries, in bytes.
+pub const MAX_STATUS_RESOURCE: usize = 256;
+
+/// `s` cut to at most `max` bytes (at a character boundary), marked when cut.
+fn bounded(s: String, max: usize) -> String {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max.saturating_sub(32);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…(cut, {} bytes)", &s[..end], s.len())
+}
+
+/// A status carrying `errno`, `resource` and `message` (each bounded:
+/// [`MAX_STATUS_MESSAGE`], [`MAX_STATUS_RESOURCE`]).
 pub fn to_status(errno: Errno, resource: impl Into<String>, message: impl Into<String>) -> Status {
     let detail = ErrorDetail {
         errno: errno as i32,
-        resource: resource.into(),
+        resource: bounded(resource.into(), MAX_STATUS_RESOURCE),
     };
     Status::with_details(
         code_of(errno),
-        message.into(),
+        bounded(message.into(), MAX_STATUS_MESSAGE),
         detail.encode_to_vec().into(),
     )
 }
@@ -136,6 +156,21 @@ impl From<WireError> for Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_messages_are_bounded() {
+        let long = "x".repeat(100_000);
+        let s = to_status(Errno::Einval, long.clone(), long);
+        assert!(
+            s.message().len() <= MAX_STATUS_MESSAGE,
+            "{}",
+            s.message().len()
+        );
+        assert!(s.message().ends_with("…(cut, 100000 bytes)"));
+        let back = WireError::from_status(&s);
+        assert_eq!(back.errno, Errno::Einval);
+        assert!(back.resource.len() <= MAX_STATUS_RESOURCE);
+    }
 
     #[test]
     fn every_errno_survives_a_round_trip() {

@@ -62,6 +62,12 @@ pub enum LockError {
         /// Its live session.
         session_id: i64,
     },
+    /// The caller's certificate does not allow this call.
+    #[error("permission denied: {reason}")]
+    Denied {
+        /// What was refused and why.
+        reason: String,
+    },
     /// A session tried to resume a session of another node.
     #[error("session {session_id:x} belongs to node {owner}, not to node {node}")]
     WrongNode {
@@ -170,6 +176,7 @@ impl LockError {
             LockError::NodeBusy { node, .. } => {
                 (Errno::Ebusy, Code::AlreadyExists, format!("node {node}"))
             }
+            LockError::Denied { .. } => (Errno::Eperm, Code::PermissionDenied, "caller".into()),
             LockError::WrongNode { session_id, .. } => {
                 (Errno::Eperm, Code::PermissionDenied, session(*session_id))
             }

@@ -13,8 +13,10 @@
 //! - [`notify`]: delivery of notifications to a session's stream.
 //! - [`cluster`]: the cluster service mdctl calls (nodes, array records, routing to
 //!   agents, merged detail and events).
+//! - [`authz`]: who may call what (from the caller's certificate).
 //! - [`service`]: the tonic service; [`validate`]: request checks; [`error`]: errors.
 
+pub mod authz;
 pub mod cluster;
 pub mod error;
 pub mod etcd;
@@ -94,11 +96,17 @@ pub struct Config {
     /// Most calls waiting at once on this replica (queued acquires and converts,
     /// publishes waiting for acks).
     pub max_waits: usize,
+    /// gRPC transport: mutual TLS (served to agents and mdctl, and used to call agents)
+    /// or plain text.
+    pub transport: mdcluster_proto::tls::Transport,
+    /// Where to serve only the gRPC health service in plain text (for probes that
+    /// cannot do mutual TLS, e.g. the kubelet's); None: nowhere.
+    pub health_listen: Option<String>,
 }
 
 impl Config {
     /// A config for `etcd` and `cluster_name` with the defaults: session TTL 10 s, etcd
-    /// calls 5 s, connecting at start 30 s, 10000 sessions, 10000 waits.
+    /// calls 5 s, connecting at start 30 s, 10000 sessions, 10000 waits, plain-text gRPC.
     pub fn new(etcd: Vec<String>, cluster_name: impl Into<String>) -> Config {
         Config {
             etcd,
@@ -110,6 +118,8 @@ impl Config {
             etcd_connect_timeout: Duration::from_secs(30),
             max_sessions: 10_000,
             max_waits: 10_000,
+            transport: mdcluster_proto::tls::Transport::Insecure,
+            health_listen: None,
         }
     }
 }
@@ -133,6 +143,14 @@ pub enum ServerError {
         hint: &'static str,
         /// The last error (already in `detail`, so not a `source`).
         last: etcd_client::Error,
+    },
+    /// The plain-text health port could not be bound.
+    #[error("bind the health listener on {addr}: {source}")]
+    HealthBind {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
     },
     /// The etcd connection settings are unusable (endpoint scheme, TLS files).
     #[error("etcd connection to {endpoints}: {reason}")]
@@ -436,6 +454,19 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    let health_listener = match &config.health_listen {
+        Some(addr) => {
+            Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::HealthBind {
+                        addr: addr.clone(),
+                        source,
+                    })?,
+            )
+        }
+        None => None,
+    };
     let ctx = Arc::new(connect(&config).await?);
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
@@ -471,26 +502,60 @@ pub async fn serve(
         }
     });
     let stopping = ctx.stopping.clone();
+    let plain_health = health_listener.map(|l| {
+        let mut stopped = stopping.subscribe();
+        tokio::spawn(mdcluster_proto::tls::serve_plain_health(
+            l,
+            health.clone(),
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            },
+        ))
+    });
     let shutdown = async move {
         shutdown.await;
         stopping.send_replace(true);
     };
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?addr, cluster = %config.cluster_name, "mdserver serving");
-    // No Nagle: notifications and acks are small writes that must leave at once.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let r = tonic::transport::Server::builder()
+    let transport = config.transport.clone();
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .layer(mdcluster_proto::tls::AuthLayer::new(
+            "mdserver",
+            transport.is_tls(),
+            authz::policy,
+        ))
         .add_service(health)
         .add_service(
             mdcluster_proto::v1::cluster_service_server::ClusterServiceServer::new(
-                cluster::ClusterSvc::new(ctx.clone()),
+                cluster::ClusterSvc::new(ctx.clone(), transport.clone()),
             ),
         )
-        .add_service(LockServiceServer::new(service::LockSvc { ctx }))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+        .add_service(LockServiceServer::new(service::LockSvc { ctx }));
+    let r = match &transport {
+        mdcluster_proto::tls::Transport::Tls(tls) => {
+            tls.reload_on_sighup();
+            router
+                .serve_with_incoming_shutdown(
+                    mdcluster_proto::tls::incoming(listener, tls.clone()),
+                    shutdown,
+                )
+                .await
+        }
+        mdcluster_proto::tls::Transport::Insecure => {
+            // No Nagle: notifications and acks are small writes that must leave at once.
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+    };
     probe.abort();
+    if let Some(h) = plain_health {
+        h.abort();
+    }
     Ok(r?)
 }

@@ -86,6 +86,26 @@ struct Args {
     /// Most calls waiting at once on this replica (queued locks, publishes).
     #[arg(long, env = "MDSERVER_MAX_WAITS", default_value_t = 10_000)]
     max_waits: usize,
+    /// PEM file of the cluster CA: agents and operators must present certificates it
+    /// signed (mutual TLS on the gRPC port); mdserver trusts only it when calling agents.
+    #[arg(long, env = "MDSERVER_TLS_CA", value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    /// PEM file of mdserver's certificate (O=mdcluster:server; SAN: the names and
+    /// addresses clients dial). Served to clients and presented to agents. Reloaded when
+    /// the file changes or on SIGHUP.
+    #[arg(long, env = "MDSERVER_TLS_CERT", value_name = "FILE", requires_all = ["tls_ca", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    /// PEM file of the private key of --tls-cert.
+    #[arg(long, env = "MDSERVER_TLS_KEY", value_name = "FILE", requires_all = ["tls_ca", "tls_cert"])]
+    tls_key: Option<PathBuf>,
+    /// Serve and call gRPC in plain text, without authentication (tests, trusted
+    /// networks only; a warning is logged). Without it the --tls-* files are required.
+    #[arg(long, env = "MDSERVER_INSECURE", conflicts_with_all = ["tls_ca", "tls_cert", "tls_key"])]
+    insecure: bool,
+    /// Also serve the gRPC health service alone, in plain text, on this address: for
+    /// probes that cannot present a certificate (the kubelet's grpc probes).
+    #[arg(long, env = "MDSERVER_HEALTH_LISTEN", value_name = "ADDR")]
+    health_listen: Option<String>,
     /// On SIGTERM/SIGINT, how long to let calls in flight finish before exiting. Session
     /// streams do not end by themselves: their agents resume on another replica.
     #[arg(long, env = "MDSERVER_SHUTDOWN_GRACE", default_value = "5s")]
@@ -140,7 +160,26 @@ fn main() -> anyhow::Result<()> {
              (MDSERVER_ETCD_PASSWORD_FILE) or MDSERVER_ETCD_PASSWORD"
         ),
     };
+    if etcd_auth.is_some() {
+        if let Some(plain) = args.etcd.iter().find(|e| !e.starts_with("https://")) {
+            anyhow::bail!(
+                "refusing to send the etcd password of user {} to {plain} in plain text: \
+                 use https:// endpoints with --etcd-cacert",
+                args.etcd_user.as_deref().unwrap_or_default()
+            );
+        }
+    }
+    let transport = mdcluster_proto::tls::Transport::from_flags(
+        "mdserver",
+        args.tls_ca.clone(),
+        args.tls_cert.clone(),
+        args.tls_key.clone(),
+        args.insecure,
+    )
+    .map_err(anyhow::Error::msg)?;
     let config = mdcluster_server::Config {
+        transport,
+        health_listen: args.health_listen.clone(),
         etcd: args.etcd,
         etcd_tls,
         etcd_auth,

@@ -8,12 +8,17 @@
 //!     └─ invalid/busy ─▶ error   ├─ CloseSession ──▶ marker + revoke ──▶ Closed
 //!                                ├─ stream broken ──▶ Detached (lease left to the agent:
 //!                                │                     resume elsewhere within the TTL)
+//!                                ├─ renewal failed (etcd unreachable/slow) ──▶ Unavailable
+//!                                │     (EIO on the stream, stream ends, lease left to the agent)
 //!                                └─ replica stopping ──▶ Detached (same)
 //! ```
 //!
 //! The replica never renews a lease on its own: only an agent heartbeat does, so a dead
 //! agent's lease expires and etcd deletes every key tied to it (its locks, its registry
-//! entry, its subscriptions). Besides heartbeats the stream carries the session's
+//! entry, its subscriptions). A session is answered "gone" (`SessionExpired`, ENOENT) only
+//! when etcd said so (a keep-alive answering TTL 0, `LeaseTimeToLive` answering −1); while
+//! etcd does not answer, heartbeats and resumes are answered EIO/Unavailable and the
+//! replica keeps running and forgets no session. Besides heartbeats the stream carries the session's
 //! notifications and messages: those from this replica come through the [`Notifier`],
 //! the rest from the session's etcd inbox, which this replica watches while it serves.
 //!
@@ -52,10 +57,12 @@ const MIN_TTL: Duration = Duration::from_secs(1);
 const MAX_TTL: Duration = Duration::from_secs(300);
 
 /// Opens (or resumes) the session described by the stream's first message and starts
-/// serving it; returns the receiving half of the event stream.
+/// serving it; returns the receiving half of the event stream. `authorize` checks that
+/// the caller may act as the node named in the open message.
 pub async fn open(
     ctx: Arc<Ctx>,
     mut inbound: Streaming<SessionRequest>,
+    authorize: impl FnOnce(&str) -> Result<(), LockError>,
 ) -> Result<mpsc::Receiver<Result<SessionEvent, Status>>, LockError> {
     let first = tokio::time::timeout(ctx.etcd.timeout(), inbound.message()).await;
     let open = match first {
@@ -71,6 +78,7 @@ pub async fn open(
     };
     validate::node(&open.node)?;
     validate::agent_addr(&open.agent_addr)?;
+    authorize(&open.node)?;
     let permit = ctx.sessions_limit.take()?;
     let mut keeper = None;
     let (id, ttl_s, resumed) = if open.resume_session_id != 0 {
@@ -225,37 +233,66 @@ struct Keeper {
 
 /// Renews lease `id` once. `Ok(None)`: the lease is gone (etcd answers a keep-alive of
 /// a missing or already expired lease with TTL 0; a renewed lease reports its full TTL).
+/// A keep-alive stream that fails (an etcd restart ends it) is replaced once within the
+/// same bound, so the first heartbeat after etcd is back renews at once.
 async fn renew(ctx: &Ctx, id: i64, keeper: &mut Option<Keeper>) -> Result<Option<i64>, LockError> {
-    let bound = ctx.etcd.timeout();
+    let deadline = tokio::time::Instant::now() + ctx.etcd.timeout();
+    if keeper.is_some() {
+        match renew_on(ctx, id, keeper, deadline).await {
+            Ok(r) => return Ok(r),
+            Err(e) => {
+                tracing::debug!(
+                    session = format!("{id:x}"),
+                    "lease keep-alive stream failed, opening a new one: {e}"
+                );
+                *keeper = None;
+            }
+        }
+    }
+    let r = renew_on(ctx, id, keeper, deadline).await;
+    if r.is_err() {
+        *keeper = None;
+    }
+    r
+}
+
+/// One renewal on the keep-alive stream in `keeper` (opened first if there is none),
+/// bounded by `deadline`.
+async fn renew_on(
+    ctx: &Ctx,
+    id: i64,
+    keeper: &mut Option<Keeper>,
+    deadline: tokio::time::Instant,
+) -> Result<Option<i64>, LockError> {
     let timeout = LockError::EtcdTimeout {
         op: "lease keep-alive",
-        timeout: bound,
+        timeout: ctx.etcd.timeout(),
     };
-    if keeper.is_none() {
-        let mut c = ctx.etcd.client();
-        let (k, s) = tokio::time::timeout(bound, c.lease_keep_alive(id))
-            .await
-            .map_err(|_| LockError::EtcdTimeout {
-                op: "lease keep-alive",
-                timeout: bound,
-            })?
-            .map_err(|source| LockError::Etcd {
-                op: "lease keep-alive",
-                source,
-            })?;
-        *keeper = Some(Keeper {
-            keeper: k,
-            stream: s,
-        });
-    }
-    let Some(k) = keeper.as_mut() else {
-        return Err(timeout);
+    let k = match keeper {
+        Some(k) => k,
+        None => {
+            let mut c = ctx.etcd.client();
+            let (k, s) = tokio::time::timeout_at(deadline, c.lease_keep_alive(id))
+                .await
+                .map_err(|_| LockError::EtcdTimeout {
+                    op: "lease keep-alive",
+                    timeout: ctx.etcd.timeout(),
+                })?
+                .map_err(|source| LockError::Etcd {
+                    op: "lease keep-alive",
+                    source,
+                })?;
+            keeper.insert(Keeper {
+                keeper: k,
+                stream: s,
+            })
+        }
     };
     let once = async {
         k.keeper.keep_alive().await?;
         k.stream.message().await
     };
-    match tokio::time::timeout(bound, once).await {
+    match tokio::time::timeout_at(deadline, once).await {
         Err(_) => Err(timeout),
         Ok(Err(source)) => Err(LockError::Etcd {
             op: "lease keep-alive",
@@ -335,8 +372,13 @@ async fn serve(
                             break "expired";
                         }
                         Err(e) => {
-                            keeper = None;
+                            // etcd did not answer: the lease may well be alive, and only
+                            // etcd may say it is gone. Say "unavailable" and end the
+                            // stream, so the agent resumes at once (on another replica,
+                            // or here once etcd answers); the lease stays the agent's.
                             tracing::warn!(session = format!("{id:x}"), "failed to renew session lease: {e}");
+                            let _ = tx.send_timeout(Err(e.into()), SEND_TIMEOUT).await;
+                            break "etcd unavailable";
                         }
                     }
                 }

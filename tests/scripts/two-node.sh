@@ -50,14 +50,16 @@ etcd --data-dir "$W/etcd" --listen-client-urls "$ETCD" --advertise-client-urls "
     --initial-cluster "default=http://127.0.0.1:$PP" --unsafe-no-fsync >"$W/etcd.log" 2>&1 &
 PIDS+=($!)
 wait_for 30 curl -sf "$ETCD/health"
-"$BIN/mdserver" --listen "127.0.0.1:$SP" --etcd "$ETCD" --cluster-name two-node --session-ttl 3s \
+"$BIN/mdserver" --insecure --listen "127.0.0.1:$SP" --etcd "$ETCD" --cluster-name two-node --session-ttl 3s \
     >"$W/mdserver.out" 2>"$W/mdserver.log" &
 PIDS+=($!)
 export MDCTL_SERVER=http://127.0.0.1:$SP
+# A throwaway cluster on loopback: plain-text gRPC (mdctl warns on every run).
+export MDCTL_INSECURE=true
 wait_for 30 grep -q listening "$W/mdserver.out"
 for i in 1 2; do
     port=$A1; [[ $i == 2 ]] && port=$A2
-    RUST_LOG=info "$BIN/mdagent" --node "node$i" --server "$MDCTL_SERVER" --listen "127.0.0.$i:$port" \
+    RUST_LOG=info "$BIN/mdagent" --insecure --node "node$i" --server "$MDCTL_SERVER" --listen "127.0.0.$i:$port" \
         --run-dir "$W/run$i" --session-ttl 3s --fence-margin 750ms --stop-grace 2s \
         --device-allow "$W/disk*" >"$W/agent$i.out" 2>"$W/agent$i.log" &
     PIDS+=($!)

@@ -49,6 +49,8 @@ pub struct ClusterBuilder {
     node_args: Vec<(usize, Vec<String>)>,
     /// Multi-view storage: (members, bytes each).
     shared: Option<(usize, u64)>,
+    /// Mutual TLS on every gRPC hop with this PKI (None: `--insecure`).
+    tls: Option<crate::pki::ClusterPki>,
 }
 
 impl ClusterBuilder {
@@ -63,6 +65,7 @@ impl ClusterBuilder {
             agent_args: Vec::new(),
             node_args: Vec::new(),
             shared: None,
+            tls: None,
         }
     }
 
@@ -95,6 +98,14 @@ impl ClusterBuilder {
     /// the first one first (so they open their sessions there).
     pub fn replicas(mut self, n: usize) -> Self {
         self.replicas = n.max(1);
+        self
+    }
+
+    /// Mutual TLS on every gRPC hop: mdserver and node`i` use `pki`'s certificates,
+    /// [`TestCluster::mdctl`] the admin's (the PKI needs a certificate per node).
+    pub fn tls(mut self, pki: &crate::pki::ClusterPki) -> Self {
+        self.server.extra_args.extend(pki.server.args());
+        self.tls = Some(pki.clone());
         self
     }
 
@@ -137,6 +148,9 @@ impl ClusterBuilder {
                 args.push(format!("{}/*", s.view_dir(i + 1).display()));
             }
             let dir = c.dir.path().display().to_string();
+            if let Some(pki) = &self.tls {
+                args.extend(pki.nodes[i].args());
+            }
             for (n, extra) in &self.node_args {
                 if *n == i {
                     args.extend(extra.iter().map(|a| a.replace("{dir}", &dir)));
@@ -232,12 +246,28 @@ impl TestCluster {
         &self.opts.server.cluster_name
     }
 
-    /// Runs `mdctl --server URL args...` (bounded).
+    /// Runs `mdctl --server URL args...` (bounded); with TLS as the admin.
     pub fn mdctl(&self, args: &[&str]) -> Output {
+        match &self.opts.tls {
+            Some(pki) => self.mdctl_as(&pki.admin, args),
+            None => run_timeout(
+                Command::new(bin("mdctl"))
+                    .arg("--server")
+                    .arg(self.url())
+                    .args(args),
+                MDCTL_TIMEOUT,
+            ),
+        }
+    }
+
+    /// Runs `mdctl --server URL --tls-* (who) args...` (bounded).
+    pub fn mdctl_as(&self, who: &crate::pki::Ident, args: &[&str]) -> Output {
         run_timeout(
             Command::new(bin("mdctl"))
+                .env_remove("MDCTL_INSECURE")
                 .arg("--server")
                 .arg(self.url())
+                .args(who.args())
                 .args(args),
             MDCTL_TIMEOUT,
         )
@@ -467,7 +497,7 @@ impl AgentProc {
             log: dir.join(format!("{node}.log")),
             server: server.into(),
             ttl,
-            extra: extra.to_vec(),
+            extra: with_default_allow(extra, dir),
             netns: None,
         };
         a.spawn()?;
@@ -493,7 +523,7 @@ impl AgentProc {
             log: dir.join(format!("{node}.log")),
             server: server.into(),
             ttl,
-            extra: extra.to_vec(),
+            extra: with_default_allow(extra, dir),
             netns: Some(netns.into()),
         };
         a.spawn()?;
@@ -546,6 +576,9 @@ impl AgentProc {
             }
             None => Command::new(bin("mdagent")),
         };
+        if self.extra.iter().any(|a| a == "--tls-cert") {
+            cmd.env_remove("MDAGENT_INSECURE");
+        }
         let mut child = cmd
             .arg("--node")
             .arg(&self.node)
@@ -642,6 +675,18 @@ impl Drop for AgentProc {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// `extra`, plus `--device-allow <dir>/*` when it has no `--device-allow` of its own:
+/// in cluster mode an empty allow-list allows nothing, and the tests' member files live
+/// in the test's directory.
+fn with_default_allow(extra: &[String], dir: &Path) -> Vec<String> {
+    let mut args = extra.to_vec();
+    if !args.iter().any(|a| a == "--device-allow") {
+        args.push("--device-allow".into());
+        args.push(format!("{}/*", dir.display()));
+    }
+    args
 }
 
 /// A network namespace with a veth pair to the host (`/30`: host `.1`, namespace

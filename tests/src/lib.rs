@@ -2,6 +2,8 @@
 //! runs real clients (`mdadm`, `qemu-io`, `nbdinfo`, ...) against them.
 //!
 //! # Layout
+//! - [`chaos`]: a timed NBD writer, checks of its answers against the members, events
+//!   and sessions as `mdctl` shows them (the t58 chaos tests).
 //! - [`cluster`]: a whole cluster (etcd, mdserver, N cluster-mode agents on 127.0.0.x)
 //!   and `mdctl` runs against it (the t50 tests, and by hand).
 //! - [`crash`]: the crash-consistency checker's recorder, crash-state model, two-node
@@ -15,6 +17,7 @@
 //!   socket, member checks, a raw NBD open probe (the RAID tests, t40).
 //! - [`tools`]: locate the workspace binaries and run external tools with a timeout.
 
+pub mod chaos;
 pub mod cluster;
 pub mod crash;
 pub mod deploy;

@@ -138,3 +138,172 @@ impl Pki {
         })
     }
 }
+
+/// The three PEM files of one identity of the cluster PKI.
+#[derive(Debug, Clone)]
+pub struct Ident {
+    /// The CA the holder trusts.
+    pub ca: PathBuf,
+    /// Its certificate.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+}
+
+impl Ident {
+    /// `--tls-ca CA --tls-cert CERT --tls-key KEY`.
+    pub fn args(&self) -> Vec<String> {
+        vec![
+            "--tls-ca".into(),
+            self.ca.display().to_string(),
+            "--tls-cert".into(),
+            self.cert.display().to_string(),
+            "--tls-key".into(),
+            self.key.display().to_string(),
+        ]
+    }
+}
+
+/// A cluster PKI for mutual TLS on the gRPC hops (openssl CLI, ECDSA P-256, two days):
+/// one cluster CA; mdserver (`O=mdcluster:server`, SAN 127.0.0.1/localhost); one
+/// certificate per node (`O=mdcluster:nodes`, CN and SAN DNS = the node); an admin and
+/// a viewer; and an admin certificate from an unrelated CA.
+#[derive(Debug, Clone)]
+pub struct ClusterPki {
+    dir: PathBuf,
+    /// The cluster CA certificate.
+    pub ca: PathBuf,
+    /// mdserver.
+    pub server: Ident,
+    /// node1, node2, ... in order.
+    pub nodes: Vec<Ident>,
+    /// An operator with O=mdcluster:admin.
+    pub admin: Ident,
+    /// An operator with O=mdcluster:viewer.
+    pub viewer: Ident,
+    /// An admin certificate signed by another CA (which it also trusts).
+    pub foreign_admin: Ident,
+}
+
+impl ClusterPki {
+    /// Makes the PKI in `dir` for `nodes` nodes (node1..nodeN).
+    pub fn generate(dir: &Path, nodes: usize) -> anyhow::Result<ClusterPki> {
+        ca(dir, "ca")?;
+        ca(dir, "other-ca")?;
+        let mut p = ClusterPki {
+            dir: dir.to_owned(),
+            ca: dir.join("ca.crt"),
+            server: Ident {
+                ca: dir.join("ca.crt"),
+                cert: PathBuf::new(),
+                key: PathBuf::new(),
+            },
+            nodes: Vec::new(),
+            admin: Ident {
+                ca: dir.join("ca.crt"),
+                cert: PathBuf::new(),
+                key: PathBuf::new(),
+            },
+            viewer: Ident {
+                ca: dir.join("ca.crt"),
+                cert: PathBuf::new(),
+                key: PathBuf::new(),
+            },
+            foreign_admin: Ident {
+                ca: dir.join("other-ca.crt"),
+                cert: PathBuf::new(),
+                key: PathBuf::new(),
+            },
+        };
+        p.server = p.issue(
+            "ca",
+            "mdserver",
+            "/O=mdcluster:server/CN=mdserver",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:mdserver\n\
+             extendedKeyUsage=serverAuth,clientAuth\n",
+        )?;
+        for i in 1..=nodes {
+            let n = format!("node{i}");
+            let id = p.node_cert(&n, &n)?;
+            p.nodes.push(id);
+        }
+        p.admin = p.issue(
+            "ca",
+            "admin",
+            "/O=mdcluster:admin/CN=alice",
+            "extendedKeyUsage=clientAuth\n",
+        )?;
+        p.viewer = p.issue(
+            "ca",
+            "viewer",
+            "/O=mdcluster:viewer/CN=victor",
+            "extendedKeyUsage=clientAuth\n",
+        )?;
+        p.foreign_admin = p.issue(
+            "other-ca",
+            "foreign-admin",
+            "/O=mdcluster:admin/CN=mallory",
+            "extendedKeyUsage=clientAuth\n",
+        )?;
+        Ok(p)
+    }
+
+    /// A (new) node certificate for `node` in files named `file.crt`/`file.key`.
+    pub fn node_cert(&self, file: &str, node: &str) -> anyhow::Result<Ident> {
+        self.issue(
+            "ca",
+            file,
+            &format!("/O=mdcluster:nodes/CN={node}"),
+            &format!("subjectAltName=DNS:{node}\nextendedKeyUsage=serverAuth,clientAuth\n"),
+        )
+    }
+
+    /// Issues a certificate with subject `subj` and extensions `ext`, signed by `ca`
+    /// (`ca` or `other-ca`), in `name.crt`/`name.key`.
+    pub fn issue(&self, ca: &str, name: &str, subj: &str, ext: &str) -> anyhow::Result<Ident> {
+        let dir = &self.dir;
+        std::fs::write(dir.join(format!("{name}.ext")), ext).context("write extensions")?;
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                subj,
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+            ],
+        )?;
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-days",
+                "2",
+                "-CA",
+                &format!("{ca}.crt"),
+                "-CAkey",
+                &format!("{ca}.key"),
+                "-CAcreateserial",
+                "-extfile",
+                &format!("{name}.ext"),
+                "-out",
+                &format!("{name}.crt"),
+            ],
+        )?;
+        Ok(Ident {
+            ca: dir.join(format!("{ca}.crt")),
+            cert: dir.join(format!("{name}.crt")),
+            key: dir.join(format!("{name}.key")),
+        })
+    }
+}

@@ -60,14 +60,26 @@ impl MdServer {
         Ok(s)
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>` (`https://` when started with `--tls-cert`).
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("{}://127.0.0.1:{}", self.scheme(), self.port)
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.opts.extra_args.iter().any(|a| a == "--tls-cert") {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
         let bin = crate::tools::bin("mdserver");
-        let mut child = Command::new(&bin)
+        let mut cmd = Command::new(&bin);
+        if self.scheme() == "https" {
+            cmd.env_remove("MDSERVER_INSECURE");
+        }
+        let mut child = cmd
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--etcd")
@@ -166,6 +178,13 @@ impl MdServer {
             bail!("kill -s {signal} {} failed: {st}", c.id());
         }
         Ok(())
+    }
+
+    /// True while the process runs (it has not exited on its own).
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// Starts the replica again on the same port.

@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// The variables that make mdserver, mdagent and mdctl run without TLS (`--insecure`).
+pub const INSECURE_ENV: [&str; 3] = ["MDSERVER_INSECURE", "MDAGENT_INSECURE", "MDCTL_INSECURE"];
+
 /// Default timeout for one external command.
 pub const CMD_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -22,7 +25,19 @@ pub fn target_dir() -> PathBuf {
 
 /// Path of a workspace binary (`mdctl`, `mdserver`, `mdagent`). Panics with what to do
 /// if it has not been built.
+///
+/// The first call also sets `MDSERVER_INSECURE`, `MDAGENT_INSECURE` and `MDCTL_INSECURE`
+/// in this process's environment: every process a test starts speaks plain-text gRPC
+/// unless the test asks for mutual TLS (the rig then removes these from that process's
+/// environment and passes `--tls-*`; see [`crate::cluster::ClusterBuilder::tls`]).
 pub fn bin(name: &str) -> PathBuf {
+    static INSECURE: std::sync::Once = std::sync::Once::new();
+    INSECURE.call_once(|| {
+        for v in INSECURE_ENV {
+            // Set once, before this test starts any process of its own.
+            std::env::set_var(v, "true");
+        }
+    });
     let p = target_dir().join(name);
     assert!(
         p.exists(),

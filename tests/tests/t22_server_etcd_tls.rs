@@ -207,6 +207,12 @@ fn mdserver_reaches_etcd_over_tls_with_a_client_certificate_and_a_password() {
         "{e}"
     );
     assert!(e.contains("--etcd-cacert"), "{e}");
+    eprintln!("--- a password over http:// is refused before anything is sent");
+    let e = mdserver_fails(&plain, &["--etcd-user", USER, "--etcd-password-file", &pw]);
+    assert!(
+        e.contains("refusing to send the etcd password of user mdserver") && e.contains(&plain),
+        "{e}"
+    );
     let e = mdserver_fails(&url, &["--etcd-cacert", &pw]);
     assert!(e.contains("holds no PEM \"CERTIFICATE\" block"), "{e}");
     drop(etcd);

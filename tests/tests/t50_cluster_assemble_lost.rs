@@ -174,6 +174,11 @@ async fn a_session_lost_during_assemble_fails_it_and_leaves_nothing_running() {
         "--- the session is lost (its locks with it) and replaced, as the agent's keeper does"
     );
     node.set_session(None);
+    let dropped = node
+        .drop_lost_arrays("closed by the test")
+        .await
+        .expect("nothing stuck");
+    assert!(dropped.is_empty(), "not joined yet: {dropped:?}");
     match Arc::try_unwrap(first) {
         Ok(s) => s.close().await.expect("close session"),
         Err(s) => drop(s),
@@ -187,7 +192,6 @@ async fn a_session_lost_during_assemble_fails_it_and_leaves_nothing_running() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let second = open_session(&server.url()).await;
-    node.rejoin(&second).await;
     node.set_session(Some(second.clone()));
     *hold.released.lock().unwrap() = true;
     hold.cv.notify_all();

@@ -1,7 +1,8 @@
 //! t50: the cluster API through `mdctl` on a real cluster (etcd, mdserver, three
 //! cluster-mode agents on 127.0.0.1-3):
 //! - every error reason keeps its errno across agent → mdserver → mdctl and gives its
-//!   own exit code and a sentence naming node and array;
+//!   own exit code and a sentence naming node and array (EIO: see
+//!   `t70_cluster_manage_add`);
 //! - `mdctl create` writes members that the real `mdadm --examine` reads as the same
 //!   array; `mdctl mdstat` parses with the `mdstat` parser from PyPI; `detail` merges
 //!   every node (and names each member's fencing: files are fenced by the gate only);
@@ -73,7 +74,9 @@ fn errors_keep_their_reason_and_exit_code() {
         5
     );
     assert_eq!(c.code(&["assemble", "md5", m[0], m[1]]).0, 5);
-    eprintln!("--- EIO (6): a member that cannot be opened for writing");
+    eprintln!("--- EPERM (9): a directory the allow-list matches is no device");
+    let sub = dir.join("sub");
+    std::fs::create_dir(&sub).unwrap();
     let (rc, err) = c.code(&[
         "create",
         "md6",
@@ -81,13 +84,13 @@ fn errors_keep_their_reason_and_exit_code() {
         "2",
         "--bitmap",
         "internal",
-        dir.to_str().unwrap(),
+        sub.to_str().unwrap(),
         m[1],
     ]);
-    assert_eq!(rc, 6, "a directory as member: {err}");
+    assert_eq!(rc, 9, "a directory as member: {err}");
     assert!(
-        err.contains(dir.to_str().unwrap()),
-        "the sentence names the device: {err}"
+        err.contains(sub.to_str().unwrap()) && err.contains("neither a block device"),
+        "the sentence names the device and why: {err}"
     );
     eprintln!("--- ETIMEDOUT (7): node2's agent does not answer (SIGSTOP)");
     let pid = c.agents[1].pid().unwrap().to_string();
@@ -194,7 +197,7 @@ fn errors_keep_their_reason_and_exit_code() {
 #[test]
 fn create_mdadm_mdstat_detail_monitor_tune() {
     let c = ClusterBuilder::new(2)
-        .agent_args(&["--nbd-tcp", "127.0.0.1:0"])
+        .agent_args(&["--nbd-tcp", "127.0.0.1:0", "--nbd-insecure"])
         .start()
         .expect("cluster");
     let dir = c.path().to_owned();

@@ -309,7 +309,7 @@ fn one_round(round: usize) {
         assert!(
             log.lines()
                 .any(|l| l.contains("session reconnecting => connected")
-                    && l.contains(&format!("endpoint={live}"))),
+                    && l.contains(&format!("resumed on {live}"))),
             "{node} did not move its session to {live}; log:\n{log}"
         );
     }

@@ -388,14 +388,29 @@ fn round(n: usize) {
     assert_eq!(rc, 0, "SIGCONT node2");
     thaw.0 = None;
     let resumed = Instant::now();
-    let code = c.agents[1].wait_exit(TTL * 4);
+    // node2 finds its session lost: it stops md0 without writing metadata and assembles
+    // it again on a new session, in the same process.
+    let deadline = resumed + TTL * 4;
+    loop {
+        let log = plain(&c.agents[1].log_text());
+        if log.contains("arrays of the lost session stopped without writing metadata") {
+            break;
+        }
+        assert_eq!(
+            c.agents[1].wait_exit(Duration::ZERO),
+            None,
+            "node2 exited; log:\n{log}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "node2 did not stop the md0 of its lost session {:?} after the thaw; log:\n{log}",
+            resumed.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let gone = resumed.elapsed();
-    eprintln!("node2 exited with {code:?} {gone:?} after it was thawed");
+    eprintln!("node2 stopped the md0 of its lost session {gone:?} after it was thawed");
     let log2 = plain(&c.agents[1].log_text());
-    assert!(
-        code.is_some(),
-        "node2 still runs {gone:?} after the thaw; log:\n{log2}"
-    );
     let _ = queue.join();
     let _ = reader2.join();
 
@@ -455,6 +470,24 @@ fn round(n: usize) {
         },
         || format!("status of node1: {}", c.node_status("md0", "node1")),
     );
+    // node2 assembled md0 again on its new session (same process): stopped too before
+    // the members are compared.
+    let node2_active = || {
+        let d: serde_json::Value =
+            serde_json::from_str(&c.mdctl_ok(&["--json", "detail", "md0"])).expect("detail");
+        d["nodes"].as_array().is_some_and(|v| {
+            v.iter()
+                .any(|n| n["node"] == "node2" && n["state"] == "active")
+        })
+    };
+    wait_for(
+        "node2's md0 again",
+        Duration::from_secs(60),
+        node2_active,
+        || c.mdctl_ok(&["--json", "detail", "md0"]),
+    );
+    assert_eq!(c.agents[1].wait_exit(Duration::ZERO), None, "node2 exited");
+    c.mdctl_ok(&["--node", "node2", "stop", "md0"]);
     c.mdctl_ok(&["--node", "node1", "stop", "md0"]);
     assert_members_identical(&c.disks(2));
     eprintln!(
@@ -464,7 +497,7 @@ fn round(n: usize) {
     );
     eprintln!(
         "round {n}: pause {in_flight} in flight + {QUEUED} writes and a flush queued; takeover \
-         {took_over:?} after the pause; node2 gone {gone:?} after the thaw (exit {code:?}); \
+         {took_over:?} after the pause; node2's old md0 stopped {gone:?} after the thaw (no exit); \
          writes in flight at the pause answered after the thaw: {after_thaw}; members identical"
     );
     drop(c);

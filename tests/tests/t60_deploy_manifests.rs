@@ -31,7 +31,7 @@ use mdcluster_tests::deploy::{
     deploy_dir, grpc_probe, ContainerSpec, GrpcProbe, Manifests, Proc, ServingStatus,
 };
 use mdcluster_tests::etcd::{free_port, Etcd};
-use mdcluster_tests::pki::Pki;
+use mdcluster_tests::pki::{ClusterPki, Pki};
 use mdcluster_tests::tools::{bin, run_ok, run_timeout};
 use serde_json::Value;
 
@@ -160,11 +160,92 @@ fn systemd_units_verify_and_restart_on_failure() {
     );
 }
 
+/// The cluster PKI of these tests (mdserver, node1, node2, an admin), made once per run
+/// under the build directory.
+fn pki() -> &'static ClusterPki {
+    static PKI: std::sync::OnceLock<ClusterPki> = std::sync::OnceLock::new();
+    PKI.get_or_init(|| {
+        let dir = mdcluster_tests::tools::target_dir().join("tmp/t60-pki");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        ClusterPki::generate(&dir, 2).unwrap()
+    })
+}
+
+/// Test-only change to mdserver's container: the Secret `mdserver-tls` as the kubelet
+/// mounts it (a directory of the test instead of the mount path, holding the test
+/// PKI's mdserver certificate under the Secret's keys), and a free loopback port for the
+/// plain-text health listener. Returns that port; the probes must use the manifest's.
+fn server_tls(srv: &mut ContainerSpec, dir: &Path) -> u16 {
+    let mount = srv
+        .secret_mounts
+        .iter()
+        .find(|m| m.secret == "mdserver-tls")
+        .unwrap_or_else(|| panic!("the Deployment does not mount Secret mdserver-tls"))
+        .clone();
+    assert!(
+        !mount.optional,
+        "mdserver must not start without its certificate"
+    );
+    let local = dir.join("mdserver-tls");
+    std::fs::create_dir_all(&local).unwrap();
+    let p = pki();
+    for (key, from) in [
+        ("ca.crt", &p.ca),
+        ("tls.crt", &p.server.cert),
+        ("tls.key", &p.server.key),
+    ] {
+        std::fs::copy(from, local.join(key)).unwrap();
+    }
+    for k in ["MDSERVER_TLS_CA", "MDSERVER_TLS_CERT", "MDSERVER_TLS_KEY"] {
+        let v = srv.env(k).unwrap_or_else(|| panic!("no {k}")).to_owned();
+        let rest = v
+            .strip_prefix(&format!("{}/", mount.path))
+            .unwrap_or_else(|| panic!("{k}={v} is not in the mounted Secret"));
+        assert!(
+            local.join(rest).exists(),
+            "{k}={v}: no such key in the Secret"
+        );
+        srv.override_env(k, local.join(rest).to_str().unwrap())
+            .unwrap();
+    }
+    let hport = free_port().unwrap();
+    srv.override_env("MDSERVER_HEALTH_LISTEN", &format!("127.0.0.1:{hport}"))
+        .unwrap();
+    hport
+}
+
+/// Test-only change to node`i`'s agent container: the host's /etc/mdcluster/tls
+/// replaced by the test PKI's files of that node, and a free port on the pod IP for the
+/// plain-text health listener. Returns that port.
+fn agent_tls(a: &mut ContainerSpec, i: usize) -> u16 {
+    let n = &pki().nodes[i - 1];
+    for (k, v) in [
+        ("MDAGENT_TLS_CA", &n.ca),
+        ("MDAGENT_TLS_CERT", &n.cert),
+        ("MDAGENT_TLS_KEY", &n.key),
+    ] {
+        assert!(
+            a.env(k)
+                .is_some_and(|p| p.starts_with("/etc/mdcluster/tls/")),
+            "{k}: {:?}",
+            a.env(k)
+        );
+        a.override_env(k, v.to_str().unwrap()).unwrap();
+    }
+    let hport = free_port().unwrap();
+    a.override_env("MDAGENT_HEALTH_LISTEN", &format!("$(POD_IP):{hport}"))
+        .unwrap();
+    hport
+}
+
 fn mdctl(url: &str, args: &[&str]) -> std::process::Output {
     run_timeout(
         Command::new(bin("mdctl"))
+            .env_remove("MDCTL_INSECURE")
             .arg("--server")
             .arg(url)
+            .args(pki().admin.args())
             .args(args),
         Duration::from_secs(120),
     )
@@ -254,6 +335,8 @@ fn deployment_and_daemonset_as_written_form_a_cluster() {
     srv.override_env("MDSERVER_LISTEN", &format!("127.0.0.1:{sport}"))
         .unwrap();
     srv.override_env("MDSERVER_ETCD", &etcd.url()).unwrap();
+    let health_port = port_of(srv.env("MDSERVER_HEALTH_LISTEN").unwrap());
+    let hport = server_tls(&mut srv, dir.path());
     let mut server: Proc = srv
         .spawn(
             &dir.path().join("mdserver.log"),
@@ -261,7 +344,11 @@ fn deployment_and_daemonset_as_written_form_a_cluster() {
             "mdserver listening on",
         )
         .unwrap();
-    let url = format!("http://127.0.0.1:{sport}");
+    let url = format!("https://127.0.0.1:{sport}");
+    assert_ne!(
+        health_port, srv_port,
+        "the probes need a port without mutual TLS"
+    );
     // The Deployment's probes, as the kubelet makes them (their port mapped to the test's).
     assert_eq!(srv.grpc_probes.len(), 3, "{:?}", srv.grpc_probes);
     assert_eq!(
@@ -270,9 +357,9 @@ fn deployment_and_daemonset_as_written_form_a_cluster() {
     );
     assert_eq!(probe(&srv, "livenessProbe").service, "");
     for p in &srv.grpc_probes {
-        assert_eq!(p.port, srv_port, "{p:?}");
+        assert_eq!(p.port, health_port, "{p:?}");
         probe_until(
-            &format!("127.0.0.1:{sport}"),
+            &format!("127.0.0.1:{hport}"),
             p,
             ServingStatus::Serving,
             Duration::from_secs(10),
@@ -297,7 +384,8 @@ fn deployment_and_daemonset_as_written_form_a_cluster() {
         assert_eq!(a.command, ["mdagent"]);
         assert_eq!(a.env("MDAGENT_NODE"), Some(node.as_str()));
         assert_eq!(a.env("MDAGENT_ADVERTISE"), Some(&*format!("{ip}:7481")));
-        assert_eq!(a.env("MDAGENT_SERVER"), Some("http://mdserver:7480"));
+        assert_eq!(a.env("MDAGENT_SERVER"), Some("https://mdserver:7480"));
+        let health_port = port_of(a.env("MDAGENT_HEALTH_LISTEN").unwrap());
         // Test-only changes: two agents share this host, so each listens on its own
         // loopback address and a free port (still advertised through $(POD_IP)); the
         // Service URL is the test mdserver; the run dir and the member glob are in the
@@ -313,6 +401,7 @@ fn deployment_and_daemonset_as_written_form_a_cluster() {
             .unwrap();
         let allow = format!("{}/disk*", dir.path().display());
         a.override_env("MDAGENT_DEVICE_ALLOW", &allow).unwrap();
+        let hport = agent_tls(&mut a, i);
         grace = a.termination_grace;
         advertised.push(format!("{ip}:{port}"));
         agents.push(
@@ -330,9 +419,9 @@ fn deployment_and_daemonset_as_written_form_a_cluster() {
         assert_eq!(probe(&a, "livenessProbe").service, "");
         for kind in ["startupProbe", "readinessProbe", "livenessProbe"] {
             let p = probe(&a, kind);
-            assert_eq!(p.port, 7481, "{p:?}: the container's MDAGENT_LISTEN port");
+            assert_eq!(p.port, health_port, "{p:?}: the MDAGENT_HEALTH_LISTEN port");
             assert_eq!(
-                grpc_probe(&format!("{ip}:{port}"), &p),
+                grpc_probe(&format!("{ip}:{hport}"), &p),
                 Ok(ServingStatus::Serving),
                 "{node} {p:?}"
             );
@@ -463,6 +552,8 @@ fn agent_readiness_follows_its_session() {
     let etcd = Etcd::start_with(true).unwrap();
     let m = Manifests::load().unwrap();
     let sport = free_port().unwrap();
+    // The health port stays the same across the restart below (as a pod's would).
+    let shport = free_port().unwrap();
     let start_server = |log: &str| -> Proc {
         let mut srv = m
             .container("Deployment", "mdserver", "mdserver", &[])
@@ -470,6 +561,9 @@ fn agent_readiness_follows_its_session() {
         srv.override_env("MDSERVER_LISTEN", &format!("127.0.0.1:{sport}"))
             .unwrap();
         srv.override_env("MDSERVER_ETCD", &etcd.url()).unwrap();
+        server_tls(&mut srv, dir.path());
+        srv.override_env("MDSERVER_HEALTH_LISTEN", &format!("127.0.0.1:{shport}"))
+            .unwrap();
         srv.spawn(&dir.path().join(log), &[], "mdserver listening on")
             .unwrap()
     };
@@ -490,15 +584,17 @@ fn agent_readiness_follows_its_session() {
         .unwrap();
     a.override_env("MDAGENT_ADVERTISE", &format!("$(POD_IP):{port}"))
         .unwrap();
-    a.override_env("MDAGENT_SERVER", &format!("http://127.0.0.1:{sport}"))
+    a.override_env("MDAGENT_SERVER", &format!("https://127.0.0.1:{sport}"))
         .unwrap();
+    let ahport = agent_tls(&mut a, 1);
     a.override_env("MDAGENT_RUN_DIR", dir.path().join("run").to_str().unwrap())
         .unwrap();
     a.override_env("MDAGENT_SESSION_TTL", "3s").unwrap();
     let mut agent = a
         .spawn(&dir.path().join("node1.log"), &[], "mdagent ready")
         .unwrap();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = format!("127.0.0.1:{ahport}");
+    let agent_addr = format!("127.0.0.1:{port}");
     let ready = probe(&a, "readinessProbe");
     let live = probe(&a, "livenessProbe");
     assert_eq!(grpc_probe(&addr, &ready), Ok(ServingStatus::Serving));
@@ -525,8 +621,8 @@ fn agent_readiness_follows_its_session() {
     );
     eprintln!("readiness SERVING {took:?} after mdserver restarted");
     assert_eq!(grpc_probe(&addr, &live), Ok(ServingStatus::Serving));
-    let nodes = wait_nodes(&format!("http://127.0.0.1:{sport}"), 1);
-    assert!(nodes.to_string().contains(&addr), "{nodes}");
+    let nodes = wait_nodes(&format!("https://127.0.0.1:{sport}"), 1);
+    assert!(nodes.to_string().contains(&agent_addr), "{nodes}");
 
     assert_eq!(
         agent.term(a.termination_grace),
@@ -541,7 +637,7 @@ fn agent_readiness_follows_its_session() {
         .container("Deployment", "mdserver", "mdserver", &[])
         .unwrap();
     let (ready, live) = (probe(&srv, "readinessProbe"), probe(&srv, "livenessProbe"));
-    let saddr = format!("127.0.0.1:{sport}");
+    let saddr = format!("127.0.0.1:{shport}");
     assert_eq!(grpc_probe(&saddr, &ready), Ok(ServingStatus::Serving));
     let mut etcd = etcd;
     etcd.kill();
@@ -628,7 +724,8 @@ fn deployment_reaches_a_tls_etcd_with_the_documented_settings() {
             vec![("password", b"pw-from-secret\n".to_vec())],
         ),
     ];
-    assert_eq!(srv.secret_mounts.len(), 2, "{:?}", srv.secret_mounts);
+    assert_eq!(srv.secret_mounts.len(), 3, "{:?}", srv.secret_mounts);
+    let hport = server_tls(&mut srv, dir.path());
     let mut mounts = Vec::new();
     for (secret, files) in &secrets {
         let mount = srv
@@ -675,11 +772,11 @@ fn deployment_reaches_a_tls_etcd_with_the_documented_settings() {
             "mdserver listening on",
         )
         .unwrap();
-    let url = format!("http://127.0.0.1:{sport}");
+    let url = format!("https://127.0.0.1:{sport}");
     let nodes = wait_nodes(&url, 0);
     eprintln!("mdctl nodes through the TLS etcd: {nodes}");
     probe_until(
-        &format!("127.0.0.1:{sport}"),
+        &format!("127.0.0.1:{hport}"),
         &probe(&srv, "readinessProbe"),
         ServingStatus::Serving,
         Duration::from_secs(10),

@@ -50,7 +50,7 @@ impl Local {
         Local {
             state,
             env,
-            url: format!("http://127.0.0.1:{sport}"),
+            url: format!("https://127.0.0.1:{sport}"),
             down: false,
         }
     }
@@ -101,11 +101,23 @@ impl Local {
     fn mdctl(&self, args: &[&str]) -> Output {
         run_timeout(
             Command::new(bin("mdctl"))
+                .env_remove("MDCTL_INSECURE")
                 .arg("--server")
                 .arg(&self.url)
+                .args(self.admin())
                 .args(args),
             Duration::from_secs(60),
         )
+    }
+
+    /// The admin certificate up.sh made (its cluster runs mutual TLS).
+    fn admin(&self) -> Vec<String> {
+        let pki = self.path().join("pki");
+        ["ca.crt", "admin.crt", "admin.key"]
+            .iter()
+            .zip(["--tls-ca", "--tls-cert", "--tls-key"])
+            .flat_map(|(f, flag)| [flag.to_owned(), pki.join(f).display().to_string()])
+            .collect()
     }
 
     fn mdctl_ok(&self, args: &[&str]) -> String {
@@ -196,6 +208,42 @@ fn up_twice_cycles_nbdfuse_losetup_then_down_leaves_nothing() {
     let out = l.script_ok("up.sh");
     eprintln!("up.sh took {:?}", t.elapsed());
     assert!(out.contains("creating md0 on node1"), "{out}");
+    assert!(out.contains("made the cluster CA"), "{out}");
+    eprintln!("--- mutual TLS by default: plain text gets no answer, the viewer reads only");
+    let plain = run_timeout(
+        Command::new(bin("mdctl"))
+            .args(["--insecure", "--server"])
+            .arg(l.url.replacen("https://", "http://", 1))
+            .arg("nodes"),
+        Duration::from_secs(60),
+    );
+    // No gRPC answer: unreachable (11) or a broken HTTP/2 exchange (6), nothing printed.
+    assert!(
+        matches!(plain.status.code(), Some(6 | 11)) && plain.stdout.is_empty(),
+        "{plain:?}"
+    );
+    let pki = state.join("pki");
+    let viewer = |args: &[&str]| {
+        run_timeout(
+            Command::new(bin("mdctl"))
+                .env_remove("MDCTL_INSECURE")
+                .arg("--server")
+                .arg(&l.url)
+                .arg("--tls-ca")
+                .arg(pki.join("ca.crt"))
+                .arg("--tls-cert")
+                .arg(pki.join("viewer.crt"))
+                .arg("--tls-key")
+                .arg(pki.join("viewer.key"))
+                .args(args),
+            Duration::from_secs(60),
+        )
+    };
+    assert!(viewer(&["nodes"]).status.success());
+    assert_eq!(
+        viewer(&["--node", "node2", "stop", "md0"]).status.code(),
+        Some(9)
+    );
     assert!(out.contains("Intent Bitmap : Clustered"), "{out}");
     assert!(out.contains("State : clean"), "{out}");
     let active_rows = out

@@ -45,6 +45,7 @@ use tokio::sync::broadcast;
 
 pub use assemble::{ArrayIdentity, AssembleError, AssembleOptions};
 
+use crate::allow::DeviceAllow;
 use crate::format::create::CreateSpec;
 use crate::format::io::DeviceError;
 use crate::nbd::{ClientInfo, ClientSet, Exports, OpenError, OpenExport};
@@ -92,11 +93,8 @@ pub enum ArrayError {
     #[error("EINVAL: {0}")]
     Invalid(String),
     /// A device is not under the allow-list.
-    #[error("EPERM: {path} is not under any --device-allow pattern")]
-    NotAllowed {
-        /// The path.
-        path: PathBuf,
-    },
+    #[error("EPERM: {0}")]
+    NotAllowed(#[from] crate::allow::Denied),
     /// Assembling failed.
     #[error("EIO: assemble {name:?}: {source}")]
     Assemble {
@@ -134,7 +132,11 @@ impl ArrayError {
             ArrayError::Busy { .. } | ArrayError::Claimed { .. } => "EBUSY",
             ArrayError::Exists { .. } => "EEXIST",
             ArrayError::Invalid(_) => "EINVAL",
-            ArrayError::NotAllowed { .. } => "EPERM",
+            ArrayError::NotAllowed(_) => "EPERM",
+            ArrayError::Create {
+                source: DeviceError::Duplicate { .. },
+                ..
+            } => "EINVAL",
             ArrayError::Assemble { .. } | ArrayError::Create { .. } | ArrayError::Raid(_) => "EIO",
         }
     }
@@ -319,8 +321,8 @@ pub struct RegistryConfig {
     pub drain_timeout: Duration,
     /// Assemble options (bitmap slot, speed limits, daemon_sleep override).
     pub assemble: AssembleOptions,
-    /// Glob patterns of member paths that may be opened; empty = any.
-    pub device_allow: Vec<String>,
+    /// The member paths that may be opened ([`crate::allow`]).
+    pub device_allow: DeviceAllow,
     /// The arrays assembled on this node by UUID (shared by the node's registries).
     pub claims: Arc<Claims>,
 }
@@ -331,7 +333,7 @@ impl Default for RegistryConfig {
             stop_grace: Duration::from_secs(3),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             assemble: AssembleOptions::default(),
-            device_allow: Vec::new(),
+            device_allow: DeviceAllow::default(),
             claims: Arc::default(),
         }
     }
@@ -378,19 +380,8 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
 }
 
-/// Shell-style match of `path` against `pattern` (`*` any run of characters, `?` one).
-pub fn glob_match(pattern: &str, path: &str) -> bool {
-    fn go(p: &[u8], s: &[u8]) -> bool {
-        match (p.first(), s.first()) {
-            (None, None) => true,
-            (Some(b'*'), _) => go(&p[1..], s) || (!s.is_empty() && go(p, &s[1..])),
-            (Some(b'?'), Some(_)) => go(&p[1..], &s[1..]),
-            (Some(a), Some(b)) if a == b => go(&p[1..], &s[1..]),
-            _ => false,
-        }
-    }
-    go(pattern.as_bytes(), path.as_bytes())
-}
+/// Glob match of allow-list patterns ([`crate::allow::glob_match`]).
+pub use crate::allow::glob_match;
 
 impl Registry {
     /// An empty registry.
@@ -487,24 +478,18 @@ impl Registry {
         }
     }
 
-    fn check_allowed(&self, paths: &[PathBuf]) -> Result<(), ArrayError> {
-        if self.config.device_allow.is_empty() {
-            return Ok(());
-        }
-        for p in paths {
-            let s = p.to_string_lossy();
-            if !self.config.device_allow.iter().any(|g| glob_match(g, &s)) {
-                return Err(ArrayError::NotAllowed { path: p.clone() });
-            }
-        }
-        Ok(())
+    /// Checks `paths` against the allow-list; their resolutions (blocking only for
+    /// the symlink lookups, which are quick).
+    fn check_allowed(&self, paths: &[PathBuf]) -> Result<Vec<PathBuf>, ArrayError> {
+        Ok(self.config.device_allow.check_all(paths)?)
     }
 
     /// Reserves `name` in state assembling (the only place an entry is allocated).
     fn reserve(&self, name: &str) -> Result<(), ArrayError> {
         if !valid_name(name) {
             return Err(ArrayError::Invalid(format!(
-                "invalid array name {name:?}: 1-32 of [A-Za-z0-9_.-]"
+                "invalid array name {}: 1-32 of [A-Za-z0-9_.-]",
+                crate::quote::quoted(name)
             )));
         }
         let mut map = self.lock();
@@ -596,9 +581,8 @@ impl Registry {
         members: &[PathBuf],
         force: bool,
     ) -> Result<ArrayInfo, ArrayError> {
-        self.check_allowed(members)?;
+        let paths = self.check_allowed(members)?;
         self.reserve(name)?;
-        let paths = members.to_vec();
         let created = tokio::task::spawn_blocking(move || {
             crate::format::io::create_members(&spec, &paths, force).map(|_| ())
         })
@@ -617,6 +601,16 @@ impl Registry {
 
     /// Stops `name` (see the module doc, rule 3).
     pub async fn stop(&self, name: &str, force: bool) -> Result<(), ArrayError> {
+        self.stop_with(name, force, self.config.stop_grace).await
+    }
+
+    /// Like [`Registry::stop`] with `force`, without waiting for the clients to leave
+    /// first: they are disconnected at once (an array whose I/O can no longer succeed).
+    pub async fn stop_now(&self, name: &str) -> Result<(), ArrayError> {
+        self.stop_with(name, true, Duration::ZERO).await
+    }
+
+    async fn stop_with(&self, name: &str, force: bool, grace: Duration) -> Result<(), ArrayError> {
         let (clients, raid) = {
             let mut map = self.lock();
             let e = map.get_mut(name).ok_or_else(|| ArrayError::NotFound {
@@ -647,7 +641,7 @@ impl Registry {
                 clients: left.iter().map(ToString::to_string).collect(),
             }
         };
-        if let Err(left) = clients.wait_empty(self.config.stop_grace).await {
+        if let Err(left) = clients.wait_empty(grace).await {
             if !force {
                 return Err(back_to_active(left, "in use"));
             }

@@ -8,9 +8,10 @@
 //! This module owns:
 //! - [`expand`]: the node's `--device-allow` globs expanded into the existing block
 //!   devices and regular files they match (the same matching as
-//!   [`super::glob_match`]: `*` also crosses `/`; the walk starts at each pattern's
-//!   literal directory, does not follow symlinked directories, and is bounded in depth
-//!   and entries);
+//!   [`crate::allow::glob_match`]: `*` stays within one path component; the walk
+//!   starts at each pattern's literal directory, does not follow symlinked
+//!   directories, and is bounded in depth and entries); every candidate, the preferred
+//!   paths too, then passes [`DeviceAllow::check`] (symlinks and `..` resolved);
 //! - [`select`] (pure): from probed candidates, the members of one array, each device
 //!   once (two paths to one device are one member; two devices with one device UUID
 //!   are refused as ambiguous);
@@ -19,6 +20,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::allow::DeviceAllow;
 use crate::format::fmt_uuid;
 use crate::format::io::MetaDev;
 use crate::format::superblock::{DevRole, Superblock, SB_BLOCK_BYTES};
@@ -132,26 +134,20 @@ fn walk(dir: &Path, pattern: &str, depth: usize, budget: &mut usize, out: &mut V
 
 /// Whether some path below directory `dir` could match `pattern`: the pattern's
 /// literal part agrees with `dir/`, and the pattern reaches below it (a `*` crosses
-/// `/`; otherwise it needs more `/` than `dir` has).
+/// `/` with wildcards matching within one component: it needs more `/` than `dir` has).
 fn prefix_may_match(pattern: &str, dir: &str) -> bool {
     let d = format!("{dir}/");
     let lit = &pattern[..pattern.find(['*', '?']).unwrap_or(pattern.len())];
     let agrees = lit.starts_with(&d) || d.starts_with(lit);
-    agrees && (pattern.contains('*') || pattern.matches('/').count() > dir.matches('/').count())
+    agrees && pattern.matches('/').count() > dir.matches('/').count()
 }
 
-/// The paths to probe: the `preferred` ones `patterns` allow, then every device the
-/// patterns expand to.
-fn candidates(patterns: &[String], preferred: &[PathBuf]) -> Vec<PathBuf> {
-    let mut paths: Vec<PathBuf> = preferred
-        .iter()
-        .filter(|p| {
-            let s = p.to_string_lossy();
-            patterns.iter().any(|g| super::glob_match(g, &s))
-        })
-        .cloned()
-        .collect();
-    paths.extend(expand(patterns));
+/// The paths to probe: the `preferred` ones `allow` allows, then every device its
+/// patterns expand to that passes the check too (symlinks and `..` resolved).
+fn candidates(allow: &DeviceAllow, preferred: &[PathBuf]) -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = preferred.to_vec();
+    paths.extend(expand(allow.patterns()));
+    paths.retain(|p| allow.check(p).is_ok());
     paths
 }
 
@@ -234,19 +230,19 @@ pub fn read_superblock(path: &Path) -> Option<Superblock> {
 /// first (e.g. the recorded ones, when allowed here). Blocking (reads superblocks).
 pub fn find_array(
     uuid: &[u8; 16],
-    patterns: &[String],
+    allow: &DeviceAllow,
     preferred: &[PathBuf],
 ) -> Result<Vec<PathBuf>, ScanError> {
     let what = format!("a member of array {}", fmt_uuid(uuid));
-    if patterns.is_empty() {
+    if allow.patterns().is_empty() {
         return Err(ScanError::NoPatterns { what });
     }
-    let paths = candidates(patterns, preferred);
+    let paths = candidates(allow, preferred);
     let found = select(uuid, &probe(&paths))?;
     if found.is_empty() {
         return Err(ScanError::NotFound {
             what,
-            patterns: patterns.join(", "),
+            patterns: crate::quote::cut(&allow.patterns().join(", ")),
         });
     }
     Ok(found)
@@ -257,7 +253,7 @@ pub fn find_array(
 pub fn find_device(
     uuid: &[u8; 16],
     device_uuid: &[u8; 16],
-    patterns: &[String],
+    allow: &DeviceAllow,
     preferred: &[PathBuf],
 ) -> Result<PathBuf, ScanError> {
     let what = format!(
@@ -265,10 +261,10 @@ pub fn find_device(
         fmt_uuid(device_uuid),
         fmt_uuid(uuid)
     );
-    if patterns.is_empty() {
+    if allow.patterns().is_empty() {
         return Err(ScanError::NoPatterns { what });
     }
-    let paths = candidates(patterns, preferred);
+    let paths = candidates(allow, preferred);
     let probes: Vec<Probe> = probe(&paths)
         .into_iter()
         .filter(|p| &p.device_uuid == device_uuid)
@@ -278,7 +274,7 @@ pub fn find_device(
         .next()
         .ok_or(ScanError::NotFound {
             what,
-            patterns: patterns.join(", "),
+            patterns: crate::quote::cut(&allow.patterns().join(", ")),
         })
 }
 
@@ -355,7 +351,7 @@ mod tests {
         let r = root.display();
         let got = expand(&[format!("{r}/n1/m*")]);
         assert_eq!(got, vec![root.join("n1/m0"), root.join("n1/m1")]);
-        // `*` crosses `/`, as glob_match does.
+        // `*` stays within one component, as glob_match does.
         let got = expand(&[format!("{r}/n1/*")]);
         assert_eq!(
             got,
@@ -363,10 +359,11 @@ mod tests {
                 root.join("n1/link"),
                 root.join("n1/m0"),
                 root.join("n1/m1"),
-                root.join("n1/sub/m2"),
                 root.join("n1/x0"),
             ]
         );
+        let got = expand(&[format!("{r}/n1/*/*")]);
+        assert_eq!(got, vec![root.join("n1/sub/m2")]);
         // A pattern without wildcard names one path; a missing one nothing.
         let got = expand(&[format!("{r}/n2/m0"), format!("{r}/n2/nope")]);
         assert_eq!(got, vec![root.join("n2/m0")]);
@@ -391,9 +388,10 @@ mod tests {
 
     #[test]
     fn without_patterns_nothing_is_scanned() {
-        let e = find_array(&[1; 16], &[], &[]).unwrap_err();
+        let none = DeviceAllow::default();
+        let e = find_array(&[1; 16], &none, &[]).unwrap_err();
         assert!(matches!(e, ScanError::NoPatterns { .. }));
-        let e = find_device(&[1; 16], &[2; 16], &[], &[]).unwrap_err();
+        let e = find_device(&[1; 16], &[2; 16], &none, &[]).unwrap_err();
         assert!(e.to_string().contains("--device-allow"), "{e}");
     }
 }

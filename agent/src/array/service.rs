@@ -310,8 +310,22 @@ impl Service {
 
     /// Stops `name` and removes its NBD socket.
     pub async fn stop(&self, name: &str, force: bool) -> Result<Value, ServiceError> {
+        self.stop_inner(name, force, false).await
+    }
+
+    /// Stops `name` with its clients forced off at once (no grace for them to leave):
+    /// for an array whose I/O can no longer succeed (its session was lost).
+    pub async fn stop_now(&self, name: &str) -> Result<Value, ServiceError> {
+        self.stop_inner(name, true, true).await
+    }
+
+    async fn stop_inner(&self, name: &str, force: bool, now: bool) -> Result<Value, ServiceError> {
         let mut served = self.ops.lock().await;
-        let result = self.registry.stop(name, force).await;
+        let result = if now {
+            self.registry.stop_now(name).await
+        } else {
+            self.registry.stop(name, force).await
+        };
         if self.registry.lookup(name).is_err() {
             self.stop_listener(&mut served, name).await;
         }
@@ -389,25 +403,24 @@ impl Service {
     }
 
     /// Serves the control socket at `path` until `shutdown` is cancelled.
+    ///
+    /// The socket is owner-only (0600) from the moment it can be reached: it is bound
+    /// inside a new private directory (0700), made 0600 there, then renamed into place.
+    /// Each connection's peer is checked too (SO_PEERCRED): only root and this process's
+    /// own user are served; anyone else gets one EPERM answer and is disconnected.
     pub async fn serve_control(
         self: Arc<Self>,
         path: &Path,
         shutdown: CancellationToken,
     ) -> Result<(), ServiceError> {
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path).map_err(|source| ServiceError::Control {
+        let control_err = |source| ServiceError::Control {
             path: path.to_owned(),
             source,
-        })?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
-                |source| ServiceError::Control {
-                    path: path.to_owned(),
-                    source,
-                },
-            )?;
-        }
+        };
+        let _ = std::fs::remove_file(path);
+        let listener = bind_owner_only(path).map_err(control_err)?;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me_uid = unsafe { libc::geteuid() };
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_CONNECTIONS));
         loop {
             let (stream, _) = tokio::select! {
@@ -425,6 +438,47 @@ impl Service {
                 drop(stream);
                 continue;
             };
+            match stream.peer_cred() {
+                Ok(c) if c.uid() == 0 || c.uid() == me_uid => {}
+                other => {
+                    let who = match &other {
+                        Ok(c) => match c.pid() {
+                            Some(pid) => format!("uid {} (pid {pid})", c.uid()),
+                            None => format!("uid {}", c.uid()),
+                        },
+                        Err(e) => format!("an unknown peer ({e})"),
+                    };
+                    tracing::warn!(
+                        "control socket: refused {who}: only root and uid {me_uid} may use it"
+                    );
+                    let mut stream = stream;
+                    let answer = json!({
+                        "ok": false,
+                        "errno": "EPERM",
+                        "error": format!(
+                            "permission denied: the control socket serves only root and uid \
+                             {me_uid} (the agent's user); this connection is from {who}"
+                        ),
+                    });
+                    tokio::spawn(async move {
+                        // Read (bounded) the request, so the answer is not lost to a
+                        // reset, then answer and close.
+                        let line = format!("{answer}\n");
+                        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                            let mut request = String::new();
+                            let (r, mut w) = stream.split();
+                            let _ = BufReader::new(r)
+                                .take(MAX_LINE as u64)
+                                .read_line(&mut request)
+                                .await;
+                            let _ = w.write_all(line.as_bytes()).await;
+                        })
+                        .await;
+                        drop(permit);
+                    });
+                    continue;
+                }
+            }
             let me = self.clone();
             tokio::spawn(async move {
                 me.control_connection(stream).await;
@@ -459,4 +513,23 @@ impl Service {
             }
         }
     }
+}
+
+/// Binds a unix socket at `path` that is 0600 before anyone can reach it: bound in a new
+/// 0700 directory beside `path`, made 0600 there, then renamed to `path`.
+fn bind_owner_only(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let parent = path.parent().unwrap_or(Path::new("."));
+    let private = parent.join(format!(".mdagent-ctl.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let tmp = private.join("ctl");
+    let bound = (|| {
+        let listener = UnixListener::bind(&tmp)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&tmp, path)?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    bound
 }

@@ -13,9 +13,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use mdcluster_agent::allow::{DeviceAllow, EmptyList};
 use mdcluster_agent::array::service::Service;
 use mdcluster_agent::array::{AssembleOptions, Registry, RegistryConfig};
-use mdcluster_agent::nbd::ServerConfig;
+use mdcluster_agent::nbd::{NbdTls, PayloadBudget, ServerConfig};
 use mdcluster_agent::raid::{SpeedLimits, SB_CHANGE_WAIT};
 use tokio_util::sync::CancellationToken;
 
@@ -27,13 +28,20 @@ with mdserver's lock service, registers ADDR there, and serves the gRPC agent se
 that mdserver routes mdctl's per-node operations to (create, assemble, stop, detail,
 mdstat, monitor, tune). A clustered array holds its bitmap slot lock while assembled; a
 node that dies is taken over by a survivor, which resyncs exactly its dirty chunks. If
-the session cannot be renewed before its fence deadline while clustered arrays are
-assembled, the agent ends itself at once with status 75 (self-fencing): restart it (the
-arrays in <run-dir>/arrays.json are assembled again). The control socket is not served.
+the session cannot be renewed before its fence deadline, member I/O of clustered arrays
+is suspended (requests wait up to --suspend-io-timeout) while the session keeps trying
+to resume (--suspend-max past the lease deadline); once the session turns out lost, its
+arrays are stopped without writing metadata and the arrays in <run-dir>/arrays.json are
+assembled again on a new session, in this process. Status 75 is the last resort when
+such an array cannot be stopped: restart the agent. The control socket is not served.
 The standard gRPC health service (grpc.health.v1.Health, for Kubernetes probes) is served
 on --listen beside the agent service: the overall status (service \"\") is SERVING while
 the agent serves; service mdcluster.v1.AgentService is SERVING while the node holds its
-session, NOT_SERVING while a lost one is replaced and once shutdown has begun.
+session, NOT_SERVING while it is suspended, while a lost one is replaced and its arrays
+assembled again, and once shutdown has begun.
+Every gRPC hop runs mutual TLS (--tls-ca, --tls-cert with this node's certificate:
+O=mdcluster:nodes, CN and a SAN DNS name = --node; --tls-key); only mdserver's
+certificate may call the agent service. --insecure runs plain text instead.
 
 Standalone mode (no --server): arrays given with --assemble NAME=DEV,DEV are assembled
 at start; more are created, assembled, stopped and inspected through the control socket
@@ -65,7 +73,8 @@ struct Args {
     /// This node's name, unique in the cluster.
     #[arg(long, env = "MDAGENT_NODE")]
     node: Option<String>,
-    /// URL of an mdserver (e.g. http://127.0.0.1:7480). Without it the agent runs
+    /// URL of an mdserver (e.g. https://127.0.0.1:7480; http:// with --insecure), or
+    /// several replicas comma-separated. Without it the agent runs
     /// standalone.
     #[arg(long, env = "MDAGENT_SERVER")]
     server: Option<String>,
@@ -76,8 +85,12 @@ struct Args {
     #[arg(long, env = "MDAGENT_RUN_DIR", default_value = "/run/mdcluster")]
     run_dir: PathBuf,
     /// Glob of member paths the agent may open; repeat for several. Nothing else is opened.
-    /// In cluster mode also where this node looks for members by UUID when another
-    /// node's paths do not fit here (assemble from the cluster's record, NEWDISK).
+    /// `*` and `?` match within one path component; a path is resolved (symlinks, `..`)
+    /// before it is matched, and a symlink a pattern names (udev's
+    /// /dev/disk/by-id/...) is followed. Empty: standalone opens any path, cluster
+    /// mode opens nothing. In cluster mode also where this node looks for members by
+    /// UUID when another node's paths do not fit here (assemble from the cluster's
+    /// record, NEWDISK).
     #[arg(
         long = "device-allow",
         env = "MDAGENT_DEVICE_ALLOW",
@@ -88,8 +101,28 @@ struct Args {
     #[arg(long = "assemble", value_name = "NAME=DEV,DEV")]
     assemble: Vec<String>,
     /// Also serve every array over NBD on this TCP address (export name = array name).
+    /// Needs --nbd-tls-ca/--nbd-tls-cert/--nbd-tls-key (clients negotiate
+    /// NBD_OPT_STARTTLS with a certificate signed by that CA), or --nbd-insecure.
     #[arg(long, env = "MDAGENT_NBD_TCP")]
     nbd_tcp: Option<String>,
+    /// PEM file of the CA that NBD TCP clients' certificates must be signed by.
+    #[arg(long, env = "MDAGENT_NBD_TLS_CA", requires_all = ["nbd_tls_cert", "nbd_tls_key"])]
+    nbd_tls_ca: Option<PathBuf>,
+    /// PEM file of this agent's NBD TLS certificate (chain).
+    #[arg(long, env = "MDAGENT_NBD_TLS_CERT", requires_all = ["nbd_tls_ca", "nbd_tls_key"])]
+    nbd_tls_cert: Option<PathBuf>,
+    /// PEM file of the private key of --nbd-tls-cert.
+    #[arg(long, env = "MDAGENT_NBD_TLS_KEY", requires_all = ["nbd_tls_ca", "nbd_tls_cert"])]
+    nbd_tls_key: Option<PathBuf>,
+    /// Payload bytes (read and write data) in flight across every NBD connection of this
+    /// agent, in MiB; a request beyond it waits (at most 30 s, then its connection is
+    /// closed).
+    #[arg(long, env = "MDAGENT_NBD_PAYLOAD_BUDGET_MIB", default_value_t = 1024)]
+    nbd_payload_budget_mib: usize,
+    /// Serve --nbd-tcp without TLS: anyone who reaches the address reads and writes
+    /// every array. Only for a network nothing else can reach.
+    #[arg(long, env = "MDAGENT_NBD_INSECURE")]
+    nbd_insecure: bool,
     /// How long a stop waits for connected NBD clients to leave before answering EBUSY.
     #[arg(long, env = "MDAGENT_STOP_GRACE", default_value = "3s")]
     stop_grace: humantime::Duration,
@@ -127,6 +160,12 @@ struct Args {
     /// Cluster mode: self-fencing margin before the session's lease deadline.
     #[arg(long, env = "MDAGENT_FENCE_MARGIN", default_value = "1s")]
     fence_margin: humantime::Duration,
+    /// Cluster mode: how long past its lease deadline a session that no mdserver replica
+    /// could renew (and none said is gone: etcd or every replica unreachable) stays
+    /// suspended, member I/O held, before it counts as lost (its arrays are then
+    /// stopped and assembled again on a new session).
+    #[arg(long, env = "MDAGENT_SUSPEND_MAX", default_value = "5m")]
+    suspend_max: humantime::Duration,
     /// Cluster mode: how long a request of a clustered array waits while the node is
     /// fenced (its session not renewed before the fence deadline) before it fails with
     /// EIO; it goes on at once when the session is renewed.
@@ -136,6 +175,25 @@ struct Args {
     /// previous session of this node that has to expire first).
     #[arg(long, env = "MDAGENT_CONNECT_TIMEOUT", default_value = "60s")]
     connect_timeout: humantime::Duration,
+    /// Cluster mode: PEM file of the cluster CA (mutual TLS on the agent service and the
+    /// session to mdserver; only mdserver's certificate may call the agent service).
+    #[arg(long, env = "MDAGENT_TLS_CA", value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    /// Cluster mode: PEM file of this node's certificate (O=mdcluster:nodes, CN and a SAN
+    /// DNS name = --node). Reloaded when the file changes or on SIGHUP.
+    #[arg(long, env = "MDAGENT_TLS_CERT", value_name = "FILE", requires_all = ["tls_ca", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    /// Cluster mode: PEM file of the private key of --tls-cert.
+    #[arg(long, env = "MDAGENT_TLS_KEY", value_name = "FILE", requires_all = ["tls_ca", "tls_cert"])]
+    tls_key: Option<PathBuf>,
+    /// Cluster mode: gRPC in plain text without authentication (tests, trusted networks
+    /// only; a warning is logged). Without it the --tls-* files are required.
+    #[arg(long, env = "MDAGENT_INSECURE", conflicts_with_all = ["tls_ca", "tls_cert", "tls_key"])]
+    insecure: bool,
+    /// Cluster mode: also serve the gRPC health service alone, in plain text, on this
+    /// address: for probes that cannot present a certificate (the kubelet's grpc probes).
+    #[arg(long, env = "MDAGENT_HEALTH_LISTEN", value_name = "ADDR")]
+    health_listen: Option<String>,
 }
 
 fn parse_assemble(s: &str) -> anyhow::Result<(String, Vec<PathBuf>)> {
@@ -184,10 +242,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             // Standalone arrays are never fenced.
             fence: None,
         },
-        device_allow: args.device_allow.clone(),
+        device_allow: DeviceAllow::new(args.device_allow.clone(), EmptyList::AllowsAny)?,
         claims: Default::default(),
     });
-    let service = Service::new(registry.clone(), &args.run_dir, ServerConfig::default());
+    // One NBD configuration (one payload budget) for the unix sockets and TCP.
+    let nbd = nbd_config(&args)?;
+    let service = Service::new(registry.clone(), &args.run_dir, nbd.clone());
     let shutdown = CancellationToken::new();
     let control_path = args.run_dir.join("mdagent.ctl");
     let control = {
@@ -205,7 +265,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Some(tokio::spawn(mdcluster_agent::nbd::serve_tcp(
                 listener,
                 exports,
-                ServerConfig::default(),
+                nbd,
                 shutdown.clone(),
             )))
         }
@@ -248,7 +308,26 @@ async fn run_cluster(args: Args, server: String) -> anyhow::Result<()> {
         args.assemble.is_empty(),
         "--assemble is for standalone mode; in cluster mode use mdctl assemble"
     );
+    let allow = DeviceAllow::new(args.device_allow.clone(), EmptyList::AllowsNothing)?;
+    if allow.allows_nothing() {
+        tracing::warn!(
+            node = %node,
+            "no --device-allow pattern: in cluster mode this agent opens no device at all; give the patterns of this node's shared disks (e.g. --device-allow '/dev/disk/by-id/wwn-*')"
+        );
+    } else {
+        tracing::info!(node = %node, patterns = ?allow.patterns(), "device allow-list");
+    }
+    let transport = mdcluster_proto::tls::Transport::from_flags(
+        &format!("mdagent node {node}"),
+        args.tls_ca.clone(),
+        args.tls_cert.clone(),
+        args.tls_key.clone(),
+        args.insecure,
+    )
+    .map_err(anyhow::Error::msg)?;
     let cfg = RuntimeConfig {
+        transport,
+        health_listen: args.health_listen.clone(),
         node: NodeConfig {
             node: node.clone(),
             run_dir: args.run_dir.clone(),
@@ -268,11 +347,11 @@ async fn run_cluster(args: Args, server: String) -> anyhow::Result<()> {
                     // Set per node (its fence gate) by the agent service.
                     fence: None,
                 },
-                device_allow: args.device_allow.clone(),
+                device_allow: allow,
                 // One for the node: shared by the registry of every slot.
                 claims: Default::default(),
             },
-            nbd: ServerConfig::default(),
+            nbd: nbd_config(&args)?,
             nbd_tcp: args.nbd_tcp.clone(),
             suspend_io_timeout: args.suspend_io_timeout.into(),
         },
@@ -281,6 +360,7 @@ async fn run_cluster(args: Args, server: String) -> anyhow::Result<()> {
         advertise: args.advertise.clone(),
         session_ttl: args.session_ttl.into(),
         fence_margin: args.fence_margin.into(),
+        suspend_max: args.suspend_max.into(),
         connect_timeout: args.connect_timeout.into(),
     };
     let shutdown = async {
@@ -299,10 +379,40 @@ async fn run_cluster(args: Args, server: String) -> anyhow::Result<()> {
         .with_context(|| format!("mdagent node {node}"))
 }
 
+/// The NBD server configuration: TLS for the TCP listener from the --nbd-tls-* files;
+/// --nbd-tcp without them needs --nbd-insecure.
+fn nbd_config(args: &Args) -> anyhow::Result<ServerConfig> {
+    anyhow::ensure!(
+        (32..=1 << 20).contains(&args.nbd_payload_budget_mib),
+        "--nbd-payload-budget-mib {}: give 32 (the largest request) to 1048576",
+        args.nbd_payload_budget_mib
+    );
+    let mut cfg = ServerConfig {
+        payload_budget: PayloadBudget::new(args.nbd_payload_budget_mib << 20),
+        ..ServerConfig::default()
+    };
+    if let (Some(ca), Some(cert), Some(key)) =
+        (&args.nbd_tls_ca, &args.nbd_tls_cert, &args.nbd_tls_key)
+    {
+        cfg.tls = Some(NbdTls::from_files(ca, cert, key)?);
+    } else if args.nbd_tcp.is_some() && !args.nbd_insecure {
+        anyhow::bail!(
+            "--nbd-tcp serves every array over the network: give --nbd-tls-ca, --nbd-tls-cert and --nbd-tls-key (clients then need a certificate signed by that CA), or --nbd-insecure on a network nothing else reaches"
+        );
+    }
+    if args.nbd_tcp.is_some() && cfg.tls.is_none() {
+        tracing::warn!("NBD over TCP without TLS (--nbd-insecure): anyone who reaches {:?} reads and writes every array", args.nbd_tcp);
+    }
+    Ok(cfg)
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
         .with_writer(std::io::stderr)
         .init();
     tracing::info!(?args, "mdagent starting");

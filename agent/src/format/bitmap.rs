@@ -221,7 +221,15 @@ pub fn slot_bytes_for(sync_size: u64, chunksize: u32) -> u64 {
 /// 256 bytes later).
 pub fn slot_offset(sb: &Superblock, bm: &BitmapSuper, slot: u32) -> Result<u64, FormatError> {
     let start = sb.bitmap_start_bytes().ok_or(FormatError::NoBitmap)?;
-    Ok(start + u64::from(slot) * bm.slot_bytes())
+    u64::from(slot)
+        .checked_mul(bm.slot_bytes())
+        .and_then(|o| start.checked_add(o))
+        .ok_or_else(|| {
+            FormatError::BitmapGeometry(format!(
+                "slot {slot} of {} bytes past the end of a 64-bit device",
+                bm.slot_bytes()
+            ))
+        })
 }
 
 /// Whether bit `i` is set.

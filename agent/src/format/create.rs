@@ -104,7 +104,11 @@ impl CreateSpec {
         spare_devices: u32,
         bitmap: BitmapMode,
     ) -> CreateSpec {
-        let total = (raid_devices + spare_devices) as usize;
+        // Counts come from the network: no more UUIDs than md can have devices (a
+        // larger count is refused by the check, before anything is written).
+        let total = raid_devices
+            .saturating_add(spare_devices)
+            .min(DEFAULT_MAX_DEV) as usize;
         CreateSpec {
             level: 1,
             raid_devices,
@@ -141,10 +145,10 @@ impl CreateSpec {
                 self.raid_devices
             ));
         }
-        if self.raid_devices + self.spare_devices > DEFAULT_MAX_DEV {
+        if self.raid_devices.saturating_add(self.spare_devices) > DEFAULT_MAX_DEV {
             return bad(format!("at most {DEFAULT_MAX_DEV} devices in all"));
         }
-        let want = (self.raid_devices + self.spare_devices) as usize;
+        let want = self.raid_devices.saturating_add(self.spare_devices) as usize;
         if devices != want {
             return bad(format!(
                 "{devices} devices given for --raid-devices {} plus --spare-devices {}: give exactly {want}",
@@ -159,8 +163,8 @@ impl CreateSpec {
         }
         if self.name.len() > 32 {
             return bad(format!(
-                "array name {:?} is longer than 32 bytes",
-                self.name
+                "array name {} is longer than 32 bytes",
+                mdcluster_proto::quote::quoted(&self.name)
             ));
         }
         match (self.bitmap, self.nodes) {
@@ -427,6 +431,22 @@ mod tests {
     use crate::format::bitmap::count_set;
 
     const MIB: u64 = 1 << 20;
+
+    /// Counts from the network near 2^32 size nothing before the check refuses them.
+    #[test]
+    fn absurd_counts_refused_without_allocating() {
+        let spec = CreateSpec::new("h:md0", u32::MAX, u32::MAX, BitmapMode::Internal);
+        assert!(spec.device_uuids.len() <= DEFAULT_MAX_DEV as usize);
+        let e = plan(&spec, &[64 * MIB, 64 * MIB]).unwrap_err();
+        assert!(e.to_string().contains("--raid-devices"), "{e}");
+        let spec = CreateSpec::new("h:md0", 2, u32::MAX - 1, BitmapMode::Internal);
+        let e = plan(&spec, &[64 * MIB, 64 * MIB]).unwrap_err();
+        assert!(e.to_string().contains("devices in all"), "{e}");
+        let mut spec = CreateSpec::new("h:md0", 2, 0, BitmapMode::Clustered);
+        spec.nodes = Some(u32::MAX);
+        let e = plan(&spec, &[64 * MIB, 64 * MIB]).unwrap_err();
+        assert!(e.to_string().contains("at most 256"), "{e}");
+    }
 
     #[test]
     fn small_device_matches_mdadm_offsets() {

@@ -72,7 +72,7 @@ pub enum DeviceError {
         timeout: std::time::Duration,
     },
     /// The device already belongs to an array and `force` was not given.
-    #[error("{} already holds a member of array {uuid} ({name}); run `mdctl zero-superblock {}` first if it is really unused", path.display(), path.display())]
+    #[error("{} already holds a member of array {uuid} ({name}); if it is really unused, run `mdctl zero-superblock {}` first or create with --force", path.display(), path.display())]
     InUse {
         /// The device.
         path: PathBuf,
@@ -81,6 +81,45 @@ pub enum DeviceError {
         /// Name of the array found.
         name: String,
     },
+    /// One device given twice (the same path, or two paths to one device).
+    #[error("{} and {} are the same device; give each member once", a.display(), b.display())]
+    Duplicate {
+        /// The first path.
+        a: PathBuf,
+        /// The second path.
+        b: PathBuf,
+    },
+}
+
+/// What makes a device one device: the device number of a block device, the
+/// filesystem and inode of anything else (symlinks followed).
+pub fn device_identity(path: &Path) -> Result<(u64, u64), DeviceError> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let m = std::fs::metadata(path).map_err(|source| DeviceError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(if m.file_type().is_block_device() {
+        (u64::MAX, m.rdev())
+    } else {
+        (m.dev(), m.ino())
+    })
+}
+
+/// Refuses a device given twice in `paths` (before anything is opened for writing).
+pub fn check_distinct(paths: &[PathBuf]) -> Result<(), DeviceError> {
+    let mut seen: Vec<((u64, u64), &PathBuf)> = Vec::with_capacity(paths.len());
+    for p in paths {
+        let id = device_identity(p)?;
+        if let Some((_, first)) = seen.iter().find(|(i, _)| *i == id) {
+            return Err(DeviceError::Duplicate {
+                a: (*first).clone(),
+                b: p.clone(),
+            });
+        }
+        seen.push((id, p));
+    }
+    Ok(())
 }
 
 impl DeviceError {
@@ -284,7 +323,7 @@ pub fn read_member_from(dev: &MetaDev) -> Result<Member, DeviceError> {
     }
     let block = dev.read_at(SB_OFFSET_BYTES, SB_BLOCK_BYTES)?;
     let sb = Superblock::parse(&block).map_err(format_err(path))?;
-    if sb.super_offset * SECTOR != SB_OFFSET_BYTES {
+    if sb.super_offset != SB_OFFSET_BYTES / SECTOR {
         return Err(format_err(path)(FormatError::InvalidSpec(format!(
             "super_offset {} does not match the v1.2 location (sector 8); not a 1.2 member",
             sb.super_offset
@@ -300,6 +339,11 @@ pub fn read_member_from(dev: &MetaDev) -> Result<Member, DeviceError> {
         bitmap,
     })
 }
+
+/// Largest bitmap area (all slots) read from a member. The area lies between the
+/// superblock and the data, where mdadm and this project reserve at most a few MiB; a
+/// larger one is a crafted or corrupt header, refused before a buffer is sized by it.
+pub const MAX_BITMAP_AREA: u64 = 256 << 20;
 
 fn read_bitmap(
     dev: &MetaDev,
@@ -319,19 +363,37 @@ fn read_bitmap(
             sb.is_clustered()
         ))));
     }
-    // All slots must lie before the data (or before the end of the device).
+    // All slots must lie before the data (or before the end of the device), and on
+    // the device: every number here comes from the disk, so the arithmetic is checked
+    // and the read is bounded before it sizes a buffer.
+    let geometry = |why: String| format_err(path)(FormatError::BitmapGeometry(why));
     let limit = if sb.data_offset > sb.super_offset {
-        sb.data_offset * SECTOR
+        sb.data_offset
+            .checked_mul(SECTOR)
+            .ok_or_else(|| geometry(format!("data_offset {} sectors", sb.data_offset)))?
+            .min(device_bytes)
     } else {
         device_bytes
     };
-    let end = start + u64::from(bm0.slots()) * bm0.slot_bytes();
-    if end > limit {
-        return Err(format_err(path)(FormatError::BitmapOffsetOutOfRange {
+    let area = u64::from(bm0.slots())
+        .checked_mul(bm0.slot_bytes())
+        .filter(|a| *a <= MAX_BITMAP_AREA)
+        .ok_or_else(|| {
+            geometry(format!(
+                "{} slots of {} bytes (sync_size {} sectors, chunk {} bytes) exceed {MAX_BITMAP_AREA} bytes",
+                bm0.slots(),
+                bm0.slot_bytes(),
+                bm0.sync_size,
+                bm0.chunksize
+            ))
+        })?;
+    let end = start
+        .checked_add(area)
+        .filter(|e| *e <= limit)
+        .ok_or(format_err(path)(FormatError::BitmapOffsetOutOfRange {
             bitmap_offset: sb.bitmap_offset,
             data_offset: sb.data_offset,
-        }));
-    }
+        }))?;
     // Every slot in one read.
     let all = dev.read_at(start, (end - start) as usize)?;
     let mut slots = Vec::with_capacity(bm0.slots() as usize);
@@ -380,6 +442,8 @@ pub fn create_members(
     paths: &[PathBuf],
     force: bool,
 ) -> Result<Vec<MemberImage>, DeviceError> {
+    // Before anything is written: each device once.
+    check_distinct(paths)?;
     let mut devs = Vec::with_capacity(paths.len());
     let mut sizes = Vec::with_capacity(paths.len());
     for path in paths {
@@ -457,6 +521,27 @@ mod tests {
         let err = read_member(&a).unwrap_err();
         assert_eq!(err.format_error(), Some(&FormatError::NoSuperblock));
         assert!(zero_superblock(&a, false).is_err());
+    }
+
+    /// One device given twice, by the same path or through a symlink: refused before
+    /// anything is written.
+    #[test]
+    fn a_device_given_twice_is_refused_before_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = file_of(dir.path(), "a", 32 << 20);
+        let b = file_of(dir.path(), "b", 32 << 20);
+        let link = dir.path().join("b-link");
+        std::os::unix::fs::symlink(&b, &link).unwrap();
+        let spec = CreateSpec::new("host:md9", 2, 0, BitmapMode::Internal);
+        for pair in [[b.clone(), b.clone()], [b.clone(), link.clone()]] {
+            let err = create_members(&spec, &pair, true).unwrap_err();
+            assert!(matches!(err, DeviceError::Duplicate { .. }), "{err}");
+            assert!(err.to_string().contains("same device"), "{err}");
+        }
+        // Nothing was written to b.
+        let e = read_member(&b).unwrap_err();
+        assert_eq!(e.format_error(), Some(&FormatError::NoSuperblock));
+        assert!(create_members(&spec, &[a, b], false).is_ok());
     }
 
     /// A FIFO with no writer: opening it for reading blocks in the kernel, as a read of

@@ -111,6 +111,9 @@ pub enum FormatError {
         /// `data_size`.
         data_size: u64,
     },
+    /// The bitmap's geometry (slots × slot size) does not fit where it must lie.
+    #[error("bitmap geometry out of range: {0}")]
+    BitmapGeometry(String),
     /// The bitmap does not lie between superblock and data.
     #[error("bitmap_offset {bitmap_offset} does not fit between the superblock and data_offset {data_offset}")]
     BitmapOffsetOutOfRange {

@@ -310,7 +310,10 @@ impl Superblock {
         // v1.1/v1.2 keep the data after the superblock: data may not start inside the
         // superblock's own 4 KiB.
         if self.super_offset < self.data_offset
-            && self.data_offset < self.super_offset + (SB_BLOCK_BYTES as u64 / 512)
+            && self.data_offset
+                < self
+                    .super_offset
+                    .saturating_add(SB_BLOCK_BYTES as u64 / 512)
         {
             return Err(FormatError::DataOverlapsSuperblock {
                 data_offset: self.data_offset,
@@ -453,7 +456,7 @@ impl Superblock {
             return None;
         }
         let sector = i128::from(self.super_offset) + i128::from(self.bitmap_offset);
-        u64::try_from(sector).ok().map(|s| s * 512)
+        u64::try_from(sector).ok().and_then(|s| s.checked_mul(512))
     }
 
     /// `set_name` as text, without the NUL padding.

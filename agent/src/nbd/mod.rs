@@ -7,6 +7,7 @@
 //!   [`OpenError`]) and the client bookkeeping a stop uses ([`ClientSet`]); a map-backed
 //!   [`MapExports`] for tests.
 //! - [`server`]: listeners, connections, negotiation and transmission I/O.
+//! - [`tls`]: x509 TLS with client certificates for the TCP listener (`NBD_OPT_STARTTLS`).
 //!
 //! # Lifecycle contract (`docs/LIFECYCLE.md` §2)
 //! The server only ever *looks up* exports through [`Exports::open`]; an absent export is
@@ -19,9 +20,11 @@
 pub mod exports;
 pub mod proto;
 pub mod server;
+pub mod tls;
 
 pub use exports::{ClientInfo, ClientSet, ExportState, Exports, MapExports, OpenError, OpenExport};
 pub use server::{
-    serve_tcp, serve_unix, spawn_tcp, spawn_unix, NbdUnixListener, Scope, ServeError, ServerConfig,
-    ServerHandle,
+    serve_tcp, serve_unix, spawn_tcp, spawn_unix, NbdUnixListener, PayloadBudget, Scope,
+    ServeError, ServerConfig, ServerHandle,
 };
+pub use tls::{NbdTls, TlsError};

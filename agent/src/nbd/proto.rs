@@ -57,6 +57,8 @@ pub const REP_ERR_UNSUP: u32 = REP_ERR + 1;
 pub const REP_ERR_POLICY: u32 = REP_ERR + 2;
 /// `NBD_REP_ERR_INVALID`: syntactically or semantically invalid option.
 pub const REP_ERR_INVALID: u32 = REP_ERR + 3;
+/// `NBD_REP_ERR_TLS_REQD`: the server requires TLS first (`NBD_OPT_STARTTLS`).
+pub const REP_ERR_TLS_REQD: u32 = REP_ERR + 5;
 /// `NBD_REP_ERR_UNKNOWN`: the requested export is not available.
 pub const REP_ERR_UNKNOWN: u32 = REP_ERR + 6;
 /// `NBD_REP_ERR_SHUTDOWN`: the server is shutting down.

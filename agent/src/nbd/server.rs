@@ -89,6 +89,15 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// How long shutdown waits for connections to end before aborting them.
     pub shutdown_timeout: Duration,
+    /// The payload bytes in flight across every connection of every listener whose
+    /// configuration is a clone of this one (the agent makes one and clones it). A
+    /// request beyond it waits, at most [`ServerConfig::drain_timeout`]; then its
+    /// connection is closed.
+    pub payload_budget: PayloadBudget,
+    /// TLS of the TCP listener ([`super::tls`]): when set, a TCP client must negotiate
+    /// `NBD_OPT_STARTTLS` with a certificate signed by its CA before anything else.
+    /// Unix sockets never use it (local, file permissions).
+    pub tls: Option<super::tls::NbdTls>,
 }
 
 impl Default for ServerConfig {
@@ -102,7 +111,52 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(10),
+            payload_budget: PayloadBudget::new(DEFAULT_PAYLOAD_BUDGET),
+            tls: None,
         }
+    }
+}
+
+/// Default of [`ServerConfig::payload_budget`]: 1 GiB.
+pub const DEFAULT_PAYLOAD_BUDGET: usize = 1 << 30;
+
+/// One cap on the payload bytes (read and write data) in flight across connections,
+/// counted in whole KiB. Cloning shares it.
+#[derive(Debug, Clone)]
+pub struct PayloadBudget {
+    kib: Arc<Semaphore>,
+    kib_total: u32,
+}
+
+impl PayloadBudget {
+    /// A budget of `bytes` (at least 1 KiB).
+    pub fn new(bytes: usize) -> Self {
+        let kib_total =
+            (bytes / 1024).clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize)) as u32;
+        PayloadBudget {
+            kib: Arc::new(Semaphore::new(kib_total as usize)),
+            kib_total,
+        }
+    }
+
+    /// The budget, in bytes.
+    pub fn total_bytes(&self) -> u64 {
+        u64::from(self.kib_total) * 1024
+    }
+
+    /// Bytes not held by any request now.
+    pub fn available_bytes(&self) -> u64 {
+        self.kib.available_permits() as u64 * 1024
+    }
+
+    /// Takes `len` bytes' worth (whole KiB, at most the whole budget), waiting at most
+    /// `wait`; `None` when the wait ran out.
+    async fn take(&self, len: u32, wait: Duration) -> Option<OwnedSemaphorePermit> {
+        let kib = len.div_ceil(1024).clamp(1, self.kib_total);
+        tokio::time::timeout(wait, Arc::clone(&self.kib).acquire_many_owned(kib))
+            .await
+            .ok()
+            .map(|p| p.expect("the payload budget semaphore is never closed"))
     }
 }
 
@@ -172,6 +226,10 @@ enum ConnError {
     TooManyOptions,
     #[error("negotiation took longer than {0:?}")]
     HandshakeTimeout(Duration),
+    #[error("TLS handshake: {0}")]
+    Tls(io::Error),
+    #[error("the agent's NBD payload budget of {budget} bytes stayed in use by other requests for {waited:?}")]
+    BudgetWait { budget: u64, waited: Duration },
     #[error("rejected write carries {len} payload bytes, more than the drain limit {limit}")]
     PayloadTooLarge { len: u32, limit: u32 },
 }
@@ -183,6 +241,8 @@ struct Ctx {
     config: ServerConfig,
     /// Listener name for logs: the socket path or TCP address.
     listener: String,
+    /// TLS required before any other option (the TCP listener with TLS configured).
+    tls: Option<super::tls::NbdTls>,
 }
 
 impl Ctx {
@@ -290,6 +350,7 @@ impl NbdUnixListener {
             scope,
             config,
             listener: self.file.path.display().to_string(),
+            tls: None,
         });
         let NbdUnixListener { listener, file } = self;
         accept_loop(Listener::Unix(listener), ctx, shutdown).await;
@@ -326,6 +387,7 @@ pub async fn serve_tcp(
     let ctx = Arc::new(Ctx {
         exports,
         scope: Scope::All,
+        tls: config.tls.clone(),
         config,
         listener: name,
     });
@@ -507,7 +569,8 @@ async fn accept_loop(listener: Listener, ctx: Arc<Ctx>, shutdown: CancellationTo
     info!(listener = %ctx.listener, "NBD server stopped");
 }
 
-/// One client connection: negotiation, then transmission.
+/// One client connection: negotiation (upgraded to TLS by `NBD_OPT_STARTTLS` where
+/// the listener has TLS), then transmission.
 async fn connection<S>(
     mut stream: S,
     client: ClientInfo,
@@ -517,41 +580,100 @@ async fn connection<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let timeout = ctx.config.handshake_timeout;
+    // One bound for the whole negotiation, TLS handshake included.
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut options = 0usize;
     let negotiated = tokio::select! {
         _ = shutdown.cancelled() => return,
-        r = tokio::time::timeout(timeout, negotiate(&mut stream, &client, &ctx)) => {
+        r = tokio::time::timeout_at(deadline, negotiate(&mut stream, &client, &ctx, None, &mut options)) => {
+            r.unwrap_or(Err(ConnError::HandshakeTimeout(timeout)))
+        }
+    };
+    let flags = match negotiated {
+        Ok(Negotiated::Export(name, open)) => {
+            info!(export = %name, listener = %ctx.listener, "NBD client connected");
+            transmission(stream, name, open, &ctx, shutdown).await;
+            return;
+        }
+        Ok(Negotiated::Left) => {
+            debug!(listener = %ctx.listener, "NBD client ended negotiation");
+            return;
+        }
+        Err(e) => {
+            info!(listener = %ctx.listener, "NBD negotiation failed: {e}");
+            return;
+        }
+        Ok(Negotiated::StartTls(flags)) => flags,
+    };
+    let Some(tls) = ctx.tls.clone() else {
+        return;
+    };
+    let client = ClientInfo::new(format!("{client}+tls"));
+    let upgraded = async {
+        let mut s = tls
+            .acceptor()
+            .accept(stream)
+            .await
+            .map_err(ConnError::Tls)?;
+        let n = negotiate(&mut s, &client, &ctx, Some(flags), &mut options).await?;
+        Ok::<_, ConnError>((s, n))
+    };
+    let negotiated = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        r = tokio::time::timeout_at(deadline, upgraded) => {
             r.unwrap_or(Err(ConnError::HandshakeTimeout(timeout)))
         }
     };
     match negotiated {
-        Ok(Some((name, open))) => {
-            info!(export = %name, listener = %ctx.listener, "NBD client connected");
-            transmission(stream, name, open, &ctx, shutdown).await;
+        Ok((s, Negotiated::Export(name, open))) => {
+            info!(export = %name, listener = %ctx.listener, "NBD client connected over TLS");
+            transmission(s, name, open, &ctx, shutdown).await;
         }
-        Ok(None) => debug!(listener = %ctx.listener, "NBD client ended negotiation"),
+        Ok(_) => debug!(listener = %ctx.listener, "NBD client ended negotiation"),
         Err(e) => info!(listener = %ctx.listener, "NBD negotiation failed: {e}"),
     }
 }
 
-/// The negotiation phase. `Ok(None)`: the client left (ABORT, EOF, or refused
-/// EXPORT_NAME).
+/// How a negotiation phase ended.
+enum Negotiated {
+    /// An export was chosen: transmission follows.
+    Export(String, OpenExport),
+    /// The client left (ABORT, EOF, or a refused EXPORT_NAME).
+    Left,
+    /// `NBD_OPT_STARTTLS` was acknowledged: the TLS handshake follows, then
+    /// negotiation goes on over TLS with these client flags.
+    StartTls(proto::ClientFlags),
+}
+
+/// The negotiation phase: from the greeting, or (`resumed`: the client flags) over
+/// TLS after `NBD_OPT_STARTTLS`. `options` counts the options of both phases.
 async fn negotiate<S>(
     stream: &mut S,
     client: &ClientInfo,
     ctx: &Ctx,
-) -> Result<Option<(String, OpenExport)>, ConnError>
+    resumed: Option<proto::ClientFlags>,
+    options: &mut usize,
+) -> Result<Negotiated, ConnError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    stream.write_all(&proto::greeting()).await?;
-    let mut raw = [0u8; 4];
-    stream.read_exact(&mut raw).await?;
-    let flags = proto::parse_client_flags(raw)?;
-    for _ in 0..MAX_OPTIONS {
+    let tls_active = resumed.is_some();
+    let flags = match resumed {
+        Some(f) => f,
+        None => {
+            stream.write_all(&proto::greeting()).await?;
+            let mut raw = [0u8; 4];
+            stream.read_exact(&mut raw).await?;
+            proto::parse_client_flags(raw)?
+        }
+    };
+    let tls_required = ctx.tls.is_some() && !tls_active;
+    while *options < MAX_OPTIONS {
+        *options += 1;
         let mut hdr = [0u8; proto::OPTION_HEADER_LEN];
         match stream.read_exact(&mut hdr).await {
             Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Negotiated::Left),
             Err(e) => return Err(e.into()),
         }
         let opt = proto::parse_option_header(&hdr)?;
@@ -568,7 +690,44 @@ where
         }
         let mut data = vec![0u8; opt.len as usize];
         stream.read_exact(&mut data).await?;
+        if tls_required && opt.option != proto::OPT_STARTTLS && opt.option != proto::OPT_ABORT {
+            if opt.option == proto::OPT_EXPORT_NAME {
+                // EXPORT_NAME has no error reply: closing is the answer.
+                info!(listener = %ctx.listener, "refused NBD export: TLS is required");
+                return Ok(Negotiated::Left);
+            }
+            proto::encode_option_error(
+                &mut out,
+                opt.option,
+                proto::REP_ERR_TLS_REQD,
+                "this server requires TLS: negotiate NBD_OPT_STARTTLS first",
+            );
+            stream.write_all(&out).await?;
+            continue;
+        }
         match opt.option {
+            proto::OPT_STARTTLS if ctx.tls.is_some() => {
+                if tls_active {
+                    proto::encode_option_error(
+                        &mut out,
+                        opt.option,
+                        proto::REP_ERR_INVALID,
+                        "TLS is already active",
+                    );
+                } else if !data.is_empty() {
+                    proto::encode_option_error(
+                        &mut out,
+                        opt.option,
+                        proto::REP_ERR_INVALID,
+                        "NBD_OPT_STARTTLS carries no data",
+                    );
+                } else {
+                    proto::encode_option_reply(&mut out, opt.option, proto::REP_ACK, &[]);
+                    stream.write_all(&out).await?;
+                    stream.flush().await?;
+                    return Ok(Negotiated::StartTls(flags));
+                }
+            }
             proto::OPT_EXPORT_NAME => {
                 let requested = proto::parse_name(&data).ok_or(ProtoError::BadOption {
                     option: "NBD_OPT_EXPORT_NAME",
@@ -582,12 +741,12 @@ where
                             flags.no_zeroes,
                         );
                         stream.write_all(&reply).await?;
-                        Ok(Some((name, open)))
+                        Ok(Negotiated::Export(name, open))
                     }
                     Err(e) => {
                         // EXPORT_NAME has no error reply: closing is the answer.
                         info!(listener = %ctx.listener, "refused NBD export: {e}");
-                        Ok(None)
+                        Ok(Negotiated::Left)
                     }
                 };
             }
@@ -595,7 +754,7 @@ where
                 proto::encode_option_reply(&mut out, opt.option, proto::REP_ACK, &[]);
                 // The client may already have closed; that is fine.
                 let _ = stream.write_all(&out).await;
-                return Ok(None);
+                return Ok(Negotiated::Left);
             }
             proto::OPT_LIST if !data.is_empty() => proto::encode_option_error(
                 &mut out,
@@ -646,7 +805,7 @@ where
                         proto::encode_option_reply(&mut out, opt.option, proto::REP_ACK, &[]);
                         stream.write_all(&out).await?;
                         if opt.option == proto::OPT_GO {
-                            return Ok(Some((name, open)));
+                            return Ok(Negotiated::Export(name, open));
                         }
                         // NBD_OPT_INFO: the export was only probed; `open` drops here.
                         continue;
@@ -689,7 +848,13 @@ struct Reply {
 /// a write, its payload bytes.
 struct Allowance {
     _request: OwnedSemaphorePermit,
-    _bytes: Option<OwnedSemaphorePermit>,
+    _bytes: Option<Payload>,
+}
+
+/// A request's payload share: of its connection's cap and of the agent's budget.
+struct Payload {
+    _connection: OwnedSemaphorePermit,
+    _agent: OwnedSemaphorePermit,
 }
 
 impl Allowance {
@@ -796,12 +961,14 @@ enum End {
     Reader(Result<ReadEnd, ConnError>),
 }
 
-/// Per-connection in-flight caps.
+/// Per-connection in-flight caps, and the agent's payload budget.
 struct Limits {
     requests: Arc<Semaphore>,
     /// Payload budget in KiB units.
     kib: Arc<Semaphore>,
     kib_total: u32,
+    budget: PayloadBudget,
+    budget_wait: Duration,
 }
 
 impl Limits {
@@ -813,6 +980,8 @@ impl Limits {
             requests: Arc::new(Semaphore::new(cfg.max_inflight_requests.max(1))),
             kib: Arc::new(Semaphore::new(kib_total as usize)),
             kib_total,
+            budget: cfg.payload_budget.clone(),
+            budget_wait: cfg.drain_timeout,
         }
     }
 
@@ -823,12 +992,26 @@ impl Limits {
             .expect("the request semaphore is never closed")
     }
 
-    async fn payload(&self, len: u32) -> OwnedSemaphorePermit {
+    /// The connection's share first (the reader stops reading while it waits), then
+    /// the agent's, waiting at most `budget_wait` for it.
+    async fn payload(&self, len: u32) -> Result<Payload, ConnError> {
         let kib = len.div_ceil(1024).clamp(1, self.kib_total);
-        Arc::clone(&self.kib)
+        let connection = Arc::clone(&self.kib)
             .acquire_many_owned(kib)
             .await
-            .expect("the payload semaphore is never closed")
+            .expect("the payload semaphore is never closed");
+        let agent = self
+            .budget
+            .take(len, self.budget_wait)
+            .await
+            .ok_or(ConnError::BudgetWait {
+                budget: self.budget.total_bytes(),
+                waited: self.budget_wait,
+            })?;
+        Ok(Payload {
+            _connection: connection,
+            _agent: agent,
+        })
     }
 }
 
@@ -886,7 +1069,7 @@ where
                 }
             }
             Action::Write { offset, len, fua } => {
-                let bytes = limits.payload(len).await;
+                let bytes = limits.payload(len).await?;
                 // Straight into an aligned buffer: the engine writes it to every member
                 // with O_DIRECT, without another copy.
                 let mut buf = iobuf::aligned_buf(len as usize);
@@ -903,7 +1086,7 @@ where
             Action::Read { offset, len } => {
                 let allowance = Allowance {
                     _request: permit,
-                    _bytes: Some(limits.payload(len).await),
+                    _bytes: Some(limits.payload(len).await?),
                 };
                 spawn_request(&ctx, cookie, allowance, move |dev| {
                     Box::pin(async move {
@@ -1159,6 +1342,7 @@ mod tests {
             let ctx = Arc::new(Ctx {
                 exports,
                 scope: Scope::All,
+                tls: cfg.tls.clone(),
                 config: cfg,
                 listener: "test".into(),
             });
@@ -1267,6 +1451,31 @@ mod tests {
         fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> IoFuture<'_, ()> {
             self.0.write_zeroes(offset, len, fua)
         }
+    }
+
+    /// Two connections share one payload budget: the second waits for it (not for its
+    /// own cap), bounded, and gives its connection share back when it gives up.
+    #[tokio::test(start_paused = true)]
+    async fn the_payload_budget_is_shared_and_its_wait_bounded() {
+        let cfg = ServerConfig {
+            payload_budget: PayloadBudget::new(64 << 10),
+            drain_timeout: Duration::from_secs(5),
+            ..ServerConfig::default()
+        };
+        let a = Limits::new(&cfg);
+        let b = Limits::new(&cfg.clone());
+        let held = a.payload(48 << 10).await.expect("within the budget");
+        assert_eq!(cfg.payload_budget.available_bytes(), 16 << 10);
+        let t = tokio::time::Instant::now();
+        let r = b.payload(32 << 10).await;
+        assert!(matches!(r, Err(ConnError::BudgetWait { .. })));
+        assert!(t.elapsed() >= Duration::from_secs(5));
+        assert_eq!(b.kib.available_permits(), b.kib_total as usize);
+        drop(held);
+        let p = b.payload(32 << 10).await.expect("budget free again");
+        assert_eq!(cfg.payload_budget.available_bytes(), 32 << 10);
+        drop(p);
+        assert_eq!(cfg.payload_budget.available_bytes(), 64 << 10);
     }
 
     #[tokio::test]

@@ -419,25 +419,6 @@ pub async fn leave(session: &Session, m: Membership, dirty: bool) {
     }
 }
 
-/// After a new session (the old one was lost with every lock): takes our slot again,
-/// no-queue, and subscribes again. EBUSY when another node took the slot meanwhile (a
-/// survivor recovering it): the caller must not write until it has rejoined.
-pub async fn retake(session: &Session, m: &mut Membership) -> Result<(), WireError> {
-    let res = slot_lock(&m.uuid, m.slot);
-    let g = session
-        .acquire(&res, Mode::Exclusive, Wait::NoQueue)
-        .await
-        .map_err(|e| wire(e, &format!("lock {res}")))?;
-    m.token = g.token;
-    publish_and_register(session, m).await?;
-    session
-        .subscribe(&channel(&m.uuid))
-        .await
-        .map_err(|e| wire(e, &format!("subscribe {}", channel(&m.uuid))))?;
-    tracing::info!(array = %m.array, slot = m.slot, token = m.token, "rejoined with a new session");
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::all_held_by_members;

@@ -516,7 +516,7 @@ async fn newdisk(node: &Arc<Node>, name: &str, msg: &ClusterMsg) -> Result<(), S
         let (array, device) = (m.uuid, msg.uuid);
         let preferred: Vec<PathBuf> = sender_path.into_iter().collect();
         tokio::task::spawn_blocking(move || {
-            if allow.is_empty() {
+            if allow.allows_any() {
                 // Every path is allowed here: the sender's, if it is that device.
                 return preferred
                     .into_iter()
@@ -572,7 +572,20 @@ pub async fn apply(
         MsgType::MetadataUpdated => metadata_updated(node, array, raid, members).await,
         MsgType::Resyncing => {
             // Acknowledged once this node's writes in flight into the window ended.
-            let window = (msg.high > 0).then(|| (msg.low * 512, msg.high * 512));
+            // Sectors from another node: checked before they become byte offsets.
+            let window = if msg.high == 0 {
+                None
+            } else {
+                match (msg.low.checked_mul(512), msg.high.checked_mul(512)) {
+                    (Some(lo), Some(hi)) => Some((lo, hi)),
+                    _ => {
+                        return Err(format!(
+                            "node {node}: array {array}: RESYNCING window {}..{} sectors does not fit 64-bit byte offsets",
+                            msg.low, msg.high
+                        ))
+                    }
+                }
+            };
             raid.set_remote_resync_window(window)
                 .await
                 .map_err(|e| format!("node {node}: {e}"))

@@ -53,9 +53,7 @@ use mdcluster_proto::v1::Errno;
 use tokio::sync::broadcast;
 
 use crate::array::service::Service;
-use crate::array::{
-    glob_match, valid_name, ArrayInfo, ArrayState, AssembleOptions, Registry, RegistryConfig,
-};
+use crate::array::{valid_name, ArrayInfo, ArrayState, AssembleOptions, Registry, RegistryConfig};
 use crate::fence::FenceGate;
 use crate::format::create::{BitmapMode, CreateSpec};
 use crate::format::io::{read_member, DeviceError, Member};
@@ -170,6 +168,7 @@ fn device_errno(e: &DeviceError) -> Errno {
             _ => Errno::Eio,
         },
         DeviceError::InUse { .. } => Errno::Ebusy,
+        DeviceError::Duplicate { .. } => Errno::Einval,
         // No superblock, a corrupt one, or a spec the format refuses: the request does
         // not fit the devices.
         DeviceError::Format { .. } => Errno::Einval,
@@ -238,32 +237,55 @@ impl Node {
         &self.fence
     }
 
-    /// Takes every clustered array's slot again on a new session (the old one was lost
-    /// with its locks). A slot another node took meanwhile is reported (event
-    /// `SlotLost`) and logged.
-    pub async fn rejoin(&self, session: &Session) {
-        let names: Vec<String> = lock(&self.held).keys().cloned().collect();
-        for name in names {
-            let Some(mut m) = lock(&self.held).get(&name).cloned() else {
+    /// The session that held the slot locks of the clustered arrays joined here is lost
+    /// (a replica that reached etcd said its lease is gone, or it stayed suspended
+    /// longer than the agent's `--suspend-max`): another node may already hold those
+    /// slots. Each such array is fenced for good (no superblock or bitmap write from
+    /// now on, its member I/O stopped), its clients are forced off and it is torn
+    /// down here without writing metadata and without releasing a lock (they went with
+    /// the session). The array list in [`Node::state_path`] is kept, so
+    /// [`Node::reassemble_saved`] on a new session assembles them again (a rejoin: the
+    /// members are read afresh, a free slot is taken, dirty bits are merged).
+    ///
+    /// `Err` names the arrays that could not be torn down (their member I/O did not
+    /// drain): the caller cannot guarantee the I/O stopped and must end the process
+    /// ([`runtime::fence_now`]).
+    pub async fn drop_lost_arrays(&self, why: &str) -> Result<Vec<String>, String> {
+        let joined = self.memberships();
+        let mut dropped = Vec::new();
+        let mut stuck = Vec::new();
+        for (name, m, _) in joined {
+            let Some(service) = self.find(&name) else {
+                lock(&self.held).remove(&name);
                 continue;
             };
-            match join::retake(session, &mut m).await {
-                Ok(()) => {
-                    lock(&self.held).insert(name, m);
-                }
-                Err(e) => {
-                    tracing::error!(array = %name, slot = m.slot, "rejoin failed: {e}");
-                    self.emit(
-                        "SlotLost",
-                        &name,
-                        "",
-                        format!(
-                            "node {} could not take bitmap slot {} of {name} again: {e}",
-                            self.cfg.node, m.slot
-                        ),
-                    );
-                }
+            if let Ok(raid) = service.registry().device(&name) {
+                raid.fence();
             }
+            tracing::error!(array = %name, slot = m.slot, "session lost ({why}): stopping the array for good without writing metadata");
+            let r = service.stop_now(&name).await;
+            if service.registry().lookup(&name).is_ok() {
+                let e = r.err().map(|e| e.to_string()).unwrap_or_default();
+                stuck.push(format!("{name} (slot {}): {e}", m.slot));
+                continue;
+            }
+            lock(&self.held).remove(&name);
+            lock(&self.meta).remove(&name);
+            self.emit(
+                "SlotLost",
+                &name,
+                "",
+                format!(
+                    "node {}: the session holding bitmap slot {} of {name} was lost ({why}); the array was stopped here without writing metadata and is assembled again on a new session",
+                    self.cfg.node, m.slot
+                ),
+            );
+            dropped.push(name);
+        }
+        if stuck.is_empty() {
+            Ok(dropped)
+        } else {
+            Err(stuck.join("; "))
         }
     }
 
@@ -337,8 +359,9 @@ impl Node {
         }
     }
 
-    /// Assembles again every array [`Node::state_path`] lists (agent start in cluster
-    /// mode). Failures are logged and reported as `RejoinFailed` events.
+    /// Assembles again every array [`Node::state_path`] lists that is not assembled here
+    /// (agent start in cluster mode, and a new session after a lost one). Failures are
+    /// logged and reported as `RejoinFailed` events.
     pub async fn reassemble_saved(self: &Arc<Self>) {
         let path = self.state_path();
         let Ok(text) = std::fs::read_to_string(&path) else {
@@ -353,6 +376,11 @@ impl Node {
                 }
             };
         for (name, members) in saved {
+            if self.find(&name).is_some() {
+                // Still assembled here (a rejoin after a lost session keeps the arrays
+                // that did not depend on it).
+                continue;
+            }
             // EBUSY can be transient: a survivor holds our old slot for a moment while
             // it recovers it. Retry with backoff for a bounded time.
             let deadline = tokio::time::Instant::now() + REJOIN_RETRY;
@@ -403,7 +431,11 @@ impl Node {
     }
 
     fn resource(&self, name: &str) -> String {
-        format!("array {name} on node {}", self.cfg.node)
+        format!(
+            "array {} on node {}",
+            crate::quote::cut(name),
+            self.cfg.node
+        )
     }
 
     fn err(&self, errno: Errno, name: &str, message: impl std::fmt::Display) -> WireError {
@@ -453,7 +485,10 @@ impl Node {
             return Err(self.err(
                 Errno::Einval,
                 name,
-                format!("invalid array name {name:?}: use 1-32 of [A-Za-z0-9_.-], like md0"),
+                format!(
+                    "invalid array name {}: use 1-32 of [A-Za-z0-9_.-], like md0",
+                    crate::quote::quoted(name)
+                ),
             ));
         }
         let mut busy = lock(&self.busy);
@@ -471,26 +506,33 @@ impl Node {
         })
     }
 
-    fn check_allowed(&self, name: &str, paths: &[PathBuf]) -> Result<(), WireError> {
-        let allow = &self.cfg.registry.device_allow;
-        if allow.is_empty() {
-            return Ok(());
-        }
-        for p in paths {
-            let s = p.to_string_lossy();
-            if !allow.iter().any(|g| glob_match(g, &s)) {
-                return Err(self.err(
-                    Errno::Eperm,
-                    name,
-                    format!(
-                        "{} is not under any --device-allow pattern of this agent ({})",
-                        p.display(),
-                        allow.join(", ")
-                    ),
-                ));
-            }
+    /// Refuses more member paths than md can have devices, before any is looked at.
+    fn check_count(&self, name: &str, n: usize) -> Result<(), WireError> {
+        let max = crate::format::superblock::DEFAULT_MAX_DEV as usize;
+        if n > max {
+            return Err(self.err(
+                Errno::Einval,
+                name,
+                format!("{n} member devices given: an array has at most {max}"),
+            ));
         }
         Ok(())
+    }
+
+    /// Checks `paths` against the allow-list ([`crate::allow`]); their resolutions, or
+    /// EPERM naming the path, its resolution and the patterns. Nothing is opened.
+    fn check_allowed(&self, name: &str, paths: &[PathBuf]) -> Result<Vec<PathBuf>, WireError> {
+        self.cfg
+            .registry
+            .device_allow
+            .check_all(paths)
+            .map_err(|e| {
+                let errno = match e {
+                    crate::allow::Denied::Unresolvable { .. } => Errno::Enoent,
+                    crate::allow::Denied::NotAllowed { .. } => Errno::Eperm,
+                };
+                self.err(errno, name, e)
+            })
     }
 
     /// Reads the first member that has a valid superblock.
@@ -561,7 +603,8 @@ impl Node {
             ));
         }
         let members: Vec<PathBuf> = req.members.iter().map(PathBuf::from).collect();
-        self.check_allowed(name, &members)?;
+        self.check_count(name, members.len())?;
+        let resolved = self.check_allowed(name, &members)?;
         let bitmap = match req.bitmap.as_str() {
             "none" => BitmapMode::None,
             "internal" | "" => BitmapMode::Internal,
@@ -599,7 +642,8 @@ impl Node {
         if bitmap == BitmapMode::Clustered && self.session().is_none() {
             return Err(self.err(Errno::Eio, name, "a clustered array needs a session with mdserver, and this agent has none (standalone or disconnected)"));
         }
-        let paths = members.clone();
+        // The resolved paths are what gets written (see crate::allow).
+        let paths = resolved;
         let force = req.force;
         let written = tokio::task::spawn_blocking(move || {
             crate::format::io::create_members(&spec, &paths, force).map(|_| ())
@@ -607,12 +651,8 @@ impl Node {
         .await
         .map_err(|e| self.err(Errno::Eio, name, format!("create task failed: {e}")))?;
         if let Err(e) = written {
-            let hint = if matches!(e, DeviceError::InUse { .. }) {
-                "; zero it first (mdctl zero-superblock) if it is no longer used"
-            } else {
-                ""
-            };
-            return Err(self.err(device_errno(&e), name, format!("create {name}: {e}{hint}")));
+            // The error says what to do (DeviceError::InUse carries the hint once).
+            return Err(self.err(device_errno(&e), name, format!("create {name}: {e}")));
         }
         self.assemble_locked(name, &members).await
     }
@@ -664,17 +704,17 @@ impl Node {
                 ),
             ));
         };
+        // The record comes from etcd: bounded before each path is probed.
+        self.check_count(name, recorded.len())?;
         let allow = self.cfg.registry.device_allow.clone();
         let node = self.cfg.node.clone();
         let found = tokio::task::spawn_blocking(move || {
-            let allowed = |p: &Path| {
-                allow.is_empty() || allow.iter().any(|g| glob_match(g, &p.to_string_lossy()))
-            };
+            let allowed = |p: &Path| allow.check(p).is_ok();
             let fits = recorded.iter().all(|p| {
                 allowed(p)
                     && crate::array::scan::read_superblock(p).is_some_and(|sb| sb.set_uuid == set_uuid)
             });
-            if fits || allow.is_empty() {
+            if fits || allow.allows_any() {
                 return Ok(recorded);
             }
             let found = crate::array::scan::find_array(&set_uuid, &allow, &recorded)?;
@@ -716,6 +756,7 @@ impl Node {
         if members.is_empty() {
             return Err(self.err(Errno::Einval, name, "no member devices given"));
         }
+        self.check_count(name, members.len())?;
         self.check_allowed(name, members)?;
         let first = self.read_any(name, members).await?;
         // The same members already assembled under another name (in any slot's

@@ -11,16 +11,25 @@
 //! Health: the standard `grpc.health.v1.Health` service is served beside the agent
 //! service (Kubernetes `grpc:` probes). It is served from the moment the first session is
 //! open, so the overall status (service `""`) answers SERVING while the process serves
-//! (liveness); `mdcluster.v1.AgentService` is SERVING while the node holds a session and
-//! NOT_SERVING while a lost session is being replaced and from the start of shutdown
-//! (readiness).
+//! (liveness); `mdcluster.v1.AgentService` is SERVING while the node holds a live session
+//! and NOT_SERVING while the session is suspended, while a lost session is being
+//! replaced and its arrays rejoined, and from the start of shutdown (readiness).
 //!
 //! Session notifications: messages on array channels are applied to the array's engine
 //! ([`super::message::apply`]) and acknowledged with the result (a payload that is not a
 //! cluster message, or one this node cannot apply, gets a negative ack with the reason,
-//! never silence); a lost
-//! session drops the node's session (clustered assembles answer EIO) and a new one is
-//! opened with backoff, on which every clustered array takes its slot again.
+//! never silence). A suspended session (no replica could renew it, none said it is
+//! gone) only changes the health: member I/O is held by the fence deadline and goes on
+//! when the session resumes. A lost session is handled in-process:
+//!
+//! ```text
+//! Lost ──▶ drop the session (clustered assembles answer EIO)
+//!      ──▶ every clustered array: fenced for good, clients forced off, torn down
+//!          without writing metadata (Node::drop_lost_arrays)
+//!          └─ an array that cannot be torn down ─▶ exit 75 (the last resort)
+//!      ──▶ open a new session (backoff) ──▶ assemble the saved arrays again
+//!          (Node::reassemble_saved, as at agent start) ──▶ SERVING
+//! ```
 
 use std::future::Future;
 use std::sync::Arc;
@@ -55,8 +64,17 @@ pub struct RuntimeConfig {
     pub session_ttl: Duration,
     /// Self-fencing margin before the lease deadline.
     pub fence_margin: Duration,
+    /// How long past the lease deadline a suspended session keeps trying to resume
+    /// before it counts as lost ([`SessionConfig::suspend_max`]).
+    pub suspend_max: Duration,
     /// How long to keep trying to open the session at start.
     pub connect_timeout: Duration,
+    /// gRPC transport: mutual TLS (the agent service, the session to mdserver) or plain
+    /// text.
+    pub transport: mdcluster_proto::tls::Transport,
+    /// Where to serve only the gRPC health service in plain text (for probes that
+    /// cannot do mutual TLS, e.g. the kubelet's); None: nowhere.
+    pub health_listen: Option<String>,
 }
 
 /// Errors that stop the agent.
@@ -130,6 +148,7 @@ async fn notifications(
     session: Arc<Session>,
     mut rx: mpsc::Receiver<Notification>,
     stop: CancellationToken,
+    health: Arc<Health>,
 ) -> Option<String> {
     loop {
         let n = tokio::select! {
@@ -175,6 +194,29 @@ async fn notifications(
                 }
             }
             Some(Notification::Lost { reason }) => return Some(reason),
+            Some(Notification::Suspended { reason }) => {
+                tracing::warn!(
+                    node = node.name(),
+                    session = format_args!("{:x}", session.id()),
+                    "session suspended: member I/O of clustered arrays waits until it resumes: {reason}"
+                );
+                health.set(Readiness::Suspended, true).await;
+            }
+            Some(Notification::Resumed {
+                endpoint,
+                suspended_for,
+            }) => {
+                tracing::info!(
+                    node = node.name(),
+                    session = format_args!("{:x}", session.id()),
+                    %endpoint,
+                    "session resumed after {suspended_for:?} suspended: same session, same slot locks"
+                );
+                health.set(Readiness::Suspended, false).await;
+            }
+            Some(Notification::Reconnected { endpoint }) => {
+                tracing::info!(node = node.name(), %endpoint, "session moved to another mdserver replica");
+            }
             Some(Notification::HolderExpired {
                 resource,
                 node: dead,
@@ -183,6 +225,48 @@ async fn notifications(
                 tracing::warn!(lock = %resource, node = %dead, "holder expired");
             }
             Some(other) => tracing::debug!(?other, "session notification"),
+        }
+    }
+}
+
+/// Why the agent service may not be ready.
+#[derive(Debug, Clone, Copy)]
+enum Readiness {
+    /// The session is suspended (its fence deadline passed, it is not lost).
+    Suspended,
+    /// No session, or a new one whose arrays are being assembled again.
+    Rejoining,
+    /// Shutdown started.
+    Stopping,
+}
+
+/// The readiness of the agent service: SERVING when none of the [`Readiness`] reasons
+/// holds.
+struct Health {
+    reporter: HealthReporter,
+    /// One flag per [`Readiness`] reason, in its order.
+    not_ready: std::sync::Mutex<[bool; 3]>,
+}
+
+impl Health {
+    fn new(reporter: HealthReporter) -> Arc<Health> {
+        Arc::new(Health {
+            reporter,
+            not_ready: std::sync::Mutex::new([false; 3]),
+        })
+    }
+
+    /// Sets or clears one reason and reports the result when it changed.
+    async fn set(&self, why: Readiness, on: bool) {
+        let (before, after) = {
+            let mut f = self.not_ready.lock().unwrap_or_else(|e| e.into_inner());
+            let before = !f.iter().any(|x| *x);
+            f[why as usize] = on;
+            (before, !f.iter().any(|x| *x))
+        };
+        if before != after {
+            tracing::info!(reason = ?why, "readiness changed");
+            set_health(&self.reporter, after).await;
         }
     }
 }
@@ -220,8 +304,10 @@ pub const FENCE_EXIT_CODE: i32 = 75;
 /// once when it resumes, and an error when the lease deadline (fence deadline +
 /// margin) has passed while a member system call that passed the gate before the fence
 /// deadline had not returned (a device slower than the margin: raise the margin, or
-/// fence the device by reservations). Ending the process (`_exit`, status
-/// [`FENCE_EXIT_CODE`]) stays for a lost session ([`fence_if_joined`]).
+/// fence the device by reservations). A lost session is not ended either: its arrays
+/// are torn down and assembled again on a new session ([`rejoin`]); ending the process
+/// (`_exit`, status [`FENCE_EXIT_CODE`]) stays only for an array of a lost session that
+/// cannot be torn down ([`fence_now`]).
 fn spawn_fence_watchdog(
     node: Arc<Node>,
     margin: Duration,
@@ -297,20 +383,6 @@ fn spawn_fence_watchdog(
     })
 }
 
-/// Ends the process at once when this node holds clustered slots (see
-/// [`spawn_fence_watchdog`]); does nothing otherwise.
-fn fence_if_joined(node: &Node, why: &str) {
-    let joined = node.memberships();
-    if joined.is_empty() {
-        return;
-    }
-    let arrays: Vec<String> = joined
-        .into_iter()
-        .map(|(n, m, _)| format!("{n} (slot {})", m.slot))
-        .collect();
-    fence_now(node, &arrays.join(", "), why)
-}
-
 /// Ends the process at once (`_exit`, status [`FENCE_EXIT_CODE`]): member I/O of
 /// `arrays` must stop and cannot be stopped otherwise.
 pub(super) fn fence_now(node: &Node, arrays: &str, why: &str) -> ! {
@@ -325,8 +397,87 @@ pub(super) fn fence_now(node: &Node, arrays: &str, why: &str) -> ! {
     unsafe { libc::_exit(FENCE_EXIT_CODE) };
 }
 
+/// After session `reason` was lost: tears down the clustered arrays of the lost session
+/// ([`Node::drop_lost_arrays`]; exit 75 when one cannot be torn down) and opens a new
+/// session (each attempt bounded, retried until it opens or `stop`); the caller
+/// assembles the saved arrays again on it. `None` when stopping.
+async fn rejoin(
+    node: &Arc<Node>,
+    scfg: &SessionConfig,
+    reason: &str,
+    stop: &CancellationToken,
+) -> Option<(Arc<Session>, mpsc::Receiver<Notification>)> {
+    tracing::error!(
+        node = node.name(),
+        "session lost: {reason}; stopping its clustered arrays and rejoining with a new session"
+    );
+    let t = tokio::time::Instant::now();
+    // Cleared first: an assemble finishing now either sees no session (and fails) or
+    // was recorded as joined before (and is torn down here).
+    node.set_session(None);
+    match node.drop_lost_arrays(reason).await {
+        Ok(dropped) if !dropped.is_empty() => {
+            tracing::warn!(node = node.name(), arrays = ?dropped, "arrays of the lost session stopped without writing metadata")
+        }
+        Ok(_) => {}
+        Err(stuck) => fence_now(
+            node,
+            &stuck,
+            &format!("the session with mdserver was lost ({reason}) and these arrays could not be stopped"),
+        ),
+    }
+    loop {
+        if stop.is_cancelled() {
+            return None;
+        }
+        let opened = tokio::select! {
+            r = open_session(scfg, Duration::from_secs(60)) => r,
+            _ = stop.cancelled() => return None,
+        };
+        match opened {
+            Ok((s, r)) => {
+                let s = Arc::new(s);
+                node.set_session(Some(s.clone()));
+                tracing::info!(
+                    node = node.name(),
+                    session = format_args!("{:x}", s.id()),
+                    "new session open {:?} after the old one was lost; assembling the saved arrays again",
+                    t.elapsed()
+                );
+                return Some((s, r));
+            }
+            Err(e) => tracing::error!("reopening the session failed: {e}"),
+        }
+    }
+}
+
 /// Runs a cluster-mode agent until `shutdown` completes. Prints one line
 /// `mdagent ready: node NAME listening on ADDR` on stdout when serving.
+/// Who may call the agent's gRPC methods: the agent service only mdserver
+/// (`O=mdcluster:server`; every change is audited), health every authenticated caller;
+/// without TLS everyone.
+pub fn agent_policy(
+    method: &str,
+    caller: &mdcluster_proto::tls::Caller,
+) -> Result<mdcluster_proto::tls::Access, String> {
+    use mdcluster_proto::tls::{Access, Caller};
+    if matches!(caller, Caller::Insecure) || method.starts_with("/grpc.health.v1.Health/") {
+        return Ok(Access::Read);
+    }
+    if let Some(m) = method.strip_prefix("/mdcluster.v1.AgentService/") {
+        return match caller {
+            Caller::Server(_) if ["Get", "List", "Mdstat", "Watch"].contains(&m) => {
+                Ok(Access::Read)
+            }
+            Caller::Server(_) => Ok(Access::Admin),
+            _ => Err("the agent service accepts only mdserver's certificate \
+                      (O=mdcluster:server); operators go through mdserver"
+                .into()),
+        };
+    }
+    Err("no such method on mdagent".into())
+}
+
 pub async fn run(
     cfg: RuntimeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -365,6 +516,8 @@ pub async fn run(
     let mut scfg = SessionConfig::new(cfg.servers.clone(), node.name(), advertise.clone());
     scfg.ttl = cfg.session_ttl;
     scfg.fence_margin = cfg.fence_margin;
+    scfg.transport = cfg.transport.clone();
+    scfg.suspend_max = cfg.suspend_max;
     let (session, rx) = open_session(&scfg, cfg.connect_timeout)
         .await
         .map_err(|source| RuntimeError::Session {
@@ -377,8 +530,10 @@ pub async fn run(
     node.set_session(Some(session.clone()));
     tracing::info!(node = node.name(), addr = %advertise, session = format_args!("{:x}", session.id()), "session open");
 
-    let (health, health_svc) = tonic_health::server::health_reporter();
-    set_health(&health, true).await;
+    let (reporter, health_svc) = tonic_health::server::health_reporter();
+    let health_svc_plain = health_svc.clone();
+    set_health(&reporter, true).await;
+    let health = Health::new(reporter);
 
     // Notifications, and a new session when one is lost.
     let keeper = {
@@ -389,41 +544,46 @@ pub async fn run(
         let mut session = session.clone();
         let mut rx = rx;
         tokio::spawn(async move {
+            // The arrays being assembled again on the current session, if any.
+            let mut rejoining: Option<tokio::task::JoinHandle<()>> = None;
             loop {
-                let Some(reason) =
-                    notifications(node.clone(), session.clone(), rx, stop.clone()).await
+                let Some(reason) = notifications(
+                    node.clone(),
+                    session.clone(),
+                    rx,
+                    stop.clone(),
+                    health.clone(),
+                )
+                .await
                 else {
                     return;
                 };
-                tracing::error!(
-                    node = node.name(),
-                    "session lost: {reason}; opening a new one"
-                );
-                // Cleared first: an assemble finishing now either sees no session
-                // (and fails) or was recorded as joined before (and is fenced here).
-                node.set_session(None);
-                fence_if_joined(
-                    &node,
-                    &format!("the session with mdserver was lost ({reason})"),
-                );
-                set_health(&health, false).await;
-                loop {
-                    if stop.is_cancelled() {
-                        return;
-                    }
-                    match open_session(&scfg, Duration::from_secs(60)).await {
-                        Ok((s, r)) => {
-                            session = Arc::new(s);
-                            rx = r;
-                            node.rejoin(&session).await;
-                            node.set_session(Some(session.clone()));
-                            set_health(&health, true).await;
-                            tracing::info!(node = node.name(), "session open again");
-                            break;
-                        }
-                        Err(e) => tracing::error!("reopening the session failed: {e}"),
-                    }
+                health.set(Readiness::Rejoining, true).await;
+                health.set(Readiness::Suspended, false).await;
+                if let Some(h) = rejoining.take() {
+                    // Each assemble is bounded; the teardown must see what it joined.
+                    let _ = h.await;
                 }
+                match rejoin(&node, &scfg, &reason, &stop).await {
+                    Some((s, r)) => {
+                        session = s;
+                        rx = r;
+                    }
+                    None => return,
+                }
+                // Assembled on a task: the new session's messages (a survivor's
+                // recovery of our old slot) must be answered meanwhile.
+                let (node, health) = (node.clone(), health.clone());
+                rejoining = Some(tokio::spawn(async move {
+                    let t = tokio::time::Instant::now();
+                    node.reassemble_saved().await;
+                    tracing::info!(
+                        node = node.name(),
+                        "saved arrays assembled again in {:?}",
+                        t.elapsed()
+                    );
+                    health.set(Readiness::Rejoining, false).await;
+                }));
             }
         })
     };
@@ -448,26 +608,69 @@ pub async fn run(
         "mdagent ready: node {} listening on {advertise}",
         node.name()
     );
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let streams_end = CancellationToken::new();
     let shutdown = {
         let streams_end = streams_end.clone();
         let health = health.clone();
         async move {
             shutdown.await;
-            set_health(&health, false).await;
+            health.set(Readiness::Stopping, true).await;
             // Graceful shutdown waits for open calls: end the event streams first.
             streams_end.cancel();
         }
     };
-    let served = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
+        .layer(mdcluster_proto::tls::AuthLayer::new(
+            "mdagent",
+            cfg.transport.is_tls(),
+            agent_policy,
+        ))
         .add_service(health_svc)
         .add_service(AgentServiceServer::new(AgentSvc {
             node: node.clone(),
             streams_end,
-        }))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+        }));
+    let (plain_health, health_stop) = match &cfg.health_listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| RuntimeError::Bind {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            let stop_health = CancellationToken::new();
+            let done = stop_health.clone();
+            let h = tokio::spawn(mdcluster_proto::tls::serve_plain_health(
+                l,
+                health_svc_plain,
+                async move { done.cancelled().await },
+            ));
+            (Some(h), stop_health)
+        }
+        None => (None, CancellationToken::new()),
+    };
+    let served = match &cfg.transport {
+        mdcluster_proto::tls::Transport::Tls(tls) => {
+            tls.reload_on_sighup();
+            router
+                .serve_with_incoming_shutdown(
+                    mdcluster_proto::tls::incoming(listener, tls.clone()),
+                    shutdown,
+                )
+                .await
+        }
+        mdcluster_proto::tls::Transport::Insecure => {
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+    };
+    health_stop.cancel();
+    if let Some(h) = plain_health {
+        let _ = h.await;
+    }
     tracing::info!(node = node.name(), "shutting down: stopping every array");
     node.shutdown().await;
     stop.cancel();

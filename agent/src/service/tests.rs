@@ -184,6 +184,14 @@ async fn resyncing_windows_show_remote_and_manage_fail_remove_works_locally() {
         .unwrap();
     assert_eq!(raid.remote_resync_window(), None);
     assert!(!n.mdstat().contains("REMOTE"), "{}", n.mdstat());
+    // A window past 64-bit byte offsets is refused with the reason, not multiplied.
+    msg.low = u64::MAX / 2;
+    msg.high = u64::MAX;
+    let e = message::apply("n1", "md0", &raid, &paths, &msg)
+        .await
+        .unwrap_err();
+    assert!(e.contains("does not fit"), "{e}");
+    assert_eq!(raid.remote_resync_window(), None);
     // Types without a receiver yet are refused with the reason.
     let cap = crate::cluster::ClusterMsg::new(crate::cluster::MsgType::BitmapResize, 1);
     let e = message::apply("n1", "md0", &raid, &paths, &cap)

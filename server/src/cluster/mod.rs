@@ -28,11 +28,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mdcluster_proto::status::WireError;
+use mdcluster_proto::tls::Caller;
 use mdcluster_proto::v1 as pb;
 use mdcluster_proto::v1::agent_service_client::AgentServiceClient;
 use mdcluster_proto::v1::cluster_service_server::ClusterService;
 use mdcluster_proto::v1::{Errno, NodeInfo};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::Ctx;
@@ -50,6 +51,7 @@ const MAX_CHANNELS: usize = 4096;
 #[derive(Debug, Clone)]
 pub struct ClusterSvc {
     ctx: Arc<Ctx>,
+    transport: mdcluster_proto::tls::Transport,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
@@ -58,15 +60,40 @@ pub fn short_name(name: &str) -> &str {
     name.strip_prefix("/dev/").unwrap_or(name)
 }
 
+/// An array name from a request, `/dev/` prefix read off: 1..=32 of `[A-Za-z0-9_.-]`,
+/// not starting with `.` (the agents' rule), checked before it reaches etcd or an
+/// agent; EINVAL quoting it cut short otherwise.
+pub fn array_name(name: &str) -> Result<String, WireError> {
+    let n = short_name(name);
+    let ok = !n.is_empty()
+        && n.len() <= 32
+        && !n.starts_with('.')
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if ok {
+        Ok(n.to_owned())
+    } else {
+        Err(WireError::new(
+            Errno::Einval,
+            "request",
+            format!(
+                "invalid array name {}: use 1-32 of [A-Za-z0-9_.-], like md0",
+                mdcluster_proto::quote::quoted(n)
+            ),
+        ))
+    }
+}
+
 fn lock_err(e: crate::error::LockError) -> WireError {
     WireError::from_status(&Status::from(e))
 }
 
 impl ClusterSvc {
     /// The service over the replica's shared state.
-    pub fn new(ctx: Arc<Ctx>) -> Self {
+    pub fn new(ctx: Arc<Ctx>, transport: mdcluster_proto::tls::Transport) -> Self {
         ClusterSvc {
             ctx,
+            transport,
             channels: Arc::new(Mutex::new(HashMap::new())),
         }
     }
@@ -116,18 +143,17 @@ impl ClusterSvc {
             })
     }
 
-    /// A client of the agent at `addr`.
-    pub fn agent(&self, addr: &str) -> Result<AgentServiceClient<Channel>, WireError> {
+    /// A client of `node`'s agent at the address it registered.
+    pub fn agent(&self, node: &NodeInfo) -> Result<AgentServiceClient<Channel>, WireError> {
+        let (name, addr) = (node.node.as_str(), node.agent_addr.as_str());
+        let key = format!("{name}@{addr}");
         let mut map = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = map.get(addr) {
+        if let Some(c) = map.get(&key) {
             return Ok(AgentServiceClient::new(c.clone()));
         }
-        let url = if addr.contains("://") {
-            addr.to_owned()
-        } else {
-            format!("http://{addr}")
-        };
-        let ep = Endpoint::from_shared(url.clone())
+        let ep = self
+            .transport
+            .endpoint(addr)
             .map_err(|e| {
                 WireError::new(
                     Errno::Einval,
@@ -137,11 +163,12 @@ impl ClusterSvc {
             })?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true);
-        let ch = ep.connect_lazy();
+        // With TLS the agent must prove it is `node`: its certificate names the node.
+        let ch = self.transport.channel(&ep, Some(name));
         if map.len() >= MAX_CHANNELS {
             map.clear();
         }
-        map.insert(addr.to_owned(), ch.clone());
+        map.insert(key, ch.clone());
         Ok(AgentServiceClient::new(ch))
     }
 
@@ -157,7 +184,7 @@ impl ClusterSvc {
         F: FnOnce(AgentServiceClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<Response<T>, Status>>,
     {
-        let client = self.agent(&node.agent_addr)?;
+        let client = self.agent(node)?;
         match tokio::time::timeout(timeout, f(client)).await {
             Ok(Ok(r)) => Ok(r.into_inner()),
             Ok(Err(s)) => {
@@ -197,7 +224,7 @@ impl ClusterSvc {
                 "create: the array description is missing",
             )
         })?;
-        create.name = short_name(&create.name).to_owned();
+        create.name = array_name(&create.name)?;
         let node = self.resolve(&r.node).await?;
         // A recorded array that runs somewhere is not re-created.
         if let Some(rec) = records::get(&self.ctx, &create.name).await? {
@@ -244,7 +271,7 @@ impl ClusterSvc {
         &self,
         r: pb::ClusterAssembleRequest,
     ) -> Result<pb::ArrayStatus, WireError> {
-        let name = short_name(&r.name).to_owned();
+        let name = array_name(&r.name)?;
         let node = self.resolve(&r.node).await?;
         let rec = records::get(&self.ctx, &name).await?;
         let mut uuid = String::new();
@@ -320,7 +347,7 @@ impl ClusterSvc {
                 "stop: name an array or give --scan",
             ));
         } else {
-            vec![short_name(&r.name).to_owned()]
+            vec![array_name(&r.name)?]
         };
         let mut stopped = Vec::new();
         let mut first_err = None;
@@ -352,7 +379,7 @@ impl ClusterSvc {
     }
 
     async fn detail_impl(&self, r: pb::DetailRequest) -> Result<pb::DetailResponse, WireError> {
-        let name = short_name(&r.name).to_owned();
+        let name = array_name(&r.name)?;
         let record = records::get(&self.ctx, &name).await?;
         let nodes = self.live_nodes().await?;
         let asks = nodes.iter().map(|n| {
@@ -463,7 +490,7 @@ impl ClusterSvc {
                 "manage: no operations given",
             ));
         };
-        let name = short_name(&m.name).to_owned();
+        let name = array_name(&m.name)?;
         let node = self.node_with(&r.node, &name).await?;
         let req = pb::ManageRequest { name, ops: m.ops };
         self.call(
@@ -483,7 +510,7 @@ impl ClusterSvc {
                 "grow: nothing to change",
             ));
         };
-        let name = short_name(&g.name).to_owned();
+        let name = array_name(&g.name)?;
         let node = self.node_with(&r.node, &name).await?;
         let bitmap_changed = !g.bitmap.is_empty();
         let req = pb::GrowRequest {
@@ -548,9 +575,16 @@ pub fn state_word(s: i32) -> &'static str {
 impl ClusterService for ClusterSvc {
     async fn nodes(
         &self,
-        _r: Request<pb::ClusterNodesRequest>,
+        r: Request<pb::ClusterNodesRequest>,
     ) -> Result<Response<pb::ClusterNodesResponse>, Status> {
-        Ok(Response::new(self.nodes_impl().await?))
+        let mut nodes = self.nodes_impl().await?;
+        // Session ids are capabilities of their nodes: shown only without TLS.
+        if Caller::of_request(&r) != Some(&Caller::Insecure) {
+            for n in &mut nodes.nodes {
+                n.session_id = 0;
+            }
+        }
+        Ok(Response::new(nodes))
     }
 
     async fn create(

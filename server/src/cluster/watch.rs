@@ -50,7 +50,7 @@ fn node_event(event: &str, node: &str, detail: String) -> pb::ArrayEvent {
 async fn forward(svc: ClusterSvc, node: NodeInfo, tx: mpsc::Sender<pb::ArrayEvent>) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        let stream = match svc.agent(&node.agent_addr) {
+        let stream = match svc.agent(&node) {
             Ok(mut c) => {
                 tokio::time::timeout(super::READ_TIMEOUT, c.watch(pb::WatchRequest {})).await
             }
