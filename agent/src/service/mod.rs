@@ -27,6 +27,7 @@
 //! - [`message`]: the token lock and the acknowledged message round (sender and
 //!   receiver; RFC 0001 "Messages").
 //! - [`events`]: the event stream.
+//! - [`mdstat_file`]: `<run-dir>/proc/mdstat` kept current for node_exporter.
 //! - [`resync`]: one node resyncs at a time (the `resync` lock and RESYNCING windows).
 //! - [`runtime`]: cluster-mode `mdagent`: listener, lock-service session, serving.
 //! - [`takeover`]: a survivor recovers a failed node's bitmap slot (RFC 0001 "Node
@@ -35,6 +36,7 @@
 pub mod events;
 pub mod grpc;
 pub mod join;
+pub mod mdstat_file;
 pub mod message;
 mod reshape;
 pub mod resync;
