@@ -3,7 +3,7 @@
 //! storage (each node reaches each member through its own loop device and path; node2
 //! assembles from the cluster's record by array UUID and shows its own paths): node2's agent is
 //! killed (-9) mid-write; the monitor reports NodeFailed; node1 takes over node2's
-//! bitmap slot (SlotRecovered) and resyncs exactly its dirty chunks — counted on disk
+//! bitmap slot (SlotTakenOver, then SlotRecovered at the resync's end) and resyncs exactly its dirty chunks — counted on disk
 //! right after the crash — in one run, then clears the slot; node2's agent restarts
 //! (NodeJoined) and assembles md0 again by itself (rejoin) with a clean slot; the members end identical. A clean agent
 //! shutdown is reported as NodeLeft and nothing stays locked. The monitor survives an
@@ -193,15 +193,35 @@ fn crash_of_a_writing_node_survivor_recovers_its_slot_then_it_rejoins() {
     eprintln!("monitor: {ev}");
 
     eprintln!("--- node1 takes over node2's slot and resyncs exactly its dirty chunks");
-    let ev = mon.wait("SlotRecovered", "node1", Duration::from_secs(15));
+    let taken = mon.wait("SlotTakenOver", "node1", Duration::from_secs(15));
+    eprintln!("monitor: {taken}");
+    assert_eq!(taken["component"], "slot1");
+    assert!(
+        taken["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!(": {dirty} dirty chunks to resync")),
+        "{taken}"
+    );
+    let ev = mon.wait("SlotRecovered", "node1", Duration::from_secs(60));
+    // Announced at the resync's end: nothing is left to sync when it arrives.
+    let at_event = detail_on(&c, "node1");
     eprintln!("monitor: {ev}");
     assert_eq!(ev["component"], "slot1");
     assert!(
         ev["detail"]
             .as_str()
             .unwrap()
-            .contains(&format!(": {dirty} dirty chunks")),
+            .contains(&format!(": {dirty} dirty chunks resynced")),
         "{ev}"
+    );
+    assert!(
+        ev["time_unix_ms"].as_i64() >= taken["time_unix_ms"].as_i64(),
+        "SlotRecovered before SlotTakenOver: {taken} {ev}"
+    );
+    assert_eq!(
+        at_event["bitmap"]["needed"], 0,
+        "SlotRecovered came before node2's chunks were resynced: {at_event}"
     );
     let deadline = Instant::now() + Duration::from_secs(60);
     let st = loop {

@@ -3,7 +3,7 @@
 //! of a clustered mirror; node2's link goes down. node2's agent must stop all member
 //! I/O (its fence gate closes: I/O suspended) before its lease can expire, so before
 //! node1 starts recovering its slot: the suspension is logged before node1's
-//! `SlotRecovered`. Once its session is lost node2's agent ends itself (status 75).
+//! `SlotTakenOver`. Once its session is lost node2's agent ends itself (status 75).
 //! node1 then resyncs exactly node2's dirty chunks; when the link is back, node2's agent
 //! is restarted (as a supervisor would), assembles md0 again by itself and the members
 //! end identical.
@@ -207,8 +207,8 @@ fn partitioned_node_fences_itself_before_its_slot_is_recovered() {
     assert!(dirty > 0 && dirty <= 3, "{dirty}");
 
     eprintln!("--- node1 recovers node2's slot only after node2 suspended its I/O");
-    let ev = wait_event("SlotRecovered", "node1", Duration::from_secs(20));
-    let recovered = ev["time_unix_ms"].as_i64().unwrap();
+    let taken = wait_event("SlotTakenOver", "node1", Duration::from_secs(20));
+    let recovered = taken["time_unix_ms"].as_i64().unwrap();
     eprintln!(
         "cut at {cut}, node2 suspended at {suspended} (+{} ms), gone at {fenced} (+{} ms), slot recovered at {recovered} (+{} ms)",
         suspended - cut,
@@ -219,6 +219,7 @@ fn partitioned_node_fences_itself_before_its_slot_is_recovered() {
         suspended < recovered,
         "node2's member I/O was not suspended when node1 started recovering its slot"
     );
+    let ev = wait_event("SlotRecovered", "node1", Duration::from_secs(60));
     assert!(
         ev["detail"]
             .as_str()
