@@ -251,9 +251,30 @@ fn crash_of_a_writing_node_survivor_recovers_its_slot_then_it_rejoins() {
     );
 
     eprintln!("--- node2 comes back and rejoins by itself (its array list): slot clean, nothing to resync");
+    let node2_events = |mon: &Monitor| {
+        let ev = mon.events.lock().unwrap();
+        let n = |name: &str| {
+            ev.iter()
+                .filter(|e| e["event"] == name && e["node"] == "node2")
+                .count()
+        };
+        (n("ArrayAssembling"), n("NewArray"))
+    };
+    let before = node2_events(&mon);
     c.agents[1].restart().expect("restart node2");
     mon.wait("NodeJoined", "node2", Duration::from_secs(15));
-    mon.wait("NewArray", "node2", Duration::from_secs(15));
+    // The re-assembly runs as the agent starts, before mdserver's monitor connects to
+    // it: its events still reach the monitor (the agent's recent events), once each.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while node2_events(&mon) != (before.0 + 1, before.1 + 1) {
+        assert!(
+            Instant::now() < deadline,
+            "the re-assembly of node2's array at its start did not reach the monitor once (ArrayAssembling, NewArray before {before:?}, now {:?}): {:?}",
+            node2_events(&mon),
+            mon.events.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let st = detail_on(&c, "node2");
     assert_eq!(st["state"], "active", "{st}");
     assert_eq!(
