@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use comfy_table::presets::NOTHING;
 use comfy_table::Table;
-use mdcluster_agent::format::examine::{fmt_time, human, level_name};
+use mdcluster_agent::format::examine::{fmt_rfc3339_ms, fmt_time, human, level_name};
 use mdcluster_proto::v1 as pb;
 use serde_json::{json, Value};
 
@@ -329,7 +329,8 @@ pub fn event_json(e: &pb::ArrayEvent) -> Value {
         "detail": e.detail, "time_unix_ms": e.time_unix_ms})
 }
 
-/// One event as a line: `TIME NODE EVENT DEVICE [COMPONENT]: DETAIL`.
+/// One event as a line: `TIME NODE EVENT DEVICE [COMPONENT]: DETAIL`, TIME in RFC 3339
+/// (UTC, milliseconds).
 pub fn event_line(e: &pb::ArrayEvent) -> String {
     let dev = if e.array.is_empty() {
         "-".to_owned()
@@ -341,11 +342,9 @@ pub fn event_line(e: &pb::ArrayEvent) -> String {
     } else {
         format!(" {}", e.component)
     };
-    let secs = (e.time_unix_ms / 1000) as u64;
     format!(
-        "{}.{:03} {} {} {dev}{comp}: {}",
-        fmt_time(secs),
-        e.time_unix_ms % 1000,
+        "{} {} {} {dev}{comp}: {}",
+        fmt_rfc3339_ms(e.time_unix_ms),
         e.node,
         e.event,
         e.detail
@@ -504,10 +503,9 @@ mod tests {
             detail: "x".into(),
             time_unix_ms: 1_000_123,
         };
-        assert!(
-            event_line(&e).ends_with("n1 Fail /dev/md0 /dev/vda: x"),
-            "{}",
-            event_line(&e)
+        assert_eq!(
+            event_line(&e),
+            "1970-01-01T00:16:40.123Z n1 Fail /dev/md0 /dev/vda: x"
         );
         assert_eq!(event_json(&e)["component"], "/dev/vda");
     }

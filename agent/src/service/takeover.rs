@@ -19,7 +19,11 @@
 //!    this node's own writes, chunk by chunk);
 //! 4. clear slot N's bits on disk (ours are durable first, so a crash in between
 //!    loses nothing);
-//! 5. release `slot/N`, and emit `SlotRecovered` with the chunk count.
+//! 5. release `slot/N`, and emit `SlotTakenOver` with the chunk count; once none of
+//!    those chunks is needed any more (the resync ran over them), emit `SlotRecovered`
+//!    with the same count (watched every [`RESYNC_POLL`] while the array stays active;
+//!    an array stopped first keeps the bits in this node's slot, resynced at its next
+//!    assembly).
 //!
 //! A holder that left cleanly (its stop released the slot while its session lives on)
 //! is not recovered: its slot is clean. A holder that left with dirty bits says so with
@@ -44,6 +48,8 @@ use crate::reserve::{ArrayPr, PrError, PrKey};
 
 /// How often the slot holders are read.
 pub const PERIOD: Duration = Duration::from_millis(500);
+/// How often a recovered slot's chunks are checked for the end of their resync.
+pub const RESYNC_POLL: Duration = Duration::from_millis(100);
 
 /// Errors of one recovery.
 #[derive(Debug, thiserror::Error)]
@@ -197,18 +203,35 @@ async fn recover(
         tracing::warn!(array = name, lock = %res, "release after recovery: {e}");
     }
     match result {
-        Ok(chunks) => {
-            tracing::info!(array = name, slot, chunks, "slot recovered");
+        Ok(Merged { chunks, pending }) => {
+            tracing::info!(array = name, slot, chunks, "slot taken over");
+            let dead = dead.join(", ");
             node.emit(
-                "SlotRecovered",
+                "SlotTakenOver",
                 name,
                 &format!("slot{slot}"),
                 format!(
-                    "node {} recovered bitmap slot {slot} of {name} (node {} failed or left it dirty): {chunks} dirty chunks resynced",
-                    node.name(),
-                    dead.join(", ")
+                    "node {} took over bitmap slot {slot} of {name} (node {dead} failed or left it dirty): {chunks} dirty chunks to resync",
+                    node.name()
                 ),
             );
+            let done = format!(
+                "node {} recovered bitmap slot {slot} of {name} (node {dead} failed or left it dirty): {chunks} dirty chunks resynced",
+                node.name()
+            );
+            match pending {
+                None => node.emit("SlotRecovered", name, &format!("slot{slot}"), done),
+                Some((raid, offsets)) => {
+                    tokio::spawn(announce_resynced(
+                        Arc::downgrade(node),
+                        Arc::downgrade(&raid),
+                        name.to_owned(),
+                        slot,
+                        offsets,
+                        done,
+                    ));
+                }
+            }
         }
         Err(e) => {
             tracing::error!(array = name, slot, "slot recovery failed: {e}");
@@ -242,13 +265,55 @@ pub fn preempt_dead_key(
     Ok(Some(key))
 }
 
-/// Steps 2–4 of the module doc; returns the chunk count.
+/// The chunks of a recovered slot still to resync: the array and each chunk's
+/// (offset, length) in array bytes.
+type Pending = (Arc<Raid1>, Vec<(u64, u64)>);
+
+/// What a recovery merged: the chunk count and what is left to resync, if anything.
+struct Merged {
+    chunks: u64,
+    pending: Option<Pending>,
+}
+
+/// Emits `SlotRecovered` (`detail`) once none of `chunks` of `raid` is needed any more;
+/// gives up silently (logged) when the array stops or the node goes first.
+async fn announce_resynced(
+    node: std::sync::Weak<Node>,
+    raid: std::sync::Weak<Raid1>,
+    name: String,
+    slot: u32,
+    chunks: Vec<(u64, u64)>,
+    detail: String,
+) {
+    let mut tick = tokio::time::interval(RESYNC_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let (Some(node), Some(raid)) = (node.upgrade(), raid.upgrade()) else {
+            tracing::info!(array = %name, slot, "array stopped before the recovered slot's chunks were resynced; they stay dirty in this node's slot");
+            return;
+        };
+        let current = node.raid_of(&name).map(|(r, _)| r);
+        if !current.is_some_and(|r| Arc::ptr_eq(&r, &raid)) {
+            tracing::info!(array = %name, slot, "array stopped before the recovered slot's chunks were resynced; they stay dirty in this node's slot");
+            return;
+        }
+        let Some(bm) = raid.bitmap() else { return };
+        if chunks.iter().all(|&(off, len)| !bm.is_needed(off, len)) {
+            tracing::info!(array = %name, slot, chunks = chunks.len(), "slot recovered: its chunks are resynced");
+            node.emit("SlotRecovered", &name, &format!("slot{slot}"), detail);
+            return;
+        }
+    }
+}
+
+/// Steps 2–4 of the module doc.
 async fn recover_locked(
     name: &str,
     raid: &Arc<Raid1>,
     members: &[PathBuf],
     slot: u32,
-) -> Result<u64, TakeoverError> {
+) -> Result<Merged, TakeoverError> {
     let bm = raid
         .bitmap()
         .ok_or_else(|| TakeoverError::NoBitmap(name.to_owned()))?;
@@ -261,12 +326,16 @@ async fn recover_locked(
         })??;
     // The failed node's resync window (if it was resyncing) no longer holds writes.
     let _ = raid.set_remote_resync_window(None).await;
+    let nothing = Merged {
+        chunks: 0,
+        pending: None,
+    };
     let Some((bits, chunks)) = bits else {
-        return Ok(0);
+        return Ok(nothing);
     };
     let dirty: Vec<u64> = (0..chunks).filter(|&c| test_bit(&bits, c)).collect();
     if dirty.is_empty() {
-        return Ok(0);
+        return Ok(nothing);
     }
     let cb = bm.geometry().chunk_bytes;
     for &c in &dirty {
@@ -287,7 +356,10 @@ async fn recover_locked(
             array: name.to_owned(),
             reason: format!("clear task failed: {e}"),
         })??;
-    Ok(count_set(&bits, chunks))
+    Ok(Merged {
+        chunks: count_set(&bits, chunks),
+        pending: Some((raid.clone(), dirty.iter().map(|&c| (c * cb, cb)).collect())),
+    })
 }
 
 /// md-cluster's `gather_bitmaps` for a re-add: the bits of every slot but `mine` (the
