@@ -206,6 +206,8 @@ impl DirectFile {
     fn pwrite_all(&self, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
         while !buf.is_empty() {
             let _g = self.gate("write")?;
+            #[cfg(test)]
+            test_hook::device_judges_write(&self.path)?;
             match self.file.write_at(buf, offset) {
                 Ok(0) => {
                     return Err(io::Error::new(
@@ -379,6 +381,28 @@ pub(crate) mod test_hook {
     /// Removes the hooks of `path`.
     pub(crate) fn clear(path: &Path) {
         HOOKS.lock().unwrap().retain(|(p, _)| p != path);
+        JUDGES.lock().unwrap().retain(|(p, _)| p != path);
+    }
+
+    type Judge = Arc<dyn Fn() -> std::io::Result<()> + Send + Sync>;
+
+    static JUDGES: Mutex<Vec<(PathBuf, Judge)>> = Mutex::new(Vec::new());
+
+    /// Lets `judge` answer for the device at `path` before each write system call: an
+    /// error is returned as the device's (a reservation conflict, say).
+    pub(crate) fn set_judge(path: &Path, judge: Judge) {
+        JUDGES.lock().unwrap().push((path.to_owned(), judge));
+    }
+
+    pub(super) fn device_judges_write(path: &Path) -> std::io::Result<()> {
+        let mine: Vec<Judge> = JUDGES
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(p, _)| p == path)
+            .map(|(_, j)| j.clone())
+            .collect();
+        mine.iter().try_for_each(|j| j())
     }
 
     pub(super) fn between_read_and_write(path: &Path) {

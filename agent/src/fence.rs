@@ -66,9 +66,18 @@ impl From<Fenced> for io::Error {
     }
 }
 
-/// Whether `e` is (or wraps) a [`Fenced`] refusal.
+/// Whether `e` is (or wraps) a [`Fenced`] refusal, or is the device's own refusal: a
+/// reservation conflict ([`is_reservation_conflict`]) — another node preempted this
+/// node's key ([`crate::reserve`]). Either way this node is fenced and no member failed.
 pub fn is_fenced(e: &io::Error) -> bool {
-    e.get_ref().is_some_and(|i| i.is::<Fenced>())
+    e.get_ref().is_some_and(|i| i.is::<Fenced>()) || is_reservation_conflict(e)
+}
+
+/// Whether `e` is a persistent-reservation conflict reported by the device: the block
+/// layer completes such a request with `BLK_STS_RESV_CONFLICT` (`BLK_STS_NEXUS` before
+/// Linux 6.5), which reaches user space as `EBADE`.
+pub fn is_reservation_conflict(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EBADE)
 }
 
 /// The node's gate (see the module doc). One per node; shared by every clustered array.

@@ -24,9 +24,15 @@
 //! disks (`sd`, including iSCSI and FC LUNs whose target supports SCSI-3 PR) and NVMe
 //! namespaces with reservations.
 //!
-//! The engine does not use reservations yet: this module is the protocol and its
-//! device access, tested against [`MemoryPr`]; the agent only probes members at
-//! assemble and reports which are fenced by the gate only.
+//! Wired into the agent per clustered array ([`ArrayPr`], held in the node's membership,
+//! `service::join` and `service::takeover`): members are probed once when the node
+//! joins the array; the joiner registers `PrKey::new(slot, token)` on every member
+//! that takes reservations and publishes the key in its slot lock's value block
+//! (`cluster::ResyncInfo::pr_key`); a survivor reads that key from the dead node's slot
+//! lock and preempts it before it recovers the slot (no key published: it cannot fence
+//! by storage, logged, the gate only); a leave unregisters. A write the device refuses
+//! with a reservation conflict (`EBADE`) is fenced, never a member failure
+//! ([`crate::fence::is_fenced`]).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -124,6 +130,120 @@ pub fn take_over_device(dev: &dyn Reservations, mine: PrKey, dead: PrKey) -> Res
             dev.preempt(mine, dead).or(Ok(()))
         }
         Err(e) => Err(e),
+    }
+}
+
+/// The reservation side of one clustered array on this node: the members that take
+/// persistent reservations (opened once, at join) and those fenced by the gate only.
+/// Every operation is applied to every reservation-capable member; a failure on one is
+/// returned after the others were tried.
+#[derive(Clone, Default)]
+pub struct ArrayPr {
+    devices: Vec<Arc<dyn Reservations>>,
+    gate_only: Vec<PathBuf>,
+}
+
+impl std::fmt::Debug for ArrayPr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArrayPr")
+            .field(
+                "reservation",
+                &self.devices.iter().map(|d| d.path()).collect::<Vec<_>>(),
+            )
+            .field("gate_only", &self.gate_only)
+            .finish()
+    }
+}
+
+impl ArrayPr {
+    /// Probes the members of clustered array `array` once ([`probe`]) and opens those
+    /// that take reservations; the others are logged (once per device) as fenced by the
+    /// gate only. Blocking.
+    pub fn probe(array: &str, members: &[PathBuf]) -> ArrayPr {
+        let mut out = ArrayPr::default();
+        for p in members {
+            let opened = probe(p).and_then(|()| {
+                BlockPr::open(p).map_err(|source| PrError::Unsupported {
+                    path: p.clone(),
+                    source,
+                })
+            });
+            match opened {
+                Ok(dev) => {
+                    tracing::info!(array, device = %p.display(), "fenced by persistent reservation");
+                    out.devices.push(Arc::new(dev));
+                }
+                Err(e) => {
+                    report_once(array, p, &e);
+                    out.gate_only.push(p.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// An array whose reservation-capable members are `devices` and whose other members
+    /// are `gate_only` (tests substitute [`MemoryPr`]).
+    pub fn with_devices(devices: Vec<Arc<dyn Reservations>>, gate_only: Vec<PathBuf>) -> ArrayPr {
+        ArrayPr { devices, gate_only }
+    }
+
+    /// Whether any member takes reservations.
+    pub fn any(&self) -> bool {
+        !self.devices.is_empty()
+    }
+
+    /// How member `path` is fenced: `"reservation"` or `"gate only"`.
+    pub fn fenced_by(&self, path: &Path) -> &'static str {
+        if self.devices.iter().any(|d| d.path() == path) {
+            "reservation"
+        } else {
+            "gate only"
+        }
+    }
+
+    /// Members fenced by the gate only.
+    pub fn gate_only(&self) -> &[PathBuf] {
+        &self.gate_only
+    }
+
+    fn each(
+        &self,
+        mut f: impl FnMut(&dyn Reservations) -> Result<(), PrError>,
+    ) -> Result<(), PrError> {
+        let mut first = None;
+        for d in &self.devices {
+            if let Err(e) = f(d.as_ref()) {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Join: registers `key` on every member and reserves each one nobody holds
+    /// ([`join_device`]). Also after a new session (a new token: register-and-ignore
+    /// replaces the old key).
+    pub fn join(&self, key: PrKey) -> Result<(), PrError> {
+        self.each(|d| join_device(d, key))
+    }
+
+    /// A takeover of a dead node's slot: preempts `dead` as `mine` on every member
+    /// ([`take_over_device`]), then reserves where nobody holds the reservation (its
+    /// holder may have left: unregistering released it), so that the preempted node's
+    /// writes are refused.
+    pub fn take_over(&self, mine: PrKey, dead: PrKey) -> Result<(), PrError> {
+        self.each(|d| {
+            take_over_device(d, mine, dead)?;
+            match d.reserve(mine) {
+                Ok(()) | Err(PrError::Conflict { .. }) => Ok(()),
+                Err(e) => Err(e),
+            }
+        })
+    }
+
+    /// Leave: unregisters `key` on every member.
+    pub fn leave(&self, key: PrKey) -> Result<(), PrError> {
+        self.each(|d| d.unregister(key))
     }
 }
 
@@ -299,18 +419,23 @@ pub fn report_gate_only(array: &str, members: &[PathBuf]) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for p in members {
         if let Err(e @ PrError::Unsupported { .. }) = probe(p) {
-            let first = REPORTED
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get_or_insert_with(HashSet::new)
-                .insert(p.clone());
-            if first {
-                tracing::warn!(array, device = %p.display(), "fenced by the fence gate only: {e}");
-            }
+            report_once(array, p, &e);
             out.push(p.clone());
         }
     }
     out
+}
+
+/// Logs, once per device, that `p` of `array` is fenced by the fence gate only.
+fn report_once(array: &str, p: &Path, e: &PrError) {
+    let first = REPORTED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_insert_with(HashSet::new)
+        .insert(p.to_owned());
+    if first {
+        tracing::warn!(array, device = %p.display(), "fenced by the fence gate only: {e}");
+    }
 }
 
 /// An in-memory device with SCSI-3 persistent-reservation semantics (registrations,
@@ -544,6 +669,72 @@ mod tests {
         n2.write().unwrap();
     }
 
+    fn array(dev: &[Arc<MemoryDevice>], node: &str) -> (ArrayPr, Vec<MemoryPr>) {
+        let h: Vec<MemoryPr> = dev.iter().map(|d| MemoryPr::new(d.clone(), node)).collect();
+        let pr = ArrayPr::with_devices(
+            h.iter()
+                .map(|m| Arc::new(m.clone()) as Arc<dyn Reservations>)
+                .collect(),
+            vec![],
+        );
+        (pr, h)
+    }
+
+    #[test]
+    fn an_array_joins_takes_over_and_leaves_on_every_member() {
+        let devs = [
+            Arc::new(MemoryDevice::default()),
+            Arc::new(MemoryDevice::default()),
+        ];
+        let (a1, h1) = array(&devs, "n1");
+        let (a2, h2) = array(&devs, "n2");
+        let (a3, h3) = array(&devs, "n3");
+        let (k1, k2, k3) = (PrKey::new(0, 40), PrKey::new(1, 41), PrKey::new(2, 42));
+        a1.join(k1).unwrap();
+        a2.join(k2).unwrap();
+        a3.join(k3).unwrap();
+        for i in 0..2 {
+            assert_eq!(h1[i].registered(), Some(k1));
+            assert_eq!(h2[i].registered(), Some(k2));
+            assert_eq!(h1[i].holder(), Some(k1), "the first joiner reserves");
+        }
+        // The holder leaves: unregistered, and the reservation goes with it.
+        a1.leave(k1).unwrap();
+        for h in &h1 {
+            assert_eq!(h.registered(), None);
+            assert_eq!(h.holder(), None);
+        }
+        // n3 dies; n2 takes its slot over: n3 preempted, and the device reserved again
+        // (an unreserved device would take anyone's write).
+        a2.take_over(k2, k3).unwrap();
+        for i in 0..2 {
+            assert_eq!(h3[i].registered(), None);
+            assert_eq!(h2[i].holder(), Some(k2));
+            assert!(matches!(h3[i].write(), Err(PrError::Conflict { .. })));
+            h2[i].write().unwrap();
+        }
+        // A rejoin with a new token registers the new key (register-and-ignore).
+        let k3b = PrKey::new(2, 50);
+        a3.join(k3b).unwrap();
+        for h in &h3 {
+            assert_eq!(h.registered(), Some(k3b));
+            h.write().unwrap();
+        }
+        assert_eq!(a2.fenced_by(Path::new("mem:n2")), "reservation");
+    }
+
+    #[test]
+    fn an_array_without_reservations_does_nothing() {
+        let pr = ArrayPr::with_devices(vec![], vec![PathBuf::from("/dev/loop9")]);
+        assert!(!pr.any());
+        let k = PrKey::new(0, 1);
+        pr.join(k).unwrap();
+        pr.take_over(k, PrKey::new(1, 2)).unwrap();
+        pr.leave(k).unwrap();
+        assert_eq!(pr.fenced_by(Path::new("/dev/loop9")), "gate only");
+        assert_eq!(pr.gate_only(), [PathBuf::from("/dev/loop9")]);
+    }
+
     #[test]
     fn loop_devices_and_files_are_fenced_by_the_gate_only() {
         // A regular file answers ENOTTY.
@@ -561,5 +752,11 @@ mod tests {
         assert!(matches!(e, PrError::Unsupported { .. }), "{e}");
         let gate_only = report_gate_only("md0", &[l.0.clone(), f.clone()]);
         assert_eq!(gate_only, vec![l.0.clone(), f.clone()]);
+        // What a join sees: no member takes reservations, nothing is registered.
+        let pr = ArrayPr::probe("md0", &[l.0.clone(), f.clone()]);
+        assert!(!pr.any(), "{pr:?}");
+        assert_eq!(pr.gate_only(), [l.0.clone(), f.clone()]);
+        pr.join(PrKey::new(0, 1)).unwrap();
+        assert_eq!(pr.fenced_by(&l.0), "gate only");
     }
 }

@@ -360,7 +360,14 @@ fn fuzz_cluster_msg() {
     m.low = 1 << 20;
     m.high = 2 << 20;
     let mut seed = m.encode().to_vec();
-    seed.extend_from_slice(&ResyncInfo { lo: 1, hi: 1 << 30 }.encode());
+    seed.extend_from_slice(
+        &ResyncInfo {
+            lo: 1,
+            hi: 1 << 30,
+            pr_key: 0,
+        }
+        .encode(),
+    );
     run(
         "cluster_msg",
         &[seed],

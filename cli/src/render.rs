@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use comfy_table::presets::NOTHING;
 use comfy_table::Table;
-use mdcluster_agent::format::examine::{fmt_time, human, level_name};
+use mdcluster_agent::format::examine::{fmt_rfc3339_ms, fmt_time, human, level_name};
 use mdcluster_proto::v1 as pb;
 use serde_json::{json, Value};
 
@@ -34,6 +34,7 @@ pub fn status_json(st: &pb::ArrayStatus) -> Value {
         "members": st.members.iter().map(|m| json!({
             "path": m.path, "dev_number": m.dev_number, "role": m.role,
             "state": m.state, "recovery_offset": m.recovery_offset,
+            "fenced_by": m.fenced_by,
         })).collect::<Vec<_>>(),
         "sync": st.sync.as_ref().map(|s| json!({
             "kind": s.kind, "state": s.state, "done_bytes": s.done_bytes,
@@ -181,6 +182,20 @@ pub fn detail_text(name: &str, d: &pb::DetailResponse) -> String {
         }
         line(&mut s, "UUID", &st.uuid);
         line(&mut s, "Events", &st.events.to_string());
+        let mut fenced: Vec<&pb::MemberInfo> = st
+            .members
+            .iter()
+            .filter(|m| !m.fenced_by.is_empty())
+            .collect();
+        if !fenced.is_empty() {
+            fenced.sort_by(|a, b| a.path.cmp(&b.path));
+            let list = fenced
+                .iter()
+                .map(|m| format!("{} ({})", m.path, m.fenced_by))
+                .collect::<Vec<_>>()
+                .join(", ");
+            line(&mut s, "Fenced By", &list);
+        }
         s.push('\n');
         let _ = writeln!(s, "    Number   Major   Minor   RaidDevice State");
         let mut members: Vec<&pb::MemberInfo> = st.members.iter().collect();
@@ -314,7 +329,8 @@ pub fn event_json(e: &pb::ArrayEvent) -> Value {
         "detail": e.detail, "time_unix_ms": e.time_unix_ms})
 }
 
-/// One event as a line: `TIME NODE EVENT DEVICE [COMPONENT]: DETAIL`.
+/// One event as a line: `TIME NODE EVENT DEVICE [COMPONENT]: DETAIL`, TIME in RFC 3339
+/// (UTC, milliseconds).
 pub fn event_line(e: &pb::ArrayEvent) -> String {
     let dev = if e.array.is_empty() {
         "-".to_owned()
@@ -326,11 +342,9 @@ pub fn event_line(e: &pb::ArrayEvent) -> String {
     } else {
         format!(" {}", e.component)
     };
-    let secs = (e.time_unix_ms / 1000) as u64;
     format!(
-        "{}.{:03} {} {} {dev}{comp}: {}",
-        fmt_time(secs),
-        e.time_unix_ms % 1000,
+        "{} {} {} {dev}{comp}: {}",
+        fmt_rfc3339_ms(e.time_unix_ms),
         e.node,
         e.event,
         e.detail
@@ -358,6 +372,7 @@ mod tests {
                     role: Some(1),
                     state: "in_sync".into(),
                     recovery_offset: 0,
+                    fenced_by: "reservation".into(),
                 },
                 pb::MemberInfo {
                     path: "/dev/vda".into(),
@@ -365,6 +380,7 @@ mod tests {
                     role: Some(0),
                     state: "in_sync".into(),
                     recovery_offset: 0,
+                    fenced_by: "gate only".into(),
                 },
             ],
             sync: Some(pb::SyncInfo {
@@ -465,6 +481,16 @@ mod tests {
         assert_eq!(j["nodes"][1]["state"], "absent");
         assert_eq!(j["members"][0]["paths"][0]["path"], "/dev/vdb");
         assert_eq!(j["members"][0]["paths"][0]["node"], "n1");
+        // How each member fences this node off, sorted by path.
+        assert!(
+            t.lines()
+                .any(|l| l == "         Fenced By : /dev/vda (gate only), /dev/vdb (reservation)"),
+            "{t}"
+        );
+        let m = &j["nodes"][0]["status"]["members"];
+        assert_eq!(m[0]["path"], "/dev/vdb");
+        assert_eq!(m[0]["fenced_by"], "reservation");
+        assert_eq!(m[1]["fenced_by"], "gate only");
     }
 
     #[test]
@@ -477,10 +503,9 @@ mod tests {
             detail: "x".into(),
             time_unix_ms: 1_000_123,
         };
-        assert!(
-            event_line(&e).ends_with("n1 Fail /dev/md0 /dev/vda: x"),
-            "{}",
-            event_line(&e)
+        assert_eq!(
+            event_line(&e),
+            "1970-01-01T00:16:40.123Z n1 Fail /dev/md0 /dev/vda: x"
         );
         assert_eq!(event_json(&e)["component"], "/dev/vda");
     }

@@ -423,6 +423,41 @@ impl TestCluster {
                 .collect()
         })
     }
+
+    /// The lock value blocks whose resource starts with `sub` (`values/<sub>...`):
+    /// resource and raw value.
+    pub fn lock_values(&self, sub: &str) -> Vec<(String, Vec<u8>)> {
+        let url = self.etcd.url();
+        let base = format!("/mdcluster/{}/values/", self.cluster_name());
+        let prefix = format!("{base}{sub}");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let mut c = tokio::time::timeout(
+                Duration::from_secs(10),
+                etcd_client::Client::connect([url], None),
+            )
+            .await
+            .expect("etcd connect timed out")
+            .expect("etcd connect");
+            let r = tokio::time::timeout(
+                Duration::from_secs(10),
+                c.get(prefix, Some(etcd_client::GetOptions::new().with_prefix())),
+            )
+            .await
+            .expect("etcd get timed out")
+            .expect("etcd get");
+            r.kvs()
+                .iter()
+                .map(|kv| {
+                    let k = String::from_utf8_lossy(kv.key());
+                    (k.trim_start_matches(&base).to_owned(), kv.value().to_vec())
+                })
+                .collect()
+        })
+    }
 }
 
 /// One `mdagent --server` process.

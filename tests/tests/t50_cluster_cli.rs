@@ -5,11 +5,12 @@
 //!   `t70_cluster_manage_add`);
 //! - `mdctl create` writes members that the real `mdadm --examine` reads as the same
 //!   array; `mdctl mdstat` parses with the `mdstat` parser from PyPI; `detail` merges
-//!   every node; `monitor --program` runs the program per event; `tune` reaches every
-//!   array;
+//!   every node (and names each member's fencing: files are fenced by the gate only);
+//!   `monitor --program` runs the program per event; `tune` reaches every array;
 //! - clustered join/leave with slot locks: each node takes its own slot, a node finds no
-//!   free slot (EBUSY), a stopped node's slot is free again, and a dirty unused slot's
-//!   bits are merged and resynced at join (exactly those chunks).
+//!   free slot (EBUSY), a stopped node's slot is free again (and its next holder
+//!   publishes a reservation key of its own in the slot lock's value block), and a dirty
+//!   unused slot's bits are merged and resynced at join (exactly those chunks).
 
 use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
@@ -329,6 +330,12 @@ fn create_mdadm_mdstat_detail_monitor_tune() {
         assert!(!tcp.is_empty() && !tcp.ends_with(":0"), "{n}");
         let size = run_ok(Command::new("nbdinfo").args(["--size", &format!("nbd://{tcp}/md3")]));
         assert_eq!(size.trim(), n["status"]["size_bytes"].to_string());
+        // Files take no persistent reservations: each member is fenced by the gate only.
+        let members = n["status"]["members"].as_array().unwrap();
+        assert_eq!(members.len(), 2, "{n}");
+        for m in members {
+            assert_eq!(m["fenced_by"], "gate only", "{n}");
+        }
     }
     let text = c.mdctl_ok(&["detail", "md3"]);
     for want in [
@@ -339,6 +346,8 @@ fn create_mdadm_mdstat_detail_monitor_tune() {
         "active sync",
         "node1",
         "node2",
+        "Fenced By : ",
+        " (gate only), ",
     ] {
         assert!(text.contains(want), "detail lacks {want:?}:\n{text}");
     }
@@ -465,12 +474,33 @@ fn slots_are_taken_per_node_and_dirty_free_slots_are_resynced_at_join() {
         "{:?}",
         c.etcd_keys("locks/")
     );
+    // Each holder publishes its reservation key (slot + 1 in the high byte, its slot
+    // lock's token below) after its resync window, for a survivor to preempt.
+    let key_of = |slot: u32| -> u64 {
+        let vals = c.lock_values("md/");
+        let (_, v) = vals
+            .iter()
+            .find(|(r, _)| r.ends_with(&format!("/slot/{slot}")))
+            .unwrap_or_else(|| panic!("no value block of slot {slot}: {vals:?}"));
+        assert_eq!(v.len(), 24, "window (16 bytes) and key (8): {v:?}");
+        let key = u64::from_le_bytes(v[16..24].try_into().unwrap());
+        assert_eq!(key >> 56, u64::from(slot) + 1, "{key:#x}");
+        assert_ne!(key & ((1 << 56) - 1), 0, "a token: {key:#x}");
+        key
+    };
+    let (k0, k1) = (key_of(0), key_of(1));
     eprintln!("--- node2 leaves; node3 gets its slot");
     c.mdctl_ok(&["--node", "node2", "stop", "md1"]);
     let st: Value =
         serde_json::from_str(&c.mdctl_ok(&["--node", "node3", "--json", "assemble", "md1"]))
             .unwrap();
     assert_eq!(st["bitmap"]["slot"], 1);
+    assert_eq!(key_of(0), k0, "node1's key is unchanged");
+    assert_ne!(
+        key_of(1),
+        k1,
+        "node3 holds slot 1 with a key of its own token"
+    );
     c.mdctl_ok(&["--node", "node3", "stop", "md1"]);
     c.mdctl_ok(&["--node", "node1", "stop", "md1"]);
     assert!(c.etcd_keys("locks/").is_empty());

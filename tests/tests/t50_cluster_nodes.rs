@@ -3,7 +3,7 @@
 //! storage (each node reaches each member through its own loop device and path; node2
 //! assembles from the cluster's record by array UUID and shows its own paths): node2's agent is
 //! killed (-9) mid-write; the monitor reports NodeFailed; node1 takes over node2's
-//! bitmap slot (SlotRecovered) and resyncs exactly its dirty chunks — counted on disk
+//! bitmap slot (SlotTakenOver, then SlotRecovered at the resync's end) and resyncs exactly its dirty chunks — counted on disk
 //! right after the crash — in one run, then clears the slot; node2's agent restarts
 //! (NodeJoined) and assembles md0 again by itself (rejoin) with a clean slot; the members end identical. A clean agent
 //! shutdown is reported as NodeLeft and nothing stays locked. The monitor survives an
@@ -193,15 +193,35 @@ fn crash_of_a_writing_node_survivor_recovers_its_slot_then_it_rejoins() {
     eprintln!("monitor: {ev}");
 
     eprintln!("--- node1 takes over node2's slot and resyncs exactly its dirty chunks");
-    let ev = mon.wait("SlotRecovered", "node1", Duration::from_secs(15));
+    let taken = mon.wait("SlotTakenOver", "node1", Duration::from_secs(15));
+    eprintln!("monitor: {taken}");
+    assert_eq!(taken["component"], "slot1");
+    assert!(
+        taken["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!(": {dirty} dirty chunks to resync")),
+        "{taken}"
+    );
+    let ev = mon.wait("SlotRecovered", "node1", Duration::from_secs(60));
+    // Announced at the resync's end: nothing is left to sync when it arrives.
+    let at_event = detail_on(&c, "node1");
     eprintln!("monitor: {ev}");
     assert_eq!(ev["component"], "slot1");
     assert!(
         ev["detail"]
             .as_str()
             .unwrap()
-            .contains(&format!(": {dirty} dirty chunks")),
+            .contains(&format!(": {dirty} dirty chunks resynced")),
         "{ev}"
+    );
+    assert!(
+        ev["time_unix_ms"].as_i64() >= taken["time_unix_ms"].as_i64(),
+        "SlotRecovered before SlotTakenOver: {taken} {ev}"
+    );
+    assert_eq!(
+        at_event["bitmap"]["needed"], 0,
+        "SlotRecovered came before node2's chunks were resynced: {at_event}"
     );
     let deadline = Instant::now() + Duration::from_secs(60);
     let st = loop {
@@ -231,9 +251,30 @@ fn crash_of_a_writing_node_survivor_recovers_its_slot_then_it_rejoins() {
     );
 
     eprintln!("--- node2 comes back and rejoins by itself (its array list): slot clean, nothing to resync");
+    let node2_events = |mon: &Monitor| {
+        let ev = mon.events.lock().unwrap();
+        let n = |name: &str| {
+            ev.iter()
+                .filter(|e| e["event"] == name && e["node"] == "node2")
+                .count()
+        };
+        (n("ArrayAssembling"), n("NewArray"))
+    };
+    let before = node2_events(&mon);
     c.agents[1].restart().expect("restart node2");
     mon.wait("NodeJoined", "node2", Duration::from_secs(15));
-    mon.wait("NewArray", "node2", Duration::from_secs(15));
+    // The re-assembly runs as the agent starts, before mdserver's monitor connects to
+    // it: its events still reach the monitor (the agent's recent events), once each.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while node2_events(&mon) != (before.0 + 1, before.1 + 1) {
+        assert!(
+            Instant::now() < deadline,
+            "the re-assembly of node2's array at its start did not reach the monitor once (ArrayAssembling, NewArray before {before:?}, now {:?}): {:?}",
+            node2_events(&mon),
+            mon.events.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let st = detail_on(&c, "node2");
     assert_eq!(st["state"], "active", "{st}");
     assert_eq!(

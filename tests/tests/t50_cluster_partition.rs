@@ -3,11 +3,11 @@
 //! of a clustered mirror; node2's link goes down. node2's agent must stop all member
 //! I/O (its fence gate closes: I/O suspended) before its lease can expire, so before
 //! node1 starts recovering its slot: the suspension is logged before node1's
-//! `SlotRecovered`. node2's agent keeps running, suspended (it cannot tell a partition
-//! from an outage of the lock service). node1 then resyncs exactly node2's dirty chunks;
-//! when the link is back, node2's agent learns that its session is gone, stops md0
-//! without writing metadata and assembles it again on a new session, in the same
-//! process, and the members end identical.
+//! `SlotTakenOver`. node2's agent keeps running, suspended (it cannot tell a partition
+//! from an outage of the lock service). node1 then resyncs exactly node2's dirty chunks
+//! (`SlotRecovered`); when the link is back, node2's agent learns that its session is
+//! gone, stops md0 without writing metadata and assembles it again on a new session, in
+//! the same process, and the members end identical.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
@@ -199,8 +199,8 @@ fn partitioned_node_fences_itself_before_its_slot_is_recovered_and_rejoins() {
     assert!(dirty > 0 && dirty <= 3, "{dirty}");
 
     eprintln!("--- node1 recovers node2's slot only after node2 suspended its I/O");
-    let ev = wait_event("SlotRecovered", "node1", Duration::from_secs(20));
-    let recovered = ev["time_unix_ms"].as_i64().unwrap();
+    let taken = wait_event("SlotTakenOver", "node1", Duration::from_secs(20));
+    let recovered = taken["time_unix_ms"].as_i64().unwrap();
     eprintln!(
         "cut at {cut}, node2 suspended at {suspended} (+{} ms), slot recovered at {recovered} (+{} ms)",
         suspended - cut,
@@ -210,6 +210,7 @@ fn partitioned_node_fences_itself_before_its_slot_is_recovered_and_rejoins() {
         suspended < recovered,
         "node2's member I/O was not suspended when node1 started recovering its slot"
     );
+    let ev = wait_event("SlotRecovered", "node1", Duration::from_secs(60));
     assert!(
         ev["detail"]
             .as_str()

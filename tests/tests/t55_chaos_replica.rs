@@ -4,7 +4,7 @@
 //! (SIGSTOP: its sockets stay open, it answers nothing) for 12 s — twice the TTL — and
 //! then thawed (SIGCONT). Every agent must move its session to the other replica before
 //! its fence deadline: no agent ends itself (status 75), both sessions keep their ids,
-//! no node is counted failed (no NodeFailed, no SlotRecovered), every acknowledged
+//! no node is counted failed (no NodeFailed, no SlotTakenOver or SlotRecovered), every acknowledged
 //! write reads back from the other node, and the members end identical.
 //!
 //! `T55_ROUNDS` (default 2) sets how many independent rounds run (a fresh cluster each).
@@ -350,7 +350,7 @@ fn one_round(round: usize) {
     verify(&c.agents[1].sock("md0"), base[0], &a1);
     verify(&c.agents[0].sock("md0"), base[1], &a2);
     let events = monitor.events.lock().unwrap().clone();
-    for bad in ["NodeFailed", "SlotRecovered", "NodeLeft"] {
+    for bad in ["NodeFailed", "SlotTakenOver", "SlotRecovered", "NodeLeft"] {
         assert!(
             !events.iter().any(|e| e["event"] == bad),
             "{bad} reported while a replica hung: {events:?}"

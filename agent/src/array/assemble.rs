@@ -956,11 +956,8 @@ pub async fn assemble(
         for io in &ios {
             io.set_fence(t.clone());
         }
-        // Which members no reservation fences (logged once per device).
-        let (array, members) = (name.to_owned(), paths.to_vec());
-        let _ =
-            tokio::task::spawn_blocking(move || crate::reserve::report_gate_only(&array, &members))
-                .await;
+        // The members were probed for persistent reservations at join
+        // (`crate::reserve::ArrayPr::probe`, which logs those fenced by the gate only).
     }
     if let Some(slot) = freshest.bitmap.first().filter(|b| b.sb.is_clustered()) {
         let block = ios.iter().map(|io| io.block_size()).max().unwrap_or(SECTOR);

@@ -9,7 +9,7 @@
 /// Size of an encoded [`ClusterMsg`] (44 bytes used, 4 of padding, as the kernel's).
 pub const CLUSTER_MSG_BYTES: usize = 48;
 /// Size of an encoded [`ResyncInfo`].
-pub const RESYNC_INFO_BYTES: usize = 16;
+pub const RESYNC_INFO_BYTES: usize = 24;
 
 /// The message types, numbered as in md-cluster (new ones are appended).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -135,37 +135,46 @@ impl ClusterMsg {
     }
 }
 
-/// The resync window a node publishes in its slot lock's value block; `hi == 0` means
-/// no resync in progress.
+/// What a node publishes in its slot lock's value block: its resync window (`hi == 0`
+/// means no resync in progress) and its persistent-reservation key, so that a survivor
+/// that takes the slot over can preempt exactly that key ([`crate::reserve`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct ResyncInfo {
     /// First sector of the window.
     pub lo: u64,
     /// End of the window (exclusive); 0 = none.
     pub hi: u64,
+    /// The holder's reservation key ([`crate::reserve::PrKey`]); 0 = not published.
+    pub pr_key: u64,
 }
 
 impl ResyncInfo {
-    /// Encodes as two little-endian u64.
+    /// Encodes as three little-endian u64: lo, hi, pr_key.
     pub fn encode(&self) -> [u8; RESYNC_INFO_BYTES] {
         let mut b = [0u8; RESYNC_INFO_BYTES];
         b[..8].copy_from_slice(&self.lo.to_le_bytes());
-        b[8..].copy_from_slice(&self.hi.to_le_bytes());
+        b[8..16].copy_from_slice(&self.hi.to_le_bytes());
+        b[16..].copy_from_slice(&self.pr_key.to_le_bytes());
         b
     }
 
-    /// Decodes; an empty or short value block (never written) means no resync.
+    /// Decodes; an empty or short value block (never written) means no resync, and
+    /// one of 16 bytes (written before the key was published) no key.
     pub fn decode(b: &[u8]) -> ResyncInfo {
-        if b.len() < RESYNC_INFO_BYTES {
+        let word = |i: usize| {
+            b.get(i * 8..i * 8 + 8).map_or(0, |w| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(w);
+                u64::from_le_bytes(a)
+            })
+        };
+        if b.len() < 16 {
             return ResyncInfo::default();
         }
-        let mut lo = [0u8; 8];
-        let mut hi = [0u8; 8];
-        lo.copy_from_slice(&b[..8]);
-        hi.copy_from_slice(&b[8..16]);
         ResyncInfo {
-            lo: u64::from_le_bytes(lo),
-            hi: u64::from_le_bytes(hi),
+            lo: word(0),
+            hi: word(1),
+            pr_key: word(2),
         }
     }
 
@@ -225,8 +234,15 @@ mod tests {
 
     #[test]
     fn resync_window() {
-        let w = ResyncInfo { lo: 100, hi: 200 };
+        let w = ResyncInfo {
+            lo: 100,
+            hi: 200,
+            pr_key: 0x0200_0000_0000_0007,
+        };
         assert_eq!(ResyncInfo::decode(&w.encode()), w);
+        // A value written without the key (16 bytes): the window, no key.
+        let old = ResyncInfo::decode(&w.encode()[..16]);
+        assert_eq!((old.lo, old.hi, old.pr_key), (100, 200, 0));
         assert!(w.overlaps(150, 160) && w.overlaps(0, 101) && w.overlaps(199, 300));
         assert!(!w.overlaps(0, 100) && !w.overlaps(200, 300));
         let none = ResyncInfo::decode(&[]);

@@ -391,12 +391,9 @@ pub fn fmt_chunk(bytes: u32) -> String {
     }
 }
 
-/// Formats seconds since the epoch like `ctime(3)` in UTC: "Tue Nov 24 17:17:30 2026".
-pub fn fmt_time(secs: u64) -> String {
-    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
+/// Year, month (1-12), day, hour, minute, second of `secs` since the epoch (UTC), and
+/// the weekday (0 = Thursday, the epoch's).
+fn civil(secs: u64) -> (i64, usize, i64, u64, u64, u64, usize) {
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     // Howard Hinnant's civil_from_days.
@@ -409,15 +406,39 @@ pub fn fmt_time(secs: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{} {} {:2} {:02}:{:02}:{:02} {}",
-        DAYS[(days % 7) as usize],
-        MONTHS[(m - 1) as usize],
+    (
+        y,
+        m as usize,
         d,
         rem / 3600,
         (rem / 60) % 60,
         rem % 60,
-        y
+        (days % 7) as usize,
+    )
+}
+
+/// Formats seconds since the epoch like `ctime(3)` in UTC: "Tue Nov 24 17:17:30 2026".
+pub fn fmt_time(secs: u64) -> String {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let (y, m, d, h, mi, s, wd) = civil(secs);
+    format!(
+        "{} {} {d:2} {h:02}:{mi:02}:{s:02} {y}",
+        DAYS[wd],
+        MONTHS[m - 1],
+    )
+}
+
+/// Formats milliseconds since the epoch as RFC 3339 in UTC with milliseconds:
+/// "2026-11-24T17:17:30.822Z". Times before the epoch print as the epoch.
+pub fn fmt_rfc3339_ms(ms: i64) -> String {
+    let ms = ms.max(0) as u64;
+    let (y, m, d, h, mi, s, _) = civil(ms / 1000);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{:03}Z",
+        ms % 1000
     )
 }
 
@@ -430,6 +451,16 @@ mod tests {
         // The fixture's creation time: 0x6b05c6aa.
         assert_eq!(fmt_time(0x6b05_c6aa), "Tue Nov 24 17:17:30 2026");
         assert_eq!(fmt_time(0), "Thu Jan  1 00:00:00 1970");
+    }
+
+    #[test]
+    fn time_rfc3339_with_millis() {
+        assert_eq!(
+            fmt_rfc3339_ms(0x6b05_c6aa * 1000 + 822),
+            "2026-11-24T17:17:30.822Z"
+        );
+        assert_eq!(fmt_rfc3339_ms(7), "1970-01-01T00:00:00.007Z");
+        assert_eq!(fmt_rfc3339_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
     }
 
     #[test]

@@ -655,3 +655,86 @@ async fn a_fenced_node_suspends_member_io_and_resumes_when_renewed() {
     raid.fence();
     let _ = raid.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A member write the device itself refuses with a reservation conflict (`EBADE`: a
+/// survivor preempted this node's key) is fenced like a gate refusal: an error to the
+/// caller, no member failed, no superblock update, nothing written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_conflict_is_fenced_not_a_member_failure() {
+    use crate::fence::is_fenced;
+    use crate::reserve::{ArrayPr, MemoryDevice, MemoryPr, PrError, PrKey, Reservations};
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        file(dir.path(), "a", 4 * MIB),
+        file(dir.path(), "b", 4 * MIB),
+    );
+    // Both members, shared by this node (n1, slot 0) and a survivor (n2, slot 1).
+    let devs = [
+        Arc::new(MemoryDevice::default()),
+        Arc::new(MemoryDevice::default()),
+    ];
+    let handles = |node: &str| -> Vec<Arc<dyn Reservations>> {
+        devs.iter()
+            .map(|d| Arc::new(MemoryPr::new(d.clone(), node)) as Arc<dyn Reservations>)
+            .collect()
+    };
+    let (n1, n2) = (
+        ArrayPr::with_devices(handles("n1"), vec![]),
+        ArrayPr::with_devices(handles("n2"), vec![]),
+    );
+    let (k1, k2) = (PrKey::new(0, 5), PrKey::new(1, 6));
+    n1.join(k1).unwrap();
+    n2.join(k2).unwrap();
+    // The device judges each of n1's member writes.
+    for (p, d) in [(&a, &devs[0]), (&b, &devs[1])] {
+        let h = MemoryPr::new(d.clone(), "n1");
+        crate::directio::test_hook::set_judge(
+            p,
+            Arc::new(move || {
+                h.write().map_err(|e| match e {
+                    PrError::Conflict { source, .. } | PrError::Unsupported { source, .. } => {
+                        source
+                    }
+                })
+            }),
+        );
+    }
+    struct Unhook(Vec<PathBuf>);
+    impl Drop for Unhook {
+        fn drop(&mut self) {
+            for p in &self.0 {
+                crate::directio::test_hook::clear(p);
+            }
+        }
+    }
+    let _unhook = Unhook(vec![a.clone(), b.clone()]);
+    let meta = Arc::new(TestMeta::default());
+    let raid = engine(
+        "md0",
+        vec![member_spec(&a, 0), member_spec(&b, 1)],
+        4 * MIB,
+        meta.clone(),
+    );
+    raid.write(0, data(65536, 1), false).await.unwrap();
+    raid.flush().await.unwrap();
+
+    // n2 takes n1's slot over: n1's key is preempted on both members.
+    n2.take_over(k2, k1).unwrap();
+    let e = raid.write_impl(0, data(65536, 2), false).await.unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EBADE), "{e}");
+    assert!(is_fenced(&e), "a reservation conflict is fenced: {e}");
+    assert!(
+        raid.status()
+            .members
+            .iter()
+            .all(|m| m.state == MemberState::InSync),
+        "no member failed: {:?}",
+        raid.status().members
+    );
+    assert_eq!(meta.faulty_seen.load(Ordering::SeqCst), 0);
+    for m in [&a, &b] {
+        assert!(std::fs::read(m).unwrap()[..65536].iter().all(|&x| x == 1));
+    }
+    raid.fence();
+    let _ = raid.shutdown(Duration::from_secs(5)).await;
+}

@@ -123,12 +123,19 @@ impl AgentService for AgentSvc {
 
     async fn watch(
         &self,
-        _req: Request<pb::WatchRequest>,
+        req: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let mut rx = self.node.subscribe();
+        let (past, mut rx) = if req.get_ref().recent {
+            self.node.subscribe_recent()
+        } else {
+            (Vec::new(), self.node.subscribe())
+        };
         let node = self.node.name().to_owned();
         let end = self.streams_end.clone();
         let s = async_stream::stream! {
+            for ev in past {
+                yield Ok(ev);
+            }
             loop {
                 let got = tokio::select! {
                     r = rx.recv() => r,

@@ -16,8 +16,16 @@
 //!    starts; release `slot/M`. Our own slot's dirty bits (a previous crash of this
 //!    node) also mark the superblocks unclean: the clean flag is shared by all nodes.
 //!
+//! Storage fencing (`crate::reserve`), right after step 2 and before any write: the
+//! members are probed once; on those that take persistent reservations the node
+//! registers `PrKey::new(slot, token)` and reserves the device if nobody holds it; the
+//! key is published in our slot lock's value block (with the empty resync window) for
+//! a survivor to preempt. A failure there fails the join. Taking the slot again on a
+//! new session registers the new token's key the same way.
+//!
 //! Leave (after the lifecycle's stop): when our slot was dirty, publish
-//! `BITMAP_NEEDS_SYNC(slot)` with a deadline; unsubscribe; release the slot lock.
+//! `BITMAP_NEEDS_SYNC(slot)` with a deadline; unsubscribe; unregister our key; release
+//! the slot lock.
 //! Every lock-service call is bounded by the session's RPC timeout; nothing queues.
 
 use std::path::PathBuf;
@@ -34,6 +42,7 @@ use crate::format::io::{
     read_member, write_bitmap_slot, write_superblock, DeviceError, Member, MetaDev,
 };
 use crate::format::superblock::MAX_SECTOR;
+use crate::reserve::{ArrayPr, PrKey};
 
 /// What a joined array holds in the lock service.
 #[derive(Debug, Clone)]
@@ -51,6 +60,50 @@ pub struct Membership {
     /// A live node's resync window read at join (`ResyncInfo`, sectors), installed in
     /// the engine once it runs.
     pub remote_window: Option<(u64, u64)>,
+    /// The members that take persistent reservations (and those that do not).
+    pub pr: ArrayPr,
+}
+
+impl Membership {
+    /// Our reservation key: our slot and our slot lock's fencing token.
+    pub fn pr_key(&self) -> PrKey {
+        PrKey::new(self.slot, self.token)
+    }
+}
+
+/// Publishes our (empty) resync window and reservation key in our slot lock's value
+/// block, then registers the key on the members that take reservations.
+async fn publish_and_register(session: &Session, m: &Membership) -> Result<(), WireError> {
+    let res = slot_lock(&m.uuid, m.slot);
+    let info = ResyncInfo {
+        pr_key: m.pr_key().0,
+        ..ResyncInfo::default()
+    };
+    if let Err(e) = session.write_value(&res, m.token, &info.encode()).await {
+        tracing::warn!(array = %m.array, lock = %res, "publishing our reservation key (a survivor cannot fence us by storage without it): {e}");
+    }
+    if !m.pr.any() {
+        return Ok(());
+    }
+    let (pr, key) = (m.pr.clone(), m.pr_key());
+    let r = tokio::task::spawn_blocking(move || pr.join(key))
+        .await
+        .map_err(|e| {
+            WireError::new(
+                Errno::Eio,
+                format!("array {}", m.array),
+                format!("reservation task failed: {e}"),
+            )
+        })?;
+    r.map_err(|e| {
+        WireError::new(
+            Errno::Eio,
+            format!("array {}", m.array),
+            format!("array {}: registering reservation key {:#x} (slot {}): {e}; check the device's persistent-reservation support or stop the array on the node that holds it", m.array, key.0, m.slot),
+        )
+    })?;
+    tracing::info!(array = %m.array, slot = m.slot, key = format_args!("{:#x}", key.0), "registered reservation key");
+    Ok(())
 }
 
 fn wire(e: LockClientError, what: &str) -> WireError {
@@ -89,6 +142,10 @@ pub async fn join(
     }
     // Step 2: the first free slot.
     let (slot, token) = take_slot(session, name, &uuid, nodes).await?;
+    let (array, paths) = (name.to_owned(), members.to_vec());
+    let pr = tokio::task::spawn_blocking(move || ArrayPr::probe(&array, &paths))
+        .await
+        .unwrap_or_default();
     let mut m = Membership {
         array: name.to_owned(),
         uuid,
@@ -96,15 +153,13 @@ pub async fn join(
         token,
         merged_chunks: 0,
         remote_window: None,
+        pr,
     };
     // A window left in our slot's value by an earlier holder that died mid-resync
-    // would hold other nodes' writes: start with none.
-    let res = slot_lock(&uuid, slot);
-    if let Err(e) = session
-        .write_value(&res, token, &ResyncInfo::default().encode())
-        .await
-    {
-        tracing::warn!(array = name, lock = %res, "clearing our resync window: {e}");
+    // would hold other nodes' writes: start with none (and publish our key).
+    if let Err(e) = publish_and_register(session, &m).await {
+        leave(session, m, false).await;
+        return Err(e);
     }
     // Step 3.
     if let Err(e) = session.subscribe(&channel(&uuid)).await {
@@ -346,6 +401,16 @@ pub async fn leave(session: &Session, m: Membership, dirty: bool) {
     }
     if let Err(e) = session.unsubscribe(&ch).await {
         tracing::debug!(array = %m.array, "unsubscribe: {e}");
+    }
+    if m.pr.any() {
+        let (pr, key) = (m.pr.clone(), m.pr_key());
+        match tokio::task::spawn_blocking(move || pr.leave(key)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(array = %m.array, "unregistering our reservation key: {e}")
+            }
+            Err(e) => tracing::warn!(array = %m.array, "unregister task failed: {e}"),
+        }
     }
     let res = slot_lock(&m.uuid, m.slot);
     match session.release(&res, m.token).await {

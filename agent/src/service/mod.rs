@@ -27,6 +27,7 @@
 //! - [`message`]: the token lock and the acknowledged message round (sender and
 //!   receiver; RFC 0001 "Messages").
 //! - [`events`]: the event stream.
+//! - [`mdstat_file`]: `<run-dir>/proc/mdstat` kept current for node_exporter.
 //! - [`resync`]: one node resyncs at a time (the `resync` lock and RESYNCING windows).
 //! - [`runtime`]: cluster-mode `mdagent`: listener, lock-service session, serving.
 //! - [`takeover`]: a survivor recovers a failed node's bitmap slot (RFC 0001 "Node
@@ -35,6 +36,7 @@
 pub mod events;
 pub mod grpc;
 pub mod join;
+pub mod mdstat_file;
 pub mod message;
 mod reshape;
 pub mod resync;
@@ -66,6 +68,10 @@ pub const REJOIN_RETRY: Duration = Duration::from_secs(15);
 
 /// Events kept for slow watchers before they see `EventsDropped`.
 pub const EVENT_CAPACITY: usize = 1024;
+/// Events kept for a watcher that asks for the recent ones (`WatchRequest.recent`).
+pub const RECENT_CAPACITY: usize = 256;
+/// How far back `WatchRequest.recent` reaches.
+pub const RECENT_WINDOW: Duration = Duration::from_secs(10);
 
 /// How a node runs.
 #[derive(Debug, Clone)]
@@ -115,6 +121,8 @@ pub struct Node {
     seen: Mutex<HashMap<String, events::Seen>>,
     speed: Mutex<SpeedLimits>,
     events: broadcast::Sender<pb::ArrayEvent>,
+    /// The last [`RECENT_CAPACITY`] events, for a watcher asking for recent ones.
+    recent: Mutex<std::collections::VecDeque<pb::ArrayEvent>>,
     /// The lock-service session (cluster mode); `None`: clustered arrays are refused.
     session: Mutex<Option<Arc<Session>>>,
     /// The fence gate of every clustered array's member I/O, fed from `session`.
@@ -204,6 +212,7 @@ impl Node {
             seen: Mutex::new(HashMap::new()),
             speed: Mutex::new(speed),
             events: broadcast::channel(EVENT_CAPACITY).0,
+            recent: Mutex::new(std::collections::VecDeque::with_capacity(RECENT_CAPACITY)),
             session: Mutex::new(None),
             pending_disks: Mutex::new(HashMap::new()),
             remote_recovery: Mutex::new(HashMap::new()),
@@ -419,15 +428,37 @@ impl Node {
         self.events.subscribe()
     }
 
+    /// The events of the last [`RECENT_WINDOW`] (at most [`RECENT_CAPACITY`]) and the
+    /// events from now on, with none missed or repeated in between: a watcher that has
+    /// just seen this node join gets the events of its start.
+    pub fn subscribe_recent(&self) -> (Vec<pb::ArrayEvent>, broadcast::Receiver<pb::ArrayEvent>) {
+        let recent = lock(&self.recent);
+        let since = now_ms() - RECENT_WINDOW.as_millis() as i64;
+        let past = recent
+            .iter()
+            .filter(|e| e.time_unix_ms >= since)
+            .cloned()
+            .collect();
+        (past, self.events.subscribe())
+    }
+
     fn emit(&self, event: &str, array: &str, component: &str, detail: String) {
-        let _ = self.events.send(pb::ArrayEvent {
+        let ev = pb::ArrayEvent {
             event: event.to_owned(),
             node: self.cfg.node.clone(),
             array: array.to_owned(),
             component: component.to_owned(),
             detail,
             time_unix_ms: now_ms(),
-        });
+        };
+        // Under the lock: a `subscribe_recent` sees each event either in the past or
+        // on its receiver.
+        let mut recent = lock(&self.recent);
+        if recent.len() >= RECENT_CAPACITY {
+            recent.pop_front();
+        }
+        recent.push_back(ev.clone());
+        let _ = self.events.send(ev);
     }
 
     fn resource(&self, name: &str) -> String {
@@ -1615,6 +1646,7 @@ impl Node {
             cluster_name: meta.cluster_name.clone(),
             ..Default::default()
         };
+        let pr = lock(&self.held).get(&info.name).map(|m| m.pr.clone());
         if let Some(r) = &info.raid {
             st.raid_disks = r.raid_disks;
             st.size_bytes = r.size;
@@ -1636,6 +1668,10 @@ impl Node {
                         role: m.role.map(u32::from),
                         state: state.to_owned(),
                         recovery_offset: off,
+                        fenced_by: pr
+                            .as_ref()
+                            .map_or("", |pr| pr.fenced_by(Path::new(&m.path)))
+                            .to_owned(),
                     }
                 })
                 .collect();

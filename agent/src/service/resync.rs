@@ -151,7 +151,12 @@ impl ClusterGate {
             return;
         };
         let res = slot_lock(&self.uuid, m.slot);
-        let v = ResyncInfo { lo, hi }.encode();
+        let v = ResyncInfo {
+            lo,
+            hi,
+            pr_key: m.pr_key().0,
+        }
+        .encode();
         if let Err(e) = session.write_value(&res, m.token, &v).await {
             tracing::warn!(array = %self.array, lock = %res, "write resync window: {e}");
         }

@@ -594,6 +594,7 @@ pub async fn run(
     };
     let watcher = events::spawn_engine_watcher(node.clone(), stop.clone());
     let takeover = super::takeover::spawn(node.clone(), stop.clone());
+    let mdstat_file = super::mdstat_file::spawn(node.clone(), stop.clone());
     let tcp = nbd_tcp.map(|l| {
         let exports: Arc<dyn Exports> = node.clone();
         tokio::spawn(crate::nbd::serve_tcp(
@@ -679,6 +680,7 @@ pub async fn run(
     let _ = fence.await;
     let _ = watcher.await;
     let _ = takeover.await;
+    let _ = mdstat_file.await;
     if let Some(t) = tcp {
         let _ = t.await;
     }

@@ -7,6 +7,11 @@
 //! gone from the node registry: its lease expired), the node recovers the slot:
 //!
 //! 1. take `slot/N` no-queue (another survivor got it first: nothing to do);
+//!    Then, where the members take persistent reservations, preempt the dead node's
+//!    key — read from slot N's value block at grant, where its joiner published it —
+//!    before anything of the slot is touched: from then on the devices refuse its
+//!    writes ([`preempt_dead_key`]). No key published (a node of a version before
+//!    keys were published): the slot is recovered under the fence gate only, logged;
 //! 2. read slot N's bits on every member (their union);
 //! 3. merge them into this node's running bitmap: each chunk's bit is made durable in
 //!    our slot (`start_write`) and marked needed (`end_write(.., degraded)`), then ask
@@ -14,7 +19,11 @@
 //!    this node's own writes, chunk by chunk);
 //! 4. clear slot N's bits on disk (ours are durable first, so a crash in between
 //!    loses nothing);
-//! 5. release `slot/N`, and emit `SlotRecovered` with the chunk count.
+//! 5. release `slot/N`, and emit `SlotTakenOver` with the chunk count; once none of
+//!    those chunks is needed any more (the resync ran over them), emit `SlotRecovered`
+//!    with the same count (watched every [`RESYNC_POLL`] while the array stays active;
+//!    an array stopped first keeps the bits in this node's slot, resynced at its next
+//!    assembly).
 //!
 //! A holder that left cleanly (its stop released the slot while its session lives on)
 //! is not recovered: its slot is clean. A holder that left with dirty bits says so with
@@ -31,13 +40,16 @@ use mdcluster_proto::lock_client::{Mode, Session, Wait};
 use tokio_util::sync::CancellationToken;
 
 use super::Node;
-use crate::cluster::slot_lock;
+use crate::cluster::{slot_lock, ResyncInfo};
 use crate::format::bitmap::{count_set, test_bit, BitmapSuper};
 use crate::format::io::{read_member, write_bitmap_slot, DeviceError, MetaDev};
 use crate::raid::Raid1;
+use crate::reserve::{ArrayPr, PrError, PrKey};
 
 /// How often the slot holders are read.
 pub const PERIOD: Duration = Duration::from_millis(500);
+/// How often a recovered slot's chunks are checked for the end of their resync.
+pub const RESYNC_POLL: Duration = Duration::from_millis(100);
 
 /// Errors of one recovery.
 #[derive(Debug, thiserror::Error)]
@@ -168,6 +180,21 @@ async fn recover(
         }
     };
     tracing::warn!(array = name, slot, failed = ?dead, "recovering the bitmap slot of a failed node");
+    if let Some(m) = node.membership(name).filter(|m| m.pr.any()) {
+        let (pr, mine, value) = (m.pr.clone(), m.pr_key(), grant.value.clone());
+        match tokio::task::spawn_blocking(move || preempt_dead_key(&pr, mine, slot, &value)).await {
+            Ok(Ok(Some(k))) => {
+                tracing::warn!(array = name, slot, failed = ?dead, key = format_args!("{:#x}", k.0), "preempted the failed node's reservation key: the devices refuse its writes")
+            }
+            Ok(Ok(None)) => {
+                tracing::error!(array = name, slot, failed = ?dead, "the failed node published no reservation key in its slot lock: it cannot be fenced by storage, only by its own fence gate")
+            }
+            Ok(Err(e)) => {
+                tracing::error!(array = name, slot, failed = ?dead, "preempting the failed node's reservation key failed ({e}); it is fenced by its own fence gate only")
+            }
+            Err(e) => tracing::error!(array = name, slot, "preempt task failed: {e}"),
+        }
+    }
     let result = match node.raid_of(name) {
         Some((raid, members)) => recover_locked(name, &raid, &members, slot).await,
         None => Err(TakeoverError::Gone(name.to_owned())),
@@ -176,18 +203,35 @@ async fn recover(
         tracing::warn!(array = name, lock = %res, "release after recovery: {e}");
     }
     match result {
-        Ok(chunks) => {
-            tracing::info!(array = name, slot, chunks, "slot recovered");
+        Ok(Merged { chunks, pending }) => {
+            tracing::info!(array = name, slot, chunks, "slot taken over");
+            let dead = dead.join(", ");
             node.emit(
-                "SlotRecovered",
+                "SlotTakenOver",
                 name,
                 &format!("slot{slot}"),
                 format!(
-                    "node {} recovered bitmap slot {slot} of {name} (node {} failed or left it dirty): {chunks} dirty chunks resynced",
-                    node.name(),
-                    dead.join(", ")
+                    "node {} took over bitmap slot {slot} of {name} (node {dead} failed or left it dirty): {chunks} dirty chunks to resync",
+                    node.name()
                 ),
             );
+            let done = format!(
+                "node {} recovered bitmap slot {slot} of {name} (node {dead} failed or left it dirty): {chunks} dirty chunks resynced",
+                node.name()
+            );
+            match pending {
+                None => node.emit("SlotRecovered", name, &format!("slot{slot}"), done),
+                Some((raid, offsets)) => {
+                    tokio::spawn(announce_resynced(
+                        Arc::downgrade(node),
+                        Arc::downgrade(&raid),
+                        name.to_owned(),
+                        slot,
+                        offsets,
+                        done,
+                    ));
+                }
+            }
         }
         Err(e) => {
             tracing::error!(array = name, slot, "slot recovery failed: {e}");
@@ -204,13 +248,72 @@ async fn recover(
     }
 }
 
-/// Steps 2–4 of the module doc; returns the chunk count.
+/// Preempts, as `mine`, the reservation key that slot `slot`'s holder published in the
+/// slot lock's value block `value` (see the module doc, step 1). `Ok(None)`: no key of
+/// that slot published, nothing done. Blocking.
+pub fn preempt_dead_key(
+    pr: &ArrayPr,
+    mine: PrKey,
+    slot: u32,
+    value: &[u8],
+) -> Result<Option<PrKey>, PrError> {
+    let key = PrKey(ResyncInfo::decode(value).pr_key);
+    if key.0 == 0 || key.slot() != slot || key == mine {
+        return Ok(None);
+    }
+    pr.take_over(mine, key)?;
+    Ok(Some(key))
+}
+
+/// The chunks of a recovered slot still to resync: the array and each chunk's
+/// (offset, length) in array bytes.
+type Pending = (Arc<Raid1>, Vec<(u64, u64)>);
+
+/// What a recovery merged: the chunk count and what is left to resync, if anything.
+struct Merged {
+    chunks: u64,
+    pending: Option<Pending>,
+}
+
+/// Emits `SlotRecovered` (`detail`) once none of `chunks` of `raid` is needed any more;
+/// gives up silently (logged) when the array stops or the node goes first.
+async fn announce_resynced(
+    node: std::sync::Weak<Node>,
+    raid: std::sync::Weak<Raid1>,
+    name: String,
+    slot: u32,
+    chunks: Vec<(u64, u64)>,
+    detail: String,
+) {
+    let mut tick = tokio::time::interval(RESYNC_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let (Some(node), Some(raid)) = (node.upgrade(), raid.upgrade()) else {
+            tracing::info!(array = %name, slot, "array stopped before the recovered slot's chunks were resynced; they stay dirty in this node's slot");
+            return;
+        };
+        let current = node.raid_of(&name).map(|(r, _)| r);
+        if !current.is_some_and(|r| Arc::ptr_eq(&r, &raid)) {
+            tracing::info!(array = %name, slot, "array stopped before the recovered slot's chunks were resynced; they stay dirty in this node's slot");
+            return;
+        }
+        let Some(bm) = raid.bitmap() else { return };
+        if chunks.iter().all(|&(off, len)| !bm.is_needed(off, len)) {
+            tracing::info!(array = %name, slot, chunks = chunks.len(), "slot recovered: its chunks are resynced");
+            node.emit("SlotRecovered", &name, &format!("slot{slot}"), detail);
+            return;
+        }
+    }
+}
+
+/// Steps 2–4 of the module doc.
 async fn recover_locked(
     name: &str,
     raid: &Arc<Raid1>,
     members: &[PathBuf],
     slot: u32,
-) -> Result<u64, TakeoverError> {
+) -> Result<Merged, TakeoverError> {
     let bm = raid
         .bitmap()
         .ok_or_else(|| TakeoverError::NoBitmap(name.to_owned()))?;
@@ -223,12 +326,16 @@ async fn recover_locked(
         })??;
     // The failed node's resync window (if it was resyncing) no longer holds writes.
     let _ = raid.set_remote_resync_window(None).await;
+    let nothing = Merged {
+        chunks: 0,
+        pending: None,
+    };
     let Some((bits, chunks)) = bits else {
-        return Ok(0);
+        return Ok(nothing);
     };
     let dirty: Vec<u64> = (0..chunks).filter(|&c| test_bit(&bits, c)).collect();
     if dirty.is_empty() {
-        return Ok(0);
+        return Ok(nothing);
     }
     let cb = bm.geometry().chunk_bytes;
     for &c in &dirty {
@@ -249,7 +356,10 @@ async fn recover_locked(
             array: name.to_owned(),
             reason: format!("clear task failed: {e}"),
         })??;
-    Ok(count_set(&bits, chunks))
+    Ok(Merged {
+        chunks: count_set(&bits, chunks),
+        pending: Some((raid.clone(), dirty.iter().map(|&c| (c * cb, cb)).collect())),
+    })
 }
 
 /// md-cluster's `gather_bitmaps` for a re-add: the bits of every slot but `mine` (the
@@ -387,4 +497,55 @@ fn clear_slot(
     rewrite_slot(paths, slot, "clearing", fence, |sb, bits| {
         (sb.clone(), vec![0u8; bits.len()])
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reserve::{MemoryDevice, MemoryPr, Reservations};
+
+    #[test]
+    fn the_survivor_preempts_exactly_the_key_published_in_the_dead_slot() {
+        let dev = Arc::new(MemoryDevice::default());
+        let h = |n: &str| MemoryPr::new(dev.clone(), n);
+        let pr =
+            |n: &str| ArrayPr::with_devices(vec![Arc::new(h(n)) as Arc<dyn Reservations>], vec![]);
+        let (k0, k1, k2) = (PrKey::new(0, 7), PrKey::new(1, 8), PrKey::new(2, 9));
+        pr("n0").join(k0).unwrap();
+        pr("n1").join(k1).unwrap();
+        pr("n2").join(k2).unwrap();
+        // n1 (slot 1) died; its slot lock's value block holds its window and key.
+        let value = ResyncInfo {
+            lo: 0,
+            hi: 0,
+            pr_key: k1.0,
+        }
+        .encode();
+        let got = preempt_dead_key(&pr("n0"), k0, 1, &value).unwrap();
+        assert_eq!(got, Some(k1));
+        assert_eq!(h("n1").registered(), None, "the dead node's key is gone");
+        assert!(h("n1").write().is_err(), "the device refuses its writes");
+        assert_eq!(
+            h("n2").registered(),
+            Some(k2),
+            "nobody else's key is touched"
+        );
+        h("n2").write().unwrap();
+        h("n0").write().unwrap();
+        // No key published (an old value block of 16 bytes, or none): nothing done.
+        let old = ResyncInfo::default().encode();
+        assert_eq!(
+            preempt_dead_key(&pr("n0"), k0, 2, &old[..16]).unwrap(),
+            None
+        );
+        assert_eq!(preempt_dead_key(&pr("n0"), k0, 2, &[]).unwrap(), None);
+        // A key of another slot is never preempted for this one.
+        let wrong = ResyncInfo {
+            pr_key: k2.0,
+            ..ResyncInfo::default()
+        }
+        .encode();
+        assert_eq!(preempt_dead_key(&pr("n0"), k0, 1, &wrong).unwrap(), None);
+        assert_eq!(h("n2").registered(), Some(k2));
+    }
 }

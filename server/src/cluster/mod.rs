@@ -707,6 +707,7 @@ mod tests {
             role,
             state: state.into(),
             recovery_offset: 0,
+            fenced_by: String::new(),
         }
     }
 

@@ -47,12 +47,21 @@ fn node_event(event: &str, node: &str, detail: String) -> pb::ArrayEvent {
 }
 
 /// Forwards `node`'s agent events until the receiver goes away or the task is aborted.
-async fn forward(svc: ClusterSvc, node: NodeInfo, tx: mpsc::Sender<pb::ArrayEvent>) {
+/// Forwards `node`'s agent events to `tx`; `recent`: the node has just joined, so its
+/// first stream starts with the agent's recent events (those of its start, sent before
+/// this forwarder connected).
+async fn forward(
+    svc: ClusterSvc,
+    node: NodeInfo,
+    tx: mpsc::Sender<pb::ArrayEvent>,
+    mut recent: bool,
+) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let stream = match svc.agent(&node) {
             Ok(mut c) => {
-                tokio::time::timeout(super::READ_TIMEOUT, c.watch(pb::WatchRequest {})).await
+                tokio::time::timeout(super::READ_TIMEOUT, c.watch(pb::WatchRequest { recent }))
+                    .await
             }
             Err(e) => {
                 tracing::warn!(node = %node.node, "watch: {e}");
@@ -62,6 +71,8 @@ async fn forward(svc: ClusterSvc, node: NodeInfo, tx: mpsc::Sender<pb::ArrayEven
         match stream {
             Ok(Ok(s)) => {
                 backoff = Duration::from_millis(100);
+                // A reconnect must not repeat what the first stream delivered.
+                recent = false;
                 let mut s = s.into_inner();
                 while let Some(ev) = s.next().await {
                     match ev {
@@ -132,7 +143,7 @@ pub fn merged(svc: ClusterSvc, filter: String) -> EventStream {
                         ))
                         .await;
                 }
-                let h = tokio::spawn(forward(svc.clone(), n.clone(), tx.clone()));
+                let h = tokio::spawn(forward(svc.clone(), n.clone(), tx.clone(), !first));
                 known.insert(n.node.clone(), (n.session_id, h));
             }
             let gone: Vec<String> = known
