@@ -13,10 +13,11 @@
 //! given a frozen replica first follows the live one and says so.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use mdcluster_tests::chaos::{mdctl_at, mdctl_ok_at, plain, sessions, Monitor};
 use mdcluster_tests::cluster::{ClusterBuilder, TestCluster, MDCTL_TIMEOUT};
 use mdcluster_tests::etcd::free_port;
 use mdcluster_tests::standalone::{assert_members_identical, member_files};
@@ -30,46 +31,6 @@ const FREEZE: Duration = Duration::from_secs(12);
 const WRITE: u64 = 64 * 1024;
 /// Writes per client (one pass over its region, each offset once).
 const WRITES: u64 = 400;
-
-fn mdctl_at(url: &str, args: &[&str]) -> Output {
-    run_timeout(
-        Command::new(bin("mdctl"))
-            .arg("--server")
-            .arg(url)
-            .args(args),
-        MDCTL_TIMEOUT,
-    )
-}
-
-fn mdctl_ok_at(url: &str, args: &[&str]) -> String {
-    let o = mdctl_at(url, args);
-    assert!(
-        o.status.success(),
-        "mdctl --server {url} {args:?} failed with {}:\nstdout: {}\nstderr: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// `text` without ANSI colour sequences (`ESC [ ... m`).
-fn plain(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut it = text.chars();
-    while let Some(ch) = it.next() {
-        if ch == '\u{1b}' {
-            for c in it.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(ch);
-        }
-    }
-    out
-}
 
 /// The pattern byte of write `i`.
 fn pattern(i: u64) -> u64 {
@@ -173,59 +134,6 @@ fn verify(sock: &std::path::Path, base: u64, acked: &[(u64, Instant)]) {
             String::from_utf8_lossy(&o.stderr)
         );
     }
-}
-
-/// `mdctl --json monitor` against one replica, its events collected.
-struct Monitor {
-    child: Child,
-    events: Arc<Mutex<Vec<Value>>>,
-}
-
-impl Monitor {
-    fn start(url: &str) -> Monitor {
-        let mut child = Command::new(bin("mdctl"))
-            .args(["--server", url, "--json", "monitor"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("monitor");
-        let out = child.stdout.take().expect("monitor stdout");
-        let events = Arc::new(Mutex::new(Vec::new()));
-        let ev = events.clone();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str(&l) {
-                    ev.lock().unwrap().push(v);
-                }
-            }
-        });
-        Monitor { child, events }
-    }
-}
-
-impl Drop for Monitor {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `node -> session id` from `mdctl --json nodes`.
-fn sessions(url: &str) -> Vec<(String, i64)> {
-    let v: Value = serde_json::from_str(&mdctl_ok_at(url, &["--json", "nodes"])).unwrap();
-    let mut s: Vec<(String, i64)> = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| {
-            (
-                n["node"].as_str().unwrap().to_owned(),
-                n["session_id"].as_i64().unwrap(),
-            )
-        })
-        .collect();
-    s.sort();
-    s
 }
 
 /// Makes sure a frozen replica is thawed even when an assertion fails (the guard's
@@ -349,7 +257,7 @@ fn one_round(round: usize) {
     eprintln!("--- every acknowledged write reads back from the other node");
     verify(&c.agents[1].sock("md0"), base[0], &a1);
     verify(&c.agents[0].sock("md0"), base[1], &a2);
-    let events = monitor.events.lock().unwrap().clone();
+    let events = monitor.events();
     for bad in ["NodeFailed", "SlotTakenOver", "SlotRecovered", "NodeLeft"] {
         assert!(
             !events.iter().any(|e| e["event"] == bad),
