@@ -36,12 +36,9 @@ use mdcluster_proto::status::WireError;
 use mdcluster_proto::v1::Errno;
 
 use crate::cluster::{channel, slot_lock, ClusterMsg, MsgType, ResyncInfo};
-use crate::format::bitmap::{count_set, test_bit};
+use crate::format::bitmap::count_set;
 use crate::format::fmt_uuid;
-use crate::format::io::{
-    read_member, write_bitmap_slot, write_superblock, DeviceError, Member, MetaDev,
-};
-use crate::format::superblock::MAX_SECTOR;
+use crate::format::io::{DeviceError, Member};
 use crate::reserve::{ArrayPr, PrKey};
 
 /// What a joined array holds in the lock service.
@@ -212,9 +209,10 @@ pub async fn join(
     if !merge_from.is_empty() || own_dirty > 0 {
         let paths = members.to_vec();
         let from = merge_from.clone();
-        let merged =
-            tokio::task::spawn_blocking(move || merge_slots(&paths, slot, &from, Some(&fence)))
-                .await;
+        let merged = tokio::task::spawn_blocking(move || {
+            crate::format::slots::merge(&paths, slot, &from, Some(&fence))
+        })
+        .await;
         match merged {
             Ok(Ok(n)) => {
                 m.merged_chunks = n;
@@ -334,52 +332,6 @@ fn all_held_by_members(holders: &[Vec<String>]) -> bool {
     holders
         .iter()
         .all(|h| !h.is_empty() && h.iter().all(|node| seen.insert(node.as_str())))
-}
-
-/// ORs the bits of slots `from` into slot `to` on every member, and marks the
-/// superblocks unclean so the engine resyncs the set bits (step 4 of the module doc;
-/// the caller holds the slot locks). Returns the chunks set in slot `to` afterwards.
-/// Every write is gated by `fence` (the node's, for a clustered array; see
-/// [`crate::fence`]).
-pub fn merge_slots(
-    paths: &[PathBuf],
-    to: u32,
-    from: &[u32],
-    fence: Option<&crate::fence::FenceTicket>,
-) -> Result<u64, DeviceError> {
-    let mut total = 0;
-    for p in paths {
-        let m = match read_member(p) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(member = %p.display(), "not merging bits on an unreadable member: {e}");
-                continue;
-            }
-        };
-        let Some(ours) = m.bitmap.get(to as usize) else {
-            continue;
-        };
-        let mut bits = ours.bits.clone();
-        let chunks = ours.sb.chunks();
-        for &f in from {
-            if let Some(s) = m.bitmap.get(f as usize) {
-                for i in 0..chunks {
-                    if test_bit(&s.bits, i) {
-                        crate::format::bitmap::set_bit(&mut bits, i);
-                    }
-                }
-            }
-        }
-        let dev = MetaDev::open_fenced(p, true, fence.cloned())?;
-        write_bitmap_slot(&dev, &m.sb, to, &ours.sb, &bits)?;
-        let mut sb = m.sb.clone();
-        if sb.resync_offset == MAX_SECTOR {
-            sb.resync_offset = 0;
-            write_superblock(&dev, &sb)?;
-        }
-        total = total.max(count_set(&bits, chunks));
-    }
-    Ok(total)
 }
 
 /// Leaves: BITMAP_NEEDS_SYNC when `dirty`, unsubscribe, release the slot. Failures are

@@ -179,9 +179,10 @@ impl Node {
             // A slot with dirty bits belongs to a node that died or left dirty: its
             // takeover (which must get the lock) brings it back; not ours to touch.
             let paths = members.clone();
-            let dirty = tokio::task::spawn_blocking(move || super::takeover::slot_dirty(&paths, s))
-                .await
-                .unwrap_or(true);
+            let dirty =
+                tokio::task::spawn_blocking(move || crate::format::slots::is_dirty(&paths, s))
+                    .await
+                    .unwrap_or(true);
             if dirty {
                 tracing::info!(array = %name, slot = s, "not resizing a slot with dirty bits; its takeover will");
                 continue;
@@ -193,7 +194,7 @@ impl Node {
             let paths = members.clone();
             let fence = self.raid_of(name).and_then(|(r, _)| r.fence_ticket());
             let done = tokio::task::spawn_blocking(move || {
-                super::takeover::resize_slot(&paths, s, sectors, fence)
+                crate::format::slots::resize(&paths, s, sectors, fence)
             })
             .await;
             if !matches!(done, Ok(Ok(()))) {
@@ -289,7 +290,7 @@ impl Node {
                         others.push((res, g.token));
                         let paths = members.clone();
                         let dirty = tokio::task::spawn_blocking(move || {
-                            super::takeover::slot_dirty(&paths, s)
+                            crate::format::slots::is_dirty(&paths, s)
                         })
                         .await
                         .unwrap_or(true);

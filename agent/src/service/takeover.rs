@@ -41,8 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Node;
 use crate::cluster::{slot_lock, ResyncInfo};
-use crate::format::bitmap::{count_set, test_bit, BitmapSuper};
-use crate::format::io::{read_member, write_bitmap_slot, DeviceError, MetaDev};
+use crate::format::io::DeviceError;
 use crate::raid::Raid1;
 use crate::reserve::{ArrayPr, PrError, PrKey};
 
@@ -318,7 +317,7 @@ async fn recover_locked(
         .bitmap()
         .ok_or_else(|| TakeoverError::NoBitmap(name.to_owned()))?;
     let paths = members.to_vec();
-    let bits = tokio::task::spawn_blocking(move || read_slot_union(&paths, slot))
+    let bits = tokio::task::spawn_blocking(move || crate::format::slots::read_union(&paths, slot))
         .await
         .map_err(|e| TakeoverError::Bitmap {
             array: name.to_owned(),
@@ -330,10 +329,10 @@ async fn recover_locked(
         chunks: 0,
         pending: None,
     };
-    let Some((bits, chunks)) = bits else {
+    let Some(union) = bits else {
         return Ok(nothing);
     };
-    let dirty: Vec<u64> = (0..chunks).filter(|&c| test_bit(&bits, c)).collect();
+    let dirty = union.dirty();
     if dirty.is_empty() {
         return Ok(nothing);
     }
@@ -350,14 +349,14 @@ async fn recover_locked(
     raid.request_resync();
     let paths = members.to_vec();
     let fence = raid.fence_ticket();
-    tokio::task::spawn_blocking(move || clear_slot(&paths, slot, fence))
+    tokio::task::spawn_blocking(move || crate::format::slots::clear(&paths, slot, fence))
         .await
         .map_err(|e| TakeoverError::Bitmap {
             array: name.to_owned(),
             reason: format!("clear task failed: {e}"),
         })??;
     Ok(Merged {
-        chunks: count_set(&bits, chunks),
+        chunks: union.count(),
         pending: Some((raid.clone(), dirty.iter().map(|&c| (c * cb, cb)).collect())),
     })
 }
@@ -380,17 +379,18 @@ pub async fn gather_slots(
     let mut marked = 0;
     for slot in (0..slots).filter(|&s| s != mine) {
         let paths = members.to_vec();
-        let bits = tokio::task::spawn_blocking(move || read_slot_union(&paths, slot))
-            .await
-            .map_err(|e| TakeoverError::Bitmap {
-                array: name.to_owned(),
-                reason: format!("read task failed: {e}"),
-            })??;
-        let Some((bits, chunks)) = bits else {
+        let bits =
+            tokio::task::spawn_blocking(move || crate::format::slots::read_union(&paths, slot))
+                .await
+                .map_err(|e| TakeoverError::Bitmap {
+                    array: name.to_owned(),
+                    reason: format!("read task failed: {e}"),
+                })??;
+        let Some(union) = bits else {
             continue;
         };
-        let chunks = chunks.min(bm.geometry().chunks);
-        for c in (0..chunks).filter(|&c| test_bit(&bits, c)) {
+        let chunks = bm.geometry().chunks;
+        for c in union.dirty().into_iter().filter(|&c| c < chunks) {
             bm.start_write(c * cb, cb)
                 .await
                 .map_err(|e| TakeoverError::Bitmap {
@@ -402,101 +402,6 @@ pub async fn gather_slots(
         }
     }
     Ok(marked)
-}
-
-/// Whether slot `slot` has a set bit on any readable member (unreadable: assumed yes).
-pub fn slot_dirty(paths: &[PathBuf], slot: u32) -> bool {
-    match read_slot_union(paths, slot) {
-        Ok(Some((bits, chunks))) => (0..chunks).any(|c| test_bit(&bits, c)),
-        Ok(None) => false,
-        Err(_) => true,
-    }
-}
-
-/// Brings unused slot `slot`'s header to an array of `sectors` on every readable
-/// member (`sync_size`, bits kept up to the new chunk count), as md-cluster's
-/// `update_size` does for slots no node holds. The caller holds that slot's lock.
-pub fn resize_slot(
-    paths: &[PathBuf],
-    slot: u32,
-    sectors: u64,
-    fence: Option<crate::fence::FenceTicket>,
-) -> Result<(), DeviceError> {
-    rewrite_slot(paths, slot, "resizing", fence, |sb, bits| {
-        let mut sb = sb.clone();
-        sb.sync_size = sectors;
-        let mut bits = bits.to_vec();
-        bits.resize(sb.bits_bytes() as usize, 0);
-        for c in sb.chunks()..(bits.len() as u64 * 8) {
-            crate::format::bitmap::clear_bit(&mut bits, c);
-        }
-        (sb, bits)
-    })
-}
-
-/// Rewrites slot `slot` on every readable member with what `f` makes of its header
-/// and bits (an unreadable member is skipped, logged as `what`).
-fn rewrite_slot(
-    paths: &[PathBuf],
-    slot: u32,
-    what: &str,
-    fence: Option<crate::fence::FenceTicket>,
-    f: impl Fn(&BitmapSuper, &[u8]) -> (BitmapSuper, Vec<u8>),
-) -> Result<(), DeviceError> {
-    for p in paths {
-        let m = match read_member(p) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(member = %p.display(), slot, "{what} a bitmap slot: not touching an unreadable member: {e}");
-                continue;
-            }
-        };
-        let Some(s) = m.bitmap.get(slot as usize) else {
-            continue;
-        };
-        let (header, bits) = f(&s.sb, &s.bits);
-        let dev = MetaDev::open_fenced(p, true, fence.clone())?;
-        write_bitmap_slot(&dev, &m.sb, slot, &header, &bits)?;
-    }
-    Ok(())
-}
-
-/// The union of slot `slot`'s bits over the readable members, and the chunk count.
-fn read_slot_union(paths: &[PathBuf], slot: u32) -> Result<Option<(Vec<u8>, u64)>, DeviceError> {
-    let mut out: Option<(Vec<u8>, u64)> = None;
-    let mut first_err = None;
-    for p in paths {
-        match read_member(p) {
-            Ok(m) => {
-                let Some(s) = m.bitmap.get(slot as usize) else {
-                    continue;
-                };
-                match &mut out {
-                    None => out = Some((s.bits.clone(), s.sb.chunks())),
-                    Some((b, _)) => b.iter_mut().zip(&s.bits).for_each(|(a, o)| *a |= *o),
-                }
-            }
-            Err(e) => {
-                tracing::warn!(member = %p.display(), "takeover: unreadable member: {e}");
-                first_err.get_or_insert(e);
-            }
-        }
-    }
-    match (out, first_err) {
-        (None, Some(e)) => Err(e),
-        (out, _) => Ok(out),
-    }
-}
-
-/// Clears slot `slot`'s bits on every readable member.
-fn clear_slot(
-    paths: &[PathBuf],
-    slot: u32,
-    fence: Option<crate::fence::FenceTicket>,
-) -> Result<(), DeviceError> {
-    rewrite_slot(paths, slot, "clearing", fence, |sb, bits| {
-        (sb.clone(), vec![0u8; bits.len()])
-    })
 }
 
 #[cfg(test)]
