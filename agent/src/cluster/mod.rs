@@ -19,6 +19,7 @@
 //! - [`takeover`]: when a dead node's slot is recovered, which key is preempted, when
 //!   the recovered chunks count as resynced.
 //! - [`resync`]: may a resync/recovery start, what each window and the end publish.
+//! - [`round`]: the sender's acknowledged round (token, change, publish, rollback).
 //! - [`nack`]: [`Nack`], the typed reason of a negative ack.
 //! - [`timings`]: [`Timings`], every deadline and period of the protocol.
 
@@ -26,6 +27,7 @@ pub mod engine;
 pub mod msg;
 pub mod nack;
 pub mod resync;
+pub mod round;
 pub mod takeover;
 pub mod timings;
 

@@ -2,7 +2,7 @@
 //! sender side under the `token` lock, and the runtime of the receiver, which carries
 //! out what the array's [`crate::cluster::Engine`] decides a message means here.
 //!
-//! Sender ([`round`]):
+//! Sender ([`round`], its steps decided by [`crate::cluster::round::Round`]):
 //! 1. take `md/<uuid>/token` exclusive, queued for at most the deadline (ETIMEDOUT
 //!    names the holder), this node's turn ([`ClusterArray::turn`]) first: one sender
 //!    per array at a time, as md-cluster's token;
@@ -43,6 +43,7 @@ use super::cluster_array::ClusterArray;
 use super::Node;
 use crate::array::{reshape, AddHow};
 use crate::cluster::engine::{ArrayView, Command, Engine, Event, NewestSuperblock};
+use crate::cluster::round::{ChangeOutcome, Round, RoundEvent, RoundResult, RoundStep};
 use crate::cluster::{channel, token_lock, ClusterMsg, MsgType, Nack};
 use crate::format::io::{read_member_bounded, DeviceError, META_READ_TIMEOUT};
 use crate::format::superblock::ROLE_FAULTY;
@@ -189,7 +190,7 @@ pub fn left(end: Instant) -> Duration {
 }
 
 /// One acknowledged round for `to`'s array: token → `change` → publish `msg` → all
-/// acked, or `rollback` and EIO. See the module doc.
+/// acked, or `rollback` and EIO; the steps are [`Round`]'s. See the module doc.
 pub async fn round<C, R>(
     to: Target<'_>,
     msg: ClusterMsg,
@@ -202,26 +203,105 @@ where
     R: Future<Output = ()>,
 {
     let end = Instant::now() + deadline;
-    let token = take_token(to, deadline).await?;
-    let out = async {
-        if crate::raid::under_token(change).await? == Change::Unchanged {
-            return Ok(Change::Unchanged);
+    let mut state = Round::default();
+    let (mut change, mut rollback) = (Some(change), Some(rollback));
+    let mut hold = None;
+    let mut error: Option<WireError> = None;
+    let mut steps: VecDeque<RoundStep> = match take_token(to, deadline).await {
+        Ok(h) => {
+            hold = Some(h);
+            state.step(RoundEvent::Token { granted: true })
         }
-        match publish_acked(to, msg, left(end)).await {
-            Ok(()) => Ok(Change::Applied),
-            Err(mut e) => {
-                rollback.await;
-                e.message = format!(
-                    "{}; the change was rolled back where possible — check those nodes and retry",
-                    e.message
-                );
-                Err(e)
-            }
+        Err(e) => {
+            error = Some(e);
+            state.step(RoundEvent::Token { granted: false })
         }
     }
-    .await;
-    release_token(to, token).await;
-    out
+    .into();
+    while let Some(step) = steps.pop_front() {
+        let next = match step {
+            RoundStep::RunChange => {
+                let outcome = match change.take() {
+                    Some(c) => match crate::raid::under_token(c).await {
+                        Ok(Change::Applied) => ChangeOutcome::Applied,
+                        Ok(Change::Unchanged) => ChangeOutcome::Unchanged,
+                        Err(e) => {
+                            error = Some(e);
+                            ChangeOutcome::Failed
+                        }
+                    },
+                    None => ChangeOutcome::Failed,
+                };
+                state.step(RoundEvent::Change(outcome))
+            }
+            RoundStep::Publish => {
+                let all_acked = match publish_acked(to, msg, left(end)).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        error = Some(e);
+                        false
+                    }
+                };
+                state.step(RoundEvent::Published { all_acked })
+            }
+            RoundStep::Rollback => {
+                if let Some(r) = rollback.take() {
+                    r.await;
+                }
+                if let Some(e) = &mut error {
+                    e.message = format!(
+                        "{}; the change was rolled back where possible — check those nodes and retry",
+                        e.message
+                    );
+                }
+                Vec::new()
+            }
+            RoundStep::ReleaseToken => {
+                if let Some(h) = hold.take() {
+                    release_token(to, h).await;
+                }
+                Vec::new()
+            }
+            RoundStep::Done(result) => {
+                if let Some(h) = hold.take() {
+                    // Never reached by the steps' order; released all the same.
+                    release_token(to, h).await;
+                }
+                return match result {
+                    RoundResult::Applied => Ok(Change::Applied),
+                    RoundResult::Unchanged => Ok(Change::Unchanged),
+                    RoundResult::NoToken | RoundResult::ChangeFailed | RoundResult::NotAcked => {
+                        Err(error.unwrap_or_else(|| {
+                            WireError::new(
+                                Errno::Eio,
+                                format!("array {}", to.array.name()),
+                                format!(
+                                    "node {}: the {:?} round of array {} ended as {result:?}",
+                                    to.node,
+                                    msg.kind,
+                                    to.array.name()
+                                ),
+                            )
+                        }))
+                    }
+                };
+            }
+        };
+        steps.extend(next);
+    }
+    if let Some(h) = hold.take() {
+        release_token(to, h).await;
+    }
+    Err(error.unwrap_or_else(|| {
+        WireError::new(
+            Errno::Eio,
+            format!("array {}", to.array.name()),
+            format!(
+                "node {}: the {:?} round ended without a result",
+                to.node, msg.kind
+            ),
+        )
+    }))
 }
 
 /// A message delivered on `channel` by node `from`: decoded and applied to the array
