@@ -34,9 +34,13 @@
 //!   teardown of the arrays of a lost session.
 //! - [`reshape`]: size and bitmap changes (`mdctl grow --size`, `--bitmap`).
 //! - [`grpc`]: the tonic `AgentService` over a [`Node`].
+//! - [`cluster_array`]: [`ClusterArray`], the handle of one joined clustered array
+//!   (membership, the cluster engine's state, the token turn); the node keeps one per
+//!   joined array.
 //! - [`join`]: clustered join/leave with slot locks (RFC 0001 "Join", "Leave").
 //! - [`message`]: the token lock and the acknowledged message round (sender and
-//!   receiver; RFC 0001 "Messages").
+//!   receiver, which carries out the [`crate::cluster::Engine`]'s commands; RFC 0001
+//!   "Messages").
 //! - [`events`]: the event stream.
 //! - [`mdstat_file`]: `<run-dir>/proc/mdstat` kept current for node_exporter.
 //! - [`resync`]: one node resyncs at a time (the `resync` lock and RESYNCING windows).
