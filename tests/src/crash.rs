@@ -543,8 +543,8 @@ fn registry(slot: u32, daemon_sleep: Duration, speed: SpeedLimits) -> Arc<Regist
     Registry::new(RegistryConfig {
         stop_grace: Duration::from_secs(1),
         drain_timeout: Duration::from_secs(20),
+        slot,
         assemble: AssembleOptions {
-            slot,
             daemon_sleep: Some(daemon_sleep),
             speed,
             sync_gate: false,

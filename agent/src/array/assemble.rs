@@ -61,11 +61,10 @@ pub enum AssembleError {
     },
 }
 
-/// Options of an assemble.
+/// Options of an assemble (the same for every array of a registry; the bitmap slot is
+/// per array: a parameter of [`assemble`]).
 #[derive(Debug, Clone, Default)]
 pub struct AssembleOptions {
-    /// This node's bitmap slot (0 for an internal bitmap).
-    pub slot: u32,
     /// Overrides the bitmap's `daemon_sleep` (tests).
     pub daemon_sleep: Option<Duration>,
     /// Initial resync/recovery speed limits.
@@ -919,11 +918,13 @@ pub fn read_members(array: &str, paths: &[PathBuf]) -> Result<Vec<Member>, Assem
     Ok(members)
 }
 
-/// Assembles and starts the array `name` over `paths`.
+/// Assembles and starts the array `name` over `paths`, with this node's bitmap in
+/// `slot` (0 for an internal bitmap).
 pub async fn assemble(
     name: &str,
     paths: &[PathBuf],
     opts: &AssembleOptions,
+    slot: u32,
 ) -> Result<(Arc<Raid1>, ArrayIdentity, Attachment), AssembleError> {
     let (members, ios) = {
         let owned = name.to_owned();
@@ -1119,9 +1120,9 @@ pub async fn assemble(
     });
     // This node's bitmap slot.
     let mut slot_store = None;
-    let bitmap = match members[in_sync[0]].bitmap.get(opts.slot as usize) {
-        Some(slot) if fresh.has_bitmap() => {
-            let mut bsb = slot.sb.clone();
+    let bitmap = match members[in_sync[0]].bitmap.get(slot as usize) {
+        Some(mine) if fresh.has_bitmap() => {
+            let mut bsb = mine.sb.clone();
             // The superblock's size is the truth: a slot written before a size change
             // (unused, or a crash in between) is brought to it.
             let stale_header = bsb.sync_size != fresh.size;
@@ -1136,9 +1137,9 @@ pub async fn assemble(
             let mut image = vec![0u8; crate::bitmap::SB_BYTES];
             image.copy_from_slice(&bsb.encode().map_err(|e| mismatch(name, e.to_string()))?);
             // The union of the in-sync members' bits.
-            let mut bits = slot.bits.clone();
+            let mut bits = mine.bits.clone();
             for &i in &in_sync {
-                if let Some(s) = members[i].bitmap.get(opts.slot as usize) {
+                if let Some(s) = members[i].bitmap.get(slot as usize) {
                     for (b, o) in bits.iter_mut().zip(&s.bits) {
                         *b |= *o;
                     }
@@ -1152,7 +1153,7 @@ pub async fn assemble(
                 .map(|(m, io)| {
                     Ok((
                         io.clone(),
-                        slot_offset(&m.sb, &bsb, opts.slot)
+                        slot_offset(&m.sb, &bsb, slot)
                             .map_err(|e| mismatch(name, e.to_string()))?,
                     ))
                 })
@@ -1177,7 +1178,7 @@ pub async fn assemble(
         _ if fresh.has_bitmap() => {
             return Err(mismatch(
                 name,
-                format!("bitmap slot {} does not exist", opts.slot),
+                format!("bitmap slot {} does not exist", slot),
             ))
         }
         _ => None,
@@ -1216,7 +1217,7 @@ pub async fn assemble(
     let attachment = Attachment {
         sb_store,
         slot_store,
-        slot: opts.slot,
+        slot,
         uuid: fresh.set_uuid,
         add_lock: tokio::sync::Mutex::new(()),
     };

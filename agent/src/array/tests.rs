@@ -518,16 +518,13 @@ async fn writes_wait_for_a_remote_resync_window_to_move_on() {
 async fn the_same_members_cannot_be_assembled_twice_under_two_names() {
     let dir = tempfile::tempdir().unwrap();
     let paths = files(dir.path(), 2, 24 * MIB);
-    // Two registries sharing the node's claims, as cluster mode keeps one per slot.
+    // Two registries sharing the node's claims.
     let claims = Arc::new(Claims::default());
     let reg_with = |slot: u32| {
         Registry::new(RegistryConfig {
             stop_grace: Duration::from_millis(300),
             drain_timeout: Duration::from_secs(5),
-            assemble: AssembleOptions {
-                slot,
-                ..Default::default()
-            },
+            slot,
             claims: claims.clone(),
             ..Default::default()
         })
@@ -926,4 +923,59 @@ async fn a_member_absent_while_the_array_ran_is_not_current() {
     drop(dev);
     reg.stop("md1", false).await.unwrap();
     assert_identical(&copies);
+}
+
+/// One registry assembles each array in the bitmap slot it is given: a write's
+/// write-intent bits land in that slot on disk, the array's other slots stay clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_array_assembles_in_the_slot_it_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::new(RegistryConfig {
+        stop_grace: Duration::from_millis(300),
+        drain_timeout: Duration::from_secs(5),
+        assemble: AssembleOptions {
+            // Bits stay set long enough to be seen on disk.
+            daemon_sleep: Some(Duration::from_secs(60)),
+            ..Default::default()
+        },
+        ..Default::default()
+    });
+    let mut arrays = Vec::new();
+    for (name, slot) in [("md0", 1u32), ("md1", 2u32)] {
+        let sub = dir.path().join(name);
+        std::fs::create_dir(&sub).unwrap();
+        let paths = files(&sub, 2, 24 * MIB);
+        reg.create(name, spec(2, 0, BitmapMode::Clustered, true), &paths, false)
+            .await
+            .unwrap();
+        reg.stop(name, false).await.unwrap();
+        reg.assemble_in_slot(name, &paths, slot).await.unwrap();
+        arrays.push((name, slot, paths));
+    }
+    for (name, _, _) in &arrays {
+        let dev = reg.device(name).unwrap();
+        dev.write(3 * 65536, pattern(7, 4096), false).await.unwrap();
+        dev.flush().await.unwrap();
+    }
+    for (name, slot, paths) in &arrays {
+        for p in paths {
+            let m = read_member(p).unwrap();
+            assert!(
+                m.bitmap.len() > 2,
+                "{name}: {} bitmap slots",
+                m.bitmap.len()
+            );
+            for (s, b) in m.bitmap.iter().enumerate() {
+                let set = crate::format::bitmap::count_set(&b.bits, b.sb.chunks());
+                if s == *slot as usize {
+                    assert_eq!(set, 1, "{name} in slot {slot}: bits of slot {s}");
+                } else {
+                    assert_eq!(set, 0, "{name} in slot {slot}: bits of slot {s}");
+                }
+            }
+        }
+    }
+    for (name, _, _) in &arrays {
+        reg.stop(name, false).await.unwrap();
+    }
 }
