@@ -28,7 +28,8 @@ use crate::format::superblock::{feature, DevRole, Superblock, MAX_SECTOR, SB_BLO
 use crate::format::{fmt_uuid, SB_OFFSET_BYTES, SECTOR};
 use crate::raid::member::{aligned_copy, MemberError, MemberIo};
 use crate::raid::{
-    MemberSpec, MemberState, MetaEvent, MetaStore, Raid1, Raid1Config, RaidError, SpeedLimits,
+    MemberSpec, MemberState, MetaEvent, MetaStore, MetaWrite, Raid1, Raid1Config, RaidError,
+    SpeedLimits,
 };
 
 /// Errors assembling an array.
@@ -521,16 +522,17 @@ pub async fn add_member(
     att: &Attachment,
     path: &std::path::Path,
 ) -> Result<AddOutcome, AssembleError> {
-    add_member_opts(raid, att, path, false).await
+    add_member_opts(raid, att, path, false, MetaWrite::Local).await
 }
 
 /// [`add_member`]; with `spare_only` a new device stays a spare even when a role is
-/// free (`mdadm --add-spare`).
+/// free (`mdadm --add-spare`); the superblock updates are written as `how` says.
 pub async fn add_member_opts(
     raid: &Arc<Raid1>,
     att: &Attachment,
     path: &std::path::Path,
     spare_only: bool,
+    how: MetaWrite,
 ) -> Result<AddOutcome, AssembleError> {
     let name = raid.name().to_owned();
     let _one = att.add_lock.lock().await;
@@ -692,17 +694,20 @@ pub async fn add_member_opts(
             format!("member index mismatch ({engine_index} != {index})"),
         ));
     }
-    raid.record(MetaEvent::Added { member: index }).await?;
+    raid.record(MetaEvent::Added { member: index }, how).await?;
     match readd {
         Some(r) => {
-            raid.record(MetaEvent::SpareActive {
-                member: index,
-                role: r,
-            })
+            raid.record(
+                MetaEvent::SpareActive {
+                    member: index,
+                    role: r,
+                },
+                how,
+            )
             .await?
         }
         None if spare_only => {}
-        None => raid.use_spares().await,
+        None => raid.use_spares(how).await,
     }
     if let Some(bm) = raid.bitmap() {
         bm.mark_all_dirty();

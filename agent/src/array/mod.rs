@@ -50,7 +50,7 @@ use crate::allow::DeviceAllow;
 use crate::format::create::CreateSpec;
 use crate::format::io::DeviceError;
 use crate::nbd::{ClientInfo, ClientSet, Exports, OpenError, OpenExport};
-use crate::raid::{Raid1, RaidError, RaidStatus, SpeedLimits};
+use crate::raid::{MetaWrite, Raid1, RaidError, RaidStatus, SpeedLimits};
 
 /// Errors of registry operations. [`ArrayError::errno`] gives the errno-style reason
 /// that crosses the wire.
@@ -731,19 +731,26 @@ impl Registry {
         Ok(())
     }
 
-    /// Marks a member faulty (like `mdadm --fail`).
-    pub async fn fail_member(&self, name: &str, path: &std::path::Path) -> Result<(), ArrayError> {
-        Ok(self.device(name)?.fail_by_path(path).await?)
+    /// Marks a member faulty (like `mdadm --fail`); the superblocks are written as
+    /// `how` says.
+    pub async fn fail_member(
+        &self,
+        name: &str,
+        path: &std::path::Path,
+        how: MetaWrite,
+    ) -> Result<(), ArrayError> {
+        Ok(self.device(name)?.fail_by_path(path, how).await?)
     }
 
     /// Removes a faulty or spare member (like `mdadm --remove`); `Ok(false)`: it is
-    /// active, nothing done.
+    /// active, nothing done. The superblocks are written as `how` says.
     pub async fn remove_member(
         &self,
         name: &str,
         path: &std::path::Path,
+        how: MetaWrite,
     ) -> Result<bool, ArrayError> {
-        Ok(self.device(name)?.remove_by_path(path).await?)
+        Ok(self.device(name)?.remove_by_path(path, how).await?)
     }
 
     /// Adds a device to an active array (like `mdadm --add` / `--re-add`): a former
@@ -754,22 +761,25 @@ impl Registry {
         name: &str,
         path: &std::path::Path,
     ) -> Result<assemble::AddOutcome, ArrayError> {
-        self.add_member_with(name, path, AddHow::Add).await
+        self.add_member_with(name, path, AddHow::Add, MetaWrite::Local)
+            .await
     }
 
     /// [`Registry::add_member`], or as a spare only (`--add-spare`), or attaching a
     /// device another node added (cluster mode: its superblock is read, not written).
+    /// The superblock updates of an add are written as `write` says.
     pub async fn add_member_with(
         &self,
         name: &str,
         path: &std::path::Path,
         how: AddHow,
+        write: MetaWrite,
     ) -> Result<assemble::AddOutcome, ArrayError> {
         self.check_allowed(&[path.to_owned()])?;
         let (raid, att) = self.active_parts(name)?;
         let r = match how {
-            AddHow::Add => assemble::add_member_opts(&raid, &att, path, false).await,
-            AddHow::Spare => assemble::add_member_opts(&raid, &att, path, true).await,
+            AddHow::Add => assemble::add_member_opts(&raid, &att, path, false, write).await,
+            AddHow::Spare => assemble::add_member_opts(&raid, &att, path, true, write).await,
             AddHow::Attach => assemble::attach_member(&raid, &att, path).await,
         };
         r.map_err(|source| ArrayError::Assemble {

@@ -403,7 +403,7 @@ impl Service {
                 .map_err(Into::into),
             Request::Fail { name, member } => self
                 .registry
-                .fail_member(&name, &member)
+                .fail_member(&name, &member, crate::raid::MetaWrite::Local)
                 .await
                 .map(|()| Value::Null)
                 .map_err(Into::into),
