@@ -259,9 +259,9 @@ impl Node {
             None
         };
         meta.slot = membership.as_ref().map_or(0, |(m, _)| m.slot);
-        let service = self.service(meta.slot);
+        let service = self.service();
         lock(&self.meta).insert(name.to_owned(), meta.clone());
-        match service.assemble(name, members).await {
+        match service.assemble_in_slot(name, members, meta.slot).await {
             Ok(_) => {
                 if let Some((m, joined_on)) = membership {
                     let window = m.remote_window;
@@ -432,7 +432,7 @@ impl Node {
                 tracing::error!(array = %name, "failed to stop at shutdown: {e}");
             }
         }
-        for s in self.all_services() {
+        if let Some(s) = self.service.get() {
             s.shutdown().await;
         }
         if let Some(saved) = saved {

@@ -13,7 +13,7 @@ use mdcluster_proto::v1::Errno;
 
 use super::{lock, message, short_name, takeover, Node};
 use crate::format::io::read_member;
-use crate::raid::MemberState;
+use crate::raid::{MemberState, MetaWrite};
 
 impl Node {
     /// Member operations on `name`, in order (`mdctl manage`, like `mdadm --manage`).
@@ -99,6 +99,12 @@ impl Node {
             .get(name)
             .is_some_and(|m| m.bitmap_kind == Some("clustered"));
         let membership = self.cluster(name);
+        // A clustered array's change runs in a token round.
+        let write = if clustered {
+            MetaWrite::UnderToken
+        } else {
+            MetaWrite::Local
+        };
         let change = {
             let name = name.to_owned();
             let dev = dev.clone();
@@ -116,7 +122,7 @@ impl Node {
                 };
                 if kind == crate::cluster::MsgType::Remove {
                     let done = registry
-                        .remove_member(&name, &dev)
+                        .remove_member(&name, &dev, write)
                         .await
                         .map_err(|e| me.err(errno_from_name(e.errno()), &name, e))?;
                     if !done {
@@ -132,7 +138,7 @@ impl Node {
                     return Ok(message::Change::Unchanged);
                 }
                 registry
-                    .fail_member(&name, &dev)
+                    .fail_member(&name, &dev, write)
                     .await
                     .map_err(|e| me.err(errno_from_name(e.errno()), &name, e))?;
                 let now_faulty = me.info(&name).and_then(|(i, _)| i.raid).is_some_and(|r| {
@@ -258,21 +264,27 @@ impl Node {
                 format!("--raid-devices {n}: {name} has {cur}; shrinking is not supported"),
             ));
         }
+        let clustered = lock(&self.meta)
+            .get(name)
+            .is_some_and(|m| m.bitmap_kind == Some("clustered"));
+        // A clustered array's change runs in a token round.
+        let write = if clustered {
+            MetaWrite::UnderToken
+        } else {
+            MetaWrite::Local
+        };
         let change = {
             let raid = raid.clone();
             let me = self.clone();
             let name = name.to_owned();
             async move {
-                match raid.grow_raid_disks(n).await {
+                match raid.grow_raid_disks(n, write).await {
                     Ok(true) => Ok(message::Change::Applied),
                     Ok(false) => Ok(message::Change::Unchanged),
                     Err(e) => Err(me.err(Errno::Eio, &name, e)),
                 }
             }
         };
-        let clustered = lock(&self.meta)
-            .get(name)
-            .is_some_and(|m| m.bitmap_kind == Some("clustered"));
         if !clustered {
             change.await?;
             return Ok(());
@@ -410,7 +422,7 @@ impl Node {
             .is_some_and(|m| m.bitmap_kind == Some("clustered"));
         if !clustered {
             registry
-                .add_member_with(name, &dev, how)
+                .add_member_with(name, &dev, how, MetaWrite::Local)
                 .await
                 .map_err(|e| self.err(errno_from_name(e.errno()), name, e))?;
             return Ok(());
@@ -426,7 +438,7 @@ impl Node {
         let end = tokio::time::Instant::now() + self.cfg.timings.round_deadline;
         let hold = message::take_token(to, self.cfg.timings.round_deadline).await?;
         let token = hold.token;
-        let out = crate::raid::under_token(async {
+        let out = async {
             // Every node finds the device by its device UUID (each may see it under
             // another path): a device new to the array gets its superblock first, as
             // mdadm writes it before md's NEWDISK.
@@ -469,7 +481,7 @@ impl Node {
                 tracing::info!(array = %name, device = %op.device, chunks = marked, "re-add: other slots' chunks marked for recovery");
             }
             let added = registry
-                .add_member_with(name, &dev, how)
+                .add_member_with(name, &dev, how, MetaWrite::UnderToken)
                 .await
                 .map_err(|e| self.err(errno_from_name(e.errno()), name, e))?;
             let dev_number = self
@@ -507,7 +519,7 @@ impl Node {
                 }
             }
             Ok(())
-        })
+        }
         .await;
         message::release_token(to, hold).await;
         out

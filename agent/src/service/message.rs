@@ -26,7 +26,7 @@
 //! first; the sender's path is in the `token` lock's value block, a hint only): this
 //! node finds its own path of that device among the devices it may use
 //! (`--device-allow`) and opens it ([`find_new_disk`]). Engine changes made on a
-//! message follow the sender (`crate::raid::following`): they write no superblock.
+//! message follow the sender ([`MetaWrite::Following`]): they write no superblock.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -47,7 +47,7 @@ use crate::cluster::round::{ChangeOutcome, Round, RoundEvent, RoundResult, Round
 use crate::cluster::{channel, token_lock, ClusterMsg, MsgType, Nack};
 use crate::format::io::{read_member_bounded, DeviceError, META_READ_TIMEOUT};
 use crate::format::superblock::ROLE_FAULTY;
-use crate::raid::{MemberState, Raid1};
+use crate::raid::{MemberState, MetaWrite, Raid1};
 
 /// What the change under the token decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,6 +191,8 @@ pub fn left(end: Instant) -> Duration {
 
 /// One acknowledged round for `to`'s array: token → `change` → publish `msg` → all
 /// acked, or `rollback` and EIO; the steps are [`Round`]'s. See the module doc.
+/// `change` runs under the token: its engine calls write with
+/// [`crate::raid::MetaWrite::UnderToken`].
 pub async fn round<C, R>(
     to: Target<'_>,
     msg: ClusterMsg,
@@ -222,7 +224,7 @@ where
         let next = match step {
             RoundStep::RunChange => {
                 let outcome = match change.take() {
-                    Some(c) => match crate::raid::under_token(c).await {
+                    Some(c) => match c.await {
                         Ok(Change::Applied) => ChangeOutcome::Applied,
                         Ok(Change::Unchanged) => ChangeOutcome::Unchanged,
                         Err(e) => {
@@ -528,7 +530,7 @@ async fn execute(host: &Host<'_>, cmd: Command) -> Result<Step, Nack> {
         }
         Command::GrowRaidDisks(n) => {
             let (raid, _) = host.raid()?;
-            crate::raid::following(raid.grow_raid_disks(n))
+            raid.grow_raid_disks(n, MetaWrite::Following)
                 .await
                 .map_err(|e| host.failed(&format!("growing to {n} raid disks"), e))?;
             Ok(Step::Next)
@@ -536,7 +538,7 @@ async fn execute(host: &Host<'_>, cmd: Command) -> Result<Step, Nack> {
         Command::FailMember { path } => {
             let (raid, _) = host.raid()?;
             tracing::warn!(array = name, member = %path.display(), "faulty in the superblock: failing it here too");
-            crate::raid::following(raid.fail_by_path(&path))
+            raid.fail_by_path(&path, MetaWrite::Following)
                 .await
                 .map_err(|e| host.failed(&format!("failing {}", path.display()), e))?;
             Ok(Step::Next)
@@ -553,14 +555,9 @@ async fn execute(host: &Host<'_>, cmd: Command) -> Result<Step, Nack> {
                 .registry()
                 .active_parts(name)
                 .map_err(|e| host.failed("following the new size", e))?;
-            let follow = reshape::follow(&raid, &att, sectors, expose);
-            // A grown capacity shown (CHANGE_CAPACITY) is this node's own step.
-            let r = if expose {
-                follow.await
-            } else {
-                crate::raid::following(follow).await
-            };
-            r.map_err(|e| host.failed("following the new size", e))?;
+            reshape::follow(&raid, &att, sectors, expose)
+                .await
+                .map_err(|e| host.failed("following the new size", e))?;
             Ok(Step::Next)
         }
         Command::FindNewDisk { device_uuid } => {
@@ -580,13 +577,13 @@ async fn execute(host: &Host<'_>, cmd: Command) -> Result<Step, Nack> {
             let Some((_, service)) = node.info(name) else {
                 return Err(host.not_active());
             };
-            let added = crate::raid::following(service.registry().add_member_with(
-                name,
-                &path,
-                AddHow::Attach,
-            ))
-            .await
-            .map_err(|e| host.failed(&format!("attaching the new device {}", path.display()), e))?;
+            let added = service
+                .registry()
+                .add_member_with(name, &path, AddHow::Attach, MetaWrite::Following)
+                .await
+                .map_err(|e| {
+                    host.failed(&format!("attaching the new device {}", path.display()), e)
+                })?;
             let (raid, _) = host.raid()?;
             let recovering = raid
                 .status()
@@ -597,7 +594,8 @@ async fn execute(host: &Host<'_>, cmd: Command) -> Result<Step, Nack> {
         }
         Command::RemoveMember { path } => {
             let (raid, _) = host.raid()?;
-            let done = crate::raid::following(raid.remove_by_path(&path))
+            let done = raid
+                .remove_by_path(&path, MetaWrite::Following)
                 .await
                 .map_err(|e| host.failed(&format!("removing {}", path.display()), e))?;
             Ok(Step::Answer(Event::Removed(done)))
@@ -605,7 +603,7 @@ async fn execute(host: &Host<'_>, cmd: Command) -> Result<Step, Nack> {
         Command::SetRemoteWindow(window) => {
             // Acknowledged once this node's writes in flight into the window ended.
             let (raid, _) = host.raid()?;
-            crate::raid::following(raid.set_remote_resync_window(window))
+            raid.set_remote_resync_window(window)
                 .await
                 .map_err(|e| host.failed("installing the remote resync window", e))?;
             Ok(Step::Next)

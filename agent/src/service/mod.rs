@@ -17,9 +17,9 @@
 //! - handlers run their critical section on a spawned task, so a client that cancels
 //!   its call never leaves an array half assembled or half stopped.
 //!
-//! The registry takes the bitmap slot per registry ([`AssembleOptions::slot`]), so the
-//! node keeps one [`Service`] per slot in use (created on first use) and keeps array
-//! names unique across them.
+//! The node keeps one [`Service`] (one registry, created on first use): each array is
+//! assembled with its own bitmap slot ([`Registry::assemble_in_slot`]), 0 for an
+//! internal bitmap, the slot of its slot lock for a clustered one.
 //!
 //! # Layout
 //! This file holds [`Node`] itself: its state, the session and fence gate, event
@@ -65,7 +65,7 @@ pub mod takeover;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use mdcluster_proto::lock_client::Session;
@@ -99,7 +99,8 @@ pub struct NodeConfig {
     pub node: String,
     /// Directory of the per-array NBD sockets.
     pub run_dir: PathBuf,
-    /// The registry template (its `assemble.slot` is set per slot).
+    /// The registry's configuration (the node sets its fence gate and its current speed
+    /// limits; each clustered array is assembled in its own slot).
     pub registry: RegistryConfig,
     /// NBD server limits.
     pub nbd: ServerConfig,
@@ -131,8 +132,9 @@ struct Meta {
 /// This node's arrays in cluster mode. Cheap to share (`Arc`).
 pub struct Node {
     cfg: NodeConfig,
-    /// One standalone service per bitmap slot in use.
-    services: Mutex<HashMap<u32, Arc<Service>>>,
+    /// The standalone service (registry, NBD sockets) of every array here, created on
+    /// the first create or assemble.
+    service: OnceLock<Arc<Service>>,
     /// Arrays with a create/assemble/stop running, and which.
     busy: Mutex<HashMap<String, &'static str>>,
     meta: Mutex<HashMap<String, Meta>>,
@@ -213,7 +215,7 @@ impl Node {
         Arc::new(Node {
             fence,
             cfg,
-            services: Mutex::new(HashMap::new()),
+            service: OnceLock::new(),
             busy: Mutex::new(HashMap::new()),
             meta: Mutex::new(HashMap::new()),
             clustered: Mutex::new(HashMap::new()),
@@ -366,38 +368,35 @@ impl Node {
         )
     }
 
-    /// The service of slot `slot`, created on first use.
-    fn service(self: &Arc<Self>, slot: u32) -> Arc<Service> {
-        let mut map = lock(&self.services);
-        if let Some(s) = map.get(&slot) {
-            return s.clone();
-        }
-        let mut rc = self.cfg.registry.clone();
-        rc.assemble = AssembleOptions {
-            slot,
-            fence: Some(self.fence.clone()),
-            ..rc.assemble.clone()
-        };
-        rc.assemble.speed = *lock(&self.speed);
-        let registry = Registry::new(rc);
-        events::forward_lifecycle(self.clone(), registry.subscribe());
-        let s = Service::new(registry, &self.cfg.run_dir, self.cfg.nbd.clone());
-        map.insert(slot, s.clone());
-        s
+    /// The node's service, created on first use (a create or assemble).
+    fn service(self: &Arc<Self>) -> Arc<Service> {
+        self.service
+            .get_or_init(|| {
+                let mut rc = self.cfg.registry.clone();
+                rc.assemble = AssembleOptions {
+                    fence: Some(self.fence.clone()),
+                    ..rc.assemble.clone()
+                };
+                rc.assemble.speed = *lock(&self.speed);
+                let registry = Registry::new(rc);
+                events::forward_lifecycle(self.clone(), registry.subscribe());
+                Service::new(registry, &self.cfg.run_dir, self.cfg.nbd.clone())
+            })
+            .clone()
     }
 
-    fn all_services(&self) -> Vec<Arc<Service>> {
-        let map = lock(&self.services);
-        let mut v: Vec<(u32, Arc<Service>)> = map.iter().map(|(k, s)| (*k, s.clone())).collect();
-        v.sort_by_key(|(k, _)| *k);
-        v.into_iter().map(|(_, s)| s).collect()
+    /// The node's registry, if an array was ever created or assembled here (pure
+    /// lookup: never creates it).
+    fn registry(&self) -> Option<&Arc<Registry>> {
+        self.service.get().map(|s| s.registry())
     }
 
-    /// The service whose registry holds `name` (pure lookup).
+    /// The node's service if its registry holds `name` (pure lookup).
     fn find(&self, name: &str) -> Option<Arc<Service>> {
-        self.all_services()
-            .into_iter()
-            .find(|s| s.registry().lookup(name).is_ok())
+        self.service
+            .get()
+            .filter(|s| s.registry().lookup(name).is_ok())
+            .cloned()
     }
 
     fn begin(self: &Arc<Self>, name: &str, op: &'static str) -> Result<OpGuard, WireError> {
@@ -491,9 +490,8 @@ impl Node {
     }
 
     fn info(&self, name: &str) -> Option<(ArrayInfo, Arc<Service>)> {
-        self.all_services()
-            .into_iter()
-            .find_map(|s| s.registry().lookup(name).ok().map(|i| (i, s)))
+        let s = self.service.get()?;
+        s.registry().lookup(name).ok().map(|i| (i, s.clone()))
     }
 }
 

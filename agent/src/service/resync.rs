@@ -53,7 +53,7 @@ use crate::cluster::resync::{
 use crate::cluster::{resync_lock, slot_lock, ClusterMsg, ResyncInfo};
 use crate::format::io::read_member;
 use crate::format::superblock::MAX_SECTOR;
-use crate::raid::{GateDecision, GateFuture, SyncGate, SyncKind};
+use crate::raid::{GateDecision, GateFuture, MetaWrite, SyncGate, SyncKind};
 
 /// The gate of one clustered array on this node.
 pub struct ClusterGate {
@@ -207,7 +207,7 @@ impl ClusterGate {
         let mut any = false;
         for p in &done {
             // The recovering node wrote it to the superblocks: follow, do not write.
-            any |= crate::raid::following(raid.mark_recovered(p)).await;
+            any |= raid.mark_recovered(p, MetaWrite::Following).await;
         }
         any
     }

@@ -18,13 +18,7 @@ use crate::raid::{MemberState, SpeedLimits, WorkerState};
 impl Node {
     /// Every array name here, in any state.
     pub fn names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .all_services()
-            .iter()
-            .flat_map(|s| s.registry().names())
-            .collect();
-        v.sort();
-        v
+        self.registry().map(|r| r.names()).unwrap_or_default()
     }
 
     /// The status of `name` here (pure lookup).
@@ -263,13 +257,9 @@ impl Node {
 
 impl Exports for Node {
     fn list(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .all_services()
-            .iter()
-            .flat_map(|s| s.registry().list())
-            .collect();
-        v.sort();
-        v
+        self.registry()
+            .map(|r| Exports::list(&**r))
+            .unwrap_or_default()
     }
 
     fn open(&self, name: &str, client: &ClientInfo) -> Result<OpenExport, OpenError> {
