@@ -194,6 +194,10 @@ struct Args {
     /// address: for probes that cannot present a certificate (the kubelet's grpc probes).
     #[arg(long, env = "MDAGENT_HEALTH_LISTEN", value_name = "ADDR")]
     health_listen: Option<String>,
+    /// Serve Prometheus metrics on http://ADDR/metrics (plain HTTP: metrics carry no
+    /// secrets). Off when not given.
+    #[arg(long, env = "MDAGENT_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<String>,
 }
 
 fn parse_assemble(s: &str) -> anyhow::Result<(String, Vec<PathBuf>)> {
@@ -271,6 +275,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let metrics = match &args.metrics_listen {
+        Some(addr) => {
+            let l = mdcluster_proto::metrics_http::bind(addr).await?;
+            let arrays = Arc::new(mdcluster_agent::metrics::RegistryArrays {
+                registry: registry.clone(),
+            });
+            let registry = mdcluster_agent::metrics::registry(arrays, None);
+            let stop = shutdown.clone();
+            Some(tokio::spawn(mdcluster_agent::metrics::serve(
+                l,
+                registry,
+                async move { stop.cancelled().await },
+            )))
+        }
+        None => None,
+    };
     for spec in &args.assemble {
         let (name, devs) = parse_assemble(spec)?;
         service
@@ -291,6 +311,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = control.await;
     if let Some(t) = tcp {
         let _ = t.await;
+    }
+    if let Some(m) = metrics {
+        let _ = m.await;
     }
     Ok(())
 }
@@ -328,6 +351,7 @@ async fn run_cluster(args: Args, server: String) -> anyhow::Result<()> {
     let cfg = RuntimeConfig {
         transport,
         health_listen: args.health_listen.clone(),
+        metrics_listen: args.metrics_listen.clone(),
         node: NodeConfig {
             node: node.clone(),
             run_dir: args.run_dir.clone(),
