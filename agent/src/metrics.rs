@@ -78,8 +78,8 @@ pub struct RoundLabels {
 pub struct NackLabels {
     /// The array.
     pub array: String,
-    /// The reason the receiver gave (an errno name or a short word).
-    pub reason: String,
+    /// [`nack_reason`] of the receiver's answer.
+    pub reason: &'static str,
 }
 
 /// `{result}`.
@@ -360,12 +360,43 @@ impl AgentMetrics {
             .inc();
     }
 
+    /// The outcome of publishing one acknowledged message of `array` (a token round):
+    /// ok when every joined node acknowledged, nack when one refused (each refusal
+    /// counted by [`nack_reason`]), timeout when one did not answer, error when the
+    /// publish failed.
+    pub fn token_round_outcome(
+        &self,
+        array: &str,
+        outcome: &Result<
+            mdcluster_proto::lock_client::PublishOutcome,
+            mdcluster_proto::lock_client::LockClientError,
+        >,
+        took: Duration,
+    ) {
+        let result = match outcome {
+            Ok(o) if o.all_ok => "ok",
+            Ok(o) => {
+                for r in o.results.iter().filter(|r| !r.ok && r.answered) {
+                    self.token_nack(array, nack_reason(&r.reason));
+                }
+                if o.results.iter().any(|r| !r.ok && r.answered) {
+                    "nack"
+                } else {
+                    "timeout"
+                }
+            }
+            Err(e) if e.errno() == mdcluster_proto::v1::Errno::Etimedout => "timeout",
+            Err(_) => "error",
+        };
+        self.token_round(array, result, took);
+    }
+
     /// A negative acknowledgement with `reason` on `array`.
-    pub fn token_nack(&self, array: &str, reason: &str) {
+    pub fn token_nack(&self, array: &str, reason: &'static str) {
         self.token_nacks
             .get_or_create(&NackLabels {
                 array: array.to_owned(),
-                reason: reason.to_owned(),
+                reason,
             })
             .inc();
     }
@@ -385,6 +416,29 @@ impl AgentMetrics {
             .get_or_create(&LockLabel { lock })
             .observe(took.as_secs_f64());
     }
+}
+
+/// The `reason` label of a negative acknowledgement: its errno name when the reason
+/// starts with one (`EBUSY: ...`), else `refused` (free text would make a series per
+/// sentence).
+pub fn nack_reason(reason: &str) -> &'static str {
+    const NAMES: [&str; 7] = [
+        "EBUSY",
+        "ENOENT",
+        "EINVAL",
+        "EIO",
+        "ETIMEDOUT",
+        "EEXIST",
+        "EPERM",
+    ];
+    NAMES
+        .into_iter()
+        .find(|n| {
+            reason
+                .strip_prefix(n)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with([':', ' ']))
+        })
+        .unwrap_or("refused")
 }
 
 fn sync_kind(k: crate::raid::SyncKind) -> &'static str {
@@ -781,7 +835,7 @@ pub fn registry(arrays: Arc<dyn ArraySource>, session: Option<Arc<dyn SessionSou
             version: env!("CARGO_PKG_VERSION"),
         })
         .set(1);
-    r.register("mdcluster_build_info", "The agent's version (1).", build);
+    r.register("mdcluster_build_info", "The agent's version (1)", build);
     r.register_collector(Box::new(Arrays(arrays)));
     r.register(
         "mdcluster_array_sync_done_bytes",
@@ -1083,6 +1137,14 @@ mod tests {
         assert_eq!(m.nbd_connections.get_or_create(&a).get(), 1);
         drop(c);
         assert_eq!(m.nbd_connections.get_or_create(&a).get(), 0);
+    }
+
+    #[test]
+    fn nack_reasons_are_a_bounded_set() {
+        assert_eq!(nack_reason("EBUSY: a resync runs"), "EBUSY");
+        assert_eq!(nack_reason("EIO"), "EIO");
+        assert_eq!(nack_reason("EIOX: no"), "refused");
+        assert_eq!(nack_reason("device /dev/x not found on node n2"), "refused");
     }
 
     #[test]

@@ -51,7 +51,7 @@ at start; more are created, assembled, stopped and inspected through the control
    \"spare_devices\":0,\"bitmap\":\"internal\",\"chunk_kib\":64,\"assume_clean\":true}
   {\"op\":\"assemble\",\"name\":\"md0\",\"members\":[\"/a\",\"/b\"]}
   {\"op\":\"stop\",\"name\":\"md0\",\"force\":false}
-  {\"op\":\"status\",\"name\":\"md0\"}   {\"op\":\"list\"}
+  {\"op\":\"status\",\"name\":\"md0\"}   {\"op\":\"list\"}   {\"op\":\"mdstat\"}
   {\"op\":\"speed\",\"name\":\"md0\",\"min_kib_s\":1000,\"max_kib_s\":200000}
   {\"op\":\"fail\",\"name\":\"md0\",\"member\":\"/a\"}   {\"op\":\"add\",\"name\":\"md0\",\"member\":\"/c\"}
     (add: a former member is re-added and recovers only the chunks dirtied since it
@@ -260,6 +260,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let path = control_path.clone();
         tokio::spawn(async move { service.serve_control(&path, shutdown).await })
     };
+    // <run-dir>/proc/mdstat for node_exporter, as cluster-mode agents keep it.
+    let mdstat_file = {
+        let service = service.clone();
+        mdcluster_agent::service::mdstat_file::spawn_with(
+            mdcluster_agent::service::mdstat_file::path(&args.run_dir),
+            move || service.mdstat(),
+            shutdown.clone(),
+        )
+    };
     let tcp = match &args.nbd_tcp {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -315,6 +324,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(m) = metrics {
         let _ = m.await;
     }
+    let _ = mdstat_file.await;
     Ok(())
 }
 
