@@ -109,7 +109,7 @@ impl ClusterBuilder {
         self
     }
 
-    /// Extra flags for mdserver (every replica).
+    /// Extra flags for every mdserver replica.
     pub fn server_args(mut self, args: &[&str]) -> Self {
         self.server
             .extra_args

@@ -1057,6 +1057,11 @@ impl Raid1 {
         done.map_err(|e| eio(format!("array {}: mark dirty: {e}", self.name)))
     }
 
+    /// Counts an I/O error of member `i` (`mdcluster_member_io_errors_total`).
+    pub(crate) fn count_io_error(&self, i: usize) {
+        crate::metrics::agent().member_io_error(&self.name, self.member(i).io.path());
+    }
+
     /// Fails member `i` (superblocks updated on the others before this returns), unless
     /// it is the last in-sync member. Returns whether it was failed now.
     pub async fn fail_member(&self, i: usize, why: &str) -> bool {
@@ -1412,6 +1417,7 @@ impl Raid1 {
                 Err(e) if is_fenced(&e) => return Err(e),
                 Err(e) => {
                     tried.push(i);
+                    self.count_io_error(i);
                     if !self.fail_member(i, &format!("read at {offset}: {e}")).await
                         && self.pick_reader(&tried, offset, len as u64).is_none()
                     {
@@ -1463,6 +1469,7 @@ impl Raid1 {
                 // Refused by the fence gate: the member is fine, the node is not.
                 Err(e) if is_fenced(&e) => out.fenced = Some(e),
                 Err(e) => {
+                    self.count_io_error(i);
                     out.owed
                         .extend(self.mark_failed(i, &format!("write at {offset}: {e}")));
                     out.err = Some(e);
@@ -1558,6 +1565,7 @@ impl Raid1 {
                 Ok(()) => {}
                 Err(e) if is_fenced(&e) => fenced = Some(e),
                 Err(e) => {
+                    self.count_io_error(i);
                     self.fail_member(i, &format!("flush: {e}")).await;
                     last_err = Some(e);
                 }

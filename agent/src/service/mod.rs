@@ -38,6 +38,7 @@ pub mod grpc;
 pub mod join;
 pub mod mdstat_file;
 pub mod message;
+mod metrics;
 mod reshape;
 pub mod resync;
 pub mod runtime;

@@ -281,7 +281,10 @@ impl ClusterGate {
                 .acquire(&res, Mode::Exclusive, Wait::Queue(LOCK_ATTEMPT))
                 .await
             {
-                Ok(g) => break g.token,
+                Ok(g) => {
+                    crate::metrics::agent().lock_wait("resync", waiting_since.elapsed());
+                    break g.token;
+                }
                 Err(e) if e.errno() == Errno::Etimedout => {
                     tracing::info!(array = %self.array, ?kind, "still waiting for the resync lock: {e}");
                     if last_report.elapsed() >= PENDING_REPORT {

@@ -180,6 +180,7 @@ async fn recover(
         }
     };
     tracing::warn!(array = name, slot, failed = ?dead, "recovering the bitmap slot of a failed node");
+    crate::metrics::agent().slot_takeover(name);
     if let Some(m) = node.membership(name).filter(|m| m.pr.any()) {
         let (pr, mine, value) = (m.pr.clone(), m.pr_key(), grant.value.clone());
         match tokio::task::spawn_blocking(move || preempt_dead_key(&pr, mine, slot, &value)).await {
