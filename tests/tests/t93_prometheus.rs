@@ -12,6 +12,8 @@
 //!   exactly N and M (requests, bytes, latency histogram counts), node2's not at all;
 //! - `manage --fail` of a member: both nodes report the array `degraded` with one faulty
 //!   member, and MdclusterArrayDegraded and MdclusterMemberFaulty go pending, then firing;
+//!   node1 counts a successful token round (and its latency), mdserver an acknowledged
+//!   publish;
 //! - data written while degraded, then `--remove` and `--re-add` (throttled recovery):
 //!   the array is seen `recovering` with its completed ratio rising and a sync speed,
 //!   the synced-bytes counter grows by at least what was written meanwhile, and the
@@ -282,6 +284,14 @@ fn prometheus_sees_an_array_degrade_and_recover() {
 
     eprintln!("--- manage --fail m1: degraded on both nodes, the alerts go pending then firing");
     c.tune(2048);
+    let rounds =
+        format!(r#"mdcluster_token_rounds_total{{instance="{a1}",array="md0",result="ok"}}"#);
+    let rounds_before = sum(&p, &rounds);
+    let rounds_count =
+        format!(r#"mdcluster_token_round_duration_seconds_count{{instance="{a1}",array="md0"}}"#);
+    let rounds_count_before = sum(&p, &rounds_count);
+    let publishes = r#"mdcluster_server_publishes_total{result="ok"}"#;
+    let publishes_before = sum(&p, publishes);
     c.mdctl_ok(&["--node", "node1", "manage", "md0", "--fail", ms[1]]);
     let alerts = ["MdclusterArrayDegraded", "MdclusterMemberFaulty"];
     let seen = wait_alerts_firing(&p, &alerts, &a1);
@@ -305,6 +315,17 @@ fn prometheus_sees_an_array_degrade_and_recover() {
             v.len() == 2 && v.values().all(|x| *x == want)
         });
     }
+
+    // The fail went through node1's token round, acknowledged through mdserver.
+    p.wait("token round", &rounds, WAIT, |v| {
+        v.values().sum::<f64>() > rounds_before
+    });
+    p.wait("token round latency", &rounds_count, WAIT, |v| {
+        v.values().sum::<f64>() > rounds_count_before
+    });
+    p.wait("publish acked", publishes, WAIT, |v| {
+        v.values().sum::<f64>() > publishes_before
+    });
 
     eprintln!("--- {DEGRADED_MIB} MiB written while degraded, then --remove, --re-add: a throttled recovery");
     let done_before = sum(
