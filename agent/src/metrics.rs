@@ -126,6 +126,8 @@ pub struct AgentMetrics {
     token_nacks: Family<NackLabels, Counter>,
     slot_takeovers: Family<ArrayLabel, Counter>,
     lock_wait: HistogramFamily<LockLabel>,
+    /// Per-request NBD metrics are kept (the process serves its metrics).
+    enabled: std::sync::atomic::AtomicBool,
 }
 
 impl Default for AgentMetrics {
@@ -146,6 +148,7 @@ impl Default for AgentMetrics {
             token_nacks: Family::default(),
             slot_takeovers: Family::default(),
             lock_wait: Family::new_with_constructor(cluster_histogram),
+            enabled: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -217,9 +220,13 @@ struct OpHandles {
 }
 
 /// The NBD metrics of one export, resolved once per connection so that a request
-/// touches only atomics and its histogram.
+/// touches only atomics and its histogram. Inert (nothing counted, no clock read)
+/// unless the process serves its metrics ([`AgentMetrics::enable`]).
 #[derive(Debug, Clone)]
-pub struct NbdExport {
+pub struct NbdExport(Option<Arc<ExportHandles>>);
+
+#[derive(Debug)]
+struct ExportHandles {
     ops: [OpHandles; 6],
     in_flight: Gauge,
     connections: Gauge,
@@ -228,6 +235,9 @@ pub struct NbdExport {
 impl NbdExport {
     /// The handles of export `array` in `m`.
     pub fn new(m: &AgentMetrics, array: &str) -> NbdExport {
+        if !m.enabled.load(std::sync::atomic::Ordering::Relaxed) {
+            return NbdExport(None);
+        }
         let op = |op: Op| {
             let l = OpLabels {
                 array: array.to_owned(),
@@ -243,39 +253,40 @@ impl NbdExport {
         let a = ArrayLabel {
             array: array.to_owned(),
         };
-        NbdExport {
+        NbdExport(Some(Arc::new(ExportHandles {
             ops: Op::ALL.map(op),
             in_flight: m.nbd_in_flight.get_or_create(&a).clone(),
             connections: m.nbd_connections.get_or_create(&a).clone(),
-        }
+        })))
     }
 
     /// Counts a connection open until the guard drops.
     pub fn connected(&self) -> ConnectionGuard {
-        self.connections.inc();
-        ConnectionGuard(self.connections.clone())
+        if let Some(h) = &self.0 {
+            h.connections.inc();
+        }
+        ConnectionGuard(self.0.clone())
     }
 
     /// A request of `bytes` payload starts; [`RequestTimer::done`] ends it.
     pub fn start(&self, op: Op, bytes: u32) -> RequestTimer {
-        self.in_flight.inc();
-        RequestTimer {
-            op: self.ops[op as usize].clone(),
-            in_flight: self.in_flight.clone(),
-            bytes,
-            started: Instant::now(),
-            ended: false,
-        }
+        let started = self.0.as_ref().map(|h| {
+            h.in_flight.inc();
+            (Arc::clone(h), Instant::now())
+        });
+        RequestTimer { started, op, bytes }
     }
 }
 
 /// An open NBD connection (see [`NbdExport::connected`]).
 #[derive(Debug)]
-pub struct ConnectionGuard(Gauge);
+pub struct ConnectionGuard(Option<Arc<ExportHandles>>);
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.0.dec();
+        if let Some(h) = &self.0 {
+            h.connections.dec();
+        }
     }
 }
 
@@ -283,11 +294,10 @@ impl Drop for ConnectionGuard {
 /// error (its task ended without an answer).
 #[derive(Debug)]
 pub struct RequestTimer {
-    op: OpHandles,
-    in_flight: Gauge,
+    /// The export's handles and the start; None once ended (or when inert).
+    started: Option<(Arc<ExportHandles>, Instant)>,
+    op: Op,
     bytes: u32,
-    started: Instant,
-    ended: bool,
 }
 
 impl RequestTimer {
@@ -297,17 +307,16 @@ impl RequestTimer {
     }
 
     fn end(&mut self, ok: bool) {
-        if std::mem::replace(&mut self.ended, true) {
+        let Some((h, started)) = self.started.take() else {
             return;
-        }
-        self.in_flight.dec();
-        self.op.requests.inc();
-        self.op.bytes.inc_by(u64::from(self.bytes));
-        self.op
-            .duration
-            .observe(self.started.elapsed().as_secs_f64());
+        };
+        h.in_flight.dec();
+        let op = &h.ops[self.op as usize];
+        op.requests.inc();
+        op.bytes.inc_by(u64::from(self.bytes));
+        op.duration.observe(started.elapsed().as_secs_f64());
         if !ok {
-            self.op.errors.inc();
+            op.errors.inc();
         }
     }
 }
@@ -319,6 +328,14 @@ impl Drop for RequestTimer {
 }
 
 impl AgentMetrics {
+    /// Keeps the per-request NBD metrics from now on (connections opened later count);
+    /// called when the process serves `/metrics`. Without it an NBD request costs no
+    /// metrics work at all.
+    pub fn enable(&self) {
+        self.enabled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// A member I/O error on `device` of `array`.
     pub fn member_io_error(&self, array: &str, device: &std::path::Path) {
         self.member_io_errors
@@ -823,11 +840,13 @@ impl Collector for Session {
     }
 }
 
-/// The agent's registry: the event metrics of [`agent`], the array status from
+/// The agent's registry (and [`AgentMetrics::enable`]): the event metrics of [`agent`], the array status from
 /// `arrays`, and, in cluster mode, the session from `session` and the cluster event
 /// metrics.
 pub fn registry(arrays: Arc<dyn ArraySource>, session: Option<Arc<dyn SessionSource>>) -> Registry {
     let m = agent();
+    // Served from now on: keep the per-request NBD metrics of new connections.
+    m.enable();
     let mut r = Registry::default();
     let build = Family::<VersionLabel, Gauge>::default();
     build
@@ -1116,6 +1135,17 @@ mod tests {
     #[test]
     fn a_request_counts_once_with_its_bytes_and_an_unanswered_one_as_an_error() {
         let m = AgentMetrics::default();
+        let inert = NbdExport::new(&m, "md9");
+        inert.start(Op::Write, 4096).done(true);
+        let write = OpLabels {
+            array: "md9".into(),
+            op: "write",
+        };
+        assert!(
+            m.nbd_requests.get(&write).is_none(),
+            "nothing kept before enable"
+        );
+        m.enable();
         let e = NbdExport::new(&m, "md9");
         let c = e.connected();
         e.start(Op::Write, 4096).done(true);

@@ -624,10 +624,6 @@ pub async fn run(
         ))
     });
 
-    println!(
-        "mdagent ready: node {} listening on {advertise}",
-        node.name()
-    );
     let streams_end = CancellationToken::new();
     let shutdown = {
         let streams_end = streams_end.clone();
@@ -669,6 +665,11 @@ pub async fn run(
         }
         None => (None, CancellationToken::new()),
     };
+    // Ready once every listener is bound (a probe right after this line connects).
+    println!(
+        "mdagent ready: node {} listening on {advertise}",
+        node.name()
+    );
     let served = match &cfg.transport {
         mdcluster_proto::tls::Transport::Tls(tls) => {
             tls.reload_on_sighup();
