@@ -12,7 +12,7 @@
 //!   args and env from the Deployment/DaemonSet YAML, resolved as the kubelet would).
 //! - [`etcd`]: a real etcd process (free ports, readiness wait, kill -9, restart).
 //! - [`monitoring`]: `deploy/monitoring/` as tests read it (rules, dashboard, the metric
-//!   reference of docs/MONITORING.md), scrapes, and a real Prometheus process.
+//!   reference of docs/METRICS.md), scrapes, and a real Prometheus process.
 //! - [`pki`]: a test CA and certificates (openssl CLI) for TLS to etcd.
 //! - [`server`]: `mdserver` replicas and a one-etcd test [`server::Cluster`].
 //! - [`standalone`]: a standalone `mdagent` (no cluster) driven through its control

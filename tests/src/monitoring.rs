@@ -1,7 +1,7 @@
 //! The monitoring files of `deploy/monitoring/` as tests read them, and a real
 //! Prometheus (Debian's `prometheus` package) to run against a test cluster.
 //!
-//! - [`documented_metrics`]: the metric reference of `docs/MONITORING.md` (name → type).
+//! - [`documented_metrics`]: the metric reference of `docs/METRICS.md` (name → type).
 //! - [`metric_names`]: the metric names a PromQL expression selects;
 //!   [`rule_exprs`] and [`dashboard_exprs`]: every expression of the alert rules and of
 //!   the Grafana dashboard.
@@ -34,10 +34,12 @@ pub fn monitoring_doc() -> PathBuf {
         .join("docs/MONITORING.md")
 }
 
-/// The metric reference tables of `docs/MONITORING.md`: every row
+/// The metric reference tables of `docs/METRICS.md`: every row
 /// ``| `name` | type | ...`` whose name starts with `mdcluster_`, name → type.
 pub fn documented_metrics() -> BTreeMap<String, String> {
-    let text = std::fs::read_to_string(monitoring_doc()).expect("read docs/MONITORING.md");
+    let path = monitoring_doc().with_file_name("METRICS.md");
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     let mut out = BTreeMap::new();
     for line in text.lines() {
         let cells: Vec<&str> = line.split('|').map(str::trim).collect();

@@ -9,9 +9,11 @@
 //!   naming the node (and the array where it has one), and its runbook in
 //!   docs/MONITORING.md.
 //! - Every metric a rule or a dashboard query names is in the metric reference of
-//!   docs/MONITORING.md; the dashboard parses, its panels have unique ids and queries.
+//!   docs/METRICS.md; the dashboard parses, its panels have unique ids and queries.
 //! - The PodMonitors select the mdagent DaemonSet's and the mdserver Deployment's pods,
-//!   name the job as the rules expect, and `kustomization.yaml` lists every manifest.
+//!   scrape their container port `metrics`, where `MD*_METRICS_LISTEN` makes the binary
+//!   listen, name the job as the rules expect, and `kustomization.yaml` lists every
+//!   manifest.
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -193,7 +195,7 @@ fn rules_and_dashboard_name_only_documented_metrics() {
     let documented = documented_metrics();
     assert!(
         documented.len() >= 30,
-        "metric reference of docs/MONITORING.md: {documented:?}"
+        "metric reference of docs/METRICS.md: {documented:?}"
     );
     let check = |what: &str, expr: &str| {
         let names = metric_names(expr);
@@ -202,7 +204,7 @@ fn rules_and_dashboard_name_only_documented_metrics() {
             let fam = family_of(&n, &documented);
             assert!(
                 n == "up" || documented.contains_key(&fam),
-                "{what}: `{n}` is not in docs/MONITORING.md's metric reference (`{expr}`)"
+                "{what}: `{n}` is not in docs/METRICS.md's metric reference (`{expr}`)"
             );
         }
     };
@@ -336,6 +338,34 @@ fn podmonitors_select_the_pods_and_kustomization_lists_every_file() {
             .as_str()
             .expect("job label on the pods");
         jobs.insert(job.to_string());
+        // The port the PodMonitor scrapes is the container's, where the binary listens.
+        let container = workload["spec"]["template"]["spec"]["containers"]
+            .as_sequence()
+            .expect("containers")
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("{kind} {name} has no container {name}"));
+        let port = container["ports"]
+            .as_sequence()
+            .expect("ports")
+            .iter()
+            .find(|p| p["name"] == "metrics")
+            .unwrap_or_else(|| panic!("{kind} {name}: no container port named metrics"))
+            ["containerPort"]
+            .as_u64()
+            .expect("containerPort");
+        let var = format!("{}_METRICS_LISTEN", name.to_uppercase());
+        let listen = container["env"]
+            .as_sequence()
+            .expect("env")
+            .iter()
+            .find(|e| e["name"] == var.as_str())
+            .and_then(|e| e["value"].as_str())
+            .unwrap_or_else(|| panic!("{kind} {name}: no {var}"));
+        assert!(
+            listen.ends_with(&format!(":{port}")),
+            "{kind} {name}: {var}={listen}, port metrics is {port}"
+        );
         let eps = pm["spec"]["podMetricsEndpoints"]
             .as_sequence()
             .expect("podMetricsEndpoints");

@@ -467,7 +467,7 @@ fn prometheus_sees_an_array_degrade_and_recover() {
         .keys()
         .filter(|m| !exported.contains(*m))
         .collect();
-    eprintln!("    documented, not exported by these endpoints: {undocumented:?}");
+    eprintln!("    in docs/METRICS.md, not exported by these endpoints: {undocumented:?}");
     let missing: Vec<&String> = missing
         .iter()
         .filter(|m| !EVENT_ONLY.iter().any(|(e, _)| e == m))
