@@ -346,6 +346,17 @@ impl AgentMetrics {
             .inc();
     }
 
+    /// The member I/O errors counted for `device` of `array` (tests).
+    #[cfg(test)]
+    pub(crate) fn member_io_errors_of(&self, array: &str, device: &std::path::Path) -> u64 {
+        self.member_io_errors
+            .get(&DeviceLabels {
+                array: array.to_owned(),
+                device: device.display().to_string(),
+            })
+            .map_or(0, |c| c.get())
+    }
+
     /// `bytes` copied by a sync of `kind` on `array`.
     pub fn sync_copied(&self, array: &str, kind: crate::raid::SyncKind, bytes: u64) {
         self.sync_done_bytes
