@@ -36,6 +36,7 @@ pub mod format;
 pub mod iobuf;
 pub mod iotrace;
 pub mod mdstat;
+pub mod metrics;
 pub mod nbd;
 pub use mdcluster_proto::quote;
 pub mod raid;

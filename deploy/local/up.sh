@@ -22,6 +22,7 @@
 #   MDCLUSTER_BIN_DIR=<repo>/target/release    mdctl, mdserver, mdagent
 #   NODES=2  DISK_SIZE=256M  ETCD_PORT=23790  ETCD_PEER_PORT=23800  MDSERVER_PORT=7480
 #   AGENT_PORT=7481  WAIT=60 (seconds, bound of every wait)  INSECURE=0
+#   METRICS_PORT=9480 (mdserver's /metrics)  AGENT_METRICS_PORT=9481 (node<i> on 127.0.0.<i>)
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 STATE=${MDCLUSTER_STATE:-/var/tmp/mdcluster-local}
@@ -31,6 +32,8 @@ ETCD_PORT=${ETCD_PORT:-23790}
 ETCD_PEER_PORT=${ETCD_PEER_PORT:-23800}
 MDSERVER_PORT=${MDSERVER_PORT:-7480}
 AGENT_PORT=${AGENT_PORT:-7481}
+METRICS_PORT=${METRICS_PORT:-9480}
+AGENT_METRICS_PORT=${AGENT_METRICS_PORT:-9481}
 WAIT=${WAIT:-60}
 INSECURE=${INSECURE:-0}
 ETCD_URL=http://127.0.0.1:$ETCD_PORT
@@ -167,7 +170,8 @@ wait_for "$WAIT" curl -sf "$ETCD_URL/health" || die "etcd not healthy within ${W
 
 # --- mdserver ------------------------------------------------------------------------
 start mdserver env RUST_LOG=info "$BIN/mdserver" "${server_tls[@]}" \
-    --listen "127.0.0.1:$MDSERVER_PORT" --etcd "$ETCD_URL" --cluster-name local
+    --listen "127.0.0.1:$MDSERVER_PORT" --etcd "$ETCD_URL" --cluster-name local \
+    --metrics-listen "127.0.0.1:$METRICS_PORT"
 wait_for "$WAIT" timeout 10 "$MDCTL" nodes || die "mdserver not serving within ${WAIT}s (see $STATE/logs/mdserver.log)"
 
 # --- the agents and their disks ------------------------------------------------------
@@ -180,7 +184,7 @@ for i in $(seq 1 "$NODES"); do
         agent_tls=(--tls-ca "$PKI/ca.crt" --tls-cert "$PKI/node$i.crt" --tls-key "$PKI/node$i.key")
     start "node$i" env RUST_LOG=info "$BIN/mdagent" "${agent_tls[@]}" --node "node$i" --server "$MDCTL_SERVER" \
         --listen "127.0.0.$i:$AGENT_PORT" --run-dir "$STATE/run/node$i" \
-        --device-allow "$STATE/disks/*"
+        --device-allow "$STATE/disks/*" --metrics-listen "127.0.0.$i:$AGENT_METRICS_PORT"
 done
 live_nodes() {
     [[ $(timeout 10 "$MDCTL" --json nodes | grep -Eo '"reachable": *true' | wc -l) == "$NODES" ]]
@@ -224,6 +228,7 @@ up: the cluster runs ($NODES nodes, state in $STATE). Next:
     . $STATE/env
     mdctl nodes
     mdctl --node node2 mdstat
+    curl -s http://127.0.0.1:$METRICS_PORT/metrics     # mdserver; node<i>: 127.0.0.<i>:$AGENT_METRICS_PORT
     nbdinfo 'nbd+unix:///md0?socket=$STATE/run/node2/md0.nbd'
     mkdir -p $STATE/mnt/md0 && nbdfuse $STATE/mnt/md0/disk --unix $STATE/run/node2/md0.nbd &
     losetup -f --show $STATE/mnt/md0/disk # /dev/loopN: mkfs.ext4, mount, ...

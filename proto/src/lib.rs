@@ -20,6 +20,7 @@ pub mod v1 {
 }
 
 pub mod lock_client;
+pub mod metrics_http;
 pub mod quote;
 pub mod status;
 pub mod tls;

@@ -102,6 +102,19 @@ pub struct SessionConfig {
     /// (while no replica says the lease is gone) before it counts as lost. Zero: lost at
     /// the lease deadline.
     pub suspend_max: Duration,
+    /// Told of every heartbeat: acknowledged (and its round trip) or not (and how long
+    /// it waited); for metrics. `None`: nobody.
+    pub observer: Option<HeartbeatObserver>,
+}
+
+/// A callback told of each heartbeat's outcome: `(acknowledged, round trip or wait)`.
+#[derive(Clone)]
+pub struct HeartbeatObserver(pub Arc<dyn Fn(bool, Duration) + Send + Sync>);
+
+impl std::fmt::Debug for HeartbeatObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HeartbeatObserver")
+    }
 }
 
 impl SessionConfig {
@@ -125,6 +138,7 @@ impl SessionConfig {
             notification_capacity: 1024,
             transport: crate::tls::Transport::Insecure,
             suspend_max: DEFAULT_SUSPEND_MAX,
+            observer: None,
         }
     }
 }
@@ -464,6 +478,13 @@ struct Inner {
 }
 
 impl Inner {
+    /// Tells the observer, if any, of a heartbeat's outcome.
+    fn observe(&self, ok: bool, took: Duration) {
+        if let Some(o) = &self.cfg.observer {
+            (o.0)(ok, took);
+        }
+    }
+
     fn heartbeat_interval(&self) -> Duration {
         self.cfg
             .heartbeat_interval
@@ -1228,6 +1249,7 @@ async fn connected(
         tokio::select! {
             _ = tokio::time::sleep_until(ack_due.map_or_else(Instant::now, |(_, d)| d)), if ack_due.is_some() => {
                 let s = ack_due.map_or(0, |(s, _)| s);
+                inner.observe(false, ack_timeout);
                 return End::Broken(format!(
                     "heartbeat {s} not acknowledged within {ack_timeout:?}: the replica is hung or cut off from etcd"
                 ));
@@ -1247,6 +1269,7 @@ async fn connected(
                 Ok(Some(SessionEvent { kind: Some(kind) })) => match kind {
                     session_event::Kind::HeartbeatAck(a) => {
                         if let Some(&(_, at)) = sent.iter().find(|(s, _)| *s == a.seq) {
+                            inner.observe(true, at.elapsed());
                             inner.acked(at);
                             sent.retain(|(s, _)| *s > a.seq);
                         }

@@ -44,19 +44,25 @@ impl Etcd {
         self.client.clone()
     }
 
+    /// Runs `f` within the timeout; `kind` (get, put, delete, txn, lease_grant, ...)
+    /// labels its metrics, `op` says what it was for in errors.
     async fn bounded<T>(
         &self,
+        kind: &'static str,
         op: &'static str,
         f: impl Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, LockError> {
-        match tokio::time::timeout(self.timeout, f).await {
+        let started = std::time::Instant::now();
+        let r = match tokio::time::timeout(self.timeout, f).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(source)) => Err(LockError::Etcd { op, source }),
             Err(_) => Err(LockError::EtcdTimeout {
                 op,
                 timeout: self.timeout,
             }),
-        }
+        };
+        crate::metrics::server().etcd_call(kind, started.elapsed(), r.is_ok());
+        r
     }
 
     /// Runs a transaction. A write that names a lease that no longer exists becomes
@@ -68,7 +74,7 @@ impl Etcd {
         txn: Txn,
     ) -> Result<TxnResponse, LockError> {
         let mut c = self.client.clone();
-        match self.bounded(op, c.txn(txn)).await {
+        match self.bounded("txn", op, c.txn(txn)).await {
             Err(LockError::Etcd { source, .. }) if is_lease_not_found(&source) => {
                 Err(LockError::SessionGone {
                     session_id: session,
@@ -86,7 +92,7 @@ impl Etcd {
         opts: Option<GetOptions>,
     ) -> Result<GetResponse, LockError> {
         let mut c = self.client.clone();
-        self.bounded(op, c.get(key, opts)).await
+        self.bounded("get", op, c.get(key, opts)).await
     }
 
     /// Reads a prefix sorted by create revision (queue order).
@@ -110,7 +116,7 @@ impl Etcd {
         opts: Option<PutOptions>,
     ) -> Result<PutResponse, LockError> {
         let mut c = self.client.clone();
-        self.bounded(op, c.put(key, value, opts)).await
+        self.bounded("put", op, c.put(key, value, opts)).await
     }
 
     /// Deletes one key or a prefix.
@@ -121,7 +127,7 @@ impl Etcd {
         opts: Option<DeleteOptions>,
     ) -> Result<DeleteResponse, LockError> {
         let mut c = self.client.clone();
-        self.bounded(op, c.delete(key, opts)).await
+        self.bounded("delete", op, c.delete(key, opts)).await
     }
 
     /// The remaining TTL of lease `id` in whole seconds, rounded down (0: alive with
@@ -136,7 +142,11 @@ impl Etcd {
     pub async fn lease_info(&self, id: i64) -> Result<Option<(i64, i64)>, LockError> {
         let mut c = self.client.clone();
         let r = self
-            .bounded("lease time-to-live", c.lease_time_to_live(id, None))
+            .bounded(
+                "lease_time_to_live",
+                "lease time-to-live",
+                c.lease_time_to_live(id, None),
+            )
             .await?;
         Ok(lease_remaining(r.ttl()).map(|left| (left, r.granted_ttl())))
     }
@@ -145,7 +155,7 @@ impl Etcd {
     pub async fn lease_grant(&self, ttl_s: i64) -> Result<(i64, i64), LockError> {
         let mut c = self.client.clone();
         let r = self
-            .bounded("lease grant", c.lease_grant(ttl_s, None))
+            .bounded("lease_grant", "lease grant", c.lease_grant(ttl_s, None))
             .await?;
         Ok((r.id(), r.ttl()))
     }
@@ -153,7 +163,7 @@ impl Etcd {
     /// Revokes lease `id` (its keys are deleted).
     pub async fn lease_revoke(&self, id: i64) -> Result<(), LockError> {
         let mut c = self.client.clone();
-        self.bounded("lease revoke", c.lease_revoke(id))
+        self.bounded("lease_revoke", "lease revoke", c.lease_revoke(id))
             .await
             .map(|_| ())
     }
@@ -165,7 +175,8 @@ impl Etcd {
         opts: WatchOptions,
     ) -> Result<WatchStream, LockError> {
         let mut c = self.client.clone();
-        self.bounded("watch", c.watch(key, Some(opts))).await
+        self.bounded("watch", "watch", c.watch(key, Some(opts)))
+            .await
     }
 }
 

@@ -64,6 +64,11 @@ impl Keys {
         format!("{}closed/{}", self.root, hex_id(id))
     }
 
+    /// The prefix of every request on every lock.
+    pub fn locks_root(&self) -> String {
+        format!("{}locks/", self.root)
+    }
+
     /// The prefix of every request on lock `resource`.
     pub fn lock_prefix(&self, resource: &str) -> String {
         format!("{}locks/{resource}#/", self.root)

@@ -23,6 +23,7 @@ pub mod etcd;
 pub mod keys;
 pub mod lock;
 pub mod message;
+pub mod metrics;
 pub mod notify;
 pub mod records;
 pub mod registry;
@@ -102,6 +103,8 @@ pub struct Config {
     /// Where to serve only the gRPC health service in plain text (for probes that
     /// cannot do mutual TLS, e.g. the kubelet's); None: nowhere.
     pub health_listen: Option<String>,
+    /// Where to serve `/metrics` (Prometheus, plain HTTP); None: nowhere.
+    pub metrics_listen: Option<String>,
 }
 
 impl Config {
@@ -120,6 +123,7 @@ impl Config {
             max_waits: 10_000,
             transport: mdcluster_proto::tls::Transport::Insecure,
             health_listen: None,
+            metrics_listen: None,
         }
     }
 }
@@ -170,6 +174,9 @@ pub enum ServerError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The metrics endpoint could not be bound.
+    #[error(transparent)]
+    MetricsBind(#[from] mdcluster_proto::metrics_http::BindError),
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -233,6 +240,11 @@ impl Limit {
                 what: self.what,
                 limit: self.max,
             })
+    }
+
+    /// Permits held now.
+    pub fn in_use(&self) -> usize {
+        self.max.saturating_sub(self.sem.available_permits())
     }
 }
 
@@ -467,7 +479,25 @@ pub async fn serve(
         }
         None => None,
     };
+    let metrics_listener = match &config.metrics_listen {
+        Some(addr) => Some(mdcluster_proto::metrics_http::bind(addr).await?),
+        None => None,
+    };
     let ctx = Arc::new(connect(&config).await?);
+    let metrics = metrics_listener.map(|l| {
+        let registry = Arc::new(metrics::registry(ctx.clone()));
+        let render: mdcluster_proto::metrics_http::Render =
+            Arc::new(move |f| metrics::render(&registry, f));
+        (
+            metrics::spawn_lock_snapshot(ctx.clone()),
+            tokio::spawn(mdcluster_proto::metrics_http::serve(
+                l,
+                render,
+                mdcluster_proto::metrics_http::Limits::default(),
+                std::future::pending(),
+            )),
+        )
+    });
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_serving::<LockServiceServer<service::LockSvc>>()
@@ -522,6 +552,7 @@ pub async fn serve(
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .layer(metrics::GrpcMetricsLayer)
         .layer(mdcluster_proto::tls::AuthLayer::new(
             "mdserver",
             transport.is_tls(),
@@ -556,6 +587,10 @@ pub async fn serve(
     probe.abort();
     if let Some(h) = plain_health {
         h.abort();
+    }
+    if let Some((snapshot, endpoint)) = metrics {
+        snapshot.abort();
+        endpoint.abort();
     }
     Ok(r?)
 }

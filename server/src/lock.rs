@@ -64,6 +64,37 @@ pub fn is_granted(q: &[Entry], i: usize) -> bool {
     }
 }
 
+/// Counts the locks of the whole cluster: (exclusive held, shared held, waiting), from
+/// one read of every lock queue (for metrics).
+pub async fn count_locks(ctx: &Ctx) -> Result<(i64, i64, i64), LockError> {
+    let resp = ctx
+        .etcd
+        .get_queue("count locks", &ctx.keys.locks_root())
+        .await?;
+    let mut queues: std::collections::BTreeMap<Vec<u8>, Vec<KeyValue>> = Default::default();
+    for kv in resp.kvs() {
+        // `<root>locks/<resource>#/<session>`: the queue is everything before `#/`.
+        let k = kv.key();
+        let q = k
+            .windows(2)
+            .rposition(|w| w == b"#/")
+            .map_or(k, |i| &k[..i]);
+        queues.entry(q.to_vec()).or_default().push(kv.clone());
+    }
+    let (mut ex, mut sh, mut wait) = (0, 0, 0);
+    for kvs in queues.values() {
+        let q = parse_queue(kvs)?;
+        for (i, e) in q.iter().enumerate() {
+            match (is_granted(&q, i), e.rec.mode) {
+                (true, Mode::Exclusive) => ex += 1,
+                (true, Mode::Shared) => sh += 1,
+                (false, _) => wait += 1,
+            }
+        }
+    }
+    Ok((ex, sh, wait))
+}
+
 /// The one request a waiting request at `i` watches: for exclusive the nearest earlier
 /// request, for shared the nearest earlier exclusive one.
 pub fn predecessor(q: &[Entry], i: usize) -> Option<usize> {

@@ -106,6 +106,10 @@ struct Args {
     /// probes that cannot present a certificate (the kubelet's grpc probes).
     #[arg(long, env = "MDSERVER_HEALTH_LISTEN", value_name = "ADDR")]
     health_listen: Option<String>,
+    /// Serve Prometheus metrics on http://ADDR/metrics (plain HTTP: metrics carry no
+    /// secrets). Off when not given.
+    #[arg(long, env = "MDSERVER_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<String>,
     /// On SIGTERM/SIGINT, how long to let calls in flight finish before exiting. Session
     /// streams do not end by themselves: their agents resume on another replica.
     #[arg(long, env = "MDSERVER_SHUTDOWN_GRACE", default_value = "5s")]
@@ -180,6 +184,7 @@ fn main() -> anyhow::Result<()> {
     let config = mdcluster_server::Config {
         transport,
         health_listen: args.health_listen.clone(),
+        metrics_listen: args.metrics_listen.clone(),
         etcd: args.etcd,
         etcd_tls,
         etcd_auth,

@@ -387,6 +387,14 @@ pub async fn publish(ctx: &Ctx, req: PublishRequest) -> Result<PublishResponse, 
         })
         .collect();
     let all_ok = results.iter().all(|r| r.ok);
+    crate::metrics::server().publish(
+        match (all_ok, results.iter().any(|r| !r.ok && !r.answered)) {
+            (true, _) => "ok",
+            (false, true) => "timeout",
+            (false, false) => "nack",
+        },
+        timeout.saturating_sub(deadline.saturating_duration_since(Instant::now())),
+    );
     Ok(PublishResponse {
         message_id,
         results,

@@ -408,6 +408,9 @@ async fn serve(
     };
     inbox.abort();
     ctx.notifier.unregister(id, reg);
+    if end == "expired" {
+        crate::metrics::server().session_expired();
+    }
     if end == "expired" || end == "closed" {
         ctx.forget(id);
     }

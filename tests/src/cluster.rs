@@ -109,6 +109,14 @@ impl ClusterBuilder {
         self
     }
 
+    /// Extra flags for every mdserver replica.
+    pub fn server_args(mut self, args: &[&str]) -> Self {
+        self.server
+            .extra_args
+            .extend(args.iter().map(|s| s.to_string()));
+        self
+    }
+
     /// Extra flags for every agent.
     pub fn agent_args(mut self, args: &[&str]) -> Self {
         self.agent_args.extend(args.iter().map(|s| s.to_string()));

@@ -33,6 +33,7 @@ use mdcluster_tests::deploy::{
 use mdcluster_tests::etcd::{free_port, Etcd};
 use mdcluster_tests::pki::{ClusterPki, Pki};
 use mdcluster_tests::tools::{bin, run_ok, run_timeout};
+use serde::Deserialize;
 use serde_json::Value;
 
 fn help(binary: &str) -> String {
@@ -212,6 +213,10 @@ fn server_tls(srv: &mut ContainerSpec, dir: &Path) -> u16 {
     let hport = free_port().unwrap();
     srv.override_env("MDSERVER_HEALTH_LISTEN", &format!("127.0.0.1:{hport}"))
         .unwrap();
+    // The metrics port too: several servers and agents share this host.
+    let mport = free_port().unwrap();
+    srv.override_env("MDSERVER_METRICS_LISTEN", &format!("127.0.0.1:{mport}"))
+        .unwrap();
     hport
 }
 
@@ -236,7 +241,56 @@ fn agent_tls(a: &mut ContainerSpec, i: usize) -> u16 {
     let hport = free_port().unwrap();
     a.override_env("MDAGENT_HEALTH_LISTEN", &format!("$(POD_IP):{hport}"))
         .unwrap();
+    let mport = free_port().unwrap();
+    a.override_env("MDAGENT_METRICS_LISTEN", &format!("$(POD_IP):{mport}"))
+        .unwrap();
     hport
+}
+
+/// The `containerPort` of the port named `name` of the first container of the
+/// workload in `deploy/kubernetes/<file>`.
+fn named_port(file: &str, name: &str) -> Option<u16> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/kubernetes")
+        .join(file);
+    let docs = std::fs::read_to_string(&path).unwrap();
+    let port = serde_yaml::Deserializer::from_str(&docs).find_map(|d| {
+        let v = serde_yaml::Value::deserialize(d).ok()?;
+        v["spec"]["template"]["spec"]["containers"][0]["ports"]
+            .as_sequence()?
+            .iter()
+            .find(|p| p["name"].as_str() == Some(name))
+            .and_then(|p| p["containerPort"].as_u64())
+            .map(|p| p as u16)
+    });
+    port
+}
+
+/// GET /metrics on `addr` until it answers 200 (the endpoint starts beside the gRPC
+/// port), within 10 s: the body.
+fn scrape(addr: &str) -> Option<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(b) = scrape_once(addr) {
+            return Some(b);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn scrape_once(addr: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut r = String::new();
+    s.read_to_string(&mut r).ok()?;
+    let (head, body) = r.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
 }
 
 fn mdctl(url: &str, args: &[&str]) -> std::process::Output {
@@ -336,6 +390,11 @@ fn deployment_and_daemonset_as_written_form_a_cluster() {
         .unwrap();
     srv.override_env("MDSERVER_ETCD", &etcd.url()).unwrap();
     let health_port = port_of(srv.env("MDSERVER_HEALTH_LISTEN").unwrap());
+    // Metrics on, on the port the container names "metrics" (for a PodMonitor).
+    assert_eq!(
+        srv.env("MDSERVER_METRICS_LISTEN").map(port_of),
+        named_port("mdserver.yaml", "metrics")
+    );
     let hport = server_tls(&mut srv, dir.path());
     let mut server: Proc = srv
         .spawn(
@@ -345,6 +404,9 @@ fn deployment_and_daemonset_as_written_form_a_cluster() {
         )
         .unwrap();
     let url = format!("https://127.0.0.1:{sport}");
+    let scraped = scrape(srv.env("MDSERVER_METRICS_LISTEN").unwrap())
+        .expect("mdserver serves /metrics as configured");
+    assert!(scraped.contains("mdcluster_server_sessions"), "{scraped}");
     assert_ne!(
         health_port, srv_port,
         "the probes need a port without mutual TLS"
@@ -386,6 +448,10 @@ fn deployment_and_daemonset_as_written_form_a_cluster() {
         assert_eq!(a.env("MDAGENT_ADVERTISE"), Some(&*format!("{ip}:7481")));
         assert_eq!(a.env("MDAGENT_SERVER"), Some("https://mdserver:7480"));
         let health_port = port_of(a.env("MDAGENT_HEALTH_LISTEN").unwrap());
+        assert_eq!(
+            a.env("MDAGENT_METRICS_LISTEN").map(port_of),
+            named_port("mdagent.yaml", "metrics")
+        );
         // Test-only changes: two agents share this host, so each listens on its own
         // loopback address and a free port (still advertised through $(POD_IP)); the
         // Service URL is the test mdserver; the run dir and the member glob are in the
@@ -417,6 +483,12 @@ fn deployment_and_daemonset_as_written_form_a_cluster() {
         let ready = probe(&a, "readinessProbe");
         assert_eq!(ready.service, "mdcluster.v1.AgentService");
         assert_eq!(probe(&a, "livenessProbe").service, "");
+        let maddr = a
+            .env("MDAGENT_METRICS_LISTEN")
+            .unwrap()
+            .replace("$(POD_IP)", &ip);
+        let scraped = scrape(&maddr).expect("the agent serves /metrics as configured");
+        assert!(scraped.contains("mdcluster_session_state"), "{scraped}");
         for kind in ["startupProbe", "readinessProbe", "livenessProbe"] {
             let p = probe(&a, kind);
             assert_eq!(p.port, health_port, "{p:?}: the MDAGENT_HEALTH_LISTEN port");

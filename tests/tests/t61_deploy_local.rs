@@ -42,6 +42,8 @@ impl Local {
             ("ETCD_PEER_PORT", free_port().unwrap().to_string()),
             ("MDSERVER_PORT", sport.to_string()),
             ("AGENT_PORT", free_port().unwrap().to_string()),
+            ("METRICS_PORT", free_port().unwrap().to_string()),
+            ("AGENT_METRICS_PORT", free_port().unwrap().to_string()),
             ("DISK_SIZE", "64M".to_string()),
         ]
         .into_iter()
@@ -257,6 +259,27 @@ fn up_twice_cycles_nbdfuse_losetup_then_down_leaves_nothing() {
         ["etcd.pid", "mdserver.pid", "node1.pid", "node2.pid"]
     );
     assert_eq!(marked_processes(&state).len(), 4, "{pids:?}");
+    eprintln!("--- metrics on: mdserver and node2 answer /metrics");
+    let env = |k: &str| {
+        l.env
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
+    for (url, series) in [
+        (
+            format!("http://127.0.0.1:{}/metrics", env("METRICS_PORT")),
+            "mdcluster_server_sessions 2",
+        ),
+        (
+            format!("http://127.0.0.2:{}/metrics", env("AGENT_METRICS_PORT")),
+            r#"mdcluster_array_state{array="md0",state="active"} 1"#,
+        ),
+    ] {
+        let m = run_ok(Command::new("curl").args(["-sf", "--max-time", "10", &url]));
+        assert!(m.contains(series), "{url}: no {series}:\n{m}");
+    }
 
     eprintln!("--- up.sh again: nothing restarted, md0 not created again");
     let out = l.script_ok("up.sh");

@@ -398,6 +398,21 @@ fn slot_room(sb: &Superblock, bsb: &BitmapSuper, sectors: u64) -> Result<usize, 
 }
 
 impl Attachment {
+    /// The bitmap kind in the superblocks: "none", "internal" or "clustered".
+    pub fn bitmap_kind(&self) -> &'static str {
+        let sb = self.sb_store.superblock(0);
+        match (sb.has_bitmap(), sb.is_clustered()) {
+            (false, _) => "none",
+            (true, false) => "internal",
+            (true, true) => "clustered",
+        }
+    }
+
+    /// This node's bitmap slot.
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+
     /// The used size per member (= array size) in the superblocks, sectors.
     pub fn size_sectors(&self) -> u64 {
         self.sb_store.superblock(0).size

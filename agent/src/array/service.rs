@@ -11,7 +11,7 @@
 //!  "bitmap":"internal","chunk_kib":64,"assume_clean":true,"force":false}
 //! {"op":"assemble","name":"md0","members":["/a","/b"]}
 //! {"op":"stop","name":"md0","force":false}
-//! {"op":"status","name":"md0"}        {"op":"list"}
+//! {"op":"status","name":"md0"}        {"op":"list"}        {"op":"mdstat"}
 //! {"op":"speed","name":"md0","min_kib_s":1000,"max_kib_s":200000}
 //! {"op":"fail","name":"md0","member":"/a"}   {"op":"add","name":"md0","member":"/c"}
 //! → {"ok":true,"result":...}  or  {"ok":false,"errno":"EBUSY","error":"..."}
@@ -39,9 +39,11 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{valid_name, ArrayError, Registry};
+use super::{valid_name, ArrayError, ArrayInfo, Registry};
 use crate::format::create::{BitmapMode, CreateSpec};
+use crate::mdstat::ArrayStat;
 use crate::nbd::{Exports, NbdUnixListener, Scope, ServerConfig};
+use crate::raid::Raid1;
 use crate::raid::SpeedLimits;
 
 /// How long the listener of a removed socket keeps answering connections that were
@@ -156,6 +158,7 @@ enum Request {
         name: String,
     },
     List,
+    Mdstat,
     Speed {
         name: String,
         min_kib_s: u64,
@@ -346,6 +349,19 @@ impl Service {
         result.map(|()| Value::Null).map_err(Into::into)
     }
 
+    /// This agent's `/proc/mdstat`: its active and stopping arrays, in the format
+    /// `mdctl mdstat` prints for a cluster node.
+    pub fn mdstat(&self) -> String {
+        let mut names = self.registry.names();
+        names.sort();
+        let stats: Vec<ArrayStat> = names
+            .iter()
+            .filter_map(|n| self.registry.lookup(n).ok())
+            .filter_map(|i| array_stat(&i, self.registry.device(&i.name).ok().as_deref()))
+            .collect();
+        crate::mdstat::render(&stats)
+    }
+
     /// Stops every array (forcing clients off) and every listener.
     pub async fn shutdown(&self) {
         let mut served = self.ops.lock().await;
@@ -382,6 +398,7 @@ impl Service {
                 .map(|i| serde_json::to_value(i).unwrap_or(Value::Null))
                 .map_err(Into::into),
             Request::List => Ok(json!(self.registry.names())),
+            Request::Mdstat => Ok(json!(self.mdstat())),
             Request::Speed {
                 name,
                 min_kib_s,
@@ -546,4 +563,60 @@ fn bind_owner_only(path: &Path) -> std::io::Result<UnixListener> {
     })();
     let _ = std::fs::remove_dir_all(&private);
     bound
+}
+
+/// An array of a standalone agent as `/proc/mdstat` shows it (None while assembling):
+/// members, size, the running or pending sync, the bitmap's geometry from the engine.
+pub fn array_stat(info: &ArrayInfo, raid: Option<&Raid1>) -> Option<ArrayStat> {
+    use crate::mdstat::{BitmapStat, MemberStat, RunState, SyncStat};
+    use crate::raid::{MemberState, WorkerState};
+    let r = info.raid.as_ref()?;
+    let members = r
+        .members
+        .iter()
+        .filter(|m| !m.removed)
+        .map(|m| MemberStat {
+            name: Path::new(&m.path)
+                .file_name()
+                .map_or_else(|| m.path.clone(), |f| f.to_string_lossy().into_owned()),
+            desc_nr: m.dev_number,
+            slot: match m.state {
+                MemberState::Spare | MemberState::Faulty => None,
+                _ => m.role.map(u32::from),
+            },
+            in_sync: matches!(m.state, MemberState::InSync),
+            faulty: matches!(m.state, MemberState::Faulty),
+        })
+        .collect();
+    let sync = match (r.sync.kind, r.sync.state) {
+        (Some(kind), WorkerState::Busy | WorkerState::Throttled) => Some(SyncStat::Running {
+            kind: match kind {
+                crate::raid::SyncKind::Resync => crate::mdstat::SyncKind::Resync,
+                crate::raid::SyncKind::Recovery => crate::mdstat::SyncKind::Recovery,
+            },
+            done_kib: r.sync.done_bytes / 1024,
+            total_kib: r.sync.total_bytes / 1024,
+            speed_kib: r.sync.rate_kib_s,
+        }),
+        _ if raid.is_some_and(|x| x.sync_pending()) => Some(SyncStat::Pending),
+        _ => None,
+    };
+    let bitmap = raid.and_then(|x| x.bitmap()).map(|b| {
+        let g = b.geometry();
+        BitmapStat {
+            chunks: g.chunks,
+            chunk_bytes: g.chunk_bytes,
+        }
+    });
+    Some(ArrayStat {
+        name: info.name.clone(),
+        run_state: RunState::Active,
+        level: 1,
+        members,
+        blocks_kib: r.size / 1024,
+        metadata: "1.2".to_owned(),
+        raid_disks: r.raid_disks,
+        sync,
+        bitmap,
+    })
 }

@@ -51,7 +51,7 @@ at start; more are created, assembled, stopped and inspected through the control
    \"spare_devices\":0,\"bitmap\":\"internal\",\"chunk_kib\":64,\"assume_clean\":true}
   {\"op\":\"assemble\",\"name\":\"md0\",\"members\":[\"/a\",\"/b\"]}
   {\"op\":\"stop\",\"name\":\"md0\",\"force\":false}
-  {\"op\":\"status\",\"name\":\"md0\"}   {\"op\":\"list\"}
+  {\"op\":\"status\",\"name\":\"md0\"}   {\"op\":\"list\"}   {\"op\":\"mdstat\"}
   {\"op\":\"speed\",\"name\":\"md0\",\"min_kib_s\":1000,\"max_kib_s\":200000}
   {\"op\":\"fail\",\"name\":\"md0\",\"member\":\"/a\"}   {\"op\":\"add\",\"name\":\"md0\",\"member\":\"/c\"}
     (add: a former member is re-added and recovers only the chunks dirtied since it
@@ -194,6 +194,10 @@ struct Args {
     /// address: for probes that cannot present a certificate (the kubelet's grpc probes).
     #[arg(long, env = "MDAGENT_HEALTH_LISTEN", value_name = "ADDR")]
     health_listen: Option<String>,
+    /// Serve Prometheus metrics on http://ADDR/metrics (plain HTTP: metrics carry no
+    /// secrets). Off when not given.
+    #[arg(long, env = "MDAGENT_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<String>,
 }
 
 fn parse_assemble(s: &str) -> anyhow::Result<(String, Vec<PathBuf>)> {
@@ -256,6 +260,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let path = control_path.clone();
         tokio::spawn(async move { service.serve_control(&path, shutdown).await })
     };
+    // <run-dir>/proc/mdstat for node_exporter, as cluster-mode agents keep it.
+    let mdstat_file = {
+        let service = service.clone();
+        mdcluster_agent::service::mdstat_file::spawn_with(
+            mdcluster_agent::service::mdstat_file::path(&args.run_dir),
+            move || service.mdstat(),
+            shutdown.clone(),
+        )
+    };
     let tcp = match &args.nbd_tcp {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -267,6 +280,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 exports,
                 nbd,
                 shutdown.clone(),
+            )))
+        }
+        None => None,
+    };
+    let metrics = match &args.metrics_listen {
+        Some(addr) => {
+            let l = mdcluster_proto::metrics_http::bind(addr).await?;
+            let arrays = Arc::new(mdcluster_agent::metrics::RegistryArrays {
+                registry: registry.clone(),
+            });
+            let registry = mdcluster_agent::metrics::registry(arrays, None);
+            let stop = shutdown.clone();
+            Some(tokio::spawn(mdcluster_agent::metrics::serve(
+                l,
+                registry,
+                async move { stop.cancelled().await },
             )))
         }
         None => None,
@@ -292,6 +321,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(t) = tcp {
         let _ = t.await;
     }
+    if let Some(m) = metrics {
+        let _ = m.await;
+    }
+    let _ = mdstat_file.await;
     Ok(())
 }
 
@@ -328,6 +361,7 @@ async fn run_cluster(args: Args, server: String) -> anyhow::Result<()> {
     let cfg = RuntimeConfig {
         transport,
         health_listen: args.health_listen.clone(),
+        metrics_listen: args.metrics_listen.clone(),
         node: NodeConfig {
             node: node.clone(),
             run_dir: args.run_dir.clone(),

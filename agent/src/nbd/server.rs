@@ -54,6 +54,7 @@ use super::exports::{ClientInfo, Exports, OpenError, OpenExport};
 use super::proto::{self, Action, ProtoError};
 use crate::blockdev::BlockDevice;
 use crate::iobuf;
+use crate::metrics::{Op, RequestTimer};
 
 /// Largest option data accepted in negotiation (export names are at most 4 KiB).
 const MAX_OPTION_DATA: u32 = 64 << 10;
@@ -883,6 +884,7 @@ struct ReqCtx {
     /// Keeps the client "connected" for the owner until the last request finishes.
     _guard: Arc<Box<dyn Send + Sync>>,
     export: Arc<str>,
+    metrics: crate::metrics::NbdExport,
 }
 
 async fn transmission<S>(
@@ -908,7 +910,9 @@ async fn transmission<S>(
         replies: tx,
         _guard: Arc::new(guard),
         export: Arc::from(name.as_str()),
+        metrics: crate::metrics::NbdExport::new(crate::metrics::agent(), &name),
     };
+    let _connected = req_ctx.metrics.connected();
     let mut rd = BufReader::with_capacity(256 << 10, rd);
     let limits = Limits::new(cfg);
     // `req_ctx` moves into the reader: when the reader ends, only in-flight request
@@ -1052,6 +1056,9 @@ where
                 discard(rd, drain).await?;
                 debug!(export = %ctx.export, command = req.command, offset = req.offset,
                     len = req.len, error, "NBD request rejected");
+                ctx.metrics
+                    .start(crate::metrics::Op::of_command(req.command), req.len)
+                    .done(false);
                 let reply = Reply {
                     cookie,
                     error,
@@ -1079,7 +1086,8 @@ where
                     _request: permit,
                     _bytes: Some(bytes),
                 };
-                spawn_request(&ctx, cookie, allowance, move |dev| {
+                let timer = ctx.metrics.start(Op::Write, len);
+                spawn_request(&ctx, cookie, allowance, timer, move |dev| {
                     Box::pin(async move { dev.write(offset, data, fua).await.map(|()| None) })
                 });
             }
@@ -1088,7 +1096,8 @@ where
                     _request: permit,
                     _bytes: Some(limits.payload(len).await?),
                 };
-                spawn_request(&ctx, cookie, allowance, move |dev| {
+                let timer = ctx.metrics.start(Op::Read, len);
+                spawn_request(&ctx, cookie, allowance, timer, move |dev| {
                     Box::pin(async move {
                         let data = dev.read(offset, len).await?;
                         if data.len() != len as usize {
@@ -1101,12 +1110,17 @@ where
                     })
                 });
             }
-            Action::Flush => spawn_request(&ctx, cookie, Allowance::slot(permit), |dev| {
-                Box::pin(async move { dev.flush().await.map(|()| None) })
-            }),
+            Action::Flush => spawn_request(
+                &ctx,
+                cookie,
+                Allowance::slot(permit),
+                ctx.metrics.start(Op::Flush, 0),
+                |dev| Box::pin(async move { dev.flush().await.map(|()| None) }),
+            ),
             Action::Trim { offset, len } => {
                 let step = cfg.max_payload.max(1);
-                spawn_request(&ctx, cookie, Allowance::slot(permit), move |dev| {
+                let timer = ctx.metrics.start(Op::Trim, len);
+                spawn_request(&ctx, cookie, Allowance::slot(permit), timer, move |dev| {
                     Box::pin(async move {
                         for (off, n) in pieces(offset, len, step) {
                             dev.trim(off, n).await?;
@@ -1117,7 +1131,8 @@ where
             }
             Action::WriteZeroes { offset, len, fua } => {
                 let step = cfg.max_payload.max(1);
-                spawn_request(&ctx, cookie, Allowance::slot(permit), move |dev| {
+                let timer = ctx.metrics.start(Op::WriteZeroes, len);
+                spawn_request(&ctx, cookie, Allowance::slot(permit), timer, move |dev| {
                     Box::pin(async move {
                         for (off, n) in pieces(offset, len, step) {
                             dev.write_zeroes(off, n, fua).await?;
@@ -1132,7 +1147,7 @@ where
 
 /// Runs one request in its own task and sends its reply, with the request's allowance,
 /// to the writer.
-fn spawn_request<F>(ctx: &ReqCtx, cookie: u64, allowance: Allowance, op: F)
+fn spawn_request<F>(ctx: &ReqCtx, cookie: u64, allowance: Allowance, timer: RequestTimer, op: F)
 where
     F: FnOnce(
             Arc<dyn BlockDevice>,
@@ -1145,6 +1160,7 @@ where
     tokio::spawn(
         async move {
             let result = op(Arc::clone(&ctx.device)).await;
+            timer.done(result.is_ok());
             let (error, data) = match result {
                 Ok(data) => (0, data),
                 Err(e) => {

@@ -1079,6 +1079,11 @@ impl Raid1 {
         done.map_err(|e| eio(format!("array {}: mark dirty: {e}", self.name)))
     }
 
+    /// Counts an I/O error of member `i` (`mdcluster_member_io_errors_total`).
+    pub(crate) fn count_io_error(&self, i: usize) {
+        crate::metrics::agent().member_io_error(&self.name, self.member(i).io.path());
+    }
+
     /// Fails member `i` (superblocks updated on the others before this returns, as
     /// `how` says), unless it is the last in-sync member. Returns whether it was failed
     /// now.
@@ -1446,6 +1451,7 @@ impl Raid1 {
                 Err(e) if is_fenced(&e) => return Err(e),
                 Err(e) => {
                     tried.push(i);
+                    self.count_io_error(i);
                     if !self
                         .fail_member(i, &format!("read at {offset}: {e}"), MetaWrite::Local)
                         .await
@@ -1499,6 +1505,7 @@ impl Raid1 {
                 // Refused by the fence gate: the member is fine, the node is not.
                 Err(e) if is_fenced(&e) => out.fenced = Some(e),
                 Err(e) => {
+                    self.count_io_error(i);
                     out.owed
                         .extend(self.mark_failed(i, &format!("write at {offset}: {e}")));
                     out.err = Some(e);
@@ -1594,6 +1601,7 @@ impl Raid1 {
                 Ok(()) => {}
                 Err(e) if is_fenced(&e) => fenced = Some(e),
                 Err(e) => {
+                    self.count_io_error(i);
                     self.fail_member(i, &format!("flush: {e}"), MetaWrite::Local)
                         .await;
                     last_err = Some(e);

@@ -675,6 +675,7 @@ async fn run_job(
                 } else {
                     pos += n;
                     done += n;
+                    crate::metrics::agent().sync_copied(&raid.name, job.kind, n);
                 }
             }
             if !matches!(outcome, Outcome::Finished) {
@@ -829,6 +830,7 @@ async fn copy_locked<'a>(
         // Fenced: the node stops, not the member.
         Err(e) if crate::fence::is_fenced(&e) => return false,
         Err(e) => {
+            raid.count_io_error(job.source);
             owed.extend(raid.mark_failed(job.source, &format!("sync read at {pos}: {e}")));
             return false;
         }
@@ -854,7 +856,10 @@ async fn copy_locked<'a>(
         match r {
             Ok(()) => ok += 1,
             Err(e) if crate::fence::is_fenced(&e) => fenced = true,
-            Err(e) => owed.extend(raid.mark_failed(t, &format!("sync write at {pos}: {e}"))),
+            Err(e) => {
+                raid.count_io_error(t);
+                owed.extend(raid.mark_failed(t, &format!("sync write at {pos}: {e}")))
+            }
         }
     }
     ok > 0 && !fenced

@@ -182,6 +182,29 @@ async fn writes_wait_until_the_member_failure_is_on_disk() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_member_write_is_counted_as_a_member_io_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = file(dir.path(), "good", 8 * MIB);
+    let (_fs, bad) = FullTmpfs::with_member(8 * MIB);
+    let raid = engine(
+        "md-ioerr",
+        vec![member_spec(&good, 0), member_spec(&bad, 1)],
+        4 * MIB,
+        Arc::new(TestMeta::default()),
+    );
+    let m = crate::metrics::agent();
+    assert_eq!(m.member_io_errors_of("md-ioerr", &bad), 0);
+    raid.write(0, data(65536, 1), false).await.unwrap();
+    assert_eq!(raid.status().members[1].state, MemberState::Faulty);
+    assert_eq!(m.member_io_errors_of("md-ioerr", &bad), 1);
+    assert_eq!(m.member_io_errors_of("md-ioerr", &good), 0);
+    // Later writes skip the faulty member: no more errors.
+    raid.write(MIB, data(65536, 2), false).await.unwrap();
+    assert_eq!(m.member_io_errors_of("md-ioerr", &bad), 1);
+    raid.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_fail_while_the_member_failure_cannot_be_recorded() {
     let dir = tempfile::tempdir().unwrap();
     let good = file(dir.path(), "good", 8 * MIB);

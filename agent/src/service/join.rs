@@ -256,7 +256,13 @@ async fn take_slot(
         for n in 0..nodes {
             let res = slot_lock(uuid, n);
             match session.acquire(&res, Mode::Exclusive, Wait::NoQueue).await {
-                Ok(g) => return Ok((n, g.token)),
+                Ok(g) => {
+                    let waited = slot_wait.saturating_sub(
+                        deadline.saturating_duration_since(tokio::time::Instant::now()),
+                    );
+                    crate::metrics::agent().lock_wait("slot", waited);
+                    return Ok((n, g.token));
+                }
                 Err(e) if e.errno() == Errno::Ebusy => {}
                 Err(e) => return Err(lock_error(e, &format!("lock {res}"))),
             }

@@ -65,8 +65,18 @@ fn due(last: Option<&(String, Instant)>, now: &str, at: Instant) -> bool {
 /// Keeps [`path`] of `node` current until `stop`; the last write after `stop` shows
 /// the arrays still there (none after a clean shutdown).
 pub fn spawn(node: Arc<Node>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    let file = path(&node.cfg.run_dir);
+    spawn_with(file, move || node.mdstat(), stop)
+}
+
+/// Keeps `file` holding what `render` returns (a node's `/proc/mdstat`; a standalone
+/// agent renders its registry's) until `stop`, as [`spawn`] does.
+pub fn spawn_with(
+    file: PathBuf,
+    render: impl Fn() -> String + Send + 'static,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let file = path(&node.cfg.run_dir);
         if let Some(dir) = file.parent() {
             if let Err(e) = std::fs::create_dir_all(dir) {
                 tracing::error!(dir = %dir.display(), "cannot create the mdstat directory; node_exporter will not see this node's arrays: {e}");
@@ -82,7 +92,7 @@ pub fn spawn(node: Arc<Node>, stop: CancellationToken) -> tokio::task::JoinHandl
                 _ = tick.tick() => false,
                 _ = stop.cancelled() => true,
             };
-            let text = node.mdstat();
+            let text = render();
             let at = Instant::now();
             if stopping || due(last.as_ref(), &text, at) {
                 match write_atomic(&file, &text) {

@@ -118,6 +118,7 @@ pub async fn take_token(to: Target<'_>, deadline: Duration) -> Result<TokenHold,
                 ),
             )
         })?;
+    crate::metrics::agent().lock_wait("token", deadline.saturating_sub(left(end)));
     Ok(TokenHold {
         token: g.token,
         _local: local,
@@ -147,15 +148,17 @@ pub async fn publish_acked(
         array,
     } = to;
     let array = array.name();
+    let started = Instant::now();
     let o = session
         .publish(&channel(to.array.uuid()), &msg.encode(), timeout)
-        .await
-        .map_err(|e| {
-            lock_error(
-                e,
-                &format!("node {node}: publishing {:?} for array {array}", msg.kind),
-            )
-        })?;
+        .await;
+    crate::metrics::agent().token_round_outcome(array, &o, started.elapsed());
+    let o = o.map_err(|e| {
+        lock_error(
+            e,
+            &format!("node {node}: publishing {:?} for array {array}", msg.kind),
+        )
+    })?;
     if o.all_ok {
         tracing::info!(array, kind = ?msg.kind, acks = o.results.len(), "message acknowledged by every joined node");
         return Ok(());

@@ -56,6 +56,7 @@ mod lifecycle;
 mod manage;
 pub mod mdstat_file;
 pub mod message;
+mod metrics;
 mod reshape;
 pub mod resync;
 pub mod runtime;

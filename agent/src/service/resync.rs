@@ -287,7 +287,10 @@ impl ClusterGate {
                 .acquire(&res, Mode::Exclusive, Wait::Queue(timings.lock_attempt))
                 .await
             {
-                Ok(g) => break g.token,
+                Ok(g) => {
+                    crate::metrics::agent().lock_wait("resync", waiting_since.elapsed());
+                    break g.token;
+                }
                 Err(e) if e.errno() == Errno::Etimedout => {
                     tracing::info!(
                         array = self.name(),

@@ -74,6 +74,8 @@ pub struct RuntimeConfig {
     /// Where to serve only the gRPC health service in plain text (for probes that
     /// cannot do mutual TLS, e.g. the kubelet's); None: nowhere.
     pub health_listen: Option<String>,
+    /// Where to serve `/metrics` (Prometheus); None: nowhere.
+    pub metrics_listen: Option<String>,
 }
 
 /// Errors that stop the agent.
@@ -87,6 +89,9 @@ pub enum RuntimeError {
         /// The cause.
         source: std::io::Error,
     },
+    /// Binding the metrics endpoint failed.
+    #[error(transparent)]
+    Metrics(#[from] mdcluster_proto::metrics_http::BindError),
     /// No session could be opened in time.
     #[error(
         "open a session with mdserver ({servers}) for node {node} within {timeout:?}: {source}"
@@ -484,12 +489,19 @@ pub async fn run(
         }
         None => None,
     };
+    let metrics = match &cfg.metrics_listen {
+        Some(addr) => Some(mdcluster_proto::metrics_http::bind(addr).await?),
+        None => None,
+    };
     let node = Node::new(node_cfg);
     let mut scfg = SessionConfig::new(cfg.servers.clone(), node.name(), advertise.clone());
     scfg.ttl = cfg.session_ttl;
     scfg.fence_margin = cfg.fence_margin;
     scfg.transport = cfg.transport.clone();
     scfg.suspend_max = cfg.suspend_max;
+    scfg.observer = Some(mdcluster_proto::lock_client::HeartbeatObserver(Arc::new(
+        |ok, took| crate::metrics::agent().heartbeat(ok, took),
+    )));
     let (session, rx) = open_session(&scfg, cfg.connect_timeout)
         .await
         .map_err(|source| RuntimeError::Session {
@@ -567,6 +579,13 @@ pub async fn run(
     let watcher = events::spawn_engine_watcher(node.clone(), stop.clone());
     let takeover = super::takeover::spawn(node.clone(), stop.clone());
     let mdstat_file = super::mdstat_file::spawn(node.clone(), stop.clone());
+    let metrics = metrics.map(|l| {
+        let registry = crate::metrics::registry(node.clone(), Some(node.clone()));
+        let stop = stop.clone();
+        tokio::spawn(crate::metrics::serve(l, registry, async move {
+            stop.cancelled().await
+        }))
+    });
     let tcp = nbd_tcp.map(|l| {
         let exports: Arc<dyn Exports> = node.clone();
         tokio::spawn(crate::nbd::serve_tcp(
@@ -577,10 +596,6 @@ pub async fn run(
         ))
     });
 
-    println!(
-        "mdagent ready: node {} listening on {advertise}",
-        node.name()
-    );
     let streams_end = CancellationToken::new();
     let shutdown = {
         let streams_end = streams_end.clone();
@@ -622,6 +637,11 @@ pub async fn run(
         }
         None => (None, CancellationToken::new()),
     };
+    // Ready once every listener is bound (a probe right after this line connects).
+    println!(
+        "mdagent ready: node {} listening on {advertise}",
+        node.name()
+    );
     let served = match &cfg.transport {
         mdcluster_proto::tls::Transport::Tls(tls) => {
             tls.reload_on_sighup();
@@ -653,6 +673,9 @@ pub async fn run(
     let _ = watcher.await;
     let _ = takeover.await;
     let _ = mdstat_file.await;
+    if let Some(m) = metrics {
+        let _ = m.await;
+    }
     if let Some(t) = tcp {
         let _ = t.await;
     }

@@ -175,6 +175,7 @@ async fn recover(
         }
     };
     tracing::warn!(array = name, slot, failed = ?dead, "recovering the bitmap slot of a failed node");
+    crate::metrics::agent().slot_takeover(name);
     let m = arr.membership();
     if m.pr.any() {
         let (pr, mine, value) = (m.pr.clone(), m.pr_key(), grant.value.clone());

@@ -14,6 +14,12 @@
 //! 5) seconds, ours and the baseline alternating (the machine may be shared).
 //! Environment: `BENCH_SIZE_MIB` (default 1024), `BENCH_SECS`, `BENCH_ROUNDS`,
 //! `BENCH_DIR` (default: a tempdir under the system temp dir).
+//!
+//! `bench-nbd metrics`: the cost of the Prometheus metrics instead. Two agents, one
+//! with `--metrics-listen` (scraped every second while it runs) and one without, each
+//! serving a 2-member mirror with an internal bitmap; the same fio jobs (4 KiB random
+//! read and write, 1 MiB sequential write) alternate between them. Each line's
+//! baseline is the agent without metrics: `ratio` is on/off (target ≥ 0.97).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -168,11 +174,99 @@ fn build_agent() -> Result<()> {
     Ok(())
 }
 
+/// Scrapes `addr` every second until `stop`; returns the scrapes that succeeded.
+fn scraper(
+    addr: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let mut ok = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let got = (|| -> std::io::Result<bool> {
+                let mut s = std::net::TcpStream::connect(&addr)?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+                let mut body = String::new();
+                s.read_to_string(&mut body)?;
+                Ok(body.starts_with("HTTP/1.1 200")
+                    && body.contains("mdcluster_nbd_requests_total"))
+            })();
+            if matches!(got, Ok(true)) {
+                ok += 1;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        ok
+    })
+}
+
+/// `bench-nbd metrics`: see the module doc.
+fn metrics_cost(size_mib: u64, secs: u64, rounds: u64, d: &Path) -> Result<()> {
+    let port = mdcluster_tests::etcd::free_port()?;
+    let addr = format!("127.0.0.1:{port}");
+    let on_members = member_files(d, "on", 2, (size_mib + 16) << 20);
+    let off_members = member_files(d, "off", 2, (size_mib + 16) << 20);
+    let on_agent = Agent::start(&d.join("run-on"), &["--metrics-listen", &addr]);
+    let off_agent = Agent::start(&d.join("run-off"), &[]);
+    agent_create(&on_agent, "md0", &on_members, "internal")?;
+    agent_create(&off_agent, "md0", &off_members, "internal")?;
+    let (on, off) = (on_agent.uri("md0"), off_agent.uri("md0"));
+    eprintln!("filling {size_mib} MiB on each array ...");
+    fill(&on, size_mib)?;
+    fill(&off, size_mib)?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scrapes = scraper(addr, stop.clone());
+    let started = Instant::now();
+    eprintln!("measuring, {secs} s per run, metrics scraped every second ...");
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    for (name, rw, bs) in [
+        ("metrics_on_vs_off_rand_read_4k_iops", "randread", "4k"),
+        ("metrics_on_vs_off_rand_write_4k_iops", "randwrite", "4k"),
+        ("metrics_on_vs_off_seq_write_1m_MiBps", "write", "1M"),
+    ] {
+        let (mut o, mut b) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            if round % 2 == 0 {
+                o.push(fio(&on, rw, bs, size_mib, secs)?);
+                b.push(fio(&off, rw, bs, size_mib, secs)?);
+            } else {
+                b.push(fio(&off, rw, bs, size_mib, secs)?);
+                o.push(fio(&on, rw, bs, size_mib, secs)?);
+            }
+        }
+        line(name, median(o), median(b));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let n = scrapes.join().unwrap_or(0);
+    let want = started.elapsed().as_secs() / 2;
+    if n < want {
+        bail!(
+            "only {n} scrapes of the metrics agent succeeded in {:?}",
+            started.elapsed()
+        );
+    }
+    eprintln!("{n} scrapes during the run");
+    on_agent.ok(json!({"op": "stop", "name": "md0"}));
+    off_agent.ok(json!({"op": "stop", "name": "md0"}));
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let size_mib = env_u64("BENCH_SIZE_MIB", 1024);
     let secs = env_u64("BENCH_SECS", 5);
     let rounds = env_u64("BENCH_ROUNDS", 3).max(1);
     build_agent()?;
+    if std::env::args().nth(1).as_deref() == Some("metrics") {
+        let tmp = match std::env::var("BENCH_DIR") {
+            Ok(d) => tempfile::tempdir_in(d)?,
+            Err(_) => tempfile::tempdir()?,
+        };
+        return metrics_cost(size_mib, secs, rounds, tmp.path());
+    }
     let tmp = match std::env::var("BENCH_DIR") {
         Ok(d) => tempfile::tempdir_in(d)?,
         Err(_) => tempfile::tempdir()?,
