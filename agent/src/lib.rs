@@ -35,6 +35,7 @@ pub mod fence;
 pub mod format;
 pub mod iobuf;
 pub mod iotrace;
+pub mod lockport;
 pub mod mdstat;
 pub mod nbd;
 pub use mdcluster_proto::quote;

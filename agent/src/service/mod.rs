@@ -48,7 +48,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use mdcluster_proto::lock_client::Session;
+use crate::lockport::Session;
 use mdcluster_proto::status::{errno_from_name, WireError};
 use mdcluster_proto::v1 as pb;
 use mdcluster_proto::v1::Errno;

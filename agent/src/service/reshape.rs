@@ -168,7 +168,7 @@ impl Node {
     /// `update_size` takes them PW no-queue); a held slot's node did it itself.
     async fn resize_free_slots(
         &self,
-        session: &mdcluster_proto::lock_client::Session,
+        session: &crate::lockport::Session,
         name: &str,
         m: &super::join::Membership,
         sectors: u64,
@@ -358,7 +358,7 @@ impl Node {
     }
 }
 
-async fn release_all(session: &mdcluster_proto::lock_client::Session, held: &[(String, u64)]) {
+async fn release_all(session: &crate::lockport::Session, held: &[(String, u64)]) {
     for (res, token) in held {
         if let Err(e) = session.release(res, *token).await {
             tracing::warn!(lock = %res, "releasing: {e}");

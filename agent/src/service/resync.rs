@@ -317,7 +317,7 @@ impl ClusterGate {
     /// A `ResyncPending` event: how long this node has waited and who holds `resync`.
     async fn report_pending(
         &self,
-        session: &mdcluster_proto::lock_client::Session,
+        session: &crate::lockport::Session,
         res: &str,
         kind: SyncKind,
         waited: Duration,

@@ -36,7 +36,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mdcluster_proto::lock_client::{Mode, Session, Wait};
+use crate::lockport::{Mode, Session, Wait};
 use tokio_util::sync::CancellationToken;
 
 use super::Node;
