@@ -11,6 +11,8 @@
 //! - [`deploy`]: the `deploy/` Kubernetes manifests as processes (a container's command,
 //!   args and env from the Deployment/DaemonSet YAML, resolved as the kubelet would).
 //! - [`etcd`]: a real etcd process (free ports, readiness wait, kill -9, restart).
+//! - [`inproc`]: several agent nodes in one process over [`memlock`], on real member
+//!   files (the in-process tier, t46).
 //! - [`memlock`]: an in-memory lock service behind the agent's lock port, for the
 //!   in-process test tier only (t46).
 //! - [`pki`]: a test CA and certificates (openssl CLI) for TLS to etcd.
@@ -24,6 +26,7 @@ pub mod cluster;
 pub mod crash;
 pub mod deploy;
 pub mod etcd;
+pub mod inproc;
 pub mod memlock;
 pub mod pki;
 pub mod server;
