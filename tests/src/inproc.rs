@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use mdcluster_agent::allow::{DeviceAllow, EmptyList};
+use mdcluster_agent::array::assemble::AssembleOptions;
 use mdcluster_agent::array::RegistryConfig;
 use mdcluster_agent::nbd::ServerConfig;
 use mdcluster_agent::service::runtime::{open_session, Driver, Health};
@@ -89,6 +90,13 @@ impl InProc {
                 registry: RegistryConfig {
                     stop_grace: Duration::from_millis(200),
                     device_allow: allow,
+                    // As `mdagent` in cluster mode: clustered arrays sync one node at a
+                    // time, idle arrays are marked clean after a second.
+                    assemble: AssembleOptions {
+                        sync_gate: true,
+                        safe_mode: Some(Duration::from_secs(1)),
+                        ..AssembleOptions::default()
+                    },
                     ..RegistryConfig::default()
                 },
                 nbd: ServerConfig::default(),
@@ -323,6 +331,96 @@ impl InProc {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+impl InProc {
+    /// Sync speed min = max = `kib` KiB/s on every running node (`mdctl tune`).
+    pub fn tune(&self, kib: u64) {
+        for n in &self.nodes {
+            if let Some(d) = &n.driver {
+                d.node()
+                    .set_speed(
+                        "",
+                        mdcluster_agent::raid::SpeedLimits {
+                            min_kib_s: kib,
+                            max_kib_s: kib,
+                        },
+                    )
+                    .expect("set speed");
+            }
+        }
+    }
+
+    /// Node `i`'s mdstat block of `name` (its lines up to the next blank line).
+    pub fn mdstat(&self, i: usize, name: &str) -> String {
+        let text = self.node(i).mdstat();
+        let mut out = String::new();
+        let mut inside = false;
+        for l in text.lines() {
+            if l.starts_with(&format!("{name} :")) {
+                inside = true;
+            } else if l.trim().is_empty() || (inside && !l.starts_with(' ')) {
+                if inside {
+                    break;
+                }
+                continue;
+            }
+            if inside {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// Waits until node `i`'s mdstat block of `name` satisfies `cond`.
+    pub async fn wait_mdstat(
+        &self,
+        i: usize,
+        name: &str,
+        timeout: Duration,
+        what: &str,
+        cond: impl Fn(&str) -> bool,
+    ) -> String {
+        let end = Instant::now() + timeout;
+        loop {
+            let t = self.mdstat(i, name);
+            if cond(&t) {
+                return t;
+            }
+            assert!(
+                Instant::now() < end,
+                "node{i}, {name}: {what} not within {timeout:?}:\n{t}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Member operations on `name` through node `i` (`mdctl manage`).
+    pub async fn manage(
+        &self,
+        i: usize,
+        name: &str,
+        ops: &[(&str, &Path)],
+    ) -> Result<pb::ArrayStatus, WireError> {
+        let ops = ops
+            .iter()
+            .map(|(action, dev)| pb::ManageOp {
+                action: action.to_string(),
+                device: dev.display().to_string(),
+            })
+            .collect();
+        self.node(i).manage(name, ops).await
+    }
+}
+
+/// The state of the member at `path` in a status (`None`: not a member).
+pub fn member_state(st: &pb::ArrayStatus, path: &Path) -> Option<String> {
+    let p = path.display().to_string();
+    st.members
+        .iter()
+        .find(|m| m.path == p)
+        .map(|m| m.state.clone())
 }
 
 /// The bitmap of a status (clustered arrays have one).

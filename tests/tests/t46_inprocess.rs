@@ -10,7 +10,8 @@
 use std::time::Duration;
 
 use mdcluster_proto::v1 as pb;
-use mdcluster_tests::inproc::{bitmap, settled, sync, InProc};
+use mdcluster_proto::v1::Errno;
+use mdcluster_tests::inproc::{bitmap, member_state, settled, sync, InProc};
 use mdcluster_tests::standalone::{assert_members_identical, dirty_bits};
 
 const MIB: u64 = 1 << 20;
@@ -215,4 +216,275 @@ async fn crash_of_a_writing_node_survivor_recovers_its_slot_then_it_rejoins() {
     c.shutdown_all().await;
     assert_members_identical(c.disks());
     assert!(c.lock.locks().is_empty(), "{:?}", c.lock.locks());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_node_resyncs_the_other_is_pending_and_takes_over() {
+    init_tracing();
+    let mut c = InProc::new(2, 4, 24 * MIB).unwrap();
+    c.start(1).await.unwrap();
+    c.start(2).await.unwrap();
+
+    // md0: resync on node1, PENDING on node2.
+    c.tune(2048);
+    c.create(1, "md0", 0..2, 2, false).await.unwrap();
+    c.assemble_from(2, 1, "md0").await.unwrap();
+    c.wait_mdstat(1, "md0", LONG, "node1 resyncing", |t| {
+        t.contains("resync =")
+    })
+    .await;
+    c.wait_mdstat(2, "md0", LONG, "node2 pending", |t| {
+        t.contains("resync=PENDING")
+    })
+    .await;
+    let t = c.mdstat(1, "md0");
+    assert!(
+        t.contains("resync =") && !t.contains("PENDING"),
+        "node1 must be the one resyncing:\n{t}"
+    );
+
+    // node1 finishes; node2 drops its resync without running it.
+    c.tune(500_000);
+    for i in 1..=2 {
+        c.wait_mdstat(i, "md0", LONG, "in sync", |t| {
+            t.contains("[UU]") && !t.contains("resync")
+        })
+        .await;
+    }
+    let st = c.status(2, "md0").unwrap();
+    assert_eq!(sync(&st).runs, 0, "node2 ran a resync of its own: {st:?}");
+    assert_eq!(bitmap(&st).needed, 0, "{st:?}");
+    assert!(sync(&c.status(1, "md0").unwrap()).runs >= 1);
+
+    // md1: node1 resyncs, node2 pending; node1 stops mid-resync: node2 takes over.
+    c.tune(2048);
+    c.create(1, "md1", 2..4, 2, false).await.unwrap();
+    c.assemble_from(2, 1, "md1").await.unwrap();
+    c.wait_mdstat(1, "md1", LONG, "node1 resyncing md1", |t| {
+        t.contains("resync =")
+    })
+    .await;
+    c.wait_mdstat(2, "md1", LONG, "node2 pending on md1", |t| {
+        t.contains("resync=PENDING")
+    })
+    .await;
+    c.node(1).stop("md1", false).await.unwrap();
+    let t = c
+        .wait_mdstat(2, "md1", LONG, "node2 takes over the resync", |t| {
+            t.contains("resync =")
+        })
+        .await;
+    assert!(!t.contains("PENDING"), "{t}");
+    c.tune(500_000);
+    c.wait_mdstat(2, "md1", LONG, "md1 in sync on node2", |t| {
+        t.contains("[UU]") && !t.contains("resync")
+    })
+    .await;
+    let st = c.status(2, "md1").unwrap();
+    assert!(sync(&st).runs >= 1, "{st:?}");
+    assert_eq!(bitmap(&st).needed, 0, "{st:?}");
+    assert!(
+        !c.lock.locks().keys().any(|k| k.ends_with("/resync")),
+        "resync lock left held: {:?}",
+        c.lock.locks()
+    );
+    c.shutdown_all().await;
+    assert_members_identical(&c.disks()[0..2]);
+    assert_members_identical(&c.disks()[2..4]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn manage_fail_remove_re_add_is_agreed_by_every_node() {
+    init_tracing();
+    let mut c = InProc::new(2, 3, 16 * MIB).unwrap();
+    c.start(1).await.unwrap();
+    c.start(2).await.unwrap();
+    c.create(1, "md0", 0..2, 2, true).await.unwrap();
+    c.assemble_from(2, 1, "md0").await.unwrap();
+    let (m0, m1) = (c.member(1, 0), c.member(1, 1));
+    let (n2m0, n2m1) = (c.member(2, 0), c.member(2, 1));
+
+    // --fail on node1: both nodes show the member faulty when it returns.
+    c.manage(1, "md0", &[("fail", &m1)]).await.expect("fail m1");
+    assert_eq!(
+        member_state(&c.status(1, "md0").unwrap(), &m1).as_deref(),
+        Some("faulty")
+    );
+    assert_eq!(
+        member_state(&c.status(2, "md0").unwrap(), &n2m1).as_deref(),
+        Some("faulty"),
+        "node2 acked the failure before the call returned"
+    );
+    // A repeated fail is a no-op; the last in-sync member is refused (EBUSY).
+    c.manage(2, "md0", &[("fail", &n2m1)])
+        .await
+        .expect("repeated fail");
+    let e = c.manage(2, "md0", &[("fail", &n2m0)]).await.unwrap_err();
+    assert_eq!(e.errno, Errno::Ebusy, "{e:?}");
+    assert!(
+        e.message.contains("last in-sync") && e.message.contains("node2"),
+        "{e:?}"
+    );
+    // An active member cannot be removed.
+    let e = c.manage(1, "md0", &[("remove", &m0)]).await.unwrap_err();
+    assert_eq!(e.errno, Errno::Ebusy, "{e:?}");
+    assert!(e.message.contains("fail it first"), "{e:?}");
+    // --remove on node1: gone on both nodes.
+    c.manage(1, "md0", &[("remove", &m1)])
+        .await
+        .expect("remove m1");
+    for (i, p) in [(1, &m1), (2, &n2m1)] {
+        assert_eq!(
+            member_state(&c.status(i, "md0").unwrap(), p),
+            None,
+            "node{i}: m1 must be gone"
+        );
+    }
+    let e = c.manage(2, "md0", &[("remove", &n2m1)]).await.unwrap_err();
+    assert_eq!(
+        e.errno,
+        Errno::Enoent,
+        "a removed member is not a member any more: {e:?}"
+    );
+
+    // While m1 is out both nodes write: node1 chunk 3, node2 chunk 9.
+    c.write(1, "md0", 3 * MIB, vec![0x31; 65536]).await.unwrap();
+    c.write(2, "md0", 9 * MIB, vec![0x32; 65536]).await.unwrap();
+
+    // --re-add m1 on node2: back in its role on both nodes, only the bitmap's chunks.
+    c.manage(2, "md0", &[("re-add", &n2m1)])
+        .await
+        .expect("re-add m1");
+    for (i, p) in [(1, &m1), (2, &n2m1)] {
+        c.wait_status(i, "md0", LONG, "m1 back in sync", |st| {
+            member_state(st, p).as_deref() == Some("in_sync") && settled(st)
+        })
+        .await;
+    }
+    let runs: Vec<pb::ArrayStatus> = (1..=2)
+        .map(|i| c.status(i, "md0").unwrap())
+        .filter(|st| sync(st).last_kind == "recovery")
+        .collect();
+    assert_eq!(runs.len(), 1, "exactly one node recovers: {runs:?}");
+    assert_eq!(
+        sync(&runs[0]).last_chunks,
+        2,
+        "the re-add recovers exactly the chunks both nodes wrote while m1 was out: {:?}",
+        runs[0]
+    );
+    c.shutdown_all().await;
+    assert_members_identical(&c.disks()[0..2]);
+
+    // A third disk joins as a new member through add after fail+remove (NEWDISK confirmed
+    // by every node).
+    c.start(1).await.unwrap();
+    c.start(2).await.unwrap();
+    c.wait_status(2, "md0", LONG, "md0 back on node2", |st| {
+        st.state == pb::ArrayRunState::Active as i32
+    })
+    .await;
+    c.wait_status(1, "md0", LONG, "md0 back on node1", |st| {
+        st.state == pb::ArrayRunState::Active as i32
+    })
+    .await;
+    c.manage(
+        1,
+        "md0",
+        &[("fail", &m1), ("remove", &m1), ("add", &c.member(1, 2))],
+    )
+    .await
+    .expect("fail, remove, add");
+    for (i, p) in [(1, c.member(1, 2)), (2, c.member(2, 2))] {
+        c.wait_status(i, "md0", LONG, "the new member in sync", |st| {
+            member_state(st, &p).as_deref() == Some("in_sync") && settled(st)
+        })
+        .await;
+    }
+    c.shutdown_all().await;
+    assert_members_identical(&[c.disks()[0].clone(), c.disks()[2].clone()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grow_with_add_one_node_recovers_the_other_waits() {
+    init_tracing();
+    let mut c = InProc::new(2, 3, 16 * MIB).unwrap();
+    c.start(1).await.unwrap();
+    c.start(2).await.unwrap();
+    c.create(1, "md0", 0..2, 2, true).await.unwrap();
+    c.assemble_from(2, 1, "md0").await.unwrap();
+    c.write(1, "md0", MIB, vec![0x5a; 1 << 20]).await.unwrap();
+    c.node(1)
+        .grow(pb::GrowRequest {
+            name: "md0".into(),
+            raid_devices: 3,
+            add: vec![c.member(1, 2).display().to_string()],
+            ..Default::default()
+        })
+        .await
+        .expect("grow --raid-devices 3 --add d2");
+    for (i, p) in [(1, c.member(1, 2)), (2, c.member(2, 2))] {
+        let st = c
+            .wait_status(i, "md0", LONG, "the third member in sync", |st| {
+                member_state(st, &p).as_deref() == Some("in_sync") && settled(st)
+            })
+            .await;
+        assert_eq!(st.raid_disks, 3, "{st:?}");
+    }
+    let recovered: Vec<usize> = (1..=2)
+        .filter(|&i| sync(&c.status(i, "md0").unwrap()).last_kind == "recovery")
+        .collect();
+    assert_eq!(
+        recovered.len(),
+        1,
+        "exactly one node recovers the new member: {recovered:?}"
+    );
+    // Shrinking is refused.
+    let e = c
+        .node(2)
+        .grow(pb::GrowRequest {
+            name: "md0".into(),
+            raid_devices: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message.contains("shrinking"), "{e:?}");
+    c.shutdown_all().await;
+    assert_members_identical(c.disks());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_session_stops_its_arrays_and_rejoins_on_a_new_one() {
+    init_tracing();
+    let mut c = InProc::new(2, 2, 16 * MIB).unwrap();
+    c.start(1).await.unwrap();
+    c.start(2).await.unwrap();
+    c.create(1, "md0", 0..2, 2, true).await.unwrap();
+    c.assemble_from(2, 1, "md0").await.unwrap();
+    let old = c.lock.session_of("node2").unwrap();
+    let health = c.health(2);
+    let mut ready = health.watch();
+    assert!(health.is_ready());
+    // node2's session expires while its agent runs (a partition longer than the TTL).
+    assert!(c.lock.kill("node2"));
+    tokio::time::timeout(LONG, ready.wait_for(|r| !*r))
+        .await
+        .expect("not ready")
+        .unwrap();
+    tokio::time::timeout(LONG, ready.wait_for(|r| *r))
+        .await
+        .expect("ready again")
+        .unwrap();
+    let new = c.lock.session_of("node2").expect("a new session");
+    assert_ne!(new, old);
+    let st = c
+        .wait_status(2, "md0", LONG, "md0 assembled again", |st| {
+            st.state == pb::ArrayRunState::Active as i32
+        })
+        .await;
+    assert_eq!(bitmap(&st).slot, 1, "{st:?}");
+    c.write(2, "md0", 0, vec![7; 4096]).await.unwrap();
+    assert_eq!(c.read(1, "md0", 0, 4096).await.unwrap(), vec![7; 4096]);
+    c.shutdown_all().await;
+    assert_members_identical(c.disks());
 }
