@@ -167,6 +167,21 @@ impl InProc {
         Ok(node)
     }
 
+    /// Whether node `i` runs.
+    pub fn running(&self, i: usize) -> bool {
+        self.slot(i).driver.is_some()
+    }
+
+    /// The number of nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// True without nodes.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
     /// The running node `i`.
     pub fn node(&self, i: usize) -> Arc<Node> {
         self.slot(i)

@@ -19,7 +19,10 @@ const LONG: Duration = Duration::from_secs(20);
 
 fn init_tracing() {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            std::env::var("RUST_LOG")
+                .unwrap_or_else(|_| "warn,mdcluster_agent::reserve=error".into()),
+        )
         .with_test_writer()
         .try_init();
 }
@@ -487,4 +490,369 @@ async fn a_lost_session_stops_its_arrays_and_rejoins_on_a_new_one() {
     assert_eq!(c.read(1, "md0", 0, 4096).await.unwrap(), vec![7; 4096]);
     c.shutdown_all().await;
     assert_members_identical(c.disks());
+}
+
+// ---------------------------------------------------------------------------------
+// The interleaving property: random operation sequences with node crashes and random
+// delivery delays of every notification (messages, grants, expiries) per node.
+
+mod prop {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::io::Write as _;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use mdcluster_proto::v1 as pb;
+    use mdcluster_tests::inproc::{bitmap, member_state, settled, InProc};
+    use mdcluster_tests::standalone::assert_members_identical;
+    use proptest::prelude::*;
+
+    const MIB: u64 = 1 << 20;
+    /// Chunks written (1 MiB bitmap chunks; the write covers the first 64 KiB).
+    const CHUNKS: u64 = 5;
+    const WRITE: usize = 64 << 10;
+    const NODES: usize = 3;
+    const SETTLE: Duration = Duration::from_secs(30);
+
+    #[derive(Debug, Clone)]
+    pub enum Op {
+        /// Node writes a pattern at the start of a chunk.
+        Write { node: usize, chunk: u64 },
+        /// Node crashes (skipped for the last running node).
+        Crash { node: usize },
+        /// Node starts again (its saved list assembles the array).
+        Restart { node: usize },
+        /// Node fails, removes and re-adds member 1 (acked METADATA_UPDATED rounds).
+        FailReAdd { node: usize },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let node = 1..=NODES;
+        prop_oneof![
+            4 => (node.clone(), 0..CHUNKS).prop_map(|(node, chunk)| Op::Write { node, chunk }),
+            2 => node.clone().prop_map(|node| Op::Crash { node }),
+            2 => node.clone().prop_map(|node| Op::Restart { node }),
+            1 => node.prop_map(|node| Op::FailReAdd { node }),
+        ]
+    }
+
+    /// SplitMix64 for the delivery delays.
+    fn mix(mut z: u64) -> u64 {
+        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// What the checker knows while a case runs.
+    struct Checker {
+        data_offset: u64,
+        /// Per crashed slot, the chunks its node left dirty on disk.
+        owed: BTreeMap<u32, BTreeSet<u64>>,
+        /// Per chunk, the last pattern a node's write was acknowledged with.
+        acked: BTreeMap<u64, u8>,
+        max_syncing: usize,
+        checks: u64,
+    }
+
+    fn bits(c: &InProc) -> Vec<mdcluster_agent::format::io::Member> {
+        c.disks()
+            .iter()
+            .map(|p| mdcluster_agent::format::io::read_member(p).expect("read member"))
+            .collect()
+    }
+
+    fn slot_bit(ms: &[mdcluster_agent::format::io::Member], slot: u32, chunk: u64) -> bool {
+        ms.iter().any(|m| {
+            m.bitmap
+                .get(slot as usize)
+                .is_some_and(|s| mdcluster_agent::format::bitmap::test_bit(&s.bits, chunk))
+        })
+    }
+
+    fn chunk_data(c: &InProc, k: usize, off: u64) -> Vec<u8> {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(&c.disks()[k]).expect("open member");
+        let mut b = vec![0; WRITE];
+        f.read_exact_at(&mut b, off).expect("read member");
+        b
+    }
+
+    impl Checker {
+        /// The invariants that hold at every instant.
+        fn check(&mut self, c: &InProc) -> Result<(), TestCaseError> {
+            self.checks += 1;
+            // One resync (or recovery) at a time.
+            let syncing: Vec<usize> = (1..=c.len())
+                .filter(|&i| c.running(i))
+                .filter(|&i| {
+                    let t = c.mdstat(i, "md0");
+                    t.contains("resync =") || t.contains("recovery =")
+                })
+                .collect();
+            self.max_syncing = self.max_syncing.max(syncing.len());
+            prop_assert!(syncing.len() <= 1, "two nodes sync at once: {syncing:?}");
+            // No slot cleared while its dirty bits are unrecovered: each chunk a dead
+            // node left dirty is still marked in some slot, or its data is the same
+            // on every member.
+            let ms = bits(c);
+            let slots = ms[0].bitmap.len() as u32;
+            for (slot, chunks) in &self.owed {
+                for &chunk in chunks {
+                    if (0..slots).any(|s| slot_bit(&ms, s, chunk)) {
+                        continue;
+                    }
+                    let off = self.data_offset + chunk * MIB;
+                    let a = chunk_data(c, 0, off);
+                    let b = chunk_data(c, 1, off);
+                    prop_assert!(
+                        a == b,
+                        "chunk {chunk} left dirty by slot {slot} is marked nowhere but the members differ"
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+
+    fn active(c: &InProc, i: usize) -> bool {
+        c.running(i)
+            && c.status(i, "md0")
+                .is_ok_and(|st| st.state == pb::ArrayRunState::Active as i32)
+    }
+
+    async fn run_case(ops: Vec<Op>, seed: u64) -> Result<(), TestCaseError> {
+        let mut c = InProc::new(NODES, 2, 8 * MIB).expect("cluster");
+        let n = Arc::new(AtomicU64::new(seed));
+        let n2 = n.clone();
+        c.lock.set_delay(Some(Arc::new(move |_node, _note| {
+            let r = mix(n2.fetch_add(1, Ordering::Relaxed));
+            Duration::from_micros(r % 15_000)
+        })));
+        for i in 1..=NODES {
+            c.start(i).await.expect("start");
+        }
+        c.create(1, "md0", 0..2, 4, true).await.expect("create");
+        for i in 2..=NODES {
+            c.assemble_from(i, 1, "md0").await.expect("assemble");
+        }
+        let data_offset = mdcluster_agent::format::io::read_member(&c.disks()[0])
+            .expect("read member")
+            .sb
+            .data_offset
+            * 512;
+        let mut k = Checker {
+            data_offset,
+            owed: BTreeMap::new(),
+            acked: BTreeMap::new(),
+            max_syncing: 0,
+            checks: 0,
+        };
+        let mut pattern = 0u8;
+        for op in ops {
+            k.check(&c)?;
+            match op {
+                Op::Write { node, chunk } => {
+                    if !active(&c, node) {
+                        continue;
+                    }
+                    pattern = pattern.wrapping_add(1).max(1);
+                    if c.write(node, "md0", chunk * MIB, vec![pattern; WRITE])
+                        .await
+                        .is_ok()
+                    {
+                        k.acked.insert(chunk, pattern);
+                    }
+                }
+                Op::Crash { node } => {
+                    if !c.running(node) || (1..=NODES).filter(|&i| c.running(i)).count() < 2 {
+                        continue;
+                    }
+                    let slot = c.status(node, "md0").ok().map(|st| bitmap(&st).slot);
+                    c.crash(node).await.expect("crash");
+                    if let Some(slot) = slot {
+                        let ms = bits(&c);
+                        let dirty: BTreeSet<u64> =
+                            (0..CHUNKS).filter(|&ch| slot_bit(&ms, slot, ch)).collect();
+                        k.owed.entry(slot).or_default().extend(dirty);
+                    }
+                }
+                Op::Restart { node } => {
+                    if c.running(node) {
+                        continue;
+                    }
+                    c.start(node).await.expect("restart");
+                }
+                Op::FailReAdd { node } => {
+                    if !active(&c, node) {
+                        continue;
+                    }
+                    let joined: Vec<usize> = (1..=NODES).filter(|&i| active(&c, i)).collect();
+                    let m1 = c.member(node, 1);
+                    let failed = c
+                        .manage(node, "md0", &[("fail", &m1), ("remove", &m1)])
+                        .await;
+                    if failed.is_ok() {
+                        // Every node joined before and after saw the acked change.
+                        for &i in joined.iter().filter(|&&i| active(&c, i)) {
+                            let st = c.status(i, "md0").expect("status");
+                            let s = member_state(&st, &c.member(i, 1));
+                            prop_assert_eq!(
+                                s,
+                                None,
+                                "node{} did not see node{}'s acked fail and remove: {:?}",
+                                i,
+                                node,
+                                st
+                            );
+                        }
+                        let end = Instant::now() + SETTLE;
+                        loop {
+                            k.check(&c)?;
+                            match c
+                                .manage(node, "md0", &[("re-add", &c.member(node, 1))])
+                                .await
+                            {
+                                Ok(_) => break,
+                                Err(e) if Instant::now() < end => {
+                                    eprintln!("re-add refused, retrying: {e:?}");
+                                    tokio::time::sleep(Duration::from_millis(100)).await;
+                                }
+                                Err(e) => {
+                                    return Err(TestCaseError::fail(format!("re-add: {e:?}")))
+                                }
+                            }
+                        }
+                        for &i in joined.iter().filter(|&&i| active(&c, i)) {
+                            let st = c.status(i, "md0").expect("status");
+                            let s = member_state(&st, &c.member(i, 1));
+                            prop_assert!(
+                                matches!(s.as_deref(), Some("in_sync" | "recovering" | "spare")),
+                                "node{} did not see node{}'s acked re-add: {:?}",
+                                i,
+                                node,
+                                st
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        // Everybody back; everything settles; every acknowledged write is there.
+        for i in 1..=NODES {
+            if !c.running(i) {
+                c.start(i).await.expect("restart");
+            }
+        }
+        // Settled: every node active with both members in sync, nothing needed and no
+        // resync or recovery running, pending or remote, for half a second in a row (a
+        // node that just rejoined starts the resync of merged bits a moment later).
+        let calm = |c: &InProc| {
+            (1..=NODES).all(|i| {
+                active(c, i)
+                    && c.status(i, "md0").is_ok_and(|st| {
+                        settled(&st)
+                            && st.members.iter().filter(|m| m.state == "in_sync").count() == 2
+                    })
+                    && !c.mdstat(i, "md0").contains("resync")
+                    && !c.mdstat(i, "md0").contains("recovery")
+            })
+        };
+        let end = Instant::now() + SETTLE;
+        let mut since: Option<Instant> = None;
+        loop {
+            k.check(&c)?;
+            if calm(&c) {
+                let t = *since.get_or_insert_with(Instant::now);
+                if t.elapsed() >= Duration::from_millis(500) {
+                    break;
+                }
+            } else {
+                since = None;
+            }
+            prop_assert!(
+                Instant::now() < end,
+                "the cluster did not settle within {:?}",
+                SETTLE
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        for (&chunk, &pat) in &k.acked {
+            for i in 1..=NODES {
+                let got = c
+                    .read(i, "md0", chunk * MIB, WRITE as u32)
+                    .await
+                    .expect("read");
+                prop_assert!(
+                    got.iter().all(|&b| b == pat),
+                    "node{}: chunk {} lost its acknowledged write {:#x}",
+                    i,
+                    chunk,
+                    pat
+                );
+            }
+        }
+        c.shutdown_all().await;
+        k.check(&c)?;
+        assert_members_identical(c.disks());
+        let ms = bits(&c);
+        for s in 0..4 {
+            prop_assert!(
+                (0..CHUNKS).all(|ch| !slot_bit(&ms, s, ch)),
+                "slot {} dirty after every node stopped",
+                s
+            );
+        }
+        prop_assert!(
+            c.lock.locks().is_empty(),
+            "locks left: {:?}",
+            c.lock.locks()
+        );
+        eprintln!(
+            "case ok: {} checks, at most {} node(s) syncing at once, owed {:?}",
+            k.checks, k.max_syncing, k.owed
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn interleavings_keep_the_md_cluster_invariants() {
+        super::init_tracing();
+        let cases: u32 = std::env::var("T46_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(16);
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+            cases,
+            max_shrink_iters: 8,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        });
+        let ran = std::sync::atomic::AtomicU32::new(0);
+        let t = Instant::now();
+        let r = runner.run(
+            &(proptest::collection::vec(op(), 2..8), any::<u64>()),
+            |(ops, seed)| {
+                ran.fetch_add(1, Ordering::Relaxed);
+                eprintln!("case: seed {seed:#x} ops {ops:?}");
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(4)
+                    .enable_all()
+                    .build()
+                    .expect("runtime")
+                    .block_on(run_case(ops, seed))
+            },
+        );
+        // Straight to stderr, past the test harness's capture: the count always shows.
+        let _ = writeln!(
+            std::io::stderr(),
+            "interleaving property: {} cases run ({cases} asked, T46_CASES to change) in {:?}",
+            ran.load(Ordering::Relaxed),
+            t.elapsed()
+        );
+        if let Err(e) = r {
+            panic!("{e}");
+        }
+    }
 }
