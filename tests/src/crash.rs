@@ -67,7 +67,7 @@ use mdcluster_agent::format::bitmap::count_set;
 use mdcluster_agent::format::create::{BitmapMode, CreateSpec};
 use mdcluster_agent::format::io::read_member;
 use mdcluster_agent::iotrace::IoTracer;
-use mdcluster_agent::raid::{MemberState, MetaGate, Raid1, SpeedLimits};
+use mdcluster_agent::raid::{MemberState, MetaGate, MetaWrite, Raid1, SpeedLimits};
 
 /// Granularity of the model (and of tearing).
 pub const BLOCK: usize = 4096;
@@ -316,8 +316,8 @@ pub fn identify(seed: u64, block: &[u8], offset: u64) -> Content {
 /// The cluster's `token` and METADATA_UPDATED, in one process: every superblock write
 /// of a node's engine runs under one mutex, starts from the superblocks on disk (as
 /// `MetaRound` re-reads them) and is followed by the other nodes with the real receiver
-/// code ([`mdcluster_agent::service::message::apply`] under
-/// [`mdcluster_agent::raid::following`]).
+/// code ([`mdcluster_agent::service::message::apply`], which changes the engine
+/// without writing: [`MetaWrite::Following`]).
 #[derive(Default)]
 pub struct GateHub {
     token: tokio::sync::Mutex<()>,
@@ -396,11 +396,10 @@ impl MetaGate for InProcGate {
                         continue;
                     };
                     let msg = ClusterMsg::new(MsgType::MetadataUpdated, me.slot);
-                    let applied =
-                        mdcluster_agent::raid::following(mdcluster_agent::service::message::apply(
-                            &n.name, ARRAY, &raid, &n.members, &msg,
-                        ))
-                        .await;
+                    let applied = mdcluster_agent::service::message::apply(
+                        &n.name, ARRAY, &raid, &n.members, &msg,
+                    )
+                    .await;
                     if let Err(e) = applied {
                         eprintln!("{}: METADATA_UPDATED after {what} not applied: {e}", n.name);
                     }
@@ -543,8 +542,8 @@ fn registry(slot: u32, daemon_sleep: Duration, speed: SpeedLimits) -> Arc<Regist
     Registry::new(RegistryConfig {
         stop_grace: Duration::from_secs(1),
         drain_timeout: Duration::from_secs(20),
+        slot,
         assemble: AssembleOptions {
-            slot,
             daemon_sleep: Some(daemon_sleep),
             speed,
             sync_gate: false,
@@ -697,7 +696,9 @@ pub async fn run_workload(cfg: &WorkloadConfig, rec: &Arc<Recorder>) -> anyhow::
 
     let failed = paths[cfg.members - 1].clone();
     rec.mark(Mark::Phase(format!("fail {} on A", failed.display())));
-    a.registry.fail_member(ARRAY, &failed).await?;
+    a.registry
+        .fail_member(ARRAY, &failed, MetaWrite::Local)
+        .await?;
     let (ra, rb) = tokio::join!(
         clients.writes(&a, &mut rng, cfg.batches),
         clients.writes(&b, &mut rng_b, cfg.batches)
@@ -710,7 +711,11 @@ pub async fn run_workload(cfg: &WorkloadConfig, rec: &Arc<Recorder>) -> anyhow::
     hub.set(1, None);
 
     rec.mark(Mark::Phase("A re-adds the failed member".into()));
-    if !a.registry.remove_member(ARRAY, &failed).await? {
+    if !a
+        .registry
+        .remove_member(ARRAY, &failed, MetaWrite::Local)
+        .await?
+    {
         bail!("{} could not be removed", failed.display());
     }
     let marked =

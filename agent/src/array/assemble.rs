@@ -28,7 +28,8 @@ use crate::format::superblock::{feature, DevRole, Superblock, MAX_SECTOR, SB_BLO
 use crate::format::{fmt_uuid, SB_OFFSET_BYTES, SECTOR};
 use crate::raid::member::{aligned_copy, MemberError, MemberIo};
 use crate::raid::{
-    MemberSpec, MemberState, MetaEvent, MetaStore, Raid1, Raid1Config, RaidError, SpeedLimits,
+    MemberSpec, MemberState, MetaEvent, MetaStore, MetaWrite, Raid1, Raid1Config, RaidError,
+    SpeedLimits,
 };
 
 /// Errors assembling an array.
@@ -61,11 +62,10 @@ pub enum AssembleError {
     },
 }
 
-/// Options of an assemble.
+/// Options of an assemble (the same for every array of a registry; the bitmap slot is
+/// per array: a parameter of [`assemble`]).
 #[derive(Debug, Clone, Default)]
 pub struct AssembleOptions {
-    /// This node's bitmap slot (0 for an internal bitmap).
-    pub slot: u32,
     /// Overrides the bitmap's `daemon_sleep` (tests).
     pub daemon_sleep: Option<Duration>,
     /// Initial resync/recovery speed limits.
@@ -522,16 +522,17 @@ pub async fn add_member(
     att: &Attachment,
     path: &std::path::Path,
 ) -> Result<AddOutcome, AssembleError> {
-    add_member_opts(raid, att, path, false).await
+    add_member_opts(raid, att, path, false, MetaWrite::Local).await
 }
 
 /// [`add_member`]; with `spare_only` a new device stays a spare even when a role is
-/// free (`mdadm --add-spare`).
+/// free (`mdadm --add-spare`); the superblock updates are written as `how` says.
 pub async fn add_member_opts(
     raid: &Arc<Raid1>,
     att: &Attachment,
     path: &std::path::Path,
     spare_only: bool,
+    how: MetaWrite,
 ) -> Result<AddOutcome, AssembleError> {
     let name = raid.name().to_owned();
     let _one = att.add_lock.lock().await;
@@ -693,17 +694,20 @@ pub async fn add_member_opts(
             format!("member index mismatch ({engine_index} != {index})"),
         ));
     }
-    raid.record(MetaEvent::Added { member: index }).await?;
+    raid.record(MetaEvent::Added { member: index }, how).await?;
     match readd {
         Some(r) => {
-            raid.record(MetaEvent::SpareActive {
-                member: index,
-                role: r,
-            })
+            raid.record(
+                MetaEvent::SpareActive {
+                    member: index,
+                    role: r,
+                },
+                how,
+            )
             .await?
         }
         None if spare_only => {}
-        None => raid.use_spares().await,
+        None => raid.use_spares(how).await,
     }
     if let Some(bm) = raid.bitmap() {
         bm.mark_all_dirty();
@@ -919,11 +923,13 @@ pub fn read_members(array: &str, paths: &[PathBuf]) -> Result<Vec<Member>, Assem
     Ok(members)
 }
 
-/// Assembles and starts the array `name` over `paths`.
+/// Assembles and starts the array `name` over `paths`, with this node's bitmap in
+/// `slot` (0 for an internal bitmap).
 pub async fn assemble(
     name: &str,
     paths: &[PathBuf],
     opts: &AssembleOptions,
+    slot: u32,
 ) -> Result<(Arc<Raid1>, ArrayIdentity, Attachment), AssembleError> {
     let (members, ios) = {
         let owned = name.to_owned();
@@ -1119,9 +1125,9 @@ pub async fn assemble(
     });
     // This node's bitmap slot.
     let mut slot_store = None;
-    let bitmap = match members[in_sync[0]].bitmap.get(opts.slot as usize) {
-        Some(slot) if fresh.has_bitmap() => {
-            let mut bsb = slot.sb.clone();
+    let bitmap = match members[in_sync[0]].bitmap.get(slot as usize) {
+        Some(mine) if fresh.has_bitmap() => {
+            let mut bsb = mine.sb.clone();
             // The superblock's size is the truth: a slot written before a size change
             // (unused, or a crash in between) is brought to it.
             let stale_header = bsb.sync_size != fresh.size;
@@ -1136,9 +1142,9 @@ pub async fn assemble(
             let mut image = vec![0u8; crate::bitmap::SB_BYTES];
             image.copy_from_slice(&bsb.encode().map_err(|e| mismatch(name, e.to_string()))?);
             // The union of the in-sync members' bits.
-            let mut bits = slot.bits.clone();
+            let mut bits = mine.bits.clone();
             for &i in &in_sync {
-                if let Some(s) = members[i].bitmap.get(opts.slot as usize) {
+                if let Some(s) = members[i].bitmap.get(slot as usize) {
                     for (b, o) in bits.iter_mut().zip(&s.bits) {
                         *b |= *o;
                     }
@@ -1152,7 +1158,7 @@ pub async fn assemble(
                 .map(|(m, io)| {
                     Ok((
                         io.clone(),
-                        slot_offset(&m.sb, &bsb, opts.slot)
+                        slot_offset(&m.sb, &bsb, slot)
                             .map_err(|e| mismatch(name, e.to_string()))?,
                     ))
                 })
@@ -1177,7 +1183,7 @@ pub async fn assemble(
         _ if fresh.has_bitmap() => {
             return Err(mismatch(
                 name,
-                format!("bitmap slot {} does not exist", opts.slot),
+                format!("bitmap slot {} does not exist", slot),
             ))
         }
         _ => None,
@@ -1216,7 +1222,7 @@ pub async fn assemble(
     let attachment = Attachment {
         sb_store,
         slot_store,
-        slot: opts.slot,
+        slot,
         uuid: fresh.set_uuid,
         add_lock: tokio::sync::Mutex::new(()),
     };

@@ -9,7 +9,8 @@
 //! Rules:
 //! 1. lookup and allocation are different functions: [`Registry::lookup`],
 //!    [`Registry::open`] (and [`Exports::open`]) never create an entry; only
-//!    [`Registry::assemble`] and [`Registry::create`] do;
+//!    [`Registry::assemble`] (or [`Registry::assemble_in_slot`]) and
+//!    [`Registry::create`] do;
 //! 2. an open of an assembling or stopping array fails at once with EBUSY, of an
 //!    absent one with ENOENT; nothing retries inside;
 //! 3. [`Registry::stop`] marks the array stopping (new opens fail), waits a bounded
@@ -49,7 +50,7 @@ use crate::allow::DeviceAllow;
 use crate::format::create::CreateSpec;
 use crate::format::io::DeviceError;
 use crate::nbd::{ClientInfo, ClientSet, Exports, OpenError, OpenExport};
-use crate::raid::{Raid1, RaidError, RaidStatus, SpeedLimits};
+use crate::raid::{MetaWrite, Raid1, RaidError, RaidStatus, SpeedLimits};
 
 /// Errors of registry operations. [`ArrayError::errno`] gives the errno-style reason
 /// that crosses the wire.
@@ -203,8 +204,9 @@ pub enum AddHow {
 }
 
 /// Which array (by array UUID) is assembled under which name on this node. Shared by
-/// every registry of the node (cluster mode keeps one registry per bitmap slot), so the
-/// same members are never assembled twice under two names (md: EBUSY, the devices are
+/// every registry of the node and by whoever must hold an array's members before its
+/// assemble starts (cluster mode claims them before it takes a slot lock), so the same
+/// members are never assembled twice under two names (md: EBUSY, the devices are
 /// claimed by the first array).
 #[derive(Debug, Default)]
 pub struct Claims {
@@ -319,8 +321,14 @@ pub struct RegistryConfig {
     /// update) in production, so a drain does not give up on a write that is about to
     /// end; a stop whose drain gives up leaves the array stopping (EBUSY).
     pub drain_timeout: Duration,
-    /// Assemble options (bitmap slot, speed limits, daemon_sleep override).
+    /// Assemble options (speed limits, daemon_sleep override, fence gate), the same for
+    /// every array.
     pub assemble: AssembleOptions,
+    /// The bitmap slot of arrays assembled by [`Registry::assemble`] and
+    /// [`Registry::create`] (standalone mode: `--bitmap-slot`; 0 for an internal
+    /// bitmap). Cluster mode gives each clustered array its own slot
+    /// ([`Registry::assemble_in_slot`]).
+    pub slot: u32,
     /// The member paths that may be opened ([`crate::allow`]).
     pub device_allow: DeviceAllow,
     /// The arrays assembled on this node by UUID (shared by the node's registries).
@@ -333,6 +341,7 @@ impl Default for RegistryConfig {
             stop_grace: Duration::from_secs(3),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             assemble: AssembleOptions::default(),
+            slot: 0,
             device_allow: DeviceAllow::default(),
             claims: Arc::default(),
         }
@@ -404,6 +413,11 @@ impl Registry {
             name: name.to_owned(),
             state,
         });
+    }
+
+    /// The bitmap slot of [`Registry::assemble`] ([`RegistryConfig::slot`]).
+    pub fn slot(&self) -> u32 {
+        self.config.slot
     }
 
     /// Lifecycle events from now on.
@@ -533,8 +547,20 @@ impl Registry {
         }
     }
 
-    /// Assembles `name` from `members` and makes it active.
+    /// Assembles `name` from `members` with this node's bitmap in the registry's slot
+    /// ([`RegistryConfig::slot`]) and makes it active.
     pub async fn assemble(&self, name: &str, members: &[PathBuf]) -> Result<ArrayInfo, ArrayError> {
+        self.assemble_in_slot(name, members, self.config.slot).await
+    }
+
+    /// Assembles `name` from `members` with this node's bitmap in `slot` and makes it
+    /// active.
+    pub async fn assemble_in_slot(
+        &self,
+        name: &str,
+        members: &[PathBuf],
+        slot: u32,
+    ) -> Result<ArrayInfo, ArrayError> {
         self.check_allowed(members)?;
         self.reserve(name)?;
         // The same members under another name: EBUSY (rule 5). Unreadable members are
@@ -548,7 +574,7 @@ impl Registry {
                 e.claim = Some(uuid);
             }
         }
-        let result = assemble::assemble(name, members, &self.config.assemble).await;
+        let result = assemble::assemble(name, members, &self.config.assemble, slot).await;
         match result {
             Ok((raid, identity, attachment)) => {
                 {
@@ -705,19 +731,26 @@ impl Registry {
         Ok(())
     }
 
-    /// Marks a member faulty (like `mdadm --fail`).
-    pub async fn fail_member(&self, name: &str, path: &std::path::Path) -> Result<(), ArrayError> {
-        Ok(self.device(name)?.fail_by_path(path).await?)
+    /// Marks a member faulty (like `mdadm --fail`); the superblocks are written as
+    /// `how` says.
+    pub async fn fail_member(
+        &self,
+        name: &str,
+        path: &std::path::Path,
+        how: MetaWrite,
+    ) -> Result<(), ArrayError> {
+        Ok(self.device(name)?.fail_by_path(path, how).await?)
     }
 
     /// Removes a faulty or spare member (like `mdadm --remove`); `Ok(false)`: it is
-    /// active, nothing done.
+    /// active, nothing done. The superblocks are written as `how` says.
     pub async fn remove_member(
         &self,
         name: &str,
         path: &std::path::Path,
+        how: MetaWrite,
     ) -> Result<bool, ArrayError> {
-        Ok(self.device(name)?.remove_by_path(path).await?)
+        Ok(self.device(name)?.remove_by_path(path, how).await?)
     }
 
     /// Adds a device to an active array (like `mdadm --add` / `--re-add`): a former
@@ -728,22 +761,25 @@ impl Registry {
         name: &str,
         path: &std::path::Path,
     ) -> Result<assemble::AddOutcome, ArrayError> {
-        self.add_member_with(name, path, AddHow::Add).await
+        self.add_member_with(name, path, AddHow::Add, MetaWrite::Local)
+            .await
     }
 
     /// [`Registry::add_member`], or as a spare only (`--add-spare`), or attaching a
     /// device another node added (cluster mode: its superblock is read, not written).
+    /// The superblock updates of an add are written as `write` says.
     pub async fn add_member_with(
         &self,
         name: &str,
         path: &std::path::Path,
         how: AddHow,
+        write: MetaWrite,
     ) -> Result<assemble::AddOutcome, ArrayError> {
         self.check_allowed(&[path.to_owned()])?;
         let (raid, att) = self.active_parts(name)?;
         let r = match how {
-            AddHow::Add => assemble::add_member_opts(&raid, &att, path, false).await,
-            AddHow::Spare => assemble::add_member_opts(&raid, &att, path, true).await,
+            AddHow::Add => assemble::add_member_opts(&raid, &att, path, false, write).await,
+            AddHow::Spare => assemble::add_member_opts(&raid, &att, path, true, write).await,
             AddHow::Attach => assemble::attach_member(&raid, &att, path).await,
         };
         r.map_err(|source| ArrayError::Assemble {

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use super::assemble::Attachment;
 use super::ArrayError;
 use crate::format::SECTOR;
-use crate::raid::{MetaEvent, Raid1};
+use crate::raid::{MetaEvent, MetaWrite, Raid1};
 
 /// Sectors in 4 KiB: sizes are whole 4 KiB blocks (O_DIRECT and the NBD block size).
 const BLOCK_SECTORS: u64 = 8;
@@ -94,11 +94,13 @@ fn check_idle(raid: &Raid1) -> Result<(), ArrayError> {
 }
 
 /// Sender, growing to `sectors`: bitmap resized with the new area's bits on disk, then
-/// the superblocks. The capacity stays until [`expose`]. Returns the old size (sectors).
+/// the superblocks (written as `how` says). The capacity stays until [`expose`].
+/// Returns the old size (sectors).
 pub async fn prepare_grow(
     raid: &Arc<Raid1>,
     att: &Attachment,
     sectors: u64,
+    how: MetaWrite,
 ) -> Result<u64, ArrayError> {
     check_idle(raid)?;
     check_size(raid, sectors)?;
@@ -120,7 +122,7 @@ pub async fn prepare_grow(
                 .map_err(|e| ArrayError::Invalid(e.to_string()))?;
             bm.end_write(from, len, true);
         }
-        raid.record(MetaEvent::Size(sectors)).await?;
+        raid.record(MetaEvent::Size(sectors), how).await?;
         Ok::<(), ArrayError>(())
     }
     .await;
@@ -147,9 +149,9 @@ pub fn expose(raid: &Raid1, att: &Attachment, old: u64) {
 }
 
 /// Undoes a [`prepare_grow`] whose round was refused: superblocks and bitmap back to
-/// `old` sectors (best effort; logged).
-pub async fn undo_grow(raid: &Arc<Raid1>, att: &Attachment, old: u64) {
-    if let Err(e) = raid.record(MetaEvent::Size(old)).await {
+/// `old` sectors (best effort; logged; superblocks written as `how` says).
+pub async fn undo_grow(raid: &Arc<Raid1>, att: &Attachment, old: u64, how: MetaWrite) {
+    if let Err(e) = raid.record(MetaEvent::Size(old), how).await {
         tracing::error!(array = %raid.name(), "undoing the size change: superblocks: {e}");
     }
     if let Err(e) = att.resize_bitmap(old) {
@@ -162,8 +164,14 @@ pub async fn undo_grow(raid: &Arc<Raid1>, att: &Attachment, old: u64) {
     }
 }
 
-/// Sender, shrinking to `sectors`: capacity, superblocks, bitmap. Returns the old size.
-pub async fn shrink(raid: &Arc<Raid1>, att: &Attachment, sectors: u64) -> Result<u64, ArrayError> {
+/// Sender, shrinking to `sectors`: capacity, superblocks (written as `how` says),
+/// bitmap. Returns the old size.
+pub async fn shrink(
+    raid: &Arc<Raid1>,
+    att: &Attachment,
+    sectors: u64,
+    how: MetaWrite,
+) -> Result<u64, ArrayError> {
     check_idle(raid)?;
     check_size(raid, sectors)?;
     let old = att.size_sectors();
@@ -177,7 +185,7 @@ pub async fn shrink(raid: &Arc<Raid1>, att: &Attachment, sectors: u64) -> Result
     att.check_bitmap_size(sectors)
         .map_err(|e| invalid(raid, e))?;
     raid.set_size(sectors * SECTOR);
-    raid.record(MetaEvent::Size(sectors)).await?;
+    raid.record(MetaEvent::Size(sectors), how).await?;
     att.resize_bitmap(sectors).map_err(|e| invalid(raid, e))?;
     if let Some(bm) = raid.bitmap() {
         bm.flush()

@@ -260,14 +260,26 @@ impl Service {
         lingering.push((cancel, task));
     }
 
-    /// Assembles `name` and serves it on its NBD socket.
+    /// Assembles `name` (in the registry's bitmap slot) and serves it on its NBD socket.
     pub async fn assemble(&self, name: &str, members: &[PathBuf]) -> Result<Value, ServiceError> {
+        let slot = self.registry.slot();
+        self.assemble_in_slot(name, members, slot).await
+    }
+
+    /// Assembles `name` with this node's bitmap in `slot` and serves it on its NBD
+    /// socket.
+    pub async fn assemble_in_slot(
+        &self,
+        name: &str,
+        members: &[PathBuf],
+        slot: u32,
+    ) -> Result<Value, ServiceError> {
         if !valid_name(name) {
             return Err(ArrayError::Invalid(format!("invalid array name {name:?}")).into());
         }
         let mut served = self.ops.lock().await;
         let started = self.start_listener(&mut served, name).await?;
-        match self.registry.assemble(name, members).await {
+        match self.registry.assemble_in_slot(name, members, slot).await {
             Ok(info) => Ok(serde_json::to_value(info).unwrap_or(Value::Null)),
             Err(e) => {
                 if started {
@@ -391,7 +403,7 @@ impl Service {
                 .map_err(Into::into),
             Request::Fail { name, member } => self
                 .registry
-                .fail_member(&name, &member)
+                .fail_member(&name, &member, crate::raid::MetaWrite::Local)
                 .await
                 .map(|()| Value::Null)
                 .map_err(Into::into),

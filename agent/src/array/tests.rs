@@ -10,7 +10,7 @@ use crate::blockdev::BlockDevice;
 use crate::format::create::BitmapMode;
 use crate::format::io::read_member;
 use crate::format::superblock::{DevRole, MAX_SECTOR};
-use crate::raid::{MemberState, WorkerState};
+use crate::raid::{MemberState, MetaWrite, WorkerState};
 
 const MIB: u64 = 1 << 20;
 
@@ -247,7 +247,9 @@ async fn failed_member_degrades_and_spare_recovers() {
         .unwrap();
     let dev = reg.device("md0").unwrap();
     dev.write(0, pattern(9, 1 << 20), false).await.unwrap();
-    reg.fail_member("md0", &paths[0]).await.unwrap();
+    reg.fail_member("md0", &paths[0], MetaWrite::Local)
+        .await
+        .unwrap();
     // Recorded on the others before fail returns.
     let m = read_member(&paths[1]).unwrap();
     assert_eq!(m.sb.role_of(0), DevRole::Faulty);
@@ -264,8 +266,12 @@ async fn failed_member_degrades_and_spare_recovers() {
     }
     assert!(dev.read(0, 1 << 20).await.unwrap() == pattern(9, 1 << 20));
     // The last in-sync member is never failed.
-    reg.fail_member("md0", &paths[1]).await.unwrap();
-    reg.fail_member("md0", &paths[2]).await.unwrap();
+    reg.fail_member("md0", &paths[1], MetaWrite::Local)
+        .await
+        .unwrap();
+    reg.fail_member("md0", &paths[2], MetaWrite::Local)
+        .await
+        .unwrap();
     assert_eq!(dev.status().members[2].state, MemberState::InSync);
     drop(dev);
     reg.stop("md0", false).await.unwrap();
@@ -345,7 +351,9 @@ async fn readded_member_recovers_only_chunks_written_while_away() {
         .unwrap();
     let dev = reg.device("md0").unwrap();
     dev.write(0, pattern(1, 65536), false).await.unwrap();
-    reg.fail_member("md0", &paths[1]).await.unwrap();
+    reg.fail_member("md0", &paths[1], MetaWrite::Local)
+        .await
+        .unwrap();
     // Written while member 1 is away: chunks 5, 6 and 7.
     dev.write(5 * 65536, pattern(2, 4096), false).await.unwrap();
     dev.write(6 * 65536 + 8192, pattern(3, 65536), false)
@@ -387,7 +395,9 @@ async fn blank_member_added_becomes_spare_and_recovers() {
     .unwrap();
     let dev = reg.device("md0").unwrap();
     dev.write(MIB, pattern(4, 1 << 20), false).await.unwrap();
-    reg.fail_member("md0", &paths[0]).await.unwrap();
+    reg.fail_member("md0", &paths[0], MetaWrite::Local)
+        .await
+        .unwrap();
     let out = reg.add_member("md0", &paths[2]).await.unwrap();
     assert!(!out.readded);
     let t = Instant::now();
@@ -518,16 +528,13 @@ async fn writes_wait_for_a_remote_resync_window_to_move_on() {
 async fn the_same_members_cannot_be_assembled_twice_under_two_names() {
     let dir = tempfile::tempdir().unwrap();
     let paths = files(dir.path(), 2, 24 * MIB);
-    // Two registries sharing the node's claims, as cluster mode keeps one per slot.
+    // Two registries sharing the node's claims.
     let claims = Arc::new(Claims::default());
     let reg_with = |slot: u32| {
         Registry::new(RegistryConfig {
             stop_grace: Duration::from_millis(300),
             drain_timeout: Duration::from_secs(5),
-            assemble: AssembleOptions {
-                slot,
-                ..Default::default()
-            },
+            slot,
             claims: claims.clone(),
             ..Default::default()
         })
@@ -606,7 +613,9 @@ async fn array_with_unrecorded_failure(
     // Dirty already: the writes below need no superblock write of their own.
     raid.write(0, pattern(1, 4096), false).await.unwrap();
     gate.refuse.store(true, std::sync::atomic::Ordering::SeqCst);
-    raid.fail_by_path(&paths[0]).await.unwrap();
+    raid.fail_by_path(&paths[0], MetaWrite::Local)
+        .await
+        .unwrap();
     let e = raid.write(0, pattern(1, 4096), false).await.unwrap_err();
     assert!(e.to_string().contains("could not be recorded"), "{e}");
     for p in &paths[1..] {
@@ -672,7 +681,9 @@ async fn a_later_superblock_write_carries_an_unrecorded_failure() {
     let (reg, paths, raid, _gate) = array_with_unrecorded_failure(dir.path()).await;
     // Another failure is written (the copies re-read from disk first, where member 0
     // is still in sync): that write must carry member 0's failure too.
-    raid.fail_by_path(&paths[1]).await.unwrap();
+    raid.fail_by_path(&paths[1], MetaWrite::Local)
+        .await
+        .unwrap();
     raid.write(MIB, pattern(2, 4096), false).await.unwrap();
     assert_recorded_faulty(&paths[2..], 0);
     assert_recorded_faulty(&paths[2..], 1);
@@ -686,7 +697,7 @@ async fn a_failure_applied_from_another_node_does_not_clear_an_unrecorded_one() 
     let (reg, paths, raid, _gate) = array_with_unrecorded_failure(dir.path()).await;
     // Another node failed member 1 and wrote it (with member 0 in sync: it did not
     // know); this node applies it without writing.
-    crate::raid::following(raid.fail_by_path(&paths[1]))
+    raid.fail_by_path(&paths[1], MetaWrite::Following)
         .await
         .unwrap();
     raid.write(MIB, pattern(2, 4096), false).await.unwrap();
@@ -926,4 +937,106 @@ async fn a_member_absent_while_the_array_ran_is_not_current() {
     drop(dev);
     reg.stop("md1", false).await.unwrap();
     assert_identical(&copies);
+}
+
+/// One registry assembles each array in the bitmap slot it is given: a write's
+/// write-intent bits land in that slot on disk, the array's other slots stay clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_array_assembles_in_the_slot_it_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::new(RegistryConfig {
+        stop_grace: Duration::from_millis(300),
+        drain_timeout: Duration::from_secs(5),
+        assemble: AssembleOptions {
+            // Bits stay set long enough to be seen on disk.
+            daemon_sleep: Some(Duration::from_secs(60)),
+            ..Default::default()
+        },
+        ..Default::default()
+    });
+    let mut arrays = Vec::new();
+    for (name, slot) in [("md0", 1u32), ("md1", 2u32)] {
+        let sub = dir.path().join(name);
+        std::fs::create_dir(&sub).unwrap();
+        let paths = files(&sub, 2, 24 * MIB);
+        reg.create(name, spec(2, 0, BitmapMode::Clustered, true), &paths, false)
+            .await
+            .unwrap();
+        reg.stop(name, false).await.unwrap();
+        reg.assemble_in_slot(name, &paths, slot).await.unwrap();
+        arrays.push((name, slot, paths));
+    }
+    for (name, _, _) in &arrays {
+        let dev = reg.device(name).unwrap();
+        dev.write(3 * 65536, pattern(7, 4096), false).await.unwrap();
+        dev.flush().await.unwrap();
+    }
+    for (name, slot, paths) in &arrays {
+        for p in paths {
+            let m = read_member(p).unwrap();
+            assert!(
+                m.bitmap.len() > 2,
+                "{name}: {} bitmap slots",
+                m.bitmap.len()
+            );
+            for (s, b) in m.bitmap.iter().enumerate() {
+                let set = crate::format::bitmap::count_set(&b.bits, b.sb.chunks());
+                if s == *slot as usize {
+                    assert_eq!(set, 1, "{name} in slot {slot}: bits of slot {s}");
+                } else {
+                    assert_eq!(set, 0, "{name} in slot {slot}: bits of slot {s}");
+                }
+            }
+        }
+    }
+    for (name, _, _) in &arrays {
+        reg.stop(name, false).await.unwrap();
+    }
+}
+
+/// A superblock gate that counts the writes going through it.
+#[derive(Default)]
+struct CountingGate(std::sync::atomic::AtomicUsize);
+
+impl crate::raid::MetaGate for CountingGate {
+    fn round<'a>(
+        &'a self,
+        _what: String,
+        write: crate::blockdev::IoFuture<'a, ()>,
+    ) -> crate::blockdev::IoFuture<'a, ()> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        write
+    }
+}
+
+/// The caller of an engine change states its superblock route: `Local` goes through
+/// the array's gate, `UnderToken` is written directly, `Following` writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_caller_states_how_a_superblock_change_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = files(dir.path(), 2, 24 * MIB);
+    let reg = registry();
+    reg.create("md0", spec(2, 0, BitmapMode::Internal, true), &paths, false)
+        .await
+        .unwrap();
+    let (raid, att) = reg.active_parts("md0").unwrap();
+    let gate = Arc::new(CountingGate::default());
+    raid.set_meta_gate(Some(gate.clone()));
+    let size = att.size_sectors();
+    let count = || gate.0.load(std::sync::atomic::Ordering::SeqCst);
+    let events = || read_member(&paths[0]).unwrap().sb.events;
+    for (how, through_gate, written) in [
+        (MetaWrite::Local, 1, 1),
+        (MetaWrite::UnderToken, 0, 1),
+        (MetaWrite::Following, 0, 0),
+    ] {
+        let (c0, e0) = (count(), events());
+        raid.record(crate::raid::MetaEvent::Size(size), how)
+            .await
+            .unwrap();
+        assert_eq!(count() - c0, through_gate, "{how:?}: writes through the gate");
+        assert_eq!(events() - e0, written, "{how:?}: superblock writes on disk");
+    }
+    drop(raid);
+    reg.stop("md0", false).await.unwrap();
 }

@@ -230,8 +230,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let registry = Registry::new(RegistryConfig {
         stop_grace: args.stop_grace.into(),
         drain_timeout: drain_timeout(&args),
+        slot: args.bitmap_slot,
         assemble: AssembleOptions {
-            slot: args.bitmap_slot,
             daemon_sleep: args.daemon_sleep.map(Into::into),
             safe_mode: Some(args.safe_mode_delay.into()),
             speed: SpeedLimits {
@@ -334,8 +334,10 @@ async fn run_cluster(args: Args, server: String) -> anyhow::Result<()> {
             registry: RegistryConfig {
                 stop_grace: args.stop_grace.into(),
                 drain_timeout: drain_timeout(&args),
+                // Internal bitmaps use slot 0; a clustered array assembles in the
+                // slot of its slot lock.
+                slot: 0,
                 assemble: AssembleOptions {
-                    slot: 0,
                     daemon_sleep: args.daemon_sleep.map(Into::into),
                     safe_mode: Some(args.safe_mode_delay.into()),
                     speed: SpeedLimits {
@@ -348,7 +350,8 @@ async fn run_cluster(args: Args, server: String) -> anyhow::Result<()> {
                     fence: None,
                 },
                 device_allow: allow,
-                // One for the node: shared by the registry of every slot.
+                // One for the node: held before a clustered array's join, kept by
+                // its registry entry.
                 claims: Default::default(),
             },
             nbd: nbd_config(&args)?,

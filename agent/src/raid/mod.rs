@@ -34,9 +34,10 @@
 //! Clustered arrays (md-cluster's `metadata_update_start/finish` around
 //! `md_update_sb`): every superblock write this engine starts goes through the array's
 //! [`MetaGate`] — under the `token` lock, followed by METADATA_UPDATED to the other
-//! nodes. A task that already holds the token ([`under_token`], a sender's round)
-//! writes directly; a task applying what another node wrote ([`following`], a
-//! received message) changes the engine's state and writes nothing.
+//! nodes. The caller of every engine call that may write superblocks says how
+//! ([`MetaWrite`]): a sender's round that already holds the token writes directly
+//! ([`MetaWrite::UnderToken`]); applying what another node wrote (a received
+//! message, [`MetaWrite::Following`]) changes the engine's state and writes nothing.
 //!
 //! # Layout
 //! - [`member`]: positional I/O on one member (O_DIRECT where allowed).
@@ -451,17 +452,17 @@ struct PendingFailure<'a> {
 }
 
 impl PendingFailure<'_> {
-    /// Writes the Faulty update (through the cluster gate), then gives the member's
-    /// role to a spare if there is one.
-    async fn record(mut self) {
+    /// Writes the Faulty update (as `how` says), then gives the member's role to a
+    /// spare if there is one.
+    async fn record(mut self, how: MetaWrite) {
         let raid = self.raid;
         let i = self.member;
-        let r = raid.meta_update(MetaEvent::Faulty { member: i }).await;
+        let r = raid.meta_update(MetaEvent::Faulty { member: i }, how).await;
         {
             let mut ch = raid.sb_change_lock();
             ch.writing -= 1;
             // A success was cleared by `store`; applying another node's update
-            // (`following`) writes nothing and clears nothing.
+            // (`MetaWrite::Following`) writes nothing and clears nothing.
             if let Err(e) = &r {
                 tracing::error!(array = %raid.name, member = %raid.member(i).io.path().display(),
                     "failed to record the failed member; writes fail until a superblock update succeeds: {e}");
@@ -470,7 +471,7 @@ impl PendingFailure<'_> {
         }
         self.done = true;
         raid.sb_changed.notify_waiters();
-        raid.activate_spares().await;
+        raid.activate_spares(how).await;
         raid.sync.wake();
     }
 }
@@ -514,25 +515,21 @@ impl Drop for WriteCount<'_> {
 /// installed after start.
 pub const META_GATE_WAIT: Duration = Duration::from_secs(5);
 
-tokio::task_local! {
-    static FOLLOWING: ();
-    static UNDER_TOKEN: ();
-}
-
-/// Runs `f` as the application of a change another node already wrote to the
-/// superblocks (a received message): engine state changes, no superblock is written.
-pub async fn following<F: std::future::Future>(f: F) -> F::Output {
-    FOLLOWING.scope((), f).await
-}
-
-/// Runs `f` while this task holds the array's `token` lock (a sender's round, which
-/// publishes its own METADATA_UPDATED): superblock writes skip the [`MetaGate`].
-pub async fn under_token<F: std::future::Future>(f: F) -> F::Output {
-    UNDER_TOKEN.scope((), f).await
-}
-
-fn is_following() -> bool {
-    FOLLOWING.try_with(|_| ()).is_ok()
+/// How the superblock writes of an engine call go out: the caller of every call that
+/// may write superblocks (a metadata change, a failed, removed, added or recovered
+/// member, spares taking roles) states it. The engine's own writes (dirty marks,
+/// safemode, sync checkpoints, failures met by I/O, stop) are [`MetaWrite::Local`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaWrite {
+    /// This node's own change: written through the array's [`MetaGate`] if it has one
+    /// (a clustered array: under the `token` lock, announced with METADATA_UPDATED).
+    Local,
+    /// The caller holds the array's `token` lock and announces the change itself (a
+    /// sender's round): written directly, without the [`MetaGate`].
+    UnderToken,
+    /// The application of a change another node already wrote to the superblocks (a
+    /// received message): the engine changes, nothing is written.
+    Following,
 }
 
 /// The cluster's wrapper around a clustered array's superblock writes.
@@ -623,7 +620,7 @@ impl Raid1 {
 
     fn activate_spare_if_degraded_soon(self: &Arc<Self>) {
         let me = self.clone();
-        let task = tokio::spawn(async move { me.activate_spares().await });
+        let task = tokio::spawn(async move { me.activate_spares(MetaWrite::Local).await });
         self.tasks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -700,15 +697,16 @@ impl Raid1 {
         self.members.read().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    /// Writes a metadata change to the members' superblocks (serialised with the
-    /// engine's own updates).
-    pub async fn record(&self, event: MetaEvent) -> Result<(), RaidError> {
-        self.meta_update(event).await
+    /// Writes a metadata change to the members' superblocks as `how` says (serialised
+    /// with the engine's own updates).
+    pub async fn record(&self, event: MetaEvent, how: MetaWrite) -> Result<(), RaidError> {
+        self.meta_update(event, how).await
     }
 
-    /// Gives free roles to spares (after a member was added).
-    pub async fn use_spares(&self) {
-        self.activate_spares().await;
+    /// Gives free roles to spares (after a member was added); their superblock updates
+    /// go out as `how` says.
+    pub async fn use_spares(&self, how: MetaWrite) {
+        self.activate_spares(how).await;
     }
 
     /// Indexes of the members that are not faulty.
@@ -828,23 +826,29 @@ impl Raid1 {
         ))
     }
 
-    /// Runs the superblock write `write` (of `what`) through this task's gate, if any.
-    async fn write_sb(&self, what: String, write: IoFuture<'_, ()>) -> io::Result<()> {
+    /// Runs the superblock write `write` (of `what`): through the array's gate for a
+    /// [`MetaWrite::Local`] write of an array that has one, directly otherwise.
+    async fn write_sb(
+        &self,
+        what: String,
+        write: IoFuture<'_, ()>,
+        how: MetaWrite,
+    ) -> io::Result<()> {
         if self.is_fenced() {
             return Err(self.fenced_error());
         }
-        match self.gate_for_write().await {
+        match self.gate_for_write(how).await {
             Some(g) => g.round(what, write).await,
             None => write.await,
         }
     }
 
-    /// The gate a superblock write of this task goes through, if any. A clustered
-    /// array (a gated one) gets its gate right after it starts: a write in between (a
-    /// spare activated at start, the first client's dirty mark) waits for it, at most
-    /// [`META_GATE_WAIT`], then writes without it (logged).
-    async fn gate_for_write(&self) -> Option<Arc<dyn MetaGate>> {
-        if UNDER_TOKEN.try_with(|_| ()).is_ok() {
+    /// The gate a superblock write goes through, if any (none under the token). A
+    /// clustered array (a gated one) gets its gate right after it starts: a write in
+    /// between (a spare activated at start, the first client's dirty mark) waits for
+    /// it, at most [`META_GATE_WAIT`], then writes without it (logged).
+    async fn gate_for_write(&self, how: MetaWrite) -> Option<Arc<dyn MetaGate>> {
+        if how != MetaWrite::Local {
             return None;
         }
         let current = || {
@@ -871,15 +875,15 @@ impl Raid1 {
         }
     }
 
-    async fn meta_update(&self, event: MetaEvent) -> Result<(), RaidError> {
-        if is_following() {
+    async fn meta_update(&self, event: MetaEvent, how: MetaWrite) -> Result<(), RaidError> {
+        if how == MetaWrite::Following {
             return Ok(());
         }
         let write: IoFuture<'_, ()> = Box::pin(async {
             let _one = self.meta_lock.lock().await;
             self.store(event.clone()).await
         });
-        let done = self.write_sb(format!("{event:?}"), write).await;
+        let done = self.write_sb(format!("{event:?}"), write, how).await;
         done.map_err(|source| RaidError::Meta {
             array: self.name.clone(),
             what: format!("{event:?}"),
@@ -1001,7 +1005,8 @@ impl Raid1 {
             self.clean_marks.fetch_add(1, Ordering::Relaxed);
             Ok(())
         });
-        self.write_sb("mark clean (safemode)".into(), write).await
+        self.write_sb("mark clean (safemode)".into(), write, MetaWrite::Local)
+            .await
     }
 
     /// Writes `resync_offset` for the sync worker, decided under the metadata lock
@@ -1013,9 +1018,6 @@ impl Raid1 {
         sectors: u64,
         keep_if_dirty: bool,
     ) -> Result<(), RaidError> {
-        if is_following() {
-            return Ok(());
-        }
         let write: IoFuture<'_, ()> = Box::pin(async {
             let _one = self.meta_lock.lock().await;
             let value = if self.dirty.load(Ordering::Acquire) {
@@ -1028,7 +1030,9 @@ impl Raid1 {
             };
             self.store(MetaEvent::ResyncOffset(value)).await
         });
-        let done = self.write_sb("resync offset".into(), write).await;
+        let done = self
+            .write_sb("resync offset".into(), write, MetaWrite::Local)
+            .await;
         done.map_err(|source| RaidError::Meta {
             array: self.name.clone(),
             what: "ResyncOffset".into(),
@@ -1053,16 +1057,19 @@ impl Raid1 {
             self.dirty.store(true, Ordering::Release);
             Ok(())
         });
-        let done = self.write_sb("mark dirty".into(), write).await;
+        let done = self
+            .write_sb("mark dirty".into(), write, MetaWrite::Local)
+            .await;
         done.map_err(|e| eio(format!("array {}: mark dirty: {e}", self.name)))
     }
 
-    /// Fails member `i` (superblocks updated on the others before this returns), unless
-    /// it is the last in-sync member. Returns whether it was failed now.
-    pub async fn fail_member(&self, i: usize, why: &str) -> bool {
+    /// Fails member `i` (superblocks updated on the others before this returns, as
+    /// `how` says), unless it is the last in-sync member. Returns whether it was failed
+    /// now.
+    pub async fn fail_member(&self, i: usize, why: &str, how: MetaWrite) -> bool {
         match self.mark_failed(i, why) {
             Some(p) => {
-                p.record().await;
+                p.record(how).await;
                 true
             }
             None => false,
@@ -1165,12 +1172,11 @@ impl Raid1 {
             };
             self.store(MetaEvent::Faulty { member }).await
         });
-        if is_following() {
-            // Nothing is written here: what this node owes stays owed.
-            return;
-        }
         // A success cleared what it carried (`store`).
-        if let Err(e) = self.write_sb("record failed members".into(), write).await {
+        if let Err(e) = self
+            .write_sb("record failed members".into(), write, MetaWrite::Local)
+            .await
+        {
             let mut ch = self.sb_change_lock();
             if let Some(u) = ch.unrecorded.first_mut() {
                 u.1 = e.to_string();
@@ -1179,8 +1185,9 @@ impl Raid1 {
         self.sb_changed.notify_waiters();
     }
 
-    /// Gives free roles (missing or failed members) to spares, which start recovery.
-    async fn activate_spares(&self) {
+    /// Gives free roles (missing or failed members) to spares, which start recovery;
+    /// their superblock updates go out as `how` says.
+    async fn activate_spares(&self, how: MetaWrite) {
         loop {
             let pick = {
                 let mut slots = self.slots();
@@ -1209,7 +1216,7 @@ impl Raid1 {
             tracing::info!(array = %self.name, member = %self.member(member).io.path().display(),
                 role, "spare takes the role, recovery starts");
             if let Err(e) = self
-                .meta_update(MetaEvent::SpareActive { member, role })
+                .meta_update(MetaEvent::SpareActive { member, role }, how)
                 .await
             {
                 tracing::error!("failed to record the spare's new role: {e}");
@@ -1218,8 +1225,13 @@ impl Raid1 {
         }
     }
 
-    /// Marks member `path` faulty (operator request, like `mdadm --fail`).
-    pub async fn fail_by_path(&self, path: &std::path::Path) -> Result<(), RaidError> {
+    /// Marks member `path` faulty (operator request, like `mdadm --fail`; or another
+    /// node's, followed with [`MetaWrite::Following`]).
+    pub async fn fail_by_path(
+        &self,
+        path: &std::path::Path,
+        how: MetaWrite,
+    ) -> Result<(), RaidError> {
         let i = self
             .members_snapshot()
             .iter()
@@ -1228,7 +1240,7 @@ impl Raid1 {
                 array: self.name.clone(),
                 member: path.display().to_string(),
             })?;
-        self.fail_member(i, "failed by request").await;
+        self.fail_member(i, "failed by request", how).await;
         Ok(())
     }
 
@@ -1268,23 +1280,24 @@ impl Raid1 {
     /// Grows the number of roles to `n` (like `mdadm --grow --raid-devices`, RAID1):
     /// the superblocks record it, and spares take the new roles at once (recovery).
     /// Shrinking is refused (`Ok(false)`), as is a change to the same count.
-    pub async fn grow_raid_disks(&self, n: u32) -> Result<bool, RaidError> {
+    pub async fn grow_raid_disks(&self, n: u32, how: MetaWrite) -> Result<bool, RaidError> {
         let cur = self.raid_disks();
         if n <= cur {
             return Ok(false);
         }
         self.raid_disks.store(n, Ordering::Release);
         tracing::info!(array = %self.name, from = cur, to = n, "raid disks grown");
-        self.meta_update(MetaEvent::RaidDisks(n)).await?;
-        self.activate_spares().await;
+        self.meta_update(MetaEvent::RaidDisks(n), how).await?;
+        self.activate_spares(how).await;
         self.sync.wake();
         Ok(true)
     }
 
     /// Marks the recovering member at `path` in sync without copying: another node
     /// recovered it (its superblock says so); this node's superblock copies record it
-    /// too. Returns whether it changed.
-    pub async fn mark_recovered(&self, path: &std::path::Path) -> bool {
+    /// too (written as `how` says: [`MetaWrite::Following`] when the recovering node
+    /// wrote them). Returns whether it changed.
+    pub async fn mark_recovered(&self, path: &std::path::Path, how: MetaWrite) -> bool {
         let changed = {
             // Members before slots: the lock order of `add_member`.
             let members = self.members_snapshot();
@@ -1312,7 +1325,7 @@ impl Raid1 {
             }
         }
         if let Err(e) = self
-            .meta_update(MetaEvent::RecoveryDone { member: i })
+            .meta_update(MetaEvent::RecoveryDone { member: i }, how)
             .await
         {
             tracing::warn!("failed to record the recovered member: {e}");
@@ -1323,7 +1336,11 @@ impl Raid1 {
     /// Removes a faulty or spare member (like `mdadm --remove`): no I/O goes to it,
     /// its role in the other members' superblocks becomes unused (0xffff), and status
     /// marks it removed. `Ok(false)`: the member is active (fail it first); nothing done.
-    pub async fn remove_by_path(&self, path: &std::path::Path) -> Result<bool, RaidError> {
+    pub async fn remove_by_path(
+        &self,
+        path: &std::path::Path,
+        how: MetaWrite,
+    ) -> Result<bool, RaidError> {
         let removed = self
             .removed
             .lock()
@@ -1351,7 +1368,8 @@ impl Raid1 {
             .unwrap_or_else(|e| e.into_inner())
             .insert(i);
         tracing::info!(array = %self.name, member = %path.display(), "member removed");
-        self.meta_update(MetaEvent::Removed { member: i }).await?;
+        self.meta_update(MetaEvent::Removed { member: i }, how)
+            .await?;
         Ok(true)
     }
 
@@ -1412,7 +1430,9 @@ impl Raid1 {
                 Err(e) if is_fenced(&e) => return Err(e),
                 Err(e) => {
                     tried.push(i);
-                    if !self.fail_member(i, &format!("read at {offset}: {e}")).await
+                    if !self
+                        .fail_member(i, &format!("read at {offset}: {e}"), MetaWrite::Local)
+                        .await
                         && self.pick_reader(&tried, offset, len as u64).is_none()
                     {
                         return Err(e);
@@ -1529,7 +1549,7 @@ impl Raid1 {
         drop(barrier);
         drop(window);
         for failure in owed {
-            failure.record().await;
+            failure.record(MetaWrite::Local).await;
         }
         if let Some(e) = fenced {
             // Never acknowledged while a member did not take it because of the fence.
@@ -1558,7 +1578,8 @@ impl Raid1 {
                 Ok(()) => {}
                 Err(e) if is_fenced(&e) => fenced = Some(e),
                 Err(e) => {
-                    self.fail_member(i, &format!("flush: {e}")).await;
+                    self.fail_member(i, &format!("flush: {e}"), MetaWrite::Local)
+                        .await;
                     last_err = Some(e);
                 }
             }
@@ -1918,7 +1939,8 @@ impl Raid1 {
             }
         }
         let resync = self.sync.resync_checkpoint_sectors().unwrap_or(u64::MAX);
-        self.meta_update(MetaEvent::ResyncOffset(resync)).await
+        self.meta_update(MetaEvent::ResyncOffset(resync), MetaWrite::Local)
+            .await
     }
 }
 

@@ -810,7 +810,7 @@ async fn copy_step(raid: &Raid1, job: &Job, r: &Range, pos: u64, n: u64) -> bool
     let ok = copy_locked(raid, job, r, pos, n, &mut owed).await;
     drop(barrier);
     for failure in owed {
-        failure.record().await;
+        failure.record(super::MetaWrite::Local).await;
     }
     ok
 }
@@ -891,10 +891,13 @@ async fn checkpoint(raid: &Raid1, job: &Job, pos: u64) {
             let mut r = Ok(());
             for &t in &job.targets {
                 r = r.and(
-                    raid.meta_update(MetaEvent::RecoveryCheckpoint {
-                        member: t,
-                        sectors: pos / 512,
-                    })
+                    raid.meta_update(
+                        MetaEvent::RecoveryCheckpoint {
+                            member: t,
+                            sectors: pos / 512,
+                        },
+                        super::MetaWrite::Local,
+                    )
                     .await,
                 );
             }
@@ -921,7 +924,10 @@ async fn finish(raid: &Raid1, job: &Job) {
                 }
             }
             if let Err(e) = raid
-                .meta_update(MetaEvent::RecoveryDone { member: t })
+                .meta_update(
+                    MetaEvent::RecoveryDone { member: t },
+                    super::MetaWrite::Local,
+                )
                 .await
             {
                 tracing::warn!("failed to record the end of recovery: {e}");

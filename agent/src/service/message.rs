@@ -49,7 +49,7 @@ use crate::array::{reshape, AddHow};
 use crate::cluster::{channel, token_lock, ClusterMsg, MsgType};
 use crate::format::io::{read_member_bounded, DeviceError, META_READ_TIMEOUT};
 use crate::format::superblock::ROLE_FAULTY;
-use crate::raid::{MemberState, Raid1};
+use crate::raid::{MemberState, MetaWrite, Raid1};
 
 /// The default deadline of one message round (md-cluster's `WAIT_DLM_LOCK_TIMEOUT`).
 pub const ROUND_DEADLINE: Duration = Duration::from_secs(30);
@@ -207,7 +207,8 @@ pub fn left(end: Instant) -> Duration {
 }
 
 /// One acknowledged round for `to`'s array: token → `change` → publish `msg` → all
-/// acked, or `rollback` and EIO. See the module doc.
+/// acked, or `rollback` and EIO. See the module doc. `change` runs under the token:
+/// its engine calls write with [`crate::raid::MetaWrite::UnderToken`].
 pub async fn round<C, R>(
     to: Target<'_>,
     msg: ClusterMsg,
@@ -222,7 +223,7 @@ where
     let end = Instant::now() + deadline;
     let token = take_token(to, deadline).await?;
     let out = async {
-        if crate::raid::under_token(change).await? == Change::Unchanged {
+        if change.await? == Change::Unchanged {
             return Ok(Change::Unchanged);
         }
         match publish_acked(to, msg, left(end)).await {
@@ -262,7 +263,7 @@ pub async fn apply_on(node: &Arc<Node>, name: &str, msg: &ClusterMsg) -> Result<
     if msg.kind == MsgType::MetadataUpdated {
         reload(node, name).await?;
     }
-    crate::raid::following(apply_following(node, name, &raid, &members, msg)).await
+    apply_following(node, name, &raid, &members, msg).await
 }
 
 async fn apply_following(
@@ -285,7 +286,7 @@ async fn apply_following(
             };
             let added = service
                 .registry()
-                .add_member_with(name, &path, AddHow::Attach)
+                .add_member_with(name, &path, AddHow::Attach, MetaWrite::Following)
                 .await
                 .map_err(|e| {
                     format!(
@@ -628,7 +629,10 @@ async fn remove(node: &str, array: &str, raid: &Raid1, dev_number: u32) -> Resul
     else {
         return Ok(());
     };
-    match raid.remove_by_path(Path::new(&m.path)).await {
+    match raid
+        .remove_by_path(Path::new(&m.path), MetaWrite::Following)
+        .await
+    {
         Ok(true) => Ok(()),
         Ok(false) => Err(format!(
             "node {node}: array {array}: member {} (device {dev_number}) is active here ({:?}), not faulty; not removing it",
@@ -648,19 +652,21 @@ async fn metadata_updated(
 ) -> Result<(), String> {
     let sb = newest_superblock(node, array, members, &faulty_paths(raid)).await?;
     if sb.raid_disks > raid.raid_disks() {
-        raid.grow_raid_disks(sb.raid_disks).await.map_err(|e| {
-            format!(
-                "node {node}: array {array}: growing to {} raid disks: {e}",
-                sb.raid_disks
-            )
-        })?;
+        raid.grow_raid_disks(sb.raid_disks, MetaWrite::Following)
+            .await
+            .map_err(|e| {
+                format!(
+                    "node {node}: array {array}: growing to {} raid disks: {e}",
+                    sb.raid_disks
+                )
+            })?;
     }
     let status = raid.status();
     for m in &status.members {
         let faulty = sb.dev_roles.get(m.dev_number as usize).copied() == Some(ROLE_FAULTY);
         if faulty && m.state != MemberState::Faulty {
             tracing::warn!(array, member = %m.path, "faulty in the superblock: failing it here too");
-            raid.fail_by_path(Path::new(&m.path))
+            raid.fail_by_path(Path::new(&m.path), MetaWrite::Following)
                 .await
                 .map_err(|e| format!("node {node}: array {array}: failing {}: {e}", m.path))?;
         }

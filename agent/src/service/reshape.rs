@@ -30,6 +30,7 @@ use crate::cluster::{ClusterMsg, MsgType};
 use crate::format::create::DEFAULT_NODES;
 use crate::format::rebitmap::{set_bitmap, NewBitmap};
 use crate::format::SECTOR;
+use crate::raid::MetaWrite;
 use mdcluster_proto::lock_client::{Mode, Wait};
 
 impl Node {
@@ -74,12 +75,12 @@ impl Node {
         if !clustered {
             let old = att.size_sectors();
             if sectors > old {
-                reshape::prepare_grow(&raid, &att, sectors)
+                reshape::prepare_grow(&raid, &att, sectors, MetaWrite::Local)
                     .await
                     .map_err(|e| self.array_err(name, e))?;
                 reshape::expose(&raid, &att, old);
             } else if sectors < old {
-                reshape::shrink(&raid, &att, sectors)
+                reshape::shrink(&raid, &att, sectors, MetaWrite::Local)
                     .await
                     .map_err(|e| self.array_err(name, e))?;
             }
@@ -100,7 +101,7 @@ impl Node {
         };
         let end = tokio::time::Instant::now() + message::ROUND_DEADLINE;
         let hold = message::take_token(to, message::ROUND_DEADLINE).await?;
-        let out = crate::raid::under_token(async {
+        let out = async {
             // Under the token: the size now (another node may have changed it).
             let old = att.size_sectors();
             if sectors == old {
@@ -108,11 +109,11 @@ impl Node {
             }
             let grows = sectors > old;
             if grows {
-                reshape::prepare_grow(&raid, &att, sectors)
+                reshape::prepare_grow(&raid, &att, sectors, MetaWrite::UnderToken)
                     .await
                     .map_err(|e| self.array_err(name, e))?;
             } else {
-                reshape::shrink(&raid, &att, sectors)
+                reshape::shrink(&raid, &att, sectors, MetaWrite::UnderToken)
                     .await
                     .map_err(|e| self.array_err(name, e))?;
             }
@@ -120,7 +121,7 @@ impl Node {
             updated.high = sectors;
             if let Err(e) = message::publish_acked(to, updated, message::left(end)).await {
                 if grows {
-                    reshape::undo_grow(&raid, &att, old).await;
+                    reshape::undo_grow(&raid, &att, old, MetaWrite::UnderToken).await;
                     let mut back = ClusterMsg::new(MsgType::MetadataUpdated, m.slot);
                     back.high = old;
                     // Its own deadline: the first round may have used all of ours.
@@ -155,7 +156,7 @@ impl Node {
                     sectors / 2
                 ))
             })
-        })
+        }
         .await;
         message::release_token(to, hold).await;
         tracing::info!(array = %name, size_kib = raid.size() / SECTOR / 2, ok = out.is_ok(), "grow --size");

@@ -46,7 +46,7 @@ use super::{lock, Node};
 use crate::cluster::{resync_lock, slot_lock, ClusterMsg, MsgType, ResyncInfo};
 use crate::format::io::read_member;
 use crate::format::superblock::MAX_SECTOR;
-use crate::raid::{GateDecision, GateFuture, SyncGate, SyncKind};
+use crate::raid::{GateDecision, GateFuture, MetaWrite, SyncGate, SyncKind};
 
 /// One queued attempt on the `resync` lock; attempts repeat until granted or stopped.
 pub const LOCK_ATTEMPT: Duration = Duration::from_secs(30);
@@ -215,7 +215,7 @@ impl ClusterGate {
         let mut any = false;
         for p in &done {
             // The recovering node wrote it to the superblocks: follow, do not write.
-            any |= crate::raid::following(raid.mark_recovered(p)).await;
+            any |= raid.mark_recovered(p, MetaWrite::Following).await;
         }
         any
     }
