@@ -1213,7 +1213,7 @@ async fn recover(paths: &[PathBuf], recovering: &mut bool) -> Result<(Vec<usize>
     if !from.is_empty() || own > 0 {
         let paths = paths.to_vec();
         tokio::task::spawn_blocking(move || {
-            mdcluster_agent::service::join::merge_slots(&paths, 0, &from, None)
+            mdcluster_agent::format::slots::merge(&paths, 0, &from, None)
         })
         .await
         .map_err(|e| format!("merge task: {e}"))?

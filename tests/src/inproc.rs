@@ -26,6 +26,7 @@ use anyhow::{anyhow, bail, Context};
 use mdcluster_agent::allow::{DeviceAllow, EmptyList};
 use mdcluster_agent::array::assemble::AssembleOptions;
 use mdcluster_agent::array::RegistryConfig;
+use mdcluster_agent::cluster::Timings;
 use mdcluster_agent::nbd::ServerConfig;
 use mdcluster_agent::service::runtime::{open_session, Driver, Health};
 use mdcluster_agent::service::{Node, NodeConfig};
@@ -39,6 +40,18 @@ use crate::memlock::MemLock;
 pub const TTL: Duration = Duration::from_secs(4);
 /// The fence margin the drivers' watchdogs use.
 pub const FENCE_MARGIN: Duration = Duration::from_millis(400);
+
+/// The protocol timings of the in-process nodes: the agent's defaults with the polling
+/// periods shrunk (failure detection, resync and recovery polls); every deadline stays
+/// as in production.
+pub fn timings() -> Timings {
+    Timings {
+        takeover_period: Duration::from_millis(100),
+        resync_poll: Duration::from_millis(20),
+        remote_recovery_poll: Duration::from_millis(50),
+        ..Timings::default()
+    }
+}
 
 /// One node of the in-process cluster.
 pub struct InNode {
@@ -102,6 +115,7 @@ impl InProc {
                 nbd: ServerConfig::default(),
                 nbd_tcp: None,
                 suspend_io_timeout: Duration::from_secs(2),
+                timings: timings(),
             };
             ns.push(InNode {
                 name,

@@ -127,9 +127,10 @@ async fn crash_of_a_writing_node_survivor_recovers_its_slot_then_it_rejoins() {
     c.create(1, "md0", 0..2, 4, true).await.unwrap();
     c.assemble_from(2, 1, "md0").await.unwrap();
     let mut events = c.node(1).subscribe();
-    // The survivors learn a slot's holder by polling (takeover::PERIOD); a holder they
-    // never saw is recovered at the next join instead (t50 runs its writers this long).
-    tokio::time::sleep(2 * mdcluster_agent::service::takeover::PERIOD).await;
+    // The survivors learn a slot's holder by polling (the takeover period); a holder
+    // they never saw is recovered at the next join instead (t50 runs its writers this
+    // long).
+    tokio::time::sleep(3 * mdcluster_tests::inproc::timings().takeover_period).await;
 
     // node2 writes chunks 24..27 (1 MiB chunks) and crashes before its bits are
     // cleared.

@@ -111,6 +111,7 @@ async fn a_session_lost_during_assemble_fails_it_and_leaves_nothing_running() {
         nbd: ServerConfig::default(),
         nbd_tcp: None,
         suspend_io_timeout: mdcluster_agent::fence::DEFAULT_SUSPEND_TIMEOUT,
+        timings: mdcluster_agent::cluster::Timings::default(),
     });
     let first = open_session(&server.url()).await;
     node.set_session(Some(first.clone()));

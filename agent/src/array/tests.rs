@@ -1034,7 +1034,11 @@ async fn the_caller_states_how_a_superblock_change_is_written() {
         raid.record(crate::raid::MetaEvent::Size(size), how)
             .await
             .unwrap();
-        assert_eq!(count() - c0, through_gate, "{how:?}: writes through the gate");
+        assert_eq!(
+            count() - c0,
+            through_gate,
+            "{how:?}: writes through the gate"
+        );
         assert_eq!(events() - e0, written, "{how:?}: superblock writes on disk");
     }
     drop(raid);

@@ -357,6 +357,7 @@ async fn run_cluster(args: Args, server: String) -> anyhow::Result<()> {
             nbd: nbd_config(&args)?,
             nbd_tcp: args.nbd_tcp.clone(),
             suspend_io_timeout: args.suspend_io_timeout.into(),
+            timings: mdcluster_agent::cluster::Timings::default(),
         },
         servers: server.split(',').map(str::to_owned).collect(),
         listen: args.listen.clone(),

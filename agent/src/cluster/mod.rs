@@ -7,12 +7,34 @@
 //! slot's node for its whole membership (its value block is the node's [`ResyncInfo`]),
 //! and one message channel.
 //!
+//! The protocol's decisions live here too, as sans-IO code (no async, no I/O, no clock
+//! reads: time is an input): events in, commands out. The runtime in `service/`
+//! (`message`, `takeover`, `resync`, `join`) executes the commands against the lock
+//! client and the RAID engine, so every decision has a unit test here.
+//!
 //! # Layout
 //! - [`msg`]: [`ClusterMsg`] (md-cluster's `struct cluster_msg`) and [`ResyncInfo`].
+//! - [`engine`]: [`Engine`], the receiver of one array: a message and this node's view
+//!   in, the commands that apply it out (reload, fail, attach, windows, ack/nack).
+//! - [`takeover`]: when a dead node's slot is recovered, which key is preempted, when
+//!   the recovered chunks count as resynced.
+//! - [`resync`]: may a resync/recovery start, what each window and the end publish.
+//! - [`round`]: the sender's acknowledged round (token, change, publish, rollback).
+//! - [`nack`]: [`Nack`], the typed reason of a negative ack.
+//! - [`timings`]: [`Timings`], every deadline and period of the protocol.
 
+pub mod engine;
 pub mod msg;
+pub mod nack;
+pub mod resync;
+pub mod round;
+pub mod takeover;
+pub mod timings;
 
+pub use engine::{ArrayView, Command, Engine, Event, NewestSuperblock};
 pub use msg::{ClusterMsg, MsgType, ResyncInfo};
+pub use nack::Nack;
+pub use timings::Timings;
 
 /// The lock-service prefix of everything that belongs to array `uuid`: `md/` and the
 /// UUID as DLM's lockspace name prints it (lower-case 8-4-4-4-12).

@@ -10,8 +10,10 @@
 //!   their text rendering.
 //! - [`io`]: the only part that touches devices: reading a member, writing superblocks
 //!   and bitmap slots, zeroing.
+//! - [`slots`]: the clustered bitmap slots of other nodes across the members (union,
+//!   clear, resize, merge, dirty count), over [`io`].
 //!
-//! Everything but [`io`] is pure code over byte buffers, so it is tested (and fuzzed)
+//! Everything but [`io`] and [`slots`] is pure code over byte buffers, so it is tested (and fuzzed)
 //! without disks. Facts and offsets: `docs/MD-FORMAT.md`.
 
 pub mod bitmap;
@@ -19,6 +21,7 @@ pub mod create;
 pub mod examine;
 pub mod io;
 pub mod rebitmap;
+pub mod slots;
 pub mod superblock;
 
 /// Bytes per sector: every size in the superblock counts 512-byte sectors.

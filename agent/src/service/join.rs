@@ -31,17 +31,15 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::lockport::{LockClientError, Mode, Session, Wait};
+use crate::lockport::{Mode, Session, Wait};
 use mdcluster_proto::status::WireError;
 use mdcluster_proto::v1::Errno;
 
+use super::message::lock_error;
+use crate::cluster::Timings;
 use crate::cluster::{channel, slot_lock, ClusterMsg, MsgType, ResyncInfo};
-use crate::format::bitmap::{count_set, test_bit};
 use crate::format::fmt_uuid;
-use crate::format::io::{
-    read_member, write_bitmap_slot, write_superblock, DeviceError, Member, MetaDev,
-};
-use crate::format::superblock::MAX_SECTOR;
+use crate::format::io::{DeviceError, Member};
 use crate::reserve::{ArrayPr, PrKey};
 
 /// What a joined array holds in the lock service.
@@ -106,14 +104,6 @@ async fn publish_and_register(session: &Session, m: &Membership) -> Result<(), W
     Ok(())
 }
 
-fn wire(e: LockClientError, what: &str) -> WireError {
-    let errno = match e.errno() {
-        Errno::Unspecified => Errno::Eio,
-        x => x,
-    };
-    WireError::new(errno, what.to_owned(), format!("{what}: {e}"))
-}
-
 /// Joins array `name` (whose first readable member is `first`) on this node: takes a
 /// slot and gathers the others. See the module doc.
 pub async fn join(
@@ -123,6 +113,7 @@ pub async fn join(
     members: &[PathBuf],
     first: &Member,
     fence: crate::fence::FenceTicket,
+    timings: &Timings,
 ) -> Result<Membership, WireError> {
     let uuid = first.sb.set_uuid;
     let Some(b0) = first.bitmap.first() else {
@@ -141,7 +132,7 @@ pub async fn join(
         ));
     }
     // Step 2: the first free slot.
-    let (slot, token) = take_slot(session, name, &uuid, nodes).await?;
+    let (slot, token) = take_slot(session, name, &uuid, nodes, timings.slot_wait).await?;
     let (array, paths) = (name.to_owned(), members.to_vec());
     let pr = tokio::task::spawn_blocking(move || ArrayPr::probe(&array, &paths))
         .await
@@ -158,13 +149,13 @@ pub async fn join(
     // A window left in our slot's value by an earlier holder that died mid-resync
     // would hold other nodes' writes: start with none (and publish our key).
     if let Err(e) = publish_and_register(session, &m).await {
-        leave(session, m, false).await;
+        leave(session, &m, false, timings).await;
         return Err(e);
     }
     // Step 3.
     if let Err(e) = session.subscribe(&channel(&uuid)).await {
-        leave(session, m, false).await;
-        return Err(wire(e, &format!("subscribe {}", channel(&uuid))));
+        leave(session, &m, false, timings).await;
+        return Err(lock_error(e, &format!("subscribe {}", channel(&uuid))));
     }
     // Step 4.
     let mut merge_from = Vec::new();
@@ -172,11 +163,7 @@ pub async fn join(
         let res = slot_lock(&uuid, other);
         match session.acquire(&res, Mode::Exclusive, Wait::NoQueue).await {
             Ok(g) => {
-                let dirty = first
-                    .bitmap
-                    .get(other as usize)
-                    .map_or(0, |s| count_set(&s.bits, s.sb.chunks()));
-                if dirty > 0 {
+                if crate::format::slots::dirty_chunks(first, other) > 0 {
                     merge_from.push(other);
                 }
                 if let Err(e) = session.release(&res, g.token).await {
@@ -205,16 +192,14 @@ pub async fn join(
     }
     // Our own slot's bits count too: the superblock's clean flag is shared by every
     // node, so a node that died dirty may find it marked clean by another node's stop.
-    let own_dirty = first
-        .bitmap
-        .get(slot as usize)
-        .map_or(0, |s| count_set(&s.bits, s.sb.chunks()));
+    let own_dirty = crate::format::slots::dirty_chunks(first, slot);
     if !merge_from.is_empty() || own_dirty > 0 {
         let paths = members.to_vec();
         let from = merge_from.clone();
-        let merged =
-            tokio::task::spawn_blocking(move || merge_slots(&paths, slot, &from, Some(&fence)))
-                .await;
+        let merged = tokio::task::spawn_blocking(move || {
+            crate::format::slots::merge(&paths, slot, &from, Some(&fence))
+        })
+        .await;
         match merged {
             Ok(Ok(n)) => {
                 m.merged_chunks = n;
@@ -226,7 +211,7 @@ pub async fn join(
                 } else {
                     Errno::Einval
                 };
-                leave(session, m, false).await;
+                leave(session, &m, false, timings).await;
                 return Err(WireError::new(
                     errno,
                     format!("array {name}"),
@@ -234,7 +219,7 @@ pub async fn join(
                 ));
             }
             Err(e) => {
-                leave(session, m, false).await;
+                leave(session, &m, false, timings).await;
                 return Err(WireError::new(
                     Errno::Eio,
                     format!("array {name}"),
@@ -247,24 +232,22 @@ pub async fn join(
     Ok(m)
 }
 
-/// How long a join keeps looking for a free slot while some slot is held only for a
-/// moment (another node's gathering probe, step 4).
-const SLOT_WAIT: Duration = Duration::from_secs(10);
-
 /// Step 2: takes the first free `slot/N` lock, no-queue. A slot can be busy for a
 /// moment without being anyone's: a node that joins holds its own slot and, while it
 /// gathers (step 4), briefly one other. A node is a member through exactly one slot, so
 /// when every slot is busy but some node holds more than one of them (or a slot has no
 /// holder any more), a slot is only being probed (or recovered by a survivor): try
-/// again after a short, jittered pause, for at most [`SLOT_WAIT`]. EBUSY only when every
+/// again after a short, jittered pause, for at most
+/// [`Timings::slot_wait`]. EBUSY only when every
 /// slot is held by a different node — each one a member — or at that deadline.
 async fn take_slot(
     session: &Session,
     name: &str,
     uuid: &[u8; 16],
     nodes: u32,
+    slot_wait: Duration,
 ) -> Result<(u32, u64), WireError> {
-    let deadline = tokio::time::Instant::now() + SLOT_WAIT;
+    let deadline = tokio::time::Instant::now() + slot_wait;
     let mut pause = Duration::from_millis(10);
     loop {
         for n in 0..nodes {
@@ -272,7 +255,7 @@ async fn take_slot(
             match session.acquire(&res, Mode::Exclusive, Wait::NoQueue).await {
                 Ok(g) => return Ok((n, g.token)),
                 Err(e) if e.errno() == Errno::Ebusy => {}
-                Err(e) => return Err(wire(e, &format!("lock {res}"))),
+                Err(e) => return Err(lock_error(e, &format!("lock {res}"))),
             }
         }
         // Every slot was busy: by whom?
@@ -282,7 +265,7 @@ async fn take_slot(
             let (_, h) = session
                 .read_value(&res)
                 .await
-                .map_err(|e| wire(e, &format!("read lock {res}")))?;
+                .map_err(|e| lock_error(e, &format!("read lock {res}")))?;
             holders.push(h);
         }
         let held_by = |h: &[String]| {
@@ -310,7 +293,7 @@ async fn take_slot(
             return Err(WireError::new(
                 Errno::Ebusy,
                 format!("array {name}"),
-                format!("no bitmap slot of array {name} ({}) came free within {SLOT_WAIT:?} ({listed}): a node holding two slots is recovering one of them; try again once it is done", fmt_uuid(uuid)),
+                format!("no bitmap slot of array {name} ({}) came free within {slot_wait:?} ({listed}): a node holding two slots is recovering one of them; try again once it is done", fmt_uuid(uuid)),
             ));
         }
         tracing::debug!(array = name, %listed, "every slot busy, some only for a moment; trying again");
@@ -336,60 +319,14 @@ fn all_held_by_members(holders: &[Vec<String>]) -> bool {
         .all(|h| !h.is_empty() && h.iter().all(|node| seen.insert(node.as_str())))
 }
 
-/// ORs the bits of slots `from` into slot `to` on every member, and marks the
-/// superblocks unclean so the engine resyncs the set bits (step 4 of the module doc;
-/// the caller holds the slot locks). Returns the chunks set in slot `to` afterwards.
-/// Every write is gated by `fence` (the node's, for a clustered array; see
-/// [`crate::fence`]).
-pub fn merge_slots(
-    paths: &[PathBuf],
-    to: u32,
-    from: &[u32],
-    fence: Option<&crate::fence::FenceTicket>,
-) -> Result<u64, DeviceError> {
-    let mut total = 0;
-    for p in paths {
-        let m = match read_member(p) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(member = %p.display(), "not merging bits on an unreadable member: {e}");
-                continue;
-            }
-        };
-        let Some(ours) = m.bitmap.get(to as usize) else {
-            continue;
-        };
-        let mut bits = ours.bits.clone();
-        let chunks = ours.sb.chunks();
-        for &f in from {
-            if let Some(s) = m.bitmap.get(f as usize) {
-                for i in 0..chunks {
-                    if test_bit(&s.bits, i) {
-                        crate::format::bitmap::set_bit(&mut bits, i);
-                    }
-                }
-            }
-        }
-        let dev = MetaDev::open_fenced(p, true, fence.cloned())?;
-        write_bitmap_slot(&dev, &m.sb, to, &ours.sb, &bits)?;
-        let mut sb = m.sb.clone();
-        if sb.resync_offset == MAX_SECTOR {
-            sb.resync_offset = 0;
-            write_superblock(&dev, &sb)?;
-        }
-        total = total.max(count_set(&bits, chunks));
-    }
-    Ok(total)
-}
-
 /// Leaves: BITMAP_NEEDS_SYNC when `dirty`, unsubscribe, release the slot. Failures are
 /// logged: the slot lock goes away with the session at the latest.
-pub async fn leave(session: &Session, m: Membership, dirty: bool) {
+pub async fn leave(session: &Session, m: &Membership, dirty: bool, timings: &Timings) {
     let ch = channel(&m.uuid);
     if dirty {
         let msg = ClusterMsg::new(MsgType::BitmapNeedsSync, m.slot);
         match session
-            .publish(&ch, &msg.encode(), Duration::from_secs(10))
+            .publish(&ch, &msg.encode(), timings.leave_publish)
             .await
         {
             Ok(o) if !o.all_ok => {

@@ -11,6 +11,7 @@ use mdcluster_proto::status::{errno_from_name, WireError};
 use mdcluster_proto::v1 as pb;
 use mdcluster_proto::v1::Errno;
 
+use super::cluster_array::ClusterArray;
 use super::{device_errno, join, lock, message, resync, runtime, short_name, Meta, Node};
 use crate::array::service::Service;
 use crate::format::create::{BitmapMode, CreateSpec};
@@ -242,9 +243,17 @@ impl Node {
                 return Err(self.err(Errno::Eio, name, "a clustered array needs a session with mdserver, and this agent has none; check that mdserver is reachable"));
             };
             let fence = self.fence.ticket();
-            let m = join::join(&session, name, &self.cfg.node, members, &first, fence)
-                .await
-                .map_err(|e| e.context(&format!("node {}: join {name}", self.cfg.node)))?;
+            let m = join::join(
+                &session,
+                name,
+                &self.cfg.node,
+                members,
+                &first,
+                fence,
+                &self.cfg.timings,
+            )
+            .await
+            .map_err(|e| e.context(&format!("node {}: join {name}", self.cfg.node)))?;
             Some((m, session.id()))
         } else {
             None
@@ -255,13 +264,16 @@ impl Node {
         match service.assemble_in_slot(name, members, meta.slot).await {
             Ok(_) => {
                 if let Some((m, joined_on)) = membership {
-                    let uuid = m.uuid;
                     let window = m.remote_window;
                     let slot = m.slot;
-                    if !self.hold_if_session(name, m, joined_on) {
+                    let paths = self
+                        .raid_of(name)
+                        .map_or_else(|| members.to_vec(), |(_, p)| p);
+                    let arr = ClusterArray::new(&self.cfg.node, name, m, meta.slots, paths);
+                    if !self.hold_if_session(&arr, joined_on) {
                         return Err(self.undo_lost_assemble(&service, name, slot).await);
                     }
-                    if let Some((raid, paths)) = self.raid_of(name) {
+                    if let Some((raid, _)) = self.raid_of(name) {
                         if let Some((lo, hi)) = window {
                             // Just assembled: no write of this node is in flight yet.
                             if let Err(e) = raid
@@ -272,9 +284,10 @@ impl Node {
                             }
                         }
                         raid.set_sync_gate(Some(Arc::new(resync::ClusterGate::new(
-                            self, name, uuid, paths,
+                            self,
+                            arr.clone(),
                         ))));
-                        raid.set_meta_gate(Some(Arc::new(message::MetaRound::new(self, name))));
+                        raid.set_meta_gate(Some(Arc::new(message::MetaRound::new(self, &arr))));
                     }
                 }
                 // The registry's entry holds the claim until the array stops.
@@ -289,7 +302,7 @@ impl Node {
                 if let (Some((m, joined_on)), Some(session)) = (membership, self.session()) {
                     // The slot lock went with a lost session: nothing to release.
                     if session.id() == joined_on {
-                        join::leave(&session, m, false).await;
+                        join::leave(&session, &m, false, &self.cfg.timings).await;
                     }
                 }
                 Err(self.err(errno_from_name(e.errno()), name, e))
@@ -297,12 +310,12 @@ impl Node {
         }
     }
 
-    /// Records `name` as joined with membership `m` if the session its slot lock was
+    /// Records `arr` as joined if the session its slot lock was
     /// taken on (`joined_on`) is still the node's, unexpired — checked before and after
     /// the record. The session keeper clears the session before it checks the joined
     /// arrays for self-fencing, so an array is either seen by that check (and the node
     /// fences itself) or refused here: never left running without its slot lock.
-    fn hold_if_session(&self, name: &str, m: join::Membership, joined_on: i64) -> bool {
+    fn hold_if_session(&self, arr: &Arc<ClusterArray>, joined_on: i64) -> bool {
         let alive = || {
             self.session().is_some_and(|s| {
                 s.id() == joined_on && tokio::time::Instant::now() < s.fence_deadline()
@@ -311,11 +324,12 @@ impl Node {
         if !alive() {
             return false;
         }
-        lock(&self.held).insert(name.to_owned(), m);
+        let name = arr.name();
+        lock(&self.clustered).insert(name.to_owned(), arr.clone());
         if alive() {
             return true;
         }
-        lock(&self.held).remove(name);
+        lock(&self.clustered).remove(name);
         false
     }
 
@@ -390,23 +404,19 @@ impl Node {
         if service.registry().lookup(name).is_err() {
             lock(&self.meta).remove(name);
             self.save_state();
-            let held = lock(&self.held).remove(name);
-            if let (Some(m), Some(session)) = (held, self.session()) {
+            let held = lock(&self.clustered).remove(name);
+            if let (Some(arr), Some(session)) = (held, self.session()) {
                 // Whether our slot is still dirty on disk after the engine's stop.
-                let slot = m.slot;
+                let slot = arr.slot();
                 let dirty = tokio::task::spawn_blocking(move || {
                     members
                         .iter()
                         .filter_map(|p| read_member(p).ok())
-                        .any(|mm| {
-                            mm.bitmap.get(slot as usize).is_some_and(|s| {
-                                crate::format::bitmap::count_set(&s.bits, s.sb.chunks()) > 0
-                            })
-                        })
+                        .any(|mm| crate::format::slots::dirty_chunks(&mm, slot) > 0)
                 })
                 .await
                 .unwrap_or(true);
-                join::leave(&session, m, dirty).await;
+                join::leave(&session, arr.membership(), dirty, &self.cfg.timings).await;
             }
         }
         r.map(|_| ())

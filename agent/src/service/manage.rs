@@ -98,7 +98,7 @@ impl Node {
         let clustered = lock(&self.meta)
             .get(name)
             .is_some_and(|m| m.bitmap_kind == Some("clustered"));
-        let membership = lock(&self.held).get(name).cloned();
+        let membership = self.cluster(name);
         // A clustered array's change runs in a token round.
         let write = if clustered {
             MetaWrite::UnderToken
@@ -170,20 +170,15 @@ impl Node {
                 "a clustered array needs a session with mdserver and a bitmap slot; this node has none",
             ));
         };
-        let mut msg = crate::cluster::ClusterMsg::new(kind, m.slot);
+        let mut msg = crate::cluster::ClusterMsg::new(kind, m.slot());
         msg.raid_slot = dev_number;
         let array = name.to_owned();
         let device = op.device.clone();
         let action = op.action.clone();
         message::round(
-            message::Target {
-                session: &session,
-                node: &self.cfg.node,
-                array: name,
-                uuid: &m.uuid,
-            },
+            m.target(&session, &self.cfg.node),
             msg,
-            message::ROUND_DEADLINE,
+            self.cfg.timings.round_deadline,
             change,
             async move {
                 // A failed or removed member cannot be taken back without a recovery;
@@ -294,24 +289,20 @@ impl Node {
             change.await?;
             return Ok(());
         }
-        let (Some(m), Some(session)) = (lock(&self.held).get(name).cloned(), self.session()) else {
+        let (Some(m), Some(session)) = (self.cluster(name), self.session()) else {
             return Err(self.err(
                 Errno::Eio,
                 name,
                 "a clustered array needs a session with mdserver and a bitmap slot; this node has none",
             ));
         };
-        let msg = crate::cluster::ClusterMsg::new(crate::cluster::MsgType::MetadataUpdated, m.slot);
+        let msg =
+            crate::cluster::ClusterMsg::new(crate::cluster::MsgType::MetadataUpdated, m.slot());
         let array = name.to_owned();
         message::round(
-            message::Target {
-                session: &session,
-                node: &self.cfg.node,
-                array: name,
-                uuid: &m.uuid,
-            },
+            m.target(&session, &self.cfg.node),
             msg,
-            message::ROUND_DEADLINE,
+            self.cfg.timings.round_deadline,
             change,
             async move {
                 tracing::error!(array = %array, raid_disks = n, "grow not acknowledged by every node; it stays applied here");
@@ -436,21 +427,16 @@ impl Node {
                 .map_err(|e| self.err(errno_from_name(e.errno()), name, e))?;
             return Ok(());
         }
-        let (Some(m), Some(session)) = (lock(&self.held).get(name).cloned(), self.session()) else {
+        let (Some(m), Some(session)) = (self.cluster(name), self.session()) else {
             return Err(self.err(
                 Errno::Eio,
                 name,
                 "a clustered array needs a session with mdserver and a bitmap slot; this node has none",
             ));
         };
-        let to = message::Target {
-            session: &session,
-            node: &self.cfg.node,
-            array: name,
-            uuid: &m.uuid,
-        };
-        let end = tokio::time::Instant::now() + message::ROUND_DEADLINE;
-        let hold = message::take_token(to, message::ROUND_DEADLINE).await?;
+        let to = m.target(&session, &self.cfg.node);
+        let end = tokio::time::Instant::now() + self.cfg.timings.round_deadline;
+        let hold = message::take_token(to, self.cfg.timings.round_deadline).await?;
         let token = hold.token;
         let out = async {
             // Every node finds the device by its device UUID (each may see it under
@@ -458,10 +444,10 @@ impl Node {
             // mdadm writes it before md's NEWDISK.
             let ident = self.identify_new_device(name, &dev, &raid.members).await?;
             session
-                .write_value(&crate::cluster::token_lock(&m.uuid), token, op.device.as_bytes())
+                .write_value(&crate::cluster::token_lock(m.uuid()), token, op.device.as_bytes())
                 .await
                 .map_err(|e| self.err(Errno::Eio, name, format!("writing the new device's path into the token value: {e}")))?;
-            let mut newdisk = crate::cluster::ClusterMsg::new(crate::cluster::MsgType::Newdisk, m.slot);
+            let mut newdisk = crate::cluster::ClusterMsg::new(crate::cluster::MsgType::Newdisk, m.slot());
             newdisk.uuid = ident.device_uuid;
             newdisk.raid_slot = ident.dev_number;
             if let Err(e) = message::publish_acked(to, newdisk, message::left(end)).await {
@@ -480,7 +466,7 @@ impl Node {
             if let Some(dev_number) = former_dev {
                 // md-cluster's re-add: RE_ADD, then gather every other node's bits (what
                 // they wrote while the member was out) so the recovery copies them too.
-                let mut readd = crate::cluster::ClusterMsg::new(crate::cluster::MsgType::ReAdd, m.slot);
+                let mut readd = crate::cluster::ClusterMsg::new(crate::cluster::MsgType::ReAdd, m.slot());
                 readd.raid_slot = dev_number;
                 message::publish_acked(to, readd, message::left(end))
                     .await
@@ -489,7 +475,7 @@ impl Node {
                 let Some((engine, members)) = self.raid_of(name) else {
                     return Err(self.err(Errno::Enoent, name, format!("array {name} is no longer active here")));
                 };
-                let marked = takeover::gather_slots(name, &engine, &members, m.slot, slots)
+                let marked = takeover::gather_slots(name, &engine, &members, m.slot(), slots)
                     .await
                     .map_err(|e| self.err(Errno::Eio, name, format!("gathering the other nodes' bitmaps for the re-add: {e}")))?;
                 tracing::info!(array = %name, device = %op.device, chunks = marked, "re-add: other slots' chunks marked for recovery");
@@ -509,7 +495,7 @@ impl Node {
                 .ok()
                 .and_then(Result::ok)
                 .unwrap_or([0xff; 16]);
-            let mut msg = crate::cluster::ClusterMsg::new(crate::cluster::MsgType::MetadataUpdated, m.slot);
+            let mut msg = crate::cluster::ClusterMsg::new(crate::cluster::MsgType::MetadataUpdated, m.slot());
             msg.raid_slot = dev_number;
             // Nonzero: this METADATA_UPDATED announces the device NEWDISK confirmed.
             msg.uuid = device_uuid;
@@ -522,7 +508,7 @@ impl Node {
                 // recovery copies it, or a resync right after it).
                 if let Some((engine, members)) = self.raid_of(name) {
                     let slots = lock(&self.meta).get(name).map_or(0, |x| x.slots);
-                    match takeover::gather_slots(name, &engine, &members, m.slot, slots).await {
+                    match takeover::gather_slots(name, &engine, &members, m.slot(), slots).await {
                         Ok(n) => {
                             // Marked before the token is released: the recovery, which
                             // needs the token to start, plans with them.

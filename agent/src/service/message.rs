@@ -1,10 +1,11 @@
 //! The acknowledged message round of a clustered array (RFC 0001 "Messages"): the
-//! sender side under the `token` lock, and the receiver side that applies what a
-//! message says.
+//! sender side under the `token` lock, and the runtime of the receiver, which carries
+//! out what the array's [`crate::cluster::Engine`] decides a message means here.
 //!
-//! Sender ([`round`]):
+//! Sender ([`round`], its steps decided by [`crate::cluster::round::Round`]):
 //! 1. take `md/<uuid>/token` exclusive, queued for at most the deadline (ETIMEDOUT
-//!    names the holder): one sender per array at a time, as md-cluster's token;
+//!    names the holder), this node's turn ([`ClusterArray::turn`]) first: one sender
+//!    per array at a time, as md-cluster's token;
 //! 2. run the caller's change (e.g. mark a member faulty and write the superblocks);
 //!    it may answer "nothing to do" (the re-check under the token);
 //! 3. publish the [`ClusterMsg`] on the array's channel with the time left of the
@@ -13,46 +14,40 @@
 //!    caller's rollback runs and the result is EIO naming every node and its reason;
 //! 5. release `token` (always, also on errors).
 //!
-//! Receiver ([`apply`]): a decoded message is applied to the running engine, and the
-//! result is the ack — `Err(reason)` is a negative ack. METADATA_UPDATED re-reads the
-//! superblock and applies role changes (a member faulty in the superblock is failed
-//! here too); RESYNCING installs the sender's window ([`Raid1::set_remote_resync_window`],
-//! sectors → bytes); REMOVE removes the member (`raid_slot` = its `dev_number`) here
-//! too; BITMAP_NEEDS_SYNC is handled by [`super::takeover::needs_sync`].
-//! NEWDISK ([`apply_on`]) names the new device by its device UUID (the sender wrote
-//! its superblock first; the sender's path is in the `token` lock's value block, a
-//! hint only): this node finds its own path of that device among the devices it may
-//! use (`--device-allow`), and acks only when it can open it and it is not a member
-//! here; the METADATA_UPDATED that follows attaches it (its superblock read, not
-//! written).
-//! A METADATA_UPDATED whose superblock has another size resizes this node's bitmap
-//! slot (and shrinks the capacity at once); CHANGE_CAPACITY shows a grown capacity
-//! ([`crate::array::reshape`]).
-//! RE_ADD (a re-add: NEWDISK, RE_ADD, the sender gathers every slot's bits, then
-//! METADATA_UPDATED attaches the member) is acked when the member is not active here.
-//! BITMAP_RESIZE (RAID10 reshapes only) and unknown types are answered with a negative
-//! ack naming the type, so a sender never believes a change was applied when it was
-//! not.
+//! Receiver ([`on_delivery`], [`apply`]): a delivered message goes to the engine of
+//! the array whose channel it came on, with this node's view of the array; the
+//! commands it answers are carried out here in order (re-read superblocks, fail or
+//! remove a member, attach a device, install a remote resync window, follow the size,
+//! find a NEWDISK's device, recover a slot) and its final [`Command::Ack`] or
+//! [`Command::Nack`] is the ack sent back. A command that fails here ends the round
+//! with [`Nack::Failed`] naming what failed.
+//!
+//! NEWDISK names the new device by its device UUID (the sender wrote its superblock
+//! first; the sender's path is in the `token` lock's value block, a hint only): this
+//! node finds its own path of that device among the devices it may use
+//! (`--device-allow`) and opens it ([`find_new_disk`]). Engine changes made on a
+//! message follow the sender ([`MetaWrite::Following`]): they write no superblock.
 
+use std::collections::VecDeque;
 use std::future::Future;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use crate::lockport::{Mode, Session, Wait};
+use crate::lockport::{LockClientError, Mode, Session, Wait};
 use mdcluster_proto::status::WireError;
 use mdcluster_proto::v1::Errno;
 use tokio::time::Instant;
 
-use super::{lock, Node};
+use super::cluster_array::ClusterArray;
+use super::Node;
 use crate::array::{reshape, AddHow};
-use crate::cluster::{channel, token_lock, ClusterMsg, MsgType};
+use crate::cluster::engine::{ArrayView, Command, Engine, Event, NewestSuperblock};
+use crate::cluster::round::{ChangeOutcome, Round, RoundEvent, RoundResult, RoundStep};
+use crate::cluster::{channel, token_lock, ClusterMsg, MsgType, Nack};
 use crate::format::io::{read_member_bounded, DeviceError, META_READ_TIMEOUT};
 use crate::format::superblock::ROLE_FAULTY;
 use crate::raid::{MemberState, MetaWrite, Raid1};
-
-/// The default deadline of one message round (md-cluster's `WAIT_DLM_LOCK_TIMEOUT`).
-pub const ROUND_DEADLINE: Duration = Duration::from_secs(30);
 
 /// What the change under the token decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +58,9 @@ pub enum Change {
     Unchanged,
 }
 
-fn lock_err(e: mdcluster_proto::lock_client::LockClientError, what: &str) -> WireError {
+/// A lock-service error met while doing `what`, as the wire error of the operation:
+/// the lock client's errno (EIO when it has none) and `what` in the message.
+pub fn lock_error(e: LockClientError, what: &str) -> WireError {
     let errno = match e.errno() {
         Errno::Unspecified => Errno::Eio,
         x => x,
@@ -78,15 +75,11 @@ pub struct Target<'a> {
     pub session: &'a Session,
     /// This node's name.
     pub node: &'a str,
-    /// The array's name here.
-    pub array: &'a str,
-    /// The array's UUID.
-    pub uuid: &'a [u8; 16],
+    /// The array.
+    pub array: &'a ClusterArray,
 }
 
-/// The `token` lock held by this node: the fencing token and this node's local turn.
-/// The lock service grants a second acquire of the same session at once (acquire is
-/// idempotent per session), so two tasks of one node are serialized here first.
+/// The `token` lock held by this node: the fencing token and this node's turn.
 #[derive(Debug)]
 pub struct TokenHold {
     /// The fencing token.
@@ -94,31 +87,21 @@ pub struct TokenHold {
     _local: tokio::sync::OwnedMutexGuard<()>,
 }
 
-/// Per array UUID, this node's turn on the token.
-type Turns = std::sync::Mutex<std::collections::HashMap<[u8; 16], Arc<tokio::sync::Mutex<()>>>>;
-
-/// This node's per-array turn on the token.
-fn local_turn(uuid: &[u8; 16]) -> Arc<tokio::sync::Mutex<()>> {
-    static TURNS: std::sync::OnceLock<Turns> = std::sync::OnceLock::new();
-    let map = TURNS.get_or_init(Default::default);
-    let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
-    m.entry(*uuid).or_default().clone()
-}
-
 /// Takes `to`'s array's `token` lock exclusive (this node's turn first), queued for at
 /// most `deadline` in all; ETIMEDOUT names the holder.
 pub async fn take_token(to: Target<'_>, deadline: Duration) -> Result<TokenHold, WireError> {
     let end = Instant::now() + deadline;
-    let res = token_lock(to.uuid);
-    let local = tokio::time::timeout(deadline, local_turn(to.uuid).lock_owned())
+    let name = to.array.name();
+    let res = token_lock(to.array.uuid());
+    let local = tokio::time::timeout(deadline, to.array.turn().clone().lock_owned())
         .await
         .map_err(|_| {
             WireError::new(
                 Errno::Etimedout,
-                format!("array {}", to.array),
+                format!("array {name}"),
                 format!(
-                    "node {}: another operation of this node held the token lock {res} of array {} for {deadline:?}; retry",
-                    to.node, to.array
+                    "node {}: another operation of this node held the token lock {res} of array {name} for {deadline:?}; retry",
+                    to.node
                 ),
             )
         })?;
@@ -127,11 +110,11 @@ pub async fn take_token(to: Target<'_>, deadline: Duration) -> Result<TokenHold,
         .acquire(&res, Mode::Exclusive, Wait::Queue(left(end)))
         .await
         .map_err(|e| {
-            lock_err(
+            lock_error(
                 e,
                 &format!(
-                    "node {}: taking the token lock {res} of array {}",
-                    to.node, to.array
+                    "node {}: taking the token lock {res} of array {name}",
+                    to.node
                 ),
             )
         })?;
@@ -144,9 +127,9 @@ pub async fn take_token(to: Target<'_>, deadline: Duration) -> Result<TokenHold,
 /// Releases the token taken by [`take_token`] (failures are logged: the lock goes
 /// with the session at the latest).
 pub async fn release_token(to: Target<'_>, hold: TokenHold) {
-    let res = token_lock(to.uuid);
+    let res = token_lock(to.array.uuid());
     if let Err(e) = to.session.release(&res, hold.token).await {
-        tracing::warn!(array = to.array, lock = %res, "release token: {e}");
+        tracing::warn!(array = to.array.name(), lock = %res, "release token: {e}");
     }
 }
 
@@ -162,13 +145,13 @@ pub async fn publish_acked(
         session,
         node,
         array,
-        uuid,
     } = to;
+    let array = array.name();
     let o = session
-        .publish(&channel(uuid), &msg.encode(), timeout)
+        .publish(&channel(to.array.uuid()), &msg.encode(), timeout)
         .await
         .map_err(|e| {
-            lock_err(
+            lock_error(
                 e,
                 &format!("node {node}: publishing {:?} for array {array}", msg.kind),
             )
@@ -207,8 +190,9 @@ pub fn left(end: Instant) -> Duration {
 }
 
 /// One acknowledged round for `to`'s array: token → `change` → publish `msg` → all
-/// acked, or `rollback` and EIO. See the module doc. `change` runs under the token:
-/// its engine calls write with [`crate::raid::MetaWrite::UnderToken`].
+/// acked, or `rollback` and EIO; the steps are [`Round`]'s. See the module doc.
+/// `change` runs under the token: its engine calls write with
+/// [`crate::raid::MetaWrite::UnderToken`].
 pub async fn round<C, R>(
     to: Target<'_>,
     msg: ClusterMsg,
@@ -221,110 +205,450 @@ where
     R: Future<Output = ()>,
 {
     let end = Instant::now() + deadline;
-    let token = take_token(to, deadline).await?;
-    let out = async {
-        if change.await? == Change::Unchanged {
-            return Ok(Change::Unchanged);
+    let mut state = Round::default();
+    let (mut change, mut rollback) = (Some(change), Some(rollback));
+    let mut hold = None;
+    let mut error: Option<WireError> = None;
+    let mut steps: VecDeque<RoundStep> = match take_token(to, deadline).await {
+        Ok(h) => {
+            hold = Some(h);
+            state.step(RoundEvent::Token { granted: true })
         }
-        match publish_acked(to, msg, left(end)).await {
-            Ok(()) => Ok(Change::Applied),
-            Err(mut e) => {
-                rollback.await;
-                e.message = format!(
-                    "{}; the change was rolled back where possible — check those nodes and retry",
-                    e.message
-                );
-                Err(e)
+        Err(e) => {
+            error = Some(e);
+            state.step(RoundEvent::Token { granted: false })
+        }
+    }
+    .into();
+    while let Some(step) = steps.pop_front() {
+        let next = match step {
+            RoundStep::RunChange => {
+                let outcome = match change.take() {
+                    Some(c) => match c.await {
+                        Ok(Change::Applied) => ChangeOutcome::Applied,
+                        Ok(Change::Unchanged) => ChangeOutcome::Unchanged,
+                        Err(e) => {
+                            error = Some(e);
+                            ChangeOutcome::Failed
+                        }
+                    },
+                    None => ChangeOutcome::Failed,
+                };
+                state.step(RoundEvent::Change(outcome))
             }
-        }
+            RoundStep::Publish => {
+                let all_acked = match publish_acked(to, msg, left(end)).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        error = Some(e);
+                        false
+                    }
+                };
+                state.step(RoundEvent::Published { all_acked })
+            }
+            RoundStep::Rollback => {
+                if let Some(r) = rollback.take() {
+                    r.await;
+                }
+                if let Some(e) = &mut error {
+                    e.message = format!(
+                        "{}; the change was rolled back where possible — check those nodes and retry",
+                        e.message
+                    );
+                }
+                Vec::new()
+            }
+            RoundStep::ReleaseToken => {
+                if let Some(h) = hold.take() {
+                    release_token(to, h).await;
+                }
+                Vec::new()
+            }
+            RoundStep::Done(result) => {
+                if let Some(h) = hold.take() {
+                    // Never reached by the steps' order; released all the same.
+                    release_token(to, h).await;
+                }
+                return match result {
+                    RoundResult::Applied => Ok(Change::Applied),
+                    RoundResult::Unchanged => Ok(Change::Unchanged),
+                    RoundResult::NoToken | RoundResult::ChangeFailed | RoundResult::NotAcked => {
+                        Err(error.unwrap_or_else(|| {
+                            WireError::new(
+                                Errno::Eio,
+                                format!("array {}", to.array.name()),
+                                format!(
+                                    "node {}: the {:?} round of array {} ended as {result:?}",
+                                    to.node,
+                                    msg.kind,
+                                    to.array.name()
+                                ),
+                            )
+                        }))
+                    }
+                };
+            }
+        };
+        steps.extend(next);
     }
-    .await;
-    release_token(to, token).await;
-    out
+    if let Some(h) = hold.take() {
+        release_token(to, h).await;
+    }
+    Err(error.unwrap_or_else(|| {
+        WireError::new(
+            Errno::Eio,
+            format!("array {}", to.array.name()),
+            format!(
+                "node {}: the {:?} round ended without a result",
+                to.node, msg.kind
+            ),
+        )
+    }))
 }
 
-/// Applies a received message to clustered array `name` on `node`: NEWDISK is
-/// confirmed here ([`newdisk`]), a METADATA_UPDATED that follows a confirmed NEWDISK
-/// attaches the new device, everything else goes to [`apply`]. `Err` is the negative
-/// ack's reason.
-pub async fn apply_on(node: &Arc<Node>, name: &str, msg: &ClusterMsg) -> Result<(), String> {
-    let me = node.name();
-    if msg.kind == MsgType::Newdisk {
-        return newdisk(node, name, msg).await;
-    }
-    let Some((raid, members)) = node.raid_of(name) else {
-        return Err(format!("node {me}: array {name} is not active here"));
-    };
-    if msg.kind == MsgType::ChangeCapacity {
-        return follow_size(node, name, &members, true).await;
-    }
-    // The sender wrote the superblocks: take them as they are on disk, then change the
-    // engine without writing (md's `md_reload_sb` + `check_sb_changes`).
-    if msg.kind == MsgType::MetadataUpdated {
-        reload(node, name).await?;
-    }
-    apply_following(node, name, &raid, &members, msg).await
-}
-
-async fn apply_following(
+/// A message delivered on `channel` by node `from`: decoded and applied to the array
+/// joined here whose channel it is ([`apply_on`]); a channel of no array joined here
+/// has nothing of ours to change (acked). `Err` is the negative ack.
+pub async fn on_delivery(
     node: &Arc<Node>,
-    name: &str,
+    channel_name: &str,
+    from: &str,
+    payload: &[u8],
+) -> Result<(), Nack> {
+    let joined = node
+        .cluster_arrays()
+        .into_iter()
+        .find(|a| channel(a.uuid()) == channel_name);
+    let msg = match ClusterMsg::decode(payload) {
+        Ok(msg) => msg,
+        Err(error) => {
+            let cmds = match &joined {
+                Some(a) => a.engine().handle(Event::Undecodable(error)),
+                None => Engine::new(node.name(), "").handle(Event::Undecodable(error)),
+            };
+            return match cmds.into_iter().next() {
+                Some(Command::Nack(n)) => Err(n),
+                _ => Ok(()),
+            };
+        }
+    };
+    tracing::info!(channel = %channel_name, from, ?msg, "cluster message");
+    match joined {
+        Some(a) => apply_on(node, &a, from, msg).await,
+        // Not joined (any more): nothing of ours to change.
+        None => Ok(()),
+    }
+}
+
+/// Applies message `msg` from node `from` to clustered array `arr` on `node`: its
+/// engine's commands, carried out in order (see the module doc). `Err` is the negative
+/// ack.
+pub async fn apply_on(
+    node: &Arc<Node>,
+    arr: &Arc<ClusterArray>,
+    from: &str,
+    msg: ClusterMsg,
+) -> Result<(), Nack> {
+    run(&Host::Node { node, arr }, from, msg).await
+}
+
+/// Applies `msg` to a bare RAID engine `raid` of array `array` (members `members`) on
+/// node `node`, without a node around it: no registry, no lock service, no state kept
+/// between messages. The commands that need those (re-reading the superblock copies,
+/// following the size, NEWDISK's device, attaching a device, recovering a slot) are
+/// not carried out; everything else is, as [`apply_on`] does. `Err` is the negative ack.
+pub async fn apply(
+    node: &str,
+    array: &str,
     raid: &Arc<Raid1>,
     members: &[PathBuf],
     msg: &ClusterMsg,
-) -> Result<(), String> {
-    let me = node.name();
-    apply(me, name, raid, members, msg).await?;
-    if msg.kind == MsgType::MetadataUpdated {
-        follow_size(node, name, members, false).await?;
-        // Only the METADATA_UPDATED of an add names the new device (its device UUID);
-        // any other one drops a confirmation whose add did not happen.
-        let pending = lock(&node.pending_disks).remove(name);
-        if let Some(path) = pending.filter(|_| msg.uuid != [0u8; 16]) {
+) -> Result<(), Nack> {
+    let host = Host::Raid {
+        node,
+        array,
+        raid,
+        members,
+        engine: Box::new(std::sync::Mutex::new(Engine::new(node, array))),
+    };
+    run(&host, "", *msg).await
+}
+
+/// Where a received message's commands are carried out.
+enum Host<'a> {
+    /// A clustered array joined on a node (its engine keeps state across messages).
+    Node {
+        node: &'a Arc<Node>,
+        arr: &'a Arc<ClusterArray>,
+    },
+    /// A bare RAID engine.
+    Raid {
+        node: &'a str,
+        array: &'a str,
+        raid: &'a Arc<Raid1>,
+        members: &'a [PathBuf],
+        engine: Box<std::sync::Mutex<Engine>>,
+    },
+}
+
+impl Host<'_> {
+    fn node_name(&self) -> &str {
+        match self {
+            Host::Node { node, .. } => node.name(),
+            Host::Raid { node, .. } => node,
+        }
+    }
+
+    fn array(&self) -> &str {
+        match self {
+            Host::Node { arr, .. } => arr.name(),
+            Host::Raid { array, .. } => array,
+        }
+    }
+
+    /// Feeds `event` to the engine (its lock never held across an await).
+    fn handle(&self, event: Event) -> Vec<Command> {
+        match self {
+            Host::Node { arr, .. } => arr.engine().handle(event),
+            Host::Raid { engine, .. } => engine
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .handle(event),
+        }
+    }
+
+    fn abort(&self) {
+        match self {
+            Host::Node { arr, .. } => arr.engine().abort(),
+            Host::Raid { engine, .. } => engine.lock().unwrap_or_else(|e| e.into_inner()).abort(),
+        }
+    }
+
+    /// The running engine and its member paths.
+    fn raid(&self) -> Result<(Arc<Raid1>, Vec<PathBuf>), Nack> {
+        match self {
+            Host::Node { node, arr } => node.raid_of(arr.name()).ok_or_else(|| self.not_active()),
+            Host::Raid { raid, members, .. } => Ok(((*raid).clone(), members.to_vec())),
+        }
+    }
+
+    fn view(&self) -> Option<ArrayView> {
+        self.raid()
+            .ok()
+            .map(|(raid, _)| ArrayView::of(&raid.status()))
+    }
+
+    fn failed(&self, what: &str, error: impl ToString) -> Nack {
+        Nack::Failed {
+            node: self.node_name().to_owned(),
+            array: self.array().to_owned(),
+            what: what.to_owned(),
+            error: error.to_string(),
+        }
+    }
+
+    fn not_active(&self) -> Nack {
+        Nack::NotActive {
+            node: self.node_name().to_owned(),
+            array: self.array().to_owned(),
+        }
+    }
+}
+
+/// The receiver loop: the message to the engine, then each command carried out in
+/// order, each answer back to the engine, until an ack or a nack.
+async fn run(host: &Host<'_>, from: &str, msg: ClusterMsg) -> Result<(), Nack> {
+    let mut queue: VecDeque<Command> = host
+        .handle(Event::Message {
+            msg,
+            from: from.to_owned(),
+            view: host.view(),
+        })
+        .into();
+    while let Some(cmd) = queue.pop_front() {
+        match execute(host, cmd).await {
+            Ok(Step::Done(r)) => return r,
+            Ok(Step::Next) => {}
+            Ok(Step::Answer(ev)) => queue.extend(host.handle(ev)),
+            Err(n) => {
+                host.abort();
+                return Err(n);
+            }
+        }
+    }
+    Err(host.failed("applying a message", "the engine gave no answer"))
+}
+
+/// What carrying out one command led to.
+enum Step {
+    /// Go on with the next command.
+    Next,
+    /// The engine's question answered: feed it this event.
+    Answer(Event),
+    /// The ack to send.
+    Done(Result<(), Nack>),
+}
+
+/// Carries out one engine command against the RAID engine and the lock client.
+async fn execute(host: &Host<'_>, cmd: Command) -> Result<Step, Nack> {
+    let name = host.array();
+    let needs_node = |what: &str| {
+        host.failed(
+            what,
+            "needs the node's registry and lock service, which a bare engine has not",
+        )
+    };
+    match cmd {
+        Command::Ack => Ok(Step::Done(Ok(()))),
+        Command::Nack(n) => Ok(Step::Done(Err(n))),
+        Command::ReloadSuperblocks { skip } => {
+            // A bare engine's caller keeps its superblock copies itself.
+            if let Host::Node { node, .. } = host {
+                reload(node, name, skip)
+                    .await
+                    .map_err(|e| host.failed("re-reading the superblocks", e))?;
+            }
+            Ok(Step::Next)
+        }
+        Command::ReadNewestSuperblock { skip } => {
+            let (raid, members) = host.raid()?;
+            let sb = newest_superblock(host.node_name(), name, &members, &skip)
+                .await
+                .map_err(|e| host.failed("reading the superblock", e))?;
+            let faulty = (0..sb.dev_roles.len())
+                .filter(|&i| sb.dev_roles[i] == ROLE_FAULTY)
+                .map(|i| i as u32)
+                .collect();
+            Ok(Step::Answer(Event::Superblock {
+                sb: NewestSuperblock {
+                    raid_disks: sb.raid_disks,
+                    size: sb.size,
+                    faulty,
+                },
+                view: ArrayView::of(&raid.status()),
+            }))
+        }
+        Command::GrowRaidDisks(n) => {
+            let (raid, _) = host.raid()?;
+            raid.grow_raid_disks(n, MetaWrite::Following)
+                .await
+                .map_err(|e| host.failed(&format!("growing to {n} raid disks"), e))?;
+            Ok(Step::Next)
+        }
+        Command::FailMember { path } => {
+            let (raid, _) = host.raid()?;
+            tracing::warn!(array = name, member = %path.display(), "faulty in the superblock: failing it here too");
+            raid.fail_by_path(&path, MetaWrite::Following)
+                .await
+                .map_err(|e| host.failed(&format!("failing {}", path.display()), e))?;
+            Ok(Step::Next)
+        }
+        Command::FollowSize { sectors, expose } => {
+            let Host::Node { node, .. } = host else {
+                // A bare engine's size is its caller's.
+                return Ok(Step::Next);
+            };
             let Some((_, service)) = node.info(name) else {
-                return Err(format!("node {me}: array {name} is not active here"));
+                return Err(host.not_active());
+            };
+            let (raid, att) = service
+                .registry()
+                .active_parts(name)
+                .map_err(|e| host.failed("following the new size", e))?;
+            reshape::follow(&raid, &att, sectors, expose)
+                .await
+                .map_err(|e| host.failed("following the new size", e))?;
+            Ok(Step::Next)
+        }
+        Command::FindNewDisk { device_uuid } => {
+            let Host::Node { node, arr } = host else {
+                return Err(needs_node("NEWDISK"));
+            };
+            let path = find_new_disk(node, arr, device_uuid).await?;
+            Ok(Step::Answer(Event::NewDiskFound {
+                path,
+                view: host.view(),
+            }))
+        }
+        Command::AttachDevice { path } => {
+            let Host::Node { node, .. } = host else {
+                return Err(needs_node("attaching a device"));
+            };
+            let Some((_, service)) = node.info(name) else {
+                return Err(host.not_active());
             };
             let added = service
                 .registry()
                 .add_member_with(name, &path, AddHow::Attach, MetaWrite::Following)
                 .await
                 .map_err(|e| {
-                    format!(
-                        "node {me}: array {name}: attaching the new device {}: {e}",
-                        path.display()
-                    )
+                    host.failed(&format!("attaching the new device {}", path.display()), e)
                 })?;
+            let (raid, _) = host.raid()?;
             let recovering = raid
                 .status()
                 .members
                 .get(added.index)
                 .is_some_and(|m| matches!(m.state, MemberState::Recovering { .. }));
-            if recovering {
-                // The sender recovers it; this node waits (PENDING) unless it dies.
-                lock(&node.remote_recovery).insert(name.to_owned(), msg.slot);
+            Ok(Step::Answer(Event::Attached { recovering }))
+        }
+        Command::RemoveMember { path } => {
+            let (raid, _) = host.raid()?;
+            let done = raid
+                .remove_by_path(&path, MetaWrite::Following)
+                .await
+                .map_err(|e| host.failed(&format!("removing {}", path.display()), e))?;
+            Ok(Step::Answer(Event::Removed(done)))
+        }
+        Command::SetRemoteWindow(window) => {
+            // Acknowledged once this node's writes in flight into the window ended.
+            let (raid, _) = host.raid()?;
+            raid.set_remote_resync_window(window)
+                .await
+                .map_err(|e| host.failed("installing the remote resync window", e))?;
+            Ok(Step::Next)
+        }
+        Command::RecoverSlotWhenReleased { slot, from } => {
+            let Host::Node { node, arr } = host else {
+                tracing::warn!(
+                    array = name,
+                    slot,
+                    "BITMAP_NEEDS_SYNC from {from}: a bare engine recovers no slot"
+                );
+                return Ok(Step::Next);
+            };
+            match node.session() {
+                Some(session) => {
+                    tokio::spawn(super::takeover::needs_sync(
+                        (*node).clone(),
+                        session,
+                        (*arr).clone(),
+                        slot,
+                        from,
+                    ));
+                }
+                None => {
+                    tracing::warn!(array = name, slot, "BITMAP_NEEDS_SYNC from {from}: no session with mdserver; the slot is recovered when a node sees it dirty")
+                }
             }
+            Ok(Step::Next)
         }
     }
-    Ok(())
 }
 
-/// Re-reads the members' superblocks into this node's copies (another node wrote them).
-async fn reload(node: &Arc<Node>, name: &str) -> Result<(), String> {
-    let me = node.name();
+/// Re-reads the members' superblocks into this node's copies (another node wrote
+/// them), skipping the engine indexes `skip`.
+async fn reload(node: &Arc<Node>, name: &str, skip: Vec<usize>) -> Result<(), String> {
     let Some(att) = node
         .find(name)
         .and_then(|service| service.registry().attachment(name))
     else {
-        return Err(format!("node {me}: array {name} is not here"));
+        return Err("the array is not here".to_owned());
     };
-    let faulty = node
-        .raid_of(name)
-        .map(|(raid, _)| faulty_members(&raid))
-        .unwrap_or_default();
-    tokio::task::spawn_blocking(move || att.reload(&faulty))
+    tokio::task::spawn_blocking(move || att.reload(&skip))
         .await
-        .map_err(|e| format!("node {me}: array {name}: reload task failed: {e}"))?
-        .map_err(|e| format!("node {me}: array {name}: re-reading the superblocks: {e}"))
+        .map_err(|e| format!("reload task failed: {e}"))?
+        .map_err(|e| e.to_string())
 }
 
 /// [`crate::raid::MetaGate`] of a clustered array: the engine's superblock writes go
@@ -332,16 +656,16 @@ async fn reload(node: &Arc<Node>, name: &str) -> Result<(), String> {
 /// once the token is held), and are announced with METADATA_UPDATED (md-cluster's
 /// `metadata_update_start/finish`).
 pub struct MetaRound {
-    node: std::sync::Weak<Node>,
-    array: String,
+    node: Weak<Node>,
+    array: Weak<ClusterArray>,
 }
 
 impl MetaRound {
-    /// The gate of array `array` on `node`.
-    pub fn new(node: &Arc<Node>, array: &str) -> MetaRound {
+    /// The gate of clustered array `array` on `node`.
+    pub fn new(node: &Arc<Node>, array: &Arc<ClusterArray>) -> MetaRound {
         MetaRound {
             node: Arc::downgrade(node),
-            array: array.to_owned(),
+            array: Arc::downgrade(array),
         }
     }
 }
@@ -353,42 +677,53 @@ impl crate::raid::MetaGate for MetaRound {
         write: crate::blockdev::IoFuture<'a, ()>,
     ) -> crate::blockdev::IoFuture<'a, ()> {
         Box::pin(async move {
-            let Some(node) = self.node.upgrade() else {
+            let (Some(node), Some(arr)) = (self.node.upgrade(), self.array.upgrade()) else {
                 return write.await;
             };
-            let (Some(session), Some(m)) =
-                (node.session(), lock(&node.held).get(&self.array).cloned())
-            else {
-                tracing::warn!(array = %self.array, what, "superblock write without the token: no session or slot");
+            let name = arr.name();
+            let Some(session) = node.session() else {
+                tracing::warn!(
+                    array = name,
+                    what,
+                    "superblock write without the token: no session"
+                );
                 return write.await;
             };
-            let to = Target {
-                session: &session,
-                node: node.name(),
-                array: &self.array,
-                uuid: &m.uuid,
-            };
-            let end = Instant::now() + ROUND_DEADLINE;
-            let hold = match take_token(to, ROUND_DEADLINE).await {
+            let to = arr.target(&session, node.name());
+            let deadline = node.timings().round_deadline;
+            let end = Instant::now() + deadline;
+            let hold = match take_token(to, deadline).await {
                 Ok(h) => Some(h),
                 Err(e) => {
-                    tracing::error!(array = %self.array, what, "superblock write without the token: {e}");
+                    tracing::error!(
+                        array = name,
+                        what,
+                        "superblock write without the token: {e}"
+                    );
                     None
                 }
             };
             if hold.is_some() {
                 // Under the token nobody else writes the superblocks: start from what
                 // is on disk (this node may have missed a METADATA_UPDATED).
-                if let Err(e) = reload(&node, &self.array).await {
-                    tracing::warn!(array = %self.array, what, "re-reading the superblocks before writing: {e}");
+                let skip = node
+                    .raid_of(name)
+                    .map(|(raid, _)| ArrayView::of(&raid.status()).out_indexes())
+                    .unwrap_or_default();
+                if let Err(e) = reload(&node, name, skip).await {
+                    tracing::warn!(
+                        array = name,
+                        what,
+                        "re-reading the superblocks before writing: {e}"
+                    );
                 }
             }
             let out = write.await;
             if let Some(hold) = hold {
                 if out.is_ok() {
-                    let msg = ClusterMsg::new(MsgType::MetadataUpdated, m.slot);
+                    let msg = ClusterMsg::new(MsgType::MetadataUpdated, arr.slot());
                     if let Err(e) = publish_acked(to, msg, left(end)).await {
-                        tracing::warn!(array = %self.array, what, "superblock written; {e}");
+                        tracing::warn!(array = name, what, "superblock written; {e}");
                     }
                 }
                 release_token(to, hold).await;
@@ -396,57 +731,6 @@ impl crate::raid::MetaGate for MetaRound {
             out
         })
     }
-}
-
-/// The size in the newest superblock, followed here ([`reshape::follow`]): the bitmap
-/// slot resized, a smaller capacity at once, a larger one at CHANGE_CAPACITY
-/// (`expose`).
-async fn follow_size(
-    node: &Arc<Node>,
-    name: &str,
-    members: &[PathBuf],
-    expose: bool,
-) -> Result<(), String> {
-    let me = node.name();
-    let skip = node
-        .raid_of(name)
-        .map(|(raid, _)| faulty_paths(&raid))
-        .unwrap_or_default();
-    let sb = newest_superblock(me, name, members, &skip).await?;
-    let Some((_, service)) = node.info(name) else {
-        return Err(format!("node {me}: array {name} is not active here"));
-    };
-    let (raid, att) = service
-        .registry()
-        .active_parts(name)
-        .map_err(|e| format!("node {me}: {e}"))?;
-    reshape::follow(&raid, &att, sb.size, expose)
-        .await
-        .map(|_| ())
-        .map_err(|e| format!("node {me}: following the new size: {e}"))
-}
-
-/// The superblock with the highest `events` among `members` (a member just failed is
-/// not written any more).
-/// Engine indexes of the members `raid` has as Faulty (or removed).
-fn faulty_members(raid: &Raid1) -> Vec<usize> {
-    raid.status()
-        .members
-        .iter()
-        .enumerate()
-        .filter(|(_, m)| m.state == MemberState::Faulty || m.removed)
-        .map(|(i, _)| i)
-        .collect()
-}
-
-/// Paths of the members `raid` has as Faulty (or removed).
-fn faulty_paths(raid: &Raid1) -> Vec<PathBuf> {
-    raid.status()
-        .members
-        .iter()
-        .filter(|m| m.state == MemberState::Faulty || m.removed)
-        .map(|m| PathBuf::from(&m.path))
-        .collect()
 }
 
 /// The superblock with the most events among `members`, skipping those in `skip` (the
@@ -482,39 +766,53 @@ async fn newest_superblock(
     .map_err(|e| format!("node {node}: array {array}: reading the superblock: {e}"))
 }
 
-/// NEWDISK: the message carries the new device's device UUID (md-cluster's
-/// `cmsg.uuid`); the sender wrote its own path into the `token` lock's value block.
-/// This node finds its own path of that device among the devices it may use
-/// (`--device-allow`, [`crate::array::scan::find_device`]; the sender's path first, if
-/// allowed here), confirms it can open it and that it is not a member here, then
-/// remembers it for the METADATA_UPDATED that follows. A NEWDISK without a device UUID
-/// (an older sender) names the device by the sender's path only.
-async fn newdisk(node: &Arc<Node>, name: &str, msg: &ClusterMsg) -> Result<(), String> {
-    let me = node.name();
-    let Some(m) = node.membership(name) else {
-        return Err(format!("node {me}: array {name} is not joined here"));
-    };
+fn failed(node: &Node, arr: &ClusterArray, what: &str, error: impl ToString) -> Nack {
+    Nack::Failed {
+        node: node.name().to_owned(),
+        array: arr.name().to_owned(),
+        what: what.to_owned(),
+        error: error.to_string(),
+    }
+}
+
+/// NEWDISK's device here: the message carries the new device's device UUID
+/// (md-cluster's `cmsg.uuid`); the sender wrote its own path into the `token` lock's
+/// value block. This node finds its own path of that device among the devices it may
+/// use (`--device-allow`, [`crate::array::scan::find_device`]; the sender's path first,
+/// if allowed here) and confirms it can open it. A NEWDISK without a device UUID (an
+/// older sender) names the device by the sender's path only.
+async fn find_new_disk(
+    node: &Arc<Node>,
+    arr: &ClusterArray,
+    device_uuid: [u8; 16],
+) -> Result<PathBuf, Nack> {
+    let name = arr.name();
     let Some(session) = node.session() else {
-        return Err(format!("node {me}: no session with mdserver"));
+        return Err(Nack::NoSession {
+            node: node.name().to_owned(),
+        });
     };
     let (value, _) = session
-        .read_value(&token_lock(&m.uuid))
+        .read_value(&token_lock(arr.uuid()))
         .await
-        .map_err(|e| format!("node {me}: reading the new device's path: {e}"))?;
+        .map_err(|e| failed(node, arr, "reading the new device's path", e))?;
     let sender_path = String::from_utf8(value)
         .ok()
         .filter(|p| !p.is_empty())
         .map(PathBuf::from);
-    let path = if msg.uuid == [0u8; 16] {
-        let path = sender_path.ok_or_else(|| {
-            format!("node {me}: NEWDISK without a device path in the token value")
+    let path = if device_uuid == [0u8; 16] {
+        let path = sender_path.ok_or_else(|| Nack::Failed {
+            node: node.name().to_owned(),
+            array: name.to_owned(),
+            what: "NEWDISK".into(),
+            error: "no device UUID and no device path in the token value".into(),
         })?;
         node.check_allowed(name, std::slice::from_ref(&path))
-            .map_err(|e| e.message)?;
+            .map_err(|e| failed(node, arr, "NEWDISK", e.message))?;
         path
     } else {
         let allow = node.cfg.registry.device_allow.clone();
-        let (array, device) = (m.uuid, msg.uuid);
+        let array = *arr.uuid();
         let preferred: Vec<PathBuf> = sender_path.into_iter().collect();
         tokio::task::spawn_blocking(move || {
             if allow.allows_any() {
@@ -522,156 +820,30 @@ async fn newdisk(node: &Arc<Node>, name: &str, msg: &ClusterMsg) -> Result<(), S
                 return preferred
                     .into_iter()
                     .find(|p| {
-                        crate::array::scan::read_superblock(p)
-                            .is_some_and(|sb| sb.set_uuid == array && sb.device_uuid == device)
+                        crate::array::scan::read_superblock(p).is_some_and(|sb| {
+                            sb.set_uuid == array && sb.device_uuid == device_uuid
+                        })
                     })
                     .ok_or_else(|| {
                         format!(
                             "the device with device UUID {} is not at the sender's path here, and there is no --device-allow pattern to look for it",
-                            crate::format::fmt_uuid(&device)
+                            crate::format::fmt_uuid(&device_uuid)
                         )
                     });
             }
-            crate::array::scan::find_device(&array, &device, &allow, &preferred)
+            crate::array::scan::find_device(&array, &device_uuid, &allow, &preferred)
                 .map_err(|e| e.to_string())
         })
         .await
-        .map_err(|e| format!("node {me}: device scan task failed: {e}"))?
-        .map_err(|e| format!("node {me}: array {name}: NEWDISK: {e}"))?
+        .map_err(|e| failed(node, arr, "NEWDISK: device scan task", e))?
+        .map_err(|e| failed(node, arr, "NEWDISK", e))?
     };
     let p = path.clone();
     tokio::task::spawn_blocking(move || crate::format::io::MetaDev::open(&p, true).map(|_| ()))
         .await
-        .map_err(|e| format!("node {me}: open task failed: {e}"))?
-        .map_err(|e| format!("node {me}: {e}"))?;
-    if let Some((raid, _)) = node.raid_of(name) {
-        let here =
-            raid.status().members.iter().any(|x| {
-                !x.removed && x.state != MemberState::Faulty && Path::new(&x.path) == path
-            });
-        if here {
-            return Err(format!(
-                "node {me}: {} is already a member of {name} here",
-                path.display()
-            ));
-        }
-    }
-    lock(&node.pending_disks).insert(name.to_owned(), path);
-    Ok(())
-}
-
-/// Applies a received message to array `array`'s engine `raid` (members `members`);
-/// `Err` is the negative ack's reason.
-pub async fn apply(
-    node: &str,
-    array: &str,
-    raid: &Raid1,
-    members: &[PathBuf],
-    msg: &ClusterMsg,
-) -> Result<(), String> {
-    match msg.kind {
-        MsgType::MetadataUpdated => metadata_updated(node, array, raid, members).await,
-        MsgType::Resyncing => {
-            // Acknowledged once this node's writes in flight into the window ended.
-            // Sectors from another node: checked before they become byte offsets.
-            let window = if msg.high == 0 {
-                None
-            } else {
-                match (msg.low.checked_mul(512), msg.high.checked_mul(512)) {
-                    (Some(lo), Some(hi)) => Some((lo, hi)),
-                    _ => {
-                        return Err(format!(
-                            "node {node}: array {array}: RESYNCING window {}..{} sectors does not fit 64-bit byte offsets",
-                            msg.low, msg.high
-                        ))
-                    }
-                }
-            };
-            raid.set_remote_resync_window(window)
-                .await
-                .map_err(|e| format!("node {node}: {e}"))
-        }
-        MsgType::BitmapNeedsSync | MsgType::ResyncingStart => Ok(()),
-        MsgType::Remove => remove(node, array, raid, msg.raid_slot).await,
-        MsgType::ReAdd => readd(node, array, raid, msg.raid_slot),
-        other => Err(format!(
-            "node {node}: array {array}: {other:?} is not supported by this mdagent yet"
-        )),
-    }
-}
-
-/// RE_ADD(dev_number): the sender brings a former member back (md's
-/// `process_readd_disk`); here it must not be an active member (it was failed and
-/// removed on every node), and the METADATA_UPDATED that follows attaches it.
-fn readd(node: &str, array: &str, raid: &Raid1, dev_number: u32) -> Result<(), String> {
-    let status = raid.status();
-    match status
-        .members
-        .iter()
-        .find(|m| m.dev_number == dev_number && !m.removed)
-    {
-        Some(m) if m.state != MemberState::Faulty => Err(format!(
-            "node {node}: array {array}: member {} (device {dev_number}) is active here ({:?}); it cannot be re-added",
-            m.path, m.state
-        )),
-        _ => Ok(()),
-    }
-}
-
-/// REMOVE(dev_number): remove that member here too (it is faulty or a spare here, as
-/// on the sender, whose METADATA_UPDATED came first). Already gone: nothing to do.
-async fn remove(node: &str, array: &str, raid: &Raid1, dev_number: u32) -> Result<(), String> {
-    let status = raid.status();
-    let Some(m) = status
-        .members
-        .iter()
-        .find(|m| m.dev_number == dev_number && !m.removed)
-    else {
-        return Ok(());
-    };
-    match raid
-        .remove_by_path(Path::new(&m.path), MetaWrite::Following)
-        .await
-    {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(format!(
-            "node {node}: array {array}: member {} (device {dev_number}) is active here ({:?}), not faulty; not removing it",
-            m.path, m.state
-        )),
-        Err(e) => Err(format!("node {node}: array {array}: removing {}: {e}", m.path)),
-    }
-}
-
-/// METADATA_UPDATED: read the newest superblock of the members, grow the number of
-/// roles to its `raid_disks`, and fail here every member that is faulty there.
-async fn metadata_updated(
-    node: &str,
-    array: &str,
-    raid: &Raid1,
-    members: &[PathBuf],
-) -> Result<(), String> {
-    let sb = newest_superblock(node, array, members, &faulty_paths(raid)).await?;
-    if sb.raid_disks > raid.raid_disks() {
-        raid.grow_raid_disks(sb.raid_disks, MetaWrite::Following)
-            .await
-            .map_err(|e| {
-                format!(
-                    "node {node}: array {array}: growing to {} raid disks: {e}",
-                    sb.raid_disks
-                )
-            })?;
-    }
-    let status = raid.status();
-    for m in &status.members {
-        let faulty = sb.dev_roles.get(m.dev_number as usize).copied() == Some(ROLE_FAULTY);
-        if faulty && m.state != MemberState::Faulty {
-            tracing::warn!(array, member = %m.path, "faulty in the superblock: failing it here too");
-            raid.fail_by_path(Path::new(&m.path), MetaWrite::Following)
-                .await
-                .map_err(|e| format!("node {node}: array {array}: failing {}: {e}", m.path))?;
-        }
-    }
-    Ok(())
+        .map_err(|e| failed(node, arr, "NEWDISK: open task", e))?
+        .map_err(|e| failed(node, arr, "NEWDISK", e))?;
+    Ok(path)
 }
 
 #[cfg(test)]

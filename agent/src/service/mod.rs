@@ -34,9 +34,13 @@
 //!   teardown of the arrays of a lost session.
 //! - [`reshape`]: size and bitmap changes (`mdctl grow --size`, `--bitmap`).
 //! - [`grpc`]: the tonic `AgentService` over a [`Node`].
+//! - [`cluster_array`]: [`ClusterArray`], the handle of one joined clustered array
+//!   (membership, the cluster engine's state, the token turn); the node keeps one per
+//!   joined array.
 //! - [`join`]: clustered join/leave with slot locks (RFC 0001 "Join", "Leave").
 //! - [`message`]: the token lock and the acknowledged message round (sender and
-//!   receiver; RFC 0001 "Messages").
+//!   receiver, which carries out the [`crate::cluster::Engine`]'s commands; RFC 0001
+//!   "Messages").
 //! - [`events`]: the event stream.
 //! - [`mdstat_file`]: `<run-dir>/proc/mdstat` kept current for node_exporter.
 //! - [`resync`]: one node resyncs at a time (the `resync` lock and RESYNCING windows).
@@ -44,6 +48,7 @@
 //! - [`takeover`]: a survivor recovers a failed node's bitmap slot (RFC 0001 "Node
 //!   failure and slot recovery").
 
+pub mod cluster_array;
 pub mod events;
 pub mod grpc;
 pub mod join;
@@ -75,6 +80,7 @@ use crate::fence::FenceGate;
 use crate::format::io::{read_member, DeviceError, Member};
 use crate::nbd::ServerConfig;
 use crate::raid::SpeedLimits;
+use cluster_array::ClusterArray;
 
 /// How long an array listed for rejoin keeps retrying a transient EBUSY at start.
 pub const REJOIN_RETRY: Duration = Duration::from_secs(15);
@@ -103,6 +109,8 @@ pub struct NodeConfig {
     /// How long I/O of a fenced clustered array waits for the session to be renewed
     /// before it fails with EIO ([`crate::fence`]).
     pub suspend_io_timeout: Duration,
+    /// The cluster protocol's deadlines and periods.
+    pub timings: crate::cluster::Timings,
 }
 
 /// What the superblock said when an array was assembled here.
@@ -130,8 +138,9 @@ pub struct Node {
     /// Arrays with a create/assemble/stop running, and which.
     busy: Mutex<HashMap<String, &'static str>>,
     meta: Mutex<HashMap<String, Meta>>,
-    /// Slot locks held by clustered arrays.
-    held: Mutex<HashMap<String, join::Membership>>,
+    /// The clustered arrays joined here (each holds its slot lock's membership and
+    /// its cluster state), by name.
+    clustered: Mutex<HashMap<String, Arc<ClusterArray>>>,
     /// What the engine watcher last saw per array ([`events`]).
     seen: Mutex<HashMap<String, events::Seen>>,
     speed: Mutex<SpeedLimits>,
@@ -142,12 +151,6 @@ pub struct Node {
     session: Mutex<Option<Arc<Session>>>,
     /// The fence gate of every clustered array's member I/O, fed from `session`.
     fence: Arc<FenceGate>,
-    /// Per array, a device another node announced with NEWDISK and this node
-    /// confirmed; attached at the METADATA_UPDATED that follows.
-    pending_disks: Mutex<HashMap<String, PathBuf>>,
-    /// Per array, the bitmap slot of the node that added a member attached here as
-    /// recovering: that node recovers it while it lives ([`resync`]).
-    remote_recovery: Mutex<HashMap<String, u32>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -215,14 +218,12 @@ impl Node {
             service: OnceLock::new(),
             busy: Mutex::new(HashMap::new()),
             meta: Mutex::new(HashMap::new()),
-            held: Mutex::new(HashMap::new()),
+            clustered: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
             speed: Mutex::new(speed),
             events: broadcast::channel(EVENT_CAPACITY).0,
             recent: Mutex::new(std::collections::VecDeque::with_capacity(RECENT_CAPACITY)),
             session: Mutex::new(None),
-            pending_disks: Mutex::new(HashMap::new()),
-            remote_recovery: Mutex::new(HashMap::new()),
         })
     }
 
@@ -255,19 +256,30 @@ impl Node {
 
     /// The clustered arrays joined here: name, membership, slot count.
     pub fn memberships(&self) -> Vec<(String, join::Membership, u32)> {
-        let held = lock(&self.held).clone();
-        let meta = lock(&self.meta);
-        held.into_iter()
-            .map(|(n, m)| {
-                let slots = meta.get(&n).map_or(0, |x| x.slots);
-                (n, m, slots)
-            })
+        self.cluster_arrays()
+            .into_iter()
+            .map(|a| (a.name().to_owned(), a.membership().clone(), a.slots()))
             .collect()
     }
 
     /// The membership of clustered array `name` here, if joined.
     pub fn membership(&self, name: &str) -> Option<join::Membership> {
-        lock(&self.held).get(name).cloned()
+        self.cluster(name).map(|a| a.membership().clone())
+    }
+
+    /// The handle of clustered array `name`, if joined here.
+    pub fn cluster(&self, name: &str) -> Option<Arc<ClusterArray>> {
+        lock(&self.clustered).get(name).cloned()
+    }
+
+    /// Every clustered array joined here.
+    pub fn cluster_arrays(&self) -> Vec<Arc<ClusterArray>> {
+        lock(&self.clustered).values().cloned().collect()
+    }
+
+    /// The cluster protocol's timings on this node.
+    pub fn timings(&self) -> &crate::cluster::Timings {
+        &self.cfg.timings
     }
 
     /// The engine and member paths of an active array.

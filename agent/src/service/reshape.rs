@@ -22,7 +22,7 @@ use std::sync::Arc;
 use mdcluster_proto::status::WireError;
 use mdcluster_proto::v1::Errno;
 
-use super::message::{self, Target};
+use super::message;
 use super::{errno_from_name, lock, Node};
 use crate::array::{reshape, ArrayError};
 use crate::cluster::slot_lock;
@@ -86,21 +86,16 @@ impl Node {
             }
             return Ok(());
         }
-        let (Some(m), Some(session)) = (lock(&self.held).get(name).cloned(), self.session()) else {
+        let (Some(m), Some(session)) = (self.cluster(name), self.session()) else {
             return Err(self.err(
                 Errno::Eio,
                 name,
                 "a clustered array needs a session with mdserver and a bitmap slot; this node has none",
             ));
         };
-        let to = Target {
-            session: &session,
-            node: &self.cfg.node,
-            array: name,
-            uuid: &m.uuid,
-        };
-        let end = tokio::time::Instant::now() + message::ROUND_DEADLINE;
-        let hold = message::take_token(to, message::ROUND_DEADLINE).await?;
+        let to = m.target(&session, &self.cfg.node);
+        let end = tokio::time::Instant::now() + self.cfg.timings.round_deadline;
+        let hold = message::take_token(to, self.cfg.timings.round_deadline).await?;
         let out = async {
             // Under the token: the size now (another node may have changed it).
             let old = att.size_sectors();
@@ -117,16 +112,16 @@ impl Node {
                     .await
                     .map_err(|e| self.array_err(name, e))?;
             }
-            let mut updated = ClusterMsg::new(MsgType::MetadataUpdated, m.slot);
+            let mut updated = ClusterMsg::new(MsgType::MetadataUpdated, m.slot());
             updated.high = sectors;
             if let Err(e) = message::publish_acked(to, updated, message::left(end)).await {
                 if grows {
                     reshape::undo_grow(&raid, &att, old, MetaWrite::UnderToken).await;
-                    let mut back = ClusterMsg::new(MsgType::MetadataUpdated, m.slot);
+                    let mut back = ClusterMsg::new(MsgType::MetadataUpdated, m.slot());
                     back.high = old;
                     // Its own deadline: the first round may have used all of ours.
                     if let Err(e2) =
-                        message::publish_acked(to, back, message::ROUND_DEADLINE).await
+                        message::publish_acked(to, back, self.cfg.timings.round_deadline).await
                     {
                         tracing::error!(array = %name, "taking the other nodes back to the old size: {e2}");
                     }
@@ -145,7 +140,7 @@ impl Node {
             // Slots no node holds follow too (under their lock, no-queue): a node that
             // joins later, or takes one over, reads them at the new size.
             self.resize_free_slots(&session, name, &m, sectors).await;
-            let mut capacity = ClusterMsg::new(MsgType::ChangeCapacity, m.slot);
+            let mut capacity = ClusterMsg::new(MsgType::ChangeCapacity, m.slot());
             capacity.high = sectors;
             let shown = message::publish_acked(to, capacity, message::left(end)).await;
             // The superblocks and every acked node have the new size: show it here too.
@@ -171,30 +166,31 @@ impl Node {
         &self,
         session: &crate::lockport::Session,
         name: &str,
-        m: &super::join::Membership,
+        m: &super::cluster_array::ClusterArray,
         sectors: u64,
     ) {
         let slots = lock(&self.meta).get(name).map_or(0, |x| x.slots);
         let members = self.raid_of(name).map(|(_, p)| p).unwrap_or_default();
-        for s in (0..slots).filter(|&s| s != m.slot) {
+        for s in (0..slots).filter(|&s| s != m.slot()) {
             // A slot with dirty bits belongs to a node that died or left dirty: its
             // takeover (which must get the lock) brings it back; not ours to touch.
             let paths = members.clone();
-            let dirty = tokio::task::spawn_blocking(move || super::takeover::slot_dirty(&paths, s))
-                .await
-                .unwrap_or(true);
+            let dirty =
+                tokio::task::spawn_blocking(move || crate::format::slots::is_dirty(&paths, s))
+                    .await
+                    .unwrap_or(true);
             if dirty {
                 tracing::info!(array = %name, slot = s, "not resizing a slot with dirty bits; its takeover will");
                 continue;
             }
-            let res = slot_lock(&m.uuid, s);
+            let res = slot_lock(m.uuid(), s);
             let Ok(g) = session.acquire(&res, Mode::Exclusive, Wait::NoQueue).await else {
                 continue;
             };
             let paths = members.clone();
             let fence = self.raid_of(name).and_then(|(r, _)| r.fence_ticket());
             let done = tokio::task::spawn_blocking(move || {
-                super::takeover::resize_slot(&paths, s, sectors, fence)
+                crate::format::slots::resize(&paths, s, sectors, fence)
             })
             .await;
             if !matches!(done, Ok(Ok(()))) {
@@ -278,19 +274,19 @@ impl Node {
         // To none from clustered: every other slot, held through the switch.
         let mut others = Vec::new();
         let session = self.session();
-        let held = lock(&self.held).get(name).cloned();
+        let held = self.cluster(name);
         if let (Some(m), "clustered") = (&held, cur) {
             let Some(session) = &session else {
                 return Err(self.err(Errno::Eio, name, "no session with mdserver"));
             };
-            for s in (0..meta.slots).filter(|&s| s != m.slot) {
-                let res = slot_lock(&m.uuid, s);
+            for s in (0..meta.slots).filter(|&s| s != m.slot()) {
+                let res = slot_lock(m.uuid(), s);
                 match session.acquire(&res, Mode::Exclusive, Wait::NoQueue).await {
                     Ok(g) => {
                         others.push((res, g.token));
                         let paths = members.clone();
                         let dirty = tokio::task::spawn_blocking(move || {
-                            super::takeover::slot_dirty(&paths, s)
+                            crate::format::slots::is_dirty(&paths, s)
                         })
                         .await
                         .unwrap_or(true);

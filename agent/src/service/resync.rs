@@ -1,8 +1,10 @@
 //! Resync coordination of a clustered array (RFC 0001 "Resync coordination"): the
-//! engine's [`SyncGate`] in cluster mode.
+//! engine's [`SyncGate`] in cluster mode. The decisions (may a run start, what each
+//! window and the end publish) are [`crate::cluster::resync`]'s; this module carries
+//! them out against the lock service and the members.
 //!
 //! - **begin**: take `md/<uuid>/resync` exclusive, queued in attempts of
-//!   [`LOCK_ATTEMPT`] until granted (the engine shows `resync=PENDING` meanwhile; a
+//!   [`crate::cluster::Timings::lock_attempt`] until granted (the engine shows `resync=PENDING` meanwhile; a
 //!   stop cancels the wait and the request is withdrawn). Once granted: publish
 //!   RESYNCING_START. A resync with no chunk needed here (this node only knows the
 //!   array is unclean) reads the newest superblock first: `resync_offset` at MaxSector
@@ -28,7 +30,7 @@
 //! The wait for `resync` has no overall deadline, by design: giving up would leave the
 //! array unsynced (md-cluster's PENDING waits too). Each attempt is bounded, the wait
 //! ends with the array (stop), and it is never silent: mdstat shows `resync=PENDING`
-//! and every [`PENDING_REPORT`] of waiting the monitor gets a `ResyncPending` event
+//! and every [`crate::cluster::Timings::pending_report`] of waiting the monitor gets a `ResyncPending` event
 //! naming the holder.
 //!
 //! RESYNCING_START and the end's RESYNCING(0, 0) are logged when not acknowledged:
@@ -41,31 +43,22 @@ use std::time::Duration;
 use mdcluster_proto::lock_client::{Mode, Wait};
 use mdcluster_proto::v1::Errno;
 
+use super::cluster_array::ClusterArray;
 use super::message::{self, Change};
-use super::{lock, Node};
-use crate::cluster::{resync_lock, slot_lock, ClusterMsg, MsgType, ResyncInfo};
+use super::Node;
+use crate::cluster::resync::{
+    at_grant, before_lock, check_at_grant, end, remote_recovery, report_due, window, BeforeLock,
+    Grant, GrantCheck, Publish, Remote,
+};
+use crate::cluster::{resync_lock, slot_lock, ClusterMsg, ResyncInfo};
 use crate::format::io::read_member;
 use crate::format::superblock::MAX_SECTOR;
 use crate::raid::{GateDecision, GateFuture, MetaWrite, SyncGate, SyncKind};
 
-/// One queued attempt on the `resync` lock; attempts repeat until granted or stopped.
-pub const LOCK_ATTEMPT: Duration = Duration::from_secs(30);
-
-/// How often a node still waiting for `resync` says so (monitor event).
-pub const PENDING_REPORT: Duration = Duration::from_secs(300);
-/// Deadline of each RESYNCING round, token wait included. Well above the receivers'
-/// quiesce bound ([`crate::raid::REMOTE_QUIESCE`]): a receiver whose writes into the
-/// window do not end answers with a refusal before the sender stops waiting. Either
-/// way the window is copied only after every node acknowledged it.
-pub const WINDOW_DEADLINE: Duration = Duration::from_secs(30);
-const _: () = assert!(WINDOW_DEADLINE.as_secs() >= 2 * crate::raid::REMOTE_QUIESCE.as_secs());
-
 /// The gate of one clustered array on this node.
 pub struct ClusterGate {
     node: Weak<Node>,
-    array: String,
-    uuid: [u8; 16],
-    members: Vec<PathBuf>,
+    array: Arc<ClusterArray>,
     /// The token of the held `resync` lock.
     held: Mutex<Option<u64>>,
 }
@@ -95,45 +88,53 @@ impl Drop for WithdrawOnDrop {
 }
 
 impl ClusterGate {
-    /// The gate of array `array` (UUID `uuid`, members `members`) on `node`.
-    pub fn new(node: &Arc<Node>, array: &str, uuid: [u8; 16], members: Vec<PathBuf>) -> Self {
+    /// The gate of clustered array `array` on `node`.
+    pub fn new(node: &Arc<Node>, array: Arc<ClusterArray>) -> Self {
         ClusterGate {
             node: Arc::downgrade(node),
-            array: array.to_owned(),
-            uuid,
-            members,
+            array,
             held: Mutex::new(None),
         }
     }
 
-    /// Sends `msg` through the token round; failures are logged.
-    async fn send(&self, msg: ClusterMsg) {
-        if let Err(e) = self.send_acked(msg).await {
-            tracing::warn!(array = %self.array, kind = ?msg.kind, "{e}");
+    fn name(&self) -> &str {
+        self.array.name()
+    }
+
+    /// Carries out what the decisions publish, in order; `Err` when an acked message
+    /// was not acknowledged by every node (the rest is not done then).
+    async fn publish(&self, steps: Vec<Publish>) -> Result<(), String> {
+        for step in steps {
+            match step {
+                Publish::SlotValue { lo, hi } => self.publish_window(lo, hi).await,
+                Publish::Acked(msg) => self.send_acked(msg).await?,
+                Publish::Logged(msg) => {
+                    if let Err(e) = self.send_acked(msg).await {
+                        tracing::warn!(array = self.name(), kind = ?msg.kind, "{e}");
+                    }
+                }
+                Publish::ReleaseLock => self.release().await,
+            }
         }
+        Ok(())
     }
 
     /// Sends `msg` through the token round; `Err` unless every joined node acked it.
     async fn send_acked(&self, msg: ClusterMsg) -> Result<(), String> {
         let Some(node) = self.node.upgrade() else {
-            return Err(format!("array {}: the node is shutting down", self.array));
+            return Err(format!("array {}: the node is shutting down", self.name()));
         };
         let Some(session) = node.session() else {
             return Err(format!(
                 "node {}: array {}: no session with mdserver",
                 node.name(),
-                self.array
+                self.name()
             ));
         };
         message::round(
-            message::Target {
-                session: &session,
-                node: node.name(),
-                array: &self.array,
-                uuid: &self.uuid,
-            },
+            self.array.target(&session, node.name()),
             msg,
-            WINDOW_DEADLINE,
+            node.timings().window_deadline,
             async { Ok(Change::Applied) },
             async {},
         )
@@ -144,13 +145,11 @@ impl ClusterGate {
 
     /// Writes our resync window into our slot lock's value block.
     async fn publish_window(&self, lo: u64, hi: u64) {
-        let Some(node) = self.node.upgrade() else {
+        let Some(session) = self.node.upgrade().and_then(|n| n.session()) else {
             return;
         };
-        let (Some(session), Some(m)) = (node.session(), node.membership(&self.array)) else {
-            return;
-        };
-        let res = slot_lock(&self.uuid, m.slot);
+        let m = self.array.membership();
+        let res = slot_lock(&m.uuid, m.slot);
         let v = ResyncInfo {
             lo,
             hi,
@@ -158,21 +157,14 @@ impl ClusterGate {
         }
         .encode();
         if let Err(e) = session.write_value(&res, m.token, &v).await {
-            tracing::warn!(array = %self.array, lock = %res, "write resync window: {e}");
+            tracing::warn!(array = self.name(), lock = %res, "write resync window: {e}");
         }
-    }
-
-    fn slot(&self) -> u32 {
-        self.node
-            .upgrade()
-            .and_then(|n| n.membership(&self.array))
-            .map_or(0, |m| m.slot)
     }
 
     /// Whether the newest superblock says the array is in sync (`resync_offset` at
     /// MaxSector).
     async fn clean_on_disk(&self) -> bool {
-        let paths = self.members.clone();
+        let paths = self.array.members().to_vec();
         tokio::task::spawn_blocking(move || {
             paths
                 .iter()
@@ -187,7 +179,7 @@ impl ClusterGate {
     /// Marks in sync every member recovering here whose own superblock says it is
     /// recovered (another node held `resync` and finished it). Returns whether any was.
     async fn recovered_elsewhere(&self) -> bool {
-        let Some((raid, _)) = self.node.upgrade().and_then(|n| n.raid_of(&self.array)) else {
+        let Some((raid, _)) = self.node.upgrade().and_then(|n| n.raid_of(self.name())) else {
             return false;
         };
         let recovering: Vec<PathBuf> = raid
@@ -220,43 +212,55 @@ impl ClusterGate {
         any
     }
 
-    /// A member another node added is recovered by that node while it holds its slot:
-    /// wait here (pending) until its superblock says recovered (`Done`) or that node is
-    /// gone (then this node takes the recovery over).
-    async fn wait_remote_recovery(&self) -> Option<GateDecision> {
+    /// A member another node (slot `slot`) added is recovered by that node while it
+    /// holds its slot: wait here (pending) until its superblock says recovered (`Done`)
+    /// or that node is gone (`None`: this node takes the recovery over).
+    async fn wait_remote_recovery(&self, slot: u32) -> Option<GateDecision> {
         loop {
-            if self.recovered_elsewhere().await {
-                if let Some(n) = self.node.upgrade() {
-                    lock(&n.remote_recovery).remove(&self.array);
-                }
-                return Some(GateDecision::Done);
-            }
+            let recovered = self.recovered_elsewhere().await;
             let node = self.node.upgrade()?;
-            let slot = lock(&node.remote_recovery).get(&self.array).copied()?;
-            let alive = match node.session() {
-                Some(s) => match s.read_value(&slot_lock(&self.uuid, slot)).await {
-                    Ok((_, holders)) => !holders.is_empty(),
-                    Err(_) => true,
-                },
-                None => true,
+            let holder = if recovered {
+                None
+            } else {
+                match node.session() {
+                    Some(s) => s
+                        .read_value(&slot_lock(self.array.uuid(), slot))
+                        .await
+                        .ok()
+                        .map(|(_, holders)| !holders.is_empty()),
+                    None => None,
+                }
             };
-            if !alive {
-                tracing::warn!(array = %self.array, slot, "the node recovering a member is gone; taking the recovery over");
-                lock(&node.remote_recovery).remove(&self.array);
-                return None;
+            match remote_recovery(recovered, holder) {
+                Remote::Done => {
+                    self.array.engine().clear_remote_recovery();
+                    return Some(GateDecision::Done);
+                }
+                Remote::TakeOver => {
+                    tracing::warn!(
+                        array = self.name(),
+                        slot,
+                        "the node recovering a member is gone; taking the recovery over"
+                    );
+                    self.array.engine().clear_remote_recovery();
+                    return None;
+                }
+                Remote::Wait => {}
             }
+            let poll = node.timings().remote_recovery_poll;
             drop(node);
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            tokio::time::sleep(poll).await;
         }
     }
 
     async fn begin_inner(&self, kind: SyncKind, bytes: u64) -> GateDecision {
-        if kind == SyncKind::Recovery {
-            if let Some(d) = self.wait_remote_recovery().await {
+        let remote = self.array.engine().remote_recovery();
+        if let BeforeLock::WaitRemote(slot) = before_lock(kind, remote) {
+            if let Some(d) = self.wait_remote_recovery(slot).await {
                 return d;
             }
         }
-        let res = resync_lock(&self.uuid);
+        let res = resync_lock(self.array.uuid());
         let waiting_since = tokio::time::Instant::now();
         let mut last_report = waiting_since;
         let mut backoff = Duration::from_millis(200);
@@ -270,6 +274,7 @@ impl ClusterGate {
                 guard.armed = false;
                 return GateDecision::Later;
             };
+            let timings = *node.timings();
             let Some(session) = node.session() else {
                 drop(node);
                 tokio::time::sleep(backoff).await;
@@ -278,20 +283,28 @@ impl ClusterGate {
             };
             drop(node);
             match session
-                .acquire(&res, Mode::Exclusive, Wait::Queue(LOCK_ATTEMPT))
+                .acquire(&res, Mode::Exclusive, Wait::Queue(timings.lock_attempt))
                 .await
             {
                 Ok(g) => break g.token,
                 Err(e) if e.errno() == Errno::Etimedout => {
-                    tracing::info!(array = %self.array, ?kind, "still waiting for the resync lock: {e}");
-                    if last_report.elapsed() >= PENDING_REPORT {
+                    tracing::info!(
+                        array = self.name(),
+                        ?kind,
+                        "still waiting for the resync lock: {e}"
+                    );
+                    if report_due(last_report.elapsed(), timings.pending_report) {
                         last_report = tokio::time::Instant::now();
                         self.report_pending(&session, &res, kind, waiting_since.elapsed())
                             .await;
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(array = %self.array, ?kind, "resync lock: {e}; retrying in {backoff:?}");
+                    tracing::warn!(
+                        array = self.name(),
+                        ?kind,
+                        "resync lock: {e}; retrying in {backoff:?}"
+                    );
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
@@ -299,19 +312,30 @@ impl ClusterGate {
         };
         guard.armed = false;
         *self.held.lock().unwrap_or_else(|e| e.into_inner()) = Some(token);
-        if kind == SyncKind::Resync && bytes == 0 && self.clean_on_disk().await {
-            tracing::info!(array = %self.array, "resync lock granted; the superblock says in sync");
-            self.release().await;
-            return GateDecision::Done;
+        let check = check_at_grant(kind, bytes);
+        let done = match check {
+            GrantCheck::CleanOnDisk => self.clean_on_disk().await,
+            GrantCheck::RecoveredElsewhere => self.recovered_elsewhere().await,
+            GrantCheck::Nothing => false,
+        };
+        let grant = at_grant(check, done, self.array.slot());
+        match &grant {
+            Grant::Release => {
+                tracing::info!(
+                    array = self.name(),
+                    ?kind,
+                    "resync lock granted; finished elsewhere, handing it on"
+                );
+                self.release().await;
+            }
+            Grant::Run(start) => {
+                tracing::info!(array = self.name(), ?kind, token, "resync lock granted");
+                if let Err(e) = self.publish(vec![Publish::Logged(*start)]).await {
+                    tracing::warn!(array = self.name(), "{e}");
+                }
+            }
         }
-        if kind == SyncKind::Recovery && self.recovered_elsewhere().await {
-            self.release().await;
-            return GateDecision::Done;
-        }
-        tracing::info!(array = %self.array, ?kind, token, "resync lock granted");
-        self.send(ClusterMsg::new(MsgType::ResyncingStart, self.slot()))
-            .await;
-        GateDecision::Run
+        grant.decision()
     }
 
     /// A `ResyncPending` event: how long this node has waited and who holds `resync`.
@@ -330,13 +354,13 @@ impl ClusterGate {
         if let Some(node) = self.node.upgrade() {
             node.emit(
                 "ResyncPending",
-                &self.array,
+                self.name(),
                 "",
                 format!(
                     "node {} has waited {} s to {kind:?} {}: the resync lock is held by {holders}",
                     node.name(),
                     waited.as_secs(),
-                    self.array
+                    self.name()
                 ),
             );
         }
@@ -348,9 +372,9 @@ impl ClusterGate {
             return;
         };
         if let Some(session) = node.session() {
-            let res = resync_lock(&self.uuid);
+            let res = resync_lock(self.array.uuid());
             if let Err(e) = session.release(&res, token).await {
-                tracing::warn!(array = %self.array, lock = %res, "release: {e}");
+                tracing::warn!(array = self.name(), lock = %res, "release: {e}");
             }
         }
     }
@@ -362,23 +386,20 @@ impl SyncGate for ClusterGate {
     }
 
     fn window(&self, lo: u64, hi: u64) -> GateFuture<'_, Result<(), String>> {
-        Box::pin(async move {
-            let (lo, hi) = (lo / 512, hi / 512);
-            self.publish_window(lo, hi).await;
-            let mut msg = ClusterMsg::new(MsgType::Resyncing, self.slot());
-            msg.low = lo;
-            msg.high = hi;
-            self.send_acked(msg).await
-        })
+        Box::pin(async move { self.publish(window(self.array.slot(), lo, hi)).await })
     }
 
     fn end(&self, kind: SyncKind, finished: bool) -> GateFuture<'_, ()> {
         Box::pin(async move {
-            tracing::info!(array = %self.array, ?kind, finished, "sync run ended; releasing the resync lock");
-            self.publish_window(0, 0).await;
-            self.send(ClusterMsg::new(MsgType::Resyncing, self.slot()))
-                .await;
-            self.release().await;
+            tracing::info!(
+                array = self.name(),
+                ?kind,
+                finished,
+                "sync run ended; releasing the resync lock"
+            );
+            if let Err(e) = self.publish(end(self.array.slot())).await {
+                tracing::warn!(array = self.name(), "{e}");
+            }
         })
     }
 }

@@ -22,7 +22,7 @@
 //! replaced and its arrays rejoined, and from the start of shutdown (readiness).
 //!
 //! Session notifications: messages on array channels are applied to the array's engine
-//! ([`super::message::apply`]) and acknowledged with the result (a payload that is not a
+//! ([`super::message::on_delivery`]) and acknowledged with the result (a payload that is not a
 //! cluster message, or one this node cannot apply, gets a negative ack with the reason,
 //! never silence). A suspended session (no replica could renew it, none said it is
 //! gone) only changes the health: member I/O is held by the fence deadline and goes on
@@ -51,7 +51,6 @@ use tonic_health::server::HealthReporter;
 
 use super::grpc::AgentSvc;
 use super::{events, Node, NodeConfig};
-use crate::cluster::{ClusterMsg, MsgType};
 use crate::lockport::{
     LockClientError, Notification, Opened, ServerOpener, Session, SessionConfig, SessionOpener,
 };
@@ -167,37 +166,10 @@ async fn notifications(
         match n {
             None => return Some("notification channel closed".into()),
             Some(Notification::Message(d)) => {
-                let result = match ClusterMsg::decode(&d.payload) {
-                    Ok(msg) => {
-                        tracing::info!(channel = %d.channel, from = %d.publisher_node, ?msg, "cluster message");
-                        let joined = node
-                            .memberships()
-                            .into_iter()
-                            .find(|(_, m, _)| crate::cluster::channel(&m.uuid) == d.channel);
-                        let applied = match &joined {
-                            Some((name, _, _)) => super::message::apply_on(&node, name, &msg).await,
-                            // Not joined (any more): nothing of ours to change.
-                            None => Ok(()),
-                        };
-                        if msg.kind == MsgType::BitmapNeedsSync {
-                            if let Some((name, m, _)) = joined {
-                                tokio::spawn(super::takeover::needs_sync(
-                                    node.clone(),
-                                    session.clone(),
-                                    name,
-                                    m.uuid,
-                                    msg.slot,
-                                    d.publisher_node.clone(),
-                                ));
-                            }
-                        }
-                        applied
-                    }
-                    Err(e) => Err(format!(
-                        "node {}: cannot decode cluster message: {e}",
-                        node.name()
-                    )),
-                };
+                let result =
+                    super::message::on_delivery(&node, &d.channel, &d.publisher_node, &d.payload)
+                        .await
+                        .map_err(|nack| nack.to_string());
                 if let Err(e) = session.ack(&d.message_id, result).await {
                     tracing::warn!(message = %d.message_id, "ack: {e}");
                 }

@@ -31,7 +31,7 @@ impl Node {
         let mut stuck = Vec::new();
         for (name, m, _) in joined {
             let Some(service) = self.find(&name) else {
-                lock(&self.held).remove(&name);
+                lock(&self.clustered).remove(&name);
                 continue;
             };
             if let Ok(raid) = service.registry().device(&name) {
@@ -44,7 +44,7 @@ impl Node {
                 stuck.push(format!("{name} (slot {}): {e}", m.slot));
                 continue;
             }
-            lock(&self.held).remove(&name);
+            lock(&self.clustered).remove(&name);
             lock(&self.meta).remove(&name);
             self.emit(
                 "SlotLost",

@@ -127,7 +127,7 @@ impl Node {
             cluster_name: meta.cluster_name.clone(),
             ..Default::default()
         };
-        let pr = lock(&self.held).get(&info.name).map(|m| m.pr.clone());
+        let pr = self.cluster(&info.name).map(|a| a.membership().pr.clone());
         if let Some(r) = &info.raid {
             st.raid_disks = r.raid_disks;
             st.size_bytes = r.size;

@@ -1,8 +1,11 @@
 //! Node failure and slot recovery (RFC 0001): a survivor takes over a dead node's
-//! bitmap slot and resyncs exactly the chunks that slot marks dirty.
+//! bitmap slot and resyncs exactly the chunks that slot marks dirty. The decisions
+//! (which slot, when, which key, what is announced) are made by
+//! [`crate::cluster::takeover`]; this module carries them out.
 //!
-//! Every [`PERIOD`] the node reads the holders of every other slot lock of each
-//! clustered array it has joined (a lock-free read of the value block). When a slot
+//! Every [`crate::cluster::Timings::takeover_period`] the node reads the holders of
+//! every other slot lock of each clustered array it has joined (a lock-free read of the
+//! value block) into the array's [`crate::cluster::takeover::SlotWatch`]. When a slot
 //! that had a holder has none now and that holder has no live session any more (it is
 //! gone from the node registry: its lease expired), the node recovers the slot:
 //!
@@ -12,7 +15,7 @@
 //!    before anything of the slot is touched: from then on the devices refuse its
 //!    writes ([`preempt_dead_key`]). No key published (a node of a version before
 //!    keys were published): the slot is recovered under the fence gate only, logged;
-//! 2. read slot N's bits on every member (their union);
+//! 2. read slot N's bits on every member (their union, [`crate::format::slots`]);
 //! 3. merge them into this node's running bitmap: each chunk's bit is made durable in
 //!    our slot (`start_write`) and marked needed (`end_write(.., degraded)`), then ask
 //!    the engine for a bitmap-driven resync (which holds the engine's barrier against
@@ -21,35 +24,36 @@
 //!    loses nothing);
 //! 5. release `slot/N`, and emit `SlotTakenOver` with the chunk count; once none of
 //!    those chunks is needed any more (the resync ran over them), emit `SlotRecovered`
-//!    with the same count (watched every [`RESYNC_POLL`] while the array stays active;
-//!    an array stopped first keeps the bits in this node's slot, resynced at its next
-//!    assembly).
+//!    with the same count. The watch is bounded ([`crate::cluster::takeover::Announcer`]):
+//!    when the resync run that covers them ends with some still needed, or after
+//!    [`crate::cluster::Timings::announce_deadline`], `SlotRecoveryIncomplete` says how
+//!    many are left (a later run resyncs them); an array stopped first keeps the bits
+//!    in this node's slot, resynced at its next assembly (logged).
 //!
 //! A holder that left cleanly (its stop released the slot while its session lives on)
 //! is not recovered: its slot is clean. A holder that left with dirty bits says so with
 //! BITMAP_NEEDS_SYNC; every receiver then recovers the slot the same way once it is
-//! released ([`needs_sync`]; the first wins, the others find it clean). Polling the holders instead of queueing on each
-//! slot lock keeps a rejoining node's join from meeting a survivor's queued request.
+//! released ([`needs_sync`]; the first wins, the others find it clean). Polling the
+//! holders instead of queueing on each slot lock keeps a rejoining node's join from
+//! meeting a survivor's queued request.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::lockport::{Mode, Session, Wait};
 use tokio_util::sync::CancellationToken;
 
+use super::cluster_array::ClusterArray;
 use super::Node;
-use crate::cluster::{slot_lock, ResyncInfo};
-use crate::format::bitmap::{count_set, test_bit, BitmapSuper};
-use crate::format::io::{read_member, write_bitmap_slot, DeviceError, MetaDev};
-use crate::raid::Raid1;
+use crate::cluster::slot_lock;
+use crate::cluster::takeover::{
+    after_merge, dead_holders, key_to_preempt, AfterMerge, Announce, Announcer, Decision,
+    ReleaseWait, ResyncSeen, WaitStep, Watch,
+};
+use crate::format::io::DeviceError;
+use crate::raid::{Raid1, SyncKind};
 use crate::reserve::{ArrayPr, PrError, PrKey};
-
-/// How often the slot holders are read.
-pub const PERIOD: Duration = Duration::from_millis(500);
-/// How often a recovered slot's chunks are checked for the end of their resync.
-pub const RESYNC_POLL: Duration = Duration::from_millis(100);
 
 /// Errors of one recovery.
 #[derive(Debug, thiserror::Error)]
@@ -76,8 +80,7 @@ pub enum TakeoverError {
 /// Watches every joined clustered array's other slots until `stop`.
 pub fn spawn(node: Arc<Node>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut last: HashMap<(String, u32), Vec<String>> = HashMap::new();
-        let mut tick = tokio::time::interval(PERIOD);
+        let mut tick = tokio::time::interval(node.timings().takeover_period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -90,84 +93,76 @@ pub fn spawn(node: Arc<Node>, stop: CancellationToken) -> tokio::task::JoinHandl
             if !session.is_live() {
                 continue;
             }
-            let joined = node.memberships();
-            last.retain(|(a, _), _| joined.iter().any(|(n, _, _)| n == a));
-            for (name, m, slots) in joined {
-                for other in (0..slots).filter(|&s| s != m.slot) {
-                    let res = slot_lock(&m.uuid, other);
+            for arr in node.cluster_arrays() {
+                for other in (0..arr.slots()).filter(|&s| s != arr.slot()) {
+                    let res = slot_lock(arr.uuid(), other);
                     let Ok((_, holders)) = session.read_value(&res).await else {
                         continue;
                     };
-                    let prev = last
-                        .insert((name.clone(), other), holders.clone())
-                        .unwrap_or_default();
-                    if !holders.is_empty() || prev.is_empty() {
+                    let Watch::CheckLiveness { prev } = arr.watch().seen(other, holders) else {
                         continue;
-                    }
+                    };
                     let live: HashSet<String> = match session.nodes().await {
                         Ok(n) => n.into_iter().map(|e| e.node).collect(),
                         Err(e) => {
                             tracing::warn!("takeover: list nodes: {e}");
-                            last.remove(&(name.clone(), other));
+                            arr.watch().forget(other);
                             continue;
                         }
                     };
-                    let dead: Vec<String> = prev
-                        .into_iter()
-                        .filter(|h| !live.contains(h) && h != node.name())
-                        .collect();
-                    if dead.is_empty() {
-                        continue; // a clean leave
+                    match dead_holders(prev, &live, node.name()) {
+                        Decision::CleanLeave => {}
+                        Decision::Recover { dead } => {
+                            recover(&node, &session, &arr, other, &dead).await
+                        }
                     }
-                    recover(&node, &session, &name, &m.uuid, other, &dead).await;
                 }
             }
         }
     })
 }
 
-/// How long a BITMAP_NEEDS_SYNC receiver waits for the sender to release its slot.
-pub const NEEDS_SYNC_WAIT: Duration = Duration::from_secs(10);
-
-/// BITMAP_NEEDS_SYNC from `from` (it left array `name` with slot `slot` dirty): once its
-/// leave has released the slot (read with backoff for at most [`NEEDS_SYNC_WAIT`]),
-/// recover the slot as for a failed node.
+/// BITMAP_NEEDS_SYNC from `from` (it left array `arr` with slot `slot` dirty): once its
+/// leave has released the slot (read with backoff for at most
+/// [`crate::cluster::Timings::needs_sync_wait`]), recover the slot as for a failed node.
 pub async fn needs_sync(
     node: Arc<Node>,
     session: Arc<Session>,
-    name: String,
-    uuid: [u8; 16],
+    arr: Arc<ClusterArray>,
     slot: u32,
     from: String,
 ) {
-    let res = slot_lock(&uuid, slot);
-    let deadline = tokio::time::Instant::now() + NEEDS_SYNC_WAIT;
-    let mut backoff = Duration::from_millis(50);
+    let res = slot_lock(arr.uuid(), slot);
+    let limit = node.timings().needs_sync_wait;
+    let mut wait = ReleaseWait::new(limit);
+    let start = tokio::time::Instant::now();
     loop {
-        if let Ok((_, holders)) = session.read_value(&res).await {
-            if holders.is_empty() {
-                break;
+        let held = session
+            .read_value(&res)
+            .await
+            .ok()
+            .map(|(_, h)| !h.is_empty());
+        match wait.step(held, start.elapsed()) {
+            WaitStep::Recover => break,
+            WaitStep::Sleep(d) => tokio::time::sleep(d).await,
+            WaitStep::GiveUp => {
+                tracing::warn!(array = arr.name(), slot, "BITMAP_NEEDS_SYNC from {from}: slot still held after {limit:?}; not recovered here");
+                return;
             }
         }
-        if tokio::time::Instant::now() + backoff >= deadline {
-            tracing::warn!(array = %name, slot, "BITMAP_NEEDS_SYNC from {from}: slot still held after {NEEDS_SYNC_WAIT:?}; not recovered here");
-            return;
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(1));
     }
-    recover(&node, &session, &name, &uuid, slot, &[from]).await;
+    recover(&node, &session, &arr, slot, &[from]).await;
 }
 
 async fn recover(
     node: &Arc<Node>,
     session: &Session,
-    name: &str,
-    uuid: &[u8; 16],
+    arr: &Arc<ClusterArray>,
     slot: u32,
     dead: &[String],
 ) {
-    let res = slot_lock(uuid, slot);
+    let name = arr.name();
+    let res = slot_lock(arr.uuid(), slot);
     let grant = match session.acquire(&res, Mode::Exclusive, Wait::NoQueue).await {
         Ok(g) => g,
         Err(e) => {
@@ -180,7 +175,8 @@ async fn recover(
         }
     };
     tracing::warn!(array = name, slot, failed = ?dead, "recovering the bitmap slot of a failed node");
-    if let Some(m) = node.membership(name).filter(|m| m.pr.any()) {
+    let m = arr.membership();
+    if m.pr.any() {
         let (pr, mine, value) = (m.pr.clone(), m.pr_key(), grant.value.clone());
         match tokio::task::spawn_blocking(move || preempt_dead_key(&pr, mine, slot, &value)).await {
             Ok(Ok(Some(k))) => {
@@ -202,6 +198,7 @@ async fn recover(
     if let Err(e) = session.release(&res, grant.token).await {
         tracing::warn!(array = name, lock = %res, "release after recovery: {e}");
     }
+    let component = format!("slot{slot}");
     match result {
         Ok(Merged { chunks, pending }) => {
             tracing::info!(array = name, slot, chunks, "slot taken over");
@@ -209,7 +206,7 @@ async fn recover(
             node.emit(
                 "SlotTakenOver",
                 name,
-                &format!("slot{slot}"),
+                &component,
                 format!(
                     "node {} took over bitmap slot {slot} of {name} (node {dead} failed or left it dirty): {chunks} dirty chunks to resync",
                     node.name()
@@ -219,9 +216,8 @@ async fn recover(
                 "node {} recovered bitmap slot {slot} of {name} (node {dead} failed or left it dirty): {chunks} dirty chunks resynced",
                 node.name()
             );
-            match pending {
-                None => node.emit("SlotRecovered", name, &format!("slot{slot}"), done),
-                Some((raid, offsets)) => {
+            match (after_merge(chunks), pending) {
+                (AfterMerge::Watch, Some((raid, offsets))) => {
                     tokio::spawn(announce_resynced(
                         Arc::downgrade(node),
                         Arc::downgrade(&raid),
@@ -231,6 +227,7 @@ async fn recover(
                         done,
                     ));
                 }
+                _ => node.emit("SlotRecovered", name, &component, done),
             }
         }
         Err(e) => {
@@ -238,7 +235,7 @@ async fn recover(
             node.emit(
                 "SlotRecoveryFailed",
                 name,
-                &format!("slot{slot}"),
+                &component,
                 format!(
                     "node {}: recovering slot {slot} of {name} failed: {e}",
                     node.name()
@@ -249,18 +246,17 @@ async fn recover(
 }
 
 /// Preempts, as `mine`, the reservation key that slot `slot`'s holder published in the
-/// slot lock's value block `value` (see the module doc, step 1). `Ok(None)`: no key of
-/// that slot published, nothing done. Blocking.
+/// slot lock's value block `value` ([`key_to_preempt`]; see the module doc, step 1).
+/// `Ok(None)`: no key of that slot published, nothing done. Blocking.
 pub fn preempt_dead_key(
     pr: &ArrayPr,
     mine: PrKey,
     slot: u32,
     value: &[u8],
 ) -> Result<Option<PrKey>, PrError> {
-    let key = PrKey(ResyncInfo::decode(value).pr_key);
-    if key.0 == 0 || key.slot() != slot || key == mine {
+    let Some(key) = key_to_preempt(value, slot, mine) else {
         return Ok(None);
-    }
+    };
     pr.take_over(mine, key)?;
     Ok(Some(key))
 }
@@ -276,7 +272,8 @@ struct Merged {
 }
 
 /// Emits `SlotRecovered` (`detail`) once none of `chunks` of `raid` is needed any more;
-/// gives up silently (logged) when the array stops or the node goes first.
+/// bounded by the resync run over them and the announce deadline
+/// ([`Announcer`]), and ends when the array stops or the node goes first.
 async fn announce_resynced(
     node: std::sync::Weak<Node>,
     raid: std::sync::Weak<Raid1>,
@@ -285,24 +282,73 @@ async fn announce_resynced(
     chunks: Vec<(u64, u64)>,
     detail: String,
 ) {
-    let mut tick = tokio::time::interval(RESYNC_POLL);
+    let Some(timings) = node.upgrade().map(|n| *n.timings()) else {
+        return;
+    };
+    let mut announcer = Announcer::new(timings.announce_deadline);
+    let start = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(timings.resync_poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let component = format!("slot{slot}");
     loop {
         tick.tick().await;
         let (Some(node), Some(raid)) = (node.upgrade(), raid.upgrade()) else {
             tracing::info!(array = %name, slot, "array stopped before the recovered slot's chunks were resynced; they stay dirty in this node's slot");
             return;
         };
-        let current = node.raid_of(&name).map(|(r, _)| r);
-        if !current.is_some_and(|r| Arc::ptr_eq(&r, &raid)) {
-            tracing::info!(array = %name, slot, "array stopped before the recovered slot's chunks were resynced; they stay dirty in this node's slot");
-            return;
-        }
-        let Some(bm) = raid.bitmap() else { return };
-        if chunks.iter().all(|&(off, len)| !bm.is_needed(off, len)) {
-            tracing::info!(array = %name, slot, chunks = chunks.len(), "slot recovered: its chunks are resynced");
-            node.emit("SlotRecovered", &name, &format!("slot{slot}"), detail);
-            return;
+        let current = node
+            .raid_of(&name)
+            .is_some_and(|(r, _)| Arc::ptr_eq(&r, &raid));
+        let left = raid.bitmap().map_or(0, |bm| {
+            chunks
+                .iter()
+                .filter(|&&(off, len)| bm.is_needed(off, len))
+                .count() as u64
+        });
+        let seen = ResyncSeen {
+            array_current: current,
+            chunks_left: left,
+            resync_running: raid.status().sync.kind == Some(SyncKind::Resync),
+            resync_pending: raid.sync_busy(),
+        };
+        match announcer.look(seen, start.elapsed()) {
+            Announce::Wait => {}
+            Announce::Recovered => {
+                tracing::info!(array = %name, slot, chunks = chunks.len(), "slot recovered: its chunks are resynced");
+                node.emit("SlotRecovered", &name, &component, detail);
+                return;
+            }
+            Announce::Stopped => {
+                tracing::info!(array = %name, slot, "array stopped before the recovered slot's chunks were resynced; they stay dirty in this node's slot");
+                return;
+            }
+            Announce::ResyncEnded { left } => {
+                node.emit(
+                    "SlotRecoveryIncomplete",
+                    &name,
+                    &component,
+                    format!(
+                        "node {}: the resync over bitmap slot {slot} of {name} ended with {left} of {} recovered chunks still to resync; they stay marked in this node's bitmap for the next resync",
+                        node.name(),
+                        chunks.len()
+                    ),
+                );
+                return;
+            }
+            Announce::Deadline { left } => {
+                node.emit(
+                    "SlotRecoveryIncomplete",
+                    &name,
+                    &component,
+                    format!(
+                        "node {}: {left} of {} recovered chunks of bitmap slot {slot} of {name} were still not resynced after {:?}; they stay marked in this node's bitmap (check the array's resync)",
+                        node.name(),
+                        chunks.len(),
+                        timings.announce_deadline
+                    ),
+                );
+                return;
+            }
         }
     }
 }
@@ -318,7 +364,7 @@ async fn recover_locked(
         .bitmap()
         .ok_or_else(|| TakeoverError::NoBitmap(name.to_owned()))?;
     let paths = members.to_vec();
-    let bits = tokio::task::spawn_blocking(move || read_slot_union(&paths, slot))
+    let bits = tokio::task::spawn_blocking(move || crate::format::slots::read_union(&paths, slot))
         .await
         .map_err(|e| TakeoverError::Bitmap {
             array: name.to_owned(),
@@ -330,10 +376,10 @@ async fn recover_locked(
         chunks: 0,
         pending: None,
     };
-    let Some((bits, chunks)) = bits else {
+    let Some(union) = bits else {
         return Ok(nothing);
     };
-    let dirty: Vec<u64> = (0..chunks).filter(|&c| test_bit(&bits, c)).collect();
+    let dirty = union.dirty();
     if dirty.is_empty() {
         return Ok(nothing);
     }
@@ -350,14 +396,14 @@ async fn recover_locked(
     raid.request_resync();
     let paths = members.to_vec();
     let fence = raid.fence_ticket();
-    tokio::task::spawn_blocking(move || clear_slot(&paths, slot, fence))
+    tokio::task::spawn_blocking(move || crate::format::slots::clear(&paths, slot, fence))
         .await
         .map_err(|e| TakeoverError::Bitmap {
             array: name.to_owned(),
             reason: format!("clear task failed: {e}"),
         })??;
     Ok(Merged {
-        chunks: count_set(&bits, chunks),
+        chunks: union.count(),
         pending: Some((raid.clone(), dirty.iter().map(|&c| (c * cb, cb)).collect())),
     })
 }
@@ -380,17 +426,18 @@ pub async fn gather_slots(
     let mut marked = 0;
     for slot in (0..slots).filter(|&s| s != mine) {
         let paths = members.to_vec();
-        let bits = tokio::task::spawn_blocking(move || read_slot_union(&paths, slot))
-            .await
-            .map_err(|e| TakeoverError::Bitmap {
-                array: name.to_owned(),
-                reason: format!("read task failed: {e}"),
-            })??;
-        let Some((bits, chunks)) = bits else {
+        let bits =
+            tokio::task::spawn_blocking(move || crate::format::slots::read_union(&paths, slot))
+                .await
+                .map_err(|e| TakeoverError::Bitmap {
+                    array: name.to_owned(),
+                    reason: format!("read task failed: {e}"),
+                })??;
+        let Some(union) = bits else {
             continue;
         };
-        let chunks = chunks.min(bm.geometry().chunks);
-        for c in (0..chunks).filter(|&c| test_bit(&bits, c)) {
+        let chunks = bm.geometry().chunks;
+        for c in union.dirty().into_iter().filter(|&c| c < chunks) {
             bm.start_write(c * cb, cb)
                 .await
                 .map_err(|e| TakeoverError::Bitmap {
@@ -404,104 +451,10 @@ pub async fn gather_slots(
     Ok(marked)
 }
 
-/// Whether slot `slot` has a set bit on any readable member (unreadable: assumed yes).
-pub fn slot_dirty(paths: &[PathBuf], slot: u32) -> bool {
-    match read_slot_union(paths, slot) {
-        Ok(Some((bits, chunks))) => (0..chunks).any(|c| test_bit(&bits, c)),
-        Ok(None) => false,
-        Err(_) => true,
-    }
-}
-
-/// Brings unused slot `slot`'s header to an array of `sectors` on every readable
-/// member (`sync_size`, bits kept up to the new chunk count), as md-cluster's
-/// `update_size` does for slots no node holds. The caller holds that slot's lock.
-pub fn resize_slot(
-    paths: &[PathBuf],
-    slot: u32,
-    sectors: u64,
-    fence: Option<crate::fence::FenceTicket>,
-) -> Result<(), DeviceError> {
-    rewrite_slot(paths, slot, "resizing", fence, |sb, bits| {
-        let mut sb = sb.clone();
-        sb.sync_size = sectors;
-        let mut bits = bits.to_vec();
-        bits.resize(sb.bits_bytes() as usize, 0);
-        for c in sb.chunks()..(bits.len() as u64 * 8) {
-            crate::format::bitmap::clear_bit(&mut bits, c);
-        }
-        (sb, bits)
-    })
-}
-
-/// Rewrites slot `slot` on every readable member with what `f` makes of its header
-/// and bits (an unreadable member is skipped, logged as `what`).
-fn rewrite_slot(
-    paths: &[PathBuf],
-    slot: u32,
-    what: &str,
-    fence: Option<crate::fence::FenceTicket>,
-    f: impl Fn(&BitmapSuper, &[u8]) -> (BitmapSuper, Vec<u8>),
-) -> Result<(), DeviceError> {
-    for p in paths {
-        let m = match read_member(p) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(member = %p.display(), slot, "{what} a bitmap slot: not touching an unreadable member: {e}");
-                continue;
-            }
-        };
-        let Some(s) = m.bitmap.get(slot as usize) else {
-            continue;
-        };
-        let (header, bits) = f(&s.sb, &s.bits);
-        let dev = MetaDev::open_fenced(p, true, fence.clone())?;
-        write_bitmap_slot(&dev, &m.sb, slot, &header, &bits)?;
-    }
-    Ok(())
-}
-
-/// The union of slot `slot`'s bits over the readable members, and the chunk count.
-fn read_slot_union(paths: &[PathBuf], slot: u32) -> Result<Option<(Vec<u8>, u64)>, DeviceError> {
-    let mut out: Option<(Vec<u8>, u64)> = None;
-    let mut first_err = None;
-    for p in paths {
-        match read_member(p) {
-            Ok(m) => {
-                let Some(s) = m.bitmap.get(slot as usize) else {
-                    continue;
-                };
-                match &mut out {
-                    None => out = Some((s.bits.clone(), s.sb.chunks())),
-                    Some((b, _)) => b.iter_mut().zip(&s.bits).for_each(|(a, o)| *a |= *o),
-                }
-            }
-            Err(e) => {
-                tracing::warn!(member = %p.display(), "takeover: unreadable member: {e}");
-                first_err.get_or_insert(e);
-            }
-        }
-    }
-    match (out, first_err) {
-        (None, Some(e)) => Err(e),
-        (out, _) => Ok(out),
-    }
-}
-
-/// Clears slot `slot`'s bits on every readable member.
-fn clear_slot(
-    paths: &[PathBuf],
-    slot: u32,
-    fence: Option<crate::fence::FenceTicket>,
-) -> Result<(), DeviceError> {
-    rewrite_slot(paths, slot, "clearing", fence, |sb, bits| {
-        (sb.clone(), vec![0u8; bits.len()])
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::ResyncInfo;
     use crate::reserve::{MemoryDevice, MemoryPr, Reservations};
 
     #[test]

@@ -20,6 +20,7 @@ fn node(dir: &std::path::Path) -> Arc<Node> {
         nbd: ServerConfig::default(),
         nbd_tcp: None,
         suspend_io_timeout: crate::fence::DEFAULT_SUSPEND_TIMEOUT,
+        timings: crate::cluster::Timings::default(),
     })
 }
 
@@ -190,13 +191,14 @@ async fn resyncing_windows_show_remote_and_manage_fail_remove_works_locally() {
     let e = message::apply("n1", "md0", &raid, &paths, &msg)
         .await
         .unwrap_err();
-    assert!(e.contains("does not fit"), "{e}");
+    assert!(e.to_string().contains("does not fit"), "{e}");
     assert_eq!(raid.remote_resync_window(), None);
     // Types without a receiver yet are refused with the reason.
     let cap = crate::cluster::ClusterMsg::new(crate::cluster::MsgType::BitmapResize, 1);
     let e = message::apply("n1", "md0", &raid, &paths, &cap)
         .await
         .unwrap_err();
+    let e = e.to_string();
     assert!(e.contains("n1") && e.contains("BitmapResize"), "{e}");
     // manage on a non-clustered array: fail, then remove, in order.
     let dev = m[1].display().to_string();
