@@ -41,6 +41,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use mdcluster_proto::v1::Errno;
 use serde::Serialize;
 use tokio::sync::broadcast;
 
@@ -126,19 +127,21 @@ fn fmt_clients(c: &[String]) -> String {
 }
 
 impl ArrayError {
-    /// The errno-style reason: ENOENT, EBUSY, EEXIST, EINVAL, EPERM or EIO.
-    pub fn errno(&self) -> &'static str {
+    /// The errno of the error: ENOENT, EBUSY, EEXIST, EINVAL, EPERM or EIO; an engine
+    /// error gives its own ([`RaidError::errno`]).
+    pub fn errno(&self) -> Errno {
         match self {
-            ArrayError::NotFound { .. } => "ENOENT",
-            ArrayError::Busy { .. } | ArrayError::Claimed { .. } => "EBUSY",
-            ArrayError::Exists { .. } => "EEXIST",
-            ArrayError::Invalid(_) => "EINVAL",
-            ArrayError::NotAllowed(_) => "EPERM",
+            ArrayError::NotFound { .. } => Errno::Enoent,
+            ArrayError::Busy { .. } | ArrayError::Claimed { .. } => Errno::Ebusy,
+            ArrayError::Exists { .. } => Errno::Eexist,
+            ArrayError::Invalid(_) => Errno::Einval,
+            ArrayError::NotAllowed(_) => Errno::Eperm,
             ArrayError::Create {
                 source: DeviceError::Duplicate { .. },
                 ..
-            } => "EINVAL",
-            ArrayError::Assemble { .. } | ArrayError::Create { .. } | ArrayError::Raid(_) => "EIO",
+            } => Errno::Einval,
+            ArrayError::Raid(e) => e.errno(),
+            ArrayError::Assemble { .. } | ArrayError::Create { .. } => Errno::Eio,
         }
     }
 }

@@ -30,6 +30,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use mdcluster_proto::status::errno_name;
+use mdcluster_proto::v1::Errno;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -75,11 +77,11 @@ pub enum ServiceError {
 }
 
 impl ServiceError {
-    /// The errno-style reason.
-    pub fn errno(&self) -> &'static str {
+    /// The errno of the error (a registry error gives its own, the rest is EIO).
+    pub fn errno(&self) -> Errno {
         match self {
             ServiceError::Array(e) => e.errno(),
-            _ => "EIO",
+            _ => Errno::Eio,
         }
     }
 }
@@ -410,7 +412,7 @@ impl Service {
         };
         match result {
             Ok(v) => json!({"ok": true, "result": v}),
-            Err(e) => json!({"ok": false, "errno": e.errno(), "error": e.to_string()}),
+            Err(e) => json!({"ok": false, "errno": errno_name(e.errno()), "error": e.to_string()}),
         }
     }
 

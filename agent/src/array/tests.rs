@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use mdcluster_proto::v1::Errno;
 
 use super::*;
 use crate::blockdev::BlockDevice;
@@ -129,21 +130,24 @@ async fn lifecycle_open_and_stop_rules() {
         Err(OpenError::NotFound { .. })
     ));
     assert!(reg.names().is_empty());
-    assert_eq!(reg.stop("md0", false).await.unwrap_err().errno(), "ENOENT");
+    assert_eq!(
+        reg.stop("md0", false).await.unwrap_err().errno(),
+        Errno::Enoent
+    );
     reg.create("md0", spec(2, 0, BitmapMode::None, true), &paths, false)
         .await
         .unwrap();
     // A second assemble of the same name: EEXIST at once.
     assert_eq!(
         reg.assemble("md0", &paths).await.unwrap_err().errno(),
-        "EEXIST"
+        Errno::Eexist
     );
     let open = Registry::open(&reg, "md0", &c).unwrap();
     // A client stays: stop answers EBUSY naming it, the array is active again.
     let t = Instant::now();
     let err = reg.stop("md0", false).await.unwrap_err();
     assert!(t.elapsed() < Duration::from_secs(2));
-    assert_eq!(err.errno(), "EBUSY");
+    assert_eq!(err.errno(), Errno::Ebusy);
     assert!(err.to_string().contains("test-client"), "{err}");
     assert_eq!(reg.lookup("md0").unwrap().state, ArrayState::Active);
     // While stopping, opens answer EBUSY at once.
@@ -545,7 +549,7 @@ async fn the_same_members_cannot_be_assembled_twice_under_two_names() {
         .unwrap();
     for reg in [&a, &b] {
         let e = reg.assemble("md1", &paths).await.unwrap_err();
-        assert_eq!(e.errno(), "EBUSY", "{e}");
+        assert_eq!(e.errno(), Errno::Ebusy, "{e}");
         let msg = e.to_string();
         assert!(
             msg.contains("\"md0\"") && msg.contains("already assembled"),
@@ -555,12 +559,12 @@ async fn the_same_members_cannot_be_assembled_twice_under_two_names() {
     }
     // One member alone is the same array too.
     let e = b.assemble("md1", &paths[1..]).await.unwrap_err();
-    assert_eq!(e.errno(), "EBUSY", "{e}");
+    assert_eq!(e.errno(), Errno::Ebusy, "{e}");
     a.stop("md0", false).await.unwrap();
     // Stopped: the members may be assembled under another name.
     b.assemble("md1", &paths).await.unwrap();
     let e = a.assemble("md0", &paths).await.unwrap_err();
-    assert_eq!(e.errno(), "EBUSY", "{e}");
+    assert_eq!(e.errno(), Errno::Ebusy, "{e}");
     b.stop("md1", false).await.unwrap();
 }
 
@@ -879,7 +883,7 @@ async fn a_stop_that_cannot_drain_keeps_the_array_and_its_claim() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!w.is_finished());
     let e = reg.stop("md0", false).await.unwrap_err();
-    assert_eq!(e.errno(), "EBUSY", "{e}");
+    assert_eq!(e.errno(), Errno::Ebusy, "{e}");
     assert!(e.to_string().contains("did not finish"), "{e}");
     assert_eq!(reg.lookup("md0").unwrap().state, ArrayState::Stopping);
     // The members stay claimed: no second engine over them.
@@ -888,7 +892,7 @@ async fn a_stop_that_cannot_drain_keeps_the_array_and_its_claim() {
         ..Default::default()
     });
     let e = other.assemble("md1", &paths).await.unwrap_err();
-    assert_eq!(e.errno(), "EBUSY", "{e}");
+    assert_eq!(e.errno(), Errno::Ebusy, "{e}");
     // The write ends; stopping again succeeds and releases the claim.
     dev.set_remote_resync_window(None).await.unwrap();
     w.await.unwrap().unwrap();
@@ -1042,5 +1046,33 @@ async fn the_caller_states_how_a_superblock_change_is_written() {
         assert_eq!(events() - e0, written, "{how:?}: superblock writes on disk");
     }
     drop(raid);
+    reg.stop("md0", false).await.unwrap();
+}
+
+/// Library errors carry their errno as the proto enum: the agent never maps names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_carry_their_errno() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = files(dir.path(), 2, 24 * MIB);
+    // Device errors: a missing device, a device without a superblock.
+    let missing = read_member(&dir.path().join("absent")).unwrap_err();
+    assert_eq!(missing.errno(), Errno::Enoent, "{missing}");
+    let blank = read_member(&paths[0]).unwrap_err();
+    assert_eq!(blank.errno(), Errno::Einval, "{blank}");
+    let reg = registry();
+    reg.create("md0", spec(2, 0, BitmapMode::Internal, true), &paths, false)
+        .await
+        .unwrap();
+    // An engine error keeps its own errno through the registry: a member the array
+    // does not have is ENOENT, not a generic EIO.
+    let e = reg
+        .fail_member("md0", &dir.path().join("m9"), MetaWrite::Local)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, ArrayError::Raid(RaidError::NoSuchMember { .. })),
+        "{e}"
+    );
+    assert_eq!(e.errno(), Errno::Enoent, "{e}");
     reg.stop("md0", false).await.unwrap();
 }

@@ -16,6 +16,7 @@
 //! - [`msg`]: [`ClusterMsg`] (md-cluster's `struct cluster_msg`) and [`ResyncInfo`].
 //! - [`engine`]: [`Engine`], the receiver of one array: a message and this node's view
 //!   in, the commands that apply it out (reload, fail, attach, windows, ack/nack).
+//! - [`join`]: what a joiner makes of the slots it probes, and of every slot busy.
 //! - [`takeover`]: when a dead node's slot is recovered, which key is preempted, when
 //!   the recovered chunks count as resynced.
 //! - [`resync`]: may a resync/recovery start, what each window and the end publish.
@@ -24,6 +25,7 @@
 //! - [`timings`]: [`Timings`], every deadline and period of the protocol.
 
 pub mod engine;
+pub mod join;
 pub mod msg;
 pub mod nack;
 pub mod resync;

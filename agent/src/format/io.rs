@@ -21,6 +21,7 @@ use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
+use mdcluster_proto::v1::Errno;
 
 use super::bitmap::{slot_offset, BitmapSuper, BITMAP_SB_BYTES};
 use super::create::{plan, CreateSpec, MemberImage};
@@ -89,6 +90,28 @@ pub enum DeviceError {
         /// The second path.
         b: PathBuf,
     },
+}
+
+impl DeviceError {
+    /// The errno of the error: a device that is missing ENOENT, not permitted EPERM,
+    /// busy (a member of another array) EBUSY, not answering ETIMEDOUT; a device given
+    /// twice or metadata that does not fit the request EINVAL; other I/O EIO.
+    pub fn errno(&self) -> Errno {
+        match self {
+            DeviceError::Open { source, .. } => match source.kind() {
+                std::io::ErrorKind::NotFound => Errno::Enoent,
+                std::io::ErrorKind::PermissionDenied => Errno::Eperm,
+                _ => Errno::Eio,
+            },
+            DeviceError::InUse { .. } => Errno::Ebusy,
+            DeviceError::Duplicate { .. } => Errno::Einval,
+            // No superblock, a corrupt one, or a spec the format refuses: the request
+            // does not fit the devices.
+            DeviceError::Format { .. } => Errno::Einval,
+            DeviceError::Io { .. } => Errno::Eio,
+            DeviceError::Unresponsive { .. } => Errno::Etimedout,
+        }
+    }
 }
 
 /// What makes a device one device: the device number of a block device, the

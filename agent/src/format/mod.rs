@@ -13,8 +13,8 @@
 //! - [`slots`]: the clustered bitmap slots of other nodes across the members (union,
 //!   clear, resize, merge, dirty count), over [`io`].
 //!
-//! Everything but [`io`] and [`slots`] is pure code over byte buffers, so it is tested (and fuzzed)
-//! without disks. Facts and offsets: `docs/MD-FORMAT.md`.
+//! Everything but [`io`] and [`slots`] is pure code over byte buffers, so it is tested
+//! (and fuzzed) without disks. Facts and offsets: `docs/MD-FORMAT.md`.
 
 pub mod bitmap;
 pub mod create;

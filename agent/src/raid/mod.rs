@@ -52,6 +52,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use mdcluster_proto::v1::Errno;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
@@ -146,6 +147,21 @@ pub enum RaidError {
         /// What was asked.
         member: String,
     },
+}
+
+impl RaidError {
+    /// The errno of the error: a bound that passed ETIMEDOUT, a failure not yet
+    /// recorded EBUSY (retry), an unknown member ENOENT, everything else EIO.
+    pub fn errno(&self) -> Errno {
+        match self {
+            RaidError::DrainTimeout { .. } | RaidError::Quiesce { .. } => Errno::Etimedout,
+            RaidError::FailurePending { .. } => Errno::Ebusy,
+            RaidError::NoSuchMember { .. } => Errno::Enoent,
+            RaidError::Bitmap { .. } | RaidError::Meta { .. } | RaidError::NoMembers { .. } => {
+                Errno::Eio
+            }
+        }
+    }
 }
 
 /// What one member is to the array.

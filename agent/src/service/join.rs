@@ -27,6 +27,7 @@
 //! `BITMAP_NEEDS_SYNC(slot)` with a deadline; unsubscribe; unregister our key; release
 //! the slot lock.
 //! Every lock-service call is bounded by the session's RPC timeout; nothing queues.
+//! What the probes and a busy slot search mean is decided by [`crate::cluster::join`].
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -36,6 +37,7 @@ use mdcluster_proto::status::WireError;
 use mdcluster_proto::v1::Errno;
 
 use super::message::lock_error;
+use crate::cluster::join::{all_busy, gather, merge_needed, Busy, Gather, Probe};
 use crate::cluster::Timings;
 use crate::cluster::{channel, slot_lock, ClusterMsg, MsgType, ResyncInfo};
 use crate::format::fmt_uuid;
@@ -163,7 +165,8 @@ pub async fn join(
         let res = slot_lock(&uuid, other);
         match session.acquire(&res, Mode::Exclusive, Wait::NoQueue).await {
             Ok(g) => {
-                if crate::format::slots::dirty_chunks(first, other) > 0 {
+                let dirty = crate::format::slots::dirty_chunks(first, other);
+                if gather(Probe::Free { dirty }) == Gather::Merge {
                     merge_from.push(other);
                 }
                 if let Err(e) = session.release(&res, g.token).await {
@@ -173,8 +176,8 @@ pub async fn join(
             Err(e) if e.errno() == Errno::Ebusy => match session.read_value(&res).await {
                 Ok((v, holders)) => {
                     let w = ResyncInfo::decode(&v);
-                    if w.active() {
-                        m.remote_window = Some((w.lo, w.hi));
+                    if let Gather::RemoteWindow(lo, hi) = gather(Probe::Held(w)) {
+                        m.remote_window = Some((lo, hi));
                     }
                     tracing::info!(
                         array = name,
@@ -193,7 +196,7 @@ pub async fn join(
     // Our own slot's bits count too: the superblock's clean flag is shared by every
     // node, so a node that died dirty may find it marked clean by another node's stop.
     let own_dirty = crate::format::slots::dirty_chunks(first, slot);
-    if !merge_from.is_empty() || own_dirty > 0 {
+    if merge_needed(merge_from.len(), own_dirty) {
         let paths = members.to_vec();
         let from = merge_from.clone();
         let merged = tokio::task::spawn_blocking(move || {
@@ -281,7 +284,7 @@ async fn take_slot(
             .map(|(n, h)| format!("slot {n}: {}", held_by(h)))
             .collect::<Vec<_>>()
             .join("; ");
-        if all_held_by_members(&holders) {
+        if all_busy(&holders) == Busy::Full {
             return Err(WireError::new(
                 Errno::Ebusy,
                 format!("array {name}"),
@@ -307,16 +310,6 @@ async fn take_slot(
         tokio::time::sleep((pause + jitter).min(deadline - now)).await;
         pause = (pause * 2).min(Duration::from_millis(200));
     }
-}
-
-/// Whether the slot holders (one list per slot) show every slot held by a member: each
-/// slot has a holder, and no node holds two slots (a member holds exactly one; a second
-/// one is a passing probe or a recovery).
-fn all_held_by_members(holders: &[Vec<String>]) -> bool {
-    let mut seen = std::collections::HashSet::new();
-    holders
-        .iter()
-        .all(|h| !h.is_empty() && h.iter().all(|node| seen.insert(node.as_str())))
 }
 
 /// Leaves: BITMAP_NEEDS_SYNC when `dirty`, unsubscribe, release the slot. Failures are
@@ -353,30 +346,5 @@ pub async fn leave(session: &Session, m: &Membership, dirty: bool, timings: &Tim
     match session.release(&res, m.token).await {
         Ok(()) => tracing::info!(array = %m.array, slot = m.slot, "left"),
         Err(e) => tracing::warn!(array = %m.array, lock = %res, "release slot lock: {e}"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::all_held_by_members;
-
-    fn h(v: &[&[&str]]) -> Vec<Vec<String>> {
-        v.iter()
-            .map(|s| s.iter().map(|n| n.to_string()).collect())
-            .collect()
-    }
-
-    #[test]
-    fn a_slot_held_by_a_probe_is_not_a_member_slot() {
-        assert!(all_held_by_members(&h(&[&["n1"], &["n2"], &["n3"]])));
-        // n3 holds its own slot and probes slot 3.
-        assert!(!all_held_by_members(&h(&[
-            &["n1"],
-            &["n2"],
-            &["n3"],
-            &["n3"]
-        ])));
-        // Released between the acquire and the read.
-        assert!(!all_held_by_members(&h(&[&["n1"], &[]])));
     }
 }

@@ -7,12 +7,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use mdcluster_proto::status::{errno_from_name, WireError};
+use mdcluster_proto::status::WireError;
 use mdcluster_proto::v1 as pb;
 use mdcluster_proto::v1::Errno;
 
 use super::cluster_array::ClusterArray;
-use super::{device_errno, join, lock, message, resync, runtime, short_name, Meta, Node};
+use super::{join, lock, message, resync, runtime, short_name, Meta, Node};
 use crate::array::service::Service;
 use crate::format::create::{BitmapMode, CreateSpec};
 use crate::format::io::read_member;
@@ -100,7 +100,7 @@ impl Node {
         .map_err(|e| self.err(Errno::Eio, name, format!("create task failed: {e}")))?;
         if let Err(e) = written {
             // The error says what to do (DeviceError::InUse carries the hint once).
-            return Err(self.err(device_errno(&e), name, format!("create {name}: {e}")));
+            return Err(self.err(e.errno(), name, format!("create {name}: {e}")));
         }
         self.assemble_locked(name, &members).await
     }
@@ -305,7 +305,7 @@ impl Node {
                         join::leave(&session, &m, false, &self.cfg.timings).await;
                     }
                 }
-                Err(self.err(errno_from_name(e.errno()), name, e))
+                Err(self.err(e.errno(), name, e))
             }
         }
     }
@@ -419,8 +419,7 @@ impl Node {
                 join::leave(&session, arr.membership(), dirty, &self.cfg.timings).await;
             }
         }
-        r.map(|_| ())
-            .map_err(|e| self.err(errno_from_name(e.errno()), name, e))
+        r.map(|_| ()).map_err(|e| self.err(e.errno(), name, e))
     }
 
     /// Stops every array (agent shutdown), forcing clients off, and leaves the cluster

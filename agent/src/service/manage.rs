@@ -7,12 +7,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use mdcluster_proto::status::{errno_from_name, WireError};
+use mdcluster_proto::status::WireError;
 use mdcluster_proto::v1 as pb;
 use mdcluster_proto::v1::Errno;
 
 use super::{lock, message, short_name, takeover, Node};
-use crate::format::io::read_member;
+use crate::format::io::{read_member, DeviceError};
 use crate::raid::{MemberState, MetaWrite};
 
 impl Node {
@@ -124,7 +124,7 @@ impl Node {
                     let done = registry
                         .remove_member(&name, &dev, write)
                         .await
-                        .map_err(|e| me.err(errno_from_name(e.errno()), &name, e))?;
+                        .map_err(|e| me.err(e.errno(), &name, e))?;
                     if !done {
                         return Err(me.err(
                             Errno::Ebusy,
@@ -140,7 +140,7 @@ impl Node {
                 registry
                     .fail_member(&name, &dev, write)
                     .await
-                    .map_err(|e| me.err(errno_from_name(e.errno()), &name, e))?;
+                    .map_err(|e| me.err(e.errno(), &name, e))?;
                 let now_faulty = me.info(&name).and_then(|(i, _)| i.raid).is_some_and(|r| {
                     r.members.iter().any(|m| {
                         Path::new(&m.path) == dev && !m.removed && m.state == MemberState::Faulty
@@ -348,7 +348,7 @@ impl Node {
                 format!("device identity task failed: {e}"),
             )
         })?;
-        r.map_err(|(errno, msg)| self.err(errno, name, msg))
+        r.map_err(|e| self.err(e.errno(), name, e))
     }
 
     /// `--add`, `--add-spare`, `--re-add DEV` (md-cluster `add_new_disk`): under the
@@ -424,7 +424,7 @@ impl Node {
             registry
                 .add_member_with(name, &dev, how, MetaWrite::Local)
                 .await
-                .map_err(|e| self.err(errno_from_name(e.errno()), name, e))?;
+                .map_err(|e| self.err(e.errno(), name, e))?;
             return Ok(());
         }
         let (Some(m), Some(session)) = (self.cluster(name), self.session()) else {
@@ -483,7 +483,7 @@ impl Node {
             let added = registry
                 .add_member_with(name, &dev, how, MetaWrite::UnderToken)
                 .await
-                .map_err(|e| self.err(errno_from_name(e.errno()), name, e))?;
+                .map_err(|e| self.err(e.errno(), name, e))?;
             let dev_number = self
                 .info(name)
                 .and_then(|(i, _)| i.raid)
@@ -535,6 +535,44 @@ struct NewDevice {
     stamped: bool,
 }
 
+/// Why a device to be added could not be given its superblock.
+#[derive(Debug, thiserror::Error)]
+enum StampError {
+    /// The device holds a member of another array.
+    #[error("{} holds a member of another array ({uuid}); zero it first (mdctl zero-superblock) if it is no longer used", path.display())]
+    OtherArray {
+        /// The device.
+        path: PathBuf,
+        /// The other array's UUID.
+        uuid: String,
+    },
+    /// No live member's superblock could be read as the template.
+    #[error("no live member's superblock could be read to copy for the new device")]
+    NoTemplate,
+    /// Every device number is taken.
+    #[error("no free device number")]
+    NoDevNumber,
+    /// The device is smaller than the array's members need.
+    #[error("{} is too small for the array", path.display())]
+    TooSmall {
+        /// The device.
+        path: PathBuf,
+    },
+    /// Opening the device or writing its superblock failed.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+}
+
+impl StampError {
+    fn errno(&self) -> Errno {
+        match self {
+            StampError::OtherArray { .. } => Errno::Ebusy,
+            StampError::NoDevNumber | StampError::TooSmall { .. } => Errno::Einval,
+            StampError::NoTemplate | StampError::Device(_) => Errno::Eio,
+        }
+    }
+}
+
 /// See [`Node::identify_new_device`] (blocking part). `uuid_here` is the array UUID
 /// as text, `template_from` the live members to copy the superblock from, `used` the
 /// device numbers the array knows; `fence` gates the superblock write.
@@ -544,7 +582,7 @@ fn stamp_new_device(
     template_from: &[PathBuf],
     used: &[u32],
     fence: Option<crate::fence::FenceTicket>,
-) -> Result<NewDevice, (Errno, String)> {
+) -> Result<NewDevice, StampError> {
     use crate::format::superblock::{feature, DevRole, MAX_DEV_LIMIT};
     if let Some(sb) = crate::array::scan::read_superblock(dev) {
         if crate::format::fmt_uuid(&sb.set_uuid) == uuid_here {
@@ -554,29 +592,19 @@ fn stamp_new_device(
                 stamped: false,
             });
         }
-        return Err((
-            Errno::Ebusy,
-            format!(
-                "{} holds a member of another array ({}); zero it first (mdctl zero-superblock) if it is no longer used",
-                dev.display(),
-                crate::format::fmt_uuid(&sb.set_uuid)
-            ),
-        ));
+        return Err(StampError::OtherArray {
+            path: dev.to_owned(),
+            uuid: crate::format::fmt_uuid(&sb.set_uuid),
+        });
     }
     let template = template_from
         .iter()
         .find_map(|p| read_member(p).ok().map(|m| m.sb))
-        .ok_or_else(|| {
-            (
-                Errno::Eio,
-                "no live member's superblock could be read to copy for the new device".to_owned(),
-            )
-        })?;
+        .ok_or(StampError::NoTemplate)?;
     let dev_number = (0..MAX_DEV_LIMIT)
         .find(|d| !used.contains(d) && template.role_of(*d) == DevRole::Spare)
-        .ok_or_else(|| (Errno::Einval, "no free device number".to_owned()))?;
-    let file = crate::format::io::MetaDev::open_fenced(dev, true, fence)
-        .map_err(|e| (Errno::Eio, e.to_string()))?;
+        .ok_or(StampError::NoDevNumber)?;
+    let file = crate::format::io::MetaDev::open_fenced(dev, true, fence)?;
     let bytes = file.size();
     let mut sb = template.clone();
     sb.dev_number = dev_number;
@@ -585,12 +613,11 @@ fn stamp_new_device(
     sb.feature_map &= !feature::RECOVERY_OFFSET;
     sb.recovery_offset = 0;
     if sb.data_size < sb.size {
-        return Err((
-            Errno::Einval,
-            format!("{} is too small for the array", dev.display()),
-        ));
+        return Err(StampError::TooSmall {
+            path: dev.to_owned(),
+        });
     }
-    crate::format::io::write_superblock(&file, &sb).map_err(|e| (Errno::Eio, e.to_string()))?;
+    crate::format::io::write_superblock(&file, &sb)?;
     Ok(NewDevice {
         device_uuid: sb.device_uuid,
         dev_number,

@@ -63,13 +63,15 @@ mod saved;
 mod status;
 pub mod takeover;
 
+pub use saved::NotTornDown;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use crate::lockport::Session;
-use mdcluster_proto::status::{errno_from_name, WireError};
+use mdcluster_proto::status::WireError;
 use mdcluster_proto::v1 as pb;
 use mdcluster_proto::v1::Errno;
 use tokio::sync::broadcast;
@@ -77,7 +79,7 @@ use tokio::sync::broadcast;
 use crate::array::service::Service;
 use crate::array::{valid_name, ArrayInfo, AssembleOptions, Registry, RegistryConfig};
 use crate::fence::FenceGate;
-use crate::format::io::{read_member, DeviceError, Member};
+use crate::format::io::{read_member, Member};
 use crate::nbd::ServerConfig;
 use crate::raid::SpeedLimits;
 use cluster_array::ClusterArray;
@@ -174,24 +176,6 @@ struct OpGuard {
 impl Drop for OpGuard {
     fn drop(&mut self) {
         lock(&self.node.busy).remove(&self.name);
-    }
-}
-
-/// The errno of a device error met while reading members.
-fn device_errno(e: &DeviceError) -> Errno {
-    match e {
-        DeviceError::Open { source, .. } => match source.kind() {
-            std::io::ErrorKind::NotFound => Errno::Enoent,
-            std::io::ErrorKind::PermissionDenied => Errno::Eperm,
-            _ => Errno::Eio,
-        },
-        DeviceError::InUse { .. } => Errno::Ebusy,
-        DeviceError::Duplicate { .. } => Errno::Einval,
-        // No superblock, a corrupt one, or a spec the format refuses: the request does
-        // not fit the devices.
-        DeviceError::Format { .. } => Errno::Einval,
-        DeviceError::Io { .. } => Errno::Eio,
-        DeviceError::Unresponsive { .. } => Errno::Etimedout,
     }
 }
 
@@ -472,7 +456,7 @@ impl Node {
         .await
         .map_err(|e| self.err(Errno::Eio, name, format!("reading members failed: {e}")))?;
         r.map_err(|e| match e {
-            Some(e) => self.err(device_errno(&e), name, e),
+            Some(e) => self.err(e.errno(), name, e),
             None => self.err(Errno::Einval, name, "no member devices given"),
         })
     }

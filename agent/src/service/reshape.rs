@@ -23,19 +23,19 @@ use mdcluster_proto::status::WireError;
 use mdcluster_proto::v1::Errno;
 
 use super::message;
-use super::{errno_from_name, lock, Node};
+use super::{lock, Node};
 use crate::array::{reshape, ArrayError};
 use crate::cluster::slot_lock;
 use crate::cluster::{ClusterMsg, MsgType};
 use crate::format::create::DEFAULT_NODES;
 use crate::format::rebitmap::{set_bitmap, NewBitmap};
 use crate::format::SECTOR;
+use crate::lockport::{Mode, Wait};
 use crate::raid::MetaWrite;
-use mdcluster_proto::lock_client::{Mode, Wait};
 
 impl Node {
     fn array_err(&self, name: &str, e: ArrayError) -> WireError {
-        self.err(errno_from_name(e.errno()), name, e)
+        self.err(e.errno(), name, e)
     }
 
     /// `grow --size KIB|max`: see the module doc.
@@ -325,13 +325,11 @@ impl Node {
             let written = match written {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(self.err(
-                    errno_from_name(
-                        if matches!(e, crate::format::io::DeviceError::Format { .. }) {
-                            "EINVAL"
-                        } else {
-                            "EIO"
-                        },
-                    ),
+                    if matches!(e, crate::format::io::DeviceError::Format { .. }) {
+                        Errno::Einval
+                    } else {
+                        Errno::Eio
+                    },
                     name,
                     format!("--bitmap {kind}: {e}"),
                 )),

@@ -4,12 +4,13 @@
 //! them out against the lock service and the members.
 //!
 //! - **begin**: take `md/<uuid>/resync` exclusive, queued in attempts of
-//!   [`crate::cluster::Timings::lock_attempt`] until granted (the engine shows `resync=PENDING` meanwhile; a
-//!   stop cancels the wait and the request is withdrawn). Once granted: publish
-//!   RESYNCING_START. A resync with no chunk needed here (this node only knows the
-//!   array is unclean) reads the newest superblock first: `resync_offset` at MaxSector
-//!   means another node finished it — release and answer [`GateDecision::Done`]. A
-//!   resync with needed chunks (e.g. merged from a failed node's slot) always runs.
+//!   [`crate::cluster::Timings::lock_attempt`] until granted (the engine shows
+//!   `resync=PENDING` meanwhile; a stop cancels the wait and the request is
+//!   withdrawn). Once granted: publish RESYNCING_START. A resync with no chunk needed
+//!   here (this node only knows the array is unclean) reads the newest superblock
+//!   first: `resync_offset` at MaxSector means another node finished it — release
+//!   and answer [`GateDecision::Done`]. A resync with needed chunks (e.g. merged from
+//!   a failed node's slot) always runs.
 //!   A recovery whose members' own superblocks already say recovered (another node
 //!   held the lock and finished) marks them in sync here and answers `Done`. A member
 //!   another node added (attached here as recovering) is that node's to recover: this
@@ -30,8 +31,8 @@
 //! The wait for `resync` has no overall deadline, by design: giving up would leave the
 //! array unsynced (md-cluster's PENDING waits too). Each attempt is bounded, the wait
 //! ends with the array (stop), and it is never silent: mdstat shows `resync=PENDING`
-//! and every [`crate::cluster::Timings::pending_report`] of waiting the monitor gets a `ResyncPending` event
-//! naming the holder.
+//! and every [`crate::cluster::Timings::pending_report`] of waiting the monitor gets a
+//! `ResyncPending` event naming the holder.
 //!
 //! RESYNCING_START and the end's RESYNCING(0, 0) are logged when not acknowledged:
 //! they copy nothing. The window is also in the slot value for nodes that join later.
@@ -40,7 +41,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use mdcluster_proto::lock_client::{Mode, Wait};
+use crate::lockport::{Mode, Wait};
 use mdcluster_proto::v1::Errno;
 
 use super::cluster_array::ClusterArray;

@@ -428,7 +428,7 @@ async fn rejoin(
         Ok(_) => {}
         Err(stuck) => fence_now(
             node,
-            &stuck,
+            &stuck.to_string(),
             &format!("the session with mdserver was lost ({reason}) and these arrays could not be stopped"),
         ),
     }

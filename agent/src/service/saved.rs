@@ -25,7 +25,7 @@ impl Node {
     /// `Err` names the arrays that could not be torn down (their member I/O did not
     /// drain): the caller cannot guarantee the I/O stopped and must end the process
     /// ([`runtime::fence_now`]).
-    pub async fn drop_lost_arrays(&self, why: &str) -> Result<Vec<String>, String> {
+    pub async fn drop_lost_arrays(&self, why: &str) -> Result<Vec<String>, NotTornDown> {
         let joined = self.memberships();
         let mut dropped = Vec::new();
         let mut stuck = Vec::new();
@@ -60,7 +60,7 @@ impl Node {
         if stuck.is_empty() {
             Ok(dropped)
         } else {
-            Err(stuck.join("; "))
+            Err(NotTornDown { stuck })
         }
     }
 
@@ -139,4 +139,13 @@ impl Node {
         }
         self.save_state();
     }
+}
+
+/// The arrays of a lost session [`Node::drop_lost_arrays`] could not tear down (their
+/// member I/O did not drain), each with its slot and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .stuck.join("; "))]
+pub struct NotTornDown {
+    /// Per array: "name (slot N): reason".
+    pub stuck: Vec<String>,
 }

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use mdcluster_proto::status::{errno_from_name, WireError};
+use mdcluster_proto::status::WireError;
 use mdcluster_proto::v1 as pb;
 use mdcluster_proto::v1::Errno;
 
@@ -92,7 +92,7 @@ impl Node {
             match s.registry().set_speed(&n, limits) {
                 Ok(()) => changed.push(n),
                 Err(e) if name.is_empty() => tracing::debug!(array = %n, "speed not set: {e}"),
-                Err(e) => return Err(self.err(errno_from_name(e.errno()), &n, e)),
+                Err(e) => return Err(self.err(e.errno(), &n, e)),
             }
         }
         Ok(changed)
