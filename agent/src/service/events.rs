@@ -1,5 +1,5 @@
 //! The node's event stream for `mdctl monitor`, in the words of `mdadm --monitor`:
-//! - lifecycle, from the registries' broadcast (event-driven, never a poll of a status
+//! - lifecycle, from the registry's broadcast (event-driven, never a poll of a status
 //!   text): `ArrayAssembling`, `NewArray` (active), `ArrayStopping`,
 //!   `DeviceDisappeared` (gone);
 //! - engine changes, from a watcher that compares each active array's structured status

@@ -1,8 +1,8 @@
 //! Member operations on an array (`mdctl manage`: fail, remove, add, add-spare,
-//! re-add), the role-count part of `mdctl grow`, and the new-device stamp: a device
-//! about to be added gets a superblock (a fresh device number and UUID) before NEWDISK
-//! names it to the other nodes. On a clustered array each change runs under the token
-//! lock with an acknowledged METADATA_UPDATED ([`super::message`]).
+//! re-add) and the role-count part of `mdctl grow`. On a clustered array each change
+//! runs under the token lock with an acknowledged METADATA_UPDATED
+//! ([`super::message`]); a device about to be added gets its superblock first
+//! ([`super::stamp`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,8 +11,9 @@ use mdcluster_proto::status::WireError;
 use mdcluster_proto::v1 as pb;
 use mdcluster_proto::v1::Errno;
 
+use super::stamp::{stamp_new_device, NewDevice};
 use super::{lock, message, short_name, takeover, Node};
-use crate::format::io::{read_member, DeviceError};
+use crate::format::io::read_member;
 use crate::raid::{MemberState, MetaWrite};
 
 impl Node {
@@ -524,103 +525,4 @@ impl Node {
         message::release_token(to, hold).await;
         out
     }
-}
-
-/// A device about to be added, as NEWDISK names it.
-#[derive(Debug, Clone, Copy)]
-struct NewDevice {
-    device_uuid: [u8; 16],
-    dev_number: u32,
-    /// Its superblock was written just now (erased again when the add is rejected).
-    stamped: bool,
-}
-
-/// Why a device to be added could not be given its superblock.
-#[derive(Debug, thiserror::Error)]
-enum StampError {
-    /// The device holds a member of another array.
-    #[error("{} holds a member of another array ({uuid}); zero it first (mdctl zero-superblock) if it is no longer used", path.display())]
-    OtherArray {
-        /// The device.
-        path: PathBuf,
-        /// The other array's UUID.
-        uuid: String,
-    },
-    /// No live member's superblock could be read as the template.
-    #[error("no live member's superblock could be read to copy for the new device")]
-    NoTemplate,
-    /// Every device number is taken.
-    #[error("no free device number")]
-    NoDevNumber,
-    /// The device is smaller than the array's members need.
-    #[error("{} is too small for the array", path.display())]
-    TooSmall {
-        /// The device.
-        path: PathBuf,
-    },
-    /// Opening the device or writing its superblock failed.
-    #[error(transparent)]
-    Device(#[from] DeviceError),
-}
-
-impl StampError {
-    fn errno(&self) -> Errno {
-        match self {
-            StampError::OtherArray { .. } => Errno::Ebusy,
-            StampError::NoDevNumber | StampError::TooSmall { .. } => Errno::Einval,
-            StampError::NoTemplate | StampError::Device(_) => Errno::Eio,
-        }
-    }
-}
-
-/// See [`Node::identify_new_device`] (blocking part). `uuid_here` is the array UUID
-/// as text, `template_from` the live members to copy the superblock from, `used` the
-/// device numbers the array knows; `fence` gates the superblock write.
-fn stamp_new_device(
-    dev: &Path,
-    uuid_here: &str,
-    template_from: &[PathBuf],
-    used: &[u32],
-    fence: Option<crate::fence::FenceTicket>,
-) -> Result<NewDevice, StampError> {
-    use crate::format::superblock::{feature, DevRole, MAX_DEV_LIMIT};
-    if let Some(sb) = crate::array::scan::read_superblock(dev) {
-        if crate::format::fmt_uuid(&sb.set_uuid) == uuid_here {
-            return Ok(NewDevice {
-                device_uuid: sb.device_uuid,
-                dev_number: sb.dev_number,
-                stamped: false,
-            });
-        }
-        return Err(StampError::OtherArray {
-            path: dev.to_owned(),
-            uuid: crate::format::fmt_uuid(&sb.set_uuid),
-        });
-    }
-    let template = template_from
-        .iter()
-        .find_map(|p| read_member(p).ok().map(|m| m.sb))
-        .ok_or(StampError::NoTemplate)?;
-    let dev_number = (0..MAX_DEV_LIMIT)
-        .find(|d| !used.contains(d) && template.role_of(*d) == DevRole::Spare)
-        .ok_or(StampError::NoDevNumber)?;
-    let file = crate::format::io::MetaDev::open_fenced(dev, true, fence)?;
-    let bytes = file.size();
-    let mut sb = template.clone();
-    sb.dev_number = dev_number;
-    sb.device_uuid = *uuid::Uuid::new_v4().as_bytes();
-    sb.data_size = (bytes / 512).saturating_sub(sb.data_offset);
-    sb.feature_map &= !feature::RECOVERY_OFFSET;
-    sb.recovery_offset = 0;
-    if sb.data_size < sb.size {
-        return Err(StampError::TooSmall {
-            path: dev.to_owned(),
-        });
-    }
-    crate::format::io::write_superblock(&file, &sb)?;
-    Ok(NewDevice {
-        device_uuid: sb.device_uuid,
-        dev_number,
-        stamped: true,
-    })
 }

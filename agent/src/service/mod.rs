@@ -12,7 +12,7 @@
 //!   create and assemble reserve a name;
 //! - **the bitmap slot of a clustered array** comes from its slot lock in the lock
 //!   service ([`join`]), held for the whole membership and released at stop;
-//! - **events** ([`events`]) for `mdctl monitor`, from the registries' lifecycle events
+//! - **events** ([`events`]) for `mdctl monitor`, from the registry's lifecycle events
 //!   and the engines' status changes;
 //! - handlers run their critical section on a spawned task, so a client that cancels
 //!   its call never leaves an array half assembled or half stopped.
@@ -25,14 +25,14 @@
 //! This file holds [`Node`] itself: its state, the session and fence gate, event
 //! emission, the one-operation-per-array guard and the lookup helpers the other files
 //! share. The operations are `impl Node` blocks in:
-//! - [`lifecycle`]: create, assemble (also of a recorded array), stop, shutdown.
-//! - [`manage`]: member operations (`mdctl manage`), grow of the role count, and
-//!   stamping a device about to be added.
-//! - [`status`]: lookups (get, list, mdstat), speed limits, and the NBD
+//! - `lifecycle.rs`: create, assemble (also of a recorded array), stop, shutdown.
+//! - `manage.rs`: member operations (`mdctl manage`) and grow of the role count.
+//! - `status.rs`: lookups (get, list, mdstat), speed limits, and the NBD
 //!   [`Exports`](crate::nbd::Exports).
-//! - [`saved`]: the state file of the arrays assembled here, rejoin at start, and
+//! - `stamp.rs`: the superblock of a device about to be added.
+//! - `saved.rs`: the state file of the arrays assembled here, rejoin at start, and
 //!   teardown of the arrays of a lost session.
-//! - [`reshape`]: size and bitmap changes (`mdctl grow --size`, `--bitmap`).
+//! - `reshape.rs`: size and bitmap changes (`mdctl grow --size`, `--bitmap`).
 //! - [`grpc`]: the tonic `AgentService` over a [`Node`].
 //! - [`cluster_array`]: [`ClusterArray`], the handle of one joined clustered array
 //!   (membership, the cluster engine's state, the token turn); the node keeps one per
@@ -60,6 +60,7 @@ mod reshape;
 pub mod resync;
 pub mod runtime;
 mod saved;
+mod stamp;
 mod status;
 pub mod takeover;
 

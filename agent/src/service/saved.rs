@@ -24,7 +24,7 @@ impl Node {
     ///
     /// `Err` names the arrays that could not be torn down (their member I/O did not
     /// drain): the caller cannot guarantee the I/O stopped and must end the process
-    /// ([`runtime::fence_now`]).
+    /// ([`super::runtime::fence_now`]).
     pub async fn drop_lost_arrays(&self, why: &str) -> Result<Vec<String>, NotTornDown> {
         let joined = self.memberships();
         let mut dropped = Vec::new();
