@@ -14,6 +14,8 @@
 //!   of a clustered array.
 //! - [`reserve`]: storage-level fencing by SCSI/NVMe persistent reservations (the
 //!   protocol, the block-layer ioctls, an in-memory double; members are probed only).
+//! - [`lockport`]: the lock-service port (what the agent calls on its session, as a
+//!   trait) and how sessions are opened; the gRPC lock client implements it.
 //! - [`iotrace`]: the recording hook under every member write and flush (the
 //!   crash-consistency checker; feature `io-trace`).
 //! - [`raid`]: the RAID1 engine (members, fan-out, read balancing, failure,
@@ -35,6 +37,7 @@ pub mod fence;
 pub mod format;
 pub mod iobuf;
 pub mod iotrace;
+pub mod lockport;
 pub mod mdstat;
 pub mod metrics;
 pub mod nbd;

@@ -1146,8 +1146,8 @@ impl Session {
     }
 
     /// Closes the session on purpose: its locks are released at once (waiters are not
-    /// told of an expiry). Bounded by the connect timeout.
-    pub async fn close(self) -> Result<(), LockClientError> {
+    /// told of an expiry). Bounded by the connect timeout. A second call does nothing.
+    pub async fn close(&self) -> Result<(), LockClientError> {
         let tx = self
             .close_tx
             .lock()

@@ -13,6 +13,10 @@
 //! - [`etcd`]: a real etcd process (free ports, readiness wait, kill -9, restart).
 //! - [`monitoring`]: `deploy/monitoring/` as tests read it (rules, dashboard, the metric
 //!   reference of docs/METRICS.md), scrapes, and a real Prometheus process.
+//! - [`inproc`]: several agent nodes in one process over [`memlock`], on real member
+//!   files (the in-process tier, t46).
+//! - [`memlock`]: an in-memory lock service behind the agent's lock port, for the
+//!   in-process test tier only (t46).
 //! - [`pki`]: a test CA and certificates (openssl CLI) for TLS to etcd.
 //! - [`server`]: `mdserver` replicas and a one-etcd test [`server::Cluster`].
 //! - [`standalone`]: a standalone `mdagent` (no cluster) driven through its control
@@ -24,6 +28,8 @@ pub mod cluster;
 pub mod crash;
 pub mod deploy;
 pub mod etcd;
+pub mod inproc;
+pub mod memlock;
 pub mod monitoring;
 pub mod pki;
 pub mod server;

@@ -12,7 +12,7 @@ use super::join::Membership;
 use super::message::Target;
 use crate::cluster::takeover::SlotWatch;
 use crate::cluster::Engine;
-use mdcluster_proto::lock_client::Session;
+use crate::lockport::Session;
 
 /// One clustered array joined here. Shared (`Arc`).
 #[derive(Debug)]

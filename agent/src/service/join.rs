@@ -32,7 +32,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use mdcluster_proto::lock_client::{Mode, Session, Wait};
+use crate::lockport::{Mode, Session, Wait};
 use mdcluster_proto::status::WireError;
 use mdcluster_proto::v1::Errno;
 

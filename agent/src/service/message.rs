@@ -34,7 +34,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use mdcluster_proto::lock_client::{LockClientError, Mode, Session, Wait};
+use crate::lockport::{LockClientError, Mode, Session, Wait};
 use mdcluster_proto::status::WireError;
 use mdcluster_proto::v1::Errno;
 use tokio::time::Instant;

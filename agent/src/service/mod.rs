@@ -72,7 +72,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use mdcluster_proto::lock_client::Session;
+use crate::lockport::Session;
 use mdcluster_proto::status::WireError;
 use mdcluster_proto::v1 as pb;
 use mdcluster_proto::v1::Errno;

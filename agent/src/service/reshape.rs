@@ -30,8 +30,8 @@ use crate::cluster::{ClusterMsg, MsgType};
 use crate::format::create::DEFAULT_NODES;
 use crate::format::rebitmap::{set_bitmap, NewBitmap};
 use crate::format::SECTOR;
+use crate::lockport::{Mode, Wait};
 use crate::raid::MetaWrite;
-use mdcluster_proto::lock_client::{Mode, Wait};
 
 impl Node {
     fn array_err(&self, name: &str, e: ArrayError) -> WireError {
@@ -164,7 +164,7 @@ impl Node {
     /// `update_size` takes them PW no-queue); a held slot's node did it itself.
     async fn resize_free_slots(
         &self,
-        session: &mdcluster_proto::lock_client::Session,
+        session: &crate::lockport::Session,
         name: &str,
         m: &super::cluster_array::ClusterArray,
         sectors: u64,
@@ -353,7 +353,7 @@ impl Node {
     }
 }
 
-async fn release_all(session: &mdcluster_proto::lock_client::Session, held: &[(String, u64)]) {
+async fn release_all(session: &crate::lockport::Session, held: &[(String, u64)]) {
     for (res, token) in held {
         if let Err(e) = session.release(res, *token).await {
             tracing::warn!(lock = %res, "releasing: {e}");

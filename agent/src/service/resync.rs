@@ -41,7 +41,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use mdcluster_proto::lock_client::{Mode, Wait};
+use crate::lockport::{Mode, Wait};
 use mdcluster_proto::v1::Errno;
 
 use super::cluster_array::ClusterArray;
@@ -345,7 +345,7 @@ impl ClusterGate {
     /// A `ResyncPending` event: how long this node has waited and who holds `resync`.
     async fn report_pending(
         &self,
-        session: &mdcluster_proto::lock_client::Session,
+        session: &crate::lockport::Session,
         res: &str,
         kind: SyncKind,
         waited: Duration,

@@ -1,6 +1,12 @@
 //! Cluster-mode `mdagent`: binds the agent service, opens this node's lock-service
 //! session with its address (so mdserver can route to it), and serves until shutdown.
 //!
+//! Two layers: [`Driver`] runs a [`Node`] on a session from a
+//! [`SessionOpener`](crate::lockport::SessionOpener) (notifications, rejoin after a lost
+//! session, fence watchdog, takeover, engine watcher, mdstat file) and binds nothing;
+//! [`run`] adds the gRPC listener, TLS, the health service and the NBD TCP listener
+//! around it, with the real lock client ([`ServerOpener`]).
+//!
 //! ```text
 //! bind --listen ──▶ open session (retry with backoff until --connect-timeout;
 //!                   a previous session of this node still alive: wait for its TTL)
@@ -35,17 +41,19 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mdcluster_proto::lock_client::{LockClientError, Notification, Session, SessionConfig};
 use mdcluster_proto::v1::agent_service_server::AgentServiceServer;
 use mdcluster_proto::v1::Errno;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use tonic_health::server::HealthReporter;
 
 use super::grpc::AgentSvc;
 use super::{events, Node, NodeConfig};
+use crate::lockport::{
+    LockClientError, Notification, Opened, ServerOpener, Session, SessionConfig, SessionOpener,
+};
 use crate::nbd::Exports;
 
 /// How cluster mode runs.
@@ -119,15 +127,16 @@ pub enum RuntimeError {
     },
 }
 
-/// Opens the session, retrying with backoff until `deadline`.
-async fn open_session(
-    cfg: &SessionConfig,
+/// Opens a session through `opener`, retrying with backoff (100 ms doubling to 1 s)
+/// for at most `timeout`.
+pub async fn open_session(
+    opener: &dyn SessionOpener,
     timeout: Duration,
-) -> Result<(Session, mpsc::Receiver<Notification>), LockClientError> {
+) -> Result<Opened, LockClientError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut backoff = Duration::from_millis(100);
     loop {
-        match Session::open(cfg.clone()).await {
+        match opener.open().await {
             Ok(s) => return Ok(s),
             Err(e) => {
                 if tokio::time::Instant::now() + backoff >= deadline {
@@ -217,20 +226,42 @@ enum Readiness {
     Stopping,
 }
 
-/// The readiness of the agent service: SERVING when none of the [`Readiness`] reasons
-/// holds.
-struct Health {
-    reporter: HealthReporter,
+/// The readiness of the agent service: ready when none of the [`Readiness`] reasons
+/// holds. Reported on the gRPC health service when there is one, and watchable
+/// ([`Health::watch`]) by whoever drives the node.
+pub struct Health {
+    reporter: Option<HealthReporter>,
     /// One flag per [`Readiness`] reason, in its order.
     not_ready: std::sync::Mutex<[bool; 3]>,
+    ready: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Health")
+            .field("ready", &*self.ready.borrow())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Health {
-    fn new(reporter: HealthReporter) -> Arc<Health> {
+    /// Ready, reported on `reporter` (if any) from its next change on.
+    pub fn new(reporter: Option<HealthReporter>) -> Arc<Health> {
         Arc::new(Health {
             reporter,
             not_ready: std::sync::Mutex::new([false; 3]),
+            ready: watch::channel(true).0,
         })
+    }
+
+    /// True while the node holds a live session and is not rejoining or stopping.
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// Follows [`Health::is_ready`].
+    pub fn watch(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
     }
 
     /// Sets or clears one reason and reports the result when it changed.
@@ -243,7 +274,10 @@ impl Health {
         };
         if before != after {
             tracing::info!(reason = ?why, "readiness changed");
-            set_health(&self.reporter, after).await;
+            self.ready.send_replace(after);
+            if let Some(r) = &self.reporter {
+                set_health(r, after).await;
+            }
         }
     }
 }
@@ -380,10 +414,10 @@ pub(super) fn fence_now(node: &Node, arrays: &str, why: &str) -> ! {
 /// assembles the saved arrays again on it. `None` when stopping.
 async fn rejoin(
     node: &Arc<Node>,
-    scfg: &SessionConfig,
+    opener: &dyn SessionOpener,
     reason: &str,
     stop: &CancellationToken,
-) -> Option<(Arc<Session>, mpsc::Receiver<Notification>)> {
+) -> Option<Opened> {
     tracing::error!(
         node = node.name(),
         "session lost: {reason}; stopping its clustered arrays and rejoining with a new session"
@@ -408,12 +442,11 @@ async fn rejoin(
             return None;
         }
         let opened = tokio::select! {
-            r = open_session(scfg, Duration::from_secs(60)) => r,
+            r = open_session(opener, Duration::from_secs(60)) => r,
             _ = stop.cancelled() => return None,
         };
         match opened {
             Ok((s, r)) => {
-                let s = Arc::new(s);
                 node.set_session(Some(s.clone()));
                 tracing::info!(
                     node = node.name(),
@@ -474,7 +507,6 @@ pub async fn run(
         source,
     })?;
     let advertise = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
-    let stop = CancellationToken::new();
     let mut node_cfg = cfg.node.clone();
     let nbd_tcp = match &node_cfg.nbd_tcp {
         Some(addr) => {
@@ -502,7 +534,8 @@ pub async fn run(
     scfg.observer = Some(mdcluster_proto::lock_client::HeartbeatObserver(Arc::new(
         |ok, took| crate::metrics::agent().heartbeat(ok, took),
     )));
-    let (session, rx) = open_session(&scfg, cfg.connect_timeout)
+    let opener: Arc<dyn SessionOpener> = Arc::new(ServerOpener(scfg));
+    let opened = open_session(opener.as_ref(), cfg.connect_timeout)
         .await
         .map_err(|source| RuntimeError::Session {
             servers: cfg.servers.join(","),
@@ -510,75 +543,20 @@ pub async fn run(
             timeout: cfg.connect_timeout,
             source,
         })?;
-    let session = Arc::new(session);
-    node.set_session(Some(session.clone()));
-    tracing::info!(node = node.name(), addr = %advertise, session = format_args!("{:x}", session.id()), "session open");
+    tracing::info!(node = node.name(), addr = %advertise, session = format_args!("{:x}", opened.0.id()), "session open");
 
     let (reporter, health_svc) = tonic_health::server::health_reporter();
     let health_svc_plain = health_svc.clone();
     set_health(&reporter, true).await;
-    let health = Health::new(reporter);
-
-    // Notifications, and a new session when one is lost.
-    let keeper = {
-        let node = node.clone();
-        let health = health.clone();
-        let stop = stop.clone();
-        let scfg = scfg.clone();
-        let mut session = session.clone();
-        let mut rx = rx;
-        tokio::spawn(async move {
-            // The arrays being assembled again on the current session, if any.
-            let mut rejoining: Option<tokio::task::JoinHandle<()>> = None;
-            loop {
-                let Some(reason) = notifications(
-                    node.clone(),
-                    session.clone(),
-                    rx,
-                    stop.clone(),
-                    health.clone(),
-                )
-                .await
-                else {
-                    return;
-                };
-                health.set(Readiness::Rejoining, true).await;
-                health.set(Readiness::Suspended, false).await;
-                if let Some(h) = rejoining.take() {
-                    // Each assemble is bounded; the teardown must see what it joined.
-                    let _ = h.await;
-                }
-                match rejoin(&node, &scfg, &reason, &stop).await {
-                    Some((s, r)) => {
-                        session = s;
-                        rx = r;
-                    }
-                    None => return,
-                }
-                // Assembled on a task: the new session's messages (a survivor's
-                // recovery of our old slot) must be answered meanwhile.
-                let (node, health) = (node.clone(), health.clone());
-                rejoining = Some(tokio::spawn(async move {
-                    let t = tokio::time::Instant::now();
-                    node.reassemble_saved().await;
-                    tracing::info!(
-                        node = node.name(),
-                        "saved arrays assembled again in {:?}",
-                        t.elapsed()
-                    );
-                    health.set(Readiness::Rejoining, false).await;
-                }));
-            }
-        })
-    };
-    let fence = spawn_fence_watchdog(node.clone(), cfg.fence_margin, stop.clone());
-    let rejoin = {
-        let node = node.clone();
-        tokio::spawn(async move { node.reassemble_saved().await })
-    };
-    let watcher = events::spawn_engine_watcher(node.clone(), stop.clone());
-    let takeover = super::takeover::spawn(node.clone(), stop.clone());
-    let mdstat_file = super::mdstat_file::spawn(node.clone(), stop.clone());
+    let health = Health::new(Some(reporter));
+    let driver = Driver::start(
+        node.clone(),
+        opener,
+        opened,
+        cfg.fence_margin,
+        health.clone(),
+    );
+    let stop = driver.stop_token();
     let metrics = metrics.map(|l| {
         let registry = crate::metrics::registry(node.clone(), Some(node.clone()));
         let stop = stop.clone();
@@ -665,28 +643,165 @@ pub async fn run(
         let _ = h.await;
     }
     tracing::info!(node = node.name(), "shutting down: stopping every array");
-    node.shutdown().await;
-    stop.cancel();
-    let _ = keeper.await;
-    let _ = rejoin.await;
-    let _ = fence.await;
-    let _ = watcher.await;
-    let _ = takeover.await;
-    let _ = mdstat_file.await;
+    driver.shutdown().await;
     if let Some(m) = metrics {
         let _ = m.await;
     }
     if let Some(t) = tcp {
         let _ = t.await;
     }
-    node.set_session(None);
-    match Arc::try_unwrap(session) {
-        Ok(s) => {
-            if let Err(e) = s.close().await {
-                tracing::warn!("close session: {e}");
-            }
-        }
-        Err(_) => tracing::debug!("session still shared at exit; its lease expires by itself"),
-    }
     Ok(served?)
+}
+
+/// Everything that runs a cluster-mode node beside its gRPC listener: the session's
+/// notifications (messages applied and acknowledged; a lost session replaced through
+/// the [`SessionOpener`] and the saved arrays assembled again), the fence watchdog, the
+/// saved arrays assembled at start, the engine watcher, slot takeover and the mdstat
+/// file. It binds no socket, so a test runs several nodes in one process over its own
+/// lock service; `mdagent` runs it under its gRPC server ([`run`]).
+#[derive(Debug)]
+pub struct Driver {
+    node: Arc<Node>,
+    health: Arc<Health>,
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Driver {
+    /// Starts driving `node` on the session `opened` (set on the node here); a lost
+    /// session is replaced through `opener`. `fence_margin` is the session's (the fence
+    /// watchdog's period and its lease-end estimate).
+    pub fn start(
+        node: Arc<Node>,
+        opener: Arc<dyn SessionOpener>,
+        opened: Opened,
+        fence_margin: Duration,
+        health: Arc<Health>,
+    ) -> Driver {
+        let stop = CancellationToken::new();
+        let (session, rx) = opened;
+        node.set_session(Some(session.clone()));
+        let keeper = {
+            let node = node.clone();
+            let health = health.clone();
+            let stop = stop.clone();
+            tokio::spawn(keep_session(node, opener, session, rx, stop, health))
+        };
+        let fence = spawn_fence_watchdog(node.clone(), fence_margin, stop.clone());
+        let rejoin = {
+            let node = node.clone();
+            tokio::spawn(async move { node.reassemble_saved().await })
+        };
+        let watcher = events::spawn_engine_watcher(node.clone(), stop.clone());
+        let takeover = super::takeover::spawn(node.clone(), stop.clone());
+        let mdstat_file = super::mdstat_file::spawn(node.clone(), stop.clone());
+        Driver {
+            node,
+            health,
+            stop,
+            tasks: vec![keeper, rejoin, fence, watcher, takeover, mdstat_file],
+        }
+    }
+
+    /// The node driven.
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// The node's readiness.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// Cancelled when the driver stops (for tasks started beside it).
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// Stops every array (leaving the cluster for each), stops the tasks and closes the
+    /// session when nothing else holds it.
+    pub async fn shutdown(self) {
+        self.health.set(Readiness::Stopping, true).await;
+        self.node.shutdown().await;
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let last = self.node.session();
+        self.node.set_session(None);
+        match last {
+            Some(s) if Arc::strong_count(&s) == 1 => {
+                if let Err(e) = s.close().await {
+                    tracing::warn!("close session: {e}");
+                }
+            }
+            Some(_) => {
+                tracing::debug!("session still shared at exit; its lease expires by itself")
+            }
+            None => {}
+        }
+    }
+
+    /// Ends the driver without stopping the arrays or closing the session, as a crashed
+    /// process would (tests of node death: the lock service then expires the session).
+    pub async fn abandon(self) {
+        self.stop.cancel();
+        for t in self.tasks {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
+/// Handles notifications, and opens a new session when one is lost (the saved arrays
+/// are then assembled again on a task).
+async fn keep_session(
+    node: Arc<Node>,
+    opener: Arc<dyn SessionOpener>,
+    mut session: Arc<Session>,
+    mut rx: mpsc::Receiver<Notification>,
+    stop: CancellationToken,
+    health: Arc<Health>,
+) {
+    // The arrays being assembled again on the current session, if any.
+    let mut rejoining: Option<tokio::task::JoinHandle<()>> = None;
+    loop {
+        let Some(reason) = notifications(
+            node.clone(),
+            session.clone(),
+            rx,
+            stop.clone(),
+            health.clone(),
+        )
+        .await
+        else {
+            return;
+        };
+        health.set(Readiness::Rejoining, true).await;
+        health.set(Readiness::Suspended, false).await;
+        if let Some(h) = rejoining.take() {
+            // Each assemble is bounded; the teardown must see what it joined.
+            let _ = h.await;
+        }
+        match rejoin(&node, opener.as_ref(), &reason, &stop).await {
+            Some((s, r)) => {
+                session = s;
+                rx = r;
+            }
+            None => return,
+        }
+        // Assembled on a task: the new session's messages (a survivor's recovery of
+        // our old slot) must be answered meanwhile.
+        let (node, health) = (node.clone(), health.clone());
+        rejoining = Some(tokio::spawn(async move {
+            let t = tokio::time::Instant::now();
+            node.reassemble_saved().await;
+            tracing::info!(
+                node = node.name(),
+                "saved arrays assembled again in {:?}",
+                t.elapsed()
+            );
+            health.set(Readiness::Rejoining, false).await;
+        }));
+    }
 }

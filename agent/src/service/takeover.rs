@@ -41,7 +41,7 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use mdcluster_proto::lock_client::{Mode, Session, Wait};
+use crate::lockport::{Mode, Session, Wait};
 use tokio_util::sync::CancellationToken;
 
 use super::cluster_array::ClusterArray;
