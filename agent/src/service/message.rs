@@ -118,7 +118,10 @@ pub async fn take_token(to: Target<'_>, deadline: Duration) -> Result<TokenHold,
                 ),
             )
         })?;
-    crate::metrics::agent().lock_wait("token", deadline.saturating_sub(left(end)));
+    crate::metrics::agent().lock_wait(
+        "token",
+        deadline.saturating_sub(end.saturating_duration_since(Instant::now())),
+    );
     Ok(TokenHold {
         token: g.token,
         _local: local,
