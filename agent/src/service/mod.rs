@@ -38,17 +38,20 @@
 //!   (membership, the cluster engine's state, the token turn); the node keeps one per
 //!   joined array.
 //! - [`join`]: clustered join/leave with slot locks (RFC 0001 "Join", "Leave").
-//! - [`message`]: the token lock and the acknowledged message round (sender and
-//!   receiver, which carries out the [`crate::cluster::Engine`]'s commands; RFC 0001
-//!   "Messages").
+//! - [`message`]: the token lock and the acknowledged message round, sender side
+//!   (RFC 0001 "Messages"); `receive`: the receiver, which carries out the
+//!   [`crate::cluster::Engine`]'s commands.
 //! - [`events`]: the event stream.
 //! - [`mdstat_file`]: `<run-dir>/proc/mdstat` kept current for node_exporter.
 //! - [`resync`]: one node resyncs at a time (the `resync` lock and RESYNCING windows).
-//! - [`runtime`]: cluster-mode `mdagent`: listener, lock-service session, serving.
+//! - [`runtime`]: cluster-mode `mdagent`: listener, TLS, health, NBD TCP around the
+//!   `driver` (notifications, rejoin after a lost session, fence watchdog, takeover,
+//!   engine watcher, mdstat file; binds no socket).
 //! - [`takeover`]: a survivor recovers a failed node's bitmap slot (RFC 0001 "Node
 //!   failure and slot recovery").
 
 pub mod cluster_array;
+mod driver;
 pub mod events;
 pub mod grpc;
 pub mod join;
@@ -57,6 +60,7 @@ mod manage;
 pub mod mdstat_file;
 pub mod message;
 mod metrics;
+mod receive;
 mod reshape;
 pub mod resync;
 pub mod runtime;
