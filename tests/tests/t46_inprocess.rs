@@ -128,9 +128,9 @@ async fn crash_of_a_writing_node_survivor_recovers_its_slot_then_it_rejoins() {
     c.create(1, "md0", 0..2, 4, true).await.unwrap();
     c.assemble_from(2, 1, "md0").await.unwrap();
     let mut events = c.node(1).subscribe();
-    // The survivors learn a slot's holder by polling (the takeover period); a holder
-    // they never saw is recovered at the next join instead (t50 runs its writers this
-    // long).
+    // The survivors learn a slot's holder by polling (the takeover period): node1
+    // sees node2 hold slot 1 before it crashes (a holder never seen is covered by
+    // `a_node_that_dies_between_two_takeover_reads_has_its_slot_recovered`).
     tokio::time::sleep(3 * mdcluster_tests::inproc::timings().takeover_period).await;
 
     // node2 writes chunks 24..27 (1 MiB chunks) and crashes before its bits are
