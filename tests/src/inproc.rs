@@ -131,6 +131,11 @@ impl InProc {
         })
     }
 
+    /// Node `i` runs with `timings` instead of [`timings`] from its next start.
+    pub fn set_timings(&mut self, i: usize, timings: Timings) {
+        self.nodes[i - 1].cfg.timings = timings;
+    }
+
     /// The member files (for on-disk checks).
     pub fn disks(&self) -> &[PathBuf] {
         &self.disks

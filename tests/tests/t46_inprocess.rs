@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use mdcluster_agent::cluster::Timings;
 use mdcluster_proto::v1 as pb;
 use mdcluster_proto::v1::Errno;
 use mdcluster_tests::inproc::{bitmap, member_state, settled, sync, InProc};
@@ -127,9 +128,9 @@ async fn crash_of_a_writing_node_survivor_recovers_its_slot_then_it_rejoins() {
     c.create(1, "md0", 0..2, 4, true).await.unwrap();
     c.assemble_from(2, 1, "md0").await.unwrap();
     let mut events = c.node(1).subscribe();
-    // The survivors learn a slot's holder by polling (the takeover period); a holder
-    // they never saw is recovered at the next join instead (t50 runs its writers this
-    // long).
+    // The survivors learn a slot's holder by polling (the takeover period): node1
+    // sees node2 hold slot 1 before it crashes (a holder never seen is covered by
+    // `a_node_that_dies_between_two_takeover_reads_has_its_slot_recovered`).
     tokio::time::sleep(3 * mdcluster_tests::inproc::timings().takeover_period).await;
 
     // node2 writes chunks 24..27 (1 MiB chunks) and crashes before its bits are
@@ -219,6 +220,111 @@ async fn crash_of_a_writing_node_survivor_recovers_its_slot_then_it_rejoins() {
     );
     c.shutdown_all().await;
     assert_members_identical(c.disks());
+    assert!(c.lock.locks().is_empty(), "{:?}", c.lock.locks());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_dies_between_two_takeover_reads_has_its_slot_recovered() {
+    init_tracing();
+    let mut c = InProc::new(2, 2, 32 * MIB).unwrap();
+    // node1 reads the slot holders every `period`, its loop starting with its start:
+    // its reads fall at t0 + k·period (a little after). node2 joins, writes and
+    // crashes between two of them, so node1 never sees it hold slot 1.
+    let period = Duration::from_secs(3);
+    c.set_timings(
+        1,
+        Timings {
+            takeover_period: period,
+            ..mdcluster_tests::inproc::timings()
+        },
+    );
+    let t0 = tokio::time::Instant::now();
+    c.start(1).await.unwrap();
+    c.start(2).await.unwrap();
+    c.create(1, "md0", 0..2, 4, true).await.unwrap();
+    let mut events = c.node(1).subscribe();
+    // Past the first read of node1 that saw md0 (slot 1 free, never held).
+    let k = t0.elapsed().as_millis() / period.as_millis() + 1;
+    let read = t0 + period * k as u32;
+    tokio::time::sleep_until(read + Duration::from_millis(300)).await;
+
+    c.assemble_from(2, 1, "md0").await.unwrap();
+    assert_eq!(bitmap(&c.status(2, "md0").unwrap()).slot, 1);
+    let off = 24 * MIB;
+    c.write(2, "md0", off, pattern(0x90, 3 * MIB as usize))
+        .await
+        .unwrap();
+    let dirty = dirty_bits(&c.disks()[0], 1).max(dirty_bits(&c.disks()[1], 1));
+    assert!(
+        dirty > 0 && dirty <= 3,
+        "node2 wrote only chunks 24..27: {dirty}"
+    );
+    assert_eq!(c.crash(2).await.unwrap(), ["md0"]);
+    let next = read + period;
+    assert!(
+        tokio::time::Instant::now() + Duration::from_millis(100) < next,
+        "node2's join, write and crash must fall between two reads of node1 (took until {:?} after the read at {:?}); the machine is too slow for this scenario",
+        tokio::time::Instant::now() - read,
+        read - t0
+    );
+
+    // node1's next read finds slot 1 free, as at its last read, but the value block
+    // changed (node2's published key): it reads the bits, finds them dirty and
+    // recovers the slot as for a dead holder.
+    let mut seen = Vec::new();
+    let end = std::time::Instant::now() + period + LONG;
+    loop {
+        drain_events(&mut events, &mut seen);
+        if seen.iter().any(|e| e.event == "SlotRecovered") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "node1 never recovered slot 1 of node2, which died between two takeover reads; node1's events: {seen:?}; slot 1 dirty chunks on disk: {}",
+            dirty_bits(&c.disks()[0], 1).max(dirty_bits(&c.disks()[1], 1))
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let taken = seen
+        .iter()
+        .find(|e| e.event == "SlotTakenOver")
+        .unwrap_or_else(|| panic!("no SlotTakenOver: {seen:?}"));
+    assert_eq!(taken.component, "slot1");
+    assert!(
+        taken
+            .detail
+            .contains(&format!(": {dirty} dirty chunks to resync")),
+        "{taken:?}"
+    );
+    let rec = seen.iter().find(|e| e.event == "SlotRecovered").unwrap();
+    assert_eq!(rec.component, "slot1");
+    assert!(
+        rec.detail
+            .contains(&format!(": {dirty} dirty chunks resynced")),
+        "{rec:?}"
+    );
+    let st = c
+        .wait_status(1, "md0", LONG, "the resync of slot 1's chunks", |st| {
+            sync(st).runs >= 1 && settled(st)
+        })
+        .await;
+    assert_eq!(sync(&st).last_kind, "resync", "{st:?}");
+    assert_eq!(sync(&st).last_chunks, dirty, "{st:?}");
+    assert_eq!(
+        dirty_bits(&c.disks()[0], 1) + dirty_bits(&c.disks()[1], 1),
+        0,
+        "node2's slot is cleared on disk"
+    );
+    assert_eq!(
+        c.read(1, "md0", off, 4096).await.unwrap(),
+        pattern(0x90, 4096),
+        "node2's acknowledged write reads back on node1"
+    );
+    c.shutdown_all().await;
+    assert_members_identical(c.disks());
+    for s in 0..4 {
+        assert_eq!(dirty_bits(&c.disks()[0], s), 0, "slot {s} clean at the end");
+    }
     assert!(c.lock.locks().is_empty(), "{:?}", c.lock.locks());
 }
 

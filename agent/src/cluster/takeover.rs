@@ -9,7 +9,11 @@
 //! - [`SlotWatch`]: a slot that had holders and has none now is checked
 //!   ([`Watch::CheckLiveness`]); holders that have no live session any more are dead
 //!   and their slot is recovered ([`dead_holders`]); a holder that left cleanly (its
-//!   session lives on) is not;
+//!   session lives on) is not. A slot free at both reads whose lock value block
+//!   changed in between (every join publishes a key made from a fresh fencing token)
+//!   was held by a node never seen: its bits on disk are read once
+//!   ([`Watch::CheckBits`]) and dirty bits are recovered as for a dead holder
+//!   ([`unseen_holder`]);
 //! - [`ReleaseWait`]: a BITMAP_NEEDS_SYNC receiver waits, with backoff, for the sender
 //!   to release its slot, bounded by [`super::Timings::needs_sync_wait`];
 //! - [`key_to_preempt`]: the dead holder's reservation key, from its slot's value
@@ -28,34 +32,70 @@ use crate::reserve::PrKey;
 /// What the last read of a slot's holders means.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Watch {
-    /// Held, or was not held before: nothing to do.
+    /// Held, or free and untouched since the last read: nothing to do.
     Nothing,
     /// Had holders `prev` and has none now: are they still alive?
     CheckLiveness {
         /// The holders seen last time.
         prev: Vec<String>,
+        /// The value block changed since that read: a node may have joined (and
+        /// published a new key) after they left.
+        changed: bool,
     },
+    /// Free now and at the last read (or never read before), but its value block is
+    /// not what that read saw: some node took the slot and lost it in between, unseen.
+    /// Its bits on disk decide ([`unseen_holder`]).
+    CheckBits,
 }
 
-/// The holders of the other slots of one array, as last read.
+/// One read of a slot: its holders and its lock's value block.
+#[derive(Debug, Clone, Default)]
+struct Seen {
+    holders: Vec<String>,
+    value: Vec<u8>,
+}
+
+/// The holders and value block of the other slots of one array, as last read.
+///
+/// Every join publishes its reservation key, made from the slot lock's fresh fencing
+/// token, in the value block (which outlives the holding): a value block that changed
+/// while no holder was seen means the slot was taken and released between two reads.
+/// A slot read for the first time that is free with a value block already written
+/// counts as changed: someone held it before, maybe after this node's join looked.
 #[derive(Debug, Clone, Default)]
 pub struct SlotWatch {
-    last: HashMap<u32, Vec<String>>,
+    last: HashMap<u32, Seen>,
 }
 
 impl SlotWatch {
-    /// Records the holders of `slot` read now.
-    pub fn seen(&mut self, slot: u32, holders: Vec<String>) -> Watch {
+    /// Records the holders and value block of `slot` read now.
+    pub fn seen(&mut self, slot: u32, holders: Vec<String>, value: Vec<u8>) -> Watch {
         let empty = holders.is_empty();
-        let prev = self.last.insert(slot, holders).unwrap_or_default();
-        if !empty || prev.is_empty() {
+        let prev = self.last.insert(slot, Seen { holders, value });
+        if !empty {
             return Watch::Nothing;
         }
-        Watch::CheckLiveness { prev }
+        let now = &self.last[&slot].value;
+        let Some(prev) = prev else {
+            return if now.is_empty() {
+                Watch::Nothing
+            } else {
+                Watch::CheckBits
+            };
+        };
+        let changed = prev.value != *now;
+        match (prev.holders.is_empty(), changed) {
+            (false, _) => Watch::CheckLiveness {
+                prev: prev.holders,
+                changed,
+            },
+            (true, true) => Watch::CheckBits,
+            (true, false) => Watch::Nothing,
+        }
     }
 
-    /// The live nodes could not be listed: forget `slot`, so the next read decides
-    /// from scratch.
+    /// The live nodes or the slot's bits could not be read: forget `slot`, so the
+    /// next read decides from scratch (a free slot with a value block is checked).
     pub fn forget(&mut self, slot: u32) {
         self.last.remove(&slot);
     }
@@ -68,21 +108,42 @@ pub enum Decision {
     CleanLeave,
     /// These holders died holding it: recover the slot.
     Recover {
-        /// The dead holders.
+        /// The dead holders (empty: a holder that was never seen).
         dead: Vec<String>,
     },
+    /// They left alive, but the value block changed since: another node may have
+    /// held it in between; its bits on disk decide ([`unseen_holder`]).
+    CheckBits,
 }
 
-/// Which of `prev` died: not among `live` and not this node.
-pub fn dead_holders(prev: Vec<String>, live: &HashSet<String>, me: &str) -> Decision {
+/// Which of `prev` died: not among `live` and not this node. `changed`: the slot's
+/// value block changed since `prev` were seen ([`Watch::CheckLiveness`]).
+pub fn dead_holders(
+    prev: Vec<String>,
+    live: &HashSet<String>,
+    me: &str,
+    changed: bool,
+) -> Decision {
     let dead: Vec<String> = prev
         .into_iter()
         .filter(|h| !live.contains(h) && h != me)
         .collect();
-    if dead.is_empty() {
-        Decision::CleanLeave
+    match (dead.is_empty(), changed) {
+        (false, _) => Decision::Recover { dead },
+        (true, true) => Decision::CheckBits,
+        (true, false) => Decision::CleanLeave,
+    }
+}
+
+/// A free slot that some unseen node held between two reads, whose bits on disk
+/// (their union over the members) read `dirty`: dirty bits are a holder that died (or
+/// left dirty) and are recovered as for a dead holder; clean bits are a clean leave
+/// (or a holder that wrote nothing) and nothing is done.
+pub fn unseen_holder(dirty: bool) -> Decision {
+    if dirty {
+        Decision::Recover { dead: Vec::new() }
     } else {
-        Decision::Recover { dead }
+        Decision::CleanLeave
     }
 }
 
@@ -239,47 +300,115 @@ mod tests {
         n.iter().map(|s| s.to_string()).collect()
     }
 
+    fn h(n: &str) -> Vec<String> {
+        vec![n.to_string()]
+    }
+
     #[test]
     fn a_slot_whose_holder_died_is_recovered_a_clean_leave_is_not() {
         let mut w = SlotWatch::default();
-        assert_eq!(w.seen(1, vec![]), Watch::Nothing, "never held");
-        assert_eq!(w.seen(1, vec!["n2".into()]), Watch::Nothing, "held");
-        assert_eq!(w.seen(1, vec!["n2".into()]), Watch::Nothing);
-        let Watch::CheckLiveness { prev } = w.seen(1, vec![]) else {
+        let v = b"key of n2".to_vec();
+        assert_eq!(w.seen(1, vec![], vec![]), Watch::Nothing, "never held");
+        assert_eq!(w.seen(1, h("n2"), v.clone()), Watch::Nothing, "held");
+        assert_eq!(w.seen(1, h("n2"), v.clone()), Watch::Nothing);
+        let Watch::CheckLiveness { prev, changed } = w.seen(1, vec![], v.clone()) else {
             panic!("released: check liveness")
         };
-        assert_eq!(prev, vec!["n2".to_string()]);
-        assert_eq!(w.seen(1, vec![]), Watch::Nothing, "decided once");
+        assert_eq!(prev, h("n2"));
+        assert!(!changed);
+        assert_eq!(w.seen(1, vec![], v), Watch::Nothing, "decided once");
         // n2's session is gone: recover; alive (it stopped the array): clean.
         assert_eq!(
-            dead_holders(prev.clone(), &live(&["n1", "n3"]), "n1"),
+            dead_holders(prev.clone(), &live(&["n1", "n3"]), "n1", false),
             Decision::Recover {
                 dead: vec!["n2".into()]
             }
         );
         assert_eq!(
-            dead_holders(prev, &live(&["n1", "n2"]), "n1"),
+            dead_holders(prev, &live(&["n1", "n2"]), "n1", false),
             Decision::CleanLeave
         );
         // This node's own former holding (a probe) is never "dead".
         assert_eq!(
-            dead_holders(vec!["n1".into()], &live(&[]), "n1"),
+            dead_holders(h("n1"), &live(&[]), "n1", false),
             Decision::CleanLeave
         );
     }
 
     #[test]
+    fn a_slot_held_and_lost_between_two_reads_has_its_bits_checked_once() {
+        let mut w = SlotWatch::default();
+        let (k1, k2) = (b"key, token 7".to_vec(), b"key, token 9".to_vec());
+        // Free at the first read, value block empty (never held): nothing.
+        assert_eq!(w.seen(3, vec![], vec![]), Watch::Nothing);
+        // A node joined (published k1) and died before the next read: the slot is
+        // free again, but its value block changed.
+        assert_eq!(w.seen(3, vec![], k1.clone()), Watch::CheckBits);
+        assert_eq!(
+            w.seen(3, vec![], k1.clone()),
+            Watch::Nothing,
+            "checked once"
+        );
+        // Dirty on disk: recover as for a dead holder (none seen by name); clean (a
+        // clean leave, or a holder that wrote nothing): nothing.
+        assert_eq!(unseen_holder(true), Decision::Recover { dead: vec![] });
+        assert_eq!(unseen_holder(false), Decision::CleanLeave);
+        // Once more, with another token.
+        assert_eq!(w.seen(3, vec![], k2.clone()), Watch::CheckBits);
+        // Held and seen, then gone with the value unchanged: the liveness decides.
+        assert_eq!(w.seen(3, h("n4"), k2.clone()), Watch::Nothing);
+        assert_eq!(
+            w.seen(3, vec![], k2.clone()),
+            Watch::CheckLiveness {
+                prev: h("n4"),
+                changed: false
+            }
+        );
+        // n4 seen, left alive, then another node joined and died before the next read:
+        // n4 is alive, but the value changed: the bits decide.
+        assert_eq!(w.seen(3, h("n4"), k2.clone()), Watch::Nothing);
+        let Watch::CheckLiveness { prev, changed } = w.seen(3, vec![], k1) else {
+            panic!("released: check liveness")
+        };
+        assert!(changed);
+        assert_eq!(
+            dead_holders(prev.clone(), &live(&["n1", "n4"]), "n1", changed),
+            Decision::CheckBits
+        );
+        // A dead holder seen by name is recovered whatever the value did.
+        assert_eq!(
+            dead_holders(prev, &live(&["n1"]), "n1", changed),
+            Decision::Recover { dead: h("n4") }
+        );
+    }
+
+    #[test]
+    fn a_free_slot_first_read_with_a_value_block_is_checked() {
+        // This node's join probed the slot free; a node then joined it and died before
+        // the first takeover read: the value block is all that is left of it.
+        let mut w = SlotWatch::default();
+        assert_eq!(w.seen(1, vec![], b"key".to_vec()), Watch::CheckBits);
+        assert_eq!(w.seen(1, vec![], b"key".to_vec()), Watch::Nothing);
+        // Held at the first read: nothing until it is released.
+        assert_eq!(w.seen(2, h("n3"), b"key".to_vec()), Watch::Nothing);
+    }
+
+    #[test]
     fn a_node_that_leaves_mid_round_is_checked_again_after_a_failed_listing() {
         let mut w = SlotWatch::default();
-        w.seen(2, vec!["n3".into()]);
-        assert!(matches!(w.seen(2, vec![]), Watch::CheckLiveness { .. }));
-        // The node list could not be read: forget, and the next read that sees the
-        // slot empty does not decide (no holder before it). The holder seen again
+        let v = b"key of n3".to_vec();
+        w.seen(2, h("n3"), v.clone());
+        assert!(matches!(
+            w.seen(2, vec![], v.clone()),
+            Watch::CheckLiveness { .. }
+        ));
+        // The node list could not be read: forget, and the next read checks the
+        // slot's bits (free, with a value block: it was held). The holder seen again
         // and then gone is checked again.
         w.forget(2);
-        assert_eq!(w.seen(2, vec![]), Watch::Nothing);
-        w.seen(2, vec!["n3".into()]);
-        assert!(matches!(w.seen(2, vec![]), Watch::CheckLiveness { .. }));
+        assert_eq!(w.seen(2, vec![], v.clone()), Watch::CheckBits);
+        w.seen(2, h("n3"), v.clone());
+        assert!(matches!(w.seen(2, vec![], v), Watch::CheckLiveness { .. }));
     }
 
     #[test]

@@ -7,7 +7,12 @@
 //! every other slot lock of each clustered array it has joined (a lock-free read of the
 //! value block) into the array's [`crate::cluster::takeover::SlotWatch`]. When a slot
 //! that had a holder has none now and that holder has no live session any more (it is
-//! gone from the node registry: its lease expired), the node recovers the slot:
+//! gone from the node registry: its lease expired), the node recovers the slot. A
+//! node that joined and died between two reads is never seen as a holder; its join
+//! changed the slot lock's value block (its published key), so a slot free at both
+//! reads whose value block changed has its bits read once on the members, and dirty
+//! bits are recovered the same way (a clean leave's bits are clean: nothing is done).
+//! Recovery:
 //!
 //! 1. take `slot/N` no-queue (another survivor got it first: nothing to do);
 //!    Then, where the members take persistent reservations, preempt the dead node's
@@ -48,8 +53,8 @@ use super::cluster_array::ClusterArray;
 use super::Node;
 use crate::cluster::slot_lock;
 use crate::cluster::takeover::{
-    after_merge, dead_holders, key_to_preempt, AfterMerge, Announce, Announcer, Decision,
-    ReleaseWait, ResyncSeen, WaitStep, Watch,
+    after_merge, dead_holders, key_to_preempt, unseen_holder, AfterMerge, Announce, Announcer,
+    Decision, ReleaseWait, ResyncSeen, WaitStep, Watch,
 };
 use crate::format::io::DeviceError;
 use crate::raid::{Raid1, SyncKind};
@@ -96,22 +101,42 @@ pub fn spawn(node: Arc<Node>, stop: CancellationToken) -> tokio::task::JoinHandl
             for arr in node.cluster_arrays() {
                 for other in (0..arr.slots()).filter(|&s| s != arr.slot()) {
                     let res = slot_lock(arr.uuid(), other);
-                    let Ok((_, holders)) = session.read_value(&res).await else {
+                    let Ok((value, holders)) = session.read_value(&res).await else {
                         continue;
                     };
-                    let Watch::CheckLiveness { prev } = arr.watch().seen(other, holders) else {
-                        continue;
-                    };
-                    let live: HashSet<String> = match session.nodes().await {
-                        Ok(n) => n.into_iter().map(|e| e.node).collect(),
-                        Err(e) => {
-                            tracing::warn!("takeover: list nodes: {e}");
-                            arr.watch().forget(other);
-                            continue;
+                    let watch = arr.watch().seen(other, holders, value.clone());
+                    let decision = match watch {
+                        Watch::Nothing => continue,
+                        Watch::CheckBits => Decision::CheckBits,
+                        Watch::CheckLiveness { prev, changed } => {
+                            let live: HashSet<String> = match session.nodes().await {
+                                Ok(n) => n.into_iter().map(|e| e.node).collect(),
+                                Err(e) => {
+                                    tracing::warn!("takeover: list nodes: {e}");
+                                    arr.watch().forget(other);
+                                    continue;
+                                }
+                            };
+                            dead_holders(prev, &live, node.name(), changed)
                         }
                     };
-                    match dead_holders(prev, &live, node.name()) {
-                        Decision::CleanLeave => {}
+                    let decision = match decision {
+                        Decision::CheckBits => match slot_dirty(&node, &arr, other).await {
+                            Ok(dirty) => unseen_holder(dirty),
+                            Err(e) => {
+                                tracing::warn!(array = arr.name(), slot = other, "takeover: reading the bits of a slot held between two reads: {e}; read again next period");
+                                arr.watch().forget(other);
+                                continue;
+                            }
+                        },
+                        d => d,
+                    };
+                    match decision {
+                        Decision::CleanLeave | Decision::CheckBits => {}
+                        Decision::Recover { dead } if dead.is_empty() => {
+                            let unseen = [unseen_name(&value, other)];
+                            recover(&node, &session, &arr, other, &unseen).await
+                        }
                         Decision::Recover { dead } => {
                             recover(&node, &session, &arr, other, &dead).await
                         }
@@ -120,6 +145,34 @@ pub fn spawn(node: Arc<Node>, stop: CancellationToken) -> tokio::task::JoinHandl
             }
         }
     })
+}
+
+/// Whether slot `slot` of `arr` has dirty bits on any readable member (one read of
+/// the slot on every member; a slot none of them has reads clean).
+async fn slot_dirty(node: &Node, arr: &ClusterArray, slot: u32) -> Result<bool, TakeoverError> {
+    let name = arr.name();
+    let (_, members) = node
+        .raid_of(name)
+        .ok_or_else(|| TakeoverError::Gone(name.to_owned()))?;
+    let bits =
+        tokio::task::spawn_blocking(move || crate::format::slots::read_union(&members, slot))
+            .await
+            .map_err(|e| TakeoverError::Bitmap {
+                array: name.to_owned(),
+                reason: format!("read task failed: {e}"),
+            })??;
+    Ok(bits.is_some_and(|b| b.count() > 0))
+}
+
+/// How the events name the holder of slot `slot` that no read saw: by the
+/// reservation key it published in `value`, if any.
+fn unseen_name(value: &[u8], slot: u32) -> String {
+    let key = PrKey(crate::cluster::ResyncInfo::decode(value).pr_key);
+    if key.0 != 0 && key.slot() == slot {
+        format!("(unseen, reservation key {:#x})", key.0)
+    } else {
+        "(unseen)".to_owned()
+    }
 }
 
 /// BITMAP_NEEDS_SYNC from `from` (it left array `arr` with slot `slot` dirty): once its
