@@ -364,6 +364,10 @@ async fn readded_member_recovers_only_chunks_written_while_away() {
         .await
         .unwrap();
     assert_eq!(dev.bitmap().unwrap().needed_chunks(), vec![5, 6, 7]);
+    assert!(reg
+        .remove_member("md0", &paths[1], MetaWrite::Local)
+        .await
+        .unwrap());
     let out = reg.add_member("md0", &paths[1]).await.unwrap();
     assert!(out.readded);
     let t = Instant::now();
