@@ -172,6 +172,10 @@ enum Request {
         name: String,
         member: PathBuf,
     },
+    Remove {
+        name: String,
+        member: PathBuf,
+    },
 }
 
 impl Service {
@@ -420,6 +424,23 @@ impl Service {
                 .await
                 .map(|o| serde_json::to_value(o).unwrap_or(Value::Null))
                 .map_err(Into::into),
+            Request::Remove { name, member } => match self
+                .registry
+                .remove_member(&name, &member, crate::raid::MetaWrite::Local)
+                .await
+            {
+                Ok(true) => Ok(Value::Null),
+                Ok(false) => Err(ArrayError::Busy {
+                    state: format!(
+                        "using {} as an active member: fail it first",
+                        member.display()
+                    ),
+                    name,
+                    clients: Vec::new(),
+                }
+                .into()),
+                Err(e) => Err(e.into()),
+            },
             Request::Fail { name, member } => self
                 .registry
                 .fail_member(&name, &member, crate::raid::MetaWrite::Local)
