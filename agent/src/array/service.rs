@@ -13,7 +13,8 @@
 //! {"op":"stop","name":"md0","force":false}
 //! {"op":"status","name":"md0"}        {"op":"list"}        {"op":"mdstat"}
 //! {"op":"speed","name":"md0","min_kib_s":1000,"max_kib_s":200000}
-//! {"op":"fail","name":"md0","member":"/a"}   {"op":"add","name":"md0","member":"/c"}
+//! {"op":"fail","name":"md0","member":"/a"}   {"op":"remove","name":"md0","member":"/a"}
+//! {"op":"add","name":"md0","member":"/c"}    (a member not removed, faulty too: EBUSY)
 //! → {"ok":true,"result":...}  or  {"ok":false,"errno":"EBUSY","error":"..."}
 //! ```
 //!
