@@ -125,6 +125,14 @@ fn readded_member_recovers_only_the_chunks_written_while_it_was_out() {
         "write -P 0x03 20M 4k",
         &uri,
     ]);
+    // Still a (faulty) member: refused until it is removed, as md does.
+    let e = agent.ctl(json!({"op": "add", "name": "md0", "member": members[1]}));
+    assert_eq!(e["errno"], "EBUSY", "{e}");
+    assert!(
+        e["error"].as_str().is_some_and(|m| m.contains("--remove")),
+        "{e}"
+    );
+    agent.ok(json!({"op": "remove", "name": "md0", "member": members[1]}));
     let out = agent.ok(json!({"op": "add", "name": "md0", "member": members[1]}));
     assert_eq!(out["readded"], true, "{out}");
     let s = agent.wait_status("md0", Duration::from_secs(30), |s| {

@@ -435,6 +435,31 @@ async fn manage_fail_remove_re_add_is_agreed_by_every_node() {
         e.message.contains("last in-sync") && e.message.contains("node2"),
         "{e:?}"
     );
+    // A failed member not removed yet cannot be re-added or added (EBUSY, nothing
+    // written): it stays listed once, faulty, on both nodes.
+    for (node, action, dev) in [(2, "re-add", &n2m1), (1, "add", &m1)] {
+        let e = c
+            .manage(node, "md0", &[(action, dev)])
+            .await
+            .expect_err("a failed member not removed must be refused");
+        assert_eq!(e.errno, Errno::Ebusy, "{action}: {e:?}");
+        let who = format!("node{node}");
+        let dev_s = dev.display().to_string();
+        assert!(
+            e.message.contains(&who)
+                && e.message.contains("md0")
+                && e.message.contains(&dev_s)
+                && e.message.contains("--remove"),
+            "{action}: {e:?}"
+        );
+    }
+    for (i, p) in [(1, &m1), (2, &n2m1)] {
+        let st = c.status(i, "md0").unwrap();
+        let p = p.display().to_string();
+        let same: Vec<_> = st.members.iter().filter(|m| m.path == p).collect();
+        assert_eq!(same.len(), 1, "node{i}: {st:?}");
+        assert_eq!(same[0].state, "faulty", "node{i}: {st:?}");
+    }
     // An active member cannot be removed.
     let e = c.manage(1, "md0", &[("remove", &m0)]).await.unwrap_err();
     assert_eq!(e.errno, Errno::Ebusy, "{e:?}");

@@ -52,6 +52,17 @@ pub enum AssembleError {
     /// The engine refused to start.
     #[error(transparent)]
     Raid(#[from] RaidError),
+    /// The device to add is still a member of the array (faulty, spare or active): md
+    /// refuses it the same way; a failed member must be removed before its re-add.
+    #[error("array {array}: {device} is still a member ({state}); remove it first: mdctl manage {array} --remove {device}")]
+    StillMember {
+        /// The array.
+        array: String,
+        /// The device as given.
+        device: String,
+        /// Its state in the array.
+        state: String,
+    },
     /// A blocking task failed.
     #[error("array {array}: assemble task failed: {reason}")]
     Task {
@@ -569,17 +580,21 @@ pub async fn add_member_opts(
         reason: e.to_string(),
     })??;
     let live = raid.live_members();
-    if raid
-        .status()
-        .members
-        .iter()
-        .enumerate()
-        .any(|(i, m)| m.path == path.display().to_string() && live.contains(&i))
-    {
-        return Err(mismatch(
-            &name,
-            format!("{} is already a member", path.display()),
-        ));
+    // Refused before anything is written: a member not removed (faulty ones included),
+    // found by its path or, under another path, by its superblock's device number.
+    let former = existing
+        .as_ref()
+        .ok()
+        .filter(|m| m.set_uuid == att.uuid)
+        .map(|m| m.dev_number);
+    if let Some(m) = raid.status().members.iter().find(|m| {
+        !m.removed && (std::path::Path::new(&m.path) == path || former == Some(m.dev_number))
+    }) {
+        return Err(AssembleError::StillMember {
+            array: name,
+            device: path.display().to_string(),
+            state: m.state.name().to_owned(),
+        });
     }
     let Some(&first) = live.first() else {
         return Err(mismatch(

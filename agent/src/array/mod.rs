@@ -141,6 +141,10 @@ impl ArrayError {
                 ..
             } => Errno::Einval,
             ArrayError::Raid(e) => e.errno(),
+            ArrayError::Assemble {
+                source: AssembleError::StillMember { .. },
+                ..
+            } => Errno::Ebusy,
             ArrayError::Assemble { .. } | ArrayError::Create { .. } => Errno::Eio,
         }
     }

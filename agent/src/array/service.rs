@@ -13,7 +13,8 @@
 //! {"op":"stop","name":"md0","force":false}
 //! {"op":"status","name":"md0"}        {"op":"list"}        {"op":"mdstat"}
 //! {"op":"speed","name":"md0","min_kib_s":1000,"max_kib_s":200000}
-//! {"op":"fail","name":"md0","member":"/a"}   {"op":"add","name":"md0","member":"/c"}
+//! {"op":"fail","name":"md0","member":"/a"}   {"op":"remove","name":"md0","member":"/a"}
+//! {"op":"add","name":"md0","member":"/c"}    (a member not removed, faulty too: EBUSY)
 //! → {"ok":true,"result":...}  or  {"ok":false,"errno":"EBUSY","error":"..."}
 //! ```
 //!
@@ -169,6 +170,10 @@ enum Request {
         member: PathBuf,
     },
     Add {
+        name: String,
+        member: PathBuf,
+    },
+    Remove {
         name: String,
         member: PathBuf,
     },
@@ -420,6 +425,23 @@ impl Service {
                 .await
                 .map(|o| serde_json::to_value(o).unwrap_or(Value::Null))
                 .map_err(Into::into),
+            Request::Remove { name, member } => match self
+                .registry
+                .remove_member(&name, &member, crate::raid::MetaWrite::Local)
+                .await
+            {
+                Ok(true) => Ok(Value::Null),
+                Ok(false) => Err(ArrayError::Busy {
+                    state: format!(
+                        "using {} as an active member: fail it first",
+                        member.display()
+                    ),
+                    name,
+                    clients: Vec::new(),
+                }
+                .into()),
+                Err(e) => Err(e.into()),
+            },
             Request::Fail { name, member } => self
                 .registry
                 .fail_member(&name, &member, crate::raid::MetaWrite::Local)

@@ -364,6 +364,10 @@ async fn readded_member_recovers_only_chunks_written_while_away() {
         .await
         .unwrap();
     assert_eq!(dev.bitmap().unwrap().needed_chunks(), vec![5, 6, 7]);
+    assert!(reg
+        .remove_member("md0", &paths[1], MetaWrite::Local)
+        .await
+        .unwrap());
     let out = reg.add_member("md0", &paths[1]).await.unwrap();
     assert!(out.readded);
     let t = Instant::now();
@@ -382,6 +386,53 @@ async fn readded_member_recovers_only_chunks_written_while_away() {
     drop(dev);
     reg.stop("md0", false).await.unwrap();
     assert_identical(&paths);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_member_not_removed_cannot_be_added_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = files(dir.path(), 2, 24 * MIB);
+    let reg = registry();
+    reg.create("md0", spec(2, 0, BitmapMode::Internal, true), &paths, false)
+        .await
+        .unwrap();
+    let dev = reg.device("md0").unwrap();
+    reg.fail_member("md0", &paths[1], MetaWrite::Local)
+        .await
+        .unwrap();
+    dev.write(0, pattern(5, 65536), false).await.unwrap();
+    let before = std::fs::read(&paths[1]).unwrap();
+    let e = reg.add_member("md0", &paths[1]).await.unwrap_err();
+    assert_eq!(e.errno(), Errno::Ebusy, "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("md0")
+            && msg.contains(&paths[1].display().to_string())
+            && msg.contains("faulty")
+            && msg.contains("--remove"),
+        "{msg}"
+    );
+    // Nothing written, and the member is listed once, still faulty.
+    assert!(std::fs::read(&paths[1]).unwrap() == before);
+    let same: Vec<_> = dev
+        .status()
+        .members
+        .into_iter()
+        .filter(|m| m.path == paths[1].display().to_string())
+        .collect();
+    assert_eq!(same.len(), 1, "{same:?}");
+    assert_eq!(same[0].state, MemberState::Faulty);
+    // An active member is refused the same way.
+    let e = reg.add_member("md0", &paths[0]).await.unwrap_err();
+    assert_eq!(e.errno(), Errno::Ebusy, "{e}");
+    // Removed first, the re-add is accepted.
+    assert!(reg
+        .remove_member("md0", &paths[1], MetaWrite::Local)
+        .await
+        .unwrap());
+    assert!(reg.add_member("md0", &paths[1]).await.unwrap().readded);
+    drop(dev);
+    reg.stop("md0", false).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -53,9 +53,11 @@ at start; more are created, assembled, stopped and inspected through the control
   {\"op\":\"stop\",\"name\":\"md0\",\"force\":false}
   {\"op\":\"status\",\"name\":\"md0\"}   {\"op\":\"list\"}   {\"op\":\"mdstat\"}
   {\"op\":\"speed\",\"name\":\"md0\",\"min_kib_s\":1000,\"max_kib_s\":200000}
-  {\"op\":\"fail\",\"name\":\"md0\",\"member\":\"/a\"}   {\"op\":\"add\",\"name\":\"md0\",\"member\":\"/c\"}
-    (add: a former member is re-added and recovers only the chunks dirtied since it
-    left; a blank device becomes a spare and recovers fully)
+  {\"op\":\"fail\",\"name\":\"md0\",\"member\":\"/a\"}   {\"op\":\"remove\",\"name\":\"md0\",\"member\":\"/a\"}
+  {\"op\":\"add\",\"name\":\"md0\",\"member\":\"/c\"}
+    (add: a former member, once removed, is re-added and recovers only the chunks
+    dirtied since it left; a blank device becomes a spare and recovers fully; a device
+    still in the array, faulty too, is refused with EBUSY)
   answers: {\"ok\":true,\"result\":...} or {\"ok\":false,\"errno\":\"EBUSY\",\"error\":\"...\"}
 
 Every active array is served over NBD on <run-dir>/<name>.nbd (export name \"\" or the

@@ -185,6 +185,18 @@ pub enum MemberState {
     Faulty,
 }
 
+impl MemberState {
+    /// Its name in messages: `in_sync`, `recovering`, `spare` or `faulty`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            MemberState::InSync => "in_sync",
+            MemberState::Recovering { .. } => "recovering",
+            MemberState::Spare => "spare",
+            MemberState::Faulty => "faulty",
+        }
+    }
+}
+
 /// One metadata change, applied by the [`MetaStore`] to every member's superblock.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MetaEvent {

@@ -375,15 +375,23 @@ impl Node {
                 format!("array {name} is {}, not active", info.state),
             ));
         };
-        if raid
+        // A member not removed (a failed one too) cannot be added again: md refuses it
+        // the same way. Checked before anything is written or sent.
+        if let Some(m) = raid
             .members
             .iter()
-            .any(|m| !m.removed && m.state != MemberState::Faulty && Path::new(&m.path) == dev)
+            .find(|m| !m.removed && Path::new(&m.path) == dev)
         {
             return Err(self.err(
                 Errno::Ebusy,
                 name,
-                format!("{} is already a member of {name}", op.device),
+                format!(
+                    "--{} {}: it is still a member of {name} ({}); remove it first: mdctl manage {name} --remove {}",
+                    op.action,
+                    op.device,
+                    m.state.name(),
+                    op.device
+                ),
             ));
         }
         let uuid_here = info
