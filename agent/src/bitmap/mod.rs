@@ -831,6 +831,11 @@ mod tests {
         }
     }
 
+    /// The unsafe-order switch is process-wide, and the agent's unit tests run with the
+    /// `io-trace` feature in a workspace run: the tests that assert the write order and
+    /// the one that flips the switch take turns.
+    static ORDER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
     fn order_setup() -> (tempfile::TempDir, Arc<OrderStore>, Arc<WriteIntent>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m");
@@ -861,6 +866,7 @@ mod tests {
 
     #[tokio::test]
     async fn members_flushed_before_a_cleared_bit_is_written() {
+        let _turn = ORDER.lock().await;
         let (_d, store, wi) = order_setup();
         write_then_clear(&wi).await.unwrap();
         let log = store.log.lock().unwrap().clone();
@@ -870,6 +876,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_member_flush_keeps_the_bit() {
+        let _turn = ORDER.lock().await;
         let (_d, store, wi) = order_setup();
         store.fail_flush.store(true, Ordering::SeqCst);
         let err = write_then_clear(&wi).await.unwrap_err();
@@ -885,6 +892,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_write_after_the_daemon_pass_keeps_the_bit() {
+        let _turn = ORDER.lock().await;
         let (_d, store, wi) = order_setup();
         wi.start_write(65536 * 3, 4096).await.unwrap();
         wi.end_write(65536 * 3, 4096, false);
@@ -900,6 +908,7 @@ mod tests {
     #[cfg(feature = "io-trace")]
     #[tokio::test]
     async fn the_unsafe_switch_writes_the_cleared_page_first() {
+        let _turn = ORDER.lock().await;
         let (_d, store, wi) = order_setup();
         set_unsafe_clear_before_flush(true);
         let r = write_then_clear(&wi).await;
