@@ -132,11 +132,19 @@ fn assemble_stop_cycles_with_clients_opening_in_a_loop() {
         members_open.is_empty(),
         "members still open: {members_open:?}"
     );
-    let left: Vec<_> = std::fs::read_dir(&agent.run_dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(left, vec!["mdagent.ctl".to_string()], "run dir: {left:?}");
+    // No array socket left: only the control socket and the node_exporter mdstat file.
+    let list = |dir: &std::path::Path| {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let left = list(&agent.run_dir);
+    assert_eq!(left, ["mdagent.ctl", "proc"], "run dir: {left:?}");
+    let proc_left = list(&agent.run_dir.join("proc"));
+    assert_eq!(proc_left, ["mdstat"], "run dir proc/: {proc_left:?}");
     let mut agent = Arc::into_inner(agent).expect("last reference");
     assert!(
         agent.term().success(),
