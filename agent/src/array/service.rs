@@ -590,36 +590,11 @@ fn bind_owner_only(path: &Path) -> std::io::Result<UnixListener> {
 /// An array of a standalone agent as `/proc/mdstat` shows it (None while assembling):
 /// members, size, the running or pending sync, the bitmap's geometry from the engine.
 pub fn array_stat(info: &ArrayInfo, raid: Option<&Raid1>) -> Option<ArrayStat> {
-    use crate::mdstat::{BitmapStat, MemberStat, RunState, SyncStat};
-    use crate::raid::{MemberState, WorkerState};
+    use crate::mdstat::{BitmapStat, RunState, SyncStat};
     let r = info.raid.as_ref()?;
-    let members = r
-        .members
-        .iter()
-        .filter(|m| !m.removed)
-        .map(|m| MemberStat {
-            name: Path::new(&m.path)
-                .file_name()
-                .map_or_else(|| m.path.clone(), |f| f.to_string_lossy().into_owned()),
-            desc_nr: m.dev_number,
-            slot: match m.state {
-                MemberState::Spare | MemberState::Faulty => None,
-                _ => m.role.map(u32::from),
-            },
-            in_sync: matches!(m.state, MemberState::InSync),
-            faulty: matches!(m.state, MemberState::Faulty),
-        })
-        .collect();
-    let sync = match (r.sync.kind, r.sync.state) {
-        (Some(kind), WorkerState::Busy | WorkerState::Throttled) => Some(SyncStat::Running {
-            kind: match kind {
-                crate::raid::SyncKind::Resync => crate::mdstat::SyncKind::Resync,
-                crate::raid::SyncKind::Recovery => crate::mdstat::SyncKind::Recovery,
-            },
-            done_kib: r.sync.done_bytes / 1024,
-            total_kib: r.sync.total_bytes / 1024,
-            speed_kib: r.sync.rate_kib_s,
-        }),
+    let members = member_stats(r);
+    let sync = match running_sync(r) {
+        Some(s) => Some(s),
         _ if raid.is_some_and(|x| x.sync_pending()) => Some(SyncStat::Pending),
         _ => None,
     };
@@ -641,4 +616,45 @@ pub fn array_stat(info: &ArrayInfo, raid: Option<&Raid1>) -> Option<ArrayStat> {
         sync,
         bitmap,
     })
+}
+
+/// The members of running array `r` as `/proc/mdstat` lists them (removed ones left
+/// out); shared by the standalone agent and the cluster node.
+pub fn member_stats(r: &crate::raid::RaidStatus) -> Vec<crate::mdstat::MemberStat> {
+    use crate::raid::MemberState;
+    r.members
+        .iter()
+        .filter(|m| !m.removed)
+        .map(|m| crate::mdstat::MemberStat {
+            name: Path::new(&m.path)
+                .file_name()
+                .map_or_else(|| m.path.clone(), |f| f.to_string_lossy().into_owned()),
+            desc_nr: m.dev_number,
+            slot: match m.state {
+                MemberState::Spare | MemberState::Faulty => None,
+                _ => m.role.map(u32::from),
+            },
+            in_sync: matches!(m.state, MemberState::InSync),
+            faulty: matches!(m.state, MemberState::Faulty),
+        })
+        .collect()
+}
+
+/// The sync running on array `r` now, as `/proc/mdstat` shows it (None when idle).
+pub fn running_sync(r: &crate::raid::RaidStatus) -> Option<crate::mdstat::SyncStat> {
+    use crate::raid::WorkerState;
+    match (r.sync.kind, r.sync.state) {
+        (Some(kind), WorkerState::Busy | WorkerState::Throttled) => {
+            Some(crate::mdstat::SyncStat::Running {
+                kind: match kind {
+                    crate::raid::SyncKind::Resync => crate::mdstat::SyncKind::Resync,
+                    crate::raid::SyncKind::Recovery => crate::mdstat::SyncKind::Recovery,
+                },
+                done_kib: r.sync.done_bytes / 1024,
+                total_kib: r.sync.total_bytes / 1024,
+                speed_kib: r.sync.rate_kib_s,
+            })
+        }
+        _ => None,
+    }
 }

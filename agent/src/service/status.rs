@@ -11,9 +11,9 @@ use mdcluster_proto::v1::Errno;
 
 use super::{lock, short_name, Node};
 use crate::array::{ArrayInfo, ArrayState};
-use crate::mdstat::{self, ArrayStat, BitmapStat, MemberStat, RunState, SyncStat};
+use crate::mdstat::{self, ArrayStat, BitmapStat, RunState, SyncStat};
 use crate::nbd::{ClientInfo, Exports, OpenError, OpenExport};
-use crate::raid::{MemberState, SpeedLimits, WorkerState};
+use crate::raid::{MemberState, SpeedLimits};
 
 impl Node {
     /// Every array name here, in any state.
@@ -201,35 +201,8 @@ impl Node {
             .get(&info.name)
             .cloned()
             .unwrap_or_default();
-        let members = r
-            .members
-            .iter()
-            .filter(|m| !m.removed)
-            .map(|m| MemberStat {
-                name: Path::new(&m.path)
-                    .file_name()
-                    .map_or_else(|| m.path.clone(), |f| f.to_string_lossy().into_owned()),
-                desc_nr: m.dev_number,
-                slot: match m.state {
-                    MemberState::Spare | MemberState::Faulty => None,
-                    _ => m.role.map(u32::from),
-                },
-                in_sync: matches!(m.state, MemberState::InSync),
-                faulty: matches!(m.state, MemberState::Faulty),
-            })
-            .collect();
-        let sync = match (r.sync.kind, r.sync.state) {
-            (Some(kind), WorkerState::Busy | WorkerState::Throttled) => Some(SyncStat::Running {
-                kind: match kind {
-                    crate::raid::SyncKind::Resync => mdstat::SyncKind::Resync,
-                    crate::raid::SyncKind::Recovery => mdstat::SyncKind::Recovery,
-                },
-                done_kib: r.sync.done_bytes / 1024,
-                total_kib: r.sync.total_bytes / 1024,
-                speed_kib: r.sync.rate_kib_s,
-            }),
-            _ => None,
-        };
+        let members = crate::array::service::member_stats(r);
+        let sync = crate::array::service::running_sync(r);
         // Cluster states: waiting for the resync lock, or another node's window.
         let sync = match (sync, self.raid_of(&info.name).map(|(r, _)| r)) {
             (None, Some(raid)) if raid.sync_pending() => Some(SyncStat::Pending),
