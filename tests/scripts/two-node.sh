@@ -34,7 +34,28 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# free_ports N: N distinct ports below the kernel's ephemeral range (so no outgoing
+# connection takes one before its server binds it), each free on every address.
+free_ports() {
+    python3 - "$1" <<'PY'
+import random, socket, sys
+lo = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+lo, hi = (20000, lo) if lo >= 22000 else (61000, 65535)
+got = []
+for p in random.sample(range(lo, hi), hi - lo):
+    s = socket.socket()
+    try:
+        s.bind(("0.0.0.0", p))
+        got.append(p)
+    except OSError:
+        pass
+    finally:
+        s.close()
+    if len(got) == int(sys.argv[1]):
+        break
+print(*got)
+PY
+}
 wait_for() { # wait_for SECONDS CMD...: retry CMD every 0.1 s until it succeeds or the deadline
     local deadline=$((SECONDS + $1)); shift
     until "$@" >/dev/null 2>&1; do
@@ -43,7 +64,8 @@ wait_for() { # wait_for SECONDS CMD...: retry CMD every 0.1 s until it succeeds 
     done
 }
 
-EP=$(free_port); PP=$(free_port); SP=$(free_port); A1=$(free_port); A2=$(free_port)
+read -r EP PP SP A1 A2 < <(free_ports 5)
+[[ -n ${A2:-} ]] || { echo "two-node: no 5 free ports" >&2; exit 1; }
 ETCD=http://127.0.0.1:$EP
 etcd --data-dir "$W/etcd" --listen-client-urls "$ETCD" --advertise-client-urls "$ETCD" \
     --listen-peer-urls "http://127.0.0.1:$PP" --initial-advertise-peer-urls "http://127.0.0.1:$PP" \

@@ -14,10 +14,51 @@ use anyhow::{bail, Context};
 /// How long etcd may take to become healthy.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A free loopback port (bound then released; the caller binds it soon after).
+/// A free TCP port for a test process to listen on.
+///
+/// Chosen below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`), so no
+/// outgoing connection can take it between this call and the caller's bind, and
+/// never handed out twice by this process. The probe binds the wildcard address:
+/// that fails while any address (127.0.0.1, 127.0.0.2, ...) has the port bound, so
+/// an agent listening on 127.0.0.2 keeps its port out of other tests' hands.
 pub fn free_port() -> anyhow::Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").context("bind a free port")?;
-    Ok(l.local_addr().context("read the free port")?.port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (lo, hi) = port_window();
+    let span = u32::from(hi - lo);
+    // A per-process start, so test binaries run one after another (or a rerun while an
+    // old child lingers) do not walk the same ports in the same order.
+    let seed = std::process::id().wrapping_mul(2_654_435_761)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+    let _ = NEXT.compare_exchange(0, seed % span + 1, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = lo + ((n - 1) % span) as u16;
+        if TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free TCP port in {lo}..{hi}: every port is bound")
+}
+
+/// The ports [`free_port`] chooses from: [lo, hi), outside the kernel's ephemeral range.
+fn port_window() -> (u16, u16) {
+    let eph = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|v| v.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        });
+    match eph {
+        // The usual case (32768-60999): 20000 up to the range's start.
+        Some((elo, _)) if elo >= 22_000 => (20_000, elo),
+        // The range starts low: take the ports above it.
+        Some((_, ehi)) if ehi <= 63_000 => (ehi + 1, 65_535),
+        _ => (20_000, 30_000),
+    }
 }
 
 /// A running etcd.
