@@ -17,7 +17,6 @@
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use mdcluster_proto::metrics_http::Format;
 use mdcluster_proto::v1 as pb;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -952,19 +951,7 @@ pub fn registry(arrays: Arc<dyn ArraySource>, session: Option<Arc<dyn SessionSou
     r
 }
 
-/// Encodes `registry` in `format`.
-pub fn render(registry: &Registry, format: Format) -> String {
-    let mut out = String::new();
-    let r = match format {
-        Format::Text => prometheus_client::encoding::prometheus_text::encode(&mut out, registry),
-        Format::OpenMetrics => prometheus_client::encoding::text::encode(&mut out, registry),
-    };
-    if let Err(e) = r {
-        // Writing into a String fails only if an encoder refuses a value.
-        tracing::error!("encoding the metrics failed: {e}");
-    }
-    out
-}
+pub use mdcluster_proto::metrics_http::encode as render;
 
 /// Serves `registry` on `listener` until `shutdown`.
 pub async fn serve(
@@ -972,11 +959,9 @@ pub async fn serve(
     registry: Registry,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let registry = Arc::new(registry);
-    let render: mdcluster_proto::metrics_http::Render = Arc::new(move |f| render(&registry, f));
     mdcluster_proto::metrics_http::serve(
         listener,
-        render,
+        mdcluster_proto::metrics_http::registry_render(registry),
         mdcluster_proto::metrics_http::Limits::default(),
         shutdown,
     )
@@ -1009,6 +994,7 @@ impl ArraySource for RegistryArrays {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mdcluster_proto::metrics_http::Format;
 
     struct Fixed(Vec<ArrayView>);
     impl ArraySource for Fixed {

@@ -7,9 +7,11 @@
 //! connection lives at most [`Limits::connection_timeout`]. Plain HTTP on purpose:
 //! metrics carry no secrets (names of arrays and devices, counts and timings).
 //!
-//! The server knows nothing of Prometheus types: the caller's render function encodes
-//! its registry in the [`Format`] the scraper asked for (OpenMetrics when its `Accept`
-//! names `application/openmetrics-text`, else the Prometheus text format 0.0.4).
+//! The server calls a render function for each scrape, which encodes in the [`Format`]
+//! the scraper asked for (OpenMetrics when its `Accept` names
+//! `application/openmetrics-text`, else the Prometheus text format 0.0.4);
+//! [`registry_render`] makes one from a `prometheus-client` registry, [`encode`] is the
+//! encoding itself (for tests).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -54,6 +56,26 @@ impl Format {
 
 /// Renders every metric in a format (called once per scrape).
 pub type Render = Arc<dyn Fn(Format) -> String + Send + Sync>;
+
+/// Encodes `registry` in `format`.
+pub fn encode(registry: &prometheus_client::registry::Registry, format: Format) -> String {
+    let mut out = String::new();
+    let r = match format {
+        Format::Text => prometheus_client::encoding::prometheus_text::encode(&mut out, registry),
+        Format::OpenMetrics => prometheus_client::encoding::text::encode(&mut out, registry),
+    };
+    if let Err(e) = r {
+        // Writing into a String fails only if an encoder refuses a value.
+        tracing::error!("encoding the metrics failed: {e}");
+    }
+    out
+}
+
+/// The render function of `registry` for [`serve`].
+pub fn registry_render(registry: prometheus_client::registry::Registry) -> Render {
+    let registry = Arc::new(registry);
+    Arc::new(move |f| encode(&registry, f))
+}
 
 /// The bounds of the server.
 #[derive(Debug, Clone, Copy)]

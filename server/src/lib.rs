@@ -485,9 +485,7 @@ pub async fn serve(
     };
     let ctx = Arc::new(connect(&config).await?);
     let metrics = metrics_listener.map(|l| {
-        let registry = Arc::new(metrics::registry(ctx.clone()));
-        let render: mdcluster_proto::metrics_http::Render =
-            Arc::new(move |f| metrics::render(&registry, f));
+        let render = mdcluster_proto::metrics_http::registry_render(metrics::registry(ctx.clone()));
         (
             metrics::spawn_lock_snapshot(ctx.clone()),
             tokio::spawn(mdcluster_proto::metrics_http::serve(

@@ -14,7 +14,6 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use mdcluster_proto::metrics_http::Format;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
@@ -260,18 +259,7 @@ pub fn registry(ctx: Arc<Ctx>) -> Registry {
     r
 }
 
-/// Encodes `registry` in `format`.
-pub fn render(registry: &Registry, format: Format) -> String {
-    let mut out = String::new();
-    let r = match format {
-        Format::Text => prometheus_client::encoding::prometheus_text::encode(&mut out, registry),
-        Format::OpenMetrics => prometheus_client::encoding::text::encode(&mut out, registry),
-    };
-    if let Err(e) = r {
-        tracing::error!("encoding the metrics failed: {e}");
-    }
-    out
-}
+pub use mdcluster_proto::metrics_http::encode as render;
 
 /// The gRPC status code name of a numeric `grpc-status`.
 fn code_name(code: &str) -> &'static str {
@@ -386,6 +374,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mdcluster_proto::metrics_http::Format;
 
     #[test]
     fn paths_and_codes_have_bounded_labels() {
