@@ -357,10 +357,82 @@ pub fn agent_ready(addr: &str) -> Option<bool> {
     })
 }
 
+/// Through mdserver `url`: creates the clustered two-way mirror `md0` over `members` on
+/// node1 (2 bitmap slots, 1 MiB bitmap chunks, `--assume-clean`) and assembles it on
+/// node2.
+pub fn clustered_mirror(url: &str, members: &[PathBuf]) {
+    let ms: Vec<&str> = members.iter().map(|p| p.to_str().unwrap()).collect();
+    mdctl_ok_at(
+        url,
+        &[
+            "--node",
+            "node1",
+            "create",
+            "md0",
+            "--raid-devices",
+            "2",
+            "--bitmap",
+            "clustered",
+            "--nodes",
+            "2",
+            "--bitmap-chunk",
+            "1024",
+            "--assume-clean",
+            ms[0],
+            ms[1],
+        ],
+    );
+    mdctl_ok_at(url, &["--node", "node2", "assemble", "md0"]);
+}
+
 /// The number of rounds a chaos test runs: `$var`, else `default`.
 pub fn rounds(var: &str, default: usize) -> usize {
     std::env::var(var)
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(default)
+}
+
+/// A two-node cluster on two mdserver replicas with a clustered two-way mirror `md0`
+/// assembled on both nodes: what the replica chaos tests (t55, t58_chaos_replica) start
+/// each round from.
+pub struct MirrorOnReplicas {
+    /// The cluster; its `server` is the replica the test takes down.
+    pub cluster: crate::cluster::TestCluster,
+    /// The replica that stays up; every mdctl call of the test goes there.
+    pub live: String,
+    /// The replica the test takes down (the one the agents start on).
+    pub victim: String,
+    /// Each node's session id before the fault.
+    pub sessions: Vec<(String, i64)>,
+    /// `mdctl monitor` on the live replica, started before the array was made.
+    pub monitor: Monitor,
+    /// The mirror's two member files.
+    pub members: Vec<PathBuf>,
+}
+
+/// Starts [`MirrorOnReplicas`]: agents with session TTL `ttl`, members of 80 MiB named
+/// `<prefix>0`, `<prefix>1`, bitmap chunk 1 MiB, created `--assume-clean` on node1 and
+/// assembled on node2.
+pub fn mirror_on_replicas(ttl: Duration, prefix: &str) -> MirrorOnReplicas {
+    let cluster = crate::cluster::ClusterBuilder::new(2)
+        .replicas(2)
+        .agent_ttl(ttl)
+        .start()
+        .expect("cluster");
+    let live = cluster.replicas[0].url();
+    let victim = cluster.server.url();
+    let sessions = sessions(&live);
+    assert_eq!(sessions.len(), 2, "{sessions:?}");
+    let monitor = Monitor::start(&live);
+    let members = crate::standalone::member_files(cluster.path(), prefix, 2, 80 << 20);
+    clustered_mirror(&live, &members);
+    MirrorOnReplicas {
+        cluster,
+        live,
+        victim,
+        sessions,
+        monitor,
+        members,
+    }
 }

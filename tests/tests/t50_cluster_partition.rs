@@ -10,14 +10,15 @@
 //! the same process, and the members end identical.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use mdcluster_tests::cluster::{AgentProc, AnyAddrServer, NetNs, MDCTL_TIMEOUT};
+use mdcluster_tests::chaos::{clustered_mirror, mdctl_ok_at};
+use mdcluster_tests::cluster::{AgentProc, AnyAddrServer, NetNs};
 use mdcluster_tests::etcd::Etcd;
 use mdcluster_tests::standalone::{assert_members_identical, dirty_bits, member_files};
-use mdcluster_tests::tools::{bin, run_timeout};
+use mdcluster_tests::tools::bin;
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -28,26 +29,6 @@ fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64
-}
-
-fn mdctl(url: &str, args: &[&str]) -> Output {
-    run_timeout(
-        Command::new(bin("mdctl"))
-            .arg("--server")
-            .arg(url)
-            .args(args),
-        MDCTL_TIMEOUT,
-    )
-}
-
-fn mdctl_ok(url: &str, args: &[&str]) -> String {
-    let o = mdctl(url, args);
-    assert!(
-        o.status.success(),
-        "mdctl {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 fn writer(sock: &std::path::Path, off: u64, len: u64) -> Child {
@@ -92,7 +73,7 @@ fn partitioned_node_fences_itself_before_its_slot_is_recovered_and_rejoins() {
     )
     .expect("node2");
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !mdctl_ok(&url, &["nodes"]).contains("node2") {
+    while !mdctl_ok_at(&url, &["nodes"]).contains("node2") {
         assert!(Instant::now() < deadline, "node2 not live");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -137,28 +118,7 @@ fn partitioned_node_fences_itself_before_its_slot_is_recovered_and_rejoins() {
     std::thread::sleep(Duration::from_millis(700)); // the monitor's first node round (not an assertion)
 
     let m = member_files(dir.path(), "p", 2, 48 * MIB);
-    let ms: Vec<&str> = m.iter().map(|p| p.to_str().unwrap()).collect();
-    mdctl_ok(
-        &url,
-        &[
-            "--node",
-            "node1",
-            "create",
-            "md0",
-            "--raid-devices",
-            "2",
-            "--bitmap",
-            "clustered",
-            "--nodes",
-            "2",
-            "--bitmap-chunk",
-            "1024",
-            "--assume-clean",
-            ms[0],
-            ms[1],
-        ],
-    );
-    mdctl_ok(&url, &["--node", "node2", "assemble", "md0"]);
+    clustered_mirror(&url, &m);
 
     eprintln!("--- both write; node2's link goes down");
     let mut w1 = writer(&n1.sock("md0"), 0, 8 * MIB);
@@ -221,7 +181,8 @@ fn partitioned_node_fences_itself_before_its_slot_is_recovered_and_rejoins() {
     wait_event("NodeFailed", "node2", Duration::from_secs(10));
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let d: Value = serde_json::from_str(&mdctl_ok(&url, &["--json", "detail", "md0"])).unwrap();
+        let d: Value =
+            serde_json::from_str(&mdctl_ok_at(&url, &["--json", "detail", "md0"])).unwrap();
         let st = d["nodes"]
             .as_array()
             .unwrap()
@@ -248,7 +209,8 @@ fn partitioned_node_fences_itself_before_its_slot_is_recovered_and_rejoins() {
     ns.link(true).expect("link up");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let d: Value = serde_json::from_str(&mdctl_ok(&url, &["--json", "detail", "md0"])).unwrap();
+        let d: Value =
+            serde_json::from_str(&mdctl_ok_at(&url, &["--json", "detail", "md0"])).unwrap();
         if d["nodes"]
             .as_array()
             .unwrap()
@@ -264,8 +226,8 @@ fn partitioned_node_fences_itself_before_its_slot_is_recovered_and_rejoins() {
     assert!(n2.log_text().contains("session lost"), "{}", n2.log_text());
     assert!(!n2.log_text().contains("SELF-FENCING"), "{}", n2.log_text());
     let _ = w1.wait();
-    mdctl_ok(&url, &["--node", "node2", "stop", "md0"]);
-    mdctl_ok(&url, &["--node", "node1", "stop", "md0"]);
+    mdctl_ok_at(&url, &["--node", "node2", "stop", "md0"]);
+    mdctl_ok_at(&url, &["--node", "node1", "stop", "md0"]);
     assert_members_identical(&m);
     let _ = monitor.kill();
     let _ = monitor.wait();

@@ -17,10 +17,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mdcluster_tests::chaos::{mdctl_at, mdctl_ok_at, plain, sessions, Monitor};
+use mdcluster_tests::chaos::{
+    mdctl_at, mdctl_ok_at, mirror_on_replicas, plain, rounds, sessions, MirrorOnReplicas,
+};
 use mdcluster_tests::cluster::{ClusterBuilder, TestCluster, MDCTL_TIMEOUT};
 use mdcluster_tests::etcd::free_port;
-use mdcluster_tests::standalone::{assert_members_identical, member_files};
+use mdcluster_tests::standalone::assert_members_identical;
 use mdcluster_tests::tools::{bin, run_timeout};
 use serde_json::Value;
 
@@ -147,41 +149,15 @@ impl Drop for Thaw<'_> {
 }
 
 fn one_round(round: usize) {
-    let mut c = ClusterBuilder::new(2)
-        .replicas(2)
-        .agent_ttl(TTL)
-        .start()
-        .expect("cluster");
     // Every mdctl call of the test goes to the replica that stays up.
-    let live = c.replicas[0].url();
-    let hung = c.server.url();
-    let before = sessions(&live);
-    assert_eq!(before.len(), 2, "{before:?}");
-    let monitor = Monitor::start(&live);
-
-    let m = member_files(c.path(), "r", 2, 80 * MIB);
-    let ms: Vec<&str> = m.iter().map(|p| p.to_str().unwrap()).collect();
-    mdctl_ok_at(
-        &live,
-        &[
-            "--node",
-            "node1",
-            "create",
-            "md0",
-            "--raid-devices",
-            "2",
-            "--bitmap",
-            "clustered",
-            "--nodes",
-            "2",
-            "--bitmap-chunk",
-            "1024",
-            "--assume-clean",
-            ms[0],
-            ms[1],
-        ],
-    );
-    mdctl_ok_at(&live, &["--node", "node2", "assemble", "md0"]);
+    let MirrorOnReplicas {
+        cluster: mut c,
+        live,
+        victim: hung,
+        sessions: before,
+        monitor,
+        members: m,
+    } = mirror_on_replicas(TTL, "r");
 
     let base = [0, 32 * MIB];
     let w1 = Writer::start(&c.agents[0].sock("md0"), base[0]);
@@ -272,11 +248,7 @@ fn one_round(round: usize) {
 
 #[test]
 fn sessions_survive_a_frozen_replica() {
-    let rounds: usize = std::env::var("T55_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(2);
-    for round in 0..rounds {
+    for round in 0..rounds("T55_ROUNDS", 2) {
         let t = Instant::now();
         one_round(round);
         eprintln!("round {round} passed in {:?}", t.elapsed());

@@ -17,7 +17,7 @@
 use std::time::{Duration, Instant};
 
 use mdcluster_tests::chaos::{
-    assert_acked_on_members, mdctl_ok_at, plain, sessions, Monitor, Writer,
+    assert_acked_on_members, clustered_mirror, mdctl_ok_at, plain, sessions, Monitor, Writer,
 };
 use mdcluster_tests::cluster::{AgentProc, AnyAddrServer, NetNs};
 use mdcluster_tests::etcd::Etcd;
@@ -74,28 +74,7 @@ fn a_cut_off_node_is_taken_over_and_rejoins_in_process() {
     std::thread::sleep(Duration::from_millis(700)); // the monitor's first round (not an assertion)
 
     let m = member_files(dir.path(), "c", 2, 80 * MIB);
-    let ms: Vec<&str> = m.iter().map(|p| p.to_str().unwrap()).collect();
-    mdctl_ok_at(
-        &url,
-        &[
-            "--node",
-            "node1",
-            "create",
-            "md0",
-            "--raid-devices",
-            "2",
-            "--bitmap",
-            "clustered",
-            "--nodes",
-            "2",
-            "--bitmap-chunk",
-            "1024",
-            "--assume-clean",
-            ms[0],
-            ms[1],
-        ],
-    );
-    mdctl_ok_at(&url, &["--node", "node2", "assemble", "md0"]);
+    clustered_mirror(&url, &m);
 
     eprintln!("--- both write; node2's link goes down for {CUT:?}");
     let limit = Duration::from_secs(240);

@@ -12,50 +12,24 @@
 use std::time::{Duration, Instant};
 
 use mdcluster_tests::chaos::{
-    assert_acked_on_members, longest_gap, mdctl_ok_at, plain, rounds, sessions, Monitor, Writer,
+    assert_acked_on_members, longest_gap, mdctl_ok_at, mirror_on_replicas, plain, rounds, sessions,
+    MirrorOnReplicas, Writer,
 };
-use mdcluster_tests::cluster::ClusterBuilder;
-use mdcluster_tests::standalone::{assert_members_identical, member_files};
+use mdcluster_tests::standalone::assert_members_identical;
 
 const MIB: u64 = 1 << 20;
 const TTL: Duration = Duration::from_secs(6);
 const WRITES: u64 = 300;
 
 fn one_round(round: usize) {
-    let mut c = ClusterBuilder::new(2)
-        .replicas(2)
-        .agent_ttl(TTL)
-        .start()
-        .expect("cluster");
-    let live = c.replicas[0].url();
-    let dead = c.server.url();
-    let before = sessions(&live);
-    assert_eq!(before.len(), 2, "{before:?}");
-    let monitor = Monitor::start(&live);
-
-    let m = member_files(c.path(), "k", 2, 80 * MIB);
-    let ms: Vec<&str> = m.iter().map(|p| p.to_str().unwrap()).collect();
-    mdctl_ok_at(
-        &live,
-        &[
-            "--node",
-            "node1",
-            "create",
-            "md0",
-            "--raid-devices",
-            "2",
-            "--bitmap",
-            "clustered",
-            "--nodes",
-            "2",
-            "--bitmap-chunk",
-            "1024",
-            "--assume-clean",
-            ms[0],
-            ms[1],
-        ],
-    );
-    mdctl_ok_at(&live, &["--node", "node2", "assemble", "md0"]);
+    let MirrorOnReplicas {
+        cluster: mut c,
+        live,
+        victim: dead,
+        sessions: before,
+        monitor,
+        members: m,
+    } = mirror_on_replicas(TTL, "k");
 
     let limit = Duration::from_secs(180);
     let w1 = Writer::start(&c.agents[0].sock("md0"), "md0", 0, WRITES, 40, limit);
