@@ -397,74 +397,21 @@ impl TestCluster {
 
     /// Every etcd key under this cluster's root that starts with `sub` (e.g. "locks/").
     pub fn etcd_keys(&self, sub: &str) -> Vec<String> {
-        let url = self.etcd.url();
         let prefix = format!("/mdcluster/{}/{sub}", self.cluster_name());
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let mut c = tokio::time::timeout(
-                Duration::from_secs(10),
-                etcd_client::Client::connect([url], None),
-            )
-            .await
-            .expect("etcd connect timed out")
-            .expect("etcd connect");
-            let r = tokio::time::timeout(
-                Duration::from_secs(10),
-                c.get(
-                    prefix,
-                    Some(
-                        etcd_client::GetOptions::new()
-                            .with_prefix()
-                            .with_keys_only(),
-                    ),
-                ),
-            )
-            .await
-            .expect("etcd get timed out")
-            .expect("etcd get");
-            r.kvs()
-                .iter()
-                .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
-                .collect()
-        })
+        crate::etcd::range_blocking(&self.etcd.url(), &prefix)
+            .into_iter()
+            .map(|kv| kv.key)
+            .collect()
     }
 
     /// The lock value blocks whose resource starts with `sub` (`values/<sub>...`):
     /// resource and raw value.
     pub fn lock_values(&self, sub: &str) -> Vec<(String, Vec<u8>)> {
-        let url = self.etcd.url();
         let base = format!("/mdcluster/{}/values/", self.cluster_name());
-        let prefix = format!("{base}{sub}");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let mut c = tokio::time::timeout(
-                Duration::from_secs(10),
-                etcd_client::Client::connect([url], None),
-            )
-            .await
-            .expect("etcd connect timed out")
-            .expect("etcd connect");
-            let r = tokio::time::timeout(
-                Duration::from_secs(10),
-                c.get(prefix, Some(etcd_client::GetOptions::new().with_prefix())),
-            )
-            .await
-            .expect("etcd get timed out")
-            .expect("etcd get");
-            r.kvs()
-                .iter()
-                .map(|kv| {
-                    let k = String::from_utf8_lossy(kv.key());
-                    (k.trim_start_matches(&base).to_owned(), kv.value().to_vec())
-                })
-                .collect()
-        })
+        crate::etcd::range_blocking(&self.etcd.url(), &format!("{base}{sub}"))
+            .into_iter()
+            .map(|kv| (kv.key.trim_start_matches(&base).to_owned(), kv.value))
+            .collect()
     }
 }
 

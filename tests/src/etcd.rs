@@ -280,3 +280,50 @@ impl Drop for Etcd {
         self.kill();
     }
 }
+
+/// One key of an etcd range read by [`range`].
+#[derive(Debug, Clone)]
+pub struct Kv {
+    /// The whole key.
+    pub key: String,
+    /// Its create revision.
+    pub create_revision: i64,
+    /// Its value.
+    pub value: Vec<u8>,
+}
+
+/// Every key under `prefix` in the etcd at `url` (connect and read bounded by 10 s each;
+/// panics on failure, for tests).
+pub async fn range(url: &str, prefix: &str) -> Vec<Kv> {
+    let mut c = tokio::time::timeout(
+        Duration::from_secs(10),
+        etcd_client::Client::connect([url], None),
+    )
+    .await
+    .expect("etcd connect timed out")
+    .expect("etcd connect");
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        c.get(prefix, Some(etcd_client::GetOptions::new().with_prefix())),
+    )
+    .await
+    .expect("etcd get timed out")
+    .expect("etcd get");
+    r.kvs()
+        .iter()
+        .map(|kv| Kv {
+            key: String::from_utf8_lossy(kv.key()).into_owned(),
+            create_revision: kv.create_revision(),
+            value: kv.value().to_vec(),
+        })
+        .collect()
+}
+
+/// [`range`] from synchronous code (not inside a tokio runtime).
+pub fn range_blocking(url: &str, prefix: &str) -> Vec<Kv> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(range(url, prefix))
+}

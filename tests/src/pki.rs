@@ -67,8 +67,9 @@ fn ca(dir: &Path, name: &str) -> anyhow::Result<()> {
     )
 }
 
-/// A new key and a certificate `name` signed by `ca` with the extensions `ext`.
-fn leaf(dir: &Path, ca: &str, name: &str, cn: &str, ext: &str) -> anyhow::Result<()> {
+/// A new key and a certificate `name` with subject `subj` (`/O=.../CN=...`) signed by
+/// `ca` with the extensions `ext`.
+fn leaf(dir: &Path, ca: &str, name: &str, subj: &str, ext: &str) -> anyhow::Result<()> {
     std::fs::write(dir.join(format!("{name}.ext")), ext).context("write extensions")?;
     openssl(
         dir,
@@ -80,7 +81,7 @@ fn leaf(dir: &Path, ca: &str, name: &str, cn: &str, ext: &str) -> anyhow::Result
             "ec_paramgen_curve:P-256",
             "-nodes",
             "-subj",
-            &format!("/CN={cn}"),
+            subj,
             "-keyout",
             &format!("{name}.key"),
             "-out",
@@ -118,14 +119,14 @@ impl Pki {
             dir,
             "ca",
             "server",
-            "etcd",
+            "/CN=etcd",
             "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
         )?;
         leaf(
             dir,
             "ca",
             "client",
-            client_cn,
+            &format!("/CN={client_cn}"),
             "extendedKeyUsage=clientAuth\n",
         )?;
         Ok(Pki {
@@ -262,44 +263,7 @@ impl ClusterPki {
     /// (`ca` or `other-ca`), in `name.crt`/`name.key`.
     pub fn issue(&self, ca: &str, name: &str, subj: &str, ext: &str) -> anyhow::Result<Ident> {
         let dir = &self.dir;
-        std::fs::write(dir.join(format!("{name}.ext")), ext).context("write extensions")?;
-        openssl(
-            dir,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-subj",
-                subj,
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.csr"),
-            ],
-        )?;
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-days",
-                "2",
-                "-CA",
-                &format!("{ca}.crt"),
-                "-CAkey",
-                &format!("{ca}.key"),
-                "-CAcreateserial",
-                "-extfile",
-                &format!("{name}.ext"),
-                "-out",
-                &format!("{name}.crt"),
-            ],
-        )?;
+        leaf(dir, ca, name, subj, ext)?;
         Ok(Ident {
             ca: dir.join(format!("{ca}.crt")),
             cert: dir.join(format!("{name}.crt")),

@@ -68,30 +68,10 @@ async fn open_session(url: &str) -> Arc<Session> {
 
 /// The lock keys under the cluster's root in etcd.
 async fn lock_keys(etcd: &str) -> Vec<String> {
-    let mut c = tokio::time::timeout(
-        Duration::from_secs(10),
-        etcd_client::Client::connect([etcd], None),
-    )
-    .await
-    .expect("etcd connect timed out")
-    .expect("etcd connect");
-    let r = tokio::time::timeout(
-        Duration::from_secs(10),
-        c.get(
-            "/mdcluster/test/locks/",
-            Some(
-                etcd_client::GetOptions::new()
-                    .with_prefix()
-                    .with_keys_only(),
-            ),
-        ),
-    )
-    .await
-    .expect("etcd get timed out")
-    .expect("etcd get");
-    r.kvs()
-        .iter()
-        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+    mdcluster_tests::etcd::range(etcd, "/mdcluster/test/locks/")
+        .await
+        .into_iter()
+        .map(|kv| kv.key)
         .collect()
 }
 

@@ -24,35 +24,14 @@ use tonic::transport::Channel;
 
 /// `(key, create revision, value)` of every etcd key under the cluster's `sub`.
 fn etcd_get(c: &TestCluster, sub: &str) -> Vec<(String, i64, String)> {
-    let url = c.etcd.url();
     let prefix = format!("/mdcluster/{}/{sub}", c.cluster_name());
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async move {
-        let mut e = tokio::time::timeout(
-            Duration::from_secs(10),
-            etcd_client::Client::connect([url], None),
-        )
-        .await
-        .expect("etcd connect timed out")
-        .expect("etcd connect");
-        let r = tokio::time::timeout(
-            Duration::from_secs(10),
-            e.get(prefix, Some(etcd_client::GetOptions::new().with_prefix())),
-        )
-        .await
-        .expect("etcd get timed out")
-        .expect("etcd get");
-        r.kvs()
-            .iter()
-            .map(|kv| {
-                (
-                    String::from_utf8_lossy(kv.key()).into_owned(),
-                    kv.create_revision(),
-                    String::from_utf8_lossy(kv.value()).into_owned(),
-                )
-            })
-            .collect()
-    })
+    mdcluster_tests::etcd::range_blocking(&c.etcd.url(), &prefix)
+        .into_iter()
+        .map(|kv| {
+            let value = String::from_utf8_lossy(&kv.value).into_owned();
+            (kv.key, kv.create_revision, value)
+        })
+        .collect()
 }
 
 /// node1's session id from its registry entry.
