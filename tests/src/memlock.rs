@@ -375,6 +375,29 @@ impl MemLock {
         true
     }
 
+    /// Moves `node`'s session to `state` without telling the node, as when the lock
+    /// client's notification was dropped from a full channel. `Suspended` also moves
+    /// the fence deadline into the past; `Connected` moves it ahead again.
+    pub fn set_state_untold(&self, node: &str, state: SessionState) -> bool {
+        let mut st = self.st();
+        let Some(&sid) = st.nodes.get(node) else {
+            return false;
+        };
+        let Some(s) = st.sessions.get_mut(&sid) else {
+            return false;
+        };
+        s.state = state;
+        let deadline = match state {
+            SessionState::Suspended => Some(std::time::Instant::now()),
+            SessionState::Connected => Some(std::time::Instant::now() + LIVE_AHEAD),
+            _ => None,
+        };
+        if deadline.is_some() {
+            s.deadline.move_to(deadline);
+        }
+        true
+    }
+
     /// Resumes a suspended session of `node`.
     pub fn resume(&self, node: &str) -> bool {
         let mut st = self.st();

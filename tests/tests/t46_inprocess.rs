@@ -10,6 +10,7 @@
 use std::time::Duration;
 
 use mdcluster_agent::cluster::Timings;
+use mdcluster_agent::lockport::SessionState;
 use mdcluster_proto::v1 as pb;
 use mdcluster_proto::v1::Errno;
 use mdcluster_tests::inproc::{bitmap, member_state, settled, sync, InProc};
@@ -42,6 +43,54 @@ fn drain_events(
     while let Ok(ev) = rx.try_recv() {
         into.push(ev);
     }
+}
+
+/// Waits up to `within` for node1's `SlotRecovered` on `rx` (`stuck` says what is
+/// wrong if it never comes), then checks that the takeover was announced first and
+/// that both events name slot 1 and its `dirty` chunks.
+async fn expect_slot1_recovered(
+    rx: &mut tokio::sync::broadcast::Receiver<pb::ArrayEvent>,
+    within: Duration,
+    dirty: u64,
+    stuck: impl Fn() -> String,
+) {
+    let mut seen = Vec::new();
+    let end = std::time::Instant::now() + within;
+    loop {
+        drain_events(rx, &mut seen);
+        if seen.iter().any(|e| e.event == "SlotRecovered") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "{}; node1's events: {seen:?}",
+            stuck()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let taken = seen
+        .iter()
+        .position(|e| e.event == "SlotTakenOver")
+        .unwrap_or_else(|| panic!("no SlotTakenOver: {seen:?}"));
+    let rec = seen
+        .iter()
+        .position(|e| e.event == "SlotRecovered")
+        .expect("seen above");
+    assert!(taken < rec, "SlotRecovered before SlotTakenOver: {seen:?}");
+    let (taken, rec) = (&seen[taken], &seen[rec]);
+    assert_eq!(taken.component, "slot1");
+    assert!(
+        taken
+            .detail
+            .contains(&format!(": {dirty} dirty chunks to resync")),
+        "{taken:?}"
+    );
+    assert_eq!(rec.component, "slot1");
+    assert!(
+        rec.detail
+            .contains(&format!(": {dirty} dirty chunks resynced")),
+        "{rec:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -172,36 +221,7 @@ async fn crash_of_a_writing_node_survivor_recovers_its_slot_then_it_rejoins() {
         0,
         "node2's slot is cleared on disk"
     );
-    let mut seen = Vec::new();
-    let end = std::time::Instant::now() + LONG;
-    loop {
-        drain_events(&mut events, &mut seen);
-        if seen.iter().any(|e| e.event == "SlotRecovered") {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < end,
-            "no SlotRecovered: {seen:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let taken = seen
-        .iter()
-        .find(|e| e.event == "SlotTakenOver")
-        .unwrap_or_else(|| panic!("no SlotTakenOver: {seen:?}"));
-    assert_eq!(taken.component, "slot1");
-    assert!(
-        taken
-            .detail
-            .contains(&format!(": {dirty} dirty chunks to resync")),
-        "{taken:?}"
-    );
-    let rec = seen.iter().find(|e| e.event == "SlotRecovered").unwrap();
-    assert!(
-        rec.detail
-            .contains(&format!(": {dirty} dirty chunks resynced")),
-        "{rec:?}"
-    );
+    expect_slot1_recovered(&mut events, LONG, dirty, || "no SlotRecovered".into()).await;
 
     // node2 comes back: its saved list assembles md0 again, slot clean.
     c.start(2).await.unwrap();
@@ -271,38 +291,13 @@ async fn a_node_that_dies_between_two_takeover_reads_has_its_slot_recovered() {
     // node1's next read finds slot 1 free, as at its last read, but the value block
     // changed (node2's published key): it reads the bits, finds them dirty and
     // recovers the slot as for a dead holder.
-    let mut seen = Vec::new();
-    let end = std::time::Instant::now() + period + LONG;
-    loop {
-        drain_events(&mut events, &mut seen);
-        if seen.iter().any(|e| e.event == "SlotRecovered") {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < end,
-            "node1 never recovered slot 1 of node2, which died between two takeover reads; node1's events: {seen:?}; slot 1 dirty chunks on disk: {}",
+    expect_slot1_recovered(&mut events, period + LONG, dirty, || {
+        format!(
+            "node1 never recovered slot 1 of node2, which died between two takeover reads; slot 1 dirty chunks on disk: {}",
             dirty_bits(&c.disks()[0], 1).max(dirty_bits(&c.disks()[1], 1))
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let taken = seen
-        .iter()
-        .find(|e| e.event == "SlotTakenOver")
-        .unwrap_or_else(|| panic!("no SlotTakenOver: {seen:?}"));
-    assert_eq!(taken.component, "slot1");
-    assert!(
-        taken
-            .detail
-            .contains(&format!(": {dirty} dirty chunks to resync")),
-        "{taken:?}"
-    );
-    let rec = seen.iter().find(|e| e.event == "SlotRecovered").unwrap();
-    assert_eq!(rec.component, "slot1");
-    assert!(
-        rec.detail
-            .contains(&format!(": {dirty} dirty chunks resynced")),
-        "{rec:?}"
-    );
+        )
+    })
+    .await;
     let st = c
         .wait_status(1, "md0", LONG, "the resync of slot 1's chunks", |st| {
             sync(st).runs >= 1 && settled(st)
@@ -987,4 +982,30 @@ mod prop {
             panic!("{e}");
         }
     }
+}
+
+/// Readiness follows the session's state even when the Suspended or Resumed
+/// notification never arrives (the lock client drops one when its channel is full).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_session_when_its_notifications_are_dropped() {
+    init_tracing();
+    let mut c = InProc::new(1, 0, MIB).unwrap();
+    c.start(1).await.unwrap();
+    let health = c.health(1);
+    let mut ready = health.watch();
+    assert!(health.is_ready());
+    let within = Duration::from_secs(5);
+
+    assert!(c.lock.set_state_untold("node1", SessionState::Suspended));
+    tokio::time::timeout(within, ready.wait_for(|r| !*r))
+        .await
+        .expect("node1 still ready 5 s after its session was suspended untold")
+        .unwrap();
+
+    assert!(c.lock.set_state_untold("node1", SessionState::Connected));
+    tokio::time::timeout(within, ready.wait_for(|r| *r))
+        .await
+        .expect("node1 not ready 5 s after its session was resumed untold")
+        .unwrap();
+    c.shutdown_all().await;
 }

@@ -33,7 +33,9 @@ use tonic_health::server::HealthReporter;
 
 use super::grpc::AgentSvc;
 use super::{events, Node};
-use crate::lockport::{LockClientError, Notification, Opened, Session, SessionOpener};
+use crate::lockport::{
+    LockClientError, Notification, Opened, Session, SessionOpener, SessionState,
+};
 
 /// Opens a session through `opener`, retrying with backoff (100 ms doubling to 1 s)
 /// for at most `timeout`.
@@ -63,6 +65,10 @@ pub async fn open_session(
     }
 }
 
+/// How often readiness is checked against the session's state, in case a
+/// Suspended/Resumed notification was dropped.
+const HEALTH_RECHECK: Duration = Duration::from_secs(1);
+
 /// Handles session notifications until the channel closes or `stop`.
 async fn notifications(
     node: Arc<Node>,
@@ -71,9 +77,19 @@ async fn notifications(
     stop: CancellationToken,
     health: Arc<Health>,
 ) -> Option<String> {
+    // Suspended/Resumed notifications can be dropped when the channel is full (the
+    // lock client counts them); the session's own state is the truth, so health is
+    // also brought in line with it every [`HEALTH_RECHECK`].
+    let mut recheck = tokio::time::interval(HEALTH_RECHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let n = tokio::select! {
             n = rx.recv() => n,
+            _ = recheck.tick() => {
+                let suspended = session.state() == SessionState::Suspended;
+                health.set(Readiness::Suspended, suspended).await;
+                continue;
+            }
             _ = stop.cancelled() => return None,
         };
         match n {
