@@ -65,9 +65,9 @@ use tonic::{Code, Status, Streaming};
 use crate::v1::lock_service_client::LockServiceClient;
 use crate::v1::{
     session_event, session_request, AckRequest, AcquireRequest, CloseSession, ConvertRequest,
-    Errno, ErrorDetail, Heartbeat, ListNodesRequest, LockMode, OpenSession, PublishRequest,
-    ReadValueRequest, ReleaseRequest, SessionEvent, SessionRequest, SubscribeRequest,
-    UnsubscribeRequest, WriteValueRequest,
+    Errno, ErrorDetail, Heartbeat, ListNodesRequest, LockMode, LockValue, OpenSession,
+    PublishRequest, ReadValueRequest, ReadValuesRequest, ReleaseRequest, SessionEvent,
+    SessionRequest, SubscribeRequest, UnsubscribeRequest, WriteValueRequest,
 };
 
 /// How a session is opened and kept.
@@ -1037,6 +1037,23 @@ impl Session {
             })
             .await?;
         Ok((r.value, r.holders))
+    }
+
+    /// Reads the value block and holders of every lock whose name starts with
+    /// `prefix`, in one call (sorted by resource; locks with neither are not listed).
+    /// An mdserver older than this call answers `Unimplemented`; a prefix matching
+    /// more than mdserver returns at once is refused (`InvalidArgument`).
+    pub async fn read_values(&self, prefix: &str) -> Result<Vec<LockValue>, LockClientError> {
+        let req = ReadValuesRequest {
+            prefix: prefix.to_string(),
+        };
+        let r = self
+            .call(Duration::ZERO, |mut c| {
+                let req = req.clone();
+                async move { c.read_values(req).await }
+            })
+            .await?;
+        Ok(r.locks)
     }
 
     /// Subscribes to `channel`.

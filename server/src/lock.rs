@@ -17,8 +17,8 @@ use etcd_client::{
 };
 use mdcluster_proto::v1::{
     session_event, AcquireRequest, AcquireResponse, ConvertRequest, ConvertResponse, HolderExpired,
-    LockBlocking, LockGranted, ReadValueRequest, ReadValueResponse, ReleaseRequest,
-    WriteValueRequest,
+    LockBlocking, LockGranted, LockValue, ReadValueRequest, ReadValueResponse, ReadValuesRequest,
+    ReadValuesResponse, ReleaseRequest, WriteValueRequest,
 };
 
 use crate::error::LockError;
@@ -692,6 +692,103 @@ pub async fn read_value(ctx: &Ctx, req: ReadValueRequest) -> Result<ReadValueRes
             .collect(),
         value: snap.value,
     })
+}
+
+/// The most locks one [`read_values`] answers; a prefix matching more is refused.
+pub const MAX_READ_VALUES: usize = 16384;
+
+/// Read the value blocks and holders of every lock under a prefix, in one etcd
+/// transaction (one revision), bounded by [`MAX_READ_VALUES`].
+pub async fn read_values(
+    ctx: &Ctx,
+    req: ReadValuesRequest,
+) -> Result<ReadValuesResponse, LockError> {
+    let prefix = req.prefix.as_str();
+    validate::name("prefix", prefix.strip_suffix('/').unwrap_or(prefix))?;
+    let locks_root = ctx.keys.locks_root();
+    let values_root = ctx.keys.value("");
+    // One more than the bound, so that too many is seen, not cut silently. Lock
+    // requests: at most one per session per lock, so the bound on keys is generous.
+    let limit = MAX_READ_VALUES as i64 + 1;
+    let txn = Txn::new().and_then([
+        TxnOp::get(
+            format!("{locks_root}{prefix}"),
+            Some(queue_opts().with_limit(limit * 4)),
+        ),
+        TxnOp::get(
+            format!("{values_root}{prefix}"),
+            Some(GetOptions::new().with_prefix().with_limit(limit)),
+        ),
+    ]);
+    let resp = ctx.etcd.txn("read lock values", 0, txn).await?;
+    let ranges: Vec<_> = resp
+        .op_responses()
+        .into_iter()
+        .filter_map(|r| match r {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        })
+        .collect();
+    let too_many = || LockError::Invalid {
+        field: "prefix",
+        reason: format!(
+            "{prefix:?} matches more than {MAX_READ_VALUES} locks; read with a longer prefix"
+        ),
+    };
+    if ranges.iter().any(|g| g.more()) {
+        return Err(too_many());
+    }
+    let (queues, values) = match ranges.as_slice() {
+        [q, v] => (q.kvs(), v.kvs()),
+        _ => (&[][..], &[][..]),
+    };
+    let locks = group_values(&locks_root, queues, &values_root, values)?;
+    if locks.len() > MAX_READ_VALUES {
+        return Err(too_many());
+    }
+    Ok(ReadValuesResponse { locks })
+}
+
+/// Groups lock request keys (`<locks_root><resource>#/<session>`, in create-revision
+/// order) and value keys (`<values_root><resource>`) by resource: value and holders per
+/// lock, sorted by resource.
+fn group_values(
+    locks_root: &str,
+    queues: &[KeyValue],
+    values_root: &str,
+    values: &[KeyValue],
+) -> Result<Vec<LockValue>, LockError> {
+    let mut by: std::collections::BTreeMap<String, (Vec<u8>, Vec<KeyValue>)> =
+        std::collections::BTreeMap::new();
+    for kv in queues {
+        let key = String::from_utf8_lossy(kv.key());
+        let Some((res, _)) = key
+            .strip_prefix(locks_root)
+            .and_then(|r| r.rsplit_once("#/"))
+        else {
+            continue;
+        };
+        by.entry(res.to_owned()).or_default().1.push(kv.clone());
+    }
+    for kv in values {
+        let key = String::from_utf8_lossy(kv.key());
+        if let Some(res) = key.strip_prefix(values_root) {
+            by.entry(res.to_owned()).or_default().0 = kv.value().to_vec();
+        }
+    }
+    by.into_iter()
+        .map(|(resource, (value, kvs))| {
+            let queue = parse_queue(&kvs)?;
+            Ok(LockValue {
+                resource,
+                value,
+                holders: holders(&queue)
+                    .into_iter()
+                    .map(|e| e.rec.node.clone())
+                    .collect(),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

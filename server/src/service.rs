@@ -14,9 +14,9 @@ use mdcluster_proto::v1::lock_service_server::LockService;
 use mdcluster_proto::v1::{
     AckRequest, AckResponse, AcquireRequest, AcquireResponse, ConvertRequest, ConvertResponse,
     ListNodesRequest, ListNodesResponse, PublishRequest, PublishResponse, ReadValueRequest,
-    ReadValueResponse, ReleaseRequest, ReleaseResponse, SessionEvent, SessionRequest,
-    SubscribeRequest, SubscribeResponse, UnsubscribeRequest, UnsubscribeResponse,
-    WriteValueRequest, WriteValueResponse,
+    ReadValueResponse, ReadValuesRequest, ReadValuesResponse, ReleaseRequest, ReleaseResponse,
+    SessionEvent, SessionRequest, SubscribeRequest, SubscribeResponse, UnsubscribeRequest,
+    UnsubscribeResponse, WriteValueRequest, WriteValueResponse,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -75,6 +75,12 @@ impl LockService for LockSvc {
     async fn read_value(&self, req: Request<ReadValueRequest>) -> Res<ReadValueResponse> {
         Ok(Response::new(
             lock::read_value(&self.ctx, req.into_inner()).await?,
+        ))
+    }
+
+    async fn read_values(&self, req: Request<ReadValuesRequest>) -> Res<ReadValuesResponse> {
+        Ok(Response::new(
+            lock::read_values(&self.ctx, req.into_inner()).await?,
         ))
     }
 

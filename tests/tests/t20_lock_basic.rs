@@ -387,3 +387,91 @@ async fn a_replica_at_its_session_limit_sends_agents_to_another() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// ReadValues answers, for every lock under a prefix and in one call, what ReadValue
+/// answers for each: value block and holders (shared holders all, waiters none), a lock
+/// named like a prefix of another kept apart (`slot/1` vs `slot/10`), released locks
+/// with a value still listed; the prefix validated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_values_lists_every_lock_under_a_prefix_as_read_value_does() {
+    let c = Cluster::start(2, ServerOpts::default()).expect("cluster");
+    let urls = c.urls();
+    let (a, mut arx) = session(&urls, "a", TTL).await.expect("a");
+    let (b, _brx) = session(&urls[1..], "b", TTL).await.expect("b");
+    let b = Arc::new(b);
+
+    let g1 = a
+        .acquire("md/x/slot/1", Mode::Exclusive, Wait::NoQueue)
+        .await
+        .expect("slot/1");
+    a.write_value("md/x/slot/1", g1.token, b"one")
+        .await
+        .expect("value of slot/1");
+    let g10 = b
+        .acquire("md/x/slot/10", Mode::Exclusive, Wait::NoQueue)
+        .await
+        .expect("slot/10");
+    b.write_value("md/x/slot/10", g10.token, b"ten")
+        .await
+        .expect("value of slot/10");
+    b.release("md/x/slot/10", g10.token).await.expect("release");
+    a.acquire("md/x/resync", Mode::Shared, Wait::NoQueue)
+        .await
+        .expect("a shared");
+    b.acquire("md/x/resync", Mode::Shared, Wait::NoQueue)
+        .await
+        .expect("b shared");
+    // b queues behind a on slot/1: a waiter is not a holder.
+    let b2 = b.clone();
+    let waiter = tokio::spawn(async move {
+        b2.acquire("md/x/slot/1", Mode::Exclusive, Wait::Queue(LONG))
+            .await
+    });
+    wait_note(
+        &mut arx,
+        LONG,
+        |n| matches!(n, Notification::Blocking { resource, .. } if resource == "md/x/slot/1"),
+    )
+    .await
+    .expect("b's request queued behind a");
+    // Outside the prefix.
+    a.acquire("md/xy/token", Mode::Exclusive, Wait::NoQueue)
+        .await
+        .expect("other array");
+
+    let all = a.read_values("md/x/").await.expect("read_values");
+    let got: Vec<(&str, &[u8], Vec<&str>)> = all
+        .iter()
+        .map(|l| {
+            (
+                l.resource.as_str(),
+                l.value.as_slice(),
+                l.holders.iter().map(String::as_str).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("md/x/resync", &b""[..], vec!["a", "b"]),
+            ("md/x/slot/1", &b"one"[..], vec!["a"]),
+            ("md/x/slot/10", &b"ten"[..], vec![]),
+        ]
+    );
+    for l in &all {
+        let (value, holders) = b.read_value(&l.resource).await.expect("read_value");
+        assert_eq!((&value, &holders), (&l.value, &l.holders), "{}", l.resource);
+    }
+    let wide = b.read_values("md/").await.expect("read_values md/");
+    assert_eq!(wide.len(), 4, "{wide:?}");
+    assert!(b.read_values("md/none/").await.expect("empty").is_empty());
+    for bad in ["md//x", "/md", "md x", ""] {
+        let e = a.read_values(bad).await.expect_err(bad);
+        assert_eq!(e.errno(), Errno::Einval, "{bad:?}: {e}");
+    }
+    // The waiter is granted once a releases: the listing follows.
+    a.release("md/x/slot/1", g1.token).await.expect("release");
+    waiter.await.expect("waiter").expect("granted");
+    let after = a.read_values("md/x/slot/1").await.expect("read_values");
+    assert_eq!(after[0].holders, ["b"], "{after:?}");
+}
