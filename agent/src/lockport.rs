@@ -23,6 +23,7 @@ pub use mdcluster_proto::lock_client::{
     AckOutcome, Delivery, FenceDeadline, Grant, LockClientError, Mode, NodeEntry, Notification,
     PublishOutcome, SessionConfig, SessionState, Wait,
 };
+pub use mdcluster_proto::v1::LockValue;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -79,6 +80,9 @@ pub trait LockPort: Send + Sync + std::fmt::Debug {
         &'a self,
         resource: &'a str,
     ) -> PortFuture<'a, PortResult<(Vec<u8>, Vec<String>)>>;
+    /// Reads the value block and holders of every lock whose name starts with
+    /// `prefix`, in one call, sorted by resource (locks with neither not listed).
+    fn read_values<'a>(&'a self, prefix: &'a str) -> PortFuture<'a, PortResult<Vec<LockValue>>>;
     /// Subscribes to `channel`.
     fn subscribe<'a>(&'a self, channel: &'a str) -> PortFuture<'a, PortResult<()>>;
     /// Unsubscribes from `channel`.
@@ -195,6 +199,11 @@ impl LockPort for mdcluster_proto::lock_client::Session {
             self, resource,
         ))
     }
+    fn read_values<'a>(&'a self, prefix: &'a str) -> PortFuture<'a, PortResult<Vec<LockValue>>> {
+        Box::pin(mdcluster_proto::lock_client::Session::read_values(
+            self, prefix,
+        ))
+    }
     fn subscribe<'a>(&'a self, channel: &'a str) -> PortFuture<'a, PortResult<()>> {
         Box::pin(mdcluster_proto::lock_client::Session::subscribe(
             self, channel,
@@ -289,6 +298,9 @@ impl<T: LockPort + ?Sized> LockPort for Arc<T> {
         resource: &'a str,
     ) -> PortFuture<'a, PortResult<(Vec<u8>, Vec<String>)>> {
         (**self).read_value(resource)
+    }
+    fn read_values<'a>(&'a self, prefix: &'a str) -> PortFuture<'a, PortResult<Vec<LockValue>>> {
+        (**self).read_values(prefix)
     }
     fn subscribe<'a>(&'a self, channel: &'a str) -> PortFuture<'a, PortResult<()>> {
         (**self).subscribe(channel)

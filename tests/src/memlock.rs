@@ -37,9 +37,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mdcluster_agent::lockport::{
-    AckOutcome, Delivery, FenceDeadline, Grant, LockClientError, LockPort, Mode, NodeEntry,
-    Notification, Opened, PortFuture, PortResult, PublishOutcome, SessionOpener, SessionState,
-    Wait,
+    AckOutcome, Delivery, FenceDeadline, Grant, LockClientError, LockPort, LockValue, Mode,
+    NodeEntry, Notification, Opened, PortFuture, PortResult, PublishOutcome, SessionOpener,
+    SessionState, Wait,
 };
 use mdcluster_proto::v1::Errno;
 use tokio::sync::{mpsc, Notify};
@@ -99,6 +99,8 @@ struct State {
     expired_seen: HashMap<(i64, String), Vec<String>>,
     delay: Option<DelayFn>,
     dropped: u64,
+    /// ReadValues answers `Unimplemented`, as an mdserver before that call.
+    no_read_values: bool,
 }
 
 struct Shared {
@@ -396,6 +398,12 @@ impl MemLock {
             s.deadline.move_to(deadline);
         }
         true
+    }
+
+    /// Makes ReadValues answer `Unimplemented` (`off`), as an mdserver older than that
+    /// call does, or answer again.
+    pub fn set_read_values_off(&self, off: bool) {
+        self.st().no_read_values = off;
     }
 
     /// Resumes a suspended session of `node`.
@@ -737,6 +745,44 @@ impl MemLock {
         (value, hs)
     }
 
+    fn read_values(&self, prefix: &str) -> PortResult<Vec<LockValue>> {
+        let st = self.st();
+        if st.no_read_values {
+            return Err(LockClientError::Service {
+                code: tonic::Code::Unimplemented,
+                errno: Errno::Eio,
+                resource: String::new(),
+                message: "memlock: ReadValues is switched off".into(),
+            });
+        }
+        // As mdserver: a lock is listed when it has a value block or a request.
+        let mut names: Vec<&String> = st
+            .values
+            .keys()
+            .chain(
+                st.queues
+                    .iter()
+                    .filter(|(_, q)| !q.is_empty())
+                    .map(|(r, _)| r),
+            )
+            .filter(|r| r.starts_with(prefix))
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names
+            .into_iter()
+            .map(|r| LockValue {
+                resource: r.clone(),
+                value: st.values.get(r).cloned().unwrap_or_default(),
+                holders: st
+                    .queues
+                    .get(r)
+                    .map(|q| holders(q).iter().map(|h| h.node.clone()).collect())
+                    .unwrap_or_default(),
+            })
+            .collect())
+    }
+
     fn subscribe(&self, sid: i64, channel: &str) -> PortResult<()> {
         let mut st = self.st();
         st.live(sid)?;
@@ -1051,6 +1097,10 @@ impl LockPort for MemSession {
     ) -> PortFuture<'a, PortResult<(Vec<u8>, Vec<String>)>> {
         let r = self.svc.read_value(resource);
         Box::pin(async move { Ok(r) })
+    }
+    fn read_values<'a>(&'a self, prefix: &'a str) -> PortFuture<'a, PortResult<Vec<LockValue>>> {
+        let r = self.svc.read_values(prefix);
+        Box::pin(async move { r })
     }
     fn subscribe<'a>(&'a self, channel: &'a str) -> PortFuture<'a, PortResult<()>> {
         let r = self.svc.subscribe(self.id, channel);

@@ -1009,3 +1009,35 @@ async fn readiness_follows_the_session_when_its_notifications_are_dropped() {
         .unwrap();
     c.shutdown_all().await;
 }
+
+/// Against a lock service without ReadValues (an mdserver older than the agent), the
+/// takeover reads each slot lock on its own and still recovers a crashed node's slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn takeover_reads_lock_by_lock_when_the_service_lacks_read_values() {
+    init_tracing();
+    let mut c = InProc::new(2, 2, 32 * MIB).unwrap();
+    c.lock.set_read_values_off(true);
+    c.start(1).await.unwrap();
+    c.start(2).await.unwrap();
+    c.create(1, "md0", 0..2, 4, true).await.unwrap();
+    c.assemble_from(2, 1, "md0").await.unwrap();
+    let mut events = c.node(1).subscribe();
+    tokio::time::sleep(3 * mdcluster_tests::inproc::timings().takeover_period).await;
+    c.write(2, "md0", 8 * MIB, pattern(0x70, 2 * MIB as usize))
+        .await
+        .unwrap();
+    let dirty = dirty_bits(&c.disks()[0], 1).max(dirty_bits(&c.disks()[1], 1));
+    assert!(dirty > 0, "node2's write left no dirty bit in its slot");
+    assert_eq!(c.crash(2).await.unwrap(), ["md0"]);
+    expect_slot1_recovered(&mut events, LONG, dirty, || {
+        "node1 never recovered slot 1 reading the slot locks one by one".into()
+    })
+    .await;
+    assert_eq!(
+        c.read(1, "md0", 8 * MIB, 4096).await.unwrap(),
+        pattern(0x70, 4096),
+        "node2's acknowledged write reads back on node1"
+    );
+    c.shutdown_all().await;
+    assert_members_identical(c.disks());
+}

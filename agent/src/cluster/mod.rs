@@ -38,10 +38,17 @@ pub use msg::{ClusterMsg, MsgType, ResyncInfo};
 pub use nack::Nack;
 pub use timings::Timings;
 
-/// The lock-service prefix of everything that belongs to array `uuid`: `md/` and the
-/// UUID as DLM's lockspace name prints it (lower-case 8-4-4-4-12).
+/// The lock-service prefix of every array's locks and channels.
+pub const ARRAYS_PREFIX: &str = "md/";
+
+/// The lock-service prefix of everything that belongs to array `uuid`:
+/// [`ARRAYS_PREFIX`] and the UUID as DLM's lockspace name prints it (lower-case
+/// 8-4-4-4-12).
 pub fn array_prefix(uuid: &[u8; 16]) -> String {
-    format!("md/{}", uuid::Uuid::from_bytes(*uuid).hyphenated())
+    format!(
+        "{ARRAYS_PREFIX}{}",
+        uuid::Uuid::from_bytes(*uuid).hyphenated()
+    )
 }
 
 /// The `token` lock of array `uuid`.
