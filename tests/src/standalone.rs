@@ -29,6 +29,12 @@ impl Agent {
     /// Starts `mdagent --run-dir <run_dir> <args>` and waits (≤ 20 s) for its control
     /// socket.
     pub fn start(run_dir: &Path, args: &[&str]) -> Agent {
+        Agent::start_with(&mut Command::new(bin("mdagent")), run_dir, args)
+    }
+
+    /// Like [`Agent::start`] through `cmd`, which runs the agent in its own process
+    /// (e.g. `prlimit ... mdagent`, which execs it); the arguments follow.
+    pub fn start_with(cmd: &mut Command, run_dir: &Path, args: &[&str]) -> Agent {
         std::fs::create_dir_all(run_dir).expect("create run dir");
         let log = run_dir.with_extension(format!("log.{}", std::process::id()));
         let logf = std::fs::OpenOptions::new()
@@ -36,7 +42,7 @@ impl Agent {
             .append(true)
             .open(&log)
             .expect("log file");
-        let child = Command::new(bin("mdagent"))
+        let child = cmd
             .arg("--run-dir")
             .arg(run_dir)
             .args(args)

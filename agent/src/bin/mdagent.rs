@@ -446,6 +446,43 @@ fn nbd_config(args: &Args) -> anyhow::Result<ServerConfig> {
     Ok(cfg)
 }
 
+/// The most open files the agent asks for.
+const OPEN_FILES_WANTED: u64 = 1 << 20;
+
+/// Raises the soft limit of open files up to the hard one (at most
+/// [`OPEN_FILES_WANTED`]): every array keeps a file per member and a listening socket,
+/// and every NBD client a connection, so a few hundred arrays pass the soft limit of
+/// 1024 a shell or a container often gives (the systemd unit sets 65536 itself).
+fn raise_open_files_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the rlimit we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        let e = std::io::Error::last_os_error();
+        tracing::warn!("reading the limit of open files failed: {e}");
+        return;
+    }
+    let want = lim.rlim_max.min(OPEN_FILES_WANTED);
+    if lim.rlim_cur >= want {
+        return;
+    }
+    let before = lim.rlim_cur;
+    lim.rlim_cur = want;
+    // SAFETY: setrlimit only reads the rlimit we own.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        let e = std::io::Error::last_os_error();
+        tracing::warn!(
+            "raising the soft limit of open files from {before} to {want} failed: {e}; \
+             the agent may run out of file descriptors with many arrays (raise it with \
+             ulimit -n or LimitNOFILE=)"
+        );
+    } else {
+        tracing::info!(before, after = want, "raised the soft limit of open files");
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -456,6 +493,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     tracing::info!(?args, "mdagent starting");
+    raise_open_files_limit();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
