@@ -122,6 +122,11 @@ impl Etcd {
         Ok(e)
     }
 
+    /// The process id (None while killed).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The client URL (`https://` with TLS).
     pub fn url(&self) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };

@@ -61,6 +61,11 @@ impl MdServer {
     }
 
     /// `http://127.0.0.1:<port>` (`https://` when started with `--tls-cert`).
+    /// The process id (None while killed).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn url(&self) -> String {
         format!("{}://127.0.0.1:{}", self.scheme(), self.port)
     }
