@@ -175,15 +175,19 @@ struct Snapshot {
     revision: i64,
 }
 
-fn snapshot_from(resp: &etcd_client::TxnResponse) -> Result<Snapshot, LockError> {
-    let ranges: Vec<_> = resp
-        .op_responses()
+/// The range reads of a transaction's answer, in order.
+fn get_ranges(resp: &etcd_client::TxnResponse) -> Vec<etcd_client::GetResponse> {
+    resp.op_responses()
         .into_iter()
         .filter_map(|r| match r {
             TxnOpResponse::Get(g) => Some(g),
             _ => None,
         })
-        .collect();
+        .collect()
+}
+
+fn snapshot_from(resp: &etcd_client::TxnResponse) -> Result<Snapshot, LockError> {
+    let ranges = get_ranges(resp);
     let queue = match ranges.first() {
         Some(g) => parse_queue(g.kvs())?,
         None => Vec::new(),
@@ -721,14 +725,7 @@ pub async fn read_values(
         ),
     ]);
     let resp = ctx.etcd.txn("read lock values", 0, txn).await?;
-    let ranges: Vec<_> = resp
-        .op_responses()
-        .into_iter()
-        .filter_map(|r| match r {
-            TxnOpResponse::Get(g) => Some(g),
-            _ => None,
-        })
-        .collect();
+    let ranges = get_ranges(&resp);
     let too_many = || LockError::Invalid {
         field: "prefix",
         reason: format!(

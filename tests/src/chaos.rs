@@ -358,29 +358,12 @@ pub fn agent_ready(addr: &str) -> Option<bool> {
 }
 
 /// Through mdserver `url`: creates the clustered two-way mirror `md0` over `members` on
-/// node1 (2 bitmap slots, 1 MiB bitmap chunks, `--assume-clean`) and assembles it on
-/// node2.
+/// node1 ([`crate::cluster::mirror_create_args`]) and assembles it on node2.
 pub fn clustered_mirror(url: &str, members: &[PathBuf]) {
     let ms: Vec<&str> = members.iter().map(|p| p.to_str().unwrap()).collect();
     mdctl_ok_at(
         url,
-        &[
-            "--node",
-            "node1",
-            "create",
-            "md0",
-            "--raid-devices",
-            "2",
-            "--bitmap",
-            "clustered",
-            "--nodes",
-            "2",
-            "--bitmap-chunk",
-            "1024",
-            "--assume-clean",
-            ms[0],
-            ms[1],
-        ],
+        &crate::cluster::mirror_create_args("md0", ms[0], ms[1]),
     );
     mdctl_ok_at(url, &["--node", "node2", "assemble", "md0"]);
 }

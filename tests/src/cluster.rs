@@ -345,26 +345,10 @@ impl TestCluster {
             .clone()
     }
 
-    /// Creates the clustered 2-disk mirror `name` on node1 (`--assume-clean`, 2 node
-    /// slots, 1 MiB bitmap chunks) over `a` and `b`, and assembles it on node2.
+    /// Creates the clustered 2-disk mirror `name` on node1 over `a` and `b`
+    /// ([`mirror_create_args`]), and assembles it on node2.
     pub fn mirror_on_two_nodes(&self, name: &str, a: &str, b: &str) {
-        self.mdctl_ok(&[
-            "--node",
-            "node1",
-            "create",
-            name,
-            "--raid-devices",
-            "2",
-            "--bitmap",
-            "clustered",
-            "--nodes",
-            "2",
-            "--bitmap-chunk",
-            "1024",
-            "--assume-clean",
-            a,
-            b,
-        ]);
+        self.mdctl_ok(&mirror_create_args(name, a, b));
         self.mdctl_ok(&["--node", "node2", "assemble", name]);
     }
 
@@ -413,6 +397,28 @@ impl TestCluster {
             .map(|kv| (kv.key.trim_start_matches(&base).to_owned(), kv.value))
             .collect()
     }
+}
+
+/// The mdctl arguments that create the clustered 2-disk mirror `name` on node1 over `a`
+/// and `b`: `--assume-clean`, 2 node slots, 1 MiB bitmap chunks.
+pub fn mirror_create_args<'a>(name: &'a str, a: &'a str, b: &'a str) -> [&'a str; 15] {
+    [
+        "--node",
+        "node1",
+        "create",
+        name,
+        "--raid-devices",
+        "2",
+        "--bitmap",
+        "clustered",
+        "--nodes",
+        "2",
+        "--bitmap-chunk",
+        "1024",
+        "--assume-clean",
+        a,
+        b,
+    ]
 }
 
 /// One `mdagent --server` process.
