@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use mdcluster_tests::chaos::mdctl_ok_at;
-use mdcluster_tests::cluster::{ClusterBuilder, TestCluster};
+use mdcluster_tests::cluster::{mirror_create_args, ClusterBuilder, TestCluster};
 use mdcluster_tests::etcd::free_port;
 
 /// Clock ticks per second of `/proc/<pid>/stat` times.
@@ -123,24 +123,7 @@ fn arrays(c: &TestCluster, range: std::ops::Range<u64>) -> anyhow::Result<Durati
             paths.push(p.to_string_lossy().into_owned());
         }
         let name = format!("md{i}");
-        mdctl_ok_at(
-            &url,
-            &[
-                "--node",
-                "node1",
-                "create",
-                &name,
-                "--raid-devices",
-                "2",
-                "--bitmap",
-                "clustered",
-                "--nodes",
-                "2",
-                "--assume-clean",
-                &paths[0],
-                &paths[1],
-            ],
-        );
+        mdctl_ok_at(&url, &mirror_create_args(&name, &paths[0], &paths[1]));
         mdctl_ok_at(&url, &["--node", "node2", "assemble", &name]);
     }
     Ok(t.elapsed() / n.max(1) as u32)
