@@ -701,6 +701,10 @@ pub async fn read_value(ctx: &Ctx, req: ReadValueRequest) -> Result<ReadValueRes
 /// The most locks one [`read_values`] answers; a prefix matching more is refused.
 pub const MAX_READ_VALUES: usize = 16384;
 
+/// The most bytes of names, values and holders one [`read_values`] answers, well under
+/// the 4 MiB a gRPC client decodes by default; more is refused like too many locks.
+pub const MAX_READ_VALUES_BYTES: usize = 2 << 20;
+
 /// Read the value blocks and holders of every lock under a prefix, in one etcd
 /// transaction (one revision), bounded by [`MAX_READ_VALUES`].
 pub async fn read_values(
@@ -726,24 +730,42 @@ pub async fn read_values(
     ]);
     let resp = ctx.etcd.txn("read lock values", 0, txn).await?;
     let ranges = get_ranges(&resp);
-    let too_many = || LockError::Invalid {
-        field: "prefix",
-        reason: format!(
-            "{prefix:?} matches more than {MAX_READ_VALUES} locks; read with a longer prefix"
-        ),
-    };
     if ranges.iter().any(|g| g.more()) {
-        return Err(too_many());
+        return Err(too_many(prefix));
     }
     let (queues, values) = match ranges.as_slice() {
         [q, v] => (q.kvs(), v.kvs()),
         _ => (&[][..], &[][..]),
     };
     let locks = group_values(&locks_root, queues, &values_root, values)?;
-    if locks.len() > MAX_READ_VALUES {
-        return Err(too_many());
-    }
+    within_read_bounds(prefix, &locks)?;
     Ok(ReadValuesResponse { locks })
+}
+
+/// The refusal of a [`read_values`] prefix that matches too much.
+fn too_many(prefix: &str) -> LockError {
+    LockError::Invalid {
+        field: "prefix",
+        reason: format!(
+            "{prefix:?} matches more than {MAX_READ_VALUES} locks or {MAX_READ_VALUES_BYTES} \
+             bytes; read with a longer prefix"
+        ),
+    }
+}
+
+/// Refuses an answer of more than [`MAX_READ_VALUES`] locks or
+/// [`MAX_READ_VALUES_BYTES`] bytes of names, values and holders.
+fn within_read_bounds(prefix: &str, locks: &[LockValue]) -> Result<(), LockError> {
+    let bytes: usize = locks
+        .iter()
+        .map(|l| {
+            l.resource.len() + l.value.len() + l.holders.iter().map(String::len).sum::<usize>()
+        })
+        .sum();
+    if locks.len() > MAX_READ_VALUES || bytes > MAX_READ_VALUES_BYTES {
+        return Err(too_many(prefix));
+    }
+    Ok(())
 }
 
 /// Groups lock request keys (`<locks_root><resource>#/<session>`, in create-revision
@@ -810,6 +832,22 @@ mod tests {
                 key: vec![],
             })
             .collect()
+    }
+
+    #[test]
+    fn read_values_refuses_too_many_locks_or_bytes() {
+        let lock = |i: usize, value: usize| LockValue {
+            resource: format!("md/a/slot/{i}"),
+            value: vec![0; value],
+            holders: vec!["node1".into()],
+        };
+        let fits: Vec<_> = (0..MAX_READ_VALUES).map(|i| lock(i, 24)).collect();
+        assert!(within_read_bounds("md/", &fits).is_ok());
+        let many: Vec<_> = (0..=MAX_READ_VALUES).map(|i| lock(i, 0)).collect();
+        let e = within_read_bounds("md/", &many).unwrap_err();
+        assert!(e.to_string().contains("longer prefix"), "{e}");
+        let big: Vec<_> = (0..3).map(|i| lock(i, MAX_READ_VALUES_BYTES / 2)).collect();
+        assert!(within_read_bounds("md/", &big).is_err());
     }
 
     #[test]
