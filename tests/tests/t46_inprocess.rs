@@ -796,7 +796,21 @@ mod prop {
                     if !c.running(node) || (1..=NODES).filter(|&i| c.running(i)).count() < 2 {
                         continue;
                     }
-                    let slot = c.status(node, "md0").ok().map(|st| bitmap(&st).slot);
+                    // A restarted node assembles its saved list in the background: let
+                    // that finish first, so that the slot it crashes in is known.
+                    let end = Instant::now() + SETTLE;
+                    let slot = loop {
+                        match c.status(node, "md0") {
+                            Err(_) => break None,
+                            Ok(st) if st.bitmap.is_some() => break Some(bitmap(&st).slot),
+                            Ok(st) if Instant::now() >= end => {
+                                return Err(TestCaseError::fail(format!(
+                                    "node{node}'s md0 still has no bitmap {SETTLE:?} after its restart: {st:?}"
+                                )))
+                            }
+                            Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                        }
+                    };
                     c.crash(node).await.expect("crash");
                     if let Some(slot) = slot {
                         let ms = bits(&c);
