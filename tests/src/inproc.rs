@@ -70,6 +70,35 @@ pub struct InProc {
     nodes: Vec<InNode>,
 }
 
+impl Drop for InProc {
+    /// A test that ends early (a failed check, a panic) leaves nodes running: their
+    /// drivers are told to stop, and the directory is removed once their last writes
+    /// (the final mdstat file, a saved list) are done, again if one of them recreated
+    /// part of it (bounded: about 2 s).
+    fn drop(&mut self) {
+        let running: Vec<_> = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.driver.as_ref().map(Driver::stop_token))
+            .collect();
+        if running.is_empty() {
+            return;
+        }
+        for t in &running {
+            t.cancel();
+        }
+        let path = self.dir.path().to_owned();
+        for _ in 0..10 {
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = std::fs::remove_dir_all(&path);
+            std::thread::sleep(Duration::from_millis(100));
+            if !path.exists() {
+                break;
+            }
+        }
+    }
+}
+
 impl InProc {
     /// `nodes` nodes (not started) and `disks` member files of `size` bytes.
     pub fn new(nodes: usize, disks: usize, size: u64) -> anyhow::Result<InProc> {
