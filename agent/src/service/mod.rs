@@ -49,6 +49,8 @@
 //!   engine watcher, mdstat file; binds no socket).
 //! - [`takeover`]: a survivor recovers a failed node's bitmap slot (RFC 0001 "Node
 //!   failure and slot recovery").
+//! - `slot_reads.rs`: how the takeover watch reads the other nodes' slot locks each
+//!   period (one `ReadValues` call for every array, or lock by lock).
 
 pub mod cluster_array;
 mod driver;
@@ -65,6 +67,7 @@ mod reshape;
 pub mod resync;
 pub mod runtime;
 mod saved;
+mod slot_reads;
 mod stamp;
 mod status;
 pub mod takeover;

@@ -6,7 +6,7 @@
 //! Every [`crate::cluster::Timings::takeover_period`] the node reads the holders of
 //! every other slot lock of each clustered array it has joined (a lock-free read of the
 //! value block; one `ReadValues` call over every array lock per period, however many
-//! arrays the node has, see [`SlotReads`]) into the array's
+//! arrays the node has, see [`super::slot_reads`]) into the array's
 //! [`crate::cluster::takeover::SlotWatch`]. When a slot
 //! that had a holder has none now and that holder has no live session any more (it is
 //! gone from the node registry: its lease expired), the node recovers the slot. A
@@ -88,7 +88,7 @@ pub enum TakeoverError {
 pub fn spawn(node: Arc<Node>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let period = node.timings().takeover_period;
-        let mut reads = SlotReads::default();
+        let mut reads = super::slot_reads::SlotReads::default();
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -159,90 +159,6 @@ pub fn spawn(node: Arc<Node>, stop: CancellationToken) -> tokio::task::JoinHandl
             }
         }
     })
-}
-
-/// How a period reads the slot locks: every array lock at once
-/// ([`crate::lockport::LockPort::read_values`] over [`crate::cluster::ARRAYS_PREFIX`]),
-/// one call per node and period whatever the number of arrays; or one call per slot
-/// lock where mdserver refuses that call — it predates it, or the cluster has more
-/// array locks than one call returns — tried again after [`SlotReads::PER_LOCK_FOR`].
-#[derive(Default)]
-struct SlotReads {
-    /// Until when to read each lock on its own.
-    per_lock_until: Option<tokio::time::Instant>,
-}
-
-impl SlotReads {
-    /// How long an mdserver without `ReadValues` is read lock by lock before the batch
-    /// read is tried again (it may have been upgraded).
-    const PER_LOCK_FOR: std::time::Duration = std::time::Duration::from_secs(300);
-
-    /// This period's read.
-    async fn read(&mut self, session: &Session) -> SlotBatch {
-        let now = tokio::time::Instant::now();
-        if self.per_lock_until.is_some_and(|t| now < t) {
-            return SlotBatch::PerLock;
-        }
-        match session.read_values(crate::cluster::ARRAYS_PREFIX).await {
-            Ok(locks) => SlotBatch::Read {
-                at: now,
-                locks: locks
-                    .into_iter()
-                    .map(|l| (l.resource, (l.value, l.holders)))
-                    .collect(),
-            },
-            // mdserver answered, but not with the locks: it predates the call, or the
-            // cluster has more array locks than one call returns.
-            Err(e @ crate::lockport::LockClientError::Service { .. }) => {
-                tracing::info!(
-                    "takeover: reading every array lock in one call failed ({e}); reading each slot lock on its own for {:?}",
-                    Self::PER_LOCK_FOR
-                );
-                self.per_lock_until = Some(now + Self::PER_LOCK_FOR);
-                SlotBatch::PerLock
-            }
-            Err(e) => {
-                tracing::debug!("takeover: reading the slot locks: {e}; next period");
-                SlotBatch::Failed
-            }
-        }
-    }
-}
-
-/// The slot locks as one period reads them.
-enum SlotBatch {
-    /// Every array lock, read at `at` (a lock not listed has no value and no holder).
-    Read {
-        at: tokio::time::Instant,
-        locks: std::collections::HashMap<String, (Vec<u8>, Vec<String>)>,
-    },
-    /// Each lock read on its own when it is needed.
-    PerLock,
-    /// The read failed: nothing is decided this period.
-    Failed,
-}
-
-impl SlotBatch {
-    /// Older than `period`.
-    fn is_stale(&self, period: std::time::Duration) -> bool {
-        matches!(self, SlotBatch::Read { at, .. } if at.elapsed() > period)
-    }
-
-    /// The value block and holders of `res`.
-    async fn get(
-        &self,
-        session: &Session,
-        res: &str,
-    ) -> Result<(Vec<u8>, Vec<String>), crate::lockport::LockClientError> {
-        match self {
-            SlotBatch::Read { locks, .. } => Ok(locks.get(res).cloned().unwrap_or_default()),
-            SlotBatch::PerLock => session.read_value(res).await,
-            SlotBatch::Failed => Err(crate::lockport::LockClientError::Unreachable {
-                endpoints: String::new(),
-                last: "this period's read of the slot locks failed".into(),
-            }),
-        }
-    }
 }
 
 /// Whether slot `slot` of `arr` has dirty bits on any readable member (one read of
