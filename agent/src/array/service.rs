@@ -587,17 +587,17 @@ fn bind_owner_only(path: &Path) -> std::io::Result<UnixListener> {
     bound
 }
 
-/// An array of a standalone agent as `/proc/mdstat` shows it (None while assembling):
-/// members, size, the running or pending sync, the bitmap's geometry from the engine.
+/// An array as `/proc/mdstat` shows it (None while assembling): members, size, the
+/// running or pending sync, the bitmap's geometry from the engine. The cluster node
+/// adds its own to it (another node's resync window, the record's level and bitmap).
 pub fn array_stat(info: &ArrayInfo, raid: Option<&Raid1>) -> Option<ArrayStat> {
     use crate::mdstat::{BitmapStat, RunState, SyncStat};
     let r = info.raid.as_ref()?;
     let members = member_stats(r);
-    let sync = match running_sync(r) {
-        Some(s) => Some(s),
-        _ if raid.is_some_and(|x| x.sync_pending()) => Some(SyncStat::Pending),
-        _ => None,
-    };
+    let sync = running_sync(r).or_else(|| {
+        raid.is_some_and(Raid1::sync_pending)
+            .then_some(SyncStat::Pending)
+    });
     let bitmap = raid.and_then(|x| x.bitmap()).map(|b| {
         let g = b.geometry();
         BitmapStat {
@@ -619,8 +619,8 @@ pub fn array_stat(info: &ArrayInfo, raid: Option<&Raid1>) -> Option<ArrayStat> {
 }
 
 /// The members of running array `r` as `/proc/mdstat` lists them (removed ones left
-/// out); shared by the standalone agent and the cluster node.
-pub fn member_stats(r: &crate::raid::RaidStatus) -> Vec<crate::mdstat::MemberStat> {
+/// out).
+fn member_stats(r: &crate::raid::RaidStatus) -> Vec<crate::mdstat::MemberStat> {
     use crate::raid::MemberState;
     r.members
         .iter()
@@ -641,7 +641,7 @@ pub fn member_stats(r: &crate::raid::RaidStatus) -> Vec<crate::mdstat::MemberSta
 }
 
 /// The sync running on array `r` now, as `/proc/mdstat` shows it (None when idle).
-pub fn running_sync(r: &crate::raid::RaidStatus) -> Option<crate::mdstat::SyncStat> {
+fn running_sync(r: &crate::raid::RaidStatus) -> Option<crate::mdstat::SyncStat> {
     use crate::raid::WorkerState;
     match (r.sync.kind, r.sync.state) {
         (Some(kind), WorkerState::Busy | WorkerState::Throttled) => {

@@ -11,7 +11,7 @@ use mdcluster_proto::v1::Errno;
 
 use super::{lock, short_name, Node};
 use crate::array::{ArrayInfo, ArrayState};
-use crate::mdstat::{self, ArrayStat, BitmapStat, RunState, SyncStat};
+use crate::mdstat::{self, ArrayStat, BitmapStat, SyncStat};
 use crate::nbd::{ClientInfo, Exports, OpenError, OpenExport};
 use crate::raid::{MemberState, SpeedLimits};
 
@@ -195,36 +195,25 @@ impl Node {
         st
     }
 
+    /// As the standalone agent shows it ([`crate::array::service::array_stat`]), plus
+    /// the cluster's: another node's resync window, the level and bitmap geometry of
+    /// the array's record.
     fn stat_of(&self, info: &ArrayInfo) -> Option<ArrayStat> {
-        let r = info.raid.as_ref()?;
+        let raid = self.raid_of(&info.name).map(|(r, _)| r);
+        let mut st = crate::array::service::array_stat(info, raid.as_deref())?;
+        if st.sync.is_none() && raid.is_some_and(|r| r.remote_resync_window().is_some()) {
+            st.sync = Some(SyncStat::Remote(mdstat::SyncKind::Resync));
+        }
         let meta = lock(&self.meta)
             .get(&info.name)
             .cloned()
             .unwrap_or_default();
-        let members = crate::array::service::member_stats(r);
-        let sync = crate::array::service::running_sync(r);
-        // Cluster states: waiting for the resync lock, or another node's window.
-        let sync = match (sync, self.raid_of(&info.name).map(|(r, _)| r)) {
-            (None, Some(raid)) if raid.sync_pending() => Some(SyncStat::Pending),
-            (None, Some(raid)) if raid.remote_resync_window().is_some() => {
-                Some(SyncStat::Remote(mdstat::SyncKind::Resync))
-            }
-            (s, _) => s,
-        };
-        Some(ArrayStat {
-            name: info.name.clone(),
-            run_state: RunState::Active,
-            level: if meta.level == 0 { 1 } else { meta.level },
-            members,
-            blocks_kib: r.size / 1024,
-            metadata: "1.2".to_owned(),
-            raid_disks: r.raid_disks,
-            sync,
-            bitmap: meta.bitmap_kind.map(|_| BitmapStat {
-                chunks: meta.chunks,
-                chunk_bytes: meta.chunk_bytes,
-            }),
-        })
+        st.level = if meta.level == 0 { 1 } else { meta.level };
+        st.bitmap = meta.bitmap_kind.map(|_| BitmapStat {
+            chunks: meta.chunks,
+            chunk_bytes: meta.chunk_bytes,
+        });
+        Some(st)
     }
 }
 
