@@ -64,6 +64,31 @@ pub fn is_granted(q: &[Entry], i: usize) -> bool {
     }
 }
 
+/// Lock requests read under `locks_root` (`<locks_root><resource>#/<session>`, in
+/// create-revision order), grouped by resource into parsed queues, sorted by resource.
+fn queues_by_resource(
+    locks_root: &str,
+    kvs: &[KeyValue],
+) -> Result<std::collections::BTreeMap<String, Vec<Entry>>, LockError> {
+    let mut grouped: std::collections::BTreeMap<String, Vec<KeyValue>> = Default::default();
+    for kv in kvs {
+        let key = String::from_utf8_lossy(kv.key());
+        let rest = key.strip_prefix(locks_root).unwrap_or(&key);
+        // The queue is everything before the last `#/`.
+        let res = rest.rsplit_once("#/").map_or(rest, |(r, _)| r);
+        grouped.entry(res.to_owned()).or_default().push(kv.clone());
+    }
+    grouped
+        .into_iter()
+        .map(|(res, kvs)| Ok((res, parse_queue(&kvs)?)))
+        .collect()
+}
+
+/// The node names of the holders of queue `q`, in queue order.
+fn holder_names(q: &[Entry]) -> Vec<String> {
+    holders(q).into_iter().map(|e| e.rec.node.clone()).collect()
+}
+
 /// Counts the locks of the whole cluster: (exclusive held, shared held, waiting), from
 /// one read of every lock queue (for metrics).
 pub async fn count_locks(ctx: &Ctx) -> Result<(i64, i64, i64), LockError> {
@@ -71,21 +96,10 @@ pub async fn count_locks(ctx: &Ctx) -> Result<(i64, i64, i64), LockError> {
         .etcd
         .get_queue("count locks", &ctx.keys.locks_root())
         .await?;
-    let mut queues: std::collections::BTreeMap<Vec<u8>, Vec<KeyValue>> = Default::default();
-    for kv in resp.kvs() {
-        // `<root>locks/<resource>#/<session>`: the queue is everything before `#/`.
-        let k = kv.key();
-        let q = k
-            .windows(2)
-            .rposition(|w| w == b"#/")
-            .map_or(k, |i| &k[..i]);
-        queues.entry(q.to_vec()).or_default().push(kv.clone());
-    }
     let (mut ex, mut sh, mut wait) = (0, 0, 0);
-    for kvs in queues.values() {
-        let q = parse_queue(kvs)?;
+    for q in queues_by_resource(&ctx.keys.locks_root(), resp.kvs())?.values() {
         for (i, e) in q.iter().enumerate() {
-            match (is_granted(&q, i), e.rec.mode) {
+            match (is_granted(q, i), e.rec.mode) {
                 (true, Mode::Exclusive) => ex += 1,
                 (true, Mode::Shared) => sh += 1,
                 (false, _) => wait += 1,
@@ -690,10 +704,7 @@ pub async fn read_value(ctx: &Ctx, req: ReadValueRequest) -> Result<ReadValueRes
     validate::name("resource", &req.resource)?;
     let snap = read_snapshot(ctx, &req.resource).await?;
     Ok(ReadValueResponse {
-        holders: holders(&snap.queue)
-            .into_iter()
-            .map(|e| e.rec.node.clone())
-            .collect(),
+        holders: holder_names(&snap.queue),
         value: snap.value,
     })
 }
@@ -768,46 +779,34 @@ fn within_read_bounds(prefix: &str, locks: &[LockValue]) -> Result<(), LockError
     Ok(())
 }
 
-/// Groups lock request keys (`<locks_root><resource>#/<session>`, in create-revision
-/// order) and value keys (`<values_root><resource>`) by resource: value and holders per
-/// lock, sorted by resource.
+/// Joins the lock queues read under `locks_root` and the value blocks read under
+/// `values_root` (`<values_root><resource>`) by resource: value and holders per lock,
+/// sorted by resource.
 fn group_values(
     locks_root: &str,
     queues: &[KeyValue],
     values_root: &str,
     values: &[KeyValue],
 ) -> Result<Vec<LockValue>, LockError> {
-    let mut by: std::collections::BTreeMap<String, (Vec<u8>, Vec<KeyValue>)> =
-        std::collections::BTreeMap::new();
-    for kv in queues {
-        let key = String::from_utf8_lossy(kv.key());
-        let Some((res, _)) = key
-            .strip_prefix(locks_root)
-            .and_then(|r| r.rsplit_once("#/"))
-        else {
-            continue;
-        };
-        by.entry(res.to_owned()).or_default().1.push(kv.clone());
-    }
+    let mut by: std::collections::BTreeMap<String, (Vec<u8>, Vec<String>)> =
+        queues_by_resource(locks_root, queues)?
+            .into_iter()
+            .map(|(res, q)| (res, (Vec::new(), holder_names(&q))))
+            .collect();
     for kv in values {
         let key = String::from_utf8_lossy(kv.key());
         if let Some(res) = key.strip_prefix(values_root) {
             by.entry(res.to_owned()).or_default().0 = kv.value().to_vec();
         }
     }
-    by.into_iter()
-        .map(|(resource, (value, kvs))| {
-            let queue = parse_queue(&kvs)?;
-            Ok(LockValue {
-                resource,
-                value,
-                holders: holders(&queue)
-                    .into_iter()
-                    .map(|e| e.rec.node.clone())
-                    .collect(),
-            })
+    Ok(by
+        .into_iter()
+        .map(|(resource, (value, holders))| LockValue {
+            resource,
+            value,
+            holders,
         })
-        .collect()
+        .collect())
 }
 
 #[cfg(test)]

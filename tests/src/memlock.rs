@@ -184,6 +184,17 @@ impl State {
         }
     }
 
+    /// The value block of `resource` and its holders' node names (queue order).
+    fn value_of(&self, resource: &str) -> (Vec<u8>, Vec<String>) {
+        let value = self.values.get(resource).cloned().unwrap_or_default();
+        let hs = self
+            .queues
+            .get(resource)
+            .map(|q| holders(q).iter().map(|r| r.node.clone()).collect())
+            .unwrap_or_default();
+        (value, hs)
+    }
+
     /// Ends session `sid`: `expired` (a lease expiry: waiters told) or closed.
     fn end(&mut self, sid: i64, why: &str, expired: bool) {
         let Some(s) = self.sessions.get_mut(&sid) else {
@@ -735,14 +746,7 @@ impl MemLock {
     }
 
     fn read_value(&self, resource: &str) -> (Vec<u8>, Vec<String>) {
-        let st = self.st();
-        let value = st.values.get(resource).cloned().unwrap_or_default();
-        let hs = st
-            .queues
-            .get(resource)
-            .map(|q| holders(q).iter().map(|r| r.node.clone()).collect())
-            .unwrap_or_default();
-        (value, hs)
+        self.st().value_of(resource)
     }
 
     fn read_values(&self, prefix: &str) -> PortResult<Vec<LockValue>> {
@@ -771,14 +775,13 @@ impl MemLock {
         names.dedup();
         Ok(names
             .into_iter()
-            .map(|r| LockValue {
-                resource: r.clone(),
-                value: st.values.get(r).cloned().unwrap_or_default(),
-                holders: st
-                    .queues
-                    .get(r)
-                    .map(|q| holders(q).iter().map(|h| h.node.clone()).collect())
-                    .unwrap_or_default(),
+            .map(|r| {
+                let (value, holders) = st.value_of(r);
+                LockValue {
+                    resource: r.clone(),
+                    value,
+                    holders,
+                }
             })
             .collect())
     }
