@@ -71,19 +71,13 @@ impl SlotBatch {
         matches!(self, SlotBatch::Read { at, .. } if at.elapsed() > period)
     }
 
-    /// The value block and holders of `res`.
-    pub(super) async fn get(
-        &self,
-        session: &Session,
-        res: &str,
-    ) -> Result<(Vec<u8>, Vec<String>), LockClientError> {
+    /// The value block and holders of `res`; None when this period's read failed (or,
+    /// lock by lock, this lock's), so that nothing is decided on it.
+    pub(super) async fn get(&self, session: &Session, res: &str) -> Option<(Vec<u8>, Vec<String>)> {
         match self {
-            SlotBatch::Read { locks, .. } => Ok(locks.get(res).cloned().unwrap_or_default()),
-            SlotBatch::PerLock => session.read_value(res).await,
-            SlotBatch::Failed => Err(LockClientError::Unreachable {
-                endpoints: String::new(),
-                last: "this period's read of the slot locks failed".into(),
-            }),
+            SlotBatch::Read { locks, .. } => Some(locks.get(res).cloned().unwrap_or_default()),
+            SlotBatch::PerLock => session.read_value(res).await.ok(),
+            SlotBatch::Failed => None,
         }
     }
 }

@@ -115,7 +115,7 @@ pub fn spawn(node: Arc<Node>, stop: CancellationToken) -> tokio::task::JoinHandl
                 }
                 for other in (0..arr.slots()).filter(|&s| s != arr.slot()) {
                     let res = slot_lock(arr.uuid(), other);
-                    let Ok((value, holders)) = batch.get(&*session, &res).await else {
+                    let Some((value, holders)) = batch.get(&*session, &res).await else {
                         continue;
                     };
                     let watch = arr.watch().seen(other, holders, value.clone());
