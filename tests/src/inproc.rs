@@ -280,6 +280,19 @@ impl InProc {
         }
     }
 
+    /// Starts nodes 1 and 2 and gives them the clean clustered mirror `md0` over disks
+    /// 0 and 1 with `slots` bitmap slots: created on node1, assembled on node2.
+    pub async fn mirror_on_two_nodes(&mut self, slots: u32) {
+        self.start(1).await.expect("start node1");
+        self.start(2).await.expect("start node2");
+        self.create(1, "md0", 0..2, slots, true)
+            .await
+            .expect("create md0 on node1");
+        self.assemble_from(2, 1, "md0")
+            .await
+            .expect("assemble md0 on node2");
+    }
+
     /// Creates clustered RAID1 `name` on node `i` over its paths of `disks`, `slots`
     /// bitmap slots of 1 MiB chunks, clean (`--assume-clean`) or with an initial
     /// resync.

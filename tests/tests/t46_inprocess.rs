@@ -172,10 +172,7 @@ async fn three_nodes_join_one_clustered_mirror_each_on_its_own_slot() {
 async fn crash_of_a_writing_node_survivor_recovers_its_slot_then_it_rejoins() {
     init_tracing();
     let mut c = InProc::new(2, 2, 32 * MIB).unwrap();
-    c.start(1).await.unwrap();
-    c.start(2).await.unwrap();
-    c.create(1, "md0", 0..2, 4, true).await.unwrap();
-    c.assemble_from(2, 1, "md0").await.unwrap();
+    c.mirror_on_two_nodes(4).await;
     let mut events = c.node(1).subscribe();
     // The survivors learn a slot's holder by polling (the takeover period): node1
     // sees node2 hold slot 1 before it crashes (a holder never seen is covered by
@@ -402,10 +399,7 @@ async fn one_node_resyncs_the_other_is_pending_and_takes_over() {
 async fn manage_fail_remove_re_add_is_agreed_by_every_node() {
     init_tracing();
     let mut c = InProc::new(2, 3, 16 * MIB).unwrap();
-    c.start(1).await.unwrap();
-    c.start(2).await.unwrap();
-    c.create(1, "md0", 0..2, 2, true).await.unwrap();
-    c.assemble_from(2, 1, "md0").await.unwrap();
+    c.mirror_on_two_nodes(2).await;
     let (m0, m1) = (c.member(1, 0), c.member(1, 1));
     let (n2m0, n2m1) = (c.member(2, 0), c.member(2, 1));
 
@@ -538,10 +532,7 @@ async fn manage_fail_remove_re_add_is_agreed_by_every_node() {
 async fn grow_with_add_one_node_recovers_the_other_waits() {
     init_tracing();
     let mut c = InProc::new(2, 3, 16 * MIB).unwrap();
-    c.start(1).await.unwrap();
-    c.start(2).await.unwrap();
-    c.create(1, "md0", 0..2, 2, true).await.unwrap();
-    c.assemble_from(2, 1, "md0").await.unwrap();
+    c.mirror_on_two_nodes(2).await;
     c.write(1, "md0", MIB, vec![0x5a; 1 << 20]).await.unwrap();
     c.node(1)
         .grow(pb::GrowRequest {
@@ -587,10 +578,7 @@ async fn grow_with_add_one_node_recovers_the_other_waits() {
 async fn a_lost_session_stops_its_arrays_and_rejoins_on_a_new_one() {
     init_tracing();
     let mut c = InProc::new(2, 2, 16 * MIB).unwrap();
-    c.start(1).await.unwrap();
-    c.start(2).await.unwrap();
-    c.create(1, "md0", 0..2, 2, true).await.unwrap();
-    c.assemble_from(2, 1, "md0").await.unwrap();
+    c.mirror_on_two_nodes(2).await;
     let old = c.lock.session_of("node2").unwrap();
     let health = c.health(2);
     let mut ready = health.watch();
@@ -1031,10 +1019,7 @@ async fn takeover_reads_lock_by_lock_when_the_service_lacks_read_values() {
     init_tracing();
     let mut c = InProc::new(2, 2, 32 * MIB).unwrap();
     c.lock.set_read_values_off(true);
-    c.start(1).await.unwrap();
-    c.start(2).await.unwrap();
-    c.create(1, "md0", 0..2, 4, true).await.unwrap();
-    c.assemble_from(2, 1, "md0").await.unwrap();
+    c.mirror_on_two_nodes(4).await;
     let mut events = c.node(1).subscribe();
     tokio::time::sleep(3 * mdcluster_tests::inproc::timings().takeover_period).await;
     c.write(2, "md0", 8 * MIB, pattern(0x70, 2 * MIB as usize))
